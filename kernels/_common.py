@@ -1,9 +1,17 @@
-"""Helpers shared by the kernel wrappers: implementation choice and Triton availability."""
+"""Helpers shared by the kernel wrappers: implementation choice, Triton availability, and the
+checks a Triton launch needs.
+
+The Triton CPU interpreter (TRITON_INTERPRET=1, used by the tests) checks none of the limits a
+real GPU launch has (block sizes, contiguity, dtypes, out-of-bounds indices), so the wrappers
+check them here, before every launch, with the same rules on both.
+"""
 import os
 
 import torch
 
 IMPLS = ("auto", "triton", "torch", "reference")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_BLOCK_ELEMS = 16384        # elements in one program's 2-D tile (registers on a GPU)
 
 
 def triton_available() -> bool:
@@ -12,14 +20,70 @@ def triton_available() -> bool:
         import triton  # noqa: F401
     except Exception:
         return False
-    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+    return torch.cuda.is_available() or interpreting()
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run in the CPU interpreter."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def resolve_impl(impl: str, *tensors: torch.Tensor) -> str:
-    """Map impl="auto" to a concrete path: Triton for CUDA tensors, else the lean torch path."""
+    """Map impl="auto" to a concrete path: Triton for CUDA tensors, else the lean torch path.
+
+    An explicit impl="triton" needs CUDA tensors, or CPU tensors under the interpreter.
+    """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    tensors = [t for t in tensors if isinstance(t, torch.Tensor)]
+    if impl == "triton":
+        if not triton_available():
+            raise RuntimeError("impl='triton' but triton cannot run here (no CUDA device, TRITON_INTERPRET unset)")
+        if any(not t.is_cuda for t in tensors) and not interpreting():
+            raise RuntimeError("impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)")
+        return impl
     if impl != "auto":
         return impl
-    on_cuda = all(t.is_cuda for t in tensors if isinstance(t, torch.Tensor))
+    on_cuda = all(t.is_cuda for t in tensors)
     return "triton" if on_cuda and triton_available() else "torch"
+
+
+def is_pow2(x: int) -> bool:
+    return x > 0 and (x & (x - 1)) == 0
+
+
+def check_blocks(op: str, *blocks: int) -> None:
+    """Block sizes must be powers of two (tl.arange) and the tile must fit in registers."""
+    prod = 1
+    for bsz in blocks:
+        if not is_pow2(int(bsz)):
+            raise ValueError(f"{op}: block sizes must be powers of two, got {blocks}")
+        prod *= int(bsz)
+    if prod > MAX_BLOCK_ELEMS:
+        raise ValueError(f"{op}: tile of {prod} elements exceeds {MAX_BLOCK_ELEMS}")
+
+
+def check_launch(op: str, *tensors: torch.Tensor, dtypes=FLOAT_DTYPES) -> None:
+    """Tensors handed to a Triton kernel: contiguous, one device, supported dtypes."""
+    devices = {t.device for t in tensors}
+    if len(devices) > 1:
+        raise ValueError(f"{op}: tensors on several devices {sorted(map(str, devices))}")
+    for t in tensors:
+        if not t.is_contiguous():
+            raise ValueError(f"{op}: Triton kernel needs contiguous tensors, got strides {t.stride()}")
+        if t.dtype not in dtypes:
+            raise ValueError(f"{op}: dtype {t.dtype} not supported by the Triton kernel ({dtypes})")
+
+
+def check_index(op: str, name: str, idx: torch.Tensor, n: int) -> None:
+    """Index tensors must be 1-D integer tensors with values in [0, n): neither a GPU launch nor
+    the interpreter detects an out-of-bounds gather, so it is checked here (one device sync)."""
+    if idx.dim() != 1 or idx.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"{op}: {name} must be a 1-D integer tensor, got {idx.dtype} {tuple(idx.shape)}")
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
+        raise ValueError(f"{op}: {name} has values outside [0, {n})")
+
+
+def chunk_rows(n_cols: int, target_elems: int = 1 << 19) -> int:
+    """Rows per chunk so that one fp32 chunk temporary holds about target_elems elements."""
+    return max(1, target_elems // max(1, n_cols))

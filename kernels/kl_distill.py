@@ -7,10 +7,37 @@ Logit level: the detection prior P (UPT: (s_h * s_o)^lambda on the classes the o
 0 elsewhere) weights the probability, so the distilled quantity is the logit of the
 prior-weighted probability:  Psi(O) = log(P / (1 + exp(-O) - P)) = logit(P * sigmoid(O)).
 Entries with P == 0 are impossible classes: they are masked out of both softmaxes.
+
+Three implementations (``impl=``):
+- "reference": the definition; materialises Psi of both sides, the masked logits, the student
+  log-softmax, the teacher softmax per teacher and their mean, and autograd keeps most of them
+  (about 5 logits-sized tensors at the peak).
+- "torch": an autograd.Function over row chunks. Forward keeps per row only the softmax
+  statistics of the student and of each teacher (row max and log sum exp(z - max), fp32,
+  [2, N] and [M, 2, N]; kept apart rather than as one logsumexp, which at |z| ~ 1e4 keeps
+  only ~1e-3 absolute precision in fp32), nothing else besides references to its inputs;
+  backward recomputes per chunk
+      d loss / d s = g * T / N * (q - p) * dPsi/dO,   q = softmax(Psi(s)/T), p = mean_m softmax(Psi(t_m)/T)
+  with dPsi/dO = exp(-O) / (1 + exp(-O) - P) = exp(-O - logaddexp(log(1 - P), -O)) (exact in
+  log space for O = +-1e4 and P = 1), 0 on masked entries and on rows with nothing unmasked.
+  Without a prior dPsi/dO = 1. Extra memory: the gradient itself plus a few chunk temporaries.
+- "triton": the same algebra in two kernels, a tile of BLOCK_N rows x BLOCK_C classes per
+  program. Forward: a pass over the class blocks with an online max / sum for the student and
+  for each teacher (-> the statistics), then a second pass that accumulates the per-row loss.
+  Backward: one pass that recomputes q, p and dPsi/dO and writes the gradient.
+All arithmetic is fp32 whatever the input dtypes (fp16 / bf16 / fp32); the loss is returned in
+the student's dtype, the gradient in the student's dtype. Only the student gets a gradient
+(teacher and prior are constants).
 """
 import torch
 
-from kernels._common import resolve_impl
+from kernels._common import check_blocks, check_launch, chunk_rows, resolve_impl
+
+try:
+    import triton
+    import triton.language as tl
+except Exception:  # pragma: no cover - triton missing: only the torch paths run
+    triton = None
 
 
 def psi_transform(logits: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
@@ -46,8 +73,339 @@ def kl_distill_reference(student, teacher, temperature=1.0, prior=None):
     return term.sum() * (T * T) / max(student.shape[0], 1)
 
 
-def kl_distill(student, teacher, temperature=1.0, prior=None, impl="auto"):
-    """Fused KL distillation; see kl_distill_reference for the definition."""
+# ----------------------------------------------------------------------------- lean torch path
+
+_NEG_INF = float("-inf")
+
+
+def _acc_dtype(*dtypes):
+    """Compute dtype: fp32, or fp64 when any input is fp64 (gradcheck)."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def _z_torch(x, P, T):
+    """Scaled (and Psi-transformed, masked) logits of a chunk in P's dtype, fp32 (fp64 for
+    fp64 inputs: gradcheck).
+
+    x: [n, C] raw logits, P: [n, C] fp32 prior or None -> (z [n, C] with -inf on masked
+    entries, keep [n, C] bool or None, lae = logaddexp(log(1 - P), -x) or None).
+    """
+    x = x.to(P.dtype if P is not None else _acc_dtype(x.dtype))
+    if P is None:
+        return x / T, None, None
+    lae = torch.logaddexp(torch.log1p(-P), -x)
+    keep = P > 0
+    z = torch.where(keep, (torch.log(P) - lae) / T, _NEG_INF)
+    return z, keep, lae
+
+
+def _row_stats(z):
+    """Softmax statistics of z [n, C] (-inf allowed): (m [n] the row max, ls [n] =
+    log sum exp(z - m)); log softmax(z) = (z - m) - ls. Kept as two numbers rather than
+    lse = m + ls, which at |z| ~ 1e4 keeps only ~1e-3 of absolute precision in fp32.
+    Rows with nothing unmasked get m = -inf."""
+    m = z.amax(-1)
+    ms = torch.where(m > _NEG_INF, m, 0.0)
+    return m, torch.exp(z - ms[:, None]).sum(-1).log()
+
+
+def _log_softmax(z, m, ls):
+    """(z - m) - ls in place on z, with -inf rows made harmless (they become NaN/-inf and are
+    zeroed by the callers through the valid-row mask)."""
+    ms = torch.where(m > _NEG_INF, m, 0.0)
+    return z.sub_(ms[:, None]).sub_(ls[:, None])
+
+
+def _teacher_p(t, P, T, stats=None):
+    """Mean teacher probability of a chunk. t: [M, n, C] -> (p [n, C], stats [M, 2, n]).
+
+    With stats given (backward) they are reused, else computed. Rows with nothing unmasked
+    give NaN or 0 here; callers zero them."""
+    M = t.shape[0]
+    p, out = None, []
+    for k in range(M):
+        zt = _z_torch(t[k], P, T)[0]                               # [n, C]
+        m, ls = _row_stats(zt) if stats is None else stats[k]
+        out.append(torch.stack([m, ls]))
+        e = torch.exp(_log_softmax(zt, m, ls))
+        p = e if p is None else p.add_(e)
+    return p.div_(M), torch.stack(out)
+
+
+def _kl_fwd_torch(student, teacher, prior, T):
+    """-> (sum over rows of KL [], stats_s [2, N], stats_t [M, 2, N]); chunked over rows.
+    stats = (row max, log sum exp(z - max)) of the scaled, masked logits."""
+    M, N, C = teacher.shape
+    acc = _acc_dtype(student.dtype, teacher.dtype)
+    st_s = torch.empty(2, N, device=student.device, dtype=acc)
+    st_t = torch.empty(M, 2, N, device=student.device, dtype=acc)
+    total = torch.zeros((), device=student.device, dtype=torch.float64)
+    step = chunk_rows(C)
+    for s in range(0, N, step):
+        e = min(N, s + step)
+        P = None if prior is None else prior[s:e].to(acc)
+        zs, keep, _ = _z_torch(student[s:e].to(acc), P, T)         # [n, C]
+        m, ls = _row_stats(zs)                                     # [n], [n]
+        p, st = _teacher_p(teacher[:, s:e].to(acc), P, T)          # [n, C], [M, 2, n]
+        log_q = _log_softmax(zs, m, ls)
+        if keep is not None:
+            log_q = log_q.masked_fill_(~keep, 0.0)
+        rows = torch.xlogy(p, p).sub_(p.mul_(log_q)).sum(-1)       # [n]
+        total += torch.where(m > _NEG_INF, rows, 0.0).sum(dtype=torch.float64)
+        st_s[0, s:e], st_s[1, s:e], st_t[:, :, s:e] = m, ls, st
+    return total.to(acc), st_s, st_t
+
+
+def _kl_bwd_torch(student, teacher, prior, T, st_s, st_t, coef):
+    """Gradient [N, C] (student dtype) of coef * sum of row KLs w.r.t. the raw student logits,
+    coef = g * T^2 / N, recomputed chunk by chunk."""
+    M, N, C = teacher.shape
+    acc = st_s.dtype
+    grad = torch.empty_like(student)
+    step = chunk_rows(C)
+    for s in range(0, N, step):
+        e = min(N, s + step)
+        P = None if prior is None else prior[s:e].to(acc)
+        m, ls = st_s[0, s:e], st_s[1, s:e]
+        x = student[s:e].to(acc)
+        zs, keep, lae = _z_torch(x, P, T)
+        q = torch.exp(_log_softmax(zs, m, ls))                     # [n, C]; 0 on masked entries
+        p, _ = _teacher_p(teacher[:, s:e].to(acc), P, T, st_t[:, :, s:e])
+        d = q.sub_(p).mul_(coef / T)                               # d loss / d (Psi / T) / T
+        if lae is not None:                                        # times dPsi/dO
+            d.mul_(torch.exp(lae.add_(x).neg_()))
+            d.masked_fill_(~keep, 0.0)
+        d.masked_fill_(~(m > _NEG_INF)[:, None], 0.0)              # rows with nothing unmasked
+        grad[s:e] = d
+    return grad
+
+
+# ----------------------------------------------------------------------------- Triton kernels
+
+if triton is not None:
+    @triton.jit
+    def _logaddexp(a, b):
+        mx = tl.maximum(a, b)
+        mn = tl.minimum(a, b)
+        return mx + tl.log(1.0 + tl.exp(mn - mx))
+
+    @triton.jit
+    def _load_z(X, Pr, off, m2, inv_T, HAS_PRIOR: tl.constexpr):
+        """Scaled, Psi-transformed, masked logits of a tile in fp32 (-inf where masked) and the
+        keep mask; also x and lae = logaddexp(log(1 - P), -x) for dPsi/dO."""
+        x = tl.load(X + off, mask=m2, other=0.0).to(tl.float32)
+        if HAS_PRIOR:
+            pr = tl.load(Pr + off, mask=m2, other=0.0).to(tl.float32)
+            keep = m2 & (pr > 0.0)
+            lae = _logaddexp(tl.log(1.0 - pr), -x)
+            z = (tl.log(pr) - lae) * inv_T
+        else:
+            keep = m2
+            lae = x
+            z = x * inv_T
+        z = tl.where(keep, z, float("-inf"))
+        return z, keep, x, lae
+
+    @triton.jit
+    def _row_stats_tl(X, Pr, rows64, mr, N, C, inv_T, HAS_PRIOR: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+        """Online softmax statistics over the class blocks of BLOCK_N rows: (row max m,
+        log sum exp(z - m)); m = -inf for rows with nothing unmasked."""
+        m = tl.full([BLOCK_N], float("-inf"), tl.float32)
+        l = tl.zeros([BLOCK_N], tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            cols = c0 + tl.arange(0, BLOCK_C)
+            m2 = mr[:, None] & (cols < C)[None, :]
+            off = rows64[:, None] * C + cols[None, :]
+            z, keep, x, lae = _load_z(X, Pr, off, m2, inv_T, HAS_PRIOR)
+            m_new = tl.maximum(m, tl.max(z, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l = l * tl.exp(m - m_safe) + tl.sum(tl.exp(z - m_safe[:, None]), axis=1)
+            m = m_new
+        return m, tl.log(l)
+
+    @triton.jit
+    def _load_stats(St, rows, mr, N):
+        """(max, log-sum) of BLOCK_N rows from a [2, N] stats block; max made finite (0) for
+        empty rows, whose entries are all masked anyway."""
+        m = tl.load(St + rows, mask=mr, other=float("-inf"))
+        ls = tl.load(St + N + rows, mask=mr, other=0.0)
+        valid = m > float("-inf")
+        return tl.where(valid, m, 0.0), tl.where(valid, ls, 0.0), valid
+
+    @triton.jit
+    def _teacher_tile(Tt, Pr, StT, rows, mr, off, m2, N, M, stride_tm, inv_T,
+                      HAS_PRIOR: tl.constexpr):
+        """Mean over the M teachers of softmax(Psi(t)/T) on one tile; 0 on masked entries."""
+        p = tl.zeros(off.shape, tl.float32)
+        for mi in range(M):
+            zt, keep, x, lae = _load_z(Tt + mi * stride_tm, Pr, off, m2, inv_T, HAS_PRIOR)
+            mt, lt, vt = _load_stats(StT + mi * 2 * N, rows, mr, N)
+            p += tl.exp((zt - mt[:, None]) - lt[:, None])
+        return p / M
+
+    @triton.jit
+    def _kl_fwd_kernel(S, Tt, Pr, LossRows, StS, StT, N, C, M, stride_tm, inv_T,
+                       HAS_PRIOR: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+        """Per-row KL(p_t || q_s) of BLOCK_N rows -> LossRows [N]; also the softmax statistics
+        StS [2, N] of the student and StT [M, 2, N] of the teachers (max, log-sum)."""
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mr = rows < N
+        rows64 = rows.to(tl.int64)
+        # pass 1: online softmax statistics of the student and of each teacher
+        ms, ls = _row_stats_tl(S, Pr, rows64, mr, N, C, inv_T, HAS_PRIOR, BLOCK_N, BLOCK_C)
+        tl.store(StS + rows, ms, mask=mr)
+        tl.store(StS + N + rows, ls, mask=mr)
+        for mi in range(M):
+            mt, lt = _row_stats_tl(Tt + mi * stride_tm, Pr, rows64, mr, N, C, inv_T, HAS_PRIOR,
+                                   BLOCK_N, BLOCK_C)
+            tl.store(StT + mi * 2 * N + rows, mt, mask=mr)
+            tl.store(StT + mi * 2 * N + N + rows, lt, mask=mr)
+        # pass 2: sum_c p log p - p log q over the unmasked classes
+        valid = ms > float("-inf")
+        ms = tl.where(valid, ms, 0.0)
+        ls = tl.where(valid, ls, 0.0)
+        acc = tl.zeros([BLOCK_N], tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            cols = c0 + tl.arange(0, BLOCK_C)
+            m2 = mr[:, None] & (cols < C)[None, :]
+            off = rows64[:, None] * C + cols[None, :]
+            zs, keep, x, lae = _load_z(S, Pr, off, m2, inv_T, HAS_PRIOR)
+            p = _teacher_tile(Tt, Pr, StT, rows, mr, off, m2, N, M, stride_tm, inv_T, HAS_PRIOR)
+            log_p = tl.log(tl.where(p > 0.0, p, 1.0))
+            log_q = (zs - ms[:, None]) - ls[:, None]
+            term = tl.where(keep, p * (log_p - log_q), 0.0)
+            acc += tl.sum(term, axis=1)
+        tl.store(LossRows + rows, tl.where(valid, acc, 0.0), mask=mr)
+
+    @triton.jit
+    def _kl_bwd_kernel(S, Tt, Pr, StS, StT, G, dS, N, C, M, stride_tm, inv_T, coef,
+                       HAS_PRIOR: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+        """dS = g * coef * (q - p) * dPsi/dO on unmasked entries of valid rows, else 0;
+        coef = T / N, g the upstream gradient (a 0-dim tensor, read here: no host sync)."""
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mr = rows < N
+        rows64 = rows.to(tl.int64)
+        scale = tl.load(G).to(tl.float32) * coef
+        ms, ls, valid = _load_stats(StS, rows, mr, N)
+        for c0 in range(0, C, BLOCK_C):
+            cols = c0 + tl.arange(0, BLOCK_C)
+            m2 = mr[:, None] & (cols < C)[None, :]
+            off = rows64[:, None] * C + cols[None, :]
+            zs, keep, x, lae = _load_z(S, Pr, off, m2, inv_T, HAS_PRIOR)
+            q = tl.exp((zs - ms[:, None]) - ls[:, None])
+            p = _teacher_tile(Tt, Pr, StT, rows, mr, off, m2, N, M, stride_tm, inv_T, HAS_PRIOR)
+            d = (q - p) * scale
+            if HAS_PRIOR:
+                d = d * tl.exp(-x - lae)
+            d = tl.where(keep & valid[:, None], d, 0.0)
+            tl.store(dS + off, d.to(dS.dtype.element_ty), mask=m2)
+
+
+def _kl_blocks(N, C, blocks):
+    """(BLOCK_N, BLOCK_C): given, or a 2,048-element tile on a GPU; big tiles in the
+    interpreter (each program iteration costs milliseconds there)."""
+    if blocks is not None:
+        bn, bc = blocks
+    elif torch.cuda.is_available():
+        bc = min(256, triton.next_power_of_2(max(C, 1)))
+        bn = max(1, 2048 // bc)
+    else:
+        bc = min(1024, triton.next_power_of_2(max(C, 1)))
+        bn = min(max(1, 16384 // bc), triton.next_power_of_2(max(N, 1)))
+    check_blocks("kl_distill", bn, bc)
+    return bn, bc
+
+
+def _kl_fwd_triton(student, teacher, prior, T, blocks):
+    M, N, C = teacher.shape
+    check_launch("kl_distill", student, teacher, *([] if prior is None else [prior]))
+    dev = student.device
+    loss_rows = torch.empty(N, device=dev, dtype=torch.float32)
+    st_s = torch.empty(2, N, device=dev, dtype=torch.float32)
+    st_t = torch.empty(M, 2, N, device=dev, dtype=torch.float32)
+    bn, bc = _kl_blocks(N, C, blocks)
+    _kl_fwd_kernel[(triton.cdiv(N, bn),)](
+        student, teacher, student if prior is None else prior, loss_rows, st_s, st_t,
+        N, C, M, N * C, 1.0 / T, HAS_PRIOR=prior is not None, BLOCK_N=bn, BLOCK_C=bc)
+    return loss_rows.sum(), st_s, st_t
+
+
+def _kl_bwd_triton(student, teacher, prior, T, st_s, st_t, g, blocks):
+    M, N, C = teacher.shape
+    grad = torch.empty_like(student)
+    bn, bc = _kl_blocks(N, C, blocks)
+    _kl_bwd_kernel[(triton.cdiv(N, bn),)](
+        student, teacher, student if prior is None else prior, st_s, st_t,
+        g.reshape(1).contiguous(), grad, N, C, M, N * C, 1.0 / T, T / max(N, 1),
+        HAS_PRIOR=prior is not None, BLOCK_N=bn, BLOCK_C=bc)
+    return grad
+
+
+# ----------------------------------------------------------------------------- autograd
+
+class KLDistillFunction(torch.autograd.Function):
+    """(student [N, C], teacher [M, N, C], prior [N, C] or None) -> loss []. Saves the inputs
+    (no copies) and the softmax statistics st_s [2, N], st_t [M, 2, N] (row max, log-sum;
+    fp32); gradient to the student only."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, prior, T, use_triton, blocks):
+        M, N, C = teacher.shape
+        if N == 0:
+            total, st_s, st_t = student.new_zeros((), dtype=torch.float32), None, None
+        elif use_triton:
+            total, st_s, st_t = _kl_fwd_triton(student, teacher, prior, T, blocks)
+        else:
+            total, st_s, st_t = _kl_fwd_torch(student, teacher, prior, T)
+        ctx.save_for_backward(student, teacher, prior, st_s, st_t)
+        ctx.T, ctx.use_triton, ctx.blocks = T, use_triton, blocks
+        return (total * (T * T / max(N, 1))).to(student.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        student, teacher, prior, st_s, st_t = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None, None
+        T, N = ctx.T, student.shape[0]
+        if N == 0:
+            grad = torch.zeros_like(student)
+        elif ctx.use_triton:
+            grad = _kl_bwd_triton(student, teacher, prior, T, st_s, st_t, g, ctx.blocks)
+        else:
+            grad = _kl_bwd_torch(student, teacher, prior, T, st_s, st_t, g.to(st_s.dtype) * (T * T / N))
+        return grad, None, None, None, None, None
+
+
+def _check(student, teacher, temperature, prior):
+    if student.dim() != 2:
+        raise ValueError(f"kl_distill: student must be [N, C], got {tuple(student.shape)}")
+    if teacher.shape not in (student.shape, (teacher.shape[0],) + tuple(student.shape)) or teacher.dim() not in (2, 3):
+        raise ValueError(f"kl_distill: teacher must be [N, C] or [M, N, C] with [N, C] = "
+                         f"{tuple(student.shape)}, got {tuple(teacher.shape)}")
+    if teacher.dim() == 3 and teacher.shape[0] == 0:
+        raise ValueError("kl_distill: teacher has M = 0 teachers")
+    if prior is not None and prior.shape != student.shape:
+        raise ValueError(f"kl_distill: prior must be {tuple(student.shape)}, got {tuple(prior.shape)}")
+    if not float(temperature) > 0:
+        raise ValueError(f"kl_distill: temperature must be > 0, got {temperature}")
+
+
+def kl_distill(student, teacher, temperature=1.0, prior=None, impl="auto", *, blocks=None):
+    """Fused KL distillation; see kl_distill_reference for the definition.
+
+    student: [N, C]; teacher: [N, C] or [M, N, C]; prior: optional [N, C] in [0, 1].
+    Returns a 0-dim tensor in the student's dtype; gradient to the student only.
+    blocks: optional (BLOCK_N, BLOCK_C) for the Triton kernels (powers of two).
+    """
+    _check(student, teacher, temperature, prior)
     impl = resolve_impl(impl, student)
-    # TODO(kernels helper): lean chunked torch path and Triton kernel.
-    return kl_distill_reference(student, teacher, temperature, prior)
+    if impl == "reference":
+        return kl_distill_reference(student, teacher, temperature, prior)
+    teacher = (teacher if teacher.dim() == 3 else teacher[None]).detach()     # [M, N, C]
+    prior = None if prior is None else prior.detach()
+    use_triton = impl == "triton"
+    if use_triton:
+        student, teacher = student.contiguous(), teacher.contiguous()
+        prior = None if prior is None else prior.contiguous()
+    return KLDistillFunction.apply(student, teacher, prior, float(temperature), use_triton, blocks)

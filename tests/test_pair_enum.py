@@ -1,0 +1,150 @@
+"""pair_enum / spatial_features: lean torch path and Triton kernels (CPU interpreter) against the
+reference and hand-computed values."""
+import math
+
+import pytest
+import torch
+
+from kernels import pair_enum, pair_enum_reference, spatial_features
+from kernels._common import triton_available
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")   # interpreter: log(0) in numpy
+
+IMPLS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(not triton_available(), reason="no triton"))]
+
+
+def make(N=7, D=5, Do=9, dtype=torch.float32, seed=0):
+    """N boxes (the first 3 humans), all (human, other box) pairs, random weights."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(N, D, generator=g).to(dtype)
+    w1 = (torch.randn(Do, D, generator=g) / D ** 0.5).to(dtype)
+    w2 = (torch.randn(Do, D, generator=g) / D ** 0.5).to(dtype)
+    b = torch.randn(Do, generator=g).to(dtype)
+    xy = torch.rand(N, 2, generator=g) * 0.6
+    boxes = torch.cat([xy, xy + 0.05 + torch.rand(N, 2, generator=g) * 0.35], 1)
+    boxes[4, 2] = boxes[4, 0]                          # zero width
+    boxes[5, 2:] = boxes[5, :2]                        # a point
+    boxes[6] = boxes[0]                                # identical to human 0
+    pairs = [(h, o) for h in range(3) for o in range(N) if o != h]
+    idx_h = torch.tensor([p[0] for p in pairs])
+    idx_o = torch.tensor([p[1] for p in pairs])
+    return q, boxes, idx_h, idx_o, w1, w2, b
+
+
+def run(impl, q, boxes, idx_h, idx_o, w1, w2, b, blocks=None, seed=1):
+    """Forward, then backward with a fixed non-unit upstream gradient -> outputs and grads."""
+    leaves = [t.detach().clone().requires_grad_() for t in (q, w1, w2, b)]
+    kw = {"blocks": blocks} if blocks else {}
+    pq, sp = pair_enum(leaves[0], boxes, idx_h, idx_o, *leaves[1:], impl=impl, **kw)
+    g = torch.randn(pq.shape, generator=torch.Generator().manual_seed(seed)).to(pq.dtype)
+    (pq * g).sum().backward()
+    return [pq.detach(), sp] + [t.grad for t in leaves]
+
+
+NAMES = ["pair_q", "spatial", "dq", "dw1", "dw2", "db"]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("blocks", [None, (4, 4)])
+def test_matches_reference_fp32(impl, blocks):
+    inputs = make()
+    ref = run("reference", *inputs)
+    out = run(impl, *inputs, blocks=blocks if impl == "triton" else None)
+    for name, a, r in zip(NAMES, out, ref):
+        assert a.dtype == r.dtype, name
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs(impl, dtype):
+    """fp16 / bf16: outputs and grads in the input dtype, close to the fp32 reference on the same
+    rounded values (the Triton kernel adds in fp32; the backward accumulates in fp32)."""
+    inputs = make(N=11, D=16, Do=24, dtype=dtype, seed=2)
+    q, boxes, idx_h, idx_o, w1, w2, b = inputs
+    ref = run("reference", q.float(), boxes, idx_h, idx_o, w1.float(), w2.float(), b.float())
+    out = run(impl, *inputs)
+    tol = 2e-2 if dtype == torch.float16 else 8e-2
+    for name, a, r in zip(NAMES, out, ref):
+        if name != "spatial":
+            assert a.dtype == dtype, name
+        torch.testing.assert_close(a.float(), r, rtol=tol, atol=tol, msg=name)
+
+
+def test_gradcheck_fp64_torch_path():
+    q, boxes, idx_h, idx_o, w1, w2, b = [t.double() if t.is_floating_point() else t for t in make(N=7, D=3, Do=4)]
+    leaves = [t.requires_grad_() for t in (q, w1, w2, b)]
+    fn = lambda *x: pair_enum(x[0], boxes, idx_h, idx_o, *x[1:], impl="torch")[0]  # noqa: E731
+    assert torch.autograd.gradcheck(fn, leaves)
+
+
+def test_spatial_features_hand_computed():
+    """Human (0.1, 0.2, 0.5, 0.6) and object (0.3, 0.4, 0.9, 0.6): every term by hand."""
+    bh = torch.tensor([[0.1, 0.2, 0.5, 0.6]])
+    bo = torch.tensor([[0.3, 0.4, 0.9, 0.6]])
+    # centres (0.3, 0.4), (0.6, 0.5); sizes 0.4 x 0.4, 0.6 x 0.2; areas 0.16, 0.12;
+    # intersection 0.2 x 0.2 = 0.04, union 0.24; dx = 0.3 / 0.4, dy = 0.1 / 0.4
+    f = [0.3, 0.4, 0.4, 0.4, 0.6, 0.5, 0.6, 0.2, 0.16, 0.12, 0.75, 1.0, 3.0, 1 / 6,
+         0.75, 0.0, 0.25, 0.0]
+    expected = torch.tensor([f + [math.log(v + 1e-6) for v in f]])
+    torch.testing.assert_close(spatial_features(bh, bo), expected, rtol=1e-5, atol=1e-5)
+    boxes = torch.cat([bh, bo])
+    q, w = torch.zeros(2, 3), torch.zeros(4, 3)
+    impls = ["reference", "torch"] + (["triton"] if triton_available() else [])
+    for impl in impls:
+        _, sp = pair_enum(q, boxes, torch.tensor([0]), torch.tensor([1]), w, w, torch.zeros(4), impl=impl)
+        torch.testing.assert_close(sp, expected, rtol=1e-5, atol=1e-5, msg=impl)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_degenerate_and_identical_boxes(impl):
+    q, boxes, idx_h, idx_o, w1, w2, b = make()
+    _, sp = pair_enum(q, boxes, idx_h, idx_o, w1, w2, b, impl=impl)
+    assert sp.shape == (idx_h.shape[0], 36) and sp.dtype == torch.float32
+    assert torch.isfinite(sp).all()
+    same = ((idx_h == 0) & (idx_o == 6)).nonzero().item()          # box 6 == box 0
+    assert sp[same, 13].item() == pytest.approx(1.0, abs=1e-4)     # IoU 1
+    assert (sp[same, 14:18] == 0).all()                            # no offset
+    point = ((idx_h == 0) & (idx_o == 5)).nonzero().item()         # zero-area object
+    assert sp[point, 6] == 0 and sp[point, 7] == 0 and sp[point, 9] == 0
+    assert sp[point, 24 + 3] == pytest.approx(math.log(1e-6))      # log(w_o + eps)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_empty_pairs(impl):
+    q, boxes, _, _, w1, w2, b = make()
+    q.requires_grad_()
+    empty = torch.zeros(0, dtype=torch.long)
+    pq, sp = pair_enum(q, boxes, empty, empty, w1, w2, b, impl=impl)
+    assert pq.shape == (0, 9) and sp.shape == (0, 36)
+    pq.sum().backward()
+    assert (q.grad == 0).all()
+
+
+def test_bad_input():
+    q, boxes, idx_h, idx_o, w1, w2, b = make()
+    with pytest.raises(ValueError, match="idx_o"):
+        pair_enum(q, boxes, idx_h, idx_o + 7, w1, w2, b)
+    with pytest.raises(ValueError, match="boxes"):
+        pair_enum(q, boxes[:3], idx_h, idx_o, w1, w2, b)
+    with pytest.raises(ValueError, match="w1"):
+        pair_enum(q, boxes, idx_h, idx_o, w1[:, :2], w2, b)
+    if triton_available():
+        with pytest.raises(ValueError, match="powers of two"):
+            pair_enum(q, boxes, idx_h, idx_o, w1, w2, b, impl="triton", blocks=(3, 4))
+        with pytest.raises(ValueError, match="dtype"):
+            pair_enum(q.double(), boxes, idx_h, idx_o, w1.double(), w2.double(), b.double(), impl="triton")
+
+
+def test_auto_is_torch_on_cpu_and_no_pair_sized_saves():
+    """impl="auto" on CPU = the torch path; its graph saves nothing of size [P, *]."""
+    q, boxes, idx_h, idx_o, w1, w2, b = make(N=20, D=4, Do=4)
+    idx_h = idx_h.repeat(50)
+    idx_o = idx_o.repeat(50)                                       # P = 2850 >> N = 20
+    q.requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        pq, _ = pair_enum(q, boxes, idx_h, idx_o, w1, w2, b)
+    ref, _ = pair_enum(q, boxes, idx_h, idx_o, w1, w2, b, impl="torch")
+    assert torch.equal(pq, ref)
+    assert all(t.numel() <= idx_h.numel() for t in saved)          # q, w1, w2 and the indices only
