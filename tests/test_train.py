@@ -1,0 +1,501 @@
+"""Tests of the shared training loop (train_teacher.py) and the distillation (train_student.py).
+
+Most tests use a tiny stand-in model that follows model.py's contract (encode_images,
+preprocess, cache_key, forward -> pair outputs + loss, postprocess) on a tiny dataset of PNG
+files, so that the loop is tested on its own. Subprocess tests run this file as a script
+(``python tests/test_train.py child ...``) to kill -9 it or to run it under torchrun.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import train_teacher as TT  # noqa: E402
+import train_student as TS  # noqa: E402
+
+
+# ----------------------------------------------------------------------------------------------
+# stand-in model and data
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class TinyCfg:
+    vlm: str = "standin"
+    width: int = 8
+    latent: int = 6
+    dropout: float = 0.1
+    nan_image: str = ""          # loss becomes NaN when this file is in the batch
+
+
+@dataclass
+class TinyCS:
+    name: str = "tiny"
+    prompts: list = field(default_factory=lambda: ["a", "b", "c"])
+    unseen: list = field(default_factory=list)
+
+
+class StandIn(torch.nn.Module):
+    """Pairs = every detected human with every other box; features = box-pooled VLM map."""
+
+    def __init__(self, cfg: TinyCfg, cs: TinyCS):
+        super().__init__()
+        self.cfg, self.class_space = cfg, cs
+        g = torch.Generator().manual_seed(123)
+        self.vlm = torch.nn.Conv2d(3, 4, 4, stride=4)                  # frozen "VLM": 16px -> 4x4
+        with torch.no_grad():
+            self.vlm.weight.copy_(torch.randn(4, 3, 4, 4, generator=g) * 0.3)
+            self.vlm.bias.zero_()
+        self.vlm.requires_grad_(False)
+        self.proj = torch.nn.Linear(4 + 8, cfg.width)
+        self.conn = torch.nn.Linear(4, cfg.latent)
+        self.layers = torch.nn.ModuleList([torch.nn.Linear(cfg.width, cfg.width) for _ in range(2)])
+        self.cls = torch.nn.Linear(cfg.width, len(cs.prompts))
+        self.drop = torch.nn.Dropout(cfg.dropout)
+
+    def cache_key(self):
+        return f"standin|{self.cfg.vlm}|16"
+
+    def preprocess(self, images):
+        arr = np.stack([np.asarray(im.convert("RGB").resize((16, 16)), dtype=np.float32) / 255 for im in images])
+        return torch.from_numpy(arr).permute(0, 3, 1, 2)                # [B, 3, 16, 16]
+
+    def encode_images(self, x):
+        with torch.no_grad():
+            return self.vlm(x)                                           # [B, 4, 4, 4]
+
+    def forward(self, feats, detections, sizes, targets=None):
+        B = feats.shape[0]
+        latent = self.conn(feats.flatten(2).transpose(1, 2))             # [B, 16, latent]
+        pimg, pidx, qs = [], [], []
+        for b, (dt, (w, h)) in enumerate(zip(detections, sizes)):
+            boxes = dt["boxes"] / torch.tensor([w, h, w, h], dtype=torch.float32)
+            hum = (dt["labels"] == 0).nonzero().flatten().tolist()
+            for i in hum:
+                for j in range(len(boxes)):
+                    if j != i:
+                        pimg.append(b)
+                        pidx.append([i, j])
+                        qs.append(torch.cat([feats[b].mean((1, 2)), boxes[i], boxes[j]]))
+        P = len(qs)
+        q = self.proj(torch.stack(qs)) if P else feats.new_zeros(0, self.cfg.width)
+        queries = []
+        for lin in self.layers:
+            q = torch.tanh(lin(self.drop(q)))
+            queries.append(q)
+        logits = self.cls(q)                                             # [P, K]
+        out = {"pair_image": torch.tensor(pimg, dtype=torch.long), "pair_idx": torch.tensor(pidx, dtype=torch.long).reshape(-1, 2),
+               "logits": logits, "prior": torch.full_like(logits, 0.5), "latent_map": latent,
+               "queries": queries, "scores": torch.sigmoid(logits)}
+        if targets is not None:
+            per = []
+            for b, t in enumerate(targets):
+                m = out["pair_image"] == b
+                lab = torch.zeros(int(m.sum()), logits.shape[1])
+                if m.any():
+                    lab[:, int(t["hoi"][0])] = 1.0
+                    per.append(torch.nn.functional.binary_cross_entropy_with_logits(logits[m], lab))
+                else:
+                    per.append(logits.sum() * 0)
+                if self.cfg.nan_image and t["filename"] == self.cfg.nan_image:
+                    per[-1] = per[-1] * float("nan")
+            out["loss"] = torch.stack(per).mean()                        # mean over images
+        return out
+
+    def postprocess(self, out, detections, k=None):
+        rows = []
+        for b, dt in enumerate(detections):
+            m = (out["pair_image"] == b).nonzero().flatten()
+            r = []
+            for p in m.tolist():
+                i, j = out["pair_idx"][p].tolist()
+                for c in range(out["scores"].shape[1]):
+                    r.append([c, float(out["scores"][p, c])] + dt["boxes"][i].tolist() + dt["boxes"][j].tolist())
+            rows.append(np.asarray(r, dtype=np.float64).reshape(-1, 10))
+        return rows
+
+
+class TinyDS:
+    """n PNG images of 16x16 in root; one GT pair per image."""
+
+    def __init__(self, root, n, seed=0):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        rng = np.random.RandomState(seed)
+        self.filenames = [f"img{i:03d}.png" for i in range(n)]
+        self.targets = []
+        for i, f in enumerate(self.filenames):
+            p = self.root / f
+            arr = rng.randint(0, 255, (16, 16, 3), dtype=np.uint8)   # drawn even if the file exists
+            if not p.exists():
+                Image.fromarray(arr).save(p)
+            x = float(rng.randint(0, 6))
+            self.targets.append({"filename": f, "index": i, "size": (16, 16),
+                                 "boxes_h": torch.tensor([[x, 1.0, x + 6, 12.0]]),
+                                 "boxes_o": torch.tensor([[8.0, 4.0, 15.0, 9.0]]),
+                                 "object": torch.tensor([1]), "hoi": torch.tensor([i % 3]),
+                                 "verb": torch.tensor([i % 3])})
+
+    def __len__(self):
+        return len(self.filenames)
+
+    def image_path(self, i):
+        return self.root / self.filenames[i]
+
+    def target(self, i):
+        return self.targets[i]
+
+    def __getitem__(self, i):
+        return Image.open(self.image_path(i)).convert("RGB"), self.targets[i]
+
+
+def _gt(t):
+    return {"boxes": torch.cat([t["boxes_h"], t["boxes_o"]]), "scores": torch.ones(2),
+            "labels": torch.cat([torch.zeros(1, dtype=torch.long), t["object"]])}
+
+
+def tiny_split(root, n, seed=0):
+    ds = TinyDS(root, n, seed)
+    dets = {f: {"boxes": torch.tensor([[2.0, 2.0, 9.0, 14.0], [1.0, 1.0, 5.0, 5.0]]),
+                "scores": torch.tensor([0.9, 0.8]), "labels": torch.tensor([0, 2])} for f in ds.filenames}
+    return TT.Split(ds, dets, root, {"n": n}, select=lambda d: d, gt_dets=_gt, name=str(root))
+
+
+def count_metric(anno, preds):
+    return {"full": float(len(preds)), "rare": 0.0, "non_rare": 0.0}
+
+
+def make_trainer(tmp, n=10, epochs=2, bs=4, dropout=0.1, nan_image="", n_test=0, dist=None,
+                 ckpt_every=1, flip=False, seed=0):
+    torch.manual_seed(seed)
+    model = StandIn(TinyCfg(dropout=dropout, nan_image=nan_image), TinyCS())
+    tmp = Path(tmp)
+    train = tiny_split(tmp / "data", n)
+    d = dist or TT.Dist()
+    tf = TT.FeatureSource(model, train, tmp / "cache", 2 if flip else 1, "float32", d, progress=False)
+    test = tf_test = None
+    if n_test:
+        test = tiny_split(tmp / "data_test", n_test, seed=1)
+        tf_test = TT.FeatureSource(model, test, tmp / "cache", 1, "float32", d, progress=False)
+    cfg = TT.LoopConfig(epochs=epochs, batch_size=bs, lr=1e-2, warmup_steps=2, clip=1.0, seed=seed,
+                        ckpt_every=ckpt_every, deterministic=True, progress=False, flip=flip,
+                        eval_every=1)
+    return TT.Trainer(model, cfg, train, tf, tmp / "run", d, test, tf_test, metric_fn=count_metric)
+
+
+def child(argv):
+    """Subprocess entry: train the stand-in; --resume resumes from run/last.pt."""
+    import argparse
+    p = argparse.ArgumentParser()
+    p.add_argument("tmp"); p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--images", type=int, default=10); p.add_argument("--bs", type=int, default=4)
+    p.add_argument("--dropout", type=float, default=0.1); p.add_argument("--test-images", type=int, default=0)
+    p.add_argument("--resume", action="store_true"); p.add_argument("--step-sleep", type=float, default=0)
+    a = p.parse_args(argv)
+    torch.set_num_threads(1)
+    d = TT.init_distributed("cpu")
+    tr = make_trainer(a.tmp, a.images, a.epochs, a.bs, a.dropout, n_test=a.test_images, dist=d)
+    if a.resume and tr.ckpt_path.exists():
+        tr.resume(tr.ckpt_path)
+    if a.step_sleep:
+        orig = tr.train_step
+        tr.train_step = lambda b: (time.sleep(a.step_sleep), orig(b))[1]
+    if a.test_images:   # record which rank evaluated which image
+        orig_get = tr.test_feats.get
+        seen = []
+        tr.test_feats.get = lambda idx, v: (seen.extend(idx), orig_get(idx, v))[1]
+    tr.fit()
+    if a.test_images:
+        (Path(a.tmp) / f"evaluated_rank{d.rank}.json").write_text(json.dumps(seen))
+    if d.main:
+        torch.save(TT.trainable_state(tr.model), Path(a.tmp) / "final_weights.pt")
+    TT.barrier(d)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def _run_child(tmp, *extra, env=None, wait=True):
+    e = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
+    cmd = [sys.executable, str(Path(__file__).resolve()), "child", str(tmp), *extra]
+    p = subprocess.Popen(cmd, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if wait:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err[-3000:]
+    return p
+
+
+def _weights(tmp):
+    return torch.load(Path(tmp) / "final_weights.pt")
+
+
+def _assert_same(a, b, atol=0.0):
+    assert a.keys() == b.keys()
+    for k in a:
+        if atol == 0:
+            assert torch.equal(a[k], b[k]), k
+        else:
+            torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=k)
+
+
+# ----------------------------------------------------------------------------------------------
+# tests
+# ----------------------------------------------------------------------------------------------
+def test_schedule_warmup_cosine_and_step():
+    s = TT.WarmupSchedule(total=10, warmup=2, kind="cosine")
+    assert [round(s(i), 6) for i in (0, 1)] == [0.5, 1.0]
+    assert s(2) == pytest.approx(1.0) and s(10) == pytest.approx(0.0)
+    assert s(6) == pytest.approx(0.5)               # half-way through the 8 decay steps
+    st = TT.WarmupSchedule(total=10, warmup=0, kind="step", milestones=[4, 8], gamma=0.1)
+    assert [st(i) for i in (0, 3, 4, 7, 8)] == pytest.approx([1, 1, 0.1, 0.1, 0.01])
+
+
+def test_kill_during_training_and_during_checkpoint_write_then_resume_exact(tmp_path):
+    ref, killed, killed2 = tmp_path / "ref", tmp_path / "killed", tmp_path / "killed2"
+    _run_child(ref)                                   # uninterrupted: 3 epochs x 3 steps
+    # 1) kill -9 in the middle of training (after a few logged steps)
+    p = _run_child(killed, "--step-sleep", "0.3", wait=False)
+    log = killed / "run" / "log.jsonl"
+    t0 = time.time()
+    while time.time() - t0 < 60:
+        if log.exists() and sum(1 for l in log.read_text().splitlines() if '"train"' in l) >= 4:
+            break
+        time.sleep(0.05)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    assert p.returncode == -signal.SIGKILL
+    _run_child(killed, "--resume")
+    _assert_same(_weights(ref), _weights(killed))
+    # 2) kill -9 while the 3rd checkpoint is half written
+    p = _run_child(killed2, env={"LINK_SLOW_CKPT_WRITE": "30@3"}, wait=False)
+    t0 = time.time()
+    buf = ""
+    while "[slow-write]" not in buf and time.time() - t0 < 60:
+        buf += p.stderr.readline()
+    assert "[slow-write]" in buf
+    tmps = list((killed2 / "run").glob(".last.pt.*.tmp"))
+    assert len(tmps) == 1 and tmps[0].stat().st_size > 0      # a half-written temp file
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    TT.load_checkpoint(killed2 / "run" / "last.pt")         # the previous checkpoint is intact
+    _run_child(killed2, "--resume")
+    assert not list((killed2 / "run").glob(".*.tmp"))       # the stale temp was cleaned up
+    _assert_same(_weights(ref), _weights(killed2))
+    # the resumed log has every step exactly once
+    steps = [json.loads(l)["step"] for l in (killed / "run" / "log.jsonl").read_text().splitlines()
+             if '"train"' in l]
+    assert steps == list(range(1, 10))
+
+
+def test_two_process_gloo_matches_one_process_and_eval_covers_each_image_once(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    _run_child(one, "--dropout", "0", "--epochs", "2", "--images", "9", "--test-images", "5")
+    e = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(29500 + os.getpid() % 1000), str(Path(__file__).resolve()), "child", str(two),
+           "--dropout", "0", "--epochs", "2", "--images", "9", "--test-images", "5"]
+    r = subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=150)
+    assert r.returncode == 0, r.stderr[-3000:]
+    # same global batch (4 images; the last batch of 9 has 1 image, so one rank idles):
+    # the averaged gradients equal the 1-process gradient up to float summation order
+    _assert_same(_weights(one), _weights(two), atol=1e-6)
+    ev = [json.loads((two / f"evaluated_rank{r}.json").read_text()) for r in (0, 1)]
+    # 2 evaluations (one per epoch) over 5 images: each image once per evaluation, split 3 + 2
+    assert sorted(ev[0] + ev[1]) == sorted(list(range(5)) * 2)
+    assert sorted(set(ev[0])) == [0, 2, 4] and sorted(set(ev[1])) == [1, 3]
+    log1 = [json.loads(l) for l in (one / "run" / "log.jsonl").read_text().splitlines()]
+    log2 = [json.loads(l) for l in (two / "run" / "log.jsonl").read_text().splitlines()]
+    ev1 = [r["full"] for r in log1 if r["kind"] == "eval"]
+    ev2 = [r["full"] for r in log2 if r["kind"] == "eval"]
+    assert ev1 == ev2 == [5.0, 5.0]                   # predictions for all 5 images gathered
+
+
+def test_eval_shard_odd():
+    shards = [TT.eval_shard(7, r, 3) for r in range(3)]
+    assert sorted(sum(shards, [])) == list(range(7))
+    assert [len(s) for s in shards] == [3, 2, 2]
+
+
+def test_nan_loss_names_step_and_images(tmp_path):
+    tr = make_trainer(tmp_path, n=8, epochs=1, bs=4, nan_image="img005.png")
+    with pytest.raises(TT.NonFiniteLossError) as e:
+        tr.fit()
+    msg = str(e.value)
+    assert "img005.png" in msg and "step" in msg and "epoch 0" in msg
+
+
+def test_corrupt_or_mismatched_checkpoint_refused(tmp_path):
+    tr = make_trainer(tmp_path, n=4, epochs=1, bs=4)
+    tr.fit()
+    ck = tr.ckpt_path
+    data = ck.read_bytes()
+    bad = tmp_path / "trunc.pt"
+    bad.write_bytes(data[: len(data) // 2])
+    with pytest.raises(TT.CheckpointError, match="truncated or corrupt"):
+        TT.load_checkpoint(bad)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(TT.CheckpointError, match="truncated or corrupt"):
+        tr.resume(garbage)
+    with pytest.raises(TT.CheckpointError, match="not found"):
+        TT.load_checkpoint(tmp_path / "missing.pt")
+    obj = torch.load(ck, weights_only=False)
+    obj2 = dict(obj, config=dict(obj["config"], width=16))
+    torch.save(obj2, tmp_path / "cfg.pt")
+    with pytest.raises(TT.CheckpointError, match=r"different model config.*width"):
+        make_trainer(tmp_path / "b", n=4).resume(tmp_path / "cfg.pt")
+    obj3 = dict(obj, class_space=dict(obj["class_space"], prompts=["x", "y", "z"]))
+    torch.save(obj3, tmp_path / "cs.pt")
+    with pytest.raises(TT.CheckpointError, match=r"different class space.*prompts"):
+        make_trainer(tmp_path / "c", n=4).resume(tmp_path / "cs.pt")
+    obj4 = dict(obj, version=99)
+    torch.save(obj4, tmp_path / "v.pt")
+    with pytest.raises(TT.CheckpointError, match="version"):
+        TT.load_checkpoint(tmp_path / "v.pt")
+    # a different image list is refused too
+    with pytest.raises(TT.CheckpointError, match="image list"):
+        make_trainer(tmp_path / "d", n=5).resume(ck)
+
+
+def test_checkpoint_contents(tmp_path):
+    tr = make_trainer(tmp_path, n=4, epochs=1, bs=2)
+    tr.fit()
+    ck = TT.load_checkpoint(tr.ckpt_path)
+    for k in ("config", "class_space", "model", "optimizer", "scheduler", "scaler", "rng", "epoch",
+              "step", "version", "order"):
+        assert k in ck
+    assert ck["epoch"] == 1 and ck["step"] == 2 and ck["config"]["width"] == 8
+    assert not any(k.startswith("vlm.") for k in ck["model"])         # frozen VLM not stored
+    assert (tmp_path / "run" / "curves.png").stat().st_size > 0
+
+
+def test_feature_cache_reused_and_rebuilt(tmp_path):
+    model = StandIn(TinyCfg(), TinyCS())
+    ds = TinyDS(tmp_path / "imgs", 5)
+    paths = [ds.image_path(i) for i in range(5)]
+    calls = []
+
+    def enc(images):
+        calls.append(len(images))
+        return model.encode_images(model.preprocess(images))
+
+    load = (lambda i, v: ds[i][0])
+    c1 = TT.FeatureCache(tmp_path / "c", "key-A", paths, 1, "float32").ensure(enc, load, 2, progress=False)
+    assert c1.rebuilt and sum(calls) == 5
+    want = model.encode_images(model.preprocess([ds[3][0]]))
+    torch.testing.assert_close(c1.get([3], [0]), want, rtol=0, atol=0)
+    calls.clear()
+    c2 = TT.FeatureCache(tmp_path / "c", "key-A", paths, 1, "float32").ensure(enc, load, 2, progress=False)
+    assert not c2.rebuilt and calls == []                               # valid: reused
+    c3 = TT.FeatureCache(tmp_path / "c", "key-B", paths, 1, "float32").ensure(enc, load, 2, progress=False)
+    assert c3.rebuilt and sum(calls) == 5                               # other key: rebuilt
+    calls.clear()
+    c4 = TT.FeatureCache(tmp_path / "c", "key-A", paths[:4], 1, "float32").ensure(enc, load, 2, progress=False)
+    assert c4.rebuilt and sum(calls) == 4                               # other image list
+    calls.clear()
+    # modify an image (content and mtime): the key-A cache is stale and rebuilt
+    Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(paths[3])
+    st = paths[3].stat()
+    os.utime(paths[3], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    c5 = TT.FeatureCache(tmp_path / "c", "key-A", paths, 1, "float32")
+    assert not c5.is_valid()
+    c5.ensure(enc, load, 2, progress=False)
+    assert c5.rebuilt and sum(calls) == 5
+    torch.testing.assert_close(c5.get([3], [0]), model.encode_images(model.preprocess([ds[3][0]])))
+    assert len(list(c5.dir.glob("feats-*.bin"))) == 1                  # the old data file removed
+    # flips: both views stored, view 1 = the mirrored image
+    cf = TT.FeatureCache(tmp_path / "c", "key-A", paths, 2, "float32").ensure(
+        enc, lambda i, v: ds[i][0].transpose(Image.FLIP_LEFT_RIGHT) if v else ds[i][0], 4, progress=False)
+    mir = model.encode_images(model.preprocess([ds[1][0].transpose(Image.FLIP_LEFT_RIGHT)]))
+    torch.testing.assert_close(cf.get([1], [1]), mir, rtol=0, atol=0)
+
+
+def test_flip_augmentation_mirrors_boxes(tmp_path):
+    sp = tiny_split(tmp_path / "d", 2)
+    dets0, size, t0 = sp.item(0, 0, train=True)
+    dets1, _, t1 = sp.item(0, 1, train=True)
+    w = size[0]
+    torch.testing.assert_close(dets1["boxes"][:, 0], w - dets0["boxes"][:, 2])
+    torch.testing.assert_close(t1["boxes_h"][:, 2], w - t0["boxes_h"][:, 0])
+    # training appends the GT boxes (UPT): 2 GT + 2 detector boxes
+    assert len(dets0["boxes"]) == 4 and len(sp.item(0, 0, train=False)[0]["boxes"]) == 2
+
+
+def test_distillation_zero_for_identical_positive_otherwise_and_alignment(tmp_path):
+    torch.manual_seed(0)
+    cs = TinyCS()
+    s = StandIn(TinyCfg(dropout=0.0), cs)
+    t = StandIn(TinyCfg(dropout=0.0), cs)
+    t.load_state_dict(s.state_dict())
+    sp = tiny_split(tmp_path / "d", 3)
+    feats = s.encode_images(s.preprocess([sp.image(i) for i in range(3)]))
+    dets = [sp.item(i, 0, True)[0] for i in range(3)]
+    sizes = [(16, 16)] * 3
+    so, to = s(feats, dets, sizes), t(feats, dets, sizes)
+    z = TS.distill_losses(so, (4, 4), [to, to], [(4, 4), (4, 4)], temperature=2.0)
+    assert set(z) == {"loss_kd_map", "loss_kd_query", "loss_kd_logit"}
+    for v in z.values():
+        assert abs(float(v)) < 1e-6
+    with torch.no_grad():
+        for p in t.parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn_like(p))
+    to2 = t(feats, dets, sizes)
+    pos = TS.distill_losses(so, (4, 4), [to2], [(4, 4)])
+    for k, v in pos.items():
+        assert float(v) > 1e-4, k
+    # weights scale the terms; the gradient reaches the student only
+    w = TS.distill_losses(so, (4, 4), [to2], [(4, 4)], w_map=2.0, w_query=0.0, w_logit=0.5)
+    assert float(w["loss_kd_map"]) == pytest.approx(2 * float(pos["loss_kd_map"]), rel=1e-6)
+    assert "loss_kd_query" not in w
+    sum(w.values()).backward()
+    assert s.cls.weight.grad is not None and t.cls.weight.grad is None
+    # a teacher fed other detections (other order) is refused
+    dets_rev = [{k: v.flip(0) for k, v in d.items()} for d in dets]
+    to3 = t(feats, dets_rev, sizes)
+    with pytest.raises(TS.PairAlignmentError, match="pair_idx|pair_image"):
+        TS.distill_losses(so, (4, 4), [to3], [(4, 4)])
+    # a teacher on another grid is resized to the student's grid
+    big = torch.nn.functional.interpolate(to["latent_map"].transpose(1, 2).reshape(1 * 3, 6, 4, 4),
+                                          size=(8, 8), mode="bilinear", align_corners=False)
+    to_big = dict(to, latent_map=big.reshape(3, 6, 64).transpose(1, 2))
+    r = TS.distill_losses(so, (4, 4), [to_big], [(8, 8)], w_query=0, w_logit=0)
+    assert torch.isfinite(r["loss_kd_map"])
+
+
+def test_student_hook_in_loop_runs_teachers_on_same_inputs(tmp_path):
+    tr = make_trainer(tmp_path, n=4, epochs=1, bs=2, dropout=0.0)
+    teacher = StandIn(TinyCfg(dropout=0.0), TinyCS())
+    calls = []
+    dist = TS.Distiller([teacher], [tr.feats])
+    orig = teacher.forward
+
+    def spy(feats, dets, sizes, targets=None):
+        calls.append([d["boxes"].clone() for d in dets])
+        return orig(feats, dets, sizes, targets)
+    teacher.forward = spy
+    tr.extra_loss = dist
+    tr.fit()
+    assert len(calls) == 2
+    rec = [json.loads(l) for l in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    tr_rec = [r for r in rec if r["kind"] == "train"]
+    assert all(r["loss_kd_logit"] > 0 and r["loss_kd_map"] >= 0 for r in tr_rec)
+    assert all(abs(r["loss"] - (r["loss_gt"] + r["loss_kd_map"] + r["loss_kd_query"] + r["loss_kd_logit"])) < 1e-5
+               for r in tr_rec)
+
+
+if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "child":
+    child(sys.argv[2:])

@@ -1,0 +1,210 @@
+"""Stage 2 of LINK: a student trained from scratch on ground truth plus dense distillation from
+one or several frozen teachers on ALL enumerated pairs.
+
+The training loop is train_teacher.Trainer; this file only adds :class:`Distiller`, the
+``extra_loss`` hook, and the CLI.
+
+Each step, every teacher is fed the exact same detections, in the same order, as the student
+(the loop builds them once and passes the same list), on its own frozen VLM's features of the
+same images and views (its own feature cache, shared with the teacher's own training when the
+cache key matches). Because the boxes are identical, pairs align one to one; this is checked
+every step (same pair_image and pair_idx), a mismatch raises PairAlignmentError.
+
+KD(f_s, f_t) = T^2 * KL(softmax(f_t / T) || softmax(f_s / T)), rows = tokens / pairs
+(kernels.kl_distill; several teachers: the target is the mean of their probabilities):
+
+* map level:   student latent_map [B, Gh*Gw, d] vs each teacher's, token-wise over the d
+               channels. A teacher whose VLM has another grid is bilinearly resized to the
+               student's grid first. The latent widths d must agree.
+* query level: every pair's query after each encoder and decoder layer, token-wise over the
+               D channels, averaged over layers (same number of layers needed).
+* logit level: on Psi(O) = logit(P * sigmoid(O)) with P the student's detection prior [P, K]
+               (equal to the teachers' since the boxes are the same); impossible classes
+               (P == 0) are masked out.
+
+loss = loss_gt + w_map * KD_map + w_query * KD_query + w_logit * KD_logit.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+import train_teacher as TT
+from kernels import kl_distill
+
+
+class PairAlignmentError(AssertionError):
+    """Student and teacher pairs differ (they must see identical boxes in identical order)."""
+
+
+def check_alignment(s_out: dict, t_out: dict, which: str = "teacher") -> None:
+    """Raise PairAlignmentError unless pair_image and pair_idx agree exactly."""
+    for k in ("pair_image", "pair_idx"):
+        a, b = s_out[k], t_out[k]
+        if a.shape != b.shape or not torch.equal(a.to(b.device), b):
+            raise PairAlignmentError(
+                f"{which}: {k} differs from the student's (shapes {tuple(a.shape)} vs "
+                f"{tuple(b.shape)}); teacher and student must be fed identical detections")
+
+
+def resize_map(m: torch.Tensor, grid_from, grid_to) -> torch.Tensor:
+    """Latent map [B, Gh*Gw, d] on grid_from -> [B, Gh'*Gw', d] on grid_to (bilinear)."""
+    gh, gw = (int(x) for x in grid_from)
+    th, tw = (int(x) for x in grid_to)
+    if (gh, gw) == (th, tw):
+        return m
+    B, T, d = m.shape
+    if T != gh * gw:
+        raise ValueError(f"latent map has {T} tokens, grid {gh}x{gw} expects {gh * gw}")
+    x = m.transpose(1, 2).reshape(B, d, gh, gw)                            # [B, d, Gh, Gw]
+    x = F.interpolate(x.float(), size=(th, tw), mode="bilinear", align_corners=False)
+    return x.reshape(B, d, th * tw).transpose(1, 2).to(m.dtype)            # [B, Gh'*Gw', d]
+
+
+def distill_losses(s_out: dict, s_grid, t_outs: list, t_grids: list, w_map=1.0, w_query=1.0,
+                   w_logit=1.0, temperature=1.0, impl="auto") -> dict:
+    """The three weighted KD terms (0-dim tensors) of a student output vs M teacher outputs.
+
+    s_out / t_outs[m]: model outputs (latent_map [B, T, d], queries list of [P, D], logits
+    [P, K], prior [P, K], pair_image [P], pair_idx [P, 2]); s_grid / t_grids[m]: (Gh, Gw) of
+    the respective VLM feature maps. Alignment is checked first.
+    """
+    for m, t in enumerate(t_outs):
+        check_alignment(s_out, t, f"teacher {m}")
+    T = float(temperature)
+    zero = s_out["logits"].new_zeros(()).float()
+    out = {}
+    if w_map:
+        s = s_out["latent_map"].float()                                    # [B, T, d]
+        ts = []
+        for m, (t, g) in enumerate(zip(t_outs, t_grids)):
+            tm = resize_map(t["latent_map"].detach().float(), g, s_grid)   # [B, T, d']
+            if tm.shape != s.shape:
+                raise ValueError(f"teacher {m}: latent map {tuple(tm.shape)} vs student "
+                                 f"{tuple(s.shape)}: map-level KD needs the same latent width")
+            ts.append(tm)
+        d = s.shape[-1]
+        out["loss_kd_map"] = w_map * kl_distill(s.reshape(-1, d),
+                                                torch.stack(ts).reshape(len(ts), -1, d), T, impl=impl)
+    if w_query:
+        sq = s_out["queries"]
+        for m, t in enumerate(t_outs):
+            if len(t["queries"]) != len(sq):
+                raise ValueError(f"teacher {m} has {len(t['queries'])} query layers, the student "
+                                 f"{len(sq)}: query-level KD pairs them layer by layer")
+        if len(sq) and sq[0].shape[0] > 0:
+            per = [kl_distill(q.float(), torch.stack([t["queries"][l].detach().float() for t in t_outs]),
+                              T, impl=impl) for l, q in enumerate(sq)]
+            out["loss_kd_query"] = w_query * torch.stack(per).mean()
+        else:
+            out["loss_kd_query"] = zero
+    if w_logit:
+        if s_out["logits"].shape[0] > 0:
+            tl = torch.stack([t["logits"].detach().float() for t in t_outs])  # [M, P, K]
+            out["loss_kd_logit"] = w_logit * kl_distill(s_out["logits"].float(), tl, T,
+                                                        prior=s_out["prior"].detach().float(), impl=impl)
+        else:
+            out["loss_kd_logit"] = zero
+    return out
+
+
+class Distiller:
+    """The ``extra_loss`` hook: runs the frozen teachers on the student's exact inputs."""
+
+    def __init__(self, teachers: list, sources: list, w_map=1.0, w_query=1.0, w_logit=1.0,
+                 temperature=1.0, impl="auto"):
+        self.teachers, self.sources = teachers, sources
+        self.w = dict(w_map=w_map, w_query=w_query, w_logit=w_logit)
+        self.temperature, self.impl = temperature, impl
+        for t in teachers:
+            t.eval()
+            for p in t.parameters():
+                p.requires_grad_(False)
+
+    def __call__(self, ctx: dict) -> dict:
+        t_outs, grids = [], []
+        for t, src in zip(self.teachers, self.sources):
+            f = src.get(ctx["indices"], ctx["views"])                     # [b, C_t, Gh_t, Gw_t]
+            with torch.no_grad():
+                t_outs.append(t(f, ctx["dets"], ctx["sizes"]))
+            grids.append(tuple(f.shape[-2:]))
+        return distill_losses(ctx["out"], tuple(ctx["feats"].shape[-2:]), t_outs, grids,
+                              temperature=self.temperature, impl=self.impl, **self.w)
+
+
+def load_teacher(path, device):
+    import model as M
+    ck = TT.load_checkpoint(path, map_location="cpu")      # clear errors before building anything
+    cfg = ck["config"]
+    if str(cfg.get("vlm", "")).startswith("tiny") and hasattr(M, "register_tiny_vlm"):
+        M.register_tiny_vlm()
+    t = M.LINK.from_checkpoint(str(path), map_location=device)
+    return t.to(device), ck
+
+
+def student_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Train a LINK student: GT + distillation from frozen teachers.")
+    TT.add_common_args(p)
+    p.set_defaults(name="student")
+    k = p.add_argument_group("distillation")
+    k.add_argument("--teacher", action="append", required=True, metavar="CKPT",
+                   help="teacher checkpoint (repeat for several teachers, possibly other VLMs)")
+    k.add_argument("--w-map", type=float, default=1.0)
+    k.add_argument("--w-query", type=float, default=1.0)
+    k.add_argument("--w-logit", type=float, default=1.0)
+    k.add_argument("--temperature", type=float, default=1.0)
+    k.add_argument("--kd-impl", default="auto", choices=["auto", "triton", "torch", "reference"])
+    return p
+
+
+def _file_hash(path) -> str:
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def main(argv=None) -> dict:
+    args = student_parser().parse_args(argv)
+    d, train, test, cs, cache = TT.setup_run(args)
+    teachers, sources, info = [], [], []
+    cs_plain = TT._plain(cs)
+    for path in args.teacher:
+        t, ck = load_teacher(path, d.device)
+        if ck["class_space"] != cs_plain:
+            diff = sorted(k for k in cs_plain if cs_plain.get(k) != ck["class_space"].get(k))
+            raise TT.CheckpointError(f"teacher {path}: class space differs from the student's data "
+                                     f"(fields: {diff[:6]})")
+        teachers.append(t)
+        sources.append(TT.FeatureSource(t, train, cache, 2 if args.flip else 1, args.cache_dtype, d,
+                                        progress=not args.no_progress and d.main))
+        info.append({"path": str(path), "sha1": _file_hash(path), "cache_key": t.cache_key()})
+    model = TT.build_model(args, cs, d.device)
+    tf, ef = TT.make_sources(model, args, d, train, test, cache)
+    dist = Distiller(teachers, sources, args.w_map, args.w_query, args.w_logit, args.temperature,
+                     args.kd_impl)
+    out = Path(args.runs) / args.name
+    tr = TT.Trainer(model, TT.loop_config(args), train, tf, out, d, test, ef, extra_loss=dist,
+                    eval_kwargs=TT.eval_kwargs_for(cs),
+                    ckpt_extra={"role": "student", "teachers": info,
+                                "distill": {"w_map": args.w_map, "w_query": args.w_query,
+                                            "w_logit": args.w_logit, "temperature": args.temperature}})
+    if args.resume:
+        path = out / "last.pt" if args.resume == "auto" else Path(args.resume)
+        if path.exists() or args.resume != "auto":
+            tr.resume(path)
+        else:
+            print(f"no checkpoint at {path}: starting fresh", file=sys.stderr)
+    tr.fit()
+    return TT.finish(tr, args.name)
+
+
+if __name__ == "__main__":
+    TT.run_cli(main)
