@@ -1,0 +1,712 @@
+"""LINK: a two-stage HOI detector on a frozen vision-language model, in one file.
+
+Read top to bottom:
+
+  1. LINKConfig               every hyper-parameter, plain types (stored in checkpoints)
+  2. the frozen VLM           open_clip image tower -> dense feature map F [B, C, Gh, Gw]
+  3. the geometric encoder    ROI-Align unary queries + box sine PE -> self-attention ->
+                              human-other pair queries fused with the pair's spatial features
+  4. the linking decoder      per layer: box-guided attention on a low-width latent map
+                              (spatial branch) + plain attention on F (semantic branch)
+  5. the classifier           FFN whose last layer is the VLM's text embedding of each prompt
+  6. scores and loss          UPT prior (s_h s_o)^lambda, Psi, focal loss, label association
+  7. LINK                     forward(), postprocess(), from_checkpoint(), cache_key()
+
+Shapes: B images, N detections in the batch (all images concatenated), P pairs in the batch,
+K interaction classes, D = cfg.d_model, C = VLM feature width, T = Gh * Gw tokens,
+Hd = cfg.heads. Boxes are [x1, y1, x2, y2]; "normalised" means divided by the image (w, h).
+
+The memory-heavy ops (pair enumeration, box-guided attention) go through kernels/, whose
+reference implementations define them; cfg.impl picks the implementation.
+
+Where LINK.md is silent we follow UPT (Zhang et al., CVPR 2022) and PViC; every such choice
+is marked "Choice:" below.
+"""
+import hashlib
+import json
+import math
+import os
+import tempfile
+import types
+from dataclasses import dataclass, fields
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchvision.ops import box_iou, roi_align
+
+from kernels import box_attention, pair_enum, psi_transform
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Config
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class LINKConfig:
+    # frozen VLM (any open_clip model name; pretrained = tag, local checkpoint path, or None)
+    vlm: str = "ViT-B-16"
+    pretrained: str | None = "openai"
+    image_size: int = 224          # VLM input S; the position embedding is interpolated to it
+    vlm_seed: int = 0              # seeds a randomly initialised VLM (pretrained=None), so a
+                                   # checkpoint without VLM weights rebuilds the same network
+    # widths
+    d_model: int = 256             # pair / unary query width D
+    d_latent: int = 64             # width of the spatial branch's latent map F^l
+    heads: int = 8
+    enc_layers: int = 1            # self-attention layers over unary queries
+    dec_layers: int = 2            # linking decoder layers
+    ffn_mult: int = 4
+    dropout: float = 0.1
+    roi_size: int = 4              # ROI-Align bins per side, mean-pooled to one vector
+    fusion: str = "sum"            # how the decoder fuses its two branches: "sum" | "gated"
+    # scoring and loss (UPT values)
+    lam: float = 2.8               # prior exponent at inference (DETR detections)
+    lam_train: float = 1.0         # prior exponent in training mode (UPT raises it only at test)
+    focal_alpha: float = 0.5
+    focal_gamma: float = 0.2
+    fg_iou: float = 0.5            # min(IoU_h, IoU_o) for a pair to take a GT pair's class
+    # ablation switches (paper's ablation table)
+    geometric_encoder: bool = True  # False: no box PE, no spatial MLP (plain self-attention)
+    linking_decoder: bool = True    # False: decoder = plain cross-attention to F only
+    impl: str = "auto"              # kernels implementation: auto | triton | torch | reference
+
+
+def _class_space(cs) -> types.SimpleNamespace:
+    """Read the fields LINK needs from a ClassSpace dataclass or its asdict() dict."""
+    get = cs.get if isinstance(cs, dict) else (lambda k, d=None: getattr(cs, k, d))
+    out = types.SimpleNamespace(
+        prompts=list(get("prompts")), object_names=list(get("object_names")),
+        hoi_object=[list(o) for o in get("hoi_object")], person_label=int(get("person_label")),
+        unseen=list(get("unseen", []) or []), rare=list(get("rare", []) or []))
+    if len(out.prompts) != len(out.hoi_object) or not out.prompts:
+        raise ValueError(f"class_space: {len(out.prompts)} prompts but {len(out.hoi_object)} hoi_object rows")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. The frozen VLM: open_clip image tower -> dense feature map
+# ----------------------------------------------------------------------------------------------
+
+def register_tiny_vlm(name: str = "link-tiny", vision_cfg: dict | None = None) -> str:
+    """Register a tiny, randomly initialised open_clip config (tests, demo); returns the name.
+
+    Default: ViT width 64, 2 layers, patch 8, 64 px (8 x 8 tokens); text width 64, 2 layers;
+    about 3.3 M parameters, most of them the text token table. vision_cfg overrides the image
+    tower (e.g. {"timm_model_name": "convnext_atto", ...} for a timm tower).
+    """
+    if name in open_clip.list_models():
+        return name
+    cfg = {"embed_dim": 64,
+           "vision_cfg": vision_cfg or {"image_size": 64, "layers": 2, "width": 64,
+                                        "head_width": 32, "patch_size": 8},
+           "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64,
+                        "heads": 2, "layers": 2}}
+    path = os.path.join(tempfile.mkdtemp(prefix="link_vlm_"), f"{name}.json")
+    with open(path, "w") as f:
+        json.dump(cfg, f)
+    open_clip.add_model_config(path)
+    return name
+
+
+def build_vlm(cfg: LINKConfig) -> nn.Module:
+    """The full open_clip model (both towers) at cfg.image_size, weights from cfg.pretrained.
+
+    pretrained is a tag known to open_clip (downloaded once into its cache), a local
+    checkpoint file, or None (random init under cfg.vlm_seed, used by tests and the demo).
+    open_clip interpolates the image position embedding to force_image_size on load.
+    """
+    pretrained = cfg.pretrained or None
+    if pretrained and os.path.sep in pretrained and not os.path.isfile(pretrained):
+        raise FileNotFoundError(f"{pretrained}: VLM checkpoint not found (config field 'pretrained')")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.vlm_seed)
+        return open_clip.create_model(cfg.vlm, pretrained=pretrained, force_image_size=cfg.image_size)
+
+
+def vlm_dense_features(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Patch tokens of an open_clip image tower as a map: images [B, 3, S, S] -> [B, C, Gh, Gw].
+
+    Choice: tokens are taken after the tower's final norm and its linear projection, i.e. in
+    the joint image-text space (C = embed_dim), as MaskCLIP-style dense CLIP features are.
+    That is the space of the text embeddings the classifier starts from, so the semantic
+    branch reads features that "speak" the same language. Class / register tokens are dropped.
+    - open_clip ViT: ln_post then @ proj on every patch token.
+    - timm towers (SigLIP, EVA, PE, MobileCLIP, ConvNeXt): trunk.forward_features, then the
+      trunk's own norm / linear head and open_clip's projection head applied per token where
+      those are per-token maps (attention-pool heads are skipped: width stays the trunk's).
+    """
+    B = images.shape[0]
+    if isinstance(visual, open_clip.transformer.VisionTransformer):
+        if visual.attn_pool is not None:
+            raise ValueError("VLM: attention-pooled ViT towers (CoCa) have no patch tokens to use")
+        visual.output_tokens = True
+        _, x = visual(images)                                     # [B, T, width], CLS dropped
+        if visual.pool_type == "none":                            # then open_clip kept the CLS
+            x = x[:, 1:]
+        if visual.final_ln_after_pool:                            # then open_clip skipped ln_post
+            x = visual.ln_post(x)
+        if visual.proj is not None:
+            x = x @ visual.proj                                   # [B, T, C]
+        gh, gw = visual.grid_size
+        return x.reshape(B, gh, gw, -1).permute(0, 3, 1, 2)
+    trunk = getattr(visual, "trunk", None)
+    if trunk is None:
+        raise ValueError(f"VLM: unsupported image tower {type(visual).__name__}")
+    x = trunk.forward_features(images)
+    if x.dim() == 3:                                              # ViT-like: [B, prefix + T, C]
+        x = x[:, getattr(trunk, "num_prefix_tokens", 0):]
+        gh, gw = getattr(trunk.patch_embed, "grid_size", None) or (int(math.isqrt(x.shape[1])),) * 2
+        x = x.reshape(B, gh, gw, -1)
+        if isinstance(getattr(trunk, "fc_norm", None), nn.LayerNorm):
+            x = trunk.fc_norm(x)                                  # avg-pool ViTs normalise here
+    else:                                                         # conv: [B, C, H, W]
+        norm = getattr(getattr(trunk, "head", None), "norm", None)
+        x = (norm(x) if isinstance(norm, nn.Module) else x).permute(0, 2, 3, 1)
+    head = getattr(trunk, "head", None)
+    fc = head if isinstance(head, nn.Linear) else getattr(head, "fc", None)
+    if isinstance(fc, nn.Linear) and fc.in_features == x.shape[-1]:
+        x = fc(x)                                                 # timm classifier used as proj
+    proj = getattr(visual, "head", None)
+    if isinstance(proj, nn.Sequential) and "pool" not in proj._modules and len(proj) > 0:
+        x = proj(x)                                               # open_clip linear / mlp proj
+    return x.permute(0, 3, 1, 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Geometric encoder
+# ----------------------------------------------------------------------------------------------
+
+def sine_encoding(x: torch.Tensor, dim: int, temperature: float = 20.0) -> torch.Tensor:
+    """Sine/cosine encoding of scalars in [0, 1]: x [..., n] -> [..., n * dim].
+
+    Choice: temperature 20 and scale 2 pi, UPT's setting for normalised box coordinates.
+    """
+    i = torch.arange(dim // 2, device=x.device, dtype=torch.float32)
+    freq = temperature ** (2 * i / dim)                           # [dim / 2]
+    a = x[..., None].float() * (2 * math.pi) / freq               # [..., n, dim / 2]
+    return torch.stack([a.sin(), a.cos()], dim=-1).flatten(-3)    # [..., n * dim]
+
+
+def box_encoding(boxes: torch.Tensor, dim: int) -> torch.Tensor:
+    """PE(B) = PE(C) (+) PE(S): normalised boxes [N, 4] -> [N, dim] (dim / 4 per scalar)."""
+    centre = (boxes[:, :2] + boxes[:, 2:]) / 2
+    size = boxes[:, 2:] - boxes[:, :2]
+    return torch.cat([sine_encoding(centre, dim // 4), sine_encoding(size, dim // 4)], dim=1)
+
+
+def mlp(d_in: int, d_hidden: int, d_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(d_in, d_hidden), nn.ReLU(inplace=True), nn.Linear(d_hidden, d_out))
+
+
+class SelfAttentionLayer(nn.Module):
+    """Post-norm transformer encoder layer over all unary queries of the batch.
+
+    Choice: one attention call over the N queries of the whole batch with a block-diagonal
+    mask (a query sees only its own image's queries) instead of a Python loop per image.
+    Choice (every layer of this file): post-norm, as DETR / UPT. It keeps each layer's output
+    LayerNorm-ed, which is what the token-wise query distillation compares across layers.
+    """
+
+    def __init__(self, d: int, heads: int, ffn_mult: int, dropout: float):
+        super().__init__()
+        self.heads = heads
+        self.qkv, self.out = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.ffn = nn.Sequential(nn.Linear(d, ffn_mult * d), nn.ReLU(inplace=True),
+                                 nn.Dropout(dropout), nn.Linear(ffn_mult * d, d))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, same_image: torch.Tensor) -> torch.Tensor:
+        """x [N, D], same_image Bool[N, N] (True = may attend) -> [N, D]."""
+        N, D = x.shape
+        q, k, v = self.qkv(x).view(N, 3, self.heads, D // self.heads).permute(1, 2, 0, 3)  # [Hd, N, dh]
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=same_image)          # [Hd, N, dh]
+        x = self.norm1(x + self.drop(self.out(a.transpose(0, 1).reshape(N, D))))
+        return self.norm2(x + self.drop(self.ffn(x)))
+
+
+class SpatialFusion(nn.Module):
+    """Fuse pair queries [P, D] with the pair's 36 spatial features [P, 36] -> [P, D].
+
+    Choice: UPT's multi-branch fusion reduced to one branch plus a residual:
+    LN(q + W_o relu((W_q q) * MLP(f))). The product lets the box layout gate which appearance
+    channels of the pair matter (UPT's argument); the residual keeps the appearance path.
+    """
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.spatial = nn.Sequential(mlp(36, d, d), nn.ReLU(inplace=True))
+        self.wq, self.wo, self.norm = nn.Linear(d, d), nn.Linear(d, d), nn.LayerNorm(d)
+
+    def forward(self, q: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+        return self.norm(q + self.wo(F.relu(self.wq(q) * self.spatial(f))))
+
+
+class GeometricEncoder(nn.Module):
+    """Unary queries (ROI-Align on F) -> self-attention with box PE -> fused pair queries."""
+
+    def __init__(self, cfg: LINKConfig, c_vlm: int):
+        super().__init__()
+        d, self.cfg = cfg.d_model, cfg
+        self.unary = nn.Sequential(nn.Linear(c_vlm, d), nn.LayerNorm(d))
+        self.layers = nn.ModuleList(SelfAttentionLayer(d, cfg.heads, cfg.ffn_mult, cfg.dropout)
+                                    for _ in range(cfg.enc_layers))
+        # Linear([Q_i, Q_j]) = W1 Q_i + W2 Q_j + b, computed by kernels.pair_enum
+        bound = 1 / math.sqrt(2 * d)          # nn.Linear's init for a 2D -> D layer
+        self.w1 = nn.Parameter(torch.empty(d, d).uniform_(-bound, bound))
+        self.w2 = nn.Parameter(torch.empty(d, d).uniform_(-bound, bound))
+        self.b = nn.Parameter(torch.empty(d).uniform_(-bound, bound))
+        if cfg.geometric_encoder:
+            # Choice: the raw PE(B) goes through a small MLP to the model width (UPT does the same)
+            self.box_pe = mlp(d, d, d)
+            self.fusion = SpatialFusion(d)
+
+    def forward(self, feats, boxes_grid, boxes_norm, box_image, idx_h, idx_o):
+        """feats [B, C, Gh, Gw]; boxes_grid [N, 4] in grid cells; boxes_norm [N, 4];
+        box_image Long[N]; idx_h, idx_o Long[P] (into the N boxes) -> pair queries [P, D]."""
+        # ROI-Align: aligned=True because boxes_grid is a continuous frame where cell j spans
+        # [j, j + 1). Choice: the roi_size x roi_size bins are mean-pooled to one vector.
+        rois = torch.cat([box_image[:, None].to(feats.dtype), boxes_grid], dim=1)    # [N, 5]
+        r = self.cfg.roi_size
+        q = roi_align(feats, rois, (r, r), spatial_scale=1.0, sampling_ratio=2, aligned=True)
+        q = self.unary(q.mean(dim=(2, 3)))                                           # [N, D]
+        if self.cfg.geometric_encoder:
+            q = q + self.box_pe(box_encoding(boxes_norm, q.shape[1]))               # Q + PE(B)
+        same_image = box_image[:, None] == box_image[None, :]                        # [N, N]
+        for layer in self.layers:
+            q = layer(q, same_image)
+        pair_q, spatial = pair_enum(q, boxes_norm, idx_h, idx_o, self.w1, self.w2, self.b,
+                                    impl=self.cfg.impl)                              # [P, D], [P, 36]
+        return self.fusion(pair_q, spatial) if self.cfg.geometric_encoder else pair_q
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Linking decoder
+# ----------------------------------------------------------------------------------------------
+
+class LinkingLayer(nn.Module):
+    """One decoder layer: spatial branch (CA_be on F^l) + semantic branch (CA on F), fused.
+
+    Spatial branch: pair queries [P, D] -> heads over the latent map F^l [B, T, d_latent],
+    attention logits biased by strength[h, r] on tokens inside the pair's human / object /
+    union box (kernels.box_attention). Semantic branch: Q^n = Linear(q) in the VLM width C,
+    plain multi-head cross-attention to F (box_attention with a zero strength).
+    Choice: pairs do not attend to each other here (UPT's cooperative layer is not in LINK.md).
+    """
+
+    def __init__(self, cfg: LINKConfig, c_vlm: int):
+        super().__init__()
+        d, dl, self.cfg = cfg.d_model, cfg.d_latent, cfg
+        if cfg.linking_decoder:
+            self.sp_q, self.sp_k, self.sp_v, self.sp_o = (nn.Linear(d, dl), nn.Linear(dl, dl),
+                                                          nn.Linear(dl, dl), nn.Linear(dl, d))
+            # Choice: strength starts at 1 for all (head, box): a mild pull towards the boxes
+            # that training can sharpen, reverse (negative) or switch off per head.
+            self.strength = nn.Parameter(torch.ones(cfg.heads, 3))
+            if cfg.fusion == "gated":
+                self.gate = nn.Linear(2 * d, d)
+        self.sem_q, self.sem_k, self.sem_v, self.sem_o = (nn.Linear(d, c_vlm), nn.Linear(c_vlm, c_vlm),
+                                                          nn.Linear(c_vlm, c_vlm), nn.Linear(c_vlm, d))
+        self.register_buffer("zero_strength", torch.zeros(cfg.heads, 3), persistent=False)
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.ffn = nn.Sequential(nn.Linear(d, cfg.ffn_mult * d), nn.ReLU(inplace=True),
+                                 nn.Dropout(cfg.dropout), nn.Linear(cfg.ffn_mult * d, d))
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def _attend(self, q, kv_in, wk, wv, pair_image, boxes, strength, grid_hw):
+        """q [P, W] against tokens kv_in [B, T, W'] -> [P, W] (Hd heads, width W / Hd each)."""
+        P, W = q.shape
+        B, T, _ = kv_in.shape
+        Hd = self.cfg.heads
+        k = wk(kv_in).view(B, T, Hd, W // Hd).transpose(1, 2)                    # [B, Hd, T, W/Hd]
+        v = wv(kv_in).view(B, T, Hd, W // Hd).transpose(1, 2)
+        out = box_attention(q.view(P, Hd, W // Hd), k, v, pair_image, boxes, strength, grid_hw,
+                            impl=self.cfg.impl)                                    # [P, Hd, W/Hd]
+        return out.reshape(P, W)
+
+    def forward(self, q, tokens, latent, pair_image, boxes, grid_hw):
+        """q [P, D]; tokens F [B, T, C]; latent F^l [B, T, d_latent] or None;
+        pair_image Long[P]; boxes [P, 3, 4] normalised (human, object, union) -> [P, D]."""
+        semantic = self.sem_o(self._attend(self.sem_q(q), tokens, self.sem_k, self.sem_v, pair_image,
+                                           boxes, self.zero_strength, grid_hw))   # [P, D]
+        if self.cfg.linking_decoder:
+            spatial = self.sp_o(self._attend(self.sp_q(q), latent, self.sp_k, self.sp_v, pair_image,
+                                             boxes, self.strength, grid_hw))       # [P, D]
+            if self.cfg.fusion == "gated":  # per-channel convex mix decided by both branches
+                g = torch.sigmoid(self.gate(torch.cat([spatial, semantic], dim=1)))
+                update = g * spatial + (1 - g) * semantic
+            else:
+                update = spatial + semantic
+        else:
+            update = semantic
+        q = self.norm1(q + self.drop(update))
+        return self.norm2(q + self.drop(self.ffn(q)))
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Classifier initialised from the VLM's text embeddings
+# ----------------------------------------------------------------------------------------------
+
+class TextClassifier(nn.Module):
+    """FFN [P, D] -> [P, E] then a cosine layer whose K rows start as the prompts' text embeddings.
+
+    logits = exp(logit_scale) * <h / |h|, w_k / |w_k|> + logit_bias.
+    Choice: both sides L2-normalised as in CLIP; scale and bias learnable as in SigLIP's
+    sigmoid loss, initialised to scale 10 and bias -log(99) (RetinaNet's prior 0.01 for
+    sparse positives). The text embeddings are a buffer (`text_embed`), so a checkpoint
+    rebuilds the classifier without the text tower. Unseen classes always use that frozen
+    buffer, never the trainable rows: no optimiser (weight decay included) can move them.
+    """
+
+    def __init__(self, d: int, text_embed: torch.Tensor, unseen: list[int]):
+        super().__init__()
+        K, E = text_embed.shape
+        text_embed = F.normalize(text_embed.float(), dim=1)
+        self.ffn = mlp(d, d, E)
+        self.weight = nn.Parameter(text_embed.clone())                             # [K, E]
+        self.register_buffer("text_embed", text_embed.clone())                     # [K, E]
+        unseen_mask = torch.zeros(K, dtype=torch.bool)
+        unseen_mask[list(unseen)] = True
+        self.register_buffer("unseen", unseen_mask)                                # [K]
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
+        self.logit_bias = nn.Parameter(torch.tensor(-math.log(99.0)))
+
+    def rows(self) -> torch.Tensor:
+        """The K classifier rows in use, L2-normalised [K, E]."""
+        return F.normalize(torch.where(self.unseen[:, None], self.text_embed, self.weight), dim=1)
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        h = F.normalize(self.ffn(q), dim=1)                                        # [P, E]
+        return h @ self.rows().t() * self.logit_scale.exp().clamp(max=100) + self.logit_bias
+
+
+@torch.no_grad()
+def encode_prompts(clip: nn.Module, vlm_name: str, prompts: list[str], chunk: int = 256) -> torch.Tensor:
+    """Text embeddings of the K prompts from the VLM's text tower -> [K, E], L2-normalised."""
+    tokenizer = open_clip.get_tokenizer(vlm_name)
+    clip.eval()
+    out = [clip.encode_text(tokenizer(prompts[i:i + chunk]), normalize=True)
+           for i in range(0, len(prompts), chunk)]
+    return torch.cat(out).float()
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. Scores, label association and loss
+# ----------------------------------------------------------------------------------------------
+
+def associate(boxes_h, boxes_o, target, num_classes, thresh=0.5) -> torch.Tensor:
+    """Multi-label training targets for one image's pairs -> Float[P, K].
+
+    Pair p is positive for class k if min(IoU_h, IoU_o) >= thresh with some GT pair of class
+    k (UPT's rule). IoU is torchvision's continuous box_iou: HICO-DET's +1 convention matters
+    for the official evaluator only, not for choosing training labels.
+    """
+    labels = boxes_h.new_zeros(len(boxes_h), num_classes)
+    gt_h, gt_o, hoi = target["boxes_h"], target["boxes_o"], target["hoi"]
+    if len(boxes_h) == 0 or len(gt_h) == 0:
+        return labels
+    gt_h, gt_o = torch.as_tensor(gt_h).to(boxes_h).view(-1, 4), torch.as_tensor(gt_o).to(boxes_h).view(-1, 4)
+    overlap = torch.minimum(box_iou(boxes_h, gt_h), box_iou(boxes_o, gt_o))        # [P, G]
+    p, g = (overlap >= thresh).nonzero(as_tuple=True)
+    labels[p, torch.as_tensor(hoi, device=labels.device).long()[g]] = 1.0
+    return labels
+
+
+def focal_loss(logits, prior, labels, alpha=0.5, gamma=0.2):
+    """UPT's focal loss on the prior-weighted probability p = P * sigmoid(O), summed over
+    entries with P > 0, divided by max(number of positives, 1). All inputs [P, K].
+
+    Computed in log space so that it is finite and has finite gradients for logits of
+    +-1e4 and priors of exactly 0 or 1:
+        log p     = log P - softplus(-O)
+        log(1-p)  = logaddexp(log(1 - P), -O) - softplus(-O)
+        loss      = -alpha (1-p)^gamma log p          (label 1)
+                    -(1 - alpha) p^gamma log(1-p)     (label 0)
+    with x^gamma = exp(gamma log x). Entries with P = 0 are impossible classes: skipped.
+    """
+    keep = prior > 0
+    O = torch.where(keep, logits, torch.zeros_like(logits))       # no NaN gradient through skipped
+    P = torch.where(keep, prior, torch.ones_like(prior)).to(O.dtype)
+    sp = F.softplus(-O)
+    log_p = torch.log(P) - sp
+    log_1mp = torch.logaddexp(torch.log1p(-P), -O) - sp
+    pos = -alpha * torch.exp(gamma * log_1mp) * log_p
+    neg = -(1 - alpha) * torch.exp(gamma * log_p) * log_1mp
+    loss = torch.where(labels > 0, pos, neg)
+    n_pos = (labels[keep] > 0).sum().clamp(min=1)
+    return torch.where(keep, loss, torch.zeros_like(loss)).sum() / n_pos
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. LINK
+# ----------------------------------------------------------------------------------------------
+
+class LINK(nn.Module):
+    """The LINK network: frozen VLM features + detections -> per-pair interaction scores.
+
+    model = LINK(cfg, class_space)
+    feats = model.encode_images(model.preprocess(pil_images))          # [B, C, Gh, Gw]
+    out = model(feats, detections, sizes, targets=None)                # dict of per-pair tensors
+    preds = model.postprocess(out)                                     # list of [N, 10] arrays
+    """
+
+    def __init__(self, cfg: LINKConfig, class_space, text_embed: torch.Tensor | None = None):
+        """text_embed [K, E]: cached prompt embeddings (from a checkpoint); None = encode them."""
+        super().__init__()
+        if cfg.fusion not in ("sum", "gated"):
+            raise ValueError(f"LINKConfig.fusion must be 'sum' or 'gated', got {cfg.fusion!r}")
+        if cfg.d_model % cfg.heads or cfg.d_latent % cfg.heads or cfg.d_model % 4:
+            raise ValueError(f"LINKConfig: d_model ({cfg.d_model}) and d_latent ({cfg.d_latent}) "
+                             f"must divide by heads ({cfg.heads}), d_model by 4")
+        self.cfg = cfg
+        cs = self.classes = _class_space(class_space)
+        K = len(cs.prompts)
+        clip = build_vlm(cfg)
+        if text_embed is None:
+            text_embed = encode_prompts(clip, cfg.vlm, cs.prompts)
+        if text_embed.shape[0] != K:
+            raise ValueError(f"text_embed has {text_embed.shape[0]} rows, class space has {K} classes")
+        # Only the image tower is kept (the text tower's job ends with the embeddings above).
+        self.vlm = clip.visual.requires_grad_(False).eval()
+        pp = getattr(self.vlm, "preprocess_cfg", {})
+        self.image_mean = tuple(pp.get("mean", open_clip.OPENAI_DATASET_MEAN))
+        self.image_std = tuple(pp.get("std", open_clip.OPENAI_DATASET_STD))
+        self.interpolation = pp.get("interpolation", "bicubic")
+        with torch.no_grad():  # probe the feature width C and grid once
+            c_vlm = vlm_dense_features(self.vlm, torch.zeros(1, 3, cfg.image_size, cfg.image_size)).shape[1]
+        if c_vlm % cfg.heads:
+            raise ValueError(f"LINKConfig.heads ({cfg.heads}) must divide the VLM width {c_vlm}")
+        # allowed[k, o]: class k may take object label o (verb-object masking)
+        allowed = torch.zeros(K, len(cs.object_names), dtype=torch.bool)
+        for k, objs in enumerate(cs.hoi_object):
+            allowed[k, list(objs)] = True
+        self.register_buffer("allowed", allowed, persistent=False)                   # [K, O]
+
+        self.encoder = GeometricEncoder(cfg, c_vlm)
+        if cfg.linking_decoder:  # connector: F -> low-width latent map F^l, computed once
+            self.connector = mlp(c_vlm, cfg.d_model, cfg.d_latent)
+        self.decoder = nn.ModuleList(LinkingLayer(cfg, c_vlm) for _ in range(cfg.dec_layers))
+        self.classifier = TextClassifier(cfg.d_model, text_embed, cs.unseen)
+
+    # -- the frozen VLM ------------------------------------------------------------------------
+
+    def train(self, mode: bool = True):
+        """The VLM stays in eval mode (frozen, no dropout / batch-norm updates)."""
+        super().train(mode)
+        self.vlm.eval()
+        return self
+
+    def preprocess(self, images) -> torch.Tensor:
+        """list of PIL images -> [B, 3, S, S]: squash resize to S x S, VLM mean / std."""
+        from PIL import Image
+        S = self.cfg.image_size
+        resample = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}.get(self.interpolation, Image.BICUBIC)
+        out = []
+        for im in images:
+            a = np.asarray(im.convert("RGB").resize((S, S), resample), dtype=np.float32) / 255.0
+            out.append(torch.from_numpy(a).permute(2, 0, 1))
+        x = torch.stack(out) if out else torch.zeros(0, 3, S, S)
+        mean, std = torch.tensor(self.image_mean)[:, None, None], torch.tensor(self.image_std)[:, None, None]
+        return (x - mean) / std
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 3, S, S] normalised -> dense VLM features [B, C, Gh, Gw] (float32, no grad)."""
+        self.vlm.eval()
+        dev = next(self.vlm.parameters()).device
+        return vlm_dense_features(self.vlm, images.to(dev)).float()
+
+    def cache_key(self) -> str:
+        """Identifies the features encode_images gives: VLM name, weights, resolution."""
+        w = self.cfg.pretrained or f"random-seed{self.cfg.vlm_seed}"
+        if os.path.isfile(w):  # a local file: its absolute path and size, hashed
+            w = os.path.basename(w) + "-" + hashlib.sha1(
+                f"{os.path.abspath(w)}:{os.path.getsize(w)}".encode()).hexdigest()[:10]
+        return "__".join(s.replace("/", "-").replace(os.sep, "-") for s in (self.cfg.vlm, w, str(self.cfg.image_size)))
+
+    # -- detections -> boxes and pairs ---------------------------------------------------------
+
+    def _boxes_and_pairs(self, detections, sizes, device):
+        """Canonicalise each image's detections and enumerate its pairs.
+
+        Choice: each image's boxes are put in a canonical order (humans first, then by score
+        descending, then by coordinates and label) before anything else. The network's output
+        then depends on the SET of boxes only: the same boxes from two sources (any list
+        order, float64 vs float32) give bit-identical outputs, and teacher and student fed the
+        same boxes align pair by pair. pair_idx maps back to the caller's indices.
+
+        Pairs: every human i with every other box j, in canonical order (i outer, j inner).
+        """
+        per = []
+        for b, (dets, size) in enumerate(zip(detections, sizes)):
+            try:
+                boxes = torch.as_tensor(dets["boxes"], dtype=torch.float32).reshape(-1, 4).cpu()
+                scores = torch.as_tensor(dets["scores"], dtype=torch.float32).reshape(-1).cpu()
+                labels = torch.as_tensor(dets["labels"]).long().reshape(-1).cpu()
+            except (KeyError, RuntimeError, TypeError) as e:
+                raise ValueError(f"detections of image {b}: {e}") from None
+            if not (len(boxes) == len(scores) == len(labels)):
+                raise ValueError(f"detections of image {b}: boxes/scores/labels lengths "
+                                 f"{len(boxes)}/{len(scores)}/{len(labels)} differ")
+            if len(labels) and (labels.min() < 0 or labels.max() >= self.allowed.shape[1]):
+                raise ValueError(f"detections of image {b}: field 'labels' outside 0..{self.allowed.shape[1] - 1}")
+            if not torch.isfinite(boxes).all() or not torch.isfinite(scores).all():
+                raise ValueError(f"detections of image {b}: non-finite 'boxes' or 'scores'")
+            w, h = float(size[0]), float(size[1])
+            if not (w > 0 and h > 0):
+                raise ValueError(f"image {b}: size {tuple(size)} must be positive (w, h)")
+            human = labels == self.classes.person_label
+            c = boxes.numpy()
+            order = np.lexsort((labels.numpy(), c[:, 3], c[:, 2], c[:, 1], c[:, 0],
+                                -scores.numpy(), ~human.numpy()))
+            order = torch.from_numpy(order).long()
+            n, nh = len(order), int(human.sum())
+            ii, jj = torch.meshgrid(torch.arange(nh), torch.arange(n), indexing="ij")
+            keep = ii != jj
+            per.append(dict(order=order, boxes=boxes[order], scores=scores[order], labels=labels[order],
+                            ih=ii[keep], io=jj[keep], wh=(w, h)))
+        offsets = np.cumsum([0] + [len(p["order"]) for p in per])
+
+        def cat(key):  # concatenate one field over the images (an empty batch gives empties)
+            return torch.cat([p[key] for p in per]).to(device) if per else torch.zeros(0, device=device)
+        boxes = cat("boxes")                                                               # [N, 4]
+        scale = torch.tensor([[p["wh"][0], p["wh"][1]] * 2 for p in per for _ in p["order"]],
+                             dtype=torch.float32, device=device).view(-1, 4)               # [N, 4]
+        # Boxes used by the network: clipped to the image, grown to >= 1 pixel around their
+        # centre (degenerate / out-of-image boxes stay finite in every feature). Outputs keep
+        # the caller's boxes.
+        lo, hi = torch.zeros_like(scale), scale
+        safe = torch.minimum(torch.maximum(boxes, lo), hi)
+        ctr = (safe[:, :2] + safe[:, 2:]) / 2
+        half = torch.maximum((safe[:, 2:] - safe[:, :2]) / 2, torch.full_like(ctr, 0.5))
+        ctr = torch.minimum(torch.maximum(ctr, half), scale[:, :2] - half)                 # stay inside
+        safe = torch.cat([ctr - half, ctr + half], dim=1)
+        return dict(
+            boxes=boxes, boxes_norm=(safe / scale).clamp(0, 1), safe=safe, scale=scale,
+            scores=cat("scores"), labels=cat("labels"),
+            box_image=torch.cat([torch.full((len(p["order"]),), b) for b, p in enumerate(per)]).to(device),
+            idx_h=torch.cat([p["ih"] + offsets[b] for b, p in enumerate(per)]).long().to(device),
+            idx_o=torch.cat([p["io"] + offsets[b] for b, p in enumerate(per)]).long().to(device),
+            pair_idx=torch.cat([torch.stack([p["order"][p["ih"]], p["order"][p["io"]]], 1).view(-1, 2)
+                                for p in per]).long().to(device),
+            pair_image=torch.cat([torch.full((len(p["ih"]),), b) for b, p in enumerate(per)]).long().to(device),
+        )
+
+    # -- forward -------------------------------------------------------------------------------
+
+    def forward(self, feats, detections, sizes, targets=None) -> dict:
+        """feats [B, C, Gh, Gw] (encode_images); detections: B dicts {boxes [N,4] image frame,
+        scores [N], labels [N]}; sizes: B (w, h); targets: B dicts {boxes_h, boxes_o, hoi}.
+
+        Returns per-pair tensors concatenated over the batch (P pairs, K classes):
+        pair_image Long[P], pair_idx Long[P, 2] (human, other; caller's detection indices),
+        boxes_h, boxes_o [P, 4] (image frame), object Long[P], logits, prior, psi, scores
+        [P, K], latent_map [B, T, d_latent] (None without the linking decoder), queries
+        (list of [P, D]: the encoder's pair queries, then each decoder layer's), num_images,
+        and with targets: labels [P, K] and loss (0-dim).
+        """
+        cfg, B = self.cfg, feats.shape[0]
+        if len(detections) != B or len(sizes) != B or (targets is not None and len(targets) != B):
+            raise ValueError(f"forward: {B} feature maps but {len(detections)} detections, "
+                             f"{len(sizes)} sizes{'' if targets is None else f', {len(targets)} targets'}")
+        dtype = self.classifier.weight.dtype
+        feats = feats.to(device=self.classifier.weight.device, dtype=dtype)
+        gh, gw = feats.shape[2:]
+        d = self._boxes_and_pairs(detections, sizes, feats.device)
+        idx_h, idx_o, pair_image = d["idx_h"], d["idx_o"], d["pair_image"]
+
+        # geometric encoder -> pair queries [P, D]
+        grid = d["safe"] / d["scale"] * torch.tensor([gw, gh, gw, gh], device=feats.device)
+        q = self.encoder(feats, grid, d["boxes_norm"], d["box_image"], idx_h, idx_o)
+        queries = [q]
+
+        # linking decoder: F as tokens [B, T, C]; latent map F^l [B, T, d_latent] once
+        tokens = feats.flatten(2).transpose(1, 2)
+        latent = self.connector(tokens) if cfg.linking_decoder else None
+        bh, bo = d["boxes_norm"][idx_h], d["boxes_norm"][idx_o]                         # [P, 4]
+        union = torch.cat([torch.minimum(bh[:, :2], bo[:, :2]), torch.maximum(bh[:, 2:], bo[:, 2:])], 1)
+        pair_boxes = torch.stack([bh, bo, union], dim=1)                                 # [P, 3, 4]
+        for layer in self.decoder:
+            q = layer(q, tokens, latent, pair_image, pair_boxes, (gh, gw))
+            queries.append(q)
+
+        # classifier, UPT prior and scores
+        logits = self.classifier(q)                                                      # [P, K]
+        lam = cfg.lam_train if self.training else cfg.lam  # Choice: UPT's train / test exponents
+        obj = d["labels"][idx_o]                                                         # [P]
+        allowed = self.allowed[:, obj].t()                                               # [P, K]
+        s = (d["scores"][idx_h] * d["scores"][idx_o]).clamp(0, 1).pow(lam).to(dtype)    # [P]
+        prior = torch.where(allowed, s[:, None], torch.zeros((), dtype=dtype, device=s.device))
+        out = dict(pair_image=pair_image, pair_idx=d["pair_idx"],
+                   boxes_h=d["boxes"][idx_h], boxes_o=d["boxes"][idx_o], object=obj,
+                   logits=logits, prior=prior, psi=psi_transform(logits, prior),
+                   scores=torch.sigmoid(logits) * prior, latent_map=latent, queries=queries,
+                   num_images=B)
+        if targets is not None:
+            labels = torch.cat([associate(out["boxes_h"][pair_image == b], out["boxes_o"][pair_image == b],
+                                          t, logits.shape[1], cfg.fg_iou)
+                                for b, t in enumerate(targets)]) if B else logits.new_zeros(0, logits.shape[1])
+            # Unseen classes are never supervised: their columns leave the loss (prior -> 0).
+            seen_prior = prior.masked_fill(self.classifier.unseen[None, :], 0)
+            out["labels"] = labels
+            out["loss"] = focal_loss(logits, seen_prior, labels, cfg.focal_alpha, cfg.focal_gamma)
+        return out
+
+    # -- predictions ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def postprocess(self, out: dict, detections=None, k: int | None = None) -> list[np.ndarray]:
+        """Prediction rows per image: float64 [N, 10] = [hoi, score, hx1, hy1, hx2, hy2, ox1, oy1,
+        ox2, oy2] for every (pair, allowed class) with score > 0, sorted by score descending
+        (stable: ties keep pair then class order), top k per image if k. detections is unused
+        (the output carries its boxes); it is accepted for the contract's call form."""
+        scores = out["scores"].detach().float().cpu()
+        pair_image = out["pair_image"].cpu()
+        boxes = torch.cat([out["boxes_h"], out["boxes_o"]], 1).detach().double().cpu()   # [P, 8]
+        n_img = out.get("num_images", int(pair_image.max()) + 1 if len(pair_image) else 0)
+        preds = []
+        for b in range(n_img):
+            sel = (pair_image == b).nonzero().squeeze(1)
+            p, c = (scores[sel] > 0).nonzero(as_tuple=True)
+            s = scores[sel][p, c].double()
+            order = torch.sort(-s, stable=True).indices[:k]
+            rows = torch.cat([c[order, None].double(), s[order, None], boxes[sel[p[order]]]], 1)
+            preds.append(rows.numpy().reshape(-1, 10))
+        return preds
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def checkpoint_state_dict(self) -> dict:
+        """state_dict without the frozen VLM (its weights come from cfg.pretrained)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("vlm.")}
+
+    @classmethod
+    def from_checkpoint(cls, path, map_location="cpu") -> "LINK":
+        """Rebuild a model from a train_teacher.py checkpoint (config, class_space, model)."""
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: checkpoint not found")
+        ck = torch.load(path, map_location=map_location, weights_only=False)  # our own files
+        for key in ("config", "class_space", "model"):
+            if not isinstance(ck, dict) or key not in ck:
+                raise ValueError(f"{path}: checkpoint has no field '{key}'")
+        known = {f.name for f in fields(LINKConfig)}
+        unknown = set(ck["config"]) - known
+        if unknown:
+            raise ValueError(f"{path}: field 'config' has unknown keys {sorted(unknown)}")
+        state = ck["model"]
+        model = cls(LINKConfig(**ck["config"]), ck["class_space"],
+                    text_embed=state.get("classifier.text_embed"))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [m for m in missing if not m.startswith("vlm.")]
+        if missing or unexpected:
+            raise ValueError(f"{path}: field 'model' does not match the config "
+                             f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+        return model.to(map_location) if isinstance(map_location, (str, torch.device)) else model
+
+
+__all__ = ["LINKConfig", "LINK", "register_tiny_vlm", "build_vlm", "vlm_dense_features",
+           "focal_loss", "associate", "sine_encoding", "box_encoding"]
