@@ -361,6 +361,7 @@ def ref_hico(anno, preds, keep_images_of_object=None):
 
 def random_case(seed, n_img=8, K=4, grid=6):
     rng = np.random.default_rng(seed)
+    den = 4.0 if seed % 2 else 3.0            # scores k/4: float32 fast path; k/3: general path
 
     def box():
         x1, y1 = rng.integers(0, grid, 2)
@@ -377,9 +378,9 @@ def random_case(seed, n_img=8, K=4, grid=6):
         for k, h, o in images[i]:
             for _ in range(rng.integers(0, 3)):             # duplicates of GT, possibly jittered
                 j = rng.integers(-1, 2, 8) * (rng.random() < 0.5)
-                rows.append([k, float(rng.integers(1, 4)) / 4] + list(np.add(h + o, j)))
+                rows.append([k, float(rng.integers(1, 4)) / den] + list(np.add(h + o, j)))
         for _ in range(rng.integers(0, 6)):                 # random detections
-            rows.append([int(rng.integers(0, K)), float(rng.integers(1, 4)) / 4] + box() + box())
+            rows.append([int(rng.integers(0, K)), float(rng.integers(1, 4)) / den] + box() + box())
         for r in rows:                                      # keep boxes valid
             for a in (2, 6):
                 r[a], r[a + 2] = min(r[a], r[a + 2]), max(r[a], r[a + 2])
@@ -415,12 +416,13 @@ def test_vectorised_matches_reference_many_detections():
     assert np.allclose(np.array(res["per_class"]) / 100, ref_hico(anno, preds), rtol=0, atol=1e-14)
 
 
-def test_hico_order_equals_lexsort():
+@pytest.mark.parametrize("denominator", [3.0, 4.0])   # 1/3: general path; 1/4: float32 fast path
+def test_hico_order_equals_lexsort(denominator):
     rng = np.random.default_rng(0)
     for n in (0, 1, 7, 5000):
         cls = rng.integers(0, 5, n)
-        sc = rng.integers(0, 4, n) / 3.0
-        sc[rng.random(n) < 0.2] *= -0.0
+        sc = rng.integers(-2, 4, n) / denominator
+        sc[rng.random(n) < 0.2] *= -0.0                     # -0.0 ties with 0.0
         img = rng.integers(0, 40, n)
         ref = np.lexsort((np.arange(n), img, -sc, cls))
         assert np.array_equal(E._hico_order(cls, sc, img), ref)
