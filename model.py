@@ -118,7 +118,9 @@ def build_vlm(cfg: LINKConfig) -> nn.Module:
     checkpoint file, or None (random init under cfg.vlm_seed, used by tests and the demo).
     open_clip interpolates the image position embedding to force_image_size on load.
     """
-    pretrained = cfg.pretrained or None
+    if cfg.vlm == "link-tiny":  # registered on demand, so a tiny checkpoint rebuilds anywhere
+        register_tiny_vlm()
+    pretrained = os.path.expanduser(cfg.pretrained) if cfg.pretrained else None
     if pretrained and os.path.sep in pretrained and not os.path.isfile(pretrained):
         raise FileNotFoundError(f"{pretrained}: VLM checkpoint not found (config field 'pretrained')")
     with torch.random.fork_rng(devices=[]):
@@ -462,6 +464,7 @@ class LINK(nn.Module):
             raise ValueError(f"LINKConfig: d_model ({cfg.d_model}) and d_latent ({cfg.d_latent}) "
                              f"must divide by heads ({cfg.heads}), d_model by 4")
         self.cfg = cfg
+        self.class_space = class_space            # as given (dataclass or dict), for checkpoints
         cs = self.classes = _class_space(class_space)
         K = len(cs.prompts)
         clip = build_vlm(cfg)
@@ -521,11 +524,11 @@ class LINK(nn.Module):
 
     def cache_key(self) -> str:
         """Identifies the features encode_images gives: VLM name, weights, resolution."""
-        w = self.cfg.pretrained or f"random-seed{self.cfg.vlm_seed}"
+        w = os.path.expanduser(self.cfg.pretrained or f"random-seed{self.cfg.vlm_seed}")
         if os.path.isfile(w):  # a local file: its absolute path and size, hashed
             w = os.path.basename(w) + "-" + hashlib.sha1(
                 f"{os.path.abspath(w)}:{os.path.getsize(w)}".encode()).hexdigest()[:10]
-        return "__".join(s.replace("/", "-").replace(os.sep, "-") for s in (self.cfg.vlm, w, str(self.cfg.image_size)))
+        return "__".join(s.replace("/", "-").replace(":", "-") for s in (self.cfg.vlm, w, str(self.cfg.image_size)))
 
     # -- detections -> boxes and pairs ---------------------------------------------------------
 
@@ -606,7 +609,8 @@ class LINK(nn.Module):
         boxes_h, boxes_o [P, 4] (image frame), object Long[P], logits, prior, psi, scores
         [P, K], latent_map [B, T, d_latent] (None without the linking decoder), queries
         (list of [P, D]: the encoder's pair queries, then each decoder layer's), num_images,
-        and with targets: labels [P, K] and loss (0-dim).
+        and with targets: labels [P, K] (every class) and loss (0-dim; unseen classes and
+        entries with prior 0 are left out of it).
         """
         cfg, B = self.cfg, feats.shape[0]
         if len(detections) != B or len(sizes) != B or (targets is not None and len(targets) != B):
