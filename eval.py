@@ -1156,66 +1156,105 @@ def parse_vcoco_gt(vsrl: Any, coco: Any, vsrl_name: str = "<vsrl>", coco_name: s
     return gt
 
 
+@dataclass
+class VCOCODets:
+    """Detections in vsrl_eval's layout, concatenated in file order.
+
+    img: int64[D] position of the image in gt.image_ids; person: float32[D, 4];
+    agent: float32[D, A] agent scores (NaN = not predicted); role: float32[D, R, 5] role box +
+    score for the R action-roles ``gt.role_keys()`` (NaN score = not predicted).
+    """
+    img: np.ndarray
+    person: np.ndarray
+    agent: np.ndarray
+    role: np.ndarray
+
+
+def _vcoco_role_keys(gt: VCOCOGt) -> list:
+    """[(action index, role index)] of every action-role, vsrl_eval order."""
+    return [(a, r) for a in range(len(gt.actions)) for r in range(len(gt.roles[a]) - 1)]
+
+
 def _load_vcoco_dets(obj: Any, gt: VCOCOGt, src: str):
-    """vsrl_eval detection list -> per image (agents float32[D, 4 + A], roles float32[D, 5A, 2])."""
+    """vsrl_eval detection list -> (VCOCODets, unknown keys, number of detections).
+
+    Missing/null keys mean "not predicted" (NaN), as vsrl_eval's NaN convention.
+    """
     if not isinstance(obj, list):
         raise EvalInputError(f"{src}: expected a JSON list of detections {{'image_id', 'person_box', "
                              f"'<action>_agent', '<action>_<role>'}}")
     A = len(gt.actions)
-    wanted = set(gt.image_ids)
-    per_img: dict = {}
-    unknown_keys: set = set()
+    pos = {i: k for k, i in enumerate(gt.image_ids)}
+    D = len(obj)
+    img = np.empty(D, dtype=np.int64)
+    person = []
     known = {"image_id", "person_box"}
-    for a in range(A):
-        for r in gt.roles[a]:
-            known.add(f"{gt.actions[a]}_{r}")
-    nan = float("nan")
+    unknown: set = set()
     for k, d in enumerate(obj):
         if not isinstance(d, dict):
             raise EvalInputError(f"{src}: detection {k}: must be an object")
-        img = d.get("image_id")
-        if not _isnum(img) or img != int(img):
+        i = d.get("image_id")
+        if not _isnum(i) or i != int(i):
             raise EvalInputError(f"{src}: detection {k}: field 'image_id' missing or not an integer")
-        img = int(img)
-        if img not in wanted:
-            raise EvalInputError(f"{src}: image_id {img} detection {k}: image not in the V-COCO "
+        p = pos.get(int(i))
+        if p is None:
+            raise EvalInputError(f"{src}: image_id {int(i)} detection {k}: image not in the V-COCO "
                                  f"ground truth")
-        where = f"{src}: image_id {img} detection {k}"
+        img[k] = p
         pb = d.get("person_box")
         if not (isinstance(pb, list) and len(pb) == 4 and all(_isnum(v) and math.isfinite(v) for v in pb)):
-            raise EvalInputError(f"{where}: field 'person_box' must be 4 finite numbers [x1, y1, x2, y2]")
+            raise EvalInputError(f"{src}: image_id {int(i)} detection {k}: field 'person_box' must be "
+                                 f"4 finite numbers [x1, y1, x2, y2]")
         if pb[2] < pb[0] or pb[3] < pb[1]:
-            raise EvalInputError(f"{where}: {'x2 < x1' if pb[2] < pb[0] else 'y2 < y1'} in field 'person_box'")
-        agent = np.zeros(4 + A, dtype=np.float32)
-        role = np.zeros((5 * A, 2), dtype=np.float32)
-        agent[:4] = pb
-        for a in range(A):
-            for j, r in enumerate(gt.roles[a]):
-                key = f"{gt.actions[a]}_{r}"
-                v = d.get(key)
-                if r == "agent":
-                    if v is None:
-                        v = nan
-                    elif not _isnum(v) or math.isinf(v):
-                        raise EvalInputError(f"{where}: field '{key}' must be a score (number, NaN "
-                                             f"or null = not predicted)")
-                    agent[4 + a] = v
-                else:
-                    if v is None:
-                        v = [nan] * 5
-                    elif not (isinstance(v, list) and len(v) == 5 and
-                              all(v_ is None or (_isnum(v_) and not math.isinf(v_)) for v_ in v)):
-                        raise EvalInputError(f"{where}: field '{key}' must be [x1, y1, x2, y2, score] "
-                                             f"(NaN/null score = not predicted)")
-                    role[5 * a:5 * a + 5, j - 1] = [nan if v_ is None else v_ for v_ in v]
-        for key in d:
-            if key not in known:
-                unknown_keys.add(key)
-        per_img.setdefault(img, ([], []))
-        per_img[img][0].append(agent)
-        per_img[img][1].append(role)
-    out = {i: (np.stack(v[0]), np.stack(v[1])) for i, v in per_img.items()}
-    return out, sorted(unknown_keys), len(obj)
+            raise EvalInputError(f"{src}: image_id {int(i)} detection {k}: "
+                                 f"{'x2 < x1' if pb[2] < pb[0] else 'y2 < y1'} in field 'person_box'")
+        person.append(pb)
+
+    def where(k):
+        return f"{src}: image_id {gt.image_ids[int(img[k])]} detection {k}"
+
+    num_types = {float, int, type(None)}
+
+    def bad_score(v):
+        return not (v is None or (type(v) in (float, int) and not math.isinf(v)))
+
+    def bad_role(v):
+        return v is not None and not (type(v) is list and len(v) == 5 and not any(map(bad_score, v)))
+
+    agent = np.full((D, A), np.nan, dtype=np.float32)
+    for a in range(A):
+        key = f"{gt.actions[a]}_agent"
+        known.add(key)
+        vals = [d.get(key) for d in obj]
+        arr = None
+        if set(map(type, vals)) <= num_types:                  # fast type check (C loops)
+            arr = np.array(vals, dtype=np.float64).reshape(D)
+        if arr is None or np.isinf(arr).any():
+            k = next(k for k, v in enumerate(vals) if bad_score(v))
+            raise EvalInputError(f"{where(k)}: field '{key}' must be a score (number, NaN or null = "
+                                 f"not predicted)")
+        agent[:, a] = arr
+    rkeys = _vcoco_role_keys(gt)
+    role = np.full((D, len(rkeys), 5), np.nan, dtype=np.float32)
+    nan5 = [np.nan] * 5
+    for q, (a, r) in enumerate(rkeys):
+        key = f"{gt.actions[a]}_{gt.roles[a][r + 1]}"
+        known.add(key)
+        vals = [d.get(key) for d in obj]
+        arr = None
+        if set(map(type, vals)) <= {list, type(None)}:
+            lists = [v for v in vals if v is not None]
+            if set(map(len, lists)) <= {5} and set(map(type, chain.from_iterable(lists))) <= num_types:
+                arr = np.array([nan5 if v is None else v for v in vals], dtype=np.float64).reshape(D, 5)
+        if arr is None or np.isinf(arr).any():
+            k = next(k for k, v in enumerate(vals) if bad_role(v))
+            raise EvalInputError(f"{where(k)}: field '{key}' must be [x1, y1, x2, y2, score] (finite or "
+                                 f"NaN/null; NaN/null score = not predicted)")
+        role[:, q] = arr
+    for d in obj[:1000]:                                        # a sample is enough to warn
+        unknown.update(d.keys())
+    return (VCOCODets(img=img, person=np.array(person, dtype=np.float32).reshape(D, 4), agent=agent,
+                      role=role), sorted(unknown - known), D)
 
 
 def _voc_ap_allpoint(rec: np.ndarray, prec: np.ndarray) -> float:
@@ -1245,83 +1284,121 @@ def _vcoco_ap(sc: list, tp: list, npos: int) -> float:
     return float(np.float32(_voc_ap_allpoint(rec, prec)))      # role_ap is a float32 array
 
 
-def evaluate_vcoco(gt: VCOCOGt, dets: dict, ovr_thresh: float = 0.5) -> dict:
-    """Role AP (scenarios 1 and 2) and agent AP with vsrl_eval semantics.
+def _person_arrays(gt: VCOCOGt):
+    """Concatenate the per-image person GT: start/count per image and global person arrays."""
+    A = len(gt.actions)
+    cnt = np.array([gt.person[i].size for i in gt.image_ids], dtype=np.int64)
+    start = np.zeros(len(gt.image_ids), dtype=np.int64)
+    np.cumsum(cnt[:-1], out=start[1:])
+    P = int(cnt.sum())
+    boxes = np.zeros((P, 4), dtype=np.float32)
+    act = -np.ones((P, A), dtype=np.int64)
+    role_box = np.full((P, A, 2, 4), -1.0, dtype=np.float32)
+    role_has = np.zeros((P, A, 2), dtype=bool)
+    for k, i in enumerate(gt.image_ids):
+        s, n = int(start[k]), int(cnt[k])
+        if n == 0:
+            continue
+        boxes[s:s + n] = gt.boxes[i][gt.person[i]]
+        act[s:s + n] = gt.actions_gt[i]
+        rid = gt.role_gt[i]                                     # int[n, A, 2]
+        has = rid > -1
+        role_has[s:s + n] = has
+        role_box[s:s + n][has] = gt.boxes[i][rid[has]]
+    return start, cnt, boxes, act, role_box, role_has
 
-    dets: image id -> (agents float32[D, 4 + A], roles float32[D, 5A, 2]) as _load_vcoco_dets.
+
+def _per_image_order(img: np.ndarray, score: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """vsrl_eval's per-image order of the detections idx (file order, valid scores):
+    images ascending, inside an image ``scores.argsort()[::-1]``.
+
+    Sorted by (image, -score); images with tied scores (whose order depends on numpy's sort)
+    are redone with the very same ``argsort()[::-1]`` call on that image's scores.
+    """
+    if idx.size == 0:
+        return idx
+    ii = img[idx]
+    o = idx[np.lexsort((-score[idx], ii))]
+    so, io = score[o], img[o]
+    tie = (so[1:] == so[:-1]) & (io[1:] == io[:-1])
+    if tie.any():
+        by_img = idx[np.argsort(ii, kind="stable")]             # file order inside each image
+        tie_imgs = np.unique(io[1:][tie])
+        lo = np.searchsorted(io, tie_imgs, side="left")
+        hi = np.searchsorted(io, tie_imgs, side="right")
+        for a, b in zip(lo.tolist(), hi.tolist()):              # same segments in o and by_img
+            mine = by_img[a:b]
+            o[a:b] = mine[score[mine].argsort()[::-1]]
+    return o
+
+
+def evaluate_vcoco(gt: VCOCOGt, dets: VCOCODets, ovr_thresh: float = 0.5) -> dict:
+    """Role AP (scenarios 1 and 2) and agent AP with vsrl_eval semantics, vectorised.
+
+    Per (action[, role]): detections with a non-NaN score, in vsrl_eval's order (images in
+    id order, then score descending per image); each is matched to the GT person of its
+    image with the highest IoU (first maximum, +1 convention, float32); a match on an
+    unannotated ("ignored") person skips the detection; TP = the person does the action,
+    person IoU >= 0.5, role overlap >= 0.5 (scenario rules for a missing GT role) and the
+    first such detection on that person; all others FP.  AP: vsrl_eval's global
+    ``argsort()[::-1]`` of the scores and VOC all-point AP.
     """
     A = len(gt.actions)
-    npos = np.zeros(A, dtype=np.int64)
-    acc = {key: ([], []) for key in
-           [("agent", a, -1) for a in range(A)] +
-           [(s, a, r) for s in ("scenario_1", "scenario_2") for a in range(A)
-            for r in range(len(gt.roles[a]) - 1)]}
+    D = dets.img.shape[0]
+    pstart, pcnt, pbox, pact, prole_box, prole_has = _person_arrays(gt)
+    npos = (pact == 1).sum(0)                                   # int64[A]
+    # best GT person of every detection (first maximum, float32 overlaps as vsrl_eval)
+    jmax = np.full(D, -1, dtype=np.int64)
+    ovmax = np.full(D, -np.inf, dtype=np.float32)
+    n_per = pcnt[dets.img]
+    for k in range(int(n_per.max(initial=0))):
+        act_d = np.flatnonzero(n_per > k)
+        g = pstart[dets.img[act_d]] + k
+        ov = _overlap32(pbox[g], dets.person[act_d])
+        upd = ov > ovmax[act_d]
+        jmax[act_d[upd]] = g[upd]
+        ovmax[act_d[upd]] = ov[upd]
+    has_p = jmax >= 0
+    jm = np.where(has_p, jmax, 0)
+    ignored = has_p & np.any(pact[jm] == -1, axis=1) if pact.shape[0] else np.zeros(D, bool)
     n_skipped = 0
-    for i in gt.image_ids:
-        boxes = gt.boxes[i]
-        pid = gt.person[i]
-        gt_boxes = boxes[pid]                                   # float32[P, 4]
-        gt_act = gt.actions_gt[i]                               # int[P, A]
-        ignore = np.any(gt_act == -1, axis=1)
-        npos += (gt_act == 1).sum(0)
-        if i not in dets:
-            continue
-        agents, roles = dets[i]
-        D = agents.shape[0]
-        pboxes = agents[:, :4]
-        if pid.size:
-            ov = _overlap32(gt_boxes[None, :, :], pboxes[:, None, :])  # float32[D, P]
-            jmax = ov.argmax(axis=1)
-            ovmax = ov[np.arange(D), jmax]
-        else:                                                   # no person GT: every detection FP
-            jmax = np.zeros(D, dtype=np.int64)
-            ovmax = np.full(D, -np.inf, dtype=np.float32)
-        ign = ignore[jmax] if pid.size else np.zeros(D, dtype=bool)
 
-        def run(scores, extra_ok, key, aid):
-            nonlocal n_skipped
-            valid = np.flatnonzero(~np.isnan(scores))
-            order = valid[scores[valid].argsort()[::-1]]
-            n_skipped += int(ign[order].sum())
-            order = order[~ign[order]]
-            true_act = (gt_act[jmax[order], aid] == 1) if pid.size else np.zeros(order.size, bool)
-            ok = true_act & (ovmax[order] >= ovr_thresh) & extra_ok(order)
-            tp = np.zeros(order.size, dtype=bool)
-            if ok.any():
-                cand = np.flatnonzero(ok)
-                _, first = np.unique(jmax[order[cand]], return_index=True)
-                tp[cand[first]] = True
-            acc[key][0].append(scores[order])
-            acc[key][1].append(tp)
+    def run(score, aid, extra_ok):
+        nonlocal n_skipped
+        o = _per_image_order(dets.img, score, np.flatnonzero(~np.isnan(score)))
+        n_skipped += int(ignored[o].sum())
+        o = o[~ignored[o]]
+        ok = has_p[o] & (pact[jm[o], aid] == 1) & (ovmax[o] >= ovr_thresh) & extra_ok[o]
+        tp = np.zeros(o.size, dtype=bool)
+        cand = np.flatnonzero(ok)
+        if cand.size:
+            _, first = np.unique(jmax[o[cand]], return_index=True)
+            tp[cand[first]] = True
+        return score[o], tp
 
-        for a in range(A):
-            run(agents[:, 4 + a], lambda o: np.ones(o.size, dtype=bool), ("agent", a, -1), a)
-            for r in range(len(gt.roles[a]) - 1):
-                rbox = roles[:, 5 * a:5 * a + 4, r]             # float32[D, 4]
-                rsc = roles[:, 5 * a + 4, r]
-                if pid.size:
-                    grow = gt.role_gt[i][jmax, a, r]            # int[D] row in boxes or -1
-                    has_gt = grow > -1
-                    ov_role = np.zeros(D, dtype=np.float32)
-                    if has_gt.any():
-                        ov_role[has_gt] = _overlap32(boxes[grow[has_gt]], rbox[has_gt])
-                    empty = np.all(rbox == 0.0, axis=1) | np.all(np.isnan(rbox), axis=1)
-                    ov_s1 = np.where(has_gt, ov_role, np.where(empty, 1.0, 0.0))
-                    ov_s2 = np.where(has_gt, ov_role, 1.0)
-                else:
-                    ov_s1 = ov_s2 = np.zeros(D)
-                run(rsc, lambda o, v=ov_s1: v[o] >= ovr_thresh, ("scenario_1", a, r), a)
-                run(rsc, lambda o, v=ov_s2: v[o] >= ovr_thresh, ("scenario_2", a, r), a)
-    agent_ap = [_vcoco_ap(*acc[("agent", a, -1)], int(npos[a])) for a in range(A)]
-    per_role = []
+    everything = np.ones(D, dtype=bool)
+    agent_ap = []
     for a in range(A):
-        for r in range(len(gt.roles[a]) - 1):
-            per_role.append({
-                "action": gt.actions[a], "role": gt.roles[a][r + 1], "npos": int(npos[a]),
-                "ap_scenario_1": _vcoco_ap(*acc[("scenario_1", a, r)], int(npos[a])) * 100,
-                "ap_scenario_2": _vcoco_ap(*acc[("scenario_2", a, r)], int(npos[a])) * 100,
-                "num_det": int(sum(x.size for x in acc[("scenario_1", a, r)][0])),
-            })
+        sc, tp = run(dets.agent[:, a], a, everything)
+        agent_ap.append(_vcoco_ap([sc], [tp], int(npos[a])))
+    per_role = []
+    for q, (a, r) in enumerate(_vcoco_role_keys(gt)):
+        rbox = dets.role[:, q, :4]                              # float32[D, 4]
+        rsc = dets.role[:, q, 4]
+        has_gt = has_p & prole_has[jm, a, r]
+        ov_role = np.zeros(D, dtype=np.float32)
+        if has_gt.any():
+            ov_role[has_gt] = _overlap32(prole_box[jm[has_gt], a, r], rbox[has_gt])
+        empty = np.all(rbox == 0.0, axis=1) | np.all(np.isnan(rbox), axis=1)
+        s1 = np.where(has_gt, ov_role >= ovr_thresh, empty)     # no GT role: ok iff none predicted
+        s2 = np.where(has_gt, ov_role >= ovr_thresh, True)      # no GT role: always ok
+        aps = []
+        for ok in (s1, s2):
+            sc, tp = run(rsc, a, ok)
+            aps.append(_vcoco_ap([sc], [tp], int(npos[a])))
+        per_role.append({"action": gt.actions[a], "role": gt.roles[a][r + 1], "npos": int(npos[a]),
+                         "ap_scenario_1": aps[0] * 100, "ap_scenario_2": aps[1] * 100,
+                         "num_det": int((~np.isnan(rsc)).sum())})
     main = [p for p in per_role if not (p["action"] == "point" and p["role"] == "instr")]
 
     def mean(vals):
@@ -1329,7 +1406,7 @@ def evaluate_vcoco(gt: VCOCOGt, dets: dict, ovr_thresh: float = 0.5) -> dict:
         v = v[~np.isnan(v)]
         return float(v.mean()) if v.size else None
 
-    res = {
+    return {
         "dataset": "vcoco",
         "role_ap_scenario_1": mean([p["ap_scenario_1"] for p in main]),
         "role_ap_scenario_2": mean([p["ap_scenario_2"] for p in main]),
@@ -1341,12 +1418,13 @@ def evaluate_vcoco(gt: VCOCOGt, dets: dict, ovr_thresh: float = 0.5) -> dict:
         "per_action_agent": [{"action": gt.actions[a], "npos": int(npos[a]), "ap": agent_ap[a] * 100}
                              for a in range(A)],
         "counts": {"num_images": len(gt.image_ids),
-                   "num_images_with_detections": len(dets),
-                   "num_detections": int(sum(v[0].shape[0] for v in dets.values())),
+                   "num_images_with_detections": int(np.unique(dets.img).size),
+                   "num_detections": int(D),
+                   "num_gt_persons": int(pact.shape[0]),
+                   "num_gt_persons_ignored": int(np.any(pact == -1, axis=1).sum()) if pact.size else 0,
                    "num_skipped_ignored_person": n_skipped,
                    "num_actions": A},
     }
-    return res
 
 
 def evaluate_vcoco_files(vsrl_path, coco_path, pred_path) -> dict:
