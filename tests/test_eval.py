@@ -859,3 +859,187 @@ def test_swig_bad_input_and_cli(swig_meta, tmp_path, capsys):
     (tmp_path / "p.json").write_text(json.dumps({"s_0.jpg": [[14130, 0.5] + [0] * 8]}))
     assert E.main(["swig", "--anno", str(tmp_path / "a.json"), "--pred", str(tmp_path / "p.json")]) == 2
     assert "image 's_0.jpg' row 0: hoi index 14130 out of range [0, 14130)" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------
+# V-COCO: independent per-image loop (transcription of vsrl_eval's _do_role_eval /
+# _do_agent_eval) against the vectorised evaluator on random worlds with ties
+# ---------------------------------------------------------------------------------------
+
+def _ov32(gt_boxes, ref):
+    one = np.float32(1)
+    ixmin = np.maximum(gt_boxes[:, 0], ref[0])
+    iymin = np.maximum(gt_boxes[:, 1], ref[1])
+    ixmax = np.minimum(gt_boxes[:, 2], ref[2])
+    iymax = np.minimum(gt_boxes[:, 3], ref[3])
+    iw = np.maximum(ixmax - ixmin + one, np.float32(0))
+    ih = np.maximum(iymax - iymin + one, np.float32(0))
+    inter = iw * ih
+    uni = (ref[2] - ref[0] + one) * (ref[3] - ref[1] + one) + \
+        (gt_boxes[:, 2] - gt_boxes[:, 0] + one) * (gt_boxes[:, 3] - gt_boxes[:, 1] + one) - inter
+    return inter / uni
+
+
+def ref_vcoco(gt, dets):
+    A = len(gt.actions)
+    out = {}
+    npos = np.zeros(A)
+    lists = {}
+    for i in gt.image_ids:
+        boxes, pid = gt.boxes[i], gt.person[i]
+        gt_boxes, gt_act = boxes[pid], gt.actions_gt[i]
+        ignore = np.any(gt_act == -1, axis=1)
+        npos += (gt_act == 1).sum(0)
+        mine = [d for d in dets if d["image_id"] == i]
+        agents = np.zeros((len(mine), 4 + A), np.float32)
+        roles = np.zeros((len(mine), 5 * A, 2), np.float32)
+        for n, d in enumerate(mine):
+            agents[n, :4] = d["person_box"]
+            for a in range(A):
+                for j, r in enumerate(gt.roles[a]):
+                    v = d.get(f"{gt.actions[a]}_{r}")
+                    if r == "agent":
+                        agents[n, 4 + a] = np.nan if v is None else v
+                    else:
+                        roles[n, 5 * a:5 * a + 5, j - 1] = [np.nan] * 5 if v is None else v
+        for kind in ("agent", "scenario_1", "scenario_2"):
+            for a in range(A):
+                nroles = 1 if kind == "agent" else len(gt.roles[a]) - 1
+                for r in range(nroles):
+                    covered = np.zeros(len(pid), bool)
+                    gt_roles = -np.ones_like(gt_boxes)
+                    if kind != "agent":
+                        for j in range(len(pid)):
+                            if gt.role_gt[i][j, a, r] > -1:
+                                gt_roles[j] = boxes[gt.role_gt[i][j, a, r]]
+                        scores, role_boxes = roles[:, 5 * a + 4, r], roles[:, 5 * a:5 * a + 4, r]
+                    else:
+                        scores, role_boxes = agents[:, 4 + a], None
+                    valid = np.where(~np.isnan(scores))[0]
+                    sc, ab = scores[valid], agents[valid, :4]
+                    rb = role_boxes[valid] if role_boxes is not None else None
+                    tp, fp, ss = lists.setdefault((kind, a, r), ([], [], []))
+                    for j in sc.argsort()[::-1]:
+                        ov = _ov32(gt_boxes, ab[j])
+                        jmax, ovmax = ov.argmax(), ov.max()
+                        if ignore[jmax]:
+                            continue
+                        ov_role = 1.0
+                        if kind != "agent":
+                            if np.all(gt_roles[jmax] == -1):
+                                if kind == "scenario_1":
+                                    ov_role = 1.0 if (np.all(rb[j] == 0) or np.all(np.isnan(rb[j]))) else 0.0
+                            else:
+                                ov_role = _ov32(gt_roles[jmax][None], rb[j])[0]
+                        ss.append(sc[j])
+                        if gt_act[jmax, a] == 1 and ovmax >= 0.5 and ov_role >= 0.5 and not covered[jmax]:
+                            tp.append(1)
+                            fp.append(0)
+                            covered[jmax] = True
+                        else:
+                            tp.append(0)
+                            fp.append(1)
+    for key, (tp, fp, ss) in lists.items():
+        n = npos[key[1]]
+        if n == 0:
+            out[key] = np.nan
+            continue
+        if not ss:
+            out[key] = 0.0
+            continue
+        a_sc = np.array(ss, np.float32)
+        idx = a_sc.argsort()[::-1]
+        a_tp = np.cumsum(np.array(tp, np.float32)[idx])
+        a_fp = np.cumsum(np.array(fp, np.float32)[idx])
+        rec = a_tp / float(n)
+        prec = a_tp / np.maximum(a_tp + a_fp, np.finfo(np.float64).eps)
+        mrec = np.concatenate(([0.], rec, [1.]))
+        mpre = np.concatenate(([0.], prec, [0.]))
+        for k in range(mpre.size - 1, 0, -1):
+            mpre[k - 1] = max(mpre[k - 1], mpre[k])
+        k = np.where(mrec[1:] != mrec[:-1])[0]
+        out[key] = float(np.float32(np.sum((mrec[k + 1] - mrec[k]) * mpre[k + 1])))
+    return out
+
+
+def random_vcoco(seed):
+    rng = np.random.default_rng(seed)
+    acts = [("hold", ["agent", "obj"]), ("hit", ["agent", "instr", "obj"]), ("stand", ["agent"])]
+    images, anns, vcoco_persons = [], [], []
+    nid = 1
+    rows = {a: [] for a, _ in acts}
+    for im in range(1, 5):
+        images.append({"id": im, "width": 60, "height": 60})
+        objs = []
+        for _ in range(rng.integers(1, 4)):                  # persons
+            x, y = rng.integers(0, 6, 2) * 3
+            anns.append({"id": nid, "image_id": im, "category_id": 1, "bbox": [float(x), float(y), 12.0, 15.0],
+                         "area": 180, "iscrowd": 0})
+            if rng.random() < 0.8:
+                vcoco_persons.append((nid, im))
+            nid += 1
+        for _ in range(2):                                    # objects
+            x, y = rng.integers(0, 6, 2) * 3
+            anns.append({"id": nid, "image_id": im, "category_id": 2, "bbox": [float(x), float(y), 9.0, 9.0],
+                         "area": 81, "iscrowd": 0})
+            objs.append(nid)
+            nid += 1
+        for p, pim in vcoco_persons:
+            if pim != im:
+                continue
+            for a, rn in acts:
+                lab = int(rng.random() < 0.6)
+                rids = [int(rng.choice(objs)) if (lab and rng.random() < 0.7) else 0 for _ in rn[1:]]
+                rows[a].append((p, im, lab, rids))
+    vsrl = []
+    for a, rn in acts:
+        r = rows[a]
+        flat = [p for p, _, _, _ in r] + [x[3][k] for k in range(len(rn) - 1) for x in r]
+        vsrl.append({"action_name": a, "role_name": rn, "image_id": [x[1] for x in r],
+                     "ann_id": [x[0] for x in r], "label": [x[2] for x in r], "role_object_id": flat})
+    coco = {"images": images, "annotations": anns}
+    boxes = {an["id"]: an for an in anns}
+    dets = []
+    for an in anns:
+        if an["category_id"] != 1:
+            continue
+        for _ in range(rng.integers(1, 4)):
+            x, y, w, h = an["bbox"]
+            j = rng.integers(-2, 3, 2)
+            d = {"image_id": an["image_id"], "person_box": [x + j[0], y + j[1], x + w - 1 + j[0], y + h - 1]}
+            for a, rn in acts:
+                if rng.random() < 0.9:
+                    d[f"{a}_agent"] = float(rng.integers(0, 4)) / 4
+                for r in rn[1:]:
+                    u = rng.random()
+                    ob = boxes[int(rng.choice([o["id"] for o in anns if o["image_id"] == an["image_id"]
+                                               and o["category_id"] == 2]))]["bbox"]
+                    box = [ob[0], ob[1], ob[0] + ob[2] - 1, ob[1] + ob[3] - 1] if u < 0.6 else \
+                        ([0, 0, 0, 0] if u < 0.8 else [1.0, 1.0, 5.0, 5.0])
+                    if rng.random() < 0.9:
+                        d[f"{a}_{r}"] = box + [float(rng.integers(0, 4)) / 4]
+            dets.append(d)
+    in_gt = {im for _, im in vcoco_persons}
+    dets = [d for d in dets if d["image_id"] in in_gt]
+    order = rng.permutation(len(dets))
+    return vsrl, coco, [dets[k] for k in order]
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_vcoco_vectorised_matches_reference_loop(seed):
+    vsrl, coco, dets = random_vcoco(seed)
+    gt = E.parse_vcoco_gt(vsrl, coco)
+    res = E.evaluate_vcoco(gt, E._load_vcoco_dets(dets, gt, "D")[0])
+    ref = ref_vcoco(gt, dets)
+    got = {("agent", k, 0): a["ap"] for k, a in enumerate(res["per_action_agent"])}
+    for p in res["per_role"]:
+        a = gt.actions.index(p["action"])
+        r = gt.roles[a].index(p["role"]) - 1
+        got[("scenario_1", a, r)] = p["ap_scenario_1"]
+        got[("scenario_2", a, r)] = p["ap_scenario_2"]
+    assert set(got) == set(ref)
+    for key, v in ref.items():
+        if np.isnan(v):
+            assert np.isnan(got[key]), key
+        else:
+            assert got[key] == pytest.approx(v * 100, abs=1e-9), key
