@@ -1095,8 +1095,8 @@ _ATTACH = {
 
 
 def _jitter(rng, colour, amount=30):
-    c = np.asarray(colour, dtype=np.int64) + rng.integers(-amount, amount + 1, size=3)
-    return tuple(int(v) for v in np.clip(c, 0, 255))
+    j = rng.integers(-amount, amount + 1, size=3).tolist()
+    return tuple(min(255, max(0, int(c) + d)) for c, d in zip(colour, j))
 
 
 def _contrast(colour):
@@ -1616,14 +1616,15 @@ def _try_place(rng, S, state, builder, name, verb=None, cls=None, tries=15) -> b
     """Build a group with ``builder`` and shift it to a random free spot: inside the image
     (1 px margin), 2 px away from every group already there, no object inside another
     person's gaze region and no object inside this group's gaze region."""
-    for _ in range(tries):
-        H = _person_height(rng, S, verb)
-        ents, pairs, gaze = builder(rng, H, name)
-        boxes = [_approx_box(e) for e in ents]
-        cb = np.array([min(b[0] for b in boxes), min(b[1] for b in boxes),
-                       max(b[2] for b in boxes), max(b[3] for b in boxes)])
-        lo = 1.0 - cb[:2]
-        hi = S - 1.0 - cb[2:]
+    for attempt in range(tries):
+        if attempt % 3 == 0:  # a new group every 3rd try, else a new position only
+            H = _person_height(rng, S, verb)
+            ents, pairs, gaze = builder(rng, H, name)
+            boxes = [_approx_box(e) for e in ents]
+            cb = np.array([min(b[0] for b in boxes), min(b[1] for b in boxes),
+                           max(b[2] for b in boxes), max(b[3] for b in boxes)])
+            lo = 1.0 - cb[:2]
+            hi = S - 1.0 - cb[2:]
         if (lo > hi).any():
             continue
         dx, dy = rng.uniform(lo[0], hi[0]), rng.uniform(lo[1], hi[1])
@@ -1723,8 +1724,8 @@ def _render(state, S, rng, noise=None):
     c1 = rng.integers(40, 256, size=3).astype(np.float32)
     c2 = rng.integers(20, 236, size=3).astype(np.float32)
     t = np.linspace(0.0, 1.0, S, dtype=np.float32)[:, None, None]  # [S, 1, 1]
-    bg = np.broadcast_to(c1 * (1 - t) + c2 * t, (S, S, 3)).astype(np.uint8)  # [S, S, 3]
-    img = Image.fromarray(np.ascontiguousarray(bg))
+    col = (c1 * (1 - t) + c2 * t).astype(np.uint8)  # [S, 1, 3] vertical gradient
+    img = Image.fromarray(np.repeat(col, S, axis=1))  # [S, S, 3]
     R = _Raster(img)
     for _ in range(int(rng.integers(4, 12))):  # clutter: bars, blocks and specks
         col = tuple(int(v) for v in rng.integers(0, 256, size=3))
