@@ -184,7 +184,7 @@ def vlm_dense_features(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
 def sine_encoding(x: torch.Tensor, dim: int, temperature: float = 20.0) -> torch.Tensor:
     """Sine/cosine encoding of scalars in [0, 1]: x [..., n] -> [..., n * dim].
 
-    Choice: temperature 20 and scale 2 pi, UPT's setting for normalised box coordinates.
+    Choice: temperature 20 and scale 2 pi, PViC's setting for its box PE(C) (+) PE(S).
     """
     i = torch.arange(dim // 2, device=x.device, dtype=torch.float32)
     freq = temperature ** (2 * i / dim)                           # [dim / 2]
@@ -262,7 +262,7 @@ class GeometricEncoder(nn.Module):
         self.w2 = nn.Parameter(torch.empty(d, d).uniform_(-bound, bound))
         self.b = nn.Parameter(torch.empty(d).uniform_(-bound, bound))
         if cfg.geometric_encoder:
-            # Choice: the raw PE(B) goes through a small MLP to the model width (UPT does the same)
+            # Choice: the raw PE(B) [N, D] goes through a 2-layer MLP before it is added
             self.box_pe = mlp(d, d, d)
             self.fusion = SpatialFusion(d)
 
@@ -390,7 +390,8 @@ def encode_prompts(clip: nn.Module, vlm_name: str, prompts: list[str], chunk: in
     """Text embeddings of the K prompts from the VLM's text tower -> [K, E], L2-normalised."""
     tokenizer = open_clip.get_tokenizer(vlm_name)
     clip.eval()
-    out = [clip.encode_text(tokenizer(prompts[i:i + chunk]), normalize=True)
+    dev = next(clip.parameters()).device
+    out = [clip.encode_text(tokenizer(prompts[i:i + chunk]).to(dev), normalize=True)
            for i in range(0, len(prompts), chunk)]
     return torch.cat(out).float()
 
@@ -468,8 +469,10 @@ class LINK(nn.Module):
         cs = self.classes = _class_space(class_space)
         K = len(cs.prompts)
         clip = build_vlm(cfg)
-        if text_embed is None:
-            text_embed = encode_prompts(clip, cfg.vlm, cs.prompts)
+        if text_embed is None:  # once per model (minutes for 600 prompts on a CPU; a GPU if any)
+            dev = "cuda" if torch.cuda.is_available() else "cpu"
+            text_embed = encode_prompts(clip.to(dev), cfg.vlm, cs.prompts).cpu()
+            clip = clip.cpu()
         if text_embed.shape[0] != K:
             raise ValueError(f"text_embed has {text_embed.shape[0]} rows, class space has {K} classes")
         # Only the image tower is kept (the text tower's job ends with the embeddings above).
