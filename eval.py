@@ -715,7 +715,7 @@ def _pred_arrays_from_obj(obj: Any, filenames: Sequence[str], index: dict, num_c
         img_idx[k] = i
     vals = list(obj.values())
     counts = np.empty(len(vals), dtype=np.int64)
-    arrays_in = any(isinstance(v, np.ndarray) for v in vals)
+    arrays_in = any(isinstance(v, np.ndarray) or hasattr(v, "__array__") for v in vals)  # arrays/tensors
     if arrays_in:
         parts = []
         for k, v in enumerate(vals):

@@ -481,6 +481,17 @@ def test_bad_predictions_in_process():
         E.evaluate_hico(anno, {"img_0.jpg": np.zeros((2, 9))})
 
 
+def test_in_process_accepts_arrays_lists_and_tensors():
+    torch = pytest.importorskip("torch")
+    anno = make_anno([[(0, H, O)], []])
+    rows = [row(0, 0.5, H, O), row(1, 0.25, H, O)]
+    want = E.evaluate_hico(anno, {"img_0.jpg": rows, "img_1.jpg": []})
+    assert want["per_class"] == pytest.approx([100.0, 0.0, 0.0])
+    for v in (np.array(rows, dtype=np.float32), torch.tensor(rows)):
+        got = E.evaluate_hico(anno, {"img_0.jpg": v, "img_1.jpg": np.zeros((0, 10))})
+        assert got["per_class"] == want["per_class"] and got["counts"] == want["counts"]
+
+
 def test_load_predictions_roundtrip(small):
     anno, _, tmp = small
     p = tmp / "p.json"
