@@ -442,6 +442,7 @@ class HICODet(_HOIDataset):
     ([hoi, object, verb] for every class), ``size`` ([w, h] per image), ``rare``,
     ``non_rare``; optional ``prompts`` (K strings), ``zero_shot`` ({split: [hoi]}) and
     ``name``. ``empty``/``size``/``rare``/``non_rare`` may be absent (older files).
+    ``ds.raw`` is the file as read (unfiltered), e.g. for ``eval.evaluate_hico``.
 
     zero_shot: None, a split name (rf-uc | nf-uc | uo | uv, or the long names rare_first ...,
         or any key of the file's ``zero_shot`` dict) or an explicit list of class indices.
@@ -634,7 +635,8 @@ class VCOCO(_HOIDataset):
     optional ``images`` (COCO image ids) and ``action_to_object``. The file's object indices
     count 'background' as 0; targets use COCO-80 labels (file index - 1), so 'person' is 0.
     hoi = verb = the action-role index. The file has no image sizes: ``size`` comes from the
-    image header. Pairs whose role object is missing were dropped by that format.
+    image header. Pairs whose role object is missing were dropped by that format. An optional
+    ``prompts`` list (24 strings) replaces the built-in VCOCO_PROMPTS.
     """
 
     dataset_name = "VCOCO"
@@ -679,8 +681,14 @@ class VCOCO(_HOIDataset):
             hoi_object = [sorted({int(o) - 1 for o in lst if 0 < int(o) < O81}) for lst in a2o]
         else:
             hoi_object = [list(range(len(objects))) for _ in range(K)]
-        prompts = [VCOCO_PROMPTS.get(c, "a photo of a person " + c.split(" ")[0].replace("_", " "))
-                   for c in classes]
+        prompts = d.get("prompts")
+        if prompts is not None:
+            if not (isinstance(prompts, list) and len(prompts) == K
+                    and all(isinstance(p, str) for p in prompts)):
+                raise _err(fname, "-", "prompts", f"expected {K} strings")
+        else:
+            prompts = [VCOCO_PROMPTS.get(c, "a photo of a person " + c.split(" ")[0].replace("_", " "))
+                       for c in classes]
         self._class_space = ClassSpace(
             name="vcoco", prompts=prompts, object_names=objects, hoi_object=hoi_object,
             hoi_verb=list(range(K)), verb_names=classes,
