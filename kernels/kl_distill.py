@@ -12,18 +12,19 @@ Three implementations (``impl=``):
 - "reference": the definition; materialises Psi of both sides, the masked logits, the student
   log-softmax, the teacher softmax per teacher and their mean, and autograd keeps most of them
   (about 5 logits-sized tensors at the peak).
-- "torch": an autograd.Function over row chunks. Forward keeps per row only the softmax
-  statistics of the student and of each teacher (row max and log sum exp(z - max), fp32,
-  [2, N] and [M, 2, N]; kept apart rather than as one logsumexp, which at |z| ~ 1e4 keeps
-  only ~1e-3 absolute precision in fp32), nothing else besides references to its inputs;
-  backward recomputes per chunk
+- "torch": an autograd.Function over row chunks of about 2^19 elements. Forward keeps nothing
+  but references to its inputs (no copies); backward recomputes per chunk, with torch's fused
+  softmax for both sides (on a CPU, recomputing one fused softmax costs less than reading
+  saved row statistics back through three elementwise ops)
       d loss / d s = g * T / N * (q - p) * dPsi/dO,   q = softmax(Psi(s)/T), p = mean_m softmax(Psi(t_m)/T)
   with dPsi/dO = exp(-O) / (1 + exp(-O) - P) = exp(-O - logaddexp(log(1 - P), -O)) (exact in
   log space for O = +-1e4 and P = 1), 0 on masked entries and on rows with nothing unmasked.
   Without a prior dPsi/dO = 1. Extra memory: the gradient itself plus a few chunk temporaries.
 - "triton": the same algebra in two kernels, a tile of BLOCK_N rows x BLOCK_C classes per
   program. Forward: a pass over the class blocks with an online max / sum for the student and
-  for each teacher (-> the statistics), then a second pass that accumulates the per-row loss.
+  for each teacher, then a second pass that accumulates the per-row loss; it saves the softmax
+  statistics, row max and log sum exp(z - max), fp32, [2, N] and [M, 2, N] (kept apart rather
+  than as one logsumexp, which at |z| ~ 1e4 keeps only ~1e-3 absolute precision in fp32).
   Backward: one pass that recomputes q, p and dPsi/dO and writes the gradient.
 All arithmetic is fp32 whatever the input dtypes (fp16 / bf16 / fp32); the loss is returned in
 the student's dtype, the gradient in the student's dtype. Only the student gets a gradient
@@ -83,99 +84,79 @@ def _acc_dtype(*dtypes):
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
-def _z_torch(x, P, T):
-    """Scaled (and Psi-transformed, masked) logits of a chunk in P's dtype, fp32 (fp64 for
-    fp64 inputs: gradcheck).
+class _PriorChunk:
+    """What the Psi transform needs from the prior of a row chunk, computed once and shared by
+    the student and every teacher: log P, log(1 - P), and the masks."""
 
-    x: [n, C] raw logits, P: [n, C] fp32 prior or None -> (z [n, C] with -inf on masked
-    entries, keep [n, C] bool or None, lae = logaddexp(log(1 - P), -x) or None).
-    """
-    x = x.to(P.dtype if P is not None else _acc_dtype(x.dtype))
-    if P is None:
-        return x / T, None, None
-    lae = torch.logaddexp(torch.log1p(-P), -x)
-    keep = P > 0
-    z = torch.where(keep, (torch.log(P) - lae) / T, _NEG_INF)
-    return z, keep, lae
+    def __init__(self, P):                                         # P: [n, C] in the compute dtype
+        self.log_p = torch.log(P)
+        self.log_1mp = torch.log1p(-P)
+        self.masked = P <= 0                                       # [n, C] bool: P == 0
+        self.valid_rows = ~self.masked.all(-1)                     # [n] rows with something unmasked
 
 
-def _row_stats(z):
-    """Softmax statistics of z [n, C] (-inf allowed): (m [n] the row max, ls [n] =
-    log sum exp(z - m)); log softmax(z) = (z - m) - ls. Kept as two numbers rather than
-    lse = m + ls, which at |z| ~ 1e4 keeps only ~1e-3 of absolute precision in fp32.
-    Rows with nothing unmasked get m = -inf."""
-    m = z.amax(-1)
-    ms = torch.where(m > _NEG_INF, m, 0.0)
-    return m, torch.exp(z - ms[:, None]).sum(-1).log()
+def _z_torch(x, pc, T):
+    """Scaled logits of a chunk: Psi(x) / T with -inf on masked entries (prior), else x / T.
+
+    x: [n, C] in the compute dtype; pc: _PriorChunk or None -> (z [n, C], lae or None) with
+    lae = logaddexp(log(1 - P), -x), from which dPsi/dO = exp(-x - lae)."""
+    if pc is None:
+        return x / T, None
+    lae = torch.logaddexp(pc.log_1mp, -x)
+    z = torch.sub(pc.log_p, lae).div_(T).masked_fill_(pc.masked, _NEG_INF)
+    return z, lae
 
 
-def _log_softmax(z, m, ls):
-    """(z - m) - ls in place on z, with -inf rows made harmless (they become NaN/-inf and are
-    zeroed by the callers through the valid-row mask)."""
-    ms = torch.where(m > _NEG_INF, m, 0.0)
-    return z.sub_(ms[:, None]).sub_(ls[:, None])
-
-
-def _teacher_p(t, P, T, stats=None):
-    """Mean teacher probability of a chunk. t: [M, n, C] -> (p [n, C], stats [M, 2, n]).
-
-    With stats given (backward) they are reused, else computed. Rows with nothing unmasked
-    give NaN or 0 here; callers zero them."""
-    M = t.shape[0]
-    p, out = None, []
-    for k in range(M):
-        zt = _z_torch(t[k], P, T)[0]                               # [n, C]
-        m, ls = _row_stats(zt) if stats is None else stats[k]
-        out.append(torch.stack([m, ls]))
-        e = torch.exp(_log_softmax(zt, m, ls))
+def _teacher_p(t, pc, T):
+    """Mean teacher probability of a chunk, t: [M, n, C] -> p [n, C] (0 on masked entries;
+    NaN on rows with nothing unmasked, which callers zero)."""
+    p = None
+    for k in range(t.shape[0]):
+        e = torch.softmax(_z_torch(t[k], pc, T)[0], -1)
         p = e if p is None else p.add_(e)
-    return p.div_(M), torch.stack(out)
+    return p.div_(t.shape[0])
+
+
+def _chunks(student, teacher, prior):
+    """Row chunks (s, e, x [n, C], t [M, n, C], _PriorChunk or None) in the compute dtype."""
+    M, N, C = teacher.shape
+    acc = _acc_dtype(student.dtype, teacher.dtype)
+    step = chunk_rows(C)
+    for s in range(0, N, step):
+        e = min(N, s + step)
+        pc = None if prior is None else _PriorChunk(prior[s:e].to(acc))
+        yield s, e, student[s:e].to(acc), teacher[:, s:e].to(acc), pc
 
 
 def _kl_fwd_torch(student, teacher, prior, T):
-    """-> (sum over rows of KL [], stats_s [2, N], stats_t [M, 2, N]); chunked over rows.
-    stats = (row max, log sum exp(z - max)) of the scaled, masked logits."""
-    M, N, C = teacher.shape
-    acc = _acc_dtype(student.dtype, teacher.dtype)
-    st_s = torch.empty(2, N, device=student.device, dtype=acc)
-    st_t = torch.empty(M, 2, N, device=student.device, dtype=acc)
+    """Sum over rows of KL(p || q) as a 0-dim tensor in the compute dtype; chunked over rows.
+    Nothing is kept for backward: it recomputes both softmaxes (one fused op each)."""
     total = torch.zeros((), device=student.device, dtype=torch.float64)
-    step = chunk_rows(C)
-    for s in range(0, N, step):
-        e = min(N, s + step)
-        P = None if prior is None else prior[s:e].to(acc)
-        zs, keep, _ = _z_torch(student[s:e].to(acc), P, T)         # [n, C]
-        m, ls = _row_stats(zs)                                     # [n], [n]
-        p, st = _teacher_p(teacher[:, s:e].to(acc), P, T)          # [n, C], [M, 2, n]
-        log_q = _log_softmax(zs, m, ls)
-        if keep is not None:
-            log_q = log_q.masked_fill_(~keep, 0.0)
+    for s, e, x, t, pc in _chunks(student, teacher, prior):
+        log_q = torch.log_softmax(_z_torch(x, pc, T)[0], -1)      # [n, C]
+        p = _teacher_p(t, pc, T)                                   # [n, C]
+        if pc is not None:
+            log_q.masked_fill_(pc.masked, 0.0)
         rows = torch.xlogy(p, p).sub_(p.mul_(log_q)).sum(-1)       # [n]
-        total += torch.where(m > _NEG_INF, rows, 0.0).sum(dtype=torch.float64)
-        st_s[0, s:e], st_s[1, s:e], st_t[:, :, s:e] = m, ls, st
-    return total.to(acc), st_s, st_t
+        if pc is not None:
+            rows = rows.masked_fill_(~pc.valid_rows, 0.0)
+        total += rows.sum(dtype=torch.float64)
+    return total.to(_acc_dtype(student.dtype, teacher.dtype))
 
 
-def _kl_bwd_torch(student, teacher, prior, T, st_s, st_t, coef):
+def _kl_bwd_torch(student, teacher, prior, T, coef):
     """Gradient [N, C] (student dtype) of coef * sum of row KLs w.r.t. the raw student logits,
-    coef = g * T^2 / N, recomputed chunk by chunk."""
-    M, N, C = teacher.shape
-    acc = st_s.dtype
+    coef = g * T^2 / N (a 0-dim tensor), recomputed chunk by chunk."""
     grad = torch.empty_like(student)
-    step = chunk_rows(C)
-    for s in range(0, N, step):
-        e = min(N, s + step)
-        P = None if prior is None else prior[s:e].to(acc)
-        m, ls = st_s[0, s:e], st_s[1, s:e]
-        x = student[s:e].to(acc)
-        zs, keep, lae = _z_torch(x, P, T)
-        q = torch.exp(_log_softmax(zs, m, ls))                     # [n, C]; 0 on masked entries
-        p, _ = _teacher_p(teacher[:, s:e].to(acc), P, T, st_t[:, :, s:e])
-        d = q.sub_(p).mul_(coef / T)                               # d loss / d (Psi / T) / T
-        if lae is not None:                                        # times dPsi/dO
-            d.mul_(torch.exp(lae.add_(x).neg_()))
-            d.masked_fill_(~keep, 0.0)
-        d.masked_fill_(~(m > _NEG_INF)[:, None], 0.0)              # rows with nothing unmasked
+    for s, e, x, t, pc in _chunks(student, teacher, prior):
+        zs, lae = _z_torch(x, pc, T)
+        d = torch.softmax(zs, -1).sub_(_teacher_p(t, pc, T))       # q - p, [n, C]
+        d.mul_(coef / T)                                           # d loss / d (Psi / T) / T
+        if pc is not None:                                         # times dPsi/dO = exp(-x - lae)
+            d.mul_(lae.add_(x).neg_().exp_())
+            d.masked_fill_(pc.masked, 0.0)
+            if not bool(pc.valid_rows.all()):                      # rows with nothing unmasked
+                d.masked_fill_(~pc.valid_rows[:, None], 0.0)
         grad[s:e] = d
     return grad
 
@@ -346,18 +327,19 @@ def _kl_bwd_triton(student, teacher, prior, T, st_s, st_t, g, blocks):
 
 class KLDistillFunction(torch.autograd.Function):
     """(student [N, C], teacher [M, N, C], prior [N, C] or None) -> loss []. Saves the inputs
-    (no copies) and the softmax statistics st_s [2, N], st_t [M, 2, N] (row max, log-sum;
-    fp32); gradient to the student only."""
+    (no copies) and, for the Triton path, the softmax statistics st_s [2, N], st_t [M, 2, N]
+    (row max, log-sum; fp32); gradient to the student only."""
 
     @staticmethod
     def forward(ctx, student, teacher, prior, T, use_triton, blocks):
         M, N, C = teacher.shape
+        st_s = st_t = None
         if N == 0:
-            total, st_s, st_t = student.new_zeros((), dtype=torch.float32), None, None
+            total = student.new_zeros((), dtype=torch.float32)
         elif use_triton:
             total, st_s, st_t = _kl_fwd_triton(student, teacher, prior, T, blocks)
         else:
-            total, st_s, st_t = _kl_fwd_torch(student, teacher, prior, T)
+            total = _kl_fwd_torch(student, teacher, prior, T)
         ctx.save_for_backward(student, teacher, prior, st_s, st_t)
         ctx.T, ctx.use_triton, ctx.blocks = T, use_triton, blocks
         return (total * (T * T / max(N, 1))).to(student.dtype)
@@ -373,7 +355,8 @@ class KLDistillFunction(torch.autograd.Function):
         elif ctx.use_triton:
             grad = _kl_bwd_triton(student, teacher, prior, T, st_s, st_t, g, ctx.blocks)
         else:
-            grad = _kl_bwd_torch(student, teacher, prior, T, st_s, st_t, g.to(st_s.dtype) * (T * T / N))
+            acc = _acc_dtype(student.dtype, teacher.dtype)
+            grad = _kl_bwd_torch(student, teacher, prior, T, g.to(acc) * (T * T / N))
         return grad, None, None, None, None, None
 
 

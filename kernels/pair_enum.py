@@ -9,7 +9,8 @@ Three implementations (``impl=``):
   2 x P x D x Do multiply-adds; the definition of the op.
 - "torch": projects every box once, A = q @ w1.T and B = q @ w2.T ([N, Do], N boxes << P
   pairs), then pair_q[p] = A[idx_h[p]] + B[idx_o[p]] + b, gathered in row chunks. Backward:
-  dA = index_add of dOut over idx_h, dB over idx_o ([N, Do]), then dq = dA @ w1 + dB @ w2,
+  dA = index_add of dOut over idx_h, dB over idx_o ([N, Do]; a sparse one-hot matmul in
+  torch, faster than index_add_ on a CPU), then dq = dA @ w1 + dB @ w2,
   dw1 = dA^T q, dw2 = dB^T q, db = sum_p dOut = sum_n dA. Nothing of size [P, D] is built and
   nothing of size [P, *] is saved for backward (only q, the weights and the two index vectors).
   Spatial features are computed in row chunks.
@@ -102,15 +103,24 @@ def _acc_dtype(dtype):
 
 def _scatter_torch(g, idx_h, idx_o, N):
     """dA = sum of g rows into idx_h, dB into idx_o, in fp32 (fp64 for fp64 g).
-    g: [P, Do] -> ([N, Do], [N, Do])."""
-    Do, acc = g.shape[1], _acc_dtype(g.dtype)
+    g: [P, Do] -> ([N, Do], [N, Do]).
+
+    Each chunk is a sparse [N, n] one-hot matrix times the dense chunk of g (a segment sum).
+    On a CPU this is ~10x faster than index_add_, which serialises on the repeated rows (every
+    human index repeats N - 1 times)."""
+    P, Do, acc = g.shape[0], g.shape[1], _acc_dtype(g.dtype)
     dA = torch.zeros(N, Do, device=g.device, dtype=acc)
     dB = torch.zeros(N, Do, device=g.device, dtype=acc)
     step = chunk_rows(Do)
-    for s in range(0, g.shape[0], step):
-        gc = g[s:s + step].to(acc)
-        dA.index_add_(0, idx_h[s:s + step], gc)
-        dB.index_add_(0, idx_o[s:s + step], gc)
+    for s in range(0, P, step):
+        e = min(P, s + step)
+        gc = g[s:e].to(acc)                                       # [n, Do]
+        cols = torch.arange(e - s, device=g.device)
+        ones = torch.ones(e - s, device=g.device, dtype=acc)
+        for out, idx in ((dA, idx_h), (dB, idx_o)):
+            onehot = torch.sparse_coo_tensor(torch.stack([idx[s:e].long(), cols]), ones, (N, e - s),
+                                             check_invariants=False)
+            out.add_(torch.sparse.mm(onehot, gc))
     return dA, dB
 
 
