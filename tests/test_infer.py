@@ -19,6 +19,16 @@ from infer import HUMAN_COLOUR, LINK_COLOUR, OBJECT_COLOUR, draw_interactions
 TINY = M.register_tiny_vlm()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one intra-op thread is as fast and far faster on a loaded 2-core machine
+    (spinning OpenMP threads); restored afterwards for the other test files."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # ---------------------------------------------------------------------------------------------
 # drawing
 # ---------------------------------------------------------------------------------------------
@@ -107,7 +117,7 @@ def world(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ckpt(world, tmp_path_factory):
-    """Tiny LINK trained 60 steps on test image 0 with its GT boxes as detections."""
+    """Tiny LINK trained 100 steps (AdamW 3e-3) on test image 0 with its GT boxes as detections."""
     cs = D.synthetic_class_space()
     cfg = M.LINKConfig(vlm=TINY, pretrained=None, image_size=64, d_model=64, d_latent=32, heads=4,
                        enc_layers=1, dec_layers=2, dropout=0.0, impl="reference")
@@ -122,7 +132,7 @@ def ckpt(world, tmp_path_factory):
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=3e-3)
     net.train()
-    for _ in range(60):
+    for _ in range(100):
         out = net(feats, [dets], [img.size], [target])
         opt.zero_grad()
         out["loss"].backward()
@@ -155,8 +165,10 @@ def test_planted_interaction_is_top_and_picture(world, ckpt, tmp_path, capsys):
     rows = np.array(preds[name])
     a = world["anno"]["annotation"][0]
     for hb, ob, hoi in zip(a["boxes_h"], a["boxes_o"], a["hoi"]):
+        planted = {k for h, o, k in zip(a["boxes_h"], a["boxes_o"], a["hoi"]) if h == hb and o == ob}
         mine = key_rows(rows, hb, ob)
-        assert mine and int(mine[0][0]) == hoi   # rows are sorted: the first one is its top class
+        assert mine and int(mine[0][0]) in planted   # rows are sorted: the first is its top class
+        assert mine[0][1] > 0.5 and (len(mine) == 1 or mine[1][1] < 0.2 or int(mine[1][0]) in planted)
     assert int(rows[0, 0]) in a["hoi"]
     assert isinstance(preds[name][0][0], int) and rows[0, 1] >= rows[1:, 1].max()
     # the picture: 64 px -> scale 8; the top pair's human box outline is exactly where expected
@@ -329,8 +341,9 @@ def test_coco_results_file(world, ckpt, tmp_path, capsys):
     rc, so, se = run_cli(capsys, d, "--checkpoint", ckpt, "--detections", f, "--out", tmp_path / "o")
     assert rc == 0, se
     rows = np.array(json.loads((tmp_path / "o" / "predictions.json").read_text())["000000000042.png"])
-    hb, ob, hoi = a["boxes_h"][0], a["boxes_o"][0], a["hoi"][0]
-    assert int(key_rows(rows, hb, ob)[0][0]) == hoi
+    for hb, ob in zip(a["boxes_h"], a["boxes_o"]):
+        planted = {k for h, o, k in zip(a["boxes_h"], a["boxes_o"], a["hoi"]) if h == hb and o == ob}
+        assert int(key_rows(rows, hb, ob)[0][0]) in planted
 
 
 # ---------------------------------------------------------------------------------------------
@@ -369,7 +382,10 @@ def test_torchvision_detector(tmp_path):
     (dets,) = src.get(["a.png"], [img])
     assert len(dets["boxes"]) > 0 and dets["labels"].min() >= 0 and dets["labels"].max() < 80
     assert dets["boxes"][:, 2].max() <= 90 + 1e-3 and dets["boxes"][:, 3].max() <= 70 + 1e-3
-    with pytest.raises(infer.InferError, match="does not fit fcos_resnet50_fpn"):
-        infer.build_detector("fcos_resnet50_fpn", w)
+    sd = net.state_dict()
+    sd.pop(next(iter(sd)))
+    torch.save(sd, w)
+    with pytest.raises(infer.InferError, match="does not fit ssdlite320_mobilenet_v3_large"):
+        infer.build_detector("ssdlite320_mobilenet_v3_large", w)
     with pytest.raises(FileNotFoundError, match="detector weights not found"):
         infer.build_detector("fcos_resnet50_fpn", tmp_path / "none.pth")
