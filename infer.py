@@ -1,7 +1,86 @@
 """LINK inference: images (or a folder) + boxes -> predictions JSON and annotated pictures.
 
-This first part holds the drawing function (``draw_interactions``) used by infer's CLI and by
-demo.py; the CLI follows below.
+Inference CLI
+-------------
+    python infer.py IMAGE_OR_FOLDER --checkpoint CKPT
+        (--detections FILE [--image-ids COCO.json] | --detector NAME --detector-weights PATH
+         | --gt-anno ANNO.json)
+        [--out DIR] [--attention N] [--force] [--batch-size 8] [--top-k 5]
+        [--max-predictions N] [--box-thresh 0.2] [--nms 0.5] [--detector-thresh 0.05]
+        [--ignore-exif] [--no-pictures] [--device auto] [--quiet]
+
+Writes DIR/predictions.json (default DIR = runs/infer; written atomically) in the project's
+prediction format {image key: [[hoi, score, hx1, hy1, hx2, hy2, ox1, oy1, ox2, oy2], ...]}
+(rows sorted by score; every (pair, allowed class) with a positive score unless
+--max-predictions), and one PNG per image (DIR/<key with .png suffix>) with the boxes, the
+human-object links, the top --top-k triplets and, with --attention N, the box-guided attention
+map of pair #N (pairs are numbered by their best score, #1 = the top pair, as in the picture).
+The checkpoint alone rebuilds the model (model.LINK.from_checkpoint). Image keys: the file
+name for a single image; the path relative to the folder ('/'-separated) for a folder, which
+is searched recursively (hidden entries and the output folder are skipped). Nothing that
+exists is overwritten without --force: the error names the first conflicting file.
+Unreadable images are reported, skipped and summarised at the end; an image whose boxes hold
+no person (or a lone person) gets an empty prediction list and a note.
+
+Boxes: exactly one source.
+  --detections FILE   the project's per-image JSON {"<key or file name>": {"boxes":
+                      [[x1, y1, x2, y2], ...], "scores": [...], "labels": [...]}} (labels in the
+                      checkpoint's object label space, COCO-80 for HICO-DET; an image without
+                      boxes needs an entry with empty lists; every input image must be in the
+                      file), or a COCO results list [{"image_id", "category_id" (COCO id),
+                      "bbox" [x, y, w, h], "score"}] whose ids come from --image-ids (a COCO
+                      JSON with "images": [{"id", "file_name"}]) or else from the last number in
+                      each file name (000000397133.jpg -> 397133). Read by data.load_detections.
+  --detector NAME     a torchvision COCO detector (fasterrcnn_resnet50_fpn(_v2),
+                      fasterrcnn_mobilenet_v3_large(_320)_fpn, retinanet_resnet50_fpn(_v2),
+                      fcos_resnet50_fpn, maskrcnn_resnet50_fpn(_v2), ssd300_vgg16,
+                      ssdlite320_mobilenet_v3_large) built with weights=None,
+                      weights_backbone=None (nothing is downloaded) and loaded from
+                      --detector-weights (a state_dict file, or a dict with a "model" entry as
+                      torchvision's reference scripts save). Torchvision's own COCO weights are
+                      plain state_dicts: download them once elsewhere (e.g. the URL in
+                      torchvision.models.detection.FasterRCNN_ResNet50_FPN_Weights.DEFAULT.url)
+                      and pass the file. Its COCO category ids are mapped to COCO-80, then to
+                      the class space by name. --detector-thresh is the detector's own floor.
+  --gt-anno FILE      ground-truth boxes of a HICO-DET-format annotation file (data.gt_detections),
+                      used as they are (no NMS, no threshold, score 1.0).
+Detector and file boxes then go through data.select_boxes (class-wise NMS --nms, threshold
+--box-thresh, 3..15 humans and 3..15 objects; PROTOCOLS.md: 0.2, or 0.05 for strong detectors).
+
+Frames: images are read with PIL and turned upright with their EXIF orientation
+(ImageOps.exif_transpose), so boxes from a detection file or an annotation file must refer to
+the image AS DISPLAYED (what viewers, cv2.imread and ImageOps.exif_transpose show); the
+detector runs on that image and predictions are written in that frame. Boxes made on the image
+as stored (e.g. read with plain PIL Image.open, which ignores EXIF): pass --ignore-exif. A note
+is printed when file boxes overshoot the displayed image but fit the stored one. Any mode is
+accepted (1, L, P, RGBA, CMYK, 16-bit I;16, I, F, ...; see to_rgb); the model and the pictures
+see 8-bit RGB.
+
+DETR / H-DETR (or any DETR-family detector) -> per-image detection JSON. Run the detector
+yourself on each image as displayed and convert its raw outputs with convert_detr_outputs:
+
+    import data, infer
+    dets = {}
+    for name, image in my_images:                       # PIL images, EXIF applied
+        out = detr(transform(image)[None])              # pred_logits [1, Q, C], pred_boxes [1, Q, 4]
+        d = infer.convert_detr_outputs(out["pred_logits"], out["pred_boxes"], [image.size],
+                                       activation="softmax",   # DETR (last column = no-object)
+                                       labels="coco91")        # class index = COCO category id
+        dets[name] = d[0]
+    data.save_detections("detections.json", dets)
+
+  DETR (facebookresearch/detr): softmax over 92 columns, the last is "no object"; each query
+  keeps its best class; boxes are normalised (cx, cy, w, h) -> activation="softmax".
+  H-DETR / Deformable-DETR / DINO: sigmoid (focal) classification without a no-object
+  column; keep the top 100 (query, class) pairs of the image -> activation="sigmoid", top=100.
+  Labels: models trained on COCO use COCO category ids (1..90) -> labels="coco91". A model
+  fine-tuned on HICO-DET with 80 object classes may already index COCO-80 (or another
+  order): check against the annotation file's "objects" list, then pass labels="coco80" or
+  remap yourself. Boxes are scaled by the (w, h) of the image you pass in sizes.
+  Then: python infer.py images/ --checkpoint ck.pt --detections detections.json
+  --box-thresh 0.05 (the peers' threshold for DETR-quality detections).
+
+Python use: run(...) is the CLI as a function; draw_interactions(...) draws one image.
 
 Drawing conventions
 -------------------
@@ -16,8 +95,8 @@ Drawing conventions
 * Human boxes are drawn in HUMAN_COLOUR, object boxes in OBJECT_COLOUR, each human-object
   link in LINK_COLOUR (drawn first, so box outlines sit on top of links; a box that is the
   human of one pair and the object of another is drawn as a human).  These three colours are
-  used exactly (no anti-aliasing) and nowhere else on the image part of the canvas; pair
-  numbers are white text on a black tag.
+  drawn exactly (no anti-aliasing) and by nothing else on the image part of the canvas (the
+  image's own pixels may of course contain them); pair numbers are white text on a black tag.
 * The legend lists the top triplets: "#pair verb object score".
 * An attention map [Gh, Gw] (any non-negative values) is min-max normalised, bilinearly
   resized to the displayed image and alpha-blended (red = high) under the boxes.
@@ -654,22 +733,24 @@ def convert_detr_outputs(logits, boxes, sizes, activation: str = "softmax", labe
 # model
 # ---------------------------------------------------------------------------------------------
 
-def load_model(checkpoint, device="cpu"):
-    """LINK.from_checkpoint(checkpoint) -> (model in eval mode, class space dict).
+def read_checkpoint_meta(checkpoint):
+    """(config dict, class space dict) of a LINK checkpoint, without building the model.
 
-    The checkpoint alone rebuilds the model. A checkpoint made with model.register_tiny_vlm's
-    default tiny VLM ("link-tiny") registers it first (the name is not a stock open_clip one)."""
+    A checkpoint made with model.register_tiny_vlm's default tiny VLM ("link-tiny", not a stock
+    open_clip name) gets it registered here, so that the checkpoint alone rebuilds the model."""
     import torch
     path = Path(checkpoint)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found")
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        try:
+            ck = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        except RuntimeError:  # not a zip-format file: mmap is impossible, read it whole
+            ck = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001 - whatever torch raises for a bad file
         raise InferError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(ck, dict) or "class_space" not in ck or "config" not in ck:
+    if not isinstance(ck, dict) or "class_space" not in ck or not isinstance(ck.get("config"), dict):
         raise InferError(f"{path}: checkpoint has no field 'config' / 'class_space' (not a LINK checkpoint)")
-    import model as M
     vlm = ck["config"].get("vlm")
     if isinstance(vlm, str) and vlm.startswith("link-tiny"):
         import open_clip
@@ -677,12 +758,22 @@ def load_model(checkpoint, device="cpu"):
             if vlm != "link-tiny":
                 raise InferError(f"{path}: field 'config.vlm' is {vlm!r}, a custom tiny VLM; register it "
                                  f"(model.register_tiny_vlm) before loading")
+            import model as M
             M.register_tiny_vlm(vlm)
     cs = ck["class_space"]
-    cs = cs if isinstance(cs, dict) else dict(vars(cs))
-    del ck
+    cs = dict(cs) if isinstance(cs, dict) else dict(vars(cs))
+    for key in ("prompts", "object_names", "hoi_object", "hoi_verb", "verb_names", "person_label"):
+        if key not in cs:
+            raise InferError(f"{path}: field 'class_space' has no {key!r}")
+    return dict(ck["config"]), cs
+
+
+def load_model(checkpoint, device="cpu"):
+    """LINK.from_checkpoint(checkpoint) -> (model in eval mode, class space dict)."""
+    _, cs = read_checkpoint_meta(checkpoint)
+    import model as M
     try:
-        model = M.LINK.from_checkpoint(path, map_location=device)
+        model = M.LINK.from_checkpoint(Path(checkpoint), map_location=device)
     except FileNotFoundError:
         raise
     except (ValueError, KeyError, RuntimeError, TypeError) as e:
@@ -869,10 +960,7 @@ def run(inputs, checkpoint, out_dir="runs/infer", detections=None, image_ids=Non
     keys = [k for k, _ in items]
     pictures = picture_names(keys)
     check_outputs(out_dir, pictures, force, draw)
-    ck = Path(checkpoint)
-    if not ck.is_file():
-        raise FileNotFoundError(f"{ck}: checkpoint not found")
-    model, cs = load_model(ck, device)
+    _, cs = read_checkpoint_meta(checkpoint)     # cheap: the inputs are checked before the model is built
     person = int(cs["person_label"])
     names = hoi_class_names(cs)
     if detections is not None:
@@ -881,6 +969,7 @@ def run(inputs, checkpoint, out_dir="runs/infer", detections=None, image_ids=Non
         source = GTBoxes(gt_anno, cs, keys)
     else:
         source = DetectorBoxes(detector, detector_weights, cs, detector_thresh, device)
+    model, _ = load_model(checkpoint, device)
 
     preds, notes, skipped, written = {}, {}, {}, {}
     bar = tqdm(total=len(items), desc="infer", unit="img", disable=not progress, file=sys.stderr)
@@ -978,8 +1067,8 @@ def summarise(res: dict, n_total: int) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="infer.py", description="LINK inference: predictions JSON + one annotated PNG per image.",
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("Inference CLI")[-1]
-        if "Inference CLI" in (__doc__ or "") else None)
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=(__doc__ or "").split("Inference CLI\n-------------\n")[-1].split("Python use:")[0])
     p.add_argument("input", help="an image file or a folder (searched recursively)")
     p.add_argument("--checkpoint", required=True, help="LINK checkpoint (rebuilds the model alone)")
     g = p.add_argument_group("boxes (exactly one source)")

@@ -389,3 +389,11 @@ def test_torchvision_detector(tmp_path):
         infer.build_detector("ssdlite320_mobilenet_v3_large", w)
     with pytest.raises(FileNotFoundError, match="detector weights not found"):
         infer.build_detector("fcos_resnet50_fpn", tmp_path / "none.pth")
+
+
+def test_frame_check_notes():
+    dets = {"boxes": torch.tensor([[2.0, 3.0, 75.0, 40.0]])}
+    note = infer._frame_check(dets, (64, 80), (80, 64), exif=True)    # displayed 64 x 80, stored 80 x 64
+    assert "stored one" in note and "--ignore-exif" in note
+    assert "wrong detection file" in infer._frame_check(dets, (64, 64), (64, 64), exif=True)
+    assert infer._frame_check({"boxes": torch.tensor([[0.0, 0.0, 64.0, 80.0]])}, (64, 80), (80, 64), True) is None
