@@ -3,7 +3,7 @@
     python bench_model.py [--batch 4] [--humans 6] [--objects 8] [--repeats 10] [--impl auto]
 
 Prints forward (eval, no grad) and forward + backward (train, with targets) time per batch
-and peak memory: the process's peak resident set size on CPU (it includes the Python process
+(wall and process CPU time) and peak memory: the process's peak resident set size on CPU (it includes the Python process
 itself, so the model's share is the growth over the baseline printed first), or
 torch.cuda.max_memory_allocated on CUDA.
 """
@@ -47,6 +47,7 @@ def main():
     ap.add_argument("--impl", default="auto")
     args = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
+    base_import = peak_mb()  # torch, open_clip, timm imported; no model yet
     objects = ["person", "cup", "dog", "bicycle"]
     cs = dict(prompts=[f"a photo of a person holding a {o}" for o in objects] * 2,
               object_names=objects, hoi_object=[[o] for o in range(4)] * 2, person_label=0)
@@ -60,20 +61,22 @@ def main():
     t = time.perf_counter()
     feats = model.encode_images(images)
     t_vlm = time.perf_counter() - t
-    base = peak_mb()
 
     def timed(fn):
+        """(median wall seconds, median process CPU seconds) per call; CPU time is what a
+        shared machine's load does not inflate (all threads summed)."""
         fn()  # warm-up
-        ts = []
+        ts, cs = [], []
         for _ in range(args.repeats):
             if dev == "cuda":
                 torch.cuda.synchronize()
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             fn()
             if dev == "cuda":
                 torch.cuda.synchronize()
             ts.append(time.perf_counter() - t)
-        return statistics.median(ts)
+            cs.append(time.process_time() - c)
+        return statistics.median(ts), statistics.median(cs)
 
     def fwd():
         with torch.no_grad():
@@ -93,10 +96,12 @@ def main():
           f"humans={args.humans} objects={args.objects} pairs={P} grid={tuple(feats.shape[2:])}")
     print(f"params: trainable {n_train / 1e6:.3f} M, frozen VLM image tower {n_vlm / 1e6:.3f} M")
     print(f"VLM encode_images (first call): {t_vlm * 1e3:.1f} ms")
-    print(f"forward (eval, no grad):        {t_f * 1e3:.1f} ms / batch (median of {args.repeats})")
-    print(f"forward + backward (train):     {t_fb * 1e3:.1f} ms / batch (median of {args.repeats})")
+    print(f"forward (eval, no grad):        {t_f[0] * 1e3:.1f} ms wall, {t_f[1] * 1e3:.1f} ms CPU / batch "
+          f"(medians of {args.repeats})")
+    print(f"forward + backward (train):     {t_fb[0] * 1e3:.1f} ms wall, {t_fb[1] * 1e3:.1f} ms CPU / batch "
+          f"(medians of {args.repeats})")
     label = "CUDA max allocated" if dev == "cuda" else "process peak RSS"
-    print(f"peak memory ({label}): {peak_mb():.1f} MiB (after encode_images: {base:.1f} MiB)")
+    print(f"peak memory ({label}): {peak_mb():.1f} MiB (before the model was built: {base_import:.1f} MiB)")
 
 
 if __name__ == "__main__":

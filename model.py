@@ -575,9 +575,7 @@ class LINK(nn.Module):
             per.append(dict(order=order, boxes=boxes[order], scores=scores[order], labels=labels[order],
                             ih=ii[keep], io=jj[keep], wh=(w, h)))
         offsets = np.cumsum([0] + [len(p["order"]) for p in per])
-
-        def cat(key):  # concatenate one field over the images (an empty batch gives empties)
-            return torch.cat([p[key] for p in per]).to(device) if per else torch.zeros(0, device=device)
+        cat = lambda key: torch.cat([p[key] for p in per]).to(device)  # noqa: E731  one field, all images
         boxes = cat("boxes")                                                               # [N, 4]
         scale = torch.tensor([[p["wh"][0], p["wh"][1]] * 2 for p in per for _ in p["order"]],
                              dtype=torch.float32, device=device).view(-1, 4)               # [N, 4]
@@ -616,6 +614,8 @@ class LINK(nn.Module):
         entries with prior 0 are left out of it).
         """
         cfg, B = self.cfg, feats.shape[0]
+        if B == 0:
+            raise ValueError("forward: empty batch (no feature maps)")
         if len(detections) != B or len(sizes) != B or (targets is not None and len(targets) != B):
             raise ValueError(f"forward: {B} feature maps but {len(detections)} detections, "
                              f"{len(sizes)} sizes{'' if targets is None else f', {len(targets)} targets'}")
