@@ -46,6 +46,10 @@ GT -> FP (no fall-back to the second best), otherwise FP.  rec = cumsum(tp)/npos
 prec = cumsum(tp)/(cumsum(tp)+cumsum(fp)); AP = sum over t in ``0:0.1:1`` (the values of
 ``np.arange(0, 1.1, 0.1)``, i.e. 0.30000000000000004, 0.6000000000000001, ...) of
 ``max(prec[rec >= t])`` (0 if empty), accumulated exactly like MATLAB's ``ap = ap + p/11``.
+(PROTOCOLS.md fixes these t values: GNU Octave and the numpy ports of the toolkit produce
+them.  MATLAB's own colon operator is reported to build the upper half of a range from its
+end, which would give exactly 0.6 and 0.7; the two differ only for a class whose recall is
+exactly 0.6 or 0.7 where the precision envelope changes; ``HICO_THRESHOLDS`` is the switch.)
 A class without detections has AP 0 (a class without GT, possible only in small synthetic
 sets, also gets 0, as in the MATLAB code).  Full = mean over all classes, Rare/Non-rare over
 the annotation file's ``rare``/``non_rare`` lists.
