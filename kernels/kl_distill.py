@@ -216,9 +216,9 @@ if triton is not None:
 
     @triton.jit
     def _teacher_tile(Tt, Pr, StT, rows, mr, off, m2, N, M, stride_tm, inv_T,
-                      HAS_PRIOR: tl.constexpr):
+                      HAS_PRIOR: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
         """Mean over the M teachers of softmax(Psi(t)/T) on one tile; 0 on masked entries."""
-        p = tl.zeros(off.shape, tl.float32)
+        p = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
         for mi in range(M):
             zt, keep, x, lae = _load_z(Tt + mi * stride_tm, Pr, off, m2, inv_T, HAS_PRIOR)
             mt, lt, vt = _load_stats(StT + mi * 2 * N, rows, mr, N)
@@ -252,7 +252,8 @@ if triton is not None:
             m2 = mr[:, None] & (cols < C)[None, :]
             off = rows64[:, None] * C + cols[None, :]
             zs, keep, x, lae = _load_z(S, Pr, off, m2, inv_T, HAS_PRIOR)
-            p = _teacher_tile(Tt, Pr, StT, rows, mr, off, m2, N, M, stride_tm, inv_T, HAS_PRIOR)
+            p = _teacher_tile(Tt, Pr, StT, rows, mr, off, m2, N, M, stride_tm, inv_T, HAS_PRIOR,
+                              BLOCK_N, BLOCK_C)
             log_p = tl.log(tl.where(p > 0.0, p, 1.0))
             log_q = (zs - ms[:, None]) - ls[:, None]
             term = tl.where(keep, p * (log_p - log_q), 0.0)
@@ -275,7 +276,8 @@ if triton is not None:
             off = rows64[:, None] * C + cols[None, :]
             zs, keep, x, lae = _load_z(S, Pr, off, m2, inv_T, HAS_PRIOR)
             q = tl.exp((zs - ms[:, None]) - ls[:, None])
-            p = _teacher_tile(Tt, Pr, StT, rows, mr, off, m2, N, M, stride_tm, inv_T, HAS_PRIOR)
+            p = _teacher_tile(Tt, Pr, StT, rows, mr, off, m2, N, M, stride_tm, inv_T, HAS_PRIOR,
+                              BLOCK_N, BLOCK_C)
             d = (q - p) * scale
             if HAS_PRIOR:
                 d = d * tl.exp(-x - lae)
