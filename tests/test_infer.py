@@ -397,3 +397,27 @@ def test_frame_check_notes():
     assert "stored one" in note and "--ignore-exif" in note
     assert "wrong detection file" in infer._frame_check(dets, (64, 64), (64, 64), exif=True)
     assert infer._frame_check({"boxes": torch.tensor([[0.0, 0.0, 64.0, 80.0]])}, (64, 80), (80, 64), True) is None
+
+
+def test_checkpoint_from_train_teacher(tmp_path, capsys):
+    """A checkpoint written by train_teacher.py rebuilds the model alone, and infer reproduces
+    the trainer's own test predictions (same detections, same select_boxes rules)."""
+    import train_teacher
+    world, runs = tmp_path / "world", tmp_path / "runs"
+    train_teacher.main(["--world", str(world), "--world-train", "8", "--world-test", "3", "--world-size", "64",
+                        "--image-size", "64", "--epochs", "1", "--batch-size", "4", "--runs", str(runs),
+                        "--no-progress", "--cache-dtype", "float32", "--model-opt", "d_model=64",
+                        "--model-opt", "d_latent=32", "--model-opt", "heads=4"])
+    torch.set_num_threads(1)
+    capsys.readouterr()
+    rc, so, se = run_cli(capsys, world / "images" / "test", "--checkpoint", runs / "teacher" / "last.pt",
+                         "--detections", world / "detections_test.json", "--out", tmp_path / "out")
+    assert rc == 0, se
+    mine = json.loads((tmp_path / "out" / "predictions.json").read_text())
+    theirs = json.loads((runs / "teacher" / "predictions_test.json").read_text())
+    assert sorted(mine) == sorted(theirs) and len(mine) == 3
+    for k in mine:
+        a, b = np.array(mine[k]), np.array(theirs[k])
+        assert a.shape == b.shape and len(a)
+        np.testing.assert_array_equal(a[:, [0, *range(2, 10)]].astype(np.float32), b[:, [0, *range(2, 10)]].astype(np.float32))
+        np.testing.assert_allclose(a[:, 1], b[:, 1], rtol=1e-4, atol=1e-6)
