@@ -619,8 +619,8 @@ class LINK(nn.Module):
         if len(detections) != B or len(sizes) != B or (targets is not None and len(targets) != B):
             raise ValueError(f"forward: {B} feature maps but {len(detections)} detections, "
                              f"{len(sizes)} sizes{'' if targets is None else f', {len(targets)} targets'}")
-        dtype = self.classifier.weight.dtype
-        feats = feats.to(device=self.classifier.weight.device, dtype=dtype)
+        dtype = torch.float32
+        feats = feats.to(device=self.classifier.weight.device, dtype=self.classifier.weight.dtype)
         gh, gw = feats.shape[2:]
         d = self._boxes_and_pairs(detections, sizes, feats.device)
         idx_h, idx_o, pair_image = d["idx_h"], d["idx_o"], d["pair_image"]
@@ -641,7 +641,7 @@ class LINK(nn.Module):
             queries.append(q)
 
         # classifier, UPT prior and scores
-        logits = self.classifier(q)                                                      # [P, K]
+        logits = self.classifier(q).float()  # [P, K]; fp32 so Psi / loss are exact under autocast
         lam = cfg.lam_train if self.training else cfg.lam  # Choice: UPT's train / test exponents
         obj = d["labels"][idx_o]                                                         # [P]
         allowed = self.allowed[:, obj].t()                                               # [P, K]
