@@ -171,21 +171,33 @@ if triton is not None:
         return mx + tl.log(1.0 + tl.exp(mn - mx))
 
     @triton.jit
-    def _load_z(X, Pr, off, m2, inv_T, HAS_PRIOR: tl.constexpr):
-        """Scaled, Psi-transformed, masked logits of a tile in fp32 (-inf where masked) and the
-        keep mask; also x and lae = logaddexp(log(1 - P), -x) for dPsi/dO."""
-        x = tl.load(X + off, mask=m2, other=0.0).to(tl.float32)
+    def _prior_tile(Pr, off, m2, HAS_PRIOR: tl.constexpr):
+        """(log P, log(1 - P), keep = P > 0) of a tile, shared by the student and the teachers;
+        without a prior keep = the in-bounds mask (the two logs are unused placeholders)."""
         if HAS_PRIOR:
             pr = tl.load(Pr + off, mask=m2, other=0.0).to(tl.float32)
+            log_p = tl.log(pr)
+            log_1mp = tl.log(1.0 - pr)
             keep = m2 & (pr > 0.0)
-            lae = _logaddexp(tl.log(1.0 - pr), -x)
-            z = (tl.log(pr) - lae) * inv_T
         else:
+            log_p = m2
+            log_1mp = m2
             keep = m2
+        return log_p, log_1mp, keep
+
+    @triton.jit
+    def _psi_z(X, off, m2, log_p, log_1mp, keep, inv_T, HAS_PRIOR: tl.constexpr):
+        """Scaled, Psi-transformed, masked logits of a tile in fp32 (-inf where masked); also x
+        and lae = logaddexp(log(1 - P), -x), from which dPsi/dO = exp(-x - lae)."""
+        x = tl.load(X + off, mask=m2, other=0.0).to(tl.float32)
+        if HAS_PRIOR:
+            lae = _logaddexp(log_1mp, -x)
+            z = (log_p - lae) * inv_T
+        else:
             lae = x
             z = x * inv_T
         z = tl.where(keep, z, float("-inf"))
-        return z, keep, x, lae
+        return z, x, lae
 
     @triton.jit
     def _row_stats_tl(X, Pr, rows64, mr, N, C, inv_T, HAS_PRIOR: tl.constexpr,
@@ -198,7 +210,8 @@ if triton is not None:
             cols = c0 + tl.arange(0, BLOCK_C)
             m2 = mr[:, None] & (cols < C)[None, :]
             off = rows64[:, None] * C + cols[None, :]
-            z, keep, x, lae = _load_z(X, Pr, off, m2, inv_T, HAS_PRIOR)
+            log_p, log_1mp, keep = _prior_tile(Pr, off, m2, HAS_PRIOR)
+            z, x, lae = _psi_z(X, off, m2, log_p, log_1mp, keep, inv_T, HAS_PRIOR)
             m_new = tl.maximum(m, tl.max(z, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             l = l * tl.exp(m - m_safe) + tl.sum(tl.exp(z - m_safe[:, None]), axis=1)
@@ -215,12 +228,12 @@ if triton is not None:
         return tl.where(valid, m, 0.0), tl.where(valid, ls, 0.0), valid
 
     @triton.jit
-    def _teacher_tile(Tt, Pr, StT, rows, mr, off, m2, N, M, stride_tm, inv_T,
+    def _teacher_tile(Tt, StT, rows, mr, off, m2, log_p, log_1mp, keep, N, M, stride_tm, inv_T,
                       HAS_PRIOR: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
         """Mean over the M teachers of softmax(Psi(t)/T) on one tile; 0 on masked entries."""
         p = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
         for mi in range(M):
-            zt, keep, x, lae = _load_z(Tt + mi * stride_tm, Pr, off, m2, inv_T, HAS_PRIOR)
+            zt, x, lae = _psi_z(Tt + mi * stride_tm, off, m2, log_p, log_1mp, keep, inv_T, HAS_PRIOR)
             mt, lt, vt = _load_stats(StT + mi * 2 * N, rows, mr, N)
             p += tl.exp((zt - mt[:, None]) - lt[:, None])
         return p / M
@@ -251,9 +264,10 @@ if triton is not None:
             cols = c0 + tl.arange(0, BLOCK_C)
             m2 = mr[:, None] & (cols < C)[None, :]
             off = rows64[:, None] * C + cols[None, :]
-            zs, keep, x, lae = _load_z(S, Pr, off, m2, inv_T, HAS_PRIOR)
-            p = _teacher_tile(Tt, Pr, StT, rows, mr, off, m2, N, M, stride_tm, inv_T, HAS_PRIOR,
-                              BLOCK_N, BLOCK_C)
+            log_p, log_1mp, keep = _prior_tile(Pr, off, m2, HAS_PRIOR)
+            zs, x, lae = _psi_z(S, off, m2, log_p, log_1mp, keep, inv_T, HAS_PRIOR)
+            p = _teacher_tile(Tt, StT, rows, mr, off, m2, log_p, log_1mp, keep, N, M, stride_tm,
+                              inv_T, HAS_PRIOR, BLOCK_N, BLOCK_C)
             log_p = tl.log(tl.where(p > 0.0, p, 1.0))
             log_q = (zs - ms[:, None]) - ls[:, None]
             term = tl.where(keep, p * (log_p - log_q), 0.0)
@@ -274,10 +288,11 @@ if triton is not None:
             cols = c0 + tl.arange(0, BLOCK_C)
             m2 = mr[:, None] & (cols < C)[None, :]
             off = rows64[:, None] * C + cols[None, :]
-            zs, keep, x, lae = _load_z(S, Pr, off, m2, inv_T, HAS_PRIOR)
+            log_p, log_1mp, keep = _prior_tile(Pr, off, m2, HAS_PRIOR)
+            zs, x, lae = _psi_z(S, off, m2, log_p, log_1mp, keep, inv_T, HAS_PRIOR)
             q = tl.exp((zs - ms[:, None]) - ls[:, None])
-            p = _teacher_tile(Tt, Pr, StT, rows, mr, off, m2, N, M, stride_tm, inv_T, HAS_PRIOR,
-                              BLOCK_N, BLOCK_C)
+            p = _teacher_tile(Tt, StT, rows, mr, off, m2, log_p, log_1mp, keep, N, M, stride_tm,
+                              inv_T, HAS_PRIOR, BLOCK_N, BLOCK_C)
             d = (q - p) * scale
             if HAS_PRIOR:
                 d = d * tl.exp(-x - lae)
