@@ -80,6 +80,9 @@ def distill_losses(s_out: dict, s_grid, t_outs: list, t_grids: list, w_map=1.0, 
     T = float(temperature)
     zero = s_out["logits"].new_zeros(()).float()
     out = {}
+    if w_map and s_out.get("latent_map") is None:
+        raise ValueError("map-level KD needs latent maps (the model has no linking decoder): "
+                         "use --w-map 0")
     if w_map:
         s = s_out["latent_map"].float()                                    # [B, T, d]
         ts = []
@@ -141,8 +144,7 @@ class Distiller:
 def load_teacher(path, device):
     import model as M
     ck = TT.load_checkpoint(path, map_location="cpu")      # clear errors before building anything
-    cfg = ck["config"]
-    if str(cfg.get("vlm", "")).startswith("tiny") and hasattr(M, "register_tiny_vlm"):
+    if ck["config"].get("vlm") == "link-tiny":
         M.register_tiny_vlm()
     t = M.LINK.from_checkpoint(str(path), map_location=device)
     return t.to(device), ck
@@ -192,7 +194,7 @@ def main(argv=None) -> dict:
                      args.kd_impl)
     out = Path(args.runs) / args.name
     tr = TT.Trainer(model, TT.loop_config(args), train, tf, out, d, test, ef, extra_loss=dist,
-                    eval_kwargs=TT.eval_kwargs_for(cs),
+                    eval_kwargs=TT.eval_kwargs_for(cs), class_space=cs,
                     ckpt_extra={"role": "student", "teachers": info,
                                 "distill": {"w_map": args.w_map, "w_query": args.w_query,
                                             "w_logit": args.w_logit, "temperature": args.temperature}})

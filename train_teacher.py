@@ -45,6 +45,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import fcntl
 import hashlib
 import io
 import json
@@ -377,9 +378,18 @@ class FeatureCache:
         """Use the cache if valid, else build it. ``load(i, view) -> PIL image``,
         ``encode(list[PIL]) -> FloatTensor[B, C, Gh, Gw]``. Rank 0 builds, the others wait."""
         d = d or Dist()
-        if d.main and not self.is_valid():
-            self._build(encode, load, batch_size, progress)
-            self.rebuilt = True
+        if d.main:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            # an exclusive lock: two runs sharing the cache folder (e.g. demo.py's parallel
+            # chains) never build the same cache at once; the second one finds it valid
+            with open(self.dir / ".lock", "a+") as lk:
+                fcntl.flock(lk, fcntl.LOCK_EX)
+                try:
+                    if not self.is_valid():
+                        self._build(encode, load, batch_size, progress)
+                        self.rebuilt = True
+                finally:
+                    fcntl.flock(lk, fcntl.LOCK_UN)
         barrier(d)
         if not self.is_valid():
             raise TrainInputError(f"feature cache {self.dir} could not be built")
@@ -540,10 +550,11 @@ class FeatureSource:
 # Model state helpers (the model follows model.py's contract)
 # ----------------------------------------------------------------------------------------------
 def trainable_state(model: torch.nn.Module) -> dict:
-    """state_dict without the frozen VLM (model.trainable_state_dict() if it has one, else every
-    entry of parameters with requires_grad and of non-VLM buffers)."""
-    if hasattr(model, "trainable_state_dict"):
-        return model.trainable_state_dict()
+    """state_dict without the frozen VLM (model.checkpoint_state_dict() if it has one, else the
+    state_dict minus the parameters that do not require grad)."""
+    for name in ("checkpoint_state_dict", "trainable_state_dict"):
+        if hasattr(model, name):
+            return getattr(model, name)()
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     return {k: v for k, v in model.state_dict().items() if k not in frozen}
 
@@ -580,9 +591,11 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     return ck
 
 
-def check_checkpoint_matches(ck: dict, model, path, fingerprint: Optional[str] = None) -> None:
+def check_checkpoint_matches(ck: dict, model, path, fingerprint: Optional[str] = None,
+                             class_space=None) -> None:
     """Refuse a checkpoint whose config / class space / training images differ from the run's."""
-    cfg, cs = _plain(model.cfg), _plain(model.class_space)
+    cfg = _plain(model.cfg)
+    cs = _plain(class_space if class_space is not None else model.class_space)
     if ck["config"] != cfg:
         diff = sorted(k for k in set(cfg) | set(ck["config"]) if cfg.get(k) != ck["config"].get(k))
         raise CheckpointError(f"checkpoint {path} has a different model config (fields: {diff[:6]})")
@@ -637,8 +650,9 @@ class Trainer:
                  dist: Optional[Dist] = None, test: Optional[Split] = None,
                  test_feats: Optional[FeatureSource] = None, extra_loss: Optional[Callable] = None,
                  metric_fn: Optional[Callable] = None, eval_kwargs: Optional[dict] = None,
-                 ckpt_extra: Optional[dict] = None):
+                 ckpt_extra: Optional[dict] = None, class_space=None):
         self.model, self.cfg, self.train, self.feats = model, cfg, train, feats
+        self.class_space = class_space if class_space is not None else model.class_space
         self.test, self.test_feats = test, test_feats
         self.d = dist or Dist()
         self.out = Path(out_dir)
@@ -670,7 +684,7 @@ class Trainer:
 
     def state(self, rngs) -> dict:
         return {"version": CKPT_VERSION, "config": _plain(self.model.cfg),
-                "class_space": _plain(self.model.class_space),
+                "class_space": _plain(self.class_space),
                 "model": trainable_state(self.model), "optimizer": self.opt.state_dict(),
                 "scheduler": self.sched.state_dict(), "scaler": self.scaler.state_dict(),
                 "rng": rngs, "epoch": self.epoch, "step": self.step,
@@ -687,7 +701,7 @@ class Trainer:
 
     def resume(self, path) -> None:
         ck = load_checkpoint(path, map_location=self.d.device)
-        check_checkpoint_matches(ck, self.model, path, self.train.fingerprint())
+        check_checkpoint_matches(ck, self.model, path, self.train.fingerprint(), self.class_space)
         load_trainable_state(self.model, ck["model"])
         self.opt.load_state_dict(ck["optimizer"])
         self.sched.load_state_dict(ck["scheduler"])
@@ -921,8 +935,11 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--few-shot", type=int, help="k images per class")
     g.add_argument("--score-thresh", type=float, default=0.2)
     m = p.add_argument_group("model")
-    m.add_argument("--vlm", default="tiny", help="open_clip model name, or 'tiny' (registered test VLM)")
-    m.add_argument("--pretrained", default="", help="open_clip pretrained tag or a weights path")
+    m.add_argument("--vlm", default="tiny",
+                   help="open_clip model name (e.g. ViT-B-16), or 'tiny': the small random VLM "
+                        "model.register_tiny_vlm() registers (demo, tests)")
+    m.add_argument("--pretrained", default="",
+                   help="open_clip pretrained tag (e.g. openai) or a weights file; empty = random init")
     m.add_argument("--image-size", type=int, help="VLM input resolution (default: the VLM's)")
     m.add_argument("--model-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="any other LINKConfig field (repeatable)")
@@ -965,13 +982,13 @@ def _parse_value(v: str):
 def build_model(args, class_space, device):
     """A fresh LINK from the CLI (--vlm/--pretrained/--image-size/--model-opt)."""
     import model as M
-    if args.vlm == "tiny" and hasattr(M, "register_tiny_vlm"):
-        M.register_tiny_vlm()
     names = {f.name for f in dataclasses.fields(M.LINKConfig)}
-    kw = {}
-    for k, v in (("vlm", args.vlm), ("pretrained", args.pretrained), ("image_size", args.image_size)):
-        if v is not None and k in names:
-            kw[k] = v
+    if args.vlm == "tiny":   # the registered tiny random VLM (demo, tests): 64 px, 8x8 tokens
+        kw = {"vlm": M.register_tiny_vlm(), "pretrained": args.pretrained or None, "image_size": 64}
+    else:
+        kw = {"vlm": args.vlm, "pretrained": args.pretrained or None}
+    if args.image_size:
+        kw["image_size"] = args.image_size
     for opt in args.model_opt:
         if "=" not in opt:
             raise TrainInputError(f"--model-opt expects KEY=VALUE, got {opt!r}")
@@ -1127,7 +1144,7 @@ def main(argv=None) -> dict:
     tf, ef = make_sources(model, args, d, train, test, cache)
     out = Path(args.runs) / args.name
     tr = Trainer(model, loop_config(args), train, tf, out, d, test, ef,
-                 eval_kwargs=eval_kwargs_for(cs), ckpt_extra={"role": "teacher"})
+                 eval_kwargs=eval_kwargs_for(cs), ckpt_extra={"role": "teacher"}, class_space=cs)
     if args.resume:
         path = out / "last.pt" if args.resume == "auto" else Path(args.resume)
         if path.exists() or args.resume != "auto":
