@@ -7,7 +7,7 @@ Inference CLI
          | --gt-anno ANNO.json)
         [--out DIR] [--attention N] [--force] [--batch-size 8] [--top-k 5]
         [--max-predictions N] [--box-thresh 0.2] [--nms 0.5] [--detector-thresh 0.05]
-        [--ignore-exif] [--no-pictures] [--device auto] [--quiet]
+        [--ignore-exif] [--no-pictures] [--device auto] [--threads N] [--quiet]
 
 Writes DIR/predictions.json (default DIR = runs/infer; written atomically) in the project's
 prediction format {image key: [[hoi, score, hx1, hy1, hx2, hy2, ox1, oy1, ox2, oy2], ...]}
@@ -1089,6 +1089,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore-exif", action="store_true", help="use images as stored (boxes in the stored frame)")
     p.add_argument("--no-pictures", action="store_true", help="write predictions.json only")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -1100,6 +1101,8 @@ def main(argv=None) -> int:
         device = args.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
+        if args.threads > 0:
+            torch.set_num_threads(args.threads)
         res = run(args.input, args.checkpoint, out_dir=args.out, detections=args.detections,
                   image_ids=args.image_ids, detector=args.detector, detector_weights=args.detector_weights,
                   gt_anno=args.gt_anno, attention=args.attention, force=args.force,

@@ -421,3 +421,20 @@ def test_checkpoint_from_train_teacher(tmp_path, capsys):
         assert a.shape == b.shape and len(a)
         np.testing.assert_array_equal(a[:, [0, *range(2, 10)]].astype(np.float32), b[:, [0, *range(2, 10)]].astype(np.float32))
         np.testing.assert_allclose(a[:, 1], b[:, 1], rtol=1e-4, atol=1e-6)
+
+
+def test_collect_images_and_picture_names(tmp_path):
+    d = tmp_path / "in"
+    (d / "sub").mkdir(parents=True)
+    (d / ".hidden").mkdir()
+    for f in ("a.jpg", "a.png", "sub/b.PNG", ".hidden/c.png", "notes.txt", ".d.png"):
+        (d / f).write_bytes(b"x")
+    (d / "out").mkdir()
+    (d / "out" / "a.png").write_bytes(b"x")          # a previous run's picture inside the input
+    items = infer.collect_images(d, exclude=d / "out")
+    assert [k for k, _ in items] == ["a.jpg", "a.png", "sub/b.PNG"]
+    assert infer.picture_names([k for k, _ in items]) == {"a.jpg": "a.jpg.png", "a.png": "a.png.png",
+                                                          "sub/b.PNG": "sub/b.png"}
+    assert infer.collect_images(d / "a.jpg") == [("a.jpg", d / "a.jpg")]
+    with pytest.raises(infer.InferError, match="no image files"):
+        infer.collect_images(d / "out", exclude=d / "out")
