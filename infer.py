@@ -940,7 +940,6 @@ def run(inputs, checkpoint, out_dir="runs/infer", detections=None, image_ids=Non
         draw=True, device="cpu", progress=True, log=None) -> dict:
     """The CLI as a function. Returns a summary dict: predictions ({key: [N, 10] array}),
     notes ({key: str}), skipped ({key: reason}), pictures ({key: Path}), out (Path)."""
-    import torch
     import data as D
     from tqdm import tqdm
 
@@ -951,8 +950,9 @@ def run(inputs, checkpoint, out_dir="runs/infer", detections=None, image_ids=Non
                          "(--detector-weights PATH) or --gt-anno ANNO.json")
     if detector_weights is not None and detector is None:
         raise InferError("--detector-weights needs --detector NAME")
-    if batch_size < 1 or top_k < 0:
-        raise InferError(f"--batch-size must be >= 1 and --top-k >= 0 (got {batch_size}, {top_k})")
+    if batch_size < 1 or top_k < 0 or (max_predictions is not None and max_predictions < 1):
+        raise InferError(f"--batch-size and --max-predictions must be >= 1, --top-k >= 0 (got "
+                         f"{batch_size}, {max_predictions}, {top_k})")
     if attention is not None and attention < 1:
         raise InferError(f"--attention is a 1-based pair number as drawn (#1 = the top pair), got {attention}")
     out_dir = Path(out_dir)
@@ -1003,7 +1003,8 @@ def run(inputs, checkpoint, out_dir="runs/infer", detections=None, image_ids=Non
                         if warn:
                             notes[key] = warn
                 sel.append(s)
-            rows, att, bnotes = predict_batch(model, imgs, sel, person, attention, max_predictions)
+            rows, att, bnotes = predict_batch(model, imgs, sel, person, attention if draw else None,
+                                              max_predictions)
             for key, im, r, a, n in zip(ok_keys, imgs, rows, att, bnotes):
                 preds[key] = r
                 if n:
