@@ -87,3 +87,19 @@ def check_index(op: str, name: str, idx: torch.Tensor, n: int) -> None:
 def chunk_rows(n_cols: int, target_elems: int = 1 << 19) -> int:
     """Rows per chunk so that one fp32 chunk temporary holds about target_elems elements."""
     return max(1, target_elems // max(1, n_cols))
+
+
+def aot_compile(fn, signature: dict, constexprs: dict, arch: int = 90):
+    """Compile a @triton.jit kernel for an NVIDIA GPU of compute capability `arch` (90 = H100)
+    down to a cubin, with no GPU present. It catches what the CPU interpreter lets through
+    (frontend and type errors, layouts, register-size limits). Needs a process where
+    TRITON_INTERPRET is unset (the kernels must be real JITFunctions); the tests run it in a
+    subprocess. signature: {arg: "*fp32" | "i32" | "fp32" | "constexpr" ...}."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if interpreting():
+        raise RuntimeError("aot_compile needs TRITON_INTERPRET unset")
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32))
