@@ -71,11 +71,17 @@ def grow_boxes(boxes: torch.Tensor, grid_hw) -> torch.Tensor:
     ], dim=-1)
 
 
-def token_centres(grid_hw, device=None, dtype=torch.float32):
-    """Centres of the Gh x Gw tokens in row-major order: (cx [T], cy [T])."""
+def axis_centres(grid_hw, device=None, dtype=torch.float32):
+    """Centres of the grid columns and rows: (xs [Gw], ys [Gh])."""
     gh, gw = grid_hw
     ys = (torch.arange(gh, device=device, dtype=dtype) + 0.5) / gh
     xs = (torch.arange(gw, device=device, dtype=dtype) + 0.5) / gw
+    return xs, ys
+
+
+def token_centres(grid_hw, device=None, dtype=torch.float32):
+    """Centres of the Gh x Gw tokens in row-major order: (cx [T], cy [T])."""
+    xs, ys = axis_centres(grid_hw, device, dtype)
     cy, cx = torch.meshgrid(ys, xs, indexing="ij")
     return cx.reshape(-1), cy.reshape(-1)
 
@@ -151,16 +157,30 @@ def _image_chunks(pair_image, n_images, chunk):
         start += n
 
 
-def _chunk_logits(qc, kb, boxes_c, strength, grid_hw, scale):
-    """Logits of one chunk of pairs of one image, and the inside masks.
+def _inside_rct(boxes_c, grid_hw, dtype):
+    """inside masks of a chunk, [3, c, T] in dtype, equal to box_inside(boxes_c).transpose(0, 1).
 
-    qc: [c, Hd, D]  kb: [Hd, T, D]  boxes_c: [c, 3, 4]  strength: [Hd, 3] (all in the acc dtype)
-    returns logits [c, Hd, T], inside [c, 3, T]
+    Separable: a token is inside a box iff its column centre is in [x1', x2'] and its row centre
+    in [y1', y2'], so 2 x 3 x c x (Gh + Gw) compares and one [3, c, Gh, Gw] product.
     """
-    inside = box_inside(boxes_c, grid_hw).to(qc.dtype)                    # [c, 3, T]
-    logits = torch.einsum("chd,htd->cht", qc, kb).mul_(scale)             # [c, Hd, T]
-    logits += torch.einsum("hr,crt->cht", strength, inside)
-    return logits, inside
+    b = grow_boxes(boxes_c.float(), grid_hw).transpose(0, 1).contiguous()  # [3, c, 4]
+    xs, ys = axis_centres(grid_hw, boxes_c.device)                         # [Gw], [Gh]
+    ix = (xs >= b[..., 0:1]) & (xs <= b[..., 2:3])                          # [3, c, Gw]
+    iy = (ys >= b[..., 1:2]) & (ys <= b[..., 3:4])                          # [3, c, Gh]
+    inside = iy.to(dtype)[..., :, None] * ix.to(dtype)[..., None, :]        # [3, c, Gh, Gw]
+    return inside.reshape(b.shape[0], b.shape[1], -1).contiguous()
+
+
+def _chunk_logits(qh, kb, boxes_c, strength, grid_hw, scale):
+    """Logits of one chunk of pairs of one image (head-major), and the inside masks.
+
+    qh: [Hd, c, D]  kb: [Hd, T, D]  boxes_c: [c, 3, 4]  strength: [Hd, 3] (acc dtype)
+    returns logits [Hd, c, T] = q k^T * scale + bias, inside [3, c, T]
+    """
+    Hd, c, _ = qh.shape
+    inside = _inside_rct(boxes_c, grid_hw, qh.dtype)                        # [3, c, T]
+    bias = torch.mm(strength, inside.view(3, -1)).view(Hd, c, -1)           # [Hd, c, T]
+    return bias.baddbmm_(qh, kb.transpose(1, 2), alpha=scale), inside
 
 
 def _acc_dtype(*tensors):
@@ -168,7 +188,10 @@ def _acc_dtype(*tensors):
 
 
 class _BoxAttentionTorch(torch.autograd.Function):
-    """Chunked forward/backward; saves q, k, v, boxes, strength and row max/sum [P, Hd] only."""
+    """Chunked forward/backward; saves q, k, v, boxes, strength and row max/sum [P, Hd] only.
+
+    Chunks are head-major ([Hd, c, T]) so every product is a plain batched GEMM over heads.
+    """
 
     @staticmethod
     def forward(ctx, q, k, v, strength, pair_image, boxes, grid_hw, scale, chunk):
@@ -184,12 +207,14 @@ class _BoxAttentionTorch(torch.autograd.Function):
         for b, idx in _image_chunks(pair_image, B, chunk):
             if b != last_b:
                 kb, vb, last_b = k[b].to(acc), v[b].to(acc), b            # [Hd, T, D]
-            logits, _ = _chunk_logits(q[idx].to(acc), kb, boxes[idx], st, grid_hw, scale)
-            m = logits.amax(dim=-1)                                        # [c, Hd]
-            e = logits.sub_(m[..., None]).exp_()                           # [c, Hd, T]
-            l = e.sum(-1)                                                  # [c, Hd]
-            out[idx] = (torch.einsum("cht,htd->chd", e, vb) / l[..., None]).to(out.dtype)
-            row_max[idx], row_sum[idx] = m, l
+            qh = q[idx].to(acc).transpose(0, 1)                            # [Hd, c, D]
+            logits, _ = _chunk_logits(qh, kb, boxes[idx], st, grid_hw, scale)
+            m = logits.amax(dim=-1, keepdim=True)                          # [Hd, c, 1]
+            e = logits.sub_(m).exp_()                                      # [Hd, c, T]
+            l = e.sum(-1, keepdim=True)                                    # [Hd, c, 1]
+            oh = torch.bmm(e, vb).div_(l)                                  # [Hd, c, D]
+            out[idx] = oh.transpose(0, 1).to(out.dtype)
+            row_max[idx], row_sum[idx] = m[..., 0].T, l[..., 0].T
         ctx.save_for_backward(q, k, v, strength, pair_image, boxes, row_max, row_sum)
         ctx.grid_hw, ctx.scale, ctx.chunk = grid_hw, scale, chunk
         return out
@@ -212,24 +237,26 @@ class _BoxAttentionTorch(torch.autograd.Function):
         for b, idx in _image_chunks(pair_image, B, chunk):
             if b != last_b:
                 kb, vb, last_b = k[b].to(acc), v[b].to(acc), b            # [Hd, T, D]
-            qc, doc = q[idx].to(acc), dout[idx].to(acc)                    # [c, Hd, D]
-            logits, inside = _chunk_logits(qc, kb, boxes[idx], st, grid_hw, scale)
+            qh = q[idx].to(acc).transpose(0, 1)                            # [Hd, c, D]
+            doh = dout[idx].to(acc).transpose(0, 1)                        # [Hd, c, D]
+            logits, inside = _chunk_logits(qh, kb, boxes[idx], st, grid_hw, scale)
             # exp(S - max) / sum rather than exp(S - lse): exact for the max logit even when
             # |S| ~ 1e3 (lse's fp32 ulp would be ~1e-4 there)
-            p = logits.sub_(row_max[idx][..., None]).exp_().div_(row_sum[idx][..., None])
+            p = logits.sub_(row_max[idx].T[..., None]).exp_()
+            p = p.mul_(row_sum[idx].T.reciprocal()[..., None])             # [Hd, c, T]
             if need_v:
-                dv[b] += torch.einsum("cht,chd->htd", p, doc)
+                dv[b].baddbmm_(p.transpose(1, 2), doh)                     # [Hd, T, D]
             if not (need_q or need_k or need_s):
                 continue
-            dp = torch.einsum("chd,htd->cht", doc, vb)                     # [c, Hd, T]
-            delta = torch.einsum("cht,cht->ch", p, dp)                     # rowsum(dO * O)
-            ds = dp.sub_(delta[..., None]).mul_(p)                         # [c, Hd, T]
+            dp = torch.bmm(doh, vb.transpose(1, 2))                        # [Hd, c, T]
+            delta = torch.einsum("hct,hct->hc", p, dp)                     # rowsum(dO * O)
+            ds = dp.sub_(delta[..., None]).mul_(p)                         # [Hd, c, T]
             if need_q:
-                dq[idx] = (torch.einsum("cht,htd->chd", ds, kb) * scale).to(dq.dtype)
+                dq[idx] = torch.bmm(ds, kb).mul_(scale).transpose(0, 1).to(dq.dtype)
             if need_k:
-                dk[b] += torch.einsum("cht,chd->htd", ds, qc) * scale
+                dk[b].baddbmm_(ds.transpose(1, 2), qh, alpha=scale)
             if need_s:
-                dst += torch.einsum("cht,crt->hr", ds, inside)
+                dst += torch.mm(ds.view(ds.shape[0], -1), inside.view(3, -1).T)
         return (dq, None if dk is None else dk.to(k.dtype), None if dv is None else dv.to(v.dtype),
                 None if dst is None else dst.to(strength.dtype), None, None, None, None, None)
 
@@ -583,6 +610,7 @@ def box_attention_triton(q, k, v, pair_image, boxes, strength, grid_hw, scale=No
         if b is not None and (b < 16 or b & (b - 1)):
             raise ValueError(f"box_attention: {name} must be a power of two >= 16, got {b}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    pair_image, boxes = pair_image.to(q.device), boxes.to(q.device)
     return _BoxAttentionTriton.apply(q, k, v, strength, pair_image, boxes,
                                      (int(grid_hw[0]), int(grid_hw[1])), scale, block_p, block_t)
 
@@ -611,32 +639,49 @@ def box_attention(q, k, v, pair_image, boxes, strength, grid_hw, scale=None, imp
 # Measurement helpers: analytic cost model and CPU peak memory
 # ----------------------------------------------------------------------------------------------
 
-def cost_model(P=4096, Hd=8, T=1369, D=32, B=4, elem=4):
-    """Analytic FLOPs and HBM bytes (forward, backward) of the reference and the fused path.
+def cost_model(P=4096, Hd=8, T=1369, D=32, B=4, elem=4, block_p=32, block_t=64):
+    """Analytic FLOPs and bytes of forward and backward (fp32 by default: elem = 4 bytes).
 
-    Counts matmul FLOPs as 2 per multiply-add; elementwise/softmax work as 1 per op. Bytes are
-    the minimum traffic: the reference reads/writes every [P, Hd, T] tensor it materialises;
-    the fused path streams q, out, dO, dq (P x Hd x D), K/V once per pair block (cached in L2
-    in practice; counted once here), the 12 box numbers per pair and the row statistics / delta.
+    FLOPs: a multiply-add is 2; elementwise work per [P, Hd, T] element: scale 1, bias 6
+    (3 multiply-adds of strength by the 0/1 inside masks), softmax 5 (max, sub, exp, sum, div),
+    backward dS 3 and d strength 6; inside tests 12 compares per (pair, token).
+    Bytes: the reference counts one read or write per pass over a materialised [P, Hd, T]
+    tensor (its forward makes ~12 such passes: bias, gathered bias, logits, scaled, biased,
+    softmax and the reads of them; backward ~13). The Triton kernels never materialise
+    [P, Hd, T];
+    "hbm" is the compulsory traffic (q, out, dO, dq, K, V, dK, dV once, 12 box numbers and 2
+    softmax statistics per row) and "l2" the re-reads of K/V per pair block (forward, dq) and of
+    q/dO per token block (dk/dv) of the Triton kernels, served by the L2 cache in practice.
     """
-    PHT, PHD, BHTD = P * Hd * T, P * Hd * D, B * Hd * T * D
-    mm = 2 * PHT * D                                      # one [P, Hd, T] x D contraction
-    fwd_flops = 2 * mm + 8 * PHT                          # QK^T, PV; bias (3 cmp-sets, 3 fma), softmax
-    bwd_flops = 4 * mm + 10 * PHT                         # dV, dP, dQ, dK (+ recompute QK^T in fused)
-    fused_bwd_flops = 5 * mm + 16 * PHT                   # recomputes scores and bias
-    ref = {
-        # bias, logits, softmax each written once and read once or twice: ~7 passes fwd
-        "fwd_bytes": elem * (7 * PHT + 2 * PHD + 2 * BHTD) + 4 * P * 3 * T,
-        # autograd reads attn, bias-grad, dattn, dlogits...: ~8 passes bwd
-        "bwd_bytes": elem * (8 * PHT + 4 * PHD + 4 * BHTD),
-        "fwd_flops": fwd_flops, "bwd_flops": bwd_flops,
+    PHT, PHD, BHTD, PT = P * Hd * T, P * Hd * D, B * Hd * T * D, P * T
+    mm = 2 * PHT * D                                             # one [P, Hd, T] x D contraction
+    fwd = 2 * mm + 12 * PHT + 12 * PT                            # QK^T, PV; scale, bias, softmax
+    n_pblk, n_tblk = -(-P // block_p), -(-T // block_t)
+    stats = 2 * P * Hd * 4 + 12 * P * 4                          # row max/sum + boxes (fp32)
+    hbm_fwd = elem * (2 * PHD + 2 * BHTD) + stats
+    hbm_bwd = elem * (4 * PHD + 4 * BHTD) + stats + P * Hd * 4   # + delta
+    return {
+        "shape": {"P": P, "Hd": Hd, "T": T, "D": D, "B": B, "bytes_per_elem": elem},
+        "reference": {
+            "fwd_flops": fwd, "bwd_flops": 4 * mm + 10 * PHT,    # dV, dP, dQ, dK; dS; d strength
+            "fwd_bytes": elem * (12 * PHT + 2 * PHD + 2 * BHTD) + 2 * 3 * PT * 4,
+            "bwd_bytes": elem * (13 * PHT + 4 * PHD + 4 * BHTD) + 3 * PT * 4,
+        },
+        "torch_lean": {  # backward recomputes QK^T, bias and P once
+            "fwd_flops": fwd, "bwd_flops": 5 * mm + 22 * PHT + 12 * PT,
+            # not fused: ~15 (fwd) / ~23 (bwd) passes over [chunk, Hd, T] buffers of <= 4 MiB,
+            # i.e. more traffic than the reference, but through a cache-sized working set
+            "fwd_bytes_chunked": elem * (15 * PHT + 2 * PHD + 2 * BHTD),
+            "bwd_bytes_chunked": elem * (23 * PHT + 4 * PHD + 4 * BHTD),
+        },
+        "triton": {  # dq and dk/dv kernels each recompute QK^T, bias, P and dP
+            "fwd_flops": fwd, "bwd_flops": 7 * mm + 30 * PHT + 24 * PT,
+            "fwd_bytes_hbm": hbm_fwd, "bwd_bytes_hbm": hbm_bwd,
+            "fwd_bytes_l2": elem * (n_pblk * Hd * 2 * T * D + 2 * PHD),
+            "bwd_bytes_l2": elem * (n_pblk * Hd * 2 * T * D + n_tblk * 2 * PHD + 4 * PHD
+                                    + 2 * BHTD),
+        },
     }
-    fused = {
-        "fwd_bytes": elem * (2 * PHD + 2 * BHTD) + 4 * (12 * P + P * Hd),
-        "bwd_bytes": elem * (4 * PHD + 4 * BHTD) + 4 * (12 * P + 2 * P * Hd) * 2,
-        "fwd_flops": fwd_flops, "bwd_flops": fused_bwd_flops,
-    }
-    return {"reference": ref, "fused": fused}
 
 
 def _rss_kb(field):
