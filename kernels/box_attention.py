@@ -492,20 +492,20 @@ if triton is not None:
         tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
+_TRITON_MAX_D = 256
+
+
 def _triton_config(D, T, block_p=None, block_t=None):
     """Fixed block sizes (no autotune: the interpreter cannot run several configs).
 
-    GPU: BLOCK_P=32 pairs, BLOCK_T=64 tokens (32 for head dim 128), 4 warps. Untuned: chosen
-    for register pressure of the [BP, BT] score tile and the [BP, BD] / [BT, BD] tiles.
-    Interpreter: the same (each program iteration costs ~ms, bigger blocks would be faster but
-    the tests want several blocks).
+    Head dims are padded to BLOCK_D = next power of two >= 16 (masked). GPU tiles (untuned, no GPU
+    here; sized for the registers of the [BP, BT] score tile and the [BP, BD] accumulators):
+    BLOCK_D <= 64: 32 pairs x 64 tokens, 4 warps; 128: 32 x 32, 4 warps; 256: 16 x 32, 8 warps.
+    All three compile for sm_90 within shared memory limits (tests/test_box_attention.py).
     """
     block_d = max(16, triton.next_power_of_2(D))
-    if block_p is None:
-        block_p = 32
-    if block_t is None:
-        block_t = 64 if block_d <= 64 else 32
-    return block_p, block_t, block_d, 4
+    bp, bt, warps = (32, 64, 4) if block_d <= 64 else (32, 32, 4) if block_d <= 128 else (16, 32, 8)
+    return block_p or bp, block_t or bt, block_d, warps
 
 
 def _block_plan(pair_image, n_images, block_p):
@@ -593,18 +593,24 @@ def _check_triton(q, k, v, strength):
     if not _INTERPRET and not (q.is_cuda and k.is_cuda and v.is_cuda and strength.is_cuda):
         raise ValueError("box_attention: impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 "
                          "set before kernels/ is imported)")
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float32, torch.float16,
-                                                               torch.bfloat16):
-        raise ValueError(f"box_attention: impl='triton' needs q, k, v of one dtype in fp32/fp16/bf16, "
+    dt = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+    if dt not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"box_attention: impl='triton' needs q, k, v in fp32/fp16/bf16, "
                          f"got {q.dtype}, {k.dtype}, {v.dtype}")
-    if q.shape[-1] > 128:
-        raise ValueError(f"box_attention: impl='triton' supports head dim <= 128, got {q.shape[-1]}")
+    if q.shape[-1] > _TRITON_MAX_D:
+        raise ValueError(f"box_attention: impl='triton' supports head dim <= {_TRITON_MAX_D}, "
+                         f"got {q.shape[-1]}")
+    return dt
 
 
 def box_attention_triton(q, k, v, pair_image, boxes, strength, grid_hw, scale=None,
                          block_p=None, block_t=None):
-    """Triton path. block_p / block_t override the fixed config (powers of two >= 16)."""
-    _check_triton(q, k, v, strength)
+    """Triton path. block_p / block_t override the fixed config (powers of two >= 16).
+
+    q, k, v: fp32 / fp16 / bf16 (mixed dtypes are cast to their promoted type), head dim <= 256.
+    """
+    dt = _check_triton(q, k, v, strength)
+    q, k, v = q.to(dt), k.to(dt), v.to(dt)  # mixed dtypes (e.g. autocast): one common dtype
     _check_pair_image(pair_image, k.shape[0])
     for name, b in (("block_p", block_p), ("block_t", block_t)):
         if b is not None and (b < 16 or b & (b - 1)):
@@ -627,7 +633,9 @@ def box_attention(q, k, v, pair_image, boxes, strength, grid_hw, scale=None, imp
     Gradients flow to q, k, v and strength; boxes and pair_image are constants.
     """
     _check(q, k, v, pair_image, boxes, strength, grid_hw)
-    impl = resolve_impl(impl, q, k, v)
+    requested, impl = impl, resolve_impl(impl, q, k, v)
+    if requested == "auto" and impl == "triton" and q.shape[-1] > _TRITON_MAX_D:
+        impl = "torch"  # the lean path runs on any device
     if impl == "reference" or q.shape[0] == 0:
         return box_attention_reference(q, k, v, pair_image, boxes, strength, grid_hw, scale)
     if impl == "triton":

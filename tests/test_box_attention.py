@@ -152,6 +152,18 @@ def test_triton_default_config_and_auto():
     _assert_close(_run(lambda *a: box_attention(*a, impl="auto"), *inp, (4, 4)), want, atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("D", [40, 144])
+def test_triton_head_dim_padding_and_mixed_dtypes(D):
+    # D = 40 runs in 64-wide tiles, D = 144 in 256-wide tiles (the default config for that D);
+    # q in fp16 with fp32 k, v: the wrapper casts all three to fp32
+    q, k, v, pi, boxes, st = _inputs([5, 0, 3], 2, (3, 3), D, seed=8)
+    q = q.half()
+    want = _ref64(q, k, v, pi, boxes, st, (3, 3))
+    got = _run(lambda *a: ba.box_attention_triton(*a), q, k, v, pi, boxes, st, (3, 3))
+    assert got[0].dtype == torch.float32 and got[1].dtype == torch.float16
+    _assert_close(got, want, atol=2e-3, rtol=2e-3)                     # dq rounded to fp16
+
+
 # ---------------------------------------------------------------------------- half precision
 
 # (the Triton interpreter truncates fp32 -> bf16 where a GPU rounds to nearest, hence the
@@ -247,7 +259,7 @@ def test_bad_inputs_raise():
     q, k, v, pi, boxes, st = _inputs([2, 1], 2, (2, 2), 4)
     with pytest.raises(ValueError, match="pair_image"):
         box_attention(q, k, v, pi + 5, boxes, st, (2, 2), impl="torch")
-    with pytest.raises(ValueError, match="dtype"):
+    with pytest.raises(ValueError, match="fp32/fp16/bf16"):
         box_attention(q.double(), k.double(), v.double(), pi, boxes, st, (2, 2), impl="triton")
     with pytest.raises(ValueError, match="impl"):
         box_attention(q, k, v, pi, boxes, st, (2, 2), impl="cuda")
@@ -269,8 +281,9 @@ import sys
 import kernels
 from kernels._common import aot_compile
 BA = sys.modules["kernels.box_attention"]
-for dt, half, bd, bt in (("fp32", False, 32, 64), ("bf16", True, 128, 32)):
-    c = {"BLOCK_P": 32, "BLOCK_T": bt, "BLOCK_D": bd, "HALF_DOT": half}
+for dt, half, bd in (("fp32", False, 32), ("bf16", True, 128), ("fp16", True, 256)):
+    bp, bt, _, _ = BA._triton_config(bd, 1369)
+    c = {"BLOCK_P": bp, "BLOCK_T": bt, "BLOCK_D": bd, "HALF_DOT": half}
     common = {"scale": "fp32", "Hd": "i32", "T": "i32", "D": "i32", "Gw": "i32", "Gw_f": "fp32",
               "Gh_f": "fp32", "BLOCK_P": "constexpr", "BLOCK_T": "constexpr", "BLOCK_D": "constexpr",
               "HALF_DOT": "constexpr"}
@@ -294,8 +307,8 @@ print("ok")
 def test_triton_kernels_compile_for_h100():
     """The interpreter checks no GPU limit: compile the three kernels down to sm_90 cubin (no GPU
     needed) in a process without TRITON_INTERPRET, for the fp32 path (fp32 operands, IEEE dots)
-    at D = 32 and the bf16 tensor-core path (HALF_DOT) at the largest tiles (D = 128); shared
-    memory must fit an H100 block (227 KiB)."""
+    at D = 32 and the bf16 / fp16 tensor-core path (HALF_DOT) at D = 128 and D = 256, each with
+    the tiles the wrapper picks; shared memory must fit an H100 block (227 KiB)."""
     root = Path(__file__).resolve().parent.parent
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     res = subprocess.run([sys.executable, "-c", AOT_CODE], cwd=root, env=env, capture_output=True,
@@ -305,5 +318,5 @@ def test_triton_kernels_compile_for_h100():
     assert res.returncode == 0, res.stderr[-3000:]
     lines = res.stdout.split()
     assert lines[-1] == "ok"
-    for dt in ("fp32", "bf16"):
+    for dt in ("fp32", "bf16", "fp16"):
         assert 0 < int(lines[lines.index(dt) + 1]) <= 227 * 1024
