@@ -44,7 +44,7 @@ WORLD = dict(n_train=600, n_test=200, image_size=128, seed=0)
 MODEL_OPTS = ["d_model=64", "d_latent=32", "heads=4", "ffn_mult=2", "impl=reference"]
 LOOP = ["--epochs", "8", "--batch-size", "8", "--lr", "5e-4", "--warmup-steps", "20",
         "--schedule", "cosine", "--clip", "1.0", "--weight-decay", "1e-4", "--seed", "0"]
-KD = ["--w-map", "1.0", "--w-query", "1.0", "--w-logit", "1.0", "--temperature", "1.0"]
+KD = ["--w-map", "1.0", "--w-query", "1.0", "--w-logit", "1.0", "--temperature", "2.0"]
 
 
 def _atomic_json(path: Path, obj) -> None:

@@ -193,8 +193,9 @@ def main(argv=None) -> dict:
     dist = Distiller(teachers, sources, args.w_map, args.w_query, args.w_logit, args.temperature,
                      args.kd_impl)
     out = Path(args.runs) / args.name
+    metric_fn, mkw = TT.metric_for(args, cs)
     tr = TT.Trainer(model, TT.loop_config(args), train, tf, out, d, test, ef, extra_loss=dist,
-                    eval_kwargs=TT.eval_kwargs_for(cs), class_space=cs,
+                    metric_fn=metric_fn, eval_kwargs=mkw, class_space=cs,
                     ckpt_extra={"role": "student", "teachers": info,
                                 "distill": {"w_map": args.w_map, "w_query": args.w_query,
                                             "w_logit": args.w_logit, "temperature": args.temperature}})

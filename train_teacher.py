@@ -1073,7 +1073,11 @@ def build_splits(args):
         thresh = args.score_thresh
         select = (lambda dd, person=person, thresh=thresh:
                   D.select_boxes(dd, person_label=person, score_thresh=thresh))
-        raw = getattr(ds, "raw", None) if which == "test" else None
+        raw = None
+        if which == "test":
+            raw = getattr(ds, "raw", None)
+            if raw is None:
+                raw = json.loads(Path(anno).read_text())
         gt = (lambda t, person=person: D.gt_detections(t, person_label=person))
         splits.append(Split(ds, dets, image_root, raw, select, gt, name=which))
     return splits[0], splits[1], cs
@@ -1081,6 +1085,19 @@ def build_splits(args):
 
 def eval_kwargs_for(cs) -> dict:
     return {"zero_shot": list(cs.unseen)} if getattr(cs, "unseen", None) else {}
+
+
+def metric_for(args, cs):
+    """(metric_fn, kwargs) of the dataset: HICO-DET protocol (hicodet, synthetic), the SWiG-HOI
+    protocol (swig), none for V-COCO: the official evaluator needs vcoco_test.json + COCO
+    annotations and role-format predictions, so V-COCO runs only write predictions_test.json
+    (HICO-style rows) and evaluate with eval.py's V-COCO CLI afterwards."""
+    import eval as E
+    if args.dataset == "swig":
+        return (lambda anno, preds: E.evaluate_swig(anno, preds)), {}
+    if args.dataset == "vcoco":
+        return (lambda anno, preds: {}), {}
+    return E.evaluate_hico, eval_kwargs_for(cs)
 
 
 def setup_run(args):
@@ -1143,8 +1160,9 @@ def main(argv=None) -> dict:
     model = build_model(args, cs, d.device)
     tf, ef = make_sources(model, args, d, train, test, cache)
     out = Path(args.runs) / args.name
-    tr = Trainer(model, loop_config(args), train, tf, out, d, test, ef,
-                 eval_kwargs=eval_kwargs_for(cs), ckpt_extra={"role": "teacher"}, class_space=cs)
+    metric_fn, mkw = metric_for(args, cs)
+    tr = Trainer(model, loop_config(args), train, tf, out, d, test, ef, metric_fn=metric_fn,
+                 eval_kwargs=mkw, ckpt_extra={"role": "teacher"}, class_space=cs)
     if args.resume:
         path = out / "last.pt" if args.resume == "auto" else Path(args.resume)
         if path.exists() or args.resume != "auto":
