@@ -408,5 +408,7 @@ def kl_distill(student, teacher, temperature=1.0, prior=None, impl="auto", *, bl
     use_triton = impl == "triton"
     if use_triton:
         student, teacher = student.contiguous(), teacher.contiguous()
-        prior = None if prior is None else prior.contiguous()
+        if prior is not None:   # a constant: fp64 (or integer) priors are read as fp32
+            prior = (prior if prior.dtype in (torch.float16, torch.bfloat16, torch.float32)
+                     else prior.float()).contiguous()
     return KLDistillFunction.apply(student, teacher, prior, float(temperature), use_triton, blocks)

@@ -337,6 +337,6 @@ def pair_enum(q, boxes, idx_h, idx_o, w1, w2, b, impl="auto", *, blocks=None):
     if impl == "reference":
         return pair_enum_reference(q, boxes, idx_h, idx_o, w1, w2, b)
     use_triton = impl == "triton"
-    if use_triton:
-        idx_h, idx_o, boxes = idx_h.contiguous(), idx_o.contiguous(), boxes.contiguous()
+    if use_triton:   # boxes are constants: any float dtype is read as fp32 by the kernel
+        idx_h, idx_o, boxes = idx_h.contiguous(), idx_o.contiguous(), boxes.float().contiguous()
     return PairEnumFunction.apply(q, w1, w2, b, boxes.detach(), idx_h, idx_o, use_triton, blocks)
