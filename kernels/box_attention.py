@@ -765,12 +765,14 @@ def measure_peak_extra_mb(impl, P=4096, Hd=8, grid_hw=(37, 37), D=32, B=4, backw
     return (_rss_kb("VmHWM") - before) / 1024.0
 
 
-if __name__ == "__main__":  # python -m kernels.box_attention --mem torch|reference
+if __name__ == "__main__":  # python -m kernels.box_attention [--mem IMPL | --time IMPL]
     import argparse
     import json
 
     ap = argparse.ArgumentParser(description="box_attention: CPU peak memory / cost model")
     ap.add_argument("--mem", choices=["torch", "reference"], help="measure peak extra memory")
+    ap.add_argument("--time", choices=["torch", "reference"],
+                    help="CPU seconds (process time, 1 thread) of forward and backward, 3 runs")
     ap.add_argument("--pairs", type=int, default=4096)
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--grid", type=int, nargs=2, default=[37, 37])
@@ -785,5 +787,21 @@ if __name__ == "__main__":  # python -m kernels.box_attention --mem torch|refere
                                    method=a.method, **shape)
         print(json.dumps({"impl": a.mem, **shape, "grid": a.grid,
                           "method": a.method, "peak_extra_MiB": round(mb, 1)}))
+    elif a.time:
+        import time
+        torch.set_num_threads(1)
+        q, k, v, pi, boxes, st = make_inputs(grid_hw=tuple(a.grid), **shape)
+        for t in (q, k, v, st):
+            t.requires_grad_(True)
+        dout = torch.randn(q.shape)
+        runs = []
+        for _ in range(3):
+            t0 = time.process_time()
+            out = box_attention(q, k, v, pi, boxes, st, tuple(a.grid), impl=a.time)
+            t1 = time.process_time()
+            out.backward(dout)
+            runs.append((round(t1 - t0, 3), round(time.process_time() - t1, 3)))
+        print(json.dumps({"impl": a.time, **shape, "grid": a.grid, "threads": 1,
+                          "cpu_s_fwd_bwd": runs}))
     else:
         print(json.dumps(cost_model(T=a.grid[0] * a.grid[1], **shape), indent=1))
