@@ -655,9 +655,9 @@ def cost_model(P=4096, Hd=8, T=1369, D=32, B=4, elem=4, block_p=32, block_t=64):
     backward dS 3 and d strength 6; inside tests 12 compares per (pair, token).
     Bytes: the reference counts one read or write per pass over a materialised [P, Hd, T]
     tensor (its forward makes ~12 such passes: bias, gathered bias, logits, scaled, biased,
-    softmax and the reads of them; backward ~13). The Triton kernels never materialise
-    [P, Hd, T];
-    "hbm" is the compulsory traffic (q, out, dO, dq, K, V, dK, dV once, 12 box numbers and 2
+    softmax and the reads of them; backward ~13). The lean torch path makes ~10 (forward) and
+    ~22 (backward) passes over [Hd, chunk, T] buffers of <= 4 MiB (cache-sized working set).
+    The Triton kernels never materialise [P, Hd, T]: "hbm" is the compulsory traffic (q, out, dO, dq, K, V, dK, dV once, 12 box numbers and 2
     softmax statistics per row) and "l2" the re-reads of K/V per pair block (forward, dq) and of
     q/dO per token block (dk/dv) of the Triton kernels, served by the L2 cache in practice.
     """
@@ -677,10 +677,9 @@ def cost_model(P=4096, Hd=8, T=1369, D=32, B=4, elem=4, block_p=32, block_t=64):
         },
         "torch_lean": {  # backward recomputes QK^T, bias and P once
             "fwd_flops": fwd, "bwd_flops": 5 * mm + 22 * PHT + 12 * PT,
-            # not fused: ~15 (fwd) / ~23 (bwd) passes over [chunk, Hd, T] buffers of <= 4 MiB,
-            # i.e. more traffic than the reference, but through a cache-sized working set
-            "fwd_bytes_chunked": elem * (15 * PHT + 2 * PHD + 2 * BHTD),
-            "bwd_bytes_chunked": elem * (23 * PHT + 4 * PHD + 4 * BHTD),
+            # not fused: passes over [Hd, chunk, T] buffers of <= 4 MiB, a cache-sized working set
+            "fwd_bytes_chunked": elem * (10 * PHT + 2 * PHD + 2 * BHTD),
+            "bwd_bytes_chunked": elem * (22 * PHT + 4 * PHD + 4 * BHTD),
         },
         "triton": {  # dq and dk/dv kernels each recompute QK^T, bias, P and dP
             "fwd_flops": fwd, "bwd_flops": 7 * mm + 30 * PHT + 24 * PT,
