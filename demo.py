@@ -106,7 +106,6 @@ def _preds(run_dir: Path) -> dict:
 def draw_picture(out: Path, world_paths: dict, student_dir: Path) -> str:
     """The student's top interactions on the test image with the most GT pairs among the first 50."""
     import torch
-    import data as D
     try:
         from infer import draw_interactions, hoi_class_names
     except ImportError as e:          # infer.py is another helper's file
@@ -118,7 +117,8 @@ def draw_picture(out: Path, world_paths: dict, student_dir: Path) -> str:
     j = int(np.argmax(npairs))
     fn = anno["filenames"][j]
     rows = _preds(student_dir).get(fn, np.zeros((0, 10)))
-    img = D.Image.open(Path(world_paths["test_images"]) / fn).convert("RGB")
+    from PIL import Image
+    img = Image.open(Path(world_paths["test_images"]) / fn).convert("RGB")
     gt = ", ".join(names[h] for h in sorted(set(anno["annotation"][j]["hoi"])))
     pic = draw_interactions(img, rows, names, top_k=4, title=f"student, {fn}", note=f"GT: {gt}")
     dst = out / "detections.png"
@@ -197,7 +197,6 @@ def main(argv=None) -> int:
         "world": WORLD, "model_opts": MODEL_OPTS, "loop": LOOP, "kd": KD,
         "runtime_s": None,
     }
-    names = {0: "teacher", 1: "student"}
     line = "-" * 56
     print("\nHICO-DET-protocol mAP (%) on the synthetic test set "
           f"({WORLD['n_test']} images, 16 classes)\n{line}")
@@ -220,7 +219,6 @@ def main(argv=None) -> int:
         print(e, file=sys.stderr)
     results["runtime_s"] = round(time.time() - t_start, 1)
     _atomic_json(out / "results.json", results)
-    del names
     print(f"results: {out / 'results.json'}; demo wall time {results['runtime_s']:.0f} s")
     return 0
 

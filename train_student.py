@@ -20,7 +20,9 @@ KD(f_s, f_t) = T^2 * KL(softmax(f_t / T) || softmax(f_s / T)), rows = tokens / p
                D channels, averaged over layers (same number of layers needed).
 * logit level: on Psi(O) = logit(P * sigmoid(O)) with P the student's detection prior [P, K]
                (equal to the teachers' since the boxes are the same); impossible classes
-               (P == 0) are masked out.
+               (P == 0) are masked out. Zero-shot: the unseen classes are masked out too
+               (PROTOCOLS.md: unseen classifier rows are never supervised; the teacher's
+               unseen outputs were never trained either), unless --kd-unseen.
 
 loss = loss_gt + w_map * KD_map + w_query * KD_query + w_logit * KD_logit.
 """
@@ -68,12 +70,13 @@ def resize_map(m: torch.Tensor, grid_from, grid_to) -> torch.Tensor:
 
 
 def distill_losses(s_out: dict, s_grid, t_outs: list, t_grids: list, w_map=1.0, w_query=1.0,
-                   w_logit=1.0, temperature=1.0, impl="auto") -> dict:
+                   w_logit=1.0, temperature=1.0, impl="auto", exclude_classes=None) -> dict:
     """The three weighted KD terms (0-dim tensors) of a student output vs M teacher outputs.
 
     s_out / t_outs[m]: model outputs (latent_map [B, T, d], queries list of [P, D], logits
     [P, K], prior [P, K], pair_image [P], pair_idx [P, 2]); s_grid / t_grids[m]: (Gh, Gw) of
-    the respective VLM feature maps. Alignment is checked first.
+    the respective VLM feature maps. exclude_classes: class indices left out of the
+    logit-level KD (masked like impossible classes). Alignment is checked first.
     """
     for m, t in enumerate(t_outs):
         check_alignment(s_out, t, f"teacher {m}")
@@ -110,8 +113,12 @@ def distill_losses(s_out: dict, s_grid, t_outs: list, t_grids: list, w_map=1.0, 
     if w_logit:
         if s_out["logits"].shape[0] > 0:
             tl = torch.stack([t["logits"].detach().float() for t in t_outs])  # [M, P, K]
+            prior = s_out["prior"].detach().float()                            # [P, K]
+            if exclude_classes is not None and len(exclude_classes):
+                prior = prior.clone()
+                prior[:, list(exclude_classes)] = 0.0
             out["loss_kd_logit"] = w_logit * kl_distill(s_out["logits"].float(), tl, T,
-                                                        prior=s_out["prior"].detach().float(), impl=impl)
+                                                        prior=prior, impl=impl)
         else:
             out["loss_kd_logit"] = zero
     return out
@@ -121,8 +128,9 @@ class Distiller:
     """The ``extra_loss`` hook: runs the frozen teachers on the student's exact inputs."""
 
     def __init__(self, teachers: list, sources: list, w_map=1.0, w_query=1.0, w_logit=1.0,
-                 temperature=1.0, impl="auto"):
+                 temperature=1.0, impl="auto", exclude_classes=None):
         self.teachers, self.sources = teachers, sources
+        self.exclude = list(exclude_classes or [])
         self.w = dict(w_map=w_map, w_query=w_query, w_logit=w_logit)
         self.temperature, self.impl = temperature, impl
         for t in teachers:
@@ -138,7 +146,8 @@ class Distiller:
                 t_outs.append(t(f, ctx["dets"], ctx["sizes"]))
             grids.append(tuple(f.shape[-2:]))
         return distill_losses(ctx["out"], tuple(ctx["feats"].shape[-2:]), t_outs, grids,
-                              temperature=self.temperature, impl=self.impl, **self.w)
+                              temperature=self.temperature, impl=self.impl,
+                              exclude_classes=self.exclude, **self.w)
 
 
 def load_teacher(path, device):
@@ -162,6 +171,8 @@ def student_parser() -> argparse.ArgumentParser:
     k.add_argument("--w-logit", type=float, default=1.0)
     k.add_argument("--temperature", type=float, default=1.0)
     k.add_argument("--kd-impl", default="auto", choices=["auto", "triton", "torch", "reference"])
+    k.add_argument("--kd-unseen", action="store_true",
+                   help="zero-shot: also distil the unseen classes' logits (default: left out)")
     return p
 
 
@@ -176,10 +187,15 @@ def _file_hash(path) -> str:
 def main(argv=None) -> dict:
     args = student_parser().parse_args(argv)
     d, train, test, cs, cache = TT.setup_run(args)
+    # the student is built first, right after seeding: with the teacher's --seed it starts from
+    # the teacher's initial weights, so a comparison isolates the effect of distillation
+    # (with all KD weights 0 the student reproduces the teacher exactly)
+    model = TT.build_model(args, cs, d.device)
     teachers, sources, info = [], [], []
     cs_plain = TT._plain(cs)
     for path in args.teacher:
-        t, ck = load_teacher(path, d.device)
+        with torch.random.fork_rng(devices=[]):     # building a teacher draws no training RNG
+            t, ck = load_teacher(path, d.device)
         if ck["class_space"] != cs_plain:
             diff = sorted(k for k in cs_plain if cs_plain.get(k) != ck["class_space"].get(k))
             raise TT.CheckpointError(f"teacher {path}: class space differs from the student's data "
@@ -188,10 +204,9 @@ def main(argv=None) -> dict:
         sources.append(TT.FeatureSource(t, train, cache, 2 if args.flip else 1, args.cache_dtype, d,
                                         progress=not args.no_progress and d.main))
         info.append({"path": str(path), "sha1": _file_hash(path), "cache_key": t.cache_key()})
-    model = TT.build_model(args, cs, d.device)
     tf, ef = TT.make_sources(model, args, d, train, test, cache)
     dist = Distiller(teachers, sources, args.w_map, args.w_query, args.w_logit, args.temperature,
-                     args.kd_impl)
+                     args.kd_impl, exclude_classes=[] if args.kd_unseen else list(cs.unseen))
     out = Path(args.runs) / args.name
     metric_fn, mkw = TT.metric_for(args, cs)
     tr = TT.Trainer(model, TT.loop_config(args), train, tf, out, d, test, ef, extra_loss=dist,

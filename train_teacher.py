@@ -19,6 +19,15 @@ What lives here (model-agnostic, the model only has to follow the contract in mo
                           of the curves, evaluation through eval.evaluate_hico after each epoch.
 * the teacher CLI (``python train_teacher.py --help``).
 
+Usage (see README "Training"):
+
+    python train_teacher.py --dataset synthetic --world runs/demo/world --name teacher
+    python train_teacher.py --dataset hicodet --image-root IMG/train2015 --anno instances_train2015.json \
+        --detections dets_train.json --test-image-root IMG/test2015 --test-anno instances_test2015.json \
+        --test-detections dets_test.json --vlm ViT-B-16 --pretrained openai [--zero-shot rf-uc] [--few-shot 8]
+    torchrun --nproc_per_node 2 train_teacher.py ...        # data parallel (gloo on CPU, nccl on GPU)
+    python train_teacher.py ... --resume                     # continue runs/NAME/last.pt exactly
+
 Design choices written down (LINK.md is silent on them):
 
 * GT boxes appended during training (UPT): the ground-truth boxes of the image (score 1.0) are
@@ -877,6 +886,7 @@ class Trainer:
         from tqdm import tqdm
         cfg, d = self.cfg, self.d
         if cfg.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")   # needed by cuBLAS
             torch.use_deterministic_algorithms(True)
         broadcast_params(self.model, d)
         while self.epoch < cfg.epochs:
@@ -1073,6 +1083,10 @@ def build_splits(args):
         thresh = args.score_thresh
         select = (lambda dd, person=person, thresh=thresh:
                   D.select_boxes(dd, person_label=person, score_thresh=thresh))
+        n_miss = sum(1 for f in ds.filenames if f not in dets)
+        if dets_path is not None and n_miss:
+            print(f"note: {n_miss} of {len(ds)} {which} images have no detections in {dets_path}"
+                  + (" (GT boxes only in training)" if which == "train" else ""), file=sys.stderr)
         raw = None
         if which == "test":
             raw = getattr(ds, "raw", None)
