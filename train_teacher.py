@@ -954,11 +954,19 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     m.add_argument("--model-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="any other LINKConfig field (repeatable)")
     t = p.add_argument_group("training")
+    helps = {"epochs": "epochs", "batch_size": "GLOBAL batch (images per step over all ranks)",
+             "lr": "AdamW learning rate", "weight_decay": "AdamW weight decay",
+             "warmup_steps": "linear warm-up steps", "gamma": "step-schedule decay factor",
+             "clip": "max gradient norm (after unscaling; <= 0: off)", "seed": "seed (init, data order, flips)",
+             "ckpt_every": "also checkpoint every N steps (0: each epoch)",
+             "eval_every": "evaluate every N epochs (0: after the last only)"}
+    choices = {"schedule": ["cosine", "step", "constant"], "amp": ["auto", "none", "bf16", "fp16"]}
     for f in dataclasses.fields(LoopConfig):
         if f.name in ("progress", "flip", "deterministic", "milestones"):
             continue
         default = f.default
-        p.add_argument("--" + f.name.replace("_", "-"), type=type(default), default=default)
+        t.add_argument("--" + f.name.replace("_", "-"), type=type(default), default=default,
+                       choices=choices.get(f.name), help=helps.get(f.name, f.name) + f" (default {default})")
     t.add_argument("--milestones", type=int, nargs="*", default=[], help="epochs (step schedule)")
     t.add_argument("--flip", action="store_true", help="horizontal flips (cache stores both views)")
     t.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms")
