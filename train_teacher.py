@@ -1018,24 +1018,27 @@ def build_model(args, class_space, device):
     return M.LINK(cfg, class_space).to(device)
 
 
-def _synthetic_paths(args) -> dict:
+def _synthetic_paths(args, d: Optional[Dist] = None) -> dict:
+    """The world's files; generated once (by rank 0 under torchrun) when absent."""
     import data as D
+    d = d or Dist()
     root = Path(args.world)
     anno = root / "instances_train.json"
-    if not anno.exists():
+    if d.main and not (root / "instances_test.json").exists():
         print(f"generating the synthetic world in {root}", file=sys.stderr)
-        return D.make_synthetic_world(root, n_train=args.world_train, n_test=args.world_test,
-                                      image_size=args.world_size, seed=args.seed)
+        D.make_synthetic_world(root, n_train=args.world_train, n_test=args.world_test,
+                               image_size=args.world_size, seed=args.seed)
+    barrier(d)
     return {"root": root, "train_images": root / "images" / "train", "test_images": root / "images" / "test",
             "train_anno": anno, "test_anno": root / "instances_test.json",
             "train_detections": root / "detections_train.json",
             "test_detections": root / "detections_test.json"}
 
 
-def _paths(args) -> dict:
+def _paths(args, d: Optional[Dist] = None) -> dict:
     """Resolve (image_root, anno, detections) for train and test."""
     if args.dataset == "synthetic" and not args.anno:
-        p = _synthetic_paths(args)
+        p = _synthetic_paths(args, d)
         get = (lambda *ks: next(Path(p[k]) for k in ks if k in p))
         return {"train": (get("train_images", "images_train"), get("train_anno", "instances_train"),
                           get("train_detections", "detections_train")),
@@ -1064,10 +1067,10 @@ def _dataset(args, image_root, anno, train: bool):
     return (D.VCOCO if args.dataset == "vcoco" else D.SWiGHOI)(str(image_root), str(anno))
 
 
-def build_splits(args):
+def build_splits(args, d: Optional[Dist] = None):
     """-> (train Split, test Split or None, class space)."""
     import data as D
-    paths = _paths(args)
+    paths = _paths(args, d)
     splits = []
     cs = None
     for which in ("train", "test"):
@@ -1128,7 +1131,7 @@ def setup_run(args):
         torch.set_num_threads(args.threads)
     d = init_distributed(args.device)
     seed_everything(args.seed + d.rank)
-    train, test, cs = build_splits(args)
+    train, test, cs = build_splits(args, d)
     if len(train) == 0:
         raise TrainInputError(f"no training image left in {args.anno or args.world} "
                               f"(zero-shot/few-shot filtering?)")

@@ -310,6 +310,7 @@ def test_kill_during_training_and_during_checkpoint_write_then_resume_exact(tmp_
 
 def test_two_process_gloo_matches_one_process_and_eval_covers_each_image_once(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
+    TinyDS(two / "data", 9), TinyDS(two / "data_test", 5, seed=1)   # image files written once, here
     _child_inprocess(one, "--dropout", "0", "--epochs", "2", "--images", "9", "--test-images", "5")
     e = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1")
     import socket
