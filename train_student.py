@@ -30,9 +30,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import sys
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -214,14 +212,7 @@ def main(argv=None) -> dict:
                     ckpt_extra={"role": "student", "teachers": info,
                                 "distill": {"w_map": args.w_map, "w_query": args.w_query,
                                             "w_logit": args.w_logit, "temperature": args.temperature}})
-    if args.resume:
-        path = out / "last.pt" if args.resume == "auto" else Path(args.resume)
-        if path.exists() or args.resume != "auto":
-            tr.resume(path)
-        else:
-            print(f"no checkpoint at {path}: starting fresh", file=sys.stderr)
-    tr.fit()
-    return TT.finish(tr, args.name)
+    return TT.fit_and_finish(tr, args.resume, args.name)
 
 
 if __name__ == "__main__":

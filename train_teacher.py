@@ -1147,6 +1147,18 @@ def make_sources(model, args, d, train, test, cache):
     return tf, ef
 
 
+def fit_and_finish(trainer: Trainer, resume: str | None, name: str) -> dict:
+    """Resume if asked (``--resume`` alone = runs/NAME/last.pt when it exists), train, finish."""
+    if resume:
+        path = trainer.out / "last.pt" if resume == "auto" else Path(resume)
+        if path.exists() or resume != "auto":
+            trainer.resume(path)
+        else:
+            print(f"no checkpoint at {path}: starting fresh", file=sys.stderr)
+    trainer.fit()
+    return finish(trainer, name)
+
+
 def finish(trainer: Trainer, name: str) -> dict:
     """Write the final predictions and metrics of a run (rank 0)."""
     if trainer.d.main:
@@ -1188,14 +1200,7 @@ def main(argv=None) -> dict:
     metric_fn, mkw = metric_for(args, cs)
     tr = Trainer(model, loop_config(args), train, tf, out, d, test, ef, metric_fn=metric_fn,
                  eval_kwargs=mkw, ckpt_extra={"role": "teacher"}, class_space=cs)
-    if args.resume:
-        path = out / "last.pt" if args.resume == "auto" else Path(args.resume)
-        if path.exists() or args.resume != "auto":
-            tr.resume(path)
-        else:
-            print(f"no checkpoint at {path}: starting fresh", file=sys.stderr)
-    tr.fit()
-    return finish(tr, args.name)
+    return fit_and_finish(tr, args.resume, args.name)
 
 
 if __name__ == "__main__":

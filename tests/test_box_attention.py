@@ -2,15 +2,12 @@
 against the reference definition, forward and backward (q, k, v, strength)."""
 import importlib
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from kernels import box_attention, box_bias, box_attention_reference
+from conftest import aot_compile_in_subprocess
 
 ba = importlib.import_module("kernels.box_attention")  # the module (kernels.box_attention is the op)
 
@@ -309,14 +306,8 @@ def test_triton_kernels_compile_for_h100():
     needed) in a process without TRITON_INTERPRET, for the fp32 path (fp32 operands, IEEE dots)
     at D = 32 and the bf16 / fp16 tensor-core path (HALF_DOT) at D = 128 and D = 256, each with
     the tiles the wrapper picks; shared memory must fit an H100 block (227 KiB)."""
-    root = Path(__file__).resolve().parent.parent
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", AOT_CODE], cwd=root, env=env, capture_output=True,
-                         text=True, timeout=600)
-    if res.returncode and "ptxas" in res.stderr and "not found" in res.stderr:
-        pytest.skip("no ptxas in this triton install")
-    assert res.returncode == 0, res.stderr[-3000:]
-    lines = res.stdout.split()
+    stdout = aot_compile_in_subprocess(AOT_CODE)
+    lines = stdout.split()
     assert lines[-1] == "ok"
     for dt in ("fp32", "bf16", "fp16"):
         assert 0 < int(lines[lines.index(dt) + 1]) <= 227 * 1024

@@ -1,17 +1,13 @@
 """kl_distill: lean torch path and Triton kernels (CPU interpreter) against the reference."""
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from kernels import kl_distill, kl_distill_reference, psi_transform
+from kernels import kl_distill, psi_transform
 from kernels._common import triton_available
+from conftest import aot_compile_in_subprocess
 
-ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")   # interpreter: log(0) in numpy
 
 IMPLS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(not triton_available(), reason="no triton"))]
@@ -172,18 +168,6 @@ def test_auto_is_torch_on_cpu():
     assert kl_distill(s, t, 1.0, prior).item() == kl_distill(s, t, 1.0, prior, impl="torch").item()
 
 
-def _aot_compile_in_subprocess(code):
-    """Run `code` in a fresh process without TRITON_INTERPRET, so the kernels are real JIT
-    functions, compiled for an H100 (sm_90) down to cubin with no GPU present."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=600)
-    if res.returncode and "ptxas" in res.stderr and "not found" in res.stderr:
-        pytest.skip("no ptxas in this triton install")
-    assert res.returncode == 0, res.stderr[-3000:]
-    return res.stdout
-
-
 @pytest.mark.skipif(not triton_available(), reason="no triton")
 def test_triton_kernels_compile_for_h100():
     """The interpreter checks no GPU limit: compile the launch configurations the wrapper picks
@@ -205,4 +189,4 @@ for dt, hp in (("fp32", True), ("fp32", False), ("bf16", True)):
         "BLOCK_N": "constexpr", "BLOCK_C": "constexpr"}, c)
 print("ok")
 """
-    assert _aot_compile_in_subprocess(code).strip().endswith("ok")
+    assert aot_compile_in_subprocess(code).strip().endswith("ok")

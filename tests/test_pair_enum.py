@@ -1,18 +1,14 @@
 """pair_enum / spatial_features: lean torch path and Triton kernels (CPU interpreter) against the
 reference and hand-computed values."""
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from kernels import pair_enum, pair_enum_reference, spatial_features
+from kernels import pair_enum, spatial_features
 from kernels._common import triton_available
+from conftest import aot_compile_in_subprocess
 
-ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")   # interpreter: log(0) in numpy
 
 IMPLS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(not triton_available(), reason="no triton"))]
@@ -155,18 +151,6 @@ def test_auto_is_torch_on_cpu_and_no_pair_sized_saves():
     assert all(t.numel() <= idx_h.numel() for t in saved)          # q, w1, w2 and the indices only
 
 
-def _aot_compile_in_subprocess(code):
-    """Run `code` in a fresh process without TRITON_INTERPRET, so the kernels are real JIT
-    functions, compiled for an H100 (sm_90) down to cubin with no GPU present."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=600)
-    if res.returncode and "ptxas" in res.stderr and "not found" in res.stderr:
-        pytest.skip("no ptxas in this triton install")
-    assert res.returncode == 0, res.stderr[-3000:]
-    return res.stdout
-
-
 @pytest.mark.skipif(not triton_available(), reason="no triton")
 def test_triton_kernels_compile_for_h100():
     """The interpreter checks no GPU limit: compile the launch configuration the wrapper picks on
@@ -185,4 +169,4 @@ for dt in ("fp32", "bf16"):
         "dB": "*fp32", "P": "i32", "Do": "i32", "BLOCK_P": "constexpr", "BLOCK_D": "constexpr"}, c)
 print("ok")
 """
-    assert _aot_compile_in_subprocess(code).strip().endswith("ok")
+    assert aot_compile_in_subprocess(code).strip().endswith("ok")
