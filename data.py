@@ -1885,8 +1885,31 @@ def _make_chunk(task):
     return out
 
 
+def _drop_rows(anns: list, frac: float, K: int, seed: int) -> None:
+    """Remove round(frac * n_k) of the n_k (pair, class) rows of each class k from the
+    annotation entries ``anns`` in place (rows chosen uniformly by a stream of ``seed``)."""
+    img = np.concatenate([np.full(len(a["hoi"]), i, dtype=np.int64) for i, a in enumerate(anns)]
+                         + [np.zeros(0, dtype=np.int64)])  # [R] image of each row
+    row = np.concatenate([np.arange(len(a["hoi"]), dtype=np.int64) for a in anns]
+                         + [np.zeros(0, dtype=np.int64)])  # [R] row within its image
+    hoi = np.concatenate([np.asarray(a["hoi"], dtype=np.int64) for a in anns]
+                         + [np.zeros(0, dtype=np.int64)])  # [R]
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0, 4]))
+    gone = np.zeros(len(hoi), dtype=bool)  # [R]
+    for k in range(K):
+        idx = np.nonzero(hoi == k)[0]
+        n_drop = int(round(frac * len(idx)))
+        if n_drop:
+            gone[rng.choice(idx, size=n_drop, replace=False)] = True
+    for i in np.unique(img[gone]):
+        keep = set(row[(img == i) & ~gone].tolist())
+        a = anns[i]
+        for key in list(a):
+            a[key] = [v for j, v in enumerate(a[key]) if j in keep]
+
+
 def make_synthetic_world(root, n_train=2000, n_test=500, image_size=128, seed=0,
-                         workers=None, verbose=False) -> dict:
+                         workers=None, verbose=False, train_label_drop: float = 0.0) -> dict:
     """Write the synthetic HOI world under ``root`` and return its paths:
 
     {"root", "train_images", "test_images", "train_anno", "test_anno",
@@ -1896,10 +1919,22 @@ def make_synthetic_world(root, n_train=2000, n_test=500, image_size=128, seed=0,
     (per-image detection format). Deterministic from ``seed`` (identical bytes, whatever
     ``workers``: chunks of 250 images have their own random streams).
     workers: processes rendering chunks in parallel (default min(4, cpu count); <= 1: none).
+    train_label_drop: fraction in [0, 1) of the TRAIN (pair, class) annotation rows removed
+    from instances_train.json only, as in sparsely annotated real data (HICO-DET leaves many
+    real interactions unlabelled, so training pushes them to zero as negatives). The pixels
+    and the simulated detections still show every interaction; the test file's annotations
+    stay complete. Stratified per class: exactly round(train_label_drop * n_k) of the n_k
+    rows of class k are removed, chosen by their own random stream (seeded by ``seed``), so
+    nothing else in the world changes. Images left without a row go to ``empty``; ``rare``
+    / ``non_rare`` (both files) count the REMAINING train rows (< 10 -> rare). 0 (default):
+    no row removed, files byte-identical to a world made without the option.
     """
     S = int(image_size)
     if S < 64:
         raise ValueError(f"image_size must be >= 64, got {S}")
+    drop = float(train_label_drop)
+    if not 0.0 <= drop < 1.0:
+        raise ValueError(f"train_label_drop must be in [0, 1), got {train_label_drop!r}")
     seed = int(seed)
     t0 = time.time()
     root = Path(root)
@@ -1934,6 +1969,8 @@ def make_synthetic_world(root, n_train=2000, n_test=500, image_size=128, seed=0,
             dets[fname] = det
 
     K = len(SYN_CLASSES)
+    if drop > 0:
+        _drop_rows(results["train"][0], drop, K, seed)
     train_counts = np.zeros(K, dtype=np.int64)
     for a in results["train"][0]:
         train_counts += np.bincount(np.asarray(a["hoi"], dtype=np.int64), minlength=K)

@@ -451,6 +451,35 @@ def test_world_deterministic(tmp_path, world):
     assert h(Path(a["train_images"]) / png) != h(Path(c["train_images"]) / png)
 
 
+def test_world_train_label_drop(tmp_path, world):
+    """train_label_drop removes ~that fraction of the TRAIN rows (exactly round(f * n_k) per
+    class), keeps the rest and the test annotations identical to the drop=0 world."""
+    d = data.make_synthetic_world(tmp_path / "d", n_train=300, n_test=80, image_size=128, seed=0,
+                                  train_label_drop=0.4)
+    full, sparse = (json.loads(Path(w["train_anno"]).read_text()) for w in (world, d))
+    counts = lambda doc: np.bincount(  # noqa: E731  rows per class [16]
+        np.concatenate([np.array(a["hoi"], dtype=int) for a in doc["annotation"]]), minlength=16)
+    n_full, n_sparse = counts(full), counts(sparse)
+    assert n_sparse.tolist() == [n - int(round(0.4 * n)) for n in n_full.tolist()]
+    assert 1 - n_sparse.sum() / n_full.sum() == pytest.approx(0.4, abs=0.02)
+    assert full["filenames"] == sparse["filenames"]
+    for a, b in zip(full["annotation"], sparse["annotation"]):  # kept rows: a sub-list of a's
+        rows_a = list(zip(*(a[k] for k in ("hoi", "object", "verb", "boxes_h", "boxes_o"))))
+        rows_b = list(zip(*(b[k] for k in ("hoi", "object", "verb", "boxes_h", "boxes_o"))))
+        it = iter(rows_a)
+        assert all(r in it for r in rows_b)
+    assert sparse["empty"] == [i for i, a in enumerate(sparse["annotation"]) if not a["hoi"]]
+    assert sparse["rare"] == [k for k in range(16) if n_sparse[k] < 10]
+    t_full, t_sparse = (json.loads(Path(w["test_anno"]).read_text()) for w in (world, d))
+    assert t_sparse["annotation"] == t_full["annotation"] and t_sparse["filenames"] == t_full["filenames"]
+    assert t_sparse["rare"] == sparse["rare"]
+    h = lambda p: hashlib.sha256(Path(p).read_bytes()).hexdigest()  # noqa: E731
+    for key in ("train_detections", "test_detections"):  # the detector still sees everything
+        assert h(world[key]) == h(d[key])
+    with pytest.raises(ValueError, match="train_label_drop"):
+        data.make_synthetic_world(tmp_path / "e", n_train=20, n_test=6, train_label_drop=1.0)
+
+
 def test_png_writer_round_trip(tmp_path):
     img = np.random.default_rng(0).integers(0, 256, size=(70, 90, 3), dtype=np.uint8)
     data._write_png(tmp_path / "x.png", img)
