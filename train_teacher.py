@@ -926,10 +926,6 @@ class Trainer:
 # ----------------------------------------------------------------------------------------------
 # CLI plumbing shared with train_student.py
 # ----------------------------------------------------------------------------------------------
-def default_data_root() -> Path:
-    return Path(os.environ.get("LINK_DATA", ROOT.parent / "shared" / "data"))
-
-
 def add_common_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--dataset", choices=["hicodet", "vcoco", "swig", "synthetic"], default="synthetic")
