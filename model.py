@@ -660,6 +660,9 @@ class LINK(nn.Module):
             seen_prior = prior.masked_fill(self.classifier.unseen[None, :], 0)
             out["labels"] = labels
             out["loss"] = focal_loss(logits, seen_prior, labels, cfg.focal_alpha, cfg.focal_gamma)
+            # loss = focal sum / max(num_pos, 1): data-parallel training re-normalises by the
+            # positives of the whole global batch (UPT all-reduces this count too)
+            out["num_pos"] = (labels[seen_prior > 0] > 0).sum().float()
         return out
 
     # -- predictions ---------------------------------------------------------------------------

@@ -38,10 +38,11 @@ Design choices written down (LINK.md is silent on them):
 * Data parallel: gradients are averaged by one flat all-reduce per step instead of DDP's
   bucket hooks, because the number of pairs per image varies and some parameters get no
   gradient in some steps (DDP would need find_unused_parameters). A global batch of B images is
-  split rank r <- batch[r::W]; each rank's loss is weighted by n_local * W / n_global so that
-  the averaged gradient is exactly the gradient of the per-image mean over the global batch
-  (exact for losses that are means over images; for the positive-count-normalised focal loss
-  it is the usual DDP approximation).
+  split rank r <- batch[r::W]; per-image-mean losses (distillation) are weighted by
+  n_local * W / n_global, and a loss normalised by its positives (the model's focal loss,
+  which reports ``num_pos``) by W * max(pos_local, 1) / max(pos_global, 1), the positives
+  being summed over ranks each step, so that the averaged gradient is exactly the gradient
+  one process computes on the global batch (up to float summation order).
 * Flip augmentation (``--flip``): a ViT is not flip-equivariant, so the flipped image is encoded
   on its own; the cache then stores both views per image ([N, 2, C, Gh, Gw]) and the view count
   is part of the cache key. Any other image augmentation must bypass the cache (``--no-cache``).
@@ -786,6 +787,7 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         parts = {}
         loss_val = torch.zeros((), device=d.device)
+        num_pos = None
         if local:
             views = [view_of(cfg.seed, self.epoch, i, cfg.flip) for i in local]
             feats = self.feats.get(local, views)                          # [b, C, Gh, Gw]
@@ -795,26 +797,38 @@ class Trainer:
             tgts = [{k: (v.to(d.device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in tgts]
             with self._autocast():
                 out = self.model(feats, dets, sizes, targets=tgts)
-                loss = out["loss"].float()
-                parts["loss_gt"] = loss.detach()
+                loss_gt = out["loss"].float()
+                parts["loss_gt"] = loss_gt.detach()
+                extra = torch.zeros((), device=d.device)
                 if self.extra_loss is not None:
                     ctx = dict(model=self.model, out=out, feats=feats, indices=local, views=views,
                                dets=dets, sizes=sizes, targets=tgts, split=self.train)
                     for k, v in self.extra_loss(ctx).items():
-                        loss = loss + v.float()
+                        extra = extra + v.float()
                         parts[k] = v.detach()
-            loss_val = loss.detach()
-        # every rank learns whether any rank saw a non-finite loss
-        bad = torch.tensor([0.0 if torch.isfinite(loss_val) else 1.0], device=d.device)
+            loss_val = (loss_gt + extra).detach()
+            num_pos = out.get("num_pos")
+        # one all-reduce: did any rank see a non-finite loss; positives of the global batch
+        sync = torch.tensor([0.0 if torch.isfinite(loss_val) else 1.0,
+                             float(num_pos) if local and num_pos is not None else 0.0,
+                             1.0 if local and num_pos is not None else 0.0], device=d.device)
         if d.enabled:
-            tdist.all_reduce(bad)
-        if bad.item() > 0:
+            tdist.all_reduce(sync)
+        bad, pos_total, pos_ranks = sync.tolist()
+        if bad > 0:
             names = all_gather_objects((d.rank, float(loss_val), [self.train.filenames[i] for i in local]), d)
             culprits = [f"rank {r}: loss {v} on {fs}" for r, v, fs in names if not math.isfinite(v)]
             raise NonFiniteLossError(f"non-finite loss at epoch {self.epoch} step {self.step} "
                                      f"(images: {'; '.join(culprits)})")
         if local:
-            self.scaler.scale(loss * weight).backward()
+            # The averaged gradient must equal one process's on the global batch. Per-image
+            # means (distillation terms) weigh by the rank's share of the images; a loss
+            # normalised by positives (the model's focal loss: sum / max(num_pos, 1)) by its
+            # share of the global positives instead.
+            w_gt = weight
+            if num_pos is not None and pos_ranks > 0:
+                w_gt = d.world * max(float(num_pos), 1.0) / max(pos_total, 1.0)
+            self.scaler.scale(loss_gt * w_gt + extra * weight).backward()
         allreduce_grads(self.params, d)
         self.scaler.unscale_(self.opt)
         gnorm = None

@@ -176,6 +176,7 @@ def test_gradients_reach_trainables_not_vlm(feats):
     assert not m.vlm.training  # frozen VLM stays in eval mode under model.train()
     out = m(feats, DETS, SIZES, targets_for(DETS))
     assert out["labels"].sum() == 2 and torch.isfinite(out["loss"]) and out["loss"] > 0
+    assert out["num_pos"].item() == 2.0   # the loss's normaliser, re-summed over ranks in training
     out["loss"].backward()
     for name, p in m.named_parameters():
         if name.startswith("vlm."):
