@@ -26,7 +26,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -122,6 +122,15 @@ def _atomic_write_text(path, text: str):
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _pair_boxes(a: dict, fname, img):
+    """The validated human and object boxes [P, 4] of one image's annotation entry."""
+    bh = _boxes_array(a["boxes_h"], fname, img, "boxes_h")
+    bo = _boxes_array(a["boxes_o"], fname, img, "boxes_o")
+    if len(bo) != len(bh):
+        raise _err(fname, img, "boxes_o", f"{len(bo)} object boxes for {len(bh)} human boxes")
+    return bh, bo
 
 
 def _boxes_array(value, file, image, field_, allow_empty=True) -> np.ndarray:
@@ -492,11 +501,8 @@ class HICODet(_HOIDataset):
             for key in ("boxes_h", "boxes_o", "hoi", "object", "verb"):
                 if key not in a:
                     raise _err(fname, img, key, "missing key")
-            bh = _boxes_array(a["boxes_h"], fname, img, "boxes_h")
-            bo = _boxes_array(a["boxes_o"], fname, img, "boxes_o")
+            bh, bo = _pair_boxes(a, fname, img)
             P = len(bh)
-            if len(bo) != P:
-                raise _err(fname, img, "boxes_o", f"{len(bo)} object boxes for {P} human boxes")
             hoi = _int_array(a["hoi"], P, 0, K, fname, img, "hoi")
             obj = _int_array(a["object"], P, 0, O, fname, img, "object")
             verb = _int_array(a["verb"], P, 0, V, fname, img, "verb")
@@ -663,11 +669,8 @@ class VCOCO(_HOIDataset):
             for key in ("boxes_h", "boxes_o", "actions", "objects"):
                 if key not in a:
                     raise _err(fname, img, key, "missing key")
-            bh = _boxes_array(a["boxes_h"], fname, img, "boxes_h")
-            bo = _boxes_array(a["boxes_o"], fname, img, "boxes_o")
+            bh, bo = _pair_boxes(a, fname, img)
             P = len(bh)
-            if len(bo) != P:
-                raise _err(fname, img, "boxes_o", f"{len(bo)} object boxes for {P} human boxes")
             act = _int_array(a["actions"], P, 0, K, fname, img, "actions")
             obj = _int_array(a["objects"], P, 1, O81, fname, img, "objects") - 1
             self._ann.append({"boxes_h": bh, "boxes_o": bo, "object": obj, "hoi": act,

@@ -6,7 +6,6 @@ the real annotation files in shared/data (tests needing those skip when they are
 import dataclasses
 import hashlib
 import json
-import math
 import time
 from pathlib import Path
 

@@ -749,6 +749,22 @@ def ref_swig_ap(scores, boxes, keys, gts):
     return ap
 
 
+def ref_swig_class_ap(preds, gt, c):
+    """ref_swig_ap of class c, its detections and GT gathered from preds and a parsed GT."""
+    sc, bx, ky = [], [], []
+    for fn, rows in preds.items():
+        for r in rows:
+            if r[0] == c:
+                sc.append(r[1])
+                bx.append(r[2:])
+                ky.append(gt.index[fn])
+    gts = {}
+    for k, i, b in zip(gt.gt_class, gt.gt_image, gt.gt_boxes):
+        if k == c:
+            gts.setdefault(int(i), []).append(list(b))
+    return ref_swig_ap(sc, bx, ky, gts)
+
+
 @needs_swig
 def test_swig_meta_counts(swig_meta):
     ev = [x for x in swig_meta["SWIG_INTERACTIONS"] if x["evaluation"] == 1]
@@ -791,18 +807,7 @@ def test_swig_hand_case(swig_meta):
     # same numbers as the THID loop
     gt = E.parse_swig_gt(anno, swig_meta)
     for c in (nr, ra, un):
-        sc, bx, ky = [], [], []
-        for fn, rows in preds.items():
-            for r in rows:
-                if r[0] == c:
-                    sc.append(r[1])
-                    bx.append(r[2:])
-                    ky.append(gt.index[fn])
-        gts = {}
-        for k, i, b in zip(gt.gt_class, gt.gt_image, gt.gt_boxes):
-            if k == c:
-                gts.setdefault(int(i), []).append(list(b))
-        assert per[c] / 100 == pytest.approx(ref_swig_ap(sc, bx, ky, gts), abs=1e-14)
+        assert per[c] / 100 == pytest.approx(ref_swig_class_ap(preds, gt, c), abs=1e-14)
     assert "Unseen" in E.format_swig(res)
 
 
@@ -838,18 +843,7 @@ def test_swig_random_vs_thid_loop(swig_meta):
     res = E.evaluate_swig(gt, preds)
     per = dict(zip(res["class_ids"], res["per_class"]))
     for c in ids:
-        sc, bx, ky = [], [], []
-        for fn, rows in preds.items():
-            for r in rows:
-                if r[0] == c:
-                    sc.append(r[1])
-                    bx.append(r[2:])
-                    ky.append(gt.index[fn])
-        gts = {}
-        for k, i, b in zip(gt.gt_class, gt.gt_image, gt.gt_boxes):
-            if k == c:
-                gts.setdefault(int(i), []).append(list(b))
-        assert per[c] / 100 == pytest.approx(ref_swig_ap(sc, bx, ky, gts), abs=1e-14)
+        assert per[c] / 100 == pytest.approx(ref_swig_class_ap(preds, gt, c), abs=1e-14)
 
 
 @needs_swig

@@ -7,7 +7,6 @@ files, so that the loop is tested on its own. Subprocess tests run this file as 
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import signal
