@@ -124,6 +124,15 @@ def _atomic_write_text(path, text: str):
         raise
 
 
+def _prompts_field(d: dict, K: int, fname):
+    """The annotation file's optional `prompts` list (K strings), or None when absent."""
+    prompts = d.get("prompts")
+    if prompts is not None and not (isinstance(prompts, list) and len(prompts) == K
+                                    and all(isinstance(p, str) for p in prompts)):
+        raise _err(fname, "-", "prompts", f"expected {K} strings")
+    return prompts
+
+
 def _pair_boxes(a: dict, fname, img):
     """The validated human and object boxes [P, 4] of one image's annotation entry."""
     bh = _boxes_array(a["boxes_h"], fname, img, "boxes_h")
@@ -526,12 +535,8 @@ class HICODet(_HOIDataset):
         rare = [int(k) for k in d.get("rare", [])]
         if any(k < 0 or k >= K for k in rare):
             raise _err(fname, "-", "rare", f"index out of range [0, {K})")
-        prompts = d.get("prompts")
-        if prompts is not None:
-            if not (isinstance(prompts, list) and len(prompts) == K
-                    and all(isinstance(p, str) for p in prompts)):
-                raise _err(fname, "-", "prompts", f"expected {K} strings")
-        else:
+        prompts = _prompts_field(d, K, fname)
+        if prompts is None:
             prompts = _hico_prompts(objects, verbs, corr)
         self.unseen = self._resolve_zero_shot(zero_shot, d, K)
         person = objects.index("person") if "person" in objects else 0
@@ -684,12 +689,8 @@ class VCOCO(_HOIDataset):
             hoi_object = [sorted({int(o) - 1 for o in lst if 0 < int(o) < O81}) for lst in a2o]
         else:
             hoi_object = [list(range(len(objects))) for _ in range(K)]
-        prompts = d.get("prompts")
-        if prompts is not None:
-            if not (isinstance(prompts, list) and len(prompts) == K
-                    and all(isinstance(p, str) for p in prompts)):
-                raise _err(fname, "-", "prompts", f"expected {K} strings")
-        else:
+        prompts = _prompts_field(d, K, fname)
+        if prompts is None:
             prompts = [VCOCO_PROMPTS.get(c, "a photo of a person " + c.split(" ")[0].replace("_", " "))
                        for c in classes]
         self._class_space = ClassSpace(

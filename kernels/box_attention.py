@@ -691,14 +691,6 @@ def cost_model(P=4096, Hd=8, T=1369, D=32, B=4, elem=4, block_p=32, block_t=64):
     }
 
 
-def _rss_kb(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
 def make_inputs(P=4096, Hd=8, grid_hw=(37, 37), D=32, B=4, dtype=torch.float32, seed=0,
                 device="cpu"):
     """Random inputs at a given shape (pairs split as evenly as possible over B images)."""
@@ -738,9 +730,10 @@ def measure_peak_extra_mb(impl, P=4096, Hd=8, grid_hw=(37, 37), D=32, B=4, backw
 
     The extra memory includes out and the gradients (q, k, v, strength) themselves.
     method="profiler": peak of live tensor bytes from torch.profiler memory events (exact,
-    allocator level; slow). method="rss": VmHWM - VmRSS after resetting the peak counter
-    (/proc/self/clear_refs "5"); includes glibc heap caching, so run one impl per fresh process
-    (python -m kernels.box_attention --mem IMPL --method rss).
+    allocator level; slow). method="rss": the peak resident memory the step adds, measured as
+    kernels.bench measures it (VmHWM reset through /proc/self/clear_refs); includes glibc heap
+    caching, so run one impl per fresh process (python -m kernels.box_attention --mem IMPL
+    --method rss).
     """
     torch.set_grad_enabled(True)
     q, k, v, pair_image, boxes, strength = make_inputs(P, Hd, grid_hw, D, B)
@@ -757,11 +750,8 @@ def measure_peak_extra_mb(impl, P=4096, Hd=8, grid_hw=(37, 37), D=32, B=4, backw
 
     if method == "profiler":
         return _profiler_peak_bytes(step) / 2 ** 20
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = _rss_kb("VmRSS")
-    step()
-    return (_rss_kb("VmHWM") - before) / 1024.0
+    from kernels.bench import _cpu_peak_mb  # the benchmark's RSS measurement, one definition
+    return _cpu_peak_mb(step)[0]
 
 
 if __name__ == "__main__":  # python -m kernels.box_attention [--mem IMPL | --time IMPL]
