@@ -1,7 +1,7 @@
 """The README's first command: ``python demo.py`` (CPU, a fresh machine, no download).
 
 1. generates the synthetic HOI world (runs/demo/world: PNG images, HICO-DET-format annotation
-   files, a simulated detector's boxes) with data.make_synthetic_world;
+   files, a simulated detector's boxes) with synthetic.make_synthetic_world;
 2. trains a LINK teacher on ground truth (train_teacher.py), then a student from scratch on
    ground truth + map/query/logit distillation from that frozen teacher (train_student.py);
 3. zero-shot: a second teacher and student trained on the zero-shot training set (the
@@ -58,7 +58,7 @@ ROOT = Path(__file__).resolve().parent
 
 # The recipe (tuned on this 2-core machine to keep the whole demo well under 15 minutes).
 # train_label_drop: the fraction of train (pair, class) labels removed (sparse annotation,
-# as in HICO-DET; the pixels still show those interactions), see data.make_synthetic_world.
+# as in HICO-DET; the pixels still show those interactions), see synthetic.make_synthetic_world.
 LABEL_DROP = 0.4
 WORLD = dict(n_train=600, n_test=200, image_size=128, seed=0, train_label_drop=LABEL_DROP)
 MODEL_OPTS = ["d_model=64", "d_latent=32", "heads=4", "ffn_mult=2", "impl=reference"]
@@ -177,13 +177,13 @@ def main(argv=None) -> int:
         return 2
     _atomic_json(stamp, recipe)
     sys.path.insert(0, str(ROOT))
-    import data as D
+    import synthetic
 
     # 1. the world
     world = out / "world"
     if not (world / "instances_test.json").exists():
         t0 = time.time()
-        D.make_synthetic_world(world, **world_cfg)
+        synthetic.make_synthetic_world(world, **world_cfg)
         print(f"synthetic world (seed {a.seed}): {WORLD['n_train']} train / {WORLD['n_test']} test "
               f"images ({WORLD['image_size']} px), {a.label_drop:.0%} of the train labels dropped, "
               f"in {time.time() - t0:.1f} s -> {world}", flush=True)

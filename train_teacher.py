@@ -1030,14 +1030,14 @@ def build_model(args, class_space, device):
 
 def _synthetic_paths(args, d: Optional[Dist] = None) -> dict:
     """The world's files; generated once (by rank 0 under torchrun) when absent."""
-    import data as D
+    import synthetic
     d = d or Dist()
     root = Path(args.world)
     anno = root / "instances_train.json"
     if d.main and not (root / "instances_test.json").exists():
         print(f"generating the synthetic world in {root}", file=sys.stderr)
-        D.make_synthetic_world(root, n_train=args.world_train, n_test=args.world_test,
-                               image_size=args.world_size, seed=args.seed)
+        synthetic.make_synthetic_world(root, n_train=args.world_train, n_test=args.world_test,
+                                       image_size=args.world_size, seed=args.seed)
     barrier(d)
     return {"root": root, "train_images": root / "images" / "train", "test_images": root / "images" / "test",
             "train_anno": anno, "test_anno": root / "instances_test.json",

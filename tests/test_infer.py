@@ -14,6 +14,7 @@ from PIL import Image
 import data as D
 import infer
 import model as M
+import synthetic
 from infer import HUMAN_COLOUR, LINK_COLOUR, OBJECT_COLOUR, draw_interactions
 
 TINY = M.register_tiny_vlm()
@@ -110,7 +111,7 @@ def test_to_rgb_modes():
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("world")
-    paths = D.make_synthetic_world(root, n_train=1, n_test=3, image_size=64, seed=0)
+    paths = synthetic.make_synthetic_world(root, n_train=1, n_test=3, image_size=64, seed=0)
     anno = json.loads(Path(paths["test_anno"]).read_text())
     return dict(paths=paths, anno=anno, images=Path(paths["test_images"]), root=root)
 
@@ -118,7 +119,7 @@ def world(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ckpt(world, tmp_path_factory):
     """Tiny LINK trained 100 steps (AdamW 3e-3) on test image 0 with its GT boxes as detections."""
-    cs = D.synthetic_class_space()
+    cs = synthetic.synthetic_class_space()
     cfg = M.LINKConfig(vlm=TINY, pretrained=None, image_size=64, d_model=64, d_latent=32, heads=4,
                        enc_layers=1, dec_layers=2, dropout=0.0, impl="reference")
     torch.manual_seed(0)
@@ -375,7 +376,7 @@ def test_torchvision_detector(tmp_path):
                                        num_classes=91)
     w = tmp_path / "ssd.pth"
     torch.save({"model": net.state_dict()}, w)
-    cs = D.synthetic_class_space().asdict()
+    cs = synthetic.synthetic_class_space().asdict()
     src = infer.DetectorBoxes("ssdlite320_mobilenet_v3_large", w, cs, score_thresh=0.0)
     assert src.table[1] == 0 and src.table[3] == 2 and src.table[12] == -1 and src.table[0] == -1
     img = Image.new("RGB", (90, 70), (120, 30, 200))
