@@ -12,7 +12,7 @@
 4. evaluates everything with eval.evaluate_hico, computes the chance level (the same
    prediction rows with uniformly random scores, mean over 5 draws), prints a table,
    writes runs/demo/results.json (atomically) and draws the student's top interactions on a
-   test image (runs/demo/detections.png, infer.draw_interactions).
+   test image (runs/demo/detections.png, viz.draw_interactions).
 
 The VLM is the tiny randomly initialised open_clip ViT that model.register_tiny_vlm() adds
 (no weights to download), so the "VLM" knows nothing: every number here measures what
@@ -53,6 +53,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
+from PIL import Image
+
+import eval as hoi_eval
+import synthetic
+from viz import draw_interactions, hoi_class_names
 
 ROOT = Path(__file__).resolve().parent
 
@@ -98,7 +104,6 @@ def _chain(runs: list, out: Path, status: dict) -> None:
 
 def chance_level(anno: dict, preds: dict, zero_shot=None, draws: int = 5) -> dict:
     """mAP of the same prediction rows with uniformly random scores (mean over draws)."""
-    import eval as E
     acc = {}
     for s in range(draws):
         rng = np.random.default_rng(1000 + s)
@@ -107,7 +112,7 @@ def chance_level(anno: dict, preds: dict, zero_shot=None, draws: int = 5) -> dic
             r = np.array(rows, dtype=np.float64).reshape(-1, 10)
             r[:, 1] = rng.random(len(r))
             rnd[f] = r
-        m = E.evaluate_hico(anno, rnd, zero_shot=zero_shot)
+        m = hoi_eval.evaluate_hico(anno, rnd, zero_shot=zero_shot)
         for k in ("full", "rare", "non_rare", "unseen", "seen"):
             if m.get(k) is not None:
                 acc.setdefault(k, []).append(m[k])
@@ -125,11 +130,6 @@ def _preds(run_dir: Path) -> dict:
 
 def draw_picture(out: Path, world_paths: dict, student_dir: Path) -> str:
     """The student's top interactions on the test image with the most GT pairs among the first 50."""
-    import torch
-    try:
-        from infer import draw_interactions, hoi_class_names
-    except ImportError as e:          # infer.py is another helper's file
-        raise SystemExit(f"error: infer.draw_interactions is needed for the picture ({e})")
     anno = json.loads(Path(world_paths["test_anno"]).read_text())
     ck = torch.load(student_dir / "last.pt", map_location="cpu", weights_only=False)
     names = hoi_class_names(ck["class_space"])
@@ -137,7 +137,6 @@ def draw_picture(out: Path, world_paths: dict, student_dir: Path) -> str:
     j = int(np.argmax(npairs))
     fn = anno["filenames"][j]
     rows = _preds(student_dir).get(fn, np.zeros((0, 10)))
-    from PIL import Image
     img = Image.open(Path(world_paths["test_images"]) / fn).convert("RGB")
     gt = ", ".join(names[h] for h in sorted(set(anno["annotation"][j]["hoi"])))
     pic = draw_interactions(img, rows, names, top_k=4, title=f"student, {fn}", note=f"GT: {gt}")
@@ -176,8 +175,6 @@ def main(argv=None) -> int:
               "rerun with --fresh or another --out", file=sys.stderr)
         return 2
     _atomic_json(stamp, recipe)
-    sys.path.insert(0, str(ROOT))
-    import synthetic
 
     # 1. the world
     world = out / "world"
@@ -224,7 +221,10 @@ def main(argv=None) -> int:
     chance_zs = chance_level(anno, _preds(out / "zs_teacher"), zero_shot=unseen)
     keys = ("full", "rare", "non_rare")
     zkeys = ("full", "seen", "unseen")
-    pick = (lambda m, ks: {k: round(float(m[k]), 2) for k in ks})
+
+    def pick(m, ks):
+        return {k: round(float(m[k]), 2) for k in ks}
+
     results = {
         "teacher": pick(res["teacher"], keys), "student": pick(res["student"], keys),
         "chance": pick(chance, keys),
@@ -241,7 +241,8 @@ def main(argv=None) -> int:
     for label, m in (("chance (random scores)", results["chance"]), ("teacher", results["teacher"]),
                      ("student", results["student"])):
         print(f"{label:<26}" + "".join(f"{m[k]:10.2f}" for k in keys))
-    print(f"{'student - teacher':<26}" + "".join(f"{results['student'][k] - results['teacher'][k]:+10.2f}" for k in keys))
+    gain = {k: results["student"][k] - results["teacher"][k] for k in keys}
+    print(f"{'student - teacher':<26}" + "".join(f"{gain[k]:+10.2f}" for k in keys))
     z = results["zero_shot"]
     print(f"{line}\nzero-shot {a.zero_shot} (classes {unseen} never labelled in training)")
     print(f"{'':<26}{'Full':>10}{'Seen':>10}{'Unseen':>10}")
@@ -249,11 +250,8 @@ def main(argv=None) -> int:
         print(f"{label:<26}" + "".join(f"{m[k]:10.2f}" for k in zkeys))
     print(f"{'student - teacher':<26}" + "".join(f"{z['student'][k] - z['teacher'][k]:+10.2f}" for k in zkeys))
     print(line)
-    try:
-        pic = draw_picture(out, wp, out / "student")
-        print(f"picture of the student's top interactions: {pic}")
-    except SystemExit as e:
-        print(e, file=sys.stderr)
+    pic = draw_picture(out, wp, out / "student")
+    print(f"picture of the student's top interactions: {pic}")
     results["runtime_s"] = round(time.time() - t_start, 1)
     _atomic_json(out / "results.json", results)
     print(f"results: {out / 'results.json'}; demo wall time {results['runtime_s']:.0f} s")

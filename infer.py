@@ -80,258 +80,30 @@ yourself on each image as displayed and convert its raw outputs with convert_det
   Then: python infer.py images/ --checkpoint ck.pt --detections detections.json
   --box-thresh 0.05 (the peers' threshold for DETR-quality detections).
 
-Python use: run(...) is the CLI as a function; draw_interactions(...) draws one image.
-
-Drawing conventions
--------------------
-* The picture is drawn on a canvas made of the image scaled by an INTEGER factor
-  ``s = canvas_scale(w, h) = max(1, ceil(512 / max(w, h)))`` (64 px -> 8, 128 px -> 4,
-  >= 512 px -> 1) with nearest-neighbour resampling, followed by a legend strip BELOW the
-  image.  A point (x, y) of the image's pixel frame lands on canvas pixel
-  (floor(x * s), floor(y * s)); the outline of a box [x1, y1, x2, y2] occupies the canvas
-  pixels from round(x1 * s) to round(x2 * s) (PIL draws outlines inward, ``line_width(...)``
-  pixels thick).  The scale is stored in ``picture.info["link_scale"]`` and the legend's top
-  row in ``picture.info["link_legend_top"]``.
-* Human boxes are drawn in HUMAN_COLOUR, object boxes in OBJECT_COLOUR, each human-object
-  link in LINK_COLOUR (drawn first, so box outlines sit on top of links; a box that is the
-  human of one pair and the object of another is drawn as a human).  These three colours are
-  drawn exactly (no anti-aliasing) and by nothing else on the image part of the canvas (the
-  image's own pixels may of course contain them); pair numbers are white text on a black tag.
-* The legend lists the top triplets: "#pair verb object score".
-* An attention map [Gh, Gw] (any non-negative values) is min-max normalised, bilinearly
-  resized to the displayed image and alpha-blended (red = high) under the boxes.
+Python use: run(InferOptions(...)) is the CLI as a function; viz.draw_interactions draws one
+image (its drawing conventions are viz.py's docstring).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+import open_clip
+import torch
+import torchvision
+from PIL import Image, ImageOps
+from tqdm import tqdm
 
-HUMAN_COLOUR = (23, 190, 255)     # exact RGB of human box outlines
-OBJECT_COLOUR = (255, 96, 17)     # exact RGB of object box outlines
-LINK_COLOUR = (250, 232, 41)      # exact RGB of human-object links
-TAG_BG = (0, 0, 0)
-TAG_FG = (255, 255, 255)
-LEGEND_BG = (24, 24, 24)
-CANVAS_TARGET = 512               # the longer side of the displayed image is scaled up to >= this
-
-
-def canvas_scale(w: int, h: int) -> int:
-    """Integer up-scaling factor of the displayed image: max(1, ceil(512 / max(w, h)))."""
-    return max(1, math.ceil(CANVAS_TARGET / max(1, w, h)))
-
-
-def line_width(canvas_w: int, canvas_h: int) -> int:
-    """Outline / link thickness in canvas pixels, grows with the canvas: max(2, round(L / 300))."""
-    return max(2, round(max(canvas_w, canvas_h) / 300))
-
-
-def font_size(canvas_w: int, canvas_h: int) -> int:
-    """Legend text size in canvas pixels: max(12, round(L / 40))."""
-    return max(12, round(max(canvas_w, canvas_h) / 40))
-
-
-def _font(size: int):
-    try:  # Pillow >= 10.1 ships a scalable default font (needs FreeType); no download
-        return ImageFont.load_default(size=size)
-    except (TypeError, OSError, ImportError):
-        return ImageFont.load_default()
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL image (1, L, LA, P, RGBA, CMYK, I;16, I, F, ...) -> 8-bit RGB.
-
-    16-bit and 32-bit integer images are scaled by 255 / 65535 (values above 65535 clip);
-    float images are taken as [0, 1] when their maximum is <= 1 else as [0, 255].
-    Transparent images are composited on white.
-    """
-    mode = image.mode
-    if mode == "RGB":
-        return image
-    if mode.startswith("I") or mode == "F":
-        arr = np.asarray(image, dtype=np.float64)                  # [H, W]
-        if mode == "F":
-            arr = arr * 255.0 if np.nanmax(arr, initial=0.0) <= 1.0 else arr
-        else:
-            arr = arr * (255.0 / 65535.0)
-        arr = np.nan_to_num(arr).clip(0, 255).round().astype(np.uint8)
-        return Image.fromarray(arr, mode="L").convert("RGB")
-    if mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or image.mode == "RGBA":
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return image.convert("RGB")
-
-
-def _heat_rgb(a: np.ndarray) -> np.ndarray:
-    """Values in [0, 1] [H, W] -> uint8 RGB [H, W, 3] (dark blue -> cyan -> yellow -> red)."""
-    stops = np.array([[0, 0, 96], [0, 160, 255], [255, 255, 0], [255, 0, 0]], dtype=np.float64)
-    x = np.clip(a, 0, 1) * (len(stops) - 1)
-    i = np.minimum(np.floor(x).astype(int), len(stops) - 2)
-    t = (x - i)[..., None]
-    return (stops[i] * (1 - t) + stops[i + 1] * t).round().astype(np.uint8)
-
-
-def _overlay_attention(img: Image.Image, attention: np.ndarray, alpha: float = 0.55) -> Image.Image:
-    att = np.asarray(attention, dtype=np.float64)
-    if att.ndim != 2:
-        raise ValueError(f"draw_interactions: attention must be [Gh, Gw], got shape {att.shape}")
-    att = np.nan_to_num(att)
-    lo, hi = float(att.min()), float(att.max())
-    norm = (att - lo) / (hi - lo) if hi > lo else np.zeros_like(att)
-    small = Image.fromarray((norm * 255).round().astype(np.uint8), mode="L")
-    big = np.asarray(small.resize(img.size, Image.BILINEAR), dtype=np.float64) / 255.0  # [H, W]
-    heat = _heat_rgb(big).astype(np.float64)
-    base = np.asarray(img, dtype=np.float64)
-    w = alpha * (0.25 + 0.75 * big[..., None])      # the hot regions stand out, cold ones tint
-    out = base * (1 - w) + heat * w
-    return Image.fromarray(out.round().clip(0, 255).astype(np.uint8), mode="RGB")
-
-
-def _top_rows(rows: np.ndarray, top_k: int) -> np.ndarray:
-    """Rows [N, 10] sorted by score (stable, descending), the first top_k."""
-    if len(rows) == 0:
-        return rows
-    order = np.argsort(-rows[:, 1], kind="stable")
-    return rows[order[:max(0, top_k)]]
-
-
-def draw_interactions(image: Image.Image, rows: np.ndarray, class_names: Sequence[str],
-                      top_k: int = 5, attention: np.ndarray | None = None, *,
-                      attention_pair: int | None = None, title: str | None = None,
-                      note: str | None = None) -> Image.Image:
-    """Draw the top interactions of one image.
-
-    image:        PIL image in the frame of the boxes (any mode; converted to RGB).
-    rows:         np.ndarray [N, 10] prediction rows [hoi, score, hx1, hy1, hx2, hy2, ox1, oy1,
-                  ox2, oy2] in image pixels (any order; sorted here by score).
-    class_names:  K names, class_names[hoi] = "verb object" (e.g. "ride bicycle").
-    top_k:        how many triplets (rows) to show; their boxes and pairs are drawn.
-    attention:    optional [Gh, Gw] map (e.g. box-guided attention of one pair, averaged over
-                  heads) blended over the image.
-    attention_pair: row index (into ``rows`` as given) of the pair the attention belongs to;
-                  that pair is drawn (and named in the legend) even if outside the top_k.
-    title, note:  optional extra legend lines (e.g. the file name, "no person detected").
-    Returns a new RGB image: the image scaled by canvas_scale(w, h) plus a legend strip below.
-    """
-    rows = np.asarray(rows, dtype=np.float64).reshape(-1, 10) if np.size(rows) else np.zeros((0, 10))
-    img = to_rgb(image)
-    w, h = img.size
-    s = canvas_scale(w, h)
-    cw, ch = w * s, h * s
-    disp = img.resize((cw, ch), Image.NEAREST) if s > 1 else img.copy()
-    if attention is not None:
-        disp = _overlay_attention(disp, attention)
-
-    top = _top_rows(rows, top_k)
-    att_row = None
-    if attention_pair is not None:
-        if not 0 <= attention_pair < len(rows):
-            raise ValueError(f"draw_interactions: attention_pair {attention_pair} out of range "
-                             f"(0..{len(rows) - 1})")
-        att_row = rows[attention_pair]
-        if not any(np.array_equal(att_row[2:], r[2:]) for r in top):
-            top = np.concatenate([top, att_row[None]], 0)
-
-    # pair number = rank of the pair (unique human box + object box) over ALL rows by best
-    # score, so "#n" is the same number infer's --attention n refers to
-    rank: dict = {}
-    for r in _top_rows(rows, len(rows)):
-        rank.setdefault(tuple(np.round(r[2:], 4)), len(rank) + 1)
-    pairs: list[tuple] = []   # the pairs to draw, in order of first appearance in `top`
-    for r in top:
-        key = tuple(np.round(r[2:], 4))
-        if key not in pairs:
-            pairs.append(key)
-
-    lw = line_width(cw, ch)
-    fs = font_size(cw, ch)
-    font = _font(fs)
-    tag_font = _font(max(10, round(fs * 0.8)))
-    lines = []
-    marked = False
-    if title:
-        lines.append(title)
-    for r in top:
-        k = int(r[0])
-        name = class_names[k] if 0 <= k < len(class_names) else f"class {k}"
-        pid = rank[tuple(np.round(r[2:], 4))]
-        mark = ""
-        if att_row is not None and not marked and np.array_equal(r[2:], att_row[2:]):
-            mark, marked = "  [attention]", True  # on the pair's first line only
-        lines.append(f"#{pid} {name} {r[1]:.2f}{mark}")
-    if len(rows) == 0:
-        lines.append(note or "no interaction predicted")
-    elif note:
-        lines.append(note)
-
-    pad = max(4, fs // 3)
-    legend_h = pad + (len(lines) + (1 if pairs else 0)) * (fs + pad) + pad
-    canvas = Image.new("RGB", (cw, ch + legend_h), LEGEND_BG)
-    canvas.paste(disp, (0, 0))
-    draw = ImageDraw.Draw(canvas)
-
-    def cbox(b):  # image frame -> canvas frame, clipped to the displayed image
-        x1, y1, x2, y2 = (float(v) * s for v in b)
-        x1, x2 = sorted((x1, x2))
-        y1, y2 = sorted((y1, y2))
-        x1, x2 = min(max(round(x1), 0), cw - 1), min(max(round(x2), 0), cw - 1)
-        y1, y2 = min(max(round(y1), 0), ch - 1), min(max(round(y2), 0), ch - 1)
-        return x1, y1, x2, y2
-
-    def centre(b):
-        x1, y1, x2, y2 = cbox(b)
-        return (x1 + x2) // 2, (y1 + y2) // 2
-
-    # links first, then object boxes, then human boxes (on top)
-    r_dot = max(2, lw)
-    for key in pairs:
-        hb, ob = key[0:4], key[4:8]
-        (hx, hy), (ox, oy) = centre(hb), centre(ob)
-        draw.line([(hx, hy), (ox, oy)], fill=LINK_COLOUR, width=lw)
-        for (x, y) in ((hx, hy), (ox, oy)):
-            draw.ellipse([x - r_dot, y - r_dot, x + r_dot, y + r_dot], fill=LINK_COLOUR)
-    humans = {key[0:4] for key in pairs}
-    objects = {key[4:8] for key in pairs} - humans
-    for b in objects:
-        draw.rectangle(cbox(b), outline=OBJECT_COLOUR, width=lw)
-    for b in humans:
-        draw.rectangle(cbox(b), outline=HUMAN_COLOUR, width=lw)
-    # pair numbers on the link midpoints: white on a black tag (never a box colour)
-    for key in pairs:
-        (hx, hy), (ox, oy) = centre(key[0:4]), centre(key[4:8])
-        mx, my = (hx + ox) // 2, (hy + oy) // 2
-        text = str(rank[key])
-        l, t, r_, b_ = draw.textbbox((mx, my), text, font=tag_font, anchor="mm")
-        draw.rectangle([l - 2, t - 2, r_ + 2, b_ + 2], fill=TAG_BG)
-        draw.text((mx, my), text, fill=TAG_FG, font=tag_font, anchor="mm")
-
-    # legend strip below the image: one line per triplet, then a colour key
-    y = ch + pad
-    for line in lines:
-        draw.text((pad, y), line, fill=(235, 235, 235), font=font)
-        y += fs + pad
-    if len(pairs):
-        x = pad
-        for colour, word in ((HUMAN_COLOUR, "human"), (OBJECT_COLOUR, "object")):
-            draw.rectangle([x, y, x + fs, y + fs], outline=colour, width=lw)
-            x += fs + pad
-            draw.text((x, y), word, fill=(235, 235, 235), font=font)
-            x += round(draw.textlength(word, font=font)) + 2 * pad
-    canvas.info["link_scale"] = s
-    canvas.info["link_legend_top"] = ch
-    return canvas
-
+import data
+from kernels import box_bias
+from model import LINK, register_tiny_vlm
+from viz import draw_interactions, hoi_class_names, to_rgb, unique_pairs
 
 # ==============================================================================================
 # Inference CLI
@@ -366,7 +138,6 @@ def load_image(path, exif: bool = True):
     one viewers display; exif=False: the image as stored. Any mode is converted by to_rgb.
     Raises UnreadableImage for files PIL cannot decode (truncated, not an image, ...).
     """
-    from PIL import ImageOps
     try:
         with Image.open(path) as im:
             im.load()
@@ -425,33 +196,17 @@ def _norm_name(s: str) -> str:
     return str(s).strip().lower().replace("_", " ")
 
 
-def hoi_class_names(cs: dict) -> list:
-    """'verb object' per class (e.g. 'ride bicycle'); the prompt where a class has no verb."""
-    names = []
-    for k, prompt in enumerate(cs["prompts"]):
-        v = cs["hoi_verb"][k] if k < len(cs.get("hoi_verb", [])) else -1
-        objs = cs["hoi_object"][k]
-        if v is None or v < 0:
-            names.append(str(prompt))
-            continue
-        obj = cs["object_names"][objs[0]] if len(objs) == 1 else "object"
-        names.append(f"{cs['verb_names'][v]} {obj}".replace("_", " "))
-    return names
-
-
 def coco80_to_space(cs: dict) -> np.ndarray:
     """Long[80]: the class space's label of each COCO-80 object (-1 when it has none).
 
     Identity when the class space uses COCO-80 (HICO-DET, the synthetic world); otherwise
     matched by name (case, '_' vs ' ' ignored)."""
-    import data as D
     idx = {_norm_name(n): i for i, n in enumerate(cs["object_names"])}
-    return np.array([idx.get(_norm_name(n), -1) for n in D.COCO80_NAMES], dtype=np.int64)
+    return np.array([idx.get(_norm_name(n), -1) for n in data.COCO80_NAMES], dtype=np.int64)
 
 
 def _remap_labels(dets: dict, table: np.ndarray) -> dict:
     """Map labels through table (COCO-80 -> class space), dropping boxes mapped to -1."""
-    import torch
     lab = torch.as_tensor(dets["labels"]).long()
     new = torch.from_numpy(table)[lab.clamp(0, len(table) - 1)]
     keep = (lab >= 0) & (lab < len(table)) & (new >= 0)
@@ -474,7 +229,6 @@ class FileBoxes:
     kind = "detection file"
 
     def __init__(self, path, cs: dict, keys, image_ids_file=None):
-        import data as D
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"{self.path}: detection file not found")
@@ -489,7 +243,7 @@ class FileBoxes:
             image_ids = self._image_ids(keys, image_ids_file)
             table = coco80_to_space(cs)
         try:
-            dets = D.load_detections(self.path, image_ids=image_ids,
+            dets = data.load_detections(self.path, image_ids=image_ids,
                                      num_labels=None if table is not None else len(cs["object_names"]))
         except (ValueError, KeyError, TypeError) as e:
             raise InferError(f"{e}") from None
@@ -512,7 +266,6 @@ class FileBoxes:
                 + ("; an image without boxes needs an entry with empty lists" if head == "{" else ""))
 
     def _image_ids(self, keys, image_ids_file):
-        import re
         if image_ids_file:
             p = Path(image_ids_file)
             try:
@@ -585,12 +338,11 @@ class GTBoxes:
         self.annos = annos
 
     def get(self, keys, images):
-        import data as D
         out = []
         for key in keys:
             a = self.annos[self.index[key]]
             try:
-                dets = D.gt_detections({"boxes_h": a["boxes_h"], "boxes_o": a["boxes_o"],
+                dets = data.gt_detections({"boxes_h": a["boxes_h"], "boxes_o": a["boxes_o"],
                                         "object": a["object"]}, person_label=self.person)
             except (KeyError, ValueError, RuntimeError, TypeError) as e:
                 raise InferError(f"{self.path}: image {key!r}: bad annotation ({type(e).__name__}: {e})") from None
@@ -598,7 +350,6 @@ class GTBoxes:
                 lab = dets["labels"].numpy()
                 is_h = lab == self.person
                 mapped = np.where(is_h, self.person, self.table[np.clip(lab, 0, len(self.table) - 1)])
-                import torch
                 keep = torch.from_numpy(mapped >= 0)
                 dets = {"boxes": dets["boxes"][keep], "scores": dets["scores"][keep],
                         "labels": torch.from_numpy(mapped)[keep]}
@@ -616,8 +367,6 @@ def build_detector(name: str, weights, score_thresh: float = 0.05, device="cpu")
     """A torchvision COCO detector built with weights=None, weights_backbone=None (no download),
     then loaded from a local state_dict file (a plain state_dict, or a dict with a 'model' entry
     as torchvision's reference training scripts save). Its labels are COCO category ids."""
-    import torch
-    import torchvision
     if name not in TORCHVISION_DETECTORS:
         raise InferError(f"--detector: unknown detector {name!r}; choose one of {', '.join(TORCHVISION_DETECTORS)}")
     if not weights:
@@ -653,17 +402,15 @@ class DetectorBoxes:
     kind = "detector"
 
     def __init__(self, name, weights, cs: dict, score_thresh=0.05, device="cpu"):
-        import data as D
         self.det = build_detector(name, weights, score_thresh, device)
         self.device = device
         to80 = np.full(91, -1, dtype=np.int64)
-        for i, cid in enumerate(D.COCO80_TO_COCO91):
+        for i, cid in enumerate(data.COCO80_TO_COCO91):
             to80[cid] = i
         space = coco80_to_space(cs)
         self.table = np.where(to80 >= 0, space[np.clip(to80, 0, 79)], -1)          # [91]
 
     def get(self, keys, images):
-        import torch
         x = [torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1).to(self.device)
              for im in images]                                                         # [3, H, W] each
         with torch.no_grad():
@@ -694,15 +441,13 @@ def convert_detr_outputs(logits, boxes, sizes, activation: str = "softmax", labe
     Returns a list of {"boxes" [N, 4] xyxy pixels, "scores" [N], "labels" [N] COCO-80}; write
     them with data.save_detections(path, {filename: dets}).
     """
-    import torch
-    import data as D
     logits, boxes = torch.as_tensor(logits).float(), torch.as_tensor(boxes).float()
     if logits.dim() != 3 or boxes.shape[:2] != logits.shape[:2] or boxes.shape[-1] != 4:
         raise InferError(f"convert_detr_outputs: logits [B, Q, C] and boxes [B, Q, 4] expected, got "
                          f"{tuple(logits.shape)} and {tuple(boxes.shape)}")
     if len(sizes) != logits.shape[0]:
         raise InferError(f"convert_detr_outputs: {logits.shape[0]} images but {len(sizes)} sizes")
-    to80 = {cid: i for i, cid in enumerate(D.COCO80_TO_COCO91)}
+    to80 = {cid: i for i, cid in enumerate(data.COCO80_TO_COCO91)}
     out = []
     for b, (w, h) in enumerate(sizes):
         if activation == "softmax":
@@ -738,7 +483,6 @@ def read_checkpoint_meta(checkpoint):
 
     A checkpoint made with model.register_tiny_vlm's default tiny VLM ("link-tiny", not a stock
     open_clip name) gets it registered here, so that the checkpoint alone rebuilds the model."""
-    import torch
     path = Path(checkpoint)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found")
@@ -753,13 +497,11 @@ def read_checkpoint_meta(checkpoint):
         raise InferError(f"{path}: checkpoint has no field 'config' / 'class_space' (not a LINK checkpoint)")
     vlm = ck["config"].get("vlm")
     if isinstance(vlm, str) and vlm.startswith("link-tiny"):
-        import open_clip
         if vlm not in open_clip.list_models():
             if vlm != "link-tiny":
                 raise InferError(f"{path}: field 'config.vlm' is {vlm!r}, a custom tiny VLM; register it "
                                  f"(model.register_tiny_vlm) before loading")
-            import model as M
-            M.register_tiny_vlm(vlm)
+            register_tiny_vlm(vlm)
     cs = ck["class_space"]
     cs = dict(cs) if isinstance(cs, dict) else dict(vars(cs))
     for key in ("prompts", "object_names", "hoi_object", "hoi_verb", "verb_names", "person_label"):
@@ -771,9 +513,8 @@ def read_checkpoint_meta(checkpoint):
 def load_model(checkpoint, device="cpu"):
     """LINK.from_checkpoint(checkpoint) -> (model in eval mode, class space dict)."""
     _, cs = read_checkpoint_meta(checkpoint)
-    import model as M
     try:
-        model = M.LINK.from_checkpoint(Path(checkpoint), map_location=device)
+        model = LINK.from_checkpoint(Path(checkpoint), map_location=device)
     except FileNotFoundError:
         raise
     except (ValueError, KeyError, RuntimeError, TypeError) as e:
@@ -797,8 +538,6 @@ def pair_attention(model, captured, p: int, per_head: bool = False):
     (spatial branch; without the linking decoder, the semantic branch's plain attention on F).
     Returns [Gh, Gw] averaged over heads (numpy), or [Hd, Gh, Gw] with per_head=True.
     """
-    import torch
-    from kernels import box_bias
     layer = model.decoder[-1]
     q, tokens, latent, pair_image, boxes, grid_hw = captured
     gh, gw = grid_hw
@@ -819,18 +558,6 @@ def pair_attention(model, captured, p: int, per_head: bool = False):
     return attn if per_head else attn.mean(0)
 
 
-def unique_pairs(rows: np.ndarray) -> list:
-    """Row index (into rows) of the best row of each unique pair, pairs ranked by best score:
-    element n - 1 is pair #n of the pictures."""
-    seen, out = set(), []
-    for i in (np.argsort(-rows[:, 1], kind="stable") if len(rows) else []):
-        key = tuple(np.round(rows[i, 2:], 4))
-        if key not in seen:
-            seen.add(key)
-            out.append(int(i))
-    return out
-
-
 def predict_batch(model, images, dets, person_label: int, attention_pair: int | None = None,
                   max_predictions: int | None = None):
     """One batch: RGB images (their own sizes) + selected detections -> (rows, attention, notes).
@@ -838,7 +565,6 @@ def predict_batch(model, images, dets, person_label: int, attention_pair: int | 
     rows: list of float64 [N, 10] (sorted by score); attention: list of [Gh, Gw] or None (for
     pair #attention_pair, 1-based as drawn); notes: list of str or None. Images without a
     human-other pair are not sent to the model (empty rows + a note)."""
-    import torch
     n = len(images)
     rows = [np.zeros((0, 10))] * n
     att = [None] * n
@@ -940,8 +666,6 @@ def run(inputs, checkpoint, out_dir="runs/infer", detections=None, image_ids=Non
         draw=True, device="cpu", progress=True, log=None) -> dict:
     """The CLI as a function. Returns a summary dict: predictions ({key: [N, 10] array}),
     notes ({key: str}), skipped ({key: reason}), pictures ({key: Path}), out (Path)."""
-    import data as D
-    from tqdm import tqdm
 
     log = log or (lambda msg: tqdm.write(msg, file=sys.stderr))
     sources = sum(x is not None for x in (detections, detector, gt_anno))
@@ -997,7 +721,7 @@ def run(inputs, checkpoint, out_dir="runs/infer", detections=None, image_ids=Non
                         notes[key] = (f"{source.path} gives size {size} but the image is {im.size} "
                                       + ("(EXIF rotation? try --ignore-exif)" if size == st else ""))
                 else:
-                    s = D.select_boxes(d, person_label=person, nms=nms, score_thresh=box_thresh)
+                    s = data.select_boxes(d, person_label=person, nms=nms, score_thresh=box_thresh)
                     if not isinstance(source, DetectorBoxes):
                         warn = _frame_check(s, im.size, st, exif)
                         if warn:
@@ -1084,7 +808,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--top-k", type=int, default=5, help="triplets drawn per image (default 5)")
     p.add_argument("--max-predictions", type=int, help="keep only the top N rows per image in the JSON")
-    p.add_argument("--box-thresh", type=float, default=0.2, help="select_boxes score threshold (0.2; 0.05 for strong detectors)")
+    p.add_argument("--box-thresh", type=float, default=0.2,
+                   help="select_boxes score threshold (0.2; 0.05 for strong detectors)")
     p.add_argument("--nms", type=float, default=0.5, help="select_boxes class-wise NMS IoU")
     p.add_argument("--detector-thresh", type=float, default=0.05, help="detector's own score threshold")
     p.add_argument("--ignore-exif", action="store_true", help="use images as stored (boxes in the stored frame)")
@@ -1098,7 +823,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        import torch
         device = args.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,4 +1,4 @@
-"""Tests for infer.py: drawing (pixel-exact), the CLI end to end on the synthetic world with a
+"""Tests for infer.py and viz.py: drawing (pixel-exact), the CLI end to end on the synthetic world with a
 tiny checkpoint trained here to find a planted interaction, image modes / EXIF, detectors and
 the error paths."""
 import json
@@ -15,7 +15,8 @@ import data as D
 import infer
 import model as M
 import synthetic
-from infer import HUMAN_COLOUR, LINK_COLOUR, OBJECT_COLOUR, draw_interactions
+import viz
+from viz import HUMAN_COLOUR, LINK_COLOUR, OBJECT_COLOUR, draw_interactions
 
 TINY = M.register_tiny_vlm()
 
@@ -40,7 +41,7 @@ def colour_mask(pic, colour):
 
 
 def test_canvas_scale_values():
-    assert [infer.canvas_scale(w, h) for w, h in ((64, 64), (128, 100), (100, 80), (511, 20), (512, 300),
+    assert [viz.canvas_scale(w, h) for w, h in ((64, 64), (128, 100), (100, 80), (511, 20), (512, 300),
                                                   (1000, 700))] == [8, 4, 6, 2, 1, 1]
 
 
@@ -51,7 +52,7 @@ def test_draw_box_pixels_exact():
     pic = draw_interactions(img, rows, ["ride bicycle", "hold cup"], top_k=5)
     s = pic.info["link_scale"]
     assert s == 6 and pic.info["link_legend_top"] == 480 and pic.size[0] == 600 and pic.size[1] > 480
-    lw = infer.line_width(600, 480)
+    lw = viz.line_width(600, 480)
     human = colour_mask(pic, HUMAN_COLOUR)[:480]            # the image part of the canvas
     obj = colour_mask(pic, OBJECT_COLOUR)[:480]
     # left edge of the human box at x = 10 * 6 = 60, top edge at y = 120, right edge at 240
@@ -97,11 +98,11 @@ def test_draw_top_k_attention_and_modes():
 
 def test_to_rgb_modes():
     a16 = np.array([[0, 257 * 100, 65535]], dtype=np.uint16)
-    assert np.asarray(infer.to_rgb(Image.fromarray(a16)))[0, :, 0].tolist() == [0, 100, 255]
+    assert np.asarray(viz.to_rgb(Image.fromarray(a16)))[0, :, 0].tolist() == [0, 100, 255]
     rgba = Image.new("RGBA", (2, 1), (200, 0, 0, 0))       # fully transparent -> white
-    assert np.asarray(infer.to_rgb(rgba))[0, 0].tolist() == [255, 255, 255]
+    assert np.asarray(viz.to_rgb(rgba))[0, 0].tolist() == [255, 255, 255]
     f = Image.fromarray(np.array([[0.0, 0.5, 1.0]], dtype=np.float32))
-    assert np.asarray(infer.to_rgb(f))[0, :, 1].tolist() == [0, 128, 255]
+    assert np.asarray(viz.to_rgb(f))[0, :, 1].tolist() == [0, 128, 255]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,7 +204,7 @@ def test_attention_matches_model(world, ckpt, tmp_path, capsys):
     h = model.decoder[-1].register_forward_pre_hook(lambda m, args: captured.__setitem__("a", args))
     with torch.no_grad():
         feats = model.encode_images(model.preprocess([img]))
-        out = model(feats, dets, [img.size])
+        model(feats, dets, [img.size])
     h.remove()
     q, tokens, latent, pair_image, boxes, grid_hw = captured["a"]
     layer = model.decoder[-1]
@@ -420,7 +421,8 @@ def test_checkpoint_from_train_teacher(tmp_path, capsys):
     for k in mine:
         a, b = np.array(mine[k]), np.array(theirs[k])
         assert a.shape == b.shape and len(a)
-        np.testing.assert_array_equal(a[:, [0, *range(2, 10)]].astype(np.float32), b[:, [0, *range(2, 10)]].astype(np.float32))
+        cols = [0, *range(2, 10)]                        # class and boxes: exact
+        np.testing.assert_array_equal(a[:, cols].astype(np.float32), b[:, cols].astype(np.float32))
         np.testing.assert_allclose(a[:, 1], b[:, 1], rtol=1e-4, atol=1e-6)
 
 
