@@ -30,9 +30,10 @@ from pathlib import Path
 
 import numpy as np
 
+import common
+import eval as hoi_eval
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-import eval as E  # noqa: E402
 
 
 def make_predictions(anno: dict, per_image: int, seed: int, scores: str = "float32") -> dict:
@@ -126,15 +127,15 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--scores", choices=["float32", "round6"], default="float32",
                     help="score values: float32 (model output) or rounded to 6 decimals")
-    ap.add_argument("--anno", default=str(E.DATA_ROOT / "hicodet" / "instances_test2015.json"))
+    ap.add_argument("--anno", default=str(common.data_root() / "hicodet" / "instances_test2015.json"))
     ap.add_argument("--keep", default=None, help="write the prediction JSON here and keep it")
     args = ap.parse_args(argv)
 
     print(f"python {sys.version.split()[0]}, numpy {np.__version__}, cpus {os.cpu_count()}, "
-          f"orjson {'yes' if E._orjson is not None else 'no'}, load average "
+          f"orjson {'yes' if common.orjson is not None else 'no'}, load average "
           f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}, scores {args.scores}")
     anno = json.load(open(args.anno))
-    gt = E.parse_hico_anno(anno, args.anno)
+    gt = hoi_eval.parse_hico_anno(anno, args.anno)
     t = time.perf_counter()
     preds = make_predictions(anno, args.per_image, args.seed, args.scores)
     n = sum(v.shape[0] for v in preds.values())
@@ -147,7 +148,7 @@ def main(argv=None) -> int:
     boxes = np.ascontiguousarray(rows[:, 2:])
 
     def call():
-        return E.hico_ap_arrays(cls, score, img, boxes, gt.gt_class, gt.gt_image, gt.gt_boxes,
+        return hoi_eval.hico_ap_arrays(cls, score, img, boxes, gt.gt_class, gt.gt_image, gt.gt_boxes,
                                 gt.num_classes, len(gt.filenames))
 
     times, cpu = [], []
@@ -166,7 +167,7 @@ def main(argv=None) -> int:
           f"{peak / 2**20:.0f} MiB (tracemalloc); Full mAP {full_arr:.4f}")
 
     t, c = time.perf_counter(), time.process_time()
-    res = E.evaluate_hico(gt, preds)
+    res = hoi_eval.evaluate_hico(gt, preds)
     dt, dc = time.perf_counter() - t, time.process_time() - c
     print(f"[in-process] evaluate_hico (dict of arrays, validation included): {dt:.3f} s wall, "
           f"{dc:.3f} s CPU; "
@@ -180,7 +181,7 @@ def main(argv=None) -> int:
         size = pred_path.stat().st_size
         print(f"wrote {pred_path} ({size / 2**20:.0f} MiB) in {time.perf_counter() - t:.1f} s")
         del preds, rows
-        for label, env in (("default parser" + (" (orjson)" if E._orjson else " (json)"), {}),
+        for label, env in (("default parser" + (" (orjson)" if common.orjson else " (json)"), {}),
                            ("stdlib json", {"LINK_EVAL_JSON": "stdlib"})):
             dt, cpu, rss, out = run_cli(Path(args.anno), pred_path, Path(tmp) / "res.json", env)
             print(f"[CLI] python eval.py hico ... ({label}): {dt:.2f} s wall, {cpu:.2f} s CPU, "

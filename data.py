@@ -19,8 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,11 +28,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from common import ZERO_SHOT_SPLITS, atomic_write_text, data_root, read_json
+
 __all__ = [
     "ClassSpace", "HICODet", "VCOCO", "SWiGHOI", "collate", "load_detections",
     "save_detections", "gt_detections", "select_boxes",
-    "DataError", "ImageError", "data_root", "COCO80_NAMES", "COCO80_TO_COCO91",
-    "ZERO_SHOT_ALIASES",
+    "DataError", "ImageError", "COCO80_NAMES", "COCO80_TO_COCO91",
 ]
 
 
@@ -68,22 +67,6 @@ COCO80_TO_COCO91 = [
 ]
 COCO91_TO_COCO80 = {cid: i for i, cid in enumerate(COCO80_TO_COCO91)}
 
-#: zero-shot split names accepted by ``HICODet(zero_shot=...)`` -> key in
-#: shared/data/hicodet/derived/zero_shot_unseen_hoi_indices.json
-ZERO_SHOT_ALIASES = {
-    "rf-uc": "rare_first", "nf-uc": "non_rare_first", "uo": "unseen_object",
-    "uv": "unseen_verb",
-}
-
-
-def data_root() -> Path:
-    """Folder of the shared data: ``$LINK_DATA`` or ``<repo>/../shared/data``."""
-    env = os.environ.get("LINK_DATA")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parent.parent / "shared" / "data"
-
-
 class DataError(ValueError):
     """Bad annotation / detection input. The message names the file, the image, the field."""
 
@@ -94,32 +77,6 @@ class ImageError(DataError, FileNotFoundError):
 
 def _err(file, image, field_, msg) -> DataError:
     return DataError(f"{file}: image {image!r}: field {field_!r}: {msg}")
-
-
-def _load_json(path, what="annotation file"):
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: {what} not found")
-    try:
-        with open(path, "r") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON ({e})") from None
-
-
-def _atomic_write_text(path, text: str):
-    """Write ``text`` to a temp file in the same folder, then ``os.replace`` it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=str(path.parent), prefix="." + path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _prompts_field(d: dict, K: int, fname):
@@ -438,7 +395,7 @@ def _hico_prompts(objects, verbs, corr) -> list:
     table = {}
     f = data_root() / "hicodet" / "derived" / "hico_text_label.json"
     if list(objects) == COCO80_NAMES and len(verbs) == 117 and f.is_file():
-        for (v, o), text in _load_json(f)["hico_text_label"]:
+        for (v, o), text in read_json(f, "annotation file", DataError)["hico_text_label"]:
             table[(int(v), int(o))] = text
     out = []
     for _, o, v in corr:
@@ -474,7 +431,7 @@ class HICODet(_HOIDataset):
                  skip_empty=False):
         super().__init__(image_root, anno_file)
         fname = self.anno_file
-        d = _load_json(fname)
+        d = read_json(fname, "annotation file", DataError)
         if not isinstance(d, dict):
             raise DataError(f"{fname}: expected a JSON object with key 'annotation', got "
                             f"{type(d).__name__}")
@@ -564,9 +521,9 @@ class HICODet(_HOIDataset):
     @staticmethod
     def _split_names(name: str) -> list:
         names = [name]
-        if name in ZERO_SHOT_ALIASES:
-            names.append(ZERO_SHOT_ALIASES[name])
-        names += [a for a, long in ZERO_SHOT_ALIASES.items() if long == name]
+        if name in ZERO_SHOT_SPLITS:
+            names.append(ZERO_SHOT_SPLITS[name])
+        names += [a for a, long in ZERO_SHOT_SPLITS.items() if long == name]
         return names
 
     def _resolve_zero_shot(self, zero_shot, d, K) -> list:
@@ -588,11 +545,11 @@ class HICODet(_HOIDataset):
                     lst = lst.get("unseen", [])
             else:
                 f = data_root() / "hicodet" / "derived" / "zero_shot_unseen_hoi_indices.json"
-                splits = _load_json(f, "zero-shot split file").get("splits", {})
+                splits = read_json(f, "zero-shot split file", DataError).get("splits", {})
                 hit = [n for n in names if n in splits]
                 if not hit:
                     raise ValueError(f"{f}: no zero-shot split {zero_shot!r}; known: "
-                                     f"{sorted(ZERO_SHOT_ALIASES)} + {sorted(splits)}")
+                                     f"{sorted(ZERO_SHOT_SPLITS)} + {sorted(splits)}")
                 if K != 600:
                     raise _err(fname, "-", "zero_shot", f"split {zero_shot!r} of {f} is for the "
                                f"600 HICO-DET classes but the file has {K}; add a 'zero_shot' "
@@ -653,7 +610,7 @@ class VCOCO(_HOIDataset):
     def __init__(self, image_root, anno_file):
         super().__init__(image_root, anno_file)
         fname = self.anno_file
-        d = _load_json(fname)
+        d = read_json(fname, "annotation file", DataError)
         if not isinstance(d, dict):
             raise DataError(f"{fname}: expected a JSON object with key 'annotations'")
         self.raw = d
@@ -718,11 +675,11 @@ class SWiGHOI(_HOIDataset):
     def __init__(self, image_root, anno_file, meta_file=None):
         super().__init__(image_root, anno_file)
         fname = self.anno_file
-        d = _load_json(fname)
+        d = read_json(fname, "annotation file", DataError)
         if not isinstance(d, list):
             raise DataError(f"{fname}: expected a JSON list of images, got {type(d).__name__}")
         meta_file = Path(meta_file) if meta_file else data_root() / "swig_hoi" / "derived" / "swig_v1_meta.json"
-        meta = _load_json(meta_file, "SWiG-HOI meta file")
+        meta = read_json(meta_file, "SWiG-HOI meta file", DataError)
         cats, acts, inters = (meta["SWIG_CATEGORIES"], meta["SWIG_ACTIONS"], meta["SWIG_INTERACTIONS"])
         O, V, K = len(cats), len(acts), len(inters)
         mapper = {(int(x["action_id"]), int(x["object_id"])): int(x["id"]) for x in inters}
@@ -830,7 +787,7 @@ def load_detections(path, filenames=None, image_ids=None, num_labels=None) -> di
     Errors (DataError) name the file, the image and the field.
     """
     path = Path(path)
-    d = _load_json(path, "detection file")
+    d = read_json(path, "detection file", DataError)
     out = {}
     if isinstance(d, dict):
         for img, e in d.items():
@@ -913,7 +870,7 @@ def save_detections(path, detections: dict, decimals: int = 2):
             "scores": r(torch.as_tensor(e["scores"]).reshape(-1).tolist()),
             "labels": [int(v) for v in torch.as_tensor(e["labels"]).reshape(-1).tolist()],
         }
-    _atomic_write_text(path, json.dumps(obj, separators=(",", ":")))
+    atomic_write_text(path, json.dumps(obj, separators=(",", ":")))
 
 
 def gt_detections(target: dict, person_label: int = 0, return_index: bool = False):

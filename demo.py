@@ -58,6 +58,7 @@ from PIL import Image
 
 import eval as hoi_eval
 import synthetic
+from common import atomic_write, atomic_write_json
 from viz import draw_interactions, hoi_class_names
 
 ROOT = Path(__file__).resolve().parent
@@ -71,12 +72,6 @@ MODEL_OPTS = ["d_model=64", "d_latent=32", "heads=4", "ffn_mult=2", "impl=refere
 LOOP = ["--epochs", "8", "--batch-size", "8", "--lr", "5e-4", "--warmup-steps", "20",
         "--schedule", "cosine", "--clip", "1.0", "--weight-decay", "1e-4", "--seed", "0"]
 KD = ["--w-map", "1.0", "--w-query", "1.0", "--w-logit", "1.0", "--temperature", "2.0"]
-
-
-def _atomic_json(path: Path, obj) -> None:
-    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
 
 
 def _common(out: Path, world: Path, threads: int, loop: list) -> list:
@@ -141,9 +136,7 @@ def draw_picture(out: Path, world_paths: dict, student_dir: Path) -> str:
     gt = ", ".join(names[h] for h in sorted(set(anno["annotation"][j]["hoi"])))
     pic = draw_interactions(img, rows, names, top_k=4, title=f"student, {fn}", note=f"GT: {gt}")
     dst = out / "detections.png"
-    tmp = out / ".detections.png.tmp.png"
-    pic.save(tmp)
-    os.replace(tmp, dst)
+    atomic_write(dst, lambda f: pic.save(f, format="PNG"))
     return str(dst)
 
 
@@ -174,7 +167,7 @@ def main(argv=None) -> int:
         print(f"error: {out} holds runs of another recipe (world/seed/label drop/loop/KD); "
               "rerun with --fresh or another --out", file=sys.stderr)
         return 2
-    _atomic_json(stamp, recipe)
+    atomic_write_json(stamp, recipe, indent=1)
 
     # 1. the world
     world = out / "world"
@@ -253,7 +246,7 @@ def main(argv=None) -> int:
     pic = draw_picture(out, wp, out / "student")
     print(f"picture of the student's top interactions: {pic}")
     results["runtime_s"] = round(time.time() - t_start, 1)
-    _atomic_json(out / "results.json", results)
+    atomic_write_json(out / "results.json", results, indent=1)
     print(f"results: {out / 'results.json'}; demo wall time {results['runtime_s']:.0f} s")
     return 0
 

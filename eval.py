@@ -116,26 +116,16 @@ Unseen (0) and Full.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from itertools import chain
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-try:  # optional, ~2x faster JSON parsing of large prediction files; stdlib json otherwise
-    import orjson as _orjson
-except ImportError:  # pragma: no cover - depends on the environment
-    _orjson = None
-if os.environ.get("LINK_EVAL_JSON") == "stdlib":   # force the stdlib parser (benchmarks, tests)
-    _orjson = None
-
-DATA_ROOT = Path(os.environ.get("LINK_DATA", Path(__file__).resolve().parent.parent / "shared" / "data"))
+from common import ZERO_SHOT_SPLITS, atomic_write_json, data_root, read_json
 
 #: t of the official MATLAB loop ``for t = 0:0.1:1`` (== np.arange(0, 1.1, 0.1), float64[11])
 HICO_THRESHOLDS = np.arange(0, 1.1, 0.1)
@@ -143,10 +133,6 @@ HICO_THRESHOLDS = np.arange(0, 1.1, 0.1)
 SWIG_THRESHOLDS = np.array([i / 10.0 for i in range(11)])
 SWIG_TOPK = 19999
 MIN_OVERLAP = 0.5
-
-#: CLI zero-shot names -> keys of zero_shot_unseen_hoi_indices.json
-ZERO_SHOT_SPLITS = {"rf-uc": "rare_first", "nf-uc": "non_rare_first", "uo": "unseen_object",
-                    "uv": "unseen_verb"}
 
 ROW_FIELDS = ("hoi", "score", "hx1", "hy1", "hx2", "hy2", "ox1", "oy1", "ox2", "oy2")
 
@@ -164,31 +150,8 @@ class EvalFileNotFoundError(EvalInputError, FileNotFoundError):
 # ---------------------------------------------------------------------------------------
 
 def _read_json(path: str | os.PathLike, what: str = "file") -> Any:
-    """Parse a JSON file; raise EvalInputError naming the file on any problem."""
-    path = str(path)
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except FileNotFoundError:
-        raise EvalFileNotFoundError(f"{path}: {what} not found") from None
-    except IsADirectoryError:
-        raise EvalInputError(f"{path}: {what} is a directory, expected a JSON file") from None
-    except OSError as e:
-        raise EvalInputError(f"{path}: cannot read {what} ({e.strerror})") from None
-    if not raw.strip():
-        raise EvalInputError(f"{path}: {what} is empty")
-    if _orjson is not None:
-        try:
-            return _orjson.loads(raw)
-        except Exception:  # noqa: BLE001 - orjson rejects NaN literals: retry with stdlib json
-            pass
-    try:
-        return json.loads(raw)
-    except UnicodeDecodeError as e:
-        raise EvalInputError(f"{path}: {what} is not UTF-8 text ({e.reason})") from None
-    except json.JSONDecodeError as e:
-        raise EvalInputError(f"{path}: {what} is not valid JSON ({e.msg} at line {e.lineno} "
-                             f"column {e.colno})") from None
+    """Parse a JSON file; raise EvalInputError (EvalFileNotFoundError) naming the file on any problem."""
+    return read_json(path, what, error=EvalInputError, missing=EvalFileNotFoundError)
 
 
 def _json_safe(x: Any) -> Any:
@@ -210,23 +173,8 @@ def _json_safe(x: Any) -> Any:
 
 
 def write_json_atomic(obj: Any, path: str | os.PathLike) -> None:
-    """Write ``obj`` as strict JSON to ``path`` via a temp file in the same folder + os.replace."""
-    path = os.path.abspath(os.fspath(path))
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(_json_safe(obj), f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    """Write ``obj`` as strict JSON (NaN/inf -> null) to ``path`` atomically (common.atomic_write)."""
+    atomic_write_json(os.path.abspath(os.fspath(path)), _json_safe(obj), indent=1)
 
 
 def _isnum(v: Any) -> bool:
@@ -800,7 +748,7 @@ def _zero_shot_unseen(gt: HicoGT, zero_shot) -> tuple[str, list]:
         else:
             raise EvalInputError(f"{gt.name}: field 'zero_shot' has no split '{cli}' / '{canon}'")
     else:
-        path = DATA_ROOT / "hicodet" / "derived" / "zero_shot_unseen_hoi_indices.json"
+        path = data_root() / "hicodet" / "derived" / "zero_shot_unseen_hoi_indices.json"
         if gt.num_classes != 600:
             raise EvalInputError(f"{gt.name}: no 'zero_shot' field and {gt.num_classes} classes "
                                  f"(the default splits are for the 600 HICO-DET classes)")
@@ -974,7 +922,8 @@ def format_hico(res: dict) -> str:
 
     def row(label, key, n):
         v = res.get(key)
-        lines.append(f"  {label:<10}{'n/a' if v is None else f'{v:8.2f}'}" + (f"   ({n} classes)" if n is not None else ""))
+        count = f"   ({n} classes)" if n is not None else ""
+        lines.append(f"  {label:<10}{'n/a' if v is None else f'{v:8.2f}'}" + count)
 
     if res.get("zero_shot"):
         row("Unseen", "unseen", c["num_unseen"])
@@ -1479,7 +1428,7 @@ class SwigGT:
 
 
 def load_swig_meta(path=None) -> dict:
-    path = path or DATA_ROOT / "swig_hoi" / "derived" / "swig_v1_meta.json"
+    path = path or data_root() / "swig_hoi" / "derived" / "swig_v1_meta.json"
     meta = _read_json(path, "SWiG meta file")
     if not isinstance(meta, dict) or "SWIG_INTERACTIONS" not in meta:
         raise EvalInputError(f"{path}: missing key 'SWIG_INTERACTIONS'")

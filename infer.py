@@ -86,11 +86,8 @@ image (its drawing conventions are viz.py's docstring).
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -101,6 +98,7 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 import data
+from common import atomic_write, atomic_write_json, read_json
 from kernels import box_bias
 from model import LINK, register_tiny_vlm
 from viz import draw_interactions, hoi_class_names, to_rgb, unique_pairs
@@ -268,11 +266,10 @@ class FileBoxes:
     def _image_ids(self, keys, image_ids_file):
         if image_ids_file:
             p = Path(image_ids_file)
+            doc = read_json(p, "image-ids file", InferError)
             try:
-                doc = json.loads(p.read_text())
-                imgs = doc["images"]
-                by_name = {str(im["file_name"]): int(im["id"]) for im in imgs}
-            except (OSError, ValueError, KeyError, TypeError) as e:
+                by_name = {str(im["file_name"]): int(im["id"]) for im in doc["images"]}
+            except (ValueError, KeyError, TypeError) as e:
                 raise InferError(f"{p}: expected a COCO-style JSON with 'images': "
                                  f"[{{'id', 'file_name'}}] ({type(e).__name__}: {e})") from None
             ids = {}
@@ -307,12 +304,10 @@ class GTBoxes:
 
     def __init__(self, path, cs: dict, keys):
         self.path = Path(path)
-        if not self.path.is_file():
-            raise FileNotFoundError(f"{self.path}: annotation file not found")
+        doc = read_json(self.path, "annotation file", InferError)
         try:
-            doc = json.loads(self.path.read_text())
             files, annos = doc["filenames"], doc["annotation"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
+        except (KeyError, TypeError) as e:
             raise InferError(f"{self.path}: not a HICO-DET-format annotation file "
                              f"(needs 'filenames' and 'annotation'; {type(e).__name__}: {e})") from None
         if len(files) != len(annos):
@@ -622,20 +617,6 @@ def predict_batch(model, images, dets, person_label: int, attention_pair: int | 
 # writing
 # ---------------------------------------------------------------------------------------------
 
-def _atomic_write(path: Path, write) -> None:
-    """write(tmp_path) then os.replace onto path (same folder, so the replace is atomic)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def rows_to_json(rows: np.ndarray) -> list:
     """[N, 10] -> [[hoi (int), score, hx1, hy1, hx2, hy2, ox1, oy1, ox2, oy2], ...].
 
@@ -738,7 +719,7 @@ def run(inputs, checkpoint, out_dir="runs/infer", detections=None, image_ids=Non
                                             attention_pair=(unique_pairs(r)[attention - 1] if a is not None else None),
                                             title=key, note=notes.get(key))
                     dst = out_dir / pictures[key]
-                    _atomic_write(dst, lambda tmp, pic=pic: pic.save(tmp, format="PNG"))
+                    atomic_write(dst, lambda f, pic=pic: pic.save(f, format="PNG"))
                     written[key] = dst
         bar.update(len(batch))
     bar.close()
@@ -748,7 +729,7 @@ def run(inputs, checkpoint, out_dir="runs/infer", detections=None, image_ids=Non
                          f"(first: {next(iter(skipped.values()))})")
     pred_path = out_dir / "predictions.json"
     doc = {k: rows_to_json(preds[k]) for k in keys if k in preds}
-    _atomic_write(pred_path, lambda tmp: Path(tmp).write_text(json.dumps(doc)))
+    atomic_write_json(pred_path, doc)
     return dict(predictions=preds, notes=notes, skipped=skipped, pictures=written, out=out_dir,
                 predictions_file=pred_path)
 

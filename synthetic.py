@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from data import COCO80_NAMES, ClassSpace, _article, _atomic_write_text
+from common import atomic_write_text
+from data import COCO80_NAMES, ClassSpace, _article
 
 __all__ = ["make_synthetic_world", "synthetic_class_space", "SYN_VERBS", "SYN_CLASSES", "SYN_ZERO_SHOT"]
 
@@ -1029,8 +1030,8 @@ def make_synthetic_world(root, n_train=2000, n_test=500, image_size=128, seed=0,
             "zero_shot": {k: list(v) for k, v in SYN_ZERO_SHOT.items()},
             "name": "synthetic",
         }
-        _atomic_write_text(paths[f"{split}_anno"], json.dumps(doc, separators=(",", ":")))
-        _atomic_write_text(paths[f"{split}_detections"], json.dumps(dets, separators=(",", ":")))
+        atomic_write_text(paths[f"{split}_anno"], json.dumps(doc, separators=(",", ":")))
+        atomic_write_text(paths[f"{split}_detections"], json.dumps(dets, separators=(",", ":")))
     if verbose:
         print(f"synthetic world: {n_train} + {n_test} images of {S}x{S} in "
               f"{time.time() - t0:.1f} s -> {root}")

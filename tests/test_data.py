@@ -5,18 +5,29 @@ the real annotation files in shared/data (tests needing those skip when they are
 """
 import dataclasses
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+import common
 import data
-from data import (ClassSpace, DataError, HICODet, ImageError, SWiGHOI, VCOCO, collate,
-                  gt_detections, load_detections, save_detections, select_boxes)
+from data import (
+    VCOCO,
+    ClassSpace,
+    DataError,
+    HICODet,
+    ImageError,
+    SWiGHOI,
+    collate,
+    gt_detections,
+    load_detections,
+    save_detections,
+    select_boxes,
+)
 
-SHARED = data.data_root()
+SHARED = common.data_root()
 HICO_TEST = SHARED / "hicodet" / "instances_test2015.json"
 VCOCO_TEST = SHARED / "vcoco" / "instances_vcoco_test.json"
 SWIG_META = SHARED / "swig_hoi" / "derived" / "swig_v1_meta.json"

@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-import eval as E  # noqa: E402
+import eval as hoi_eval
+from common import data_root
 
-DATA = E.DATA_ROOT
+ROOT = Path(__file__).resolve().parent.parent
+DATA = data_root()
 HICO_TEST = DATA / "hicodet" / "instances_test2015.json"
 SWIG_META = DATA / "swig_hoi" / "derived" / "swig_v1_meta.json"
 
@@ -92,7 +92,7 @@ def gt_as_preds(anno, classes=None):
 
 @needs_hico
 def test_real_gt_fed_back_scores_100(hico):
-    res = E.evaluate_hico(hico, gt_as_preds(hico))
+    res = hoi_eval.evaluate_hico(hico, gt_as_preds(hico))
     for key in ("full", "rare", "non_rare"):
         assert res[key] == pytest.approx(100.0, abs=1e-9)
     assert len(res["per_class"]) == 600
@@ -107,11 +107,11 @@ def test_real_gt_fed_back_scores_100(hico):
 @needs_hico
 @pytest.mark.parametrize("split,size", [("rf-uc", 120), ("nf-uc", 120), ("uo", 100), ("uv", 84)])
 def test_zero_shot_splits(hico, split, size):
-    gt = E.parse_hico_anno(hico)
-    name, unseen = E._zero_shot_unseen(gt, split)
+    gt = hoi_eval.parse_hico_anno(hico)
+    name, unseen = hoi_eval._zero_shot_unseen(gt, split)
     assert name == split and len(unseen) == size and len(set(unseen)) == size
     # predictions = GT of the unseen classes only -> Unseen 100, Seen 0, Full = size / 6
-    res = E.evaluate_hico(gt, gt_as_preds(hico, set(unseen)), zero_shot=split)
+    res = hoi_eval.evaluate_hico(gt, gt_as_preds(hico, set(unseen)), zero_shot=split)
     assert res["unseen"] == pytest.approx(100.0, abs=1e-9)
     assert res["seen"] == 0.0
     assert res["full"] == pytest.approx(100.0 * size / 600, abs=1e-9)
@@ -125,15 +125,15 @@ def test_zero_shot_splits(hico, split, size):
 def test_zero_shot_from_anno_field():
     anno = make_anno([[(0, H, O), (1, H, O), (2, H, O)]], zero_shot={"rf-uc": [1], "uv": {"unseen": [2]}})
     preds = {"img_0.jpg": [row(1, 0.9, H, O)]}
-    res = E.evaluate_hico(anno, preds, zero_shot="rf-uc")
+    res = hoi_eval.evaluate_hico(anno, preds, zero_shot="rf-uc")
     assert (res["unseen"], res["seen"]) == (pytest.approx(100.0), 0.0)
     assert res["full"] == pytest.approx(100.0 / 3)
-    res = E.evaluate_hico(anno, preds, zero_shot="unseen_verb")
+    res = hoi_eval.evaluate_hico(anno, preds, zero_shot="unseen_verb")
     assert (res["unseen"], res["seen"]) == (0.0, pytest.approx(50.0))
-    with pytest.raises(E.EvalInputError, match="no split 'uo'"):
-        E.evaluate_hico(anno, preds, zero_shot="uo")
-    with pytest.raises(E.EvalInputError, match="unknown split"):
-        E.evaluate_hico(anno, preds, zero_shot="xx")
+    with pytest.raises(hoi_eval.EvalInputError, match="no split 'uo'"):
+        hoi_eval.evaluate_hico(anno, preds, zero_shot="uo")
+    with pytest.raises(hoi_eval.EvalInputError, match="unknown split"):
+        hoi_eval.evaluate_hico(anno, preds, zero_shot="xx")
 
 
 # ---------------------------------------------------------------------------------------
@@ -141,14 +141,14 @@ def test_zero_shot_from_anno_field():
 # ---------------------------------------------------------------------------------------
 
 def hico_arrays(anno, rows_per_image):
-    gt = E.parse_hico_anno(anno)
+    gt = hoi_eval.parse_hico_anno(anno)
     rows, img = [], []
     for i, rs in rows_per_image:
         for r in rs:
             rows.append(r)
             img.append(i)
     rows = np.array(rows, dtype=np.float64).reshape(-1, 10)
-    return E.hico_ap_arrays(rows[:, 0].astype(int), rows[:, 1], np.array(img, dtype=int), rows[:, 2:],
+    return hoi_eval.hico_ap_arrays(rows[:, 0].astype(int), rows[:, 1], np.array(img, dtype=int), rows[:, 2:],
                             gt.gt_class, gt.gt_image, gt.gt_boxes, gt.num_classes, len(gt.filenames))
 
 
@@ -160,7 +160,7 @@ def test_duplicate_detection_is_fp():
     # rec .5 .5 1, prec 1 .5 2/3 -> p = 1 for t <= .5 (6 values), 2/3 after (5 values)
     expected = ap11([1.0] * 6 + [2 / 3] * 5)
     assert r["ap"][0] == pytest.approx(expected, abs=1e-15)
-    res = E.evaluate_hico(anno, preds)
+    res = hoi_eval.evaluate_hico(anno, preds)
     assert res["per_class"][0] == pytest.approx(expected * 100, abs=1e-12)
     assert res["per_class"][1:] == [0.0, 0.0]          # classes without detections: AP 0
     assert res["full"] == pytest.approx(expected * 100 / 3)
@@ -173,16 +173,16 @@ def test_tied_scores_keep_image_order_then_row_order():
     # equal scores: img_0's duplicate FP comes before img_1's TP (image order) -> 28/33
     preds = {"img_1.jpg": [row(0, 0.5, H, O)],            # file order must not matter
              "img_0.jpg": [row(0, 0.9, H, O), row(0, 0.5, H, O)]}
-    res = E.evaluate_hico(anno, preds)
+    res = hoi_eval.evaluate_hico(anno, preds)
     assert res["per_class"][0] == pytest.approx(ap11([1.0] * 6 + [2 / 3] * 5) * 100, abs=1e-12)
     # the same detections with the annotation's image order swapped: TP first -> 100
     swapped = dict(anno, filenames=anno["filenames"][::-1], annotation=anno["annotation"][::-1])
-    res = E.evaluate_hico(swapped, preds)
+    res = hoi_eval.evaluate_hico(swapped, preds)
     assert res["per_class"][0] == pytest.approx(100.0, abs=1e-12)
     # row order inside one image: an FP row before the TP row with the same score
     anno1 = make_anno([[(0, H, O)]])
-    fp_first = E.evaluate_hico(anno1, {"img_0.jpg": [row(0, 0.5, wrong, O), row(0, 0.5, H, O)]})
-    tp_first = E.evaluate_hico(anno1, {"img_0.jpg": [row(0, 0.5, H, O), row(0, 0.5, wrong, O)]})
+    fp_first = hoi_eval.evaluate_hico(anno1, {"img_0.jpg": [row(0, 0.5, wrong, O), row(0, 0.5, H, O)]})
+    tp_first = hoi_eval.evaluate_hico(anno1, {"img_0.jpg": [row(0, 0.5, H, O), row(0, 0.5, wrong, O)]})
     assert fp_first["per_class"][0] == pytest.approx(50.0, abs=1e-12)
     assert tp_first["per_class"][0] == pytest.approx(100.0, abs=1e-12)
 
@@ -190,33 +190,33 @@ def test_tied_scores_keep_image_order_then_row_order():
 def test_inclusive_iou_touching_boxes_and_exact_half():
     a = np.array([[0, 0, 9, 9]], float)
     # boxes sharing one pixel column overlap under the +1 convention; adjacent ones do not
-    assert E._iou_inclusive(a, np.array([[9, 0, 18, 9]], float))[0] == pytest.approx(10 / 190)
-    assert E._iou_inclusive(a, np.array([[10, 0, 19, 9]], float))[0] == 0.0
-    assert E._iou_continuous(a, np.array([[9, 0, 18, 9]], float))[0] == 0.0
+    assert hoi_eval._iou_inclusive(a, np.array([[9, 0, 18, 9]], float))[0] == pytest.approx(10 / 190)
+    assert hoi_eval._iou_inclusive(a, np.array([[10, 0, 19, 9]], float))[0] == 0.0
+    assert hoi_eval._iou_continuous(a, np.array([[9, 0, 18, 9]], float))[0] == 0.0
     # a one-pixel-wide box on the edge of a two-pixel-wide GT: exactly 0.5 -> TP
     anno = make_anno([[(0, [0, 0, 1, 9], O)]])
-    res = E.evaluate_hico(anno, {"img_0.jpg": [row(0, 0.9, [1, 0, 1, 9], O)]})
+    res = hoi_eval.evaluate_hico(anno, {"img_0.jpg": [row(0, 0.9, [1, 0, 1, 9], O)]})
     assert res["per_class"][0] == pytest.approx(100.0, abs=1e-12)
     # exactly 0.5 (50 / 100 pixels) -> TP; 0.4 -> FP
     anno = make_anno([[(0, H, O)]])
-    assert E.evaluate_hico(anno, {"img_0.jpg": [row(0, 0.9, [0, 0, 9, 4], O)]})["per_class"][0] \
+    assert hoi_eval.evaluate_hico(anno, {"img_0.jpg": [row(0, 0.9, [0, 0, 9, 4], O)]})["per_class"][0] \
         == pytest.approx(100.0, abs=1e-12)
-    assert E.evaluate_hico(anno, {"img_0.jpg": [row(0, 0.9, [0, 0, 9, 3], O)]})["per_class"][0] == 0.0
+    assert hoi_eval.evaluate_hico(anno, {"img_0.jpg": [row(0, 0.9, [0, 0, 9, 3], O)]})["per_class"][0] == 0.0
     # overlap is the minimum of the two IoUs
-    assert E.evaluate_hico(anno, {"img_0.jpg": [row(0, 0.9, H, [20, 0, 29, 3])]})["per_class"][0] == 0.0
+    assert hoi_eval.evaluate_hico(anno, {"img_0.jpg": [row(0, 0.9, H, [20, 0, 29, 3])]})["per_class"][0] == 0.0
 
 
 def test_empty_image_detections_are_false_positives():
     anno = make_anno([[(0, H, O)], []])
     assert anno["empty"] == [1]
-    res = E.evaluate_hico(anno, {"img_1.jpg": [row(0, 0.9, H, O)], "img_0.jpg": [row(0, 0.8, H, O)]})
+    res = hoi_eval.evaluate_hico(anno, {"img_1.jpg": [row(0, 0.9, H, O)], "img_0.jpg": [row(0, 0.8, H, O)]})
     assert res["per_class"][0] == pytest.approx(50.0, abs=1e-12)   # rec 0,1 prec 0,.5
     assert res["counts"]["num_empty_images"] == 1
 
 
 def test_no_detections_gives_zero_everywhere():
     anno = make_anno([[(0, H, O)], []])
-    res = E.evaluate_hico(anno, {})
+    res = hoi_eval.evaluate_hico(anno, {})
     assert res["full"] == 0.0 and res["per_class"] == [0.0, 0.0, 0.0]
     assert res["counts"]["num_detections"] == 0
 
@@ -229,7 +229,7 @@ def test_no_detections_gives_zero_everywhere():
 ])
 def test_recall_exactly_at_decimal_thresholds(npos, ntp_first, official, decimal):
     assert official != decimal
-    gts, rows = [], []
+    gts = []
     for i in range(npos):
         gts.append([(0, H, O)])
     # ntp_first TPs (score 1 - k/100), then ntp_first+1 FPs... then the remaining TPs
@@ -243,11 +243,11 @@ def test_recall_exactly_at_decimal_thresholds(npos, ntp_first, official, decimal
             t_used += 1
         else:
             preds.setdefault("img_0.jpg", []).append(row(0, s, [50, 50, 59, 59], O))
-    res = E.evaluate_hico(make_anno(gts), preds)
+    res = hoi_eval.evaluate_hico(make_anno(gts), preds)
     assert res["per_class"][0] / 100 == pytest.approx(official, abs=1e-15)
     assert abs(res["per_class"][0] / 100 - decimal) > 1e-3
-    assert E.HICO_THRESHOLDS[6] == 0.6000000000000001 and E.HICO_THRESHOLDS[7] == 0.7000000000000001
-    assert E.HICO_THRESHOLDS[3] == 0.30000000000000004
+    assert hoi_eval.HICO_THRESHOLDS[6] == 0.6000000000000001 and hoi_eval.HICO_THRESHOLDS[7] == 0.7000000000000001
+    assert hoi_eval.HICO_THRESHOLDS[3] == 0.30000000000000004
 
 
 def test_no_fallback_to_second_best_gt_and_first_maximum():
@@ -267,25 +267,25 @@ def test_known_object_filtering():
     # classes 0, 1 share object 7; class 2 has object 3.  img_0: GT of class 0; img_1: class 2
     anno = make_anno([[(0, H, O)], [(2, H, O)]], objects=[7, 7, 3])
     preds = {"img_1.jpg": [row(0, 0.9, H, O)], "img_0.jpg": [row(0, 0.8, H, O)]}
-    default = E.evaluate_hico(anno, preds)
+    default = hoi_eval.evaluate_hico(anno, preds)
     assert default["per_class"][0] == pytest.approx(50.0) and "known_object_approximation" not in default
-    ko = E.evaluate_hico(anno, preds, known_object=True)           # img_1 has no object-7 GT
+    ko = hoi_eval.evaluate_hico(anno, preds, known_object=True)           # img_1 has no object-7 GT
     assert ko["per_class"][0] == pytest.approx(100.0)
     assert ko["known_object_approximation"] is True and "approximation" in ko["note"]
     assert ko["counts"]["num_detections_evaluated"] == 1 and ko["setting"] == "known_object"
-    assert "NOTE" in E.format_hico(ko) and "can only raise" in E.format_hico(ko)
+    assert "NOTE" in hoi_eval.format_hico(ko) and "can only raise" in hoi_eval.format_hico(ko)
     # official-style labels: img_1 is labelled with class 1 (object 7) -> the detection stays
     for labels in ({"img_0.jpg": [0], "img_1.jpg": [2, 1]}, [[0], [2, 1]]):
-        r = E.evaluate_hico(anno, preds, known_object=True, image_labels=labels)
+        r = hoi_eval.evaluate_hico(anno, preds, known_object=True, image_labels=labels)
         assert r["per_class"][0] == pytest.approx(50.0)
         assert r["known_object_approximation"] is False
     # labels without object 7 anywhere in img_1 -> filtered as with the GT fallback
-    r = E.evaluate_hico(anno, preds, known_object=True, image_labels={"img_0.jpg": [1], "img_1.jpg": [2]})
+    r = hoi_eval.evaluate_hico(anno, preds, known_object=True, image_labels={"img_0.jpg": [1], "img_1.jpg": [2]})
     assert r["per_class"][0] == pytest.approx(100.0)
-    with pytest.raises(E.EvalInputError, match="unknown image name"):
-        E.evaluate_hico(anno, preds, known_object=True, image_labels={"nope.jpg": [1]})
-    with pytest.raises(E.EvalInputError, match="has 1 entries"):
-        E.evaluate_hico(anno, preds, known_object=True, image_labels=[[1]])
+    with pytest.raises(hoi_eval.EvalInputError, match="unknown image name"):
+        hoi_eval.evaluate_hico(anno, preds, known_object=True, image_labels={"nope.jpg": [1]})
+    with pytest.raises(hoi_eval.EvalInputError, match="has 1 entries"):
+        hoi_eval.evaluate_hico(anno, preds, known_object=True, image_labels=[[1]])
 
 
 # ---------------------------------------------------------------------------------------
@@ -393,7 +393,7 @@ def random_case(seed, n_img=8, K=4, grid=6):
 @pytest.mark.parametrize("seed", range(40))
 def test_vectorised_matches_reference_loop(seed):
     anno, preds = random_case(seed)
-    res = E.evaluate_hico(anno, preds)
+    res = hoi_eval.evaluate_hico(anno, preds)
     ref = ref_hico(anno, preds)
     assert np.allclose(np.array(res["per_class"]) / 100, ref, rtol=0, atol=1e-14), (res["per_class"], ref)
     # Known-Object with GT-derived labels
@@ -403,7 +403,7 @@ def test_vectorised_matches_reference_loop(seed):
             keep.setdefault(anno["correspondence"][k][1], set()).add(i)
     for o in (0, 1):
         keep.setdefault(o, set())
-    ko = E.evaluate_hico(anno, preds, known_object=True)
+    ko = hoi_eval.evaluate_hico(anno, preds, known_object=True)
     assert np.allclose(np.array(ko["per_class"]) / 100, ref_hico(anno, preds, keep), rtol=0, atol=1e-14)
 
 
@@ -412,7 +412,7 @@ def test_vectorised_matches_reference_many_detections():
     # many more duplicates with all-equal scores
     for fn, rows in list(preds.items()):
         preds[fn] = [[r[0], 0.5] + r[2:] for r in rows] * 3
-    res = E.evaluate_hico(anno, preds)
+    res = hoi_eval.evaluate_hico(anno, preds)
     assert np.allclose(np.array(res["per_class"]) / 100, ref_hico(anno, preds), rtol=0, atol=1e-14)
 
 
@@ -425,9 +425,9 @@ def test_hico_order_equals_lexsort(denominator):
         sc[rng.random(n) < 0.2] *= -0.0                     # -0.0 ties with 0.0
         img = rng.integers(0, 40, n)
         ref = np.lexsort((np.arange(n), img, -sc, cls))
-        assert np.array_equal(E._hico_order(cls, sc, img), ref)
+        assert np.array_equal(hoi_eval._hico_order(cls, sc, img), ref)
         srt = np.sort(img, kind="stable")
-        assert np.array_equal(E._hico_order(cls, sc, srt), np.lexsort((np.arange(n), srt, -sc, cls)))
+        assert np.array_equal(hoi_eval._hico_order(cls, sc, srt), np.lexsort((np.arange(n), srt, -sc, cls)))
 
 
 # ---------------------------------------------------------------------------------------
@@ -467,28 +467,28 @@ def test_bad_predictions(small, content, needle):
     anno, _, tmp = small
     p = tmp / "PRED.json"
     p.write_text(content)
-    with pytest.raises(E.EvalInputError) as ei:
-        E.load_predictions(p, anno)
+    with pytest.raises(hoi_eval.EvalInputError) as ei:
+        hoi_eval.load_predictions(p, anno)
     msg = str(ei.value)
     assert msg.startswith(f"{p}: ") and needle in msg and "\n" not in msg
 
 
 def test_bad_predictions_in_process():
     anno = make_anno([[(0, H, O)]])
-    with pytest.raises(E.EvalInputError, match=r"<predictions>: image 'img_0.jpg' row 0: x2 < x1 in object box"):
-        E.evaluate_hico(anno, {"img_0.jpg": np.array([row(0, 0.5, H, [29, 0, 20, 9])])})
-    with pytest.raises(E.EvalInputError, match=r"expected an array \[N, 10\]"):
-        E.evaluate_hico(anno, {"img_0.jpg": np.zeros((2, 9))})
+    with pytest.raises(hoi_eval.EvalInputError, match=r"<predictions>: image 'img_0.jpg' row 0: x2 < x1 in object box"):
+        hoi_eval.evaluate_hico(anno, {"img_0.jpg": np.array([row(0, 0.5, H, [29, 0, 20, 9])])})
+    with pytest.raises(hoi_eval.EvalInputError, match=r"expected an array \[N, 10\]"):
+        hoi_eval.evaluate_hico(anno, {"img_0.jpg": np.zeros((2, 9))})
 
 
 def test_in_process_accepts_arrays_lists_and_tensors():
     torch = pytest.importorskip("torch")
     anno = make_anno([[(0, H, O)], []])
     rows = [row(0, 0.5, H, O), row(1, 0.25, H, O)]
-    want = E.evaluate_hico(anno, {"img_0.jpg": rows, "img_1.jpg": []})
+    want = hoi_eval.evaluate_hico(anno, {"img_0.jpg": rows, "img_1.jpg": []})
     assert want["per_class"] == pytest.approx([100.0, 0.0, 0.0])
     for v in (np.array(rows, dtype=np.float32), torch.tensor(rows)):
-        got = E.evaluate_hico(anno, {"img_0.jpg": v, "img_1.jpg": np.zeros((0, 10))})
+        got = hoi_eval.evaluate_hico(anno, {"img_0.jpg": v, "img_1.jpg": np.zeros((0, 10))})
         assert got["per_class"] == want["per_class"] and got["counts"] == want["counts"]
 
 
@@ -496,7 +496,7 @@ def test_load_predictions_roundtrip(small):
     anno, _, tmp = small
     p = tmp / "p.json"
     p.write_text(json.dumps({"img_0.jpg": [row(0, 0.5, H, O)], "img_1.jpg": []}))
-    out = E.load_predictions(p, anno)
+    out = hoi_eval.load_predictions(p, anno)
     assert list(out) == ["img_0.jpg", "img_1.jpg"]
     assert out["img_0.jpg"].shape == (1, 10) and out["img_1.jpg"].shape == (0, 10)
 
@@ -514,8 +514,8 @@ def test_load_predictions_roundtrip(small):
 def test_bad_anno(mutate, needle):
     anno = make_anno([[(0, H, O)], []])
     mutate(anno)
-    with pytest.raises(E.EvalInputError) as ei:
-        E.parse_hico_anno(anno, "ANNO.json")
+    with pytest.raises(hoi_eval.EvalInputError) as ei:
+        hoi_eval.parse_hico_anno(anno, "ANNO.json")
     assert str(ei.value).startswith("ANNO.json: ") and needle in str(ei.value)
 
 
@@ -523,12 +523,12 @@ def test_cli_errors_exit_2(small, capsys):
     anno, ap, tmp = small
     p = tmp / "PRED.json"
     p.write_text('{"img_0.jpg": [[0, 0.5, 5, 0, 4, 9, 20, 0, 29, 9]]}')
-    assert E.main(["hico", "--anno", str(ap), "--pred", str(p)]) == 2
+    assert hoi_eval.main(["hico", "--anno", str(ap), "--pred", str(p)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "image 'img_0.jpg' row 0: x2 < x1 in human box" in err
-    assert E.main(["hico", "--anno", str(tmp / "missing.json"), "--pred", str(p)]) == 2
+    assert hoi_eval.main(["hico", "--anno", str(tmp / "missing.json"), "--pred", str(p)]) == 2
     assert "not found" in capsys.readouterr().err
-    assert E.main(["hico", "--anno", str(ap), "--pred", str(p), "--image-labels", "x.json"]) == 2
+    assert hoi_eval.main(["hico", "--anno", str(ap), "--pred", str(p), "--image-labels", "x.json"]) == 2
     assert "--known-object" in capsys.readouterr().err
 
 
@@ -558,13 +558,13 @@ def test_cli_known_object_note(small, tmp_path, capsys):
     p = tmp / "p.json"
     p.write_text(json.dumps({"img_0.jpg": [row(0, 0.5, H, O)]}))
     out = tmp / "r.json"
-    assert E.main(["hico", "--anno", str(ap), "--pred", str(p), "--known-object", "--out", str(out)]) == 0
+    assert hoi_eval.main(["hico", "--anno", str(ap), "--pred", str(p), "--known-object", "--out", str(out)]) == 0
     assert "approximation that can only raise the number" in capsys.readouterr().out
     res = json.loads(out.read_text())
     assert res["known_object_approximation"] is True and "note" in res
     lab = tmp / "labels.json"
     lab.write_text(json.dumps({"img_0.jpg": [0]}))
-    assert E.main(["hico", "--anno", str(ap), "--pred", str(p), "--known-object", "--image-labels",
+    assert hoi_eval.main(["hico", "--anno", str(ap), "--pred", str(p), "--known-object", "--image-labels",
                    str(lab), "--out", str(out)]) == 0
     assert json.loads(out.read_text())["known_object_approximation"] is False
 
@@ -607,10 +607,10 @@ def vcoco_world():
 
 def test_vcoco_hand_case():
     vsrl, coco, dets = vcoco_world()
-    gt = E.parse_vcoco_gt(vsrl, coco)
+    gt = hoi_eval.parse_vcoco_gt(vsrl, coco)
     assert gt.boxes[1].tolist() == [[0, 0, 9, 9], [50, 50, 59, 59], [20, 0, 29, 9]]
-    d, unknown, n = E._load_vcoco_dets(dets, gt, "DETS.json")
-    res = E.evaluate_vcoco(gt, d)
+    d, unknown, n = hoi_eval._load_vcoco_dets(dets, gt, "DETS.json")
+    res = hoi_eval.evaluate_vcoco(gt, d)
     roles = {(p["action"], p["role"]): p for p in res["per_role"]}
     hold = roles[("hold", "obj")]
     # hold-obj, scores .95 (ignored person: skipped), .9 TP, .7 second hit FP, .6 missing GT role:
@@ -628,52 +628,52 @@ def test_vcoco_hand_case():
     assert agent == pytest.approx({"hold": 100.0, "stand": 100.0, "point": 0.0})
     assert res["agent_ap"] == pytest.approx(200 / 3)
     assert res["counts"]["num_skipped_ignored_person"] >= 2
-    text = E.format_vcoco(res)
+    text = hoi_eval.format_vcoco(res)
     assert "hold-obj" in text and "Role AP scenario 1" in text
 
 
 def test_vcoco_empty_role_box_scenario_1_and_no_positive_nan():
     vsrl, coco, dets = vcoco_world()
     dets[3]["hold_obj"] = [0, 0, 0, 0, 0.6]                         # "no role object" predicted
-    gt = E.parse_vcoco_gt(vsrl, coco)
-    res = E.evaluate_vcoco(gt, E._load_vcoco_dets(dets, gt, "D")[0])
+    gt = hoi_eval.parse_vcoco_gt(vsrl, coco)
+    res = hoi_eval.evaluate_vcoco(gt, hoi_eval._load_vcoco_dets(dets, gt, "D")[0])
     hold = [p for p in res["per_role"] if p["action"] == "hold"][0]
     assert hold["ap_scenario_1"] == pytest.approx(hold["ap_scenario_2"], abs=1e-6)
     assert hold["ap_scenario_1"] == pytest.approx(100 * (0.5 + 0.5 * 2 / 3), abs=1e-5)
     # an action without positives: NaN, left out of the agent mean
     vsrl[1]["label"] = [0, 0]
-    gt = E.parse_vcoco_gt(vsrl, coco)
-    res = E.evaluate_vcoco(gt, E._load_vcoco_dets(dets, gt, "D")[0])
+    gt = hoi_eval.parse_vcoco_gt(vsrl, coco)
+    res = hoi_eval.evaluate_vcoco(gt, hoi_eval._load_vcoco_dets(dets, gt, "D")[0])
     agent = {a["action"]: a["ap"] for a in res["per_action_agent"]}
     assert np.isnan(agent["stand"]) and res["agent_ap"] == pytest.approx(50.0)
 
 
 def test_vcoco_bad_input(tmp_path, capsys):
     vsrl, coco, dets = vcoco_world()
-    gt = E.parse_vcoco_gt(vsrl, coco)
-    with pytest.raises(E.EvalInputError, match=r"DETS.json: image_id 7 detection 0: image not in"):
-        E._load_vcoco_dets([dict(dets[0], image_id=7)], gt, "DETS.json")
-    with pytest.raises(E.EvalInputError, match=r"image_id 1 detection 0: x2 < x1 in field 'person_box'"):
-        E._load_vcoco_dets([dict(dets[0], person_box=[9, 0, 0, 9])], gt, "DETS.json")
-    with pytest.raises(E.EvalInputError, match=r"field 'hold_obj' must be \[x1, y1, x2, y2, score\]"):
-        E._load_vcoco_dets([dict(dets[0], hold_obj=[1, 2])], gt, "DETS.json")
+    gt = hoi_eval.parse_vcoco_gt(vsrl, coco)
+    with pytest.raises(hoi_eval.EvalInputError, match=r"DETS.json: image_id 7 detection 0: image not in"):
+        hoi_eval._load_vcoco_dets([dict(dets[0], image_id=7)], gt, "DETS.json")
+    with pytest.raises(hoi_eval.EvalInputError, match=r"image_id 1 detection 0: x2 < x1 in field 'person_box'"):
+        hoi_eval._load_vcoco_dets([dict(dets[0], person_box=[9, 0, 0, 9])], gt, "DETS.json")
+    with pytest.raises(hoi_eval.EvalInputError, match=r"field 'hold_obj' must be \[x1, y1, x2, y2, score\]"):
+        hoi_eval._load_vcoco_dets([dict(dets[0], hold_obj=[1, 2])], gt, "DETS.json")
     bad = json.loads(json.dumps(vsrl))
     bad[0]["role_object_id"] = [11, 31, 99, 0]
-    with pytest.raises(E.EvalInputError, match="role object 99 is not a valid annotation"):
-        E.parse_vcoco_gt(bad, coco, "V.json", "C.json")
-    with pytest.raises(E.EvalInputError, match="missing key 'label'"):
-        E.parse_vcoco_gt([{k: v for k, v in vsrl[0].items() if k != "label"}], coco, "V.json")
+    with pytest.raises(hoi_eval.EvalInputError, match="role object 99 is not a valid annotation"):
+        hoi_eval.parse_vcoco_gt(bad, coco, "V.json", "C.json")
+    with pytest.raises(hoi_eval.EvalInputError, match="missing key 'label'"):
+        hoi_eval.parse_vcoco_gt([{k: v for k, v in vsrl[0].items() if k != "label"}], coco, "V.json")
     # CLI round trip + exit code 2
     for name, obj in (("v.json", vsrl), ("c.json", coco), ("d.json", dets)):
         (tmp_path / name).write_text(json.dumps(obj))
     out = tmp_path / "r.json"
-    assert E.main(["vcoco", "--vsrl", str(tmp_path / "v.json"), "--coco", str(tmp_path / "c.json"),
+    assert hoi_eval.main(["vcoco", "--vsrl", str(tmp_path / "v.json"), "--coco", str(tmp_path / "c.json"),
                    "--pred", str(tmp_path / "d.json"), "--out", str(out)]) == 0
     r = json.loads(out.read_text())
     assert r["role_ap_scenario_1"] == pytest.approx(50.0, abs=1e-5)
     assert r["per_role"][-1]["ap_scenario_1"] == 0.0
     (tmp_path / "d.json").write_text("")
-    assert E.main(["vcoco", "--vsrl", str(tmp_path / "v.json"), "--coco", str(tmp_path / "c.json"),
+    assert hoi_eval.main(["vcoco", "--vsrl", str(tmp_path / "v.json"), "--coco", str(tmp_path / "c.json"),
                    "--pred", str(tmp_path / "d.json")]) == 2
     assert "d.json: detection file is empty" in capsys.readouterr().err
 
@@ -684,7 +684,7 @@ def test_vcoco_bad_input(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def swig_meta():
-    return E.load_swig_meta(SWIG_META)
+    return hoi_eval.load_swig_meta(SWIG_META)
 
 
 def _pick(meta, freq):
@@ -792,7 +792,7 @@ def test_swig_hand_case(swig_meta):
         preds[f"s_{i}.jpg"].append(row(un, 0.8, [50, 50, 60, 60], o))
     for i in range(3, 10):
         preds[f"s_{i}.jpg"].append(row(un, 0.7, h, o))
-    res = E.evaluate_swig(anno, preds, swig_meta)
+    res = hoi_eval.evaluate_swig(anno, preds, swig_meta)
     per = dict(zip(res["class_ids"], res["per_class"]))
     assert per[nr] == pytest.approx(100.0)
     # rare: rec 0 .1 .2 .3, prec 0 .5 .667 .75 -> t=0..0.3: .75, later 0
@@ -805,24 +805,24 @@ def test_swig_hand_case(swig_meta):
     assert res["full"] == pytest.approx((per[nr] + per[ra] + per[un]) / 5539)
     assert res["counts"]["num_classes_evaluated"] == 5539
     # same numbers as the THID loop
-    gt = E.parse_swig_gt(anno, swig_meta)
+    gt = hoi_eval.parse_swig_gt(anno, swig_meta)
     for c in (nr, ra, un):
         assert per[c] / 100 == pytest.approx(ref_swig_class_ap(preds, gt, c), abs=1e-14)
-    assert "Unseen" in E.format_swig(res)
+    assert "Unseen" in hoi_eval.format_swig(res)
 
 
 @needs_swig
 def test_swig_top_19999(swig_meta):
     anno, (nr, _, _) = swig_world(swig_meta, n_img=1)
-    gt = E.parse_swig_gt(anno, swig_meta)
+    gt = hoi_eval.parse_swig_gt(anno, swig_meta)
     n = 20000
     det_boxes = np.tile(np.array([[50, 50, 60, 60, 20, 0, 30, 10]], float), (n, 1))
     det_boxes[-1] = [0, 0, 10, 10, 20, 0, 30, 10]                    # the only TP, lowest score
     score = np.linspace(1, 0.5, n)
     args = (np.full(n, nr), score, np.zeros(n, int), det_boxes, gt.gt_class, gt.gt_image, gt.gt_boxes,
             gt.num_classes, gt.eval_ids, 1)
-    assert E.swig_ap_arrays(*args)["ap"][nr] == 0.0                 # cut at 19,999
-    r = E.swig_ap_arrays(*[a[1:] if isinstance(a, np.ndarray) and a.shape[:1] == (n,) else a for a in args])
+    assert hoi_eval.swig_ap_arrays(*args)["ap"][nr] == 0.0                 # cut at 19,999
+    r = hoi_eval.swig_ap_arrays(*[a[1:] if isinstance(a, np.ndarray) and a.shape[:1] == (n,) else a for a in args])
     assert r["ap"][nr] == pytest.approx(ap11([1 / 19999] * 11))
     assert r["num_det"][nr] == 19999
 
@@ -831,7 +831,7 @@ def test_swig_top_19999(swig_meta):
 def test_swig_random_vs_thid_loop(swig_meta):
     rng = np.random.default_rng(5)
     anno, ids = swig_world(swig_meta, n_img=6)
-    gt = E.parse_swig_gt(anno, swig_meta)
+    gt = hoi_eval.parse_swig_gt(anno, swig_meta)
     preds = {}
     for i in range(6):
         rows = []
@@ -840,7 +840,7 @@ def test_swig_random_vs_thid_loop(swig_meta):
             b = [float(v) for v in rng.integers(0, 4, 8)] + np.array([0, 0, 10, 10, 20, 0, 30, 10])
             rows.append([c, float(rng.integers(1, 4)) / 4] + b.tolist())
         preds[f"s_{i}.jpg"] = rows
-    res = E.evaluate_swig(gt, preds)
+    res = hoi_eval.evaluate_swig(gt, preds)
     per = dict(zip(res["class_ids"], res["per_class"]))
     for c in ids:
         assert per[c] / 100 == pytest.approx(ref_swig_class_ap(preds, gt, c), abs=1e-14)
@@ -851,18 +851,19 @@ def test_swig_bad_input_and_cli(swig_meta, tmp_path, capsys):
     anno, (nr, _, _) = swig_world(swig_meta, n_img=2)
     bad = json.loads(json.dumps(anno))
     bad[0]["hoi_annotations"][0]["action_id"] = 10 ** 6
-    with pytest.raises(E.EvalInputError, match=r"A.json: image 's_0.jpg' hoi_annotations\[0\]: .* is not a SWiG"):
-        E.parse_swig_gt(bad, swig_meta, "A.json")
+    with pytest.raises(hoi_eval.EvalInputError,
+                       match=r"A.json: image 's_0.jpg' hoi_annotations\[0\]: .* is not a SWiG"):
+        hoi_eval.parse_swig_gt(bad, swig_meta, "A.json")
     (tmp_path / "a.json").write_text(json.dumps(anno))
     (tmp_path / "p.json").write_text(json.dumps({"s_0.jpg": [row(nr, 0.5, [0, 0, 10, 10], [20, 0, 30, 10])]}))
     out = tmp_path / "r.json"
-    assert E.main(["swig", "--anno", str(tmp_path / "a.json"), "--pred", str(tmp_path / "p.json"),
+    assert hoi_eval.main(["swig", "--anno", str(tmp_path / "a.json"), "--pred", str(tmp_path / "p.json"),
                    "--out", str(out)]) == 0
     r = json.loads(out.read_text())
     assert set(r) >= {"full", "rare", "non_rare", "unseen", "per_class", "class_ids", "counts"}
     assert r["per_class"][r["class_ids"].index(nr)] == pytest.approx(100 * ap11([1.0] * 6))
     (tmp_path / "p.json").write_text(json.dumps({"s_0.jpg": [[14130, 0.5] + [0] * 8]}))
-    assert E.main(["swig", "--anno", str(tmp_path / "a.json"), "--pred", str(tmp_path / "p.json")]) == 2
+    assert hoi_eval.main(["swig", "--anno", str(tmp_path / "a.json"), "--pred", str(tmp_path / "p.json")]) == 2
     assert "image 's_0.jpg' row 0: hoi index 14130 out of range [0, 14130)" in capsys.readouterr().err
 
 
@@ -1033,8 +1034,8 @@ def random_vcoco(seed):
 @pytest.mark.parametrize("seed", range(12))
 def test_vcoco_vectorised_matches_reference_loop(seed):
     vsrl, coco, dets = random_vcoco(seed)
-    gt = E.parse_vcoco_gt(vsrl, coco)
-    res = E.evaluate_vcoco(gt, E._load_vcoco_dets(dets, gt, "D")[0])
+    gt = hoi_eval.parse_vcoco_gt(vsrl, coco)
+    res = hoi_eval.evaluate_vcoco(gt, hoi_eval._load_vcoco_dets(dets, gt, "D")[0])
     ref = ref_vcoco(gt, dets)
     got = {("agent", k, 0): a["ap"] for k, a in enumerate(res["per_action_agent"])}
     for p in res["per_role"]:
