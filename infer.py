@@ -99,7 +99,6 @@ from tqdm import tqdm
 
 import data
 from common import atomic_write, atomic_write_json, read_json
-from kernels import box_bias
 from model import LINK, register_tiny_vlm
 from viz import draw_interactions, hoi_class_names, to_rgb, unique_pairs
 
@@ -524,32 +523,10 @@ def _num_pairs(dets, person_label: int) -> int:
 
 
 def pair_attention(model, captured, p: int, per_head: bool = False):
-    """Box-guided attention of pair p in the LAST decoder layer, recomputed from that layer's
-    inputs (captured by a forward pre-hook) and weights, as kernels.box_attention defines it:
-
-        attn[h, t] = softmax_t(q[p, h] . k[img(p), h, t] * D**-0.5 + box_bias[p, h, t])
-
-    with q = sp_q(query), k = sp_k(F^l) and box_bias = kernels.box_bias(pair boxes, strength)
-    (spatial branch; without the linking decoder, the semantic branch's plain attention on F).
-    Returns [Gh, Gw] averaged over heads (numpy), or [Hd, Gh, Gw] with per_head=True.
-    """
-    layer = model.decoder[-1]
-    q, tokens, latent, pair_image, boxes, grid_hw = captured
-    gh, gw = grid_hw
-    Hd = model.cfg.heads
-    b = int(pair_image[p])
-    with torch.no_grad():
-        if model.cfg.linking_decoder:
-            qq, kv, wk, strength = layer.sp_q(q[p:p + 1]), latent[b], layer.sp_k, layer.strength
-        else:
-            qq, kv, wk, strength = layer.sem_q(q[p:p + 1]), tokens[b], layer.sem_k, layer.zero_strength
-        W = qq.shape[1]
-        dh = W // Hd
-        k = wk(kv).view(kv.shape[0], Hd, dh).transpose(0, 1)                          # [Hd, T, dh]
-        logits = torch.einsum("hd,htd->ht", qq.view(Hd, dh), k) * dh ** -0.5          # [Hd, T]
-        logits = logits + box_bias(boxes[p:p + 1].float(), strength.float(), (gh, gw))[0].to(logits.dtype)
-        attn = logits.float().softmax(-1).view(Hd, gh, gw)                            # [Hd, Gh, Gw]
-    attn = attn.cpu().numpy()
+    """Box-guided attention of pair p in the LAST decoder layer (LinkingLayer.attention_map),
+    from that layer's inputs captured by a forward pre-hook.
+    Returns [Gh, Gw] averaged over heads (numpy), or [Hd, Gh, Gw] with per_head=True."""
+    attn = model.decoder[-1].attention_map(*captured, pair=p).cpu().numpy()          # [Hd, Gh, Gw]
     return attn if per_head else attn.mean(0)
 
 

@@ -29,6 +29,7 @@ import os
 import tempfile
 import types
 from dataclasses import dataclass, fields
+from typing import NamedTuple
 
 import numpy as np
 import open_clip
@@ -37,8 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.ops import box_iou, roi_align
 
-from kernels import box_attention, pair_enum, psi_transform
-
+from kernels import box_attention, box_bias, pair_enum, psi_transform
 
 # ----------------------------------------------------------------------------------------------
 # 1. Config
@@ -347,6 +347,29 @@ class LinkingLayer(nn.Module):
         q = self.norm1(q + self.drop(update))
         return self.norm2(q + self.drop(self.ffn(q)))
 
+    @torch.no_grad()
+    def attention_map(self, q, tokens, latent, pair_image, boxes, grid_hw, pair: int) -> torch.Tensor:
+        """Attention weights [Hd, Gh, Gw] of pair ``pair`` over its image's tokens, recomputed
+        from this layer's inputs (forward's arguments) and weights, as kernels.box_attention
+        defines them:
+
+            attn[h, t] = softmax_t(q[p, h] . k[img(p), h, t] * dh**-0.5 + box_bias[p, h, t])
+
+        Spatial branch: q = sp_q(query), k = sp_k(F^l), box_bias = kernels.box_bias(pair boxes,
+        strength); without the linking decoder, the semantic branch's plain attention on F.
+        """
+        p, b, Hd = int(pair), int(pair_image[pair]), self.cfg.heads
+        gh, gw = grid_hw
+        if self.cfg.linking_decoder:
+            qq, kv, wk, strength = self.sp_q(q[p:p + 1]), latent[b], self.sp_k, self.strength
+        else:
+            qq, kv, wk, strength = self.sem_q(q[p:p + 1]), tokens[b], self.sem_k, self.zero_strength
+        dh = qq.shape[1] // Hd
+        k = wk(kv).view(kv.shape[0], Hd, dh).transpose(0, 1)                          # [Hd, T, dh]
+        logits = torch.einsum("hd,htd->ht", qq.view(Hd, dh), k) * dh ** -0.5          # [Hd, T]
+        logits = logits + box_bias(boxes[p:p + 1].float(), strength.float(), (gh, gw))[0].to(logits.dtype)
+        return logits.float().softmax(-1).view(Hd, gh, gw)                            # [Hd, Gh, Gw]
+
 
 # ----------------------------------------------------------------------------------------------
 # 5. Classifier initialised from the VLM's text embeddings
@@ -447,6 +470,59 @@ def focal_loss(logits, prior, labels, alpha=0.5, gamma=0.2):
 # 7. LINK
 # ----------------------------------------------------------------------------------------------
 
+class Pairs(NamedTuple):
+    """A batch's detections (N, canonical order, images concatenated) and its human-other
+    pairs (P), as LINK._boxes_and_pairs builds them."""
+    boxes: torch.Tensor       # [N, 4] the caller's boxes, image frame
+    safe: torch.Tensor        # [N, 4] the boxes the network uses (_safe_boxes), image frame
+    scale: torch.Tensor       # [N, 4] (w, h, w, h) of each box's image
+    scores: torch.Tensor      # [N]
+    labels: torch.Tensor      # Long[N] object labels
+    box_image: torch.Tensor   # Long[N] image of each box
+    idx_h: torch.Tensor       # Long[P] human box of each pair (index into N)
+    idx_o: torch.Tensor       # Long[P] other box of each pair (index into N)
+    pair_idx: torch.Tensor    # Long[P, 2] (human, other) as the caller's detection indices
+    pair_image: torch.Tensor  # Long[P] image of each pair
+
+    @property
+    def boxes_norm(self) -> torch.Tensor:
+        """[N, 4] the safe boxes divided by their image's (w, h)."""
+        return (self.safe / self.scale).clamp(0, 1)
+
+
+def _checked_detections(dets: dict, size, b: int, num_labels: int):
+    """Image b's detections -> (boxes [n, 4], scores [n], Long labels [n]) on the CPU and its
+    (w, h); a ValueError naming the image and the field for anything malformed."""
+    try:
+        boxes = torch.as_tensor(dets["boxes"], dtype=torch.float32).reshape(-1, 4).cpu()
+        scores = torch.as_tensor(dets["scores"], dtype=torch.float32).reshape(-1).cpu()
+        labels = torch.as_tensor(dets["labels"]).long().reshape(-1).cpu()
+    except (KeyError, RuntimeError, TypeError) as e:
+        raise ValueError(f"detections of image {b}: {e}") from None
+    if not (len(boxes) == len(scores) == len(labels)):
+        raise ValueError(f"detections of image {b}: boxes/scores/labels lengths "
+                         f"{len(boxes)}/{len(scores)}/{len(labels)} differ")
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_labels):
+        raise ValueError(f"detections of image {b}: field 'labels' outside 0..{num_labels - 1}")
+    if not torch.isfinite(boxes).all() or not torch.isfinite(scores).all():
+        raise ValueError(f"detections of image {b}: non-finite 'boxes' or 'scores'")
+    w, h = float(size[0]), float(size[1])
+    if not (w > 0 and h > 0):
+        raise ValueError(f"image {b}: size {tuple(size)} must be positive (w, h)")
+    return boxes, scores, labels, (w, h)
+
+
+def _safe_boxes(boxes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """[N, 4] boxes -> the boxes the network uses: clipped to the image (scale = (w, h, w, h)),
+    grown to >= 1 pixel around their centre, so degenerate / out-of-image boxes stay finite in
+    every feature. Outputs keep the caller's boxes."""
+    safe = torch.minimum(torch.maximum(boxes, torch.zeros_like(scale)), scale)
+    ctr = (safe[:, :2] + safe[:, 2:]) / 2
+    half = torch.maximum((safe[:, 2:] - safe[:, :2]) / 2, torch.full_like(ctr, 0.5))
+    ctr = torch.minimum(torch.maximum(ctr, half), scale[:, :2] - half)                 # stay inside
+    return torch.cat([ctr - half, ctr + half], dim=1)
+
+
 class LINK(nn.Module):
     """The LINK network: frozen VLM features + detections -> per-pair interaction scores.
 
@@ -535,7 +611,7 @@ class LINK(nn.Module):
 
     # -- detections -> boxes and pairs ---------------------------------------------------------
 
-    def _boxes_and_pairs(self, detections, sizes, device):
+    def _boxes_and_pairs(self, detections, sizes, device) -> Pairs:
         """Canonicalise each image's detections and enumerate its pairs.
 
         Choice: each image's boxes are put in a canonical order (humans first, then by score
@@ -548,22 +624,7 @@ class LINK(nn.Module):
         """
         per = []
         for b, (dets, size) in enumerate(zip(detections, sizes)):
-            try:
-                boxes = torch.as_tensor(dets["boxes"], dtype=torch.float32).reshape(-1, 4).cpu()
-                scores = torch.as_tensor(dets["scores"], dtype=torch.float32).reshape(-1).cpu()
-                labels = torch.as_tensor(dets["labels"]).long().reshape(-1).cpu()
-            except (KeyError, RuntimeError, TypeError) as e:
-                raise ValueError(f"detections of image {b}: {e}") from None
-            if not (len(boxes) == len(scores) == len(labels)):
-                raise ValueError(f"detections of image {b}: boxes/scores/labels lengths "
-                                 f"{len(boxes)}/{len(scores)}/{len(labels)} differ")
-            if len(labels) and (labels.min() < 0 or labels.max() >= self.allowed.shape[1]):
-                raise ValueError(f"detections of image {b}: field 'labels' outside 0..{self.allowed.shape[1] - 1}")
-            if not torch.isfinite(boxes).all() or not torch.isfinite(scores).all():
-                raise ValueError(f"detections of image {b}: non-finite 'boxes' or 'scores'")
-            w, h = float(size[0]), float(size[1])
-            if not (w > 0 and h > 0):
-                raise ValueError(f"image {b}: size {tuple(size)} must be positive (w, h)")
+            boxes, scores, labels, wh = _checked_detections(dets, size, b, self.allowed.shape[1])
             human = labels == self.classes.person_label
             c = boxes.numpy()
             order = np.lexsort((labels.numpy(), c[:, 3], c[:, 2], c[:, 1], c[:, 0],
@@ -573,23 +634,14 @@ class LINK(nn.Module):
             ii, jj = torch.meshgrid(torch.arange(nh), torch.arange(n), indexing="ij")
             keep = ii != jj
             per.append(dict(order=order, boxes=boxes[order], scores=scores[order], labels=labels[order],
-                            ih=ii[keep], io=jj[keep], wh=(w, h)))
+                            ih=ii[keep], io=jj[keep], wh=wh))
         offsets = np.cumsum([0] + [len(p["order"]) for p in per])
         cat = lambda key: torch.cat([p[key] for p in per]).to(device)  # noqa: E731  one field, all images
         boxes = cat("boxes")                                                               # [N, 4]
         scale = torch.tensor([[p["wh"][0], p["wh"][1]] * 2 for p in per for _ in p["order"]],
                              dtype=torch.float32, device=device).view(-1, 4)               # [N, 4]
-        # Boxes used by the network: clipped to the image, grown to >= 1 pixel around their
-        # centre (degenerate / out-of-image boxes stay finite in every feature). Outputs keep
-        # the caller's boxes.
-        lo, hi = torch.zeros_like(scale), scale
-        safe = torch.minimum(torch.maximum(boxes, lo), hi)
-        ctr = (safe[:, :2] + safe[:, 2:]) / 2
-        half = torch.maximum((safe[:, 2:] - safe[:, :2]) / 2, torch.full_like(ctr, 0.5))
-        ctr = torch.minimum(torch.maximum(ctr, half), scale[:, :2] - half)                 # stay inside
-        safe = torch.cat([ctr - half, ctr + half], dim=1)
-        return dict(
-            boxes=boxes, boxes_norm=(safe / scale).clamp(0, 1), safe=safe, scale=scale,
+        return Pairs(
+            boxes=boxes, safe=_safe_boxes(boxes, scale), scale=scale,
             scores=cat("scores"), labels=cat("labels"),
             box_image=torch.cat([torch.full((len(p["order"]),), b) for b, p in enumerate(per)]).to(device),
             idx_h=torch.cat([p["ih"] + offsets[b] for b, p in enumerate(per)]).long().to(device),
@@ -623,17 +675,18 @@ class LINK(nn.Module):
         feats = feats.to(device=self.classifier.weight.device, dtype=self.classifier.weight.dtype)
         gh, gw = feats.shape[2:]
         d = self._boxes_and_pairs(detections, sizes, feats.device)
-        idx_h, idx_o, pair_image = d["idx_h"], d["idx_o"], d["pair_image"]
+        idx_h, idx_o, pair_image = d.idx_h, d.idx_o, d.pair_image
+        boxes_norm = d.boxes_norm                                                        # [N, 4]
 
         # geometric encoder -> pair queries [P, D]
-        grid = d["safe"] / d["scale"] * torch.tensor([gw, gh, gw, gh], device=feats.device)
-        q = self.encoder(feats, grid, d["boxes_norm"], d["box_image"], idx_h, idx_o)
+        grid = d.safe / d.scale * torch.tensor([gw, gh, gw, gh], device=feats.device)
+        q = self.encoder(feats, grid, boxes_norm, d.box_image, idx_h, idx_o)
         queries = [q]
 
         # linking decoder: F as tokens [B, T, C]; latent map F^l [B, T, d_latent] once
         tokens = feats.flatten(2).transpose(1, 2)
         latent = self.connector(tokens) if cfg.linking_decoder else None
-        bh, bo = d["boxes_norm"][idx_h], d["boxes_norm"][idx_o]                         # [P, 4]
+        bh, bo = boxes_norm[idx_h], boxes_norm[idx_o]                                   # [P, 4]
         union = torch.cat([torch.minimum(bh[:, :2], bo[:, :2]), torch.maximum(bh[:, 2:], bo[:, 2:])], 1)
         pair_boxes = torch.stack([bh, bo, union], dim=1)                                 # [P, 3, 4]
         for layer in self.decoder:
@@ -643,12 +696,12 @@ class LINK(nn.Module):
         # classifier, UPT prior and scores
         logits = self.classifier(q).float()  # [P, K]; fp32 so Psi / loss are exact under autocast
         lam = cfg.lam_train if self.training else cfg.lam  # Choice: UPT's train / test exponents
-        obj = d["labels"][idx_o]                                                         # [P]
+        obj = d.labels[idx_o]                                                            # [P]
         allowed = self.allowed[:, obj].t()                                               # [P, K]
-        s = (d["scores"][idx_h] * d["scores"][idx_o]).clamp(0, 1).pow(lam).to(dtype)    # [P]
+        s = (d.scores[idx_h] * d.scores[idx_o]).clamp(0, 1).pow(lam).to(dtype)          # [P]
         prior = torch.where(allowed, s[:, None], torch.zeros((), dtype=dtype, device=s.device))
-        out = dict(pair_image=pair_image, pair_idx=d["pair_idx"],
-                   boxes_h=d["boxes"][idx_h], boxes_o=d["boxes"][idx_o], object=obj,
+        out = dict(pair_image=pair_image, pair_idx=d.pair_idx,
+                   boxes_h=d.boxes[idx_h], boxes_o=d.boxes[idx_o], object=obj,
                    logits=logits, prior=prior, psi=psi_transform(logits, prior),
                    scores=torch.sigmoid(logits) * prior, latent_map=latent, queries=queries,
                    num_images=B)
