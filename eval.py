@@ -492,6 +492,26 @@ def parse_hico_anno(anno: dict, name: str = "<anno>") -> HicoGT:
     ``correspondence`` ([hoi, object, verb] per class; K = its length).  Optional: ``rare``,
     ``non_rare``, ``zero_shot``, ``empty``.
     """
+    fns, annos, corr = _hico_header(anno, name)
+    K = corr.shape[0]
+    index = {}
+    for i, f in enumerate(fns):
+        if f in index:
+            raise _anno_err(name, f"image '{f}': duplicate file name in 'filenames'")
+        index[f] = i
+    gt_class, gt_image, gt_boxes = _hico_pairs(annos, fns, K, name)
+    rare, non_rare = _class_list(anno, "rare", K, name), _class_list(anno, "non_rare", K, name)
+    zs = anno.get("zero_shot")
+    if zs is not None and not isinstance(zs, dict):
+        raise _anno_err(name, "field 'zero_shot' must be an object {split: [hoi, ...]}")
+    return HicoGT(name=name, filenames=fns, index=index, num_classes=K,
+                  obj_of_class=corr[:, 1].copy(), gt_class=gt_class, gt_image=gt_image,
+                  gt_boxes=gt_boxes, rare=rare, non_rare=non_rare,
+                  zero_shot=zs, num_empty=len(anno.get("empty", []) or []))
+
+
+def _hico_header(anno: Any, name: str) -> tuple[list, list, np.ndarray]:
+    """The file's top level -> (filenames, annotation entries, correspondence int64[K, >= 2])."""
     if not isinstance(anno, dict):
         raise _anno_err(name, "annotation file must be a JSON object (fredzzhang/hicodet format)")
     for key in ("annotation", "filenames", "correspondence"):
@@ -510,12 +530,14 @@ def parse_hico_anno(anno: dict, name: str = "<anno>") -> HicoGT:
         assert corr_a.ndim == 2 and corr_a.shape[1] >= 2
     except Exception:  # noqa: BLE001
         raise _anno_err(name, "field 'correspondence' must be a list of [hoi, object, verb]") from None
-    K = corr_a.shape[0]
-    index = {}
-    for i, f in enumerate(fns):
-        if f in index:
-            raise _anno_err(name, f"image '{f}': duplicate file name in 'filenames'")
-        index[f] = i
+    return fns, annos, corr_a
+
+
+def _hico_pairs(annos: list, fns: list, K: int, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The GT pairs of all images -> (class int64[M], image int64[M], boxes float64[M, 8]).
+
+    Fast path: one conversion of every image's lists; _diagnose_hico_pairs finds the first
+    malformed value only when that conversion fails."""
     cls_l, img_l, bh_l, bo_l = [], [], [], []
     for i, a in enumerate(annos):
         if not isinstance(a, dict):
@@ -540,16 +562,7 @@ def parse_hico_anno(anno: dict, name: str = "<anno>") -> HicoGT:
         bh = np.array(list(chain.from_iterable(bh_l)), dtype=np.float64).reshape(m, 4)
         bo = np.array(list(chain.from_iterable(bo_l)), dtype=np.float64).reshape(m, 4)
     except (ValueError, TypeError):
-        for i, a in enumerate(annos):
-            for key in ("boxes_h", "boxes_o"):
-                for r, b in enumerate(a[key]):
-                    if not (isinstance(b, list) and len(b) == 4 and all(_isnum(v) for v in b)):
-                        raise _anno_err(name, f"image '{fns[i]}' pair {r}: field '{key}' must be "
-                                              f"[x1, y1, x2, y2]") from None
-            for r, h in enumerate(a["hoi"]):
-                if not _isnum(h):
-                    raise _anno_err(name, f"image '{fns[i]}' pair {r}: field 'hoi' must be an "
-                                          f"integer") from None
+        _diagnose_hico_pairs(annos, fns, name)
         raise _anno_err(name, "malformed 'annotation'") from None
     bad = ~np.isfinite(gt_class) | (gt_class != np.floor(gt_class)) | (gt_class < 0) | (gt_class >= K)
     bad |= ~np.isfinite(bh).all(1) | ~np.isfinite(bo).all(1)
@@ -559,24 +572,30 @@ def parse_hico_anno(anno: dict, name: str = "<anno>") -> HicoGT:
         r = j - int(np.searchsorted(gt_image, i))
         raise _anno_err(name, f"image '{fns[i]}' pair {r}: field 'hoi' out of range [0, {K}) or "
                               f"non-finite box")
-    gt_class = gt_class.astype(np.int64)
+    return gt_class.astype(np.int64), gt_image, np.concatenate([bh, bo], axis=1)
 
-    def _idx_list(key):
-        if key not in anno or anno[key] is None:
-            return None
-        v = anno[key]
-        if not isinstance(v, list) or not all(_isnum(x) and 0 <= x < K and x == int(x) for x in v):
-            raise _anno_err(name, f"field '{key}' must be a list of class indices in [0, {K})")
-        return [int(x) for x in v]
 
-    rare, non_rare = _idx_list("rare"), _idx_list("non_rare")
-    zs = anno.get("zero_shot")
-    if zs is not None and not isinstance(zs, dict):
-        raise _anno_err(name, "field 'zero_shot' must be an object {split: [hoi, ...]}")
-    return HicoGT(name=name, filenames=fns, index=index, num_classes=K,
-                  obj_of_class=corr_a[:, 1].copy(), gt_class=gt_class, gt_image=gt_image,
-                  gt_boxes=np.concatenate([bh, bo], axis=1), rare=rare, non_rare=non_rare,
-                  zero_shot=zs, num_empty=len(anno.get("empty", []) or []))
+def _diagnose_hico_pairs(annos: list, fns: list, name: str) -> None:
+    """Slow path: raise on the first box that is not [x1, y1, x2, y2] or hoi that is not a number."""
+    for i, a in enumerate(annos):
+        for key in ("boxes_h", "boxes_o"):
+            for r, b in enumerate(a[key]):
+                if not (isinstance(b, list) and len(b) == 4 and all(_isnum(v) for v in b)):
+                    raise _anno_err(name, f"image '{fns[i]}' pair {r}: field '{key}' must be "
+                                          f"[x1, y1, x2, y2]")
+        for r, h in enumerate(a["hoi"]):
+            if not _isnum(h):
+                raise _anno_err(name, f"image '{fns[i]}' pair {r}: field 'hoi' must be an integer")
+
+
+def _class_list(anno: dict, key: str, K: int, name: str) -> list | None:
+    """The optional list of class indices anno[key] (rare, non_rare), validated; None when absent."""
+    if key not in anno or anno[key] is None:
+        return None
+    v = anno[key]
+    if not isinstance(v, list) or not all(_isnum(x) and 0 <= x < K and x == int(x) for x in v):
+        raise _anno_err(name, f"field '{key}' must be a list of class indices in [0, {K})")
+    return [int(x) for x in v]
 
 
 def load_hico_anno(path: str | os.PathLike) -> dict:
@@ -666,50 +685,55 @@ def _pred_arrays_from_obj(obj: Any, filenames: Sequence[str], index: dict, num_c
             raise EvalInputError(f"{src}: image '{nm}': unknown image name (not in the annotation file)")
         img_idx[k] = i
     vals = list(obj.values())
-    counts = np.empty(len(vals), dtype=np.int64)
-    arrays_in = any(isinstance(v, np.ndarray) or hasattr(v, "__array__") for v in vals)  # arrays/tensors
-    if arrays_in:
-        parts = []
-        for k, v in enumerate(vals):
-            try:
-                a = np.asarray(v, dtype=np.float64)
-            except (ValueError, TypeError):
-                _diagnose_rows(src, names[k], v if isinstance(v, list) else list(v))
-                raise EvalInputError(f"{src}: image '{names[k]}': malformed rows") from None
-            if a.size == 0:
-                a = a.reshape(0, 10)
-            if a.ndim != 2 or a.shape[1] != 10:
-                raise EvalInputError(f"{src}: image '{names[k]}': expected an array [N, 10] of rows "
-                                     f"[hoi, score, hx1, ..., oy2], got shape {tuple(a.shape)}")
-            counts[k] = a.shape[0]
-            parts.append(a)
-        rows = np.concatenate(parts, axis=0) if parts else np.zeros((0, 10))
+    if any(isinstance(v, np.ndarray) or hasattr(v, "__array__") for v in vals):  # arrays/tensors
+        rows, counts = _rows_from_arrays(names, vals, src)
     else:
-        for k, v in enumerate(vals):
-            if not isinstance(v, list):
-                _diagnose_rows(src, names[k], v)
-            counts[k] = len(v)
-        total = int(counts.sum())
-        rows = None
-        if total:
-            try:
-                with np.errstate(all="ignore"):
-                    rows = np.array(list(chain.from_iterable(vals)))
-            except (ValueError, TypeError):
-                rows = None
-            if rows is not None and (rows.ndim != 2 or rows.shape[1] != 10
-                                     or rows.dtype.kind not in "iuf"):
-                rows = None
-            if rows is None:
-                for k, v in enumerate(vals):
-                    _diagnose_rows(src, names[k], v)
-                raise EvalInputError(f"{src}: malformed prediction rows")
-            rows = rows.astype(np.float64, copy=False)
-        else:
-            rows = np.zeros((0, 10))
+        rows, counts = _rows_from_lists(names, vals, src)
     img = np.repeat(img_idx, counts)
     _validate_rows(rows, img, filenames, num_classes, src)
     return rows, img
+
+
+def _rows_from_arrays(names: list, vals: list, src: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per-image arrays / tensors [n, 10] -> (rows float64[N, 10], rows per image int64[images])."""
+    counts = np.empty(len(vals), dtype=np.int64)
+    parts = []
+    for k, v in enumerate(vals):
+        try:
+            a = np.asarray(v, dtype=np.float64)
+        except (ValueError, TypeError):
+            _diagnose_rows(src, names[k], v if isinstance(v, list) else list(v))
+            raise EvalInputError(f"{src}: image '{names[k]}': malformed rows") from None
+        if a.size == 0:
+            a = a.reshape(0, 10)
+        if a.ndim != 2 or a.shape[1] != 10:
+            raise EvalInputError(f"{src}: image '{names[k]}': expected an array [N, 10] of rows "
+                                 f"[hoi, score, hx1, ..., oy2], got shape {tuple(a.shape)}")
+        counts[k] = a.shape[0]
+        parts.append(a)
+    return (np.concatenate(parts, axis=0) if parts else np.zeros((0, 10))), counts
+
+
+def _rows_from_lists(names: list, vals: list, src: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per-image lists of rows (parsed JSON) -> (rows float64[N, 10], rows per image).
+    Fast path: one conversion of all rows; _diagnose_rows runs only when it fails."""
+    counts = np.empty(len(vals), dtype=np.int64)
+    for k, v in enumerate(vals):
+        if not isinstance(v, list):
+            _diagnose_rows(src, names[k], v)
+        counts[k] = len(v)
+    if not counts.sum():
+        return np.zeros((0, 10)), counts
+    try:
+        with np.errstate(all="ignore"):
+            rows = np.array(list(chain.from_iterable(vals)))
+    except (ValueError, TypeError):
+        rows = None
+    if rows is None or rows.ndim != 2 or rows.shape[1] != 10 or rows.dtype.kind not in "iuf":
+        for k, v in enumerate(vals):
+            _diagnose_rows(src, names[k], v)
+        raise EvalInputError(f"{src}: malformed prediction rows")
+    return rows.astype(np.float64, copy=False), counts
 
 
 def load_predictions(path: str | os.PathLike, anno: dict | HicoGT) -> dict:
@@ -977,6 +1001,47 @@ def _overlap32(boxes: np.ndarray, ref: np.ndarray) -> np.ndarray:
 
 def parse_vcoco_gt(vsrl: Any, coco: Any, vsrl_name: str = "<vsrl>", coco_name: str = "<coco>") -> VCOCOGt:
     """Build the V-COCO ground truth from the official VSRL list and COCO instances dict."""
+    acts, roles, data = _vsrl_actions(vsrl, vsrl_name)
+    base_ann, lab_mat, roi_mat = _vsrl_labels(acts, data, vsrl_name)
+    pos_of_ann = {int(v): i for i, v in enumerate(base_ann)}     # VSRL person -> row of lab_mat
+    image_ids = sorted({int(v) for v in data[0][0]})
+    person_cat, sizes, anns_by_img = _coco_index(coco, image_ids, coco_name)
+    gt = VCOCOGt(actions=acts, roles=roles, image_ids=image_ids)
+    for i in image_ids:
+        if i not in sizes:
+            raise EvalInputError(f"{coco_name}: image {i} (in {vsrl_name}) not in 'images'")
+        boxes, ids, is_person = _coco_boxes(anns_by_img[i], sizes[i], person_cat, coco_name, i)
+        pid = np.flatnonzero(np.array(is_person, dtype=bool))
+        row_of_id = {v: r for r, v in enumerate(ids)}
+        act = -np.ones((pid.size, len(acts)), dtype=np.int64)
+        rol = -np.ones((pid.size, len(acts), 2), dtype=np.int64)
+        for p, r in enumerate(pid):
+            aid = ids[r]
+            if aid not in pos_of_ann:
+                continue
+            q = pos_of_ann[aid]
+            act[p] = lab_mat[q]
+            for a in np.flatnonzero(lab_mat[q]):
+                for j in range(len(roles[a]) - 1):
+                    oid = int(roi_mat[q, a, j])
+                    if oid == 0:
+                        continue
+                    if oid not in row_of_id:
+                        raise EvalInputError(f"{vsrl_name}: image {i} ann_id {aid} action "
+                                             f"'{acts[a]}' role '{roles[a][j + 1]}': role object "
+                                             f"{oid} is not a valid annotation of that image in "
+                                             f"{coco_name}")
+                    rol[p, a, j] = row_of_id[oid]
+        gt.boxes[i] = np.array(boxes, dtype=np.float32).reshape(-1, 4)
+        gt.person[i] = pid
+        gt.actions_gt[i] = act
+        gt.role_gt[i] = rol
+    return gt
+
+
+def _vsrl_actions(vsrl: Any, vsrl_name: str) -> tuple[list, list, list]:
+    """The VSRL list -> (action names, role names per action, (image_id, ann_id, label,
+    role_object_id [N, roles]) int64 arrays per action), validated."""
     if not isinstance(vsrl, list) or not vsrl:
         raise EvalInputError(f"{vsrl_name}: expected the official VSRL list (one entry per action)")
     acts, roles, data = [], [], []
@@ -1006,14 +1071,18 @@ def parse_vcoco_gt(vsrl: Any, coco: Any, vsrl_name: str = "<vsrl>", coco_name: s
         acts.append(name)
         roles.append(list(rn))
         data.append((img, ann, lab, roi))
+    return acts, roles, data
+
+
+def _vsrl_labels(acts: list, data: list, vsrl_name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per VSRL person (the first action's ann_id order): (ann_id int64[M], action labels
+    int64[M, A], role object ids int64[M, A, 2]); every action must list the same persons."""
     A = len(acts)
-    base_img, base_ann = data[0][0], data[0][1]
+    base_ann = data[0][1]
     for a in range(1, A):
         if not np.array_equal(data[a][1], base_ann):
             raise EvalInputError(f"{vsrl_name}: action '{acts[a]}': field 'ann_id' differs from the "
                                  f"first action's (the official file lists every person for every action)")
-    in_vcoco = {int(v) for v in base_ann}
-    # per annotated person: action labels and role object ids
     pos_of_ann = {int(v): i for i, v in enumerate(base_ann)}
     lab_mat = np.zeros((base_ann.size, A), dtype=np.int64)
     roi_mat = np.zeros((base_ann.size, A, 2), dtype=np.int64)
@@ -1028,6 +1097,12 @@ def parse_vcoco_gt(vsrl: Any, coco: Any, vsrl_name: str = "<vsrl>", coco_name: s
             raise EvalInputError(f"{vsrl_name}: action '{acts[a]}' ann_id {int(ann[rows][bad][0])}: "
                                  f"role_object_id[:, 0] must equal ann_id")
         roi_mat[idx, a, :roi.shape[1] - 1] = roi[rows, 1:]
+    return base_ann, lab_mat, roi_mat
+
+
+def _coco_index(coco: Any, image_ids: list, coco_name: str) -> tuple[Any, dict, dict]:
+    """COCO instances dict -> (person category id, {image id: (width, height)},
+    {image id: [annotation dicts]}) for the wanted image ids."""
     if not isinstance(coco, dict) or "annotations" not in coco or "images" not in coco:
         raise EvalInputError(f"{coco_name}: expected a COCO instances JSON with 'images' and "
                              f"'annotations'")
@@ -1037,7 +1112,6 @@ def parse_vcoco_gt(vsrl: Any, coco: Any, vsrl_name: str = "<vsrl>", coco_name: s
         for c in cats:
             if isinstance(c, dict) and c.get("name") == "person":
                 person_cat = c.get("id")
-    image_ids = sorted({int(v) for v in base_img})
     wanted = set(image_ids)
     sizes = {}
     for im in coco["images"]:
@@ -1054,59 +1128,36 @@ def parse_vcoco_gt(vsrl: Any, coco: Any, vsrl_name: str = "<vsrl>", coco_name: s
         i = an.get("image_id")
         if i in anns_by_img:
             anns_by_img[i].append(an)
-    gt = VCOCOGt(actions=acts, roles=roles, image_ids=image_ids)
-    for i in image_ids:
-        if i not in sizes:
-            raise EvalInputError(f"{coco_name}: image {i} (in {vsrl_name}) not in 'images'")
-        width, height = sizes[i]
-        boxes, ids, is_person = [], [], []
-        for an in anns_by_img[i]:
-            try:
-                if an.get("ignore", 0) == 1:
-                    continue
-                x, y, w, h = (float(v) for v in an["bbox"])
-                x1, y1 = x, y
-                x2 = x1 + max(0.0, w - 1.0)
-                y2 = y1 + max(0.0, h - 1.0)
-                x1 = min(width - 1.0, max(0.0, x1))
-                y1 = min(height - 1.0, max(0.0, y1))
-                x2 = min(width - 1.0, max(0.0, x2))
-                y2 = min(height - 1.0, max(0.0, y2))
-                if an["area"] > 0 and x2 > x1 and y2 > y1:
-                    boxes.append((x1, y1, x2, y2))
-                    ids.append(int(an["id"]))
-                    is_person.append(an["category_id"] == person_cat)
-            except (KeyError, TypeError, ValueError):
-                raise EvalInputError(f"{coco_name}: image {i} annotation {an.get('id')}: missing or "
-                                     f"malformed field (needs id, bbox [x, y, w, h], area, "
-                                     f"category_id)") from None
-        b = np.array(boxes, dtype=np.float32).reshape(-1, 4)
-        pid = np.flatnonzero(np.array(is_person, dtype=bool))
-        row_of_id = {v: r for r, v in enumerate(ids)}
-        act = -np.ones((pid.size, A), dtype=np.int64)
-        rol = -np.ones((pid.size, A, 2), dtype=np.int64)
-        for p, r in enumerate(pid):
-            aid = ids[r]
-            if aid not in in_vcoco:
+    return person_cat, sizes, anns_by_img
+
+
+def _coco_boxes(anns: list, size: tuple, person_cat, coco_name: str, image_id: int) -> tuple[list, list, list]:
+    """One image's COCO annotations -> (boxes, annotation ids, is-person flags) of the valid
+    ones, as vsrl_eval: [x, y, x + max(0, w - 1), y + max(0, h - 1)] clipped to the image;
+    ignored, zero-area and extent-less annotations are dropped."""
+    width, height = size
+    boxes, ids, is_person = [], [], []
+    for an in anns:
+        try:
+            if an.get("ignore", 0) == 1:
                 continue
-            q = pos_of_ann[aid]
-            act[p] = lab_mat[q]
-            for a in np.flatnonzero(lab_mat[q]):
-                for j in range(len(roles[a]) - 1):
-                    oid = int(roi_mat[q, a, j])
-                    if oid == 0:
-                        continue
-                    if oid not in row_of_id:
-                        raise EvalInputError(f"{vsrl_name}: image {i} ann_id {aid} action "
-                                             f"'{acts[a]}' role '{roles[a][j + 1]}': role object "
-                                             f"{oid} is not a valid annotation of that image in "
-                                             f"{coco_name}")
-                    rol[p, a, j] = row_of_id[oid]
-        gt.boxes[i] = b
-        gt.person[i] = pid
-        gt.actions_gt[i] = act
-        gt.role_gt[i] = rol
-    return gt
+            x, y, w, h = (float(v) for v in an["bbox"])
+            x1, y1 = x, y
+            x2 = x1 + max(0.0, w - 1.0)
+            y2 = y1 + max(0.0, h - 1.0)
+            x1 = min(width - 1.0, max(0.0, x1))
+            y1 = min(height - 1.0, max(0.0, y1))
+            x2 = min(width - 1.0, max(0.0, x2))
+            y2 = min(height - 1.0, max(0.0, y2))
+            if an["area"] > 0 and x2 > x1 and y2 > y1:
+                boxes.append((x1, y1, x2, y2))
+                ids.append(int(an["id"]))
+                is_person.append(an["category_id"] == person_cat)
+        except (KeyError, TypeError, ValueError):
+            raise EvalInputError(f"{coco_name}: image {image_id} annotation {an.get('id')}: missing or "
+                                 f"malformed field (needs id, bbox [x, y, w, h], area, "
+                                 f"category_id)") from None
+    return boxes, ids, is_person
 
 
 @dataclass
@@ -1136,13 +1187,28 @@ def _load_vcoco_dets(obj: Any, gt: VCOCOGt, src: str):
     if not isinstance(obj, list):
         raise EvalInputError(f"{src}: expected a JSON list of detections {{'image_id', 'person_box', "
                              f"'<action>_agent', '<action>_<role>'}}")
-    A = len(gt.actions)
-    pos = {i: k for k, i in enumerate(gt.image_ids)}
+    img, person = _vcoco_det_persons(obj, gt, src)
+    agent_keys = [f"{name}_agent" for name in gt.actions]
+    role_keys = [f"{gt.actions[a]}_{gt.roles[a][r + 1]}" for a, r in _vcoco_role_keys(gt)]
     D = len(obj)
-    img = np.empty(D, dtype=np.int64)
-    person = []
-    known = {"image_id", "person_box"}
+    agent = np.full((D, len(agent_keys)), np.nan, dtype=np.float32)
+    for a, key in enumerate(agent_keys):
+        agent[:, a] = _vcoco_score_column(obj, key, gt, img, src)
+    role = np.full((D, len(role_keys), 5), np.nan, dtype=np.float32)
+    for q, key in enumerate(role_keys):
+        role[:, q] = _vcoco_role_column(obj, key, gt, img, src)
     unknown: set = set()
+    for d in obj[:1000]:                                        # a sample is enough to warn
+        unknown.update(d.keys())
+    known = {"image_id", "person_box", *agent_keys, *role_keys}
+    return VCOCODets(img=img, person=person, agent=agent, role=role), sorted(unknown - known), D
+
+
+def _vcoco_det_persons(obj: list, gt: VCOCOGt, src: str) -> tuple[np.ndarray, np.ndarray]:
+    """Each detection's image (position in gt.image_ids, int64[D]) and person box float32[D, 4]."""
+    pos = {i: k for k, i in enumerate(gt.image_ids)}
+    img = np.empty(len(obj), dtype=np.int64)
+    person = []
     for k, d in enumerate(obj):
         if not isinstance(d, dict):
             raise EvalInputError(f"{src}: detection {k}: must be an object")
@@ -1162,52 +1228,53 @@ def _load_vcoco_dets(obj: Any, gt: VCOCOGt, src: str):
             raise EvalInputError(f"{src}: image_id {int(i)} detection {k}: "
                                  f"{'x2 < x1' if pb[2] < pb[0] else 'y2 < y1'} in field 'person_box'")
         person.append(pb)
+    return img, np.array(person, dtype=np.float32).reshape(len(obj), 4)
 
-    def where(k):
-        return f"{src}: image_id {gt.image_ids[int(img[k])]} detection {k}"
 
-    num_types = {float, int, type(None)}
+_SCORE_TYPES = {float, int, type(None)}
 
-    def bad_score(v):
-        return not (v is None or (type(v) in (float, int) and not math.isinf(v)))
 
-    def bad_role(v):
-        return v is not None and not (type(v) is list and len(v) == 5 and not any(map(bad_score, v)))
+def _bad_score(v) -> bool:
+    return not (v is None or (type(v) in (float, int) and not math.isinf(v)))
 
-    agent = np.full((D, A), np.nan, dtype=np.float32)
-    for a in range(A):
-        key = f"{gt.actions[a]}_agent"
-        known.add(key)
-        vals = [d.get(key) for d in obj]
-        arr = None
-        if set(map(type, vals)) <= num_types:                  # fast type check (C loops)
-            arr = np.array(vals, dtype=np.float64).reshape(D)
-        if arr is None or np.isinf(arr).any():
-            k = next(k for k, v in enumerate(vals) if bad_score(v))
-            raise EvalInputError(f"{where(k)}: field '{key}' must be a score (number, NaN or null = "
-                                 f"not predicted)")
-        agent[:, a] = arr
-    rkeys = _vcoco_role_keys(gt)
-    role = np.full((D, len(rkeys), 5), np.nan, dtype=np.float32)
-    nan5 = [np.nan] * 5
-    for q, (a, r) in enumerate(rkeys):
-        key = f"{gt.actions[a]}_{gt.roles[a][r + 1]}"
-        known.add(key)
-        vals = [d.get(key) for d in obj]
-        arr = None
-        if set(map(type, vals)) <= {list, type(None)}:
-            lists = [v for v in vals if v is not None]
-            if set(map(len, lists)) <= {5} and set(map(type, chain.from_iterable(lists))) <= num_types:
-                arr = np.array([nan5 if v is None else v for v in vals], dtype=np.float64).reshape(D, 5)
-        if arr is None or np.isinf(arr).any():
-            k = next(k for k, v in enumerate(vals) if bad_role(v))
-            raise EvalInputError(f"{where(k)}: field '{key}' must be [x1, y1, x2, y2, score] (finite or "
-                                 f"NaN/null; NaN/null score = not predicted)")
-        role[:, q] = arr
-    for d in obj[:1000]:                                        # a sample is enough to warn
-        unknown.update(d.keys())
-    return (VCOCODets(img=img, person=np.array(person, dtype=np.float32).reshape(D, 4), agent=agent,
-                      role=role), sorted(unknown - known), D)
+
+def _bad_role(v) -> bool:
+    return v is not None and not (type(v) is list and len(v) == 5 and not any(map(_bad_score, v)))
+
+
+def _vcoco_where(src: str, gt: VCOCOGt, img: np.ndarray, k: int) -> str:
+    return f"{src}: image_id {gt.image_ids[int(img[k])]} detection {k}"
+
+
+def _vcoco_score_column(obj: list, key: str, gt: VCOCOGt, img: np.ndarray, src: str) -> np.ndarray:
+    """The scores obj[k][key] -> float64[D] (missing/null -> NaN). Fast path: one type check
+    and one conversion; the first bad value is looked for only when they fail."""
+    vals = [d.get(key) for d in obj]
+    arr = None
+    if set(map(type, vals)) <= _SCORE_TYPES:                   # fast type check (C loops)
+        arr = np.array(vals, dtype=np.float64).reshape(len(obj))
+    if arr is None or np.isinf(arr).any():
+        k = next(k for k, v in enumerate(vals) if _bad_score(v))
+        raise EvalInputError(f"{_vcoco_where(src, gt, img, k)}: field '{key}' must be a score (number, "
+                             f"NaN or null = not predicted)")
+    return arr
+
+
+def _vcoco_role_column(obj: list, key: str, gt: VCOCOGt, img: np.ndarray, src: str) -> np.ndarray:
+    """The role boxes + scores obj[k][key] -> float64[D, 5] (missing/null -> NaN), fast path
+    as _vcoco_score_column."""
+    vals = [d.get(key) for d in obj]
+    arr = None
+    if set(map(type, vals)) <= {list, type(None)}:
+        lists = [v for v in vals if v is not None]
+        if set(map(len, lists)) <= {5} and set(map(type, chain.from_iterable(lists))) <= _SCORE_TYPES:
+            nan5 = [np.nan] * 5
+            arr = np.array([nan5 if v is None else v for v in vals], dtype=np.float64).reshape(len(obj), 5)
+    if arr is None or np.isinf(arr).any():
+        k = next(k for k, v in enumerate(vals) if _bad_role(v))
+        raise EvalInputError(f"{_vcoco_where(src, gt, img, k)}: field '{key}' must be [x1, y1, x2, y2, "
+                             f"score] (finite or NaN/null; NaN/null score = not predicted)")
+    return arr
 
 
 def _voc_ap_allpoint(rec: np.ndarray, prec: np.ndarray) -> float:
