@@ -66,7 +66,7 @@ def main():
         """(median wall seconds, median process CPU seconds) per call; CPU time is what a
         shared machine's load does not inflate (all threads summed)."""
         fn()  # warm-up
-        ts, cs = [], []
+        wall, cpu = [], []
         for _ in range(args.repeats):
             if dev == "cuda":
                 torch.cuda.synchronize()
@@ -74,9 +74,9 @@ def main():
             fn()
             if dev == "cuda":
                 torch.cuda.synchronize()
-            ts.append(time.perf_counter() - t)
-            cs.append(time.process_time() - c)
-        return statistics.median(ts), statistics.median(cs)
+            wall.append(time.perf_counter() - t)
+            cpu.append(time.process_time() - c)
+        return statistics.median(wall), statistics.median(cpu)
 
     def fwd():
         with torch.no_grad():

@@ -1,8 +1,8 @@
 """Stage 2 of LINK: a student trained from scratch on ground truth plus dense distillation from
 one or several frozen teachers on ALL enumerated pairs.
 
-The training loop is train_teacher.Trainer; this file only adds :class:`Distiller`, the
-``extra_loss`` hook, and the CLI.
+The training loop is trainer.Trainer and the run set-up train_teacher.py's; this file only adds
+:class:`Distiller`, the ``extra_loss`` hook, and the CLI.
 
 Each step, every teacher is fed the exact same detections, in the same order, as the student
 (the loop builds them once and passes the same list), on its own frozen VLM's features of the
@@ -35,8 +35,19 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import train_teacher as TT
 from kernels import kl_distill
+from model import LINK, register_tiny_vlm
+from train_teacher import (
+    add_common_args,
+    build_model,
+    fit_and_finish,
+    loop_config,
+    make_sources,
+    metric_for,
+    run_cli,
+    setup_run,
+)
+from trainer import CheckpointError, FeatureSource, Trainer, load_checkpoint, plain_dict
 
 
 class PairAlignmentError(AssertionError):
@@ -103,8 +114,8 @@ def distill_losses(s_out: dict, s_grid, t_outs: list, t_grids: list, w_map=1.0, 
                 raise ValueError(f"teacher {m} has {len(t['queries'])} query layers, the student "
                                  f"{len(sq)}: query-level KD pairs them layer by layer")
         if len(sq) and sq[0].shape[0] > 0:
-            per = [kl_distill(q.float(), torch.stack([t["queries"][l].detach().float() for t in t_outs]),
-                              T, impl=impl) for l, q in enumerate(sq)]
+            per = [kl_distill(q.float(), torch.stack([t["queries"][layer].detach().float() for t in t_outs]),
+                              T, impl=impl) for layer, q in enumerate(sq)]
             out["loss_kd_query"] = w_query * torch.stack(per).mean()
         else:
             out["loss_kd_query"] = zero
@@ -149,17 +160,16 @@ class Distiller:
 
 
 def load_teacher(path, device):
-    import model as M
-    ck = TT.load_checkpoint(path, map_location="cpu")      # clear errors before building anything
+    ck = load_checkpoint(path, map_location="cpu")      # clear errors before building anything
     if ck["config"].get("vlm") == "link-tiny":
-        M.register_tiny_vlm()
-    t = M.LINK.from_checkpoint(str(path), map_location=device)
+        register_tiny_vlm()
+    t = LINK.from_checkpoint(str(path), map_location=device)
     return t.to(device), ck
 
 
 def student_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Train a LINK student: GT + distillation from frozen teachers.")
-    TT.add_common_args(p)
+    add_common_args(p)
     p.set_defaults(name="student")
     k = p.add_argument_group("distillation")
     k.add_argument("--teacher", action="append", required=True, metavar="CKPT",
@@ -184,36 +194,36 @@ def _file_hash(path) -> str:
 
 def main(argv=None) -> dict:
     args = student_parser().parse_args(argv)
-    d, train, test, cs, cache = TT.setup_run(args)
+    d, train, test, cs, cache = setup_run(args)
     # the student is built first, right after seeding: with the teacher's --seed it starts from
     # the teacher's initial weights, so a comparison isolates the effect of distillation
     # (with all KD weights 0 the student reproduces the teacher exactly)
-    model = TT.build_model(args, cs, d.device)
+    model = build_model(args, cs, d.device)
     teachers, sources, info = [], [], []
-    cs_plain = TT._plain(cs)
+    cs_plain = plain_dict(cs)
     for path in args.teacher:
         with torch.random.fork_rng(devices=[]):     # building a teacher draws no training RNG
             t, ck = load_teacher(path, d.device)
         if ck["class_space"] != cs_plain:
             diff = sorted(k for k in cs_plain if cs_plain.get(k) != ck["class_space"].get(k))
-            raise TT.CheckpointError(f"teacher {path}: class space differs from the student's data "
+            raise CheckpointError(f"teacher {path}: class space differs from the student's data "
                                      f"(fields: {diff[:6]})")
         teachers.append(t)
-        sources.append(TT.FeatureSource(t, train, cache, 2 if args.flip else 1, args.cache_dtype, d,
-                                        progress=not args.no_progress and d.main))
+        sources.append(FeatureSource(t, train, cache, 2 if args.flip else 1, args.cache_dtype, d,
+                                     progress=not args.no_progress and d.main))
         info.append({"path": str(path), "sha1": _file_hash(path), "cache_key": t.cache_key()})
-    tf, ef = TT.make_sources(model, args, d, train, test, cache)
+    tf, ef = make_sources(model, args, d, train, test, cache)
     dist = Distiller(teachers, sources, args.w_map, args.w_query, args.w_logit, args.temperature,
                      args.kd_impl, exclude_classes=[] if args.kd_unseen else list(cs.unseen))
     out = Path(args.runs) / args.name
-    metric_fn, mkw = TT.metric_for(args, cs)
-    tr = TT.Trainer(model, TT.loop_config(args), train, tf, out, d, test, ef, extra_loss=dist,
-                    metric_fn=metric_fn, eval_kwargs=mkw, class_space=cs,
-                    ckpt_extra={"role": "student", "teachers": info,
-                                "distill": {"w_map": args.w_map, "w_query": args.w_query,
-                                            "w_logit": args.w_logit, "temperature": args.temperature}})
-    return TT.fit_and_finish(tr, args.resume, args.name)
+    metric_fn, mkw = metric_for(args, cs)
+    tr = Trainer(model, loop_config(args), train, tf, out, d, test, ef, extra_loss=dist,
+                 metric_fn=metric_fn, eval_kwargs=mkw, class_space=cs,
+                 ckpt_extra={"role": "student", "teachers": info,
+                             "distill": {"w_map": args.w_map, "w_query": args.w_query,
+                                         "w_logit": args.w_logit, "temperature": args.temperature}})
+    return fit_and_finish(tr, args.resume, args.name)
 
 
 if __name__ == "__main__":
-    TT.run_cli(main)
+    run_cli(main)

@@ -1,12 +1,16 @@
-"""Tests of the shared training loop (train_teacher.py) and the distillation (train_student.py).
+"""Tests of the shared training loop (trainer.py), the run set-up (train_teacher.py) and the
+distillation (train_student.py).
 
 Most tests use a tiny stand-in model that follows model.py's contract (encode_images,
 preprocess, cache_key, forward -> pair outputs + loss, postprocess) on a tiny dataset of PNG
 files, so that the loop is tested on its own. Subprocess tests run this file as a script
-(``python tests/test_train.py child ...``) to kill -9 it or to run it under torchrun.
+(``python tests/test_train.py child ...``) to kill -9 it or to run it under torchrun; the child
+can slow one checkpoint write down (``--slow-ckpt-write``) so that it is killed mid-write.
 """
 from __future__ import annotations
 
+import argparse
+import io
 import json
 import os
 import signal
@@ -25,8 +29,28 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import train_teacher as TT  # noqa: E402
-import train_student as TS  # noqa: E402
+import train_student  # noqa: E402
+import train_teacher  # noqa: E402
+import trainer  # noqa: E402
+from common import atomic_write  # noqa: E402
+from model import LINK  # noqa: E402
+from train_student import Distiller, PairAlignmentError, distill_losses  # noqa: E402
+from trainer import (  # noqa: E402
+    CheckpointError,
+    Dist,
+    FeatureCache,
+    FeatureSource,
+    LoopConfig,
+    NonFiniteLossError,
+    Split,
+    Trainer,
+    WarmupSchedule,
+    barrier,
+    eval_shard,
+    init_distributed,
+    load_checkpoint,
+    trainable_state,
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -78,7 +102,6 @@ class StandIn(torch.nn.Module):
             return self.vlm(x)                                           # [B, 4, 4, 4]
 
     def forward(self, feats, detections, sizes, targets=None):
-        B = feats.shape[0]
         latent = self.conn(feats.flatten(2).transpose(1, 2))             # [B, 16, latent]
         pimg, pidx, qs = [], [], []
         for b, (dt, (w, h)) in enumerate(zip(detections, sizes)):
@@ -97,7 +120,8 @@ class StandIn(torch.nn.Module):
             q = torch.tanh(lin(self.drop(q)))
             queries.append(q)
         logits = self.cls(q)                                             # [P, K]
-        out = {"pair_image": torch.tensor(pimg, dtype=torch.long), "pair_idx": torch.tensor(pidx, dtype=torch.long).reshape(-1, 2),
+        out = {"pair_image": torch.tensor(pimg, dtype=torch.long),
+               "pair_idx": torch.tensor(pidx, dtype=torch.long).reshape(-1, 2),
                "logits": logits, "prior": torch.full_like(logits, 0.5), "latent_map": latent,
                "queries": queries, "scores": torch.sigmoid(logits)}
         if targets is not None:
@@ -175,7 +199,7 @@ def tiny_split(root, n, seed=0):
     ds = TinyDS(root, n, seed)
     dets = {f: {"boxes": torch.tensor([[2.0, 2.0, 9.0, 14.0], [1.0, 1.0, 5.0, 5.0]]),
                 "scores": torch.tensor([0.9, 0.8]), "labels": torch.tensor([0, 2])} for f in ds.filenames}
-    return TT.Split(ds, dets, root, {"n": n}, select=lambda d: d, gt_dets=_gt, name=str(root))
+    return Split(ds, dets, root, {"n": n}, select=lambda d: d, gt_dets=_gt, name=str(root))
 
 
 def count_metric(anno, preds):
@@ -188,29 +212,61 @@ def make_trainer(tmp, n=10, epochs=2, bs=4, dropout=0.1, nan_image="", n_test=0,
     model = StandIn(TinyCfg(dropout=dropout, nan_image=nan_image), TinyCS())
     tmp = Path(tmp)
     train = tiny_split(tmp / "data", n)
-    d = dist or TT.Dist()
-    tf = TT.FeatureSource(model, train, tmp / "cache", 2 if flip else 1, "float32", d, progress=False)
+    d = dist or Dist()
+    tf = FeatureSource(model, train, tmp / "cache", 2 if flip else 1, "float32", d, progress=False)
     test = tf_test = None
     if n_test:
         test = tiny_split(tmp / "data_test", n_test, seed=1)
-        tf_test = TT.FeatureSource(model, test, tmp / "cache", 1, "float32", d, progress=False)
-    cfg = TT.LoopConfig(epochs=epochs, batch_size=bs, lr=1e-2, warmup_steps=2, clip=1.0, seed=seed,
+        tf_test = FeatureSource(model, test, tmp / "cache", 1, "float32", d, progress=False)
+    cfg = LoopConfig(epochs=epochs, batch_size=bs, lr=1e-2, warmup_steps=2, clip=1.0, seed=seed,
                         ckpt_every=ckpt_every, deterministic=True, progress=False, flip=flip,
                         eval_every=1)
-    return TT.Trainer(model, cfg, train, tf, tmp / "run", d, test, tf_test, metric_fn=count_metric)
+    return Trainer(model, cfg, train, tf, tmp / "run", d, test, tf_test, metric_fn=count_metric)
+
+
+def slow_checkpoint_write(seconds: float, nth: int) -> None:
+    """Make the nth (1-based) checkpoint write of this process stop for ``seconds`` with half of
+    its bytes in the temp file of the loop's atomic write, after printing "[slow-write]" to
+    stderr, so that the test can kill -9 the process mid-write."""
+    real, count = trainer.atomic_torch_save, [0]
+
+    def save(obj, path):
+        count[0] += 1
+        if count[0] != nth:
+            return real(obj, path)
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        data = buf.getvalue()
+
+        def write(f):
+            f.write(data[:len(data) // 2])
+            f.flush()
+            print(f"[slow-write] {Path(path).name}: {len(data) // 2}/{len(data)} bytes written, sleeping",
+                  file=sys.stderr, flush=True)
+            time.sleep(seconds)
+            f.write(data[len(data) // 2:])
+        atomic_write(path, write)
+    trainer.atomic_torch_save = save
 
 
 def child(argv):
     """Subprocess entry: train the stand-in; --resume resumes from run/last.pt."""
-    import argparse
     p = argparse.ArgumentParser()
-    p.add_argument("tmp"); p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--images", type=int, default=10); p.add_argument("--bs", type=int, default=4)
-    p.add_argument("--dropout", type=float, default=0.1); p.add_argument("--test-images", type=int, default=0)
-    p.add_argument("--resume", action="store_true"); p.add_argument("--step-sleep", type=float, default=0)
+    p.add_argument("tmp")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--images", type=int, default=10)
+    p.add_argument("--bs", type=int, default=4)
+    p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--test-images", type=int, default=0)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--step-sleep", type=float, default=0)
+    p.add_argument("--slow-ckpt-write", metavar="SECONDS@N", help="slow down the N-th checkpoint write")
     a = p.parse_args(argv)
+    if a.slow_ckpt_write:
+        sec, nth = a.slow_ckpt_write.split("@")
+        slow_checkpoint_write(float(sec), int(nth))
     torch.set_num_threads(1)
-    d = TT.init_distributed("cpu")
+    d = init_distributed("cpu")
     tr = make_trainer(a.tmp, a.images, a.epochs, a.bs, a.dropout, n_test=a.test_images, dist=d)
     if a.resume and tr.ckpt_path.exists():
         tr.resume(tr.ckpt_path)
@@ -225,8 +281,8 @@ def child(argv):
     if a.test_images:
         (Path(a.tmp) / f"evaluated_rank{d.rank}.json").write_text(json.dumps(seen))
     if d.main:
-        torch.save(TT.trainable_state(tr.model), Path(a.tmp) / "final_weights.pt")
-    TT.barrier(d)
+        torch.save(trainable_state(tr.model), Path(a.tmp) / "final_weights.pt")
+    barrier(d)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
@@ -258,11 +314,11 @@ def _assert_same(a, b, atol=0.0):
 # tests
 # ----------------------------------------------------------------------------------------------
 def test_schedule_warmup_cosine_and_step():
-    s = TT.WarmupSchedule(total=10, warmup=2, kind="cosine")
+    s = WarmupSchedule(total=10, warmup=2, kind="cosine")
     assert [round(s(i), 6) for i in (0, 1)] == [0.5, 1.0]
     assert s(2) == pytest.approx(1.0) and s(10) == pytest.approx(0.0)
     assert s(6) == pytest.approx(0.5)               # half-way through the 8 decay steps
-    st = TT.WarmupSchedule(total=10, warmup=0, kind="step", milestones=[4, 8], gamma=0.1)
+    st = WarmupSchedule(total=10, warmup=0, kind="step", milestones=[4, 8], gamma=0.1)
     assert [st(i) for i in (0, 3, 4, 7, 8)] == pytest.approx([1, 1, 0.1, 0.1, 0.01])
 
 
@@ -283,7 +339,7 @@ def test_kill_during_training_and_during_checkpoint_write_then_resume_exact(tmp_
     log = killed / "run" / "log.jsonl"
     t0 = time.time()
     while time.time() - t0 < 60:
-        if log.exists() and sum(1 for l in log.read_text().splitlines() if '"train"' in l) >= 3:
+        if log.exists() and sum(1 for line in log.read_text().splitlines() if '"train"' in line) >= 3:
             break
         time.sleep(0.05)
     os.kill(p.pid, signal.SIGKILL)
@@ -291,7 +347,7 @@ def test_kill_during_training_and_during_checkpoint_write_then_resume_exact(tmp_
     assert p.returncode == -signal.SIGKILL
     assert not (killed / "final_weights.pt").exists()
     # 2) resume, and kill -9 while its 2nd checkpoint is half written
-    p = _run_child(killed, "--epochs", "2", "--resume", env={"LINK_SLOW_CKPT_WRITE": "30@2"}, wait=False)
+    p = _run_child(killed, "--epochs", "2", "--resume", "--slow-ckpt-write", "30@2", wait=False)
     t0 = time.time()
     buf = ""
     while "[slow-write]" not in buf and time.time() - t0 < 60:
@@ -301,13 +357,13 @@ def test_kill_during_training_and_during_checkpoint_write_then_resume_exact(tmp_
     assert len(tmps) == 1 and tmps[0].stat().st_size > 0      # a half-written temp file
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
-    TT.load_checkpoint(killed / "run" / "last.pt")          # the previous checkpoint is intact
+    load_checkpoint(killed / "run" / "last.pt")          # the previous checkpoint is intact
     # 3) resume to the end: the same weights, bit for bit
     _run_child(killed, "--epochs", "2", "--resume")
     assert not list((killed / "run").glob(".*.tmp"))        # the stale temp was cleaned up
     _assert_same(_weights(ref), _weights(killed))
     # the resumed log has every step exactly once
-    steps = [json.loads(l)["step"] for l in log.read_text().splitlines() if '"train"' in l]
+    steps = [json.loads(line)["step"] for line in log.read_text().splitlines() if '"train"' in line]
     assert steps == list(range(1, 7))
 
 
@@ -324,7 +380,8 @@ def test_two_process_gloo_matches_one_process_and_eval_covers_each_image_once(tm
            str(port), str(Path(__file__).resolve()), "child", str(two),
            "--dropout", "0", "--epochs", "2", "--images", "9", "--test-images", "5"]
     r = subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=150)
-    assert r.returncode == 0, "\n".join(l for l in r.stderr.splitlines() if "Error" in l or "error" in l)[-3000:]
+    errors = [line for line in r.stderr.splitlines() if "Error" in line or "error" in line]
+    assert r.returncode == 0, "\n".join(errors)[-3000:]
     # same global batch (4 images; the last batch of 9 has 1 image, so one rank idles):
     # the averaged gradients equal the 1-process gradient up to float summation order
     _assert_same(_weights(one), _weights(two), atol=1e-6)
@@ -332,22 +389,22 @@ def test_two_process_gloo_matches_one_process_and_eval_covers_each_image_once(tm
     # 2 evaluations (one per epoch) over 5 images: each image once per evaluation, split 3 + 2
     assert sorted(ev[0] + ev[1]) == sorted(list(range(5)) * 2)
     assert sorted(set(ev[0])) == [0, 2, 4] and sorted(set(ev[1])) == [1, 3]
-    log1 = [json.loads(l) for l in (one / "run" / "log.jsonl").read_text().splitlines()]
-    log2 = [json.loads(l) for l in (two / "run" / "log.jsonl").read_text().splitlines()]
+    log1 = [json.loads(line) for line in (one / "run" / "log.jsonl").read_text().splitlines()]
+    log2 = [json.loads(line) for line in (two / "run" / "log.jsonl").read_text().splitlines()]
     ev1 = [r["full"] for r in log1 if r["kind"] == "eval"]
     ev2 = [r["full"] for r in log2 if r["kind"] == "eval"]
     assert ev1 == ev2 == [5.0, 5.0]                   # predictions for all 5 images gathered
 
 
 def test_eval_shard_odd():
-    shards = [TT.eval_shard(7, r, 3) for r in range(3)]
+    shards = [eval_shard(7, r, 3) for r in range(3)]
     assert sorted(sum(shards, [])) == list(range(7))
     assert [len(s) for s in shards] == [3, 2, 2]
 
 
 def test_nan_loss_names_step_and_images(tmp_path):
     tr = make_trainer(tmp_path, n=8, epochs=1, bs=4, nan_image="img005.png")
-    with pytest.raises(TT.NonFiniteLossError) as e:
+    with pytest.raises(NonFiniteLossError) as e:
         tr.fit()
     msg = str(e.value)
     assert "img005.png" in msg and "step" in msg and "epoch 0" in msg
@@ -360,36 +417,36 @@ def test_corrupt_or_mismatched_checkpoint_refused(tmp_path):
     data = ck.read_bytes()
     bad = tmp_path / "trunc.pt"
     bad.write_bytes(data[: len(data) // 2])
-    with pytest.raises(TT.CheckpointError, match="truncated or corrupt"):
-        TT.load_checkpoint(bad)
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_checkpoint(bad)
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint at all")
-    with pytest.raises(TT.CheckpointError, match="truncated or corrupt"):
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
         tr.resume(garbage)
-    with pytest.raises(TT.CheckpointError, match="not found"):
-        TT.load_checkpoint(tmp_path / "missing.pt")
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "missing.pt")
     obj = torch.load(ck, weights_only=False)
     obj2 = dict(obj, config=dict(obj["config"], width=16))
     torch.save(obj2, tmp_path / "cfg.pt")
-    with pytest.raises(TT.CheckpointError, match=r"different model config.*width"):
+    with pytest.raises(CheckpointError, match=r"different model config.*width"):
         make_trainer(tmp_path / "b", n=4).resume(tmp_path / "cfg.pt")
     obj3 = dict(obj, class_space=dict(obj["class_space"], prompts=["x", "y", "z"]))
     torch.save(obj3, tmp_path / "cs.pt")
-    with pytest.raises(TT.CheckpointError, match=r"different class space.*prompts"):
+    with pytest.raises(CheckpointError, match=r"different class space.*prompts"):
         make_trainer(tmp_path / "c", n=4).resume(tmp_path / "cs.pt")
     obj4 = dict(obj, version=99)
     torch.save(obj4, tmp_path / "v.pt")
-    with pytest.raises(TT.CheckpointError, match="version"):
-        TT.load_checkpoint(tmp_path / "v.pt")
+    with pytest.raises(CheckpointError, match="version"):
+        load_checkpoint(tmp_path / "v.pt")
     # a different image list is refused too
-    with pytest.raises(TT.CheckpointError, match="image list"):
+    with pytest.raises(CheckpointError, match="image list"):
         make_trainer(tmp_path / "d", n=5).resume(ck)
 
 
 def test_checkpoint_contents(tmp_path):
     tr = make_trainer(tmp_path, n=4, epochs=1, bs=2)
     tr.fit()
-    ck = TT.load_checkpoint(tr.ckpt_path)
+    ck = load_checkpoint(tr.ckpt_path)
     for k in ("config", "class_space", "model", "optimizer", "scheduler", "scaler", "rng", "epoch",
               "step", "version", "order"):
         assert k in ck
@@ -408,32 +465,34 @@ def test_feature_cache_reused_and_rebuilt(tmp_path):
         calls.append(len(images))
         return model.encode_images(model.preprocess(images))
 
-    load = (lambda i, v: ds[i][0])
-    c1 = TT.FeatureCache(tmp_path / "c", "key-A", paths, 1, "float32").ensure(enc, load, 2, progress=False)
+    def load(i, v):
+        return ds[i][0]
+
+    c1 = FeatureCache(tmp_path / "c", "key-A", paths, 1, "float32").ensure(enc, load, 2, progress=False)
     assert c1.rebuilt and sum(calls) == 5
     want = model.encode_images(model.preprocess([ds[3][0]]))
     torch.testing.assert_close(c1.get([3], [0]), want, rtol=0, atol=0)
     calls.clear()
-    c2 = TT.FeatureCache(tmp_path / "c", "key-A", paths, 1, "float32").ensure(enc, load, 2, progress=False)
+    c2 = FeatureCache(tmp_path / "c", "key-A", paths, 1, "float32").ensure(enc, load, 2, progress=False)
     assert not c2.rebuilt and calls == []                               # valid: reused
-    c3 = TT.FeatureCache(tmp_path / "c", "key-B", paths, 1, "float32").ensure(enc, load, 2, progress=False)
+    c3 = FeatureCache(tmp_path / "c", "key-B", paths, 1, "float32").ensure(enc, load, 2, progress=False)
     assert c3.rebuilt and sum(calls) == 5                               # other key: rebuilt
     calls.clear()
-    c4 = TT.FeatureCache(tmp_path / "c", "key-A", paths[:4], 1, "float32").ensure(enc, load, 2, progress=False)
+    c4 = FeatureCache(tmp_path / "c", "key-A", paths[:4], 1, "float32").ensure(enc, load, 2, progress=False)
     assert c4.rebuilt and sum(calls) == 4                               # other image list
     calls.clear()
     # modify an image (content and mtime): the key-A cache is stale and rebuilt
     Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(paths[3])
     st = paths[3].stat()
     os.utime(paths[3], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-    c5 = TT.FeatureCache(tmp_path / "c", "key-A", paths, 1, "float32")
+    c5 = FeatureCache(tmp_path / "c", "key-A", paths, 1, "float32")
     assert not c5.is_valid()
     c5.ensure(enc, load, 2, progress=False)
     assert c5.rebuilt and sum(calls) == 5
     torch.testing.assert_close(c5.get([3], [0]), model.encode_images(model.preprocess([ds[3][0]])))
     assert len(list(c5.dir.glob("feats-*.bin"))) == 1                  # the old data file removed
     # flips: both views stored, view 1 = the mirrored image
-    cf = TT.FeatureCache(tmp_path / "c", "key-A", paths, 2, "float32").ensure(
+    cf = FeatureCache(tmp_path / "c", "key-A", paths, 2, "float32").ensure(
         enc, lambda i, v: ds[i][0].transpose(Image.FLIP_LEFT_RIGHT) if v else ds[i][0], 4, progress=False)
     mir = model.encode_images(model.preprocess([ds[1][0].transpose(Image.FLIP_LEFT_RIGHT)]))
     torch.testing.assert_close(cf.get([1], [1]), mir, rtol=0, atol=0)
@@ -461,7 +520,7 @@ def test_distillation_zero_for_identical_positive_otherwise_and_alignment(tmp_pa
     dets = [sp.item(i, 0, True)[0] for i in range(3)]
     sizes = [(16, 16)] * 3
     so, to = s(feats, dets, sizes), t(feats, dets, sizes)
-    z = TS.distill_losses(so, (4, 4), [to, to], [(4, 4), (4, 4)], temperature=2.0)
+    z = distill_losses(so, (4, 4), [to, to], [(4, 4), (4, 4)], temperature=2.0)
     assert set(z) == {"loss_kd_map", "loss_kd_query", "loss_kd_logit"}
     for v in z.values():
         assert abs(float(v.detach())) < 1e-6
@@ -470,30 +529,30 @@ def test_distillation_zero_for_identical_positive_otherwise_and_alignment(tmp_pa
             if p.requires_grad:
                 p.add_(0.3 * torch.randn_like(p))
     to2 = t(feats, dets, sizes)
-    pos = TS.distill_losses(so, (4, 4), [to2], [(4, 4)])
+    pos = distill_losses(so, (4, 4), [to2], [(4, 4)])
     for k, v in pos.items():
         assert float(v.detach()) > 1e-4, k
     # weights scale the terms; the gradient reaches the student only
-    w = TS.distill_losses(so, (4, 4), [to2], [(4, 4)], w_map=2.0, w_query=0.0, w_logit=0.5)
+    w = distill_losses(so, (4, 4), [to2], [(4, 4)], w_map=2.0, w_query=0.0, w_logit=0.5)
     assert float(w["loss_kd_map"].detach()) == pytest.approx(2 * float(pos["loss_kd_map"].detach()), rel=1e-6)
     assert "loss_kd_query" not in w
     # excluded classes (zero-shot unseen) leave the logit KD: all excluded -> 0, some -> changed
-    allx = TS.distill_losses(so, (4, 4), [to2], [(4, 4)], w_map=0, w_query=0, exclude_classes=[0, 1, 2])
+    allx = distill_losses(so, (4, 4), [to2], [(4, 4)], w_map=0, w_query=0, exclude_classes=[0, 1, 2])
     assert float(allx["loss_kd_logit"].detach()) == 0.0
-    part = TS.distill_losses(so, (4, 4), [to2], [(4, 4)], w_map=0, w_query=0, exclude_classes=[2])
+    part = distill_losses(so, (4, 4), [to2], [(4, 4)], w_map=0, w_query=0, exclude_classes=[2])
     assert float(part["loss_kd_logit"].detach()) != pytest.approx(float(pos["loss_kd_logit"].detach()))
     sum(w.values()).backward()
     assert s.cls.weight.grad is not None and t.cls.weight.grad is None
     # a teacher fed other detections (other order) is refused
     dets_rev = [{k: v.flip(0) for k, v in d.items()} for d in dets]
     to3 = t(feats, dets_rev, sizes)
-    with pytest.raises(TS.PairAlignmentError, match="pair_idx|pair_image"):
-        TS.distill_losses(so, (4, 4), [to3], [(4, 4)])
+    with pytest.raises(PairAlignmentError, match="pair_idx|pair_image"):
+        distill_losses(so, (4, 4), [to3], [(4, 4)])
     # a teacher on another grid is resized to the student's grid
     big = torch.nn.functional.interpolate(to["latent_map"].transpose(1, 2).reshape(1 * 3, 6, 4, 4),
                                           size=(8, 8), mode="bilinear", align_corners=False)
     to_big = dict(to, latent_map=big.reshape(3, 6, 64).transpose(1, 2))
-    r = TS.distill_losses(so, (4, 4), [to_big], [(8, 8)], w_query=0, w_logit=0)
+    r = distill_losses(so, (4, 4), [to_big], [(8, 8)], w_query=0, w_logit=0)
     assert torch.isfinite(r["loss_kd_map"])
 
 
@@ -501,7 +560,7 @@ def test_student_hook_in_loop_runs_teachers_on_same_inputs(tmp_path):
     tr = make_trainer(tmp_path, n=4, epochs=1, bs=2, dropout=0.0)
     teacher = StandIn(TinyCfg(dropout=0.0), TinyCS())
     calls = []
-    dist = TS.Distiller([teacher], [tr.feats])
+    dist = Distiller([teacher], [tr.feats])
     orig = teacher.forward
 
     def spy(feats, dets, sizes, targets=None):
@@ -511,7 +570,7 @@ def test_student_hook_in_loop_runs_teachers_on_same_inputs(tmp_path):
     tr.extra_loss = dist
     tr.fit()
     assert len(calls) == 2
-    rec = [json.loads(l) for l in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    rec = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     tr_rec = [r for r in rec if r["kind"] == "train"]
     assert all(r["loss_kd_logit"] > 0 and r["loss_kd_map"] >= 0 for r in tr_rec)
     assert all(abs(r["loss"] - (r["loss_gt"] + r["loss_kd_map"] + r["loss_kd_query"] + r["loss_kd_logit"])) < 1e-5
@@ -532,42 +591,42 @@ def test_teacher_and_student_cli_end_to_end_real_model(tmp_path, capsys):
             "--epochs", "1", "--batch-size", "8", "--lr", "1e-3", "--no-progress", "--threads", "1",
             "--model-opt", "d_model=32", "--model-opt", "d_latent=16", "--model-opt", "heads=2",
             "--model-opt", "ffn_mult=1", "--model-opt", "impl=reference"]
-    mt = TT.main(base + ["--name", "t"])
+    mt = train_teacher.main(base + ["--name", "t"])
     assert set(mt) >= {"full", "rare", "non_rare"} and 0 <= mt["full"] <= 100
     tck = tmp_path / "runs" / "t" / "last.pt"
-    import model as M
-    teacher = M.LINK.from_checkpoint(str(tck))           # the model helper's reader
+    teacher = LINK.from_checkpoint(str(tck))           # the model helper's reader
     assert teacher.cfg.d_model == 32
-    ms = TS.main(base + ["--name", "s", "--teacher", str(tck), "--teacher", str(tck), "--temperature", "2"])
+    ms = train_student.main(base + ["--name", "s", "--teacher", str(tck), "--teacher", str(tck), "--temperature", "2"])
     assert 0 <= ms["full"] <= 100
-    recs = [json.loads(l) for l in (tmp_path / "runs" / "s" / "log.jsonl").read_text().splitlines()]
+    recs = [json.loads(line) for line in (tmp_path / "runs" / "s" / "log.jsonl").read_text().splitlines()]
     tr = [r for r in recs if r["kind"] == "train"]
     assert tr and all(r["loss_kd_logit"] > 0 and r["loss_kd_map"] > 0 and r["loss_kd_query"] > 0 for r in tr)
-    ck = TT.load_checkpoint(tmp_path / "runs" / "s" / "last.pt")
+    ck = load_checkpoint(tmp_path / "runs" / "s" / "last.pt")
     assert ck["role"] == "student" and len(ck["teachers"]) == 2
     # with every KD weight 0 and the teacher's seed, the student reproduces the teacher exactly
     # (the student is built from the same initial weights; the teachers' forward draws no RNG)
-    TS.main(base + ["--name", "s0", "--teacher", str(tck), "--w-map", "0", "--w-query", "0", "--w-logit", "0"])
-    w_t = TT.load_checkpoint(tck)["model"]
-    w_s = TT.load_checkpoint(tmp_path / "runs" / "s0" / "last.pt")["model"]
+    train_student.main(base + ["--name", "s0", "--teacher", str(tck),
+                               "--w-map", "0", "--w-query", "0", "--w-logit", "0"])
+    w_t = load_checkpoint(tck)["model"]
+    w_s = load_checkpoint(tmp_path / "runs" / "s0" / "last.pt")["model"]
     _assert_same(w_t, w_s)
     # real model: KD against an identical copy is zero
-    sp, _, cs = TT.build_splits(TT.teacher_parser().parse_args(base))
+    sp, _, cs = train_teacher.build_splits(train_teacher.teacher_parser().parse_args(base))
     f = torch.randn(2, 64, 8, 8)
     dets = [sp.item(i, 0, True)[0] for i in range(2)]
     sizes = [sp.target(i)["size"] for i in range(2)]
     teacher.eval()
     with torch.no_grad():
         o1, o2 = teacher(f, dets, sizes), teacher(f, dets, sizes)
-    z = TS.distill_losses(o1, (8, 8), [o2], [(8, 8)])
+    z = distill_losses(o1, (8, 8), [o2], [(8, 8)])
     assert all(abs(float(v)) < 1e-6 for v in z.values())
     # a truncated teacher checkpoint is refused with a clear message (CLI: exit 2)
     bad = tmp_path / "bad.pt"
     bad.write_bytes(tck.read_bytes()[:1000])
-    with pytest.raises(TT.CheckpointError, match="truncated or corrupt"):
-        TS.main(base + ["--name", "s2", "--teacher", str(bad)])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        train_student.main(base + ["--name", "s2", "--teacher", str(bad)])
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
-        TT.run_cli(lambda: TS.main(base + ["--name", "s3", "--teacher", str(bad)]))
+        train_teacher.run_cli(lambda: train_student.main(base + ["--name", "s3", "--teacher", str(bad)]))
     err = capsys.readouterr().err
     assert e.value.code == 2 and "error: checkpoint" in err and "bad.pt" in err

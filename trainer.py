@@ -1,0 +1,941 @@
+"""The model-agnostic training loop of LINK, shared by the teacher and the student.
+
+train_teacher.py (teacher CLI, run set-up: arguments, model, splits, metric) and train_student.py
+(adds the distillation through the ``extra_loss`` hook) both drive :class:`Trainer`. Nothing
+here imports model.py, data.py or eval.py; what the loop needs from them is the contract below.
+
+* :class:`Split`          one dataset split: targets, detections (file -> select, GT boxes
+                          appended while training, as UPT does), image paths, the raw annotation.
+* :class:`FeatureCache`   frozen-VLM feature maps computed once per (image, VLM, view), stored as
+                          one memory-mapped file plus an index JSON per cache key; stale caches
+                          (other key, other image list, image mtime/size changed) are rebuilt.
+* :class:`FeatureSource`  the features of a split for one model: the cache or on-the-fly encoding.
+* :class:`Trainer`        AdamW, warm-up + cosine/step schedule, gradient clipping (after
+                          unscaling under fp16 AMP), bf16/fp16 autocast on GPU, plain fp32 on CPU,
+                          atomic checkpoints, full resume (model, optimiser, scheduler, scaler,
+                          RNG states, data order, epoch, step), torchrun data parallel (explicit
+                          gradient all-reduce, gloo on CPU / nccl on GPU), distributed evaluation
+                          that covers every image exactly once, tqdm, runs/NAME/log.jsonl and a PNG
+                          of the curves, the metric after each evaluated epoch.
+
+The contract (model.LINK follows it; tests/test_train.py's StandIn is a 100-line example):
+
+* model, see :class:`LoopModel`: a torch.nn.Module with ``cfg`` (a dataclass) and
+  ``class_space`` (a dataclass or dict), both stored in checkpoints and compared on resume;
+  ``cache_key()``, ``preprocess(images)``, ``encode_images(x)`` (the frozen VLM),
+  ``forward(feats, detections, sizes, targets=None)`` and ``postprocess(out, detections)``.
+  Frozen parameters (requires_grad False) are neither optimised nor checkpointed; a model may
+  say what it stores with ``checkpoint_state_dict()``.
+* dataset (inside :class:`Split`): ``filenames``, ``ds[i] -> (PIL image, target dict)`` and
+  optionally ``target(i)`` and ``image_path(i)``; a target holds ``size`` (w, h), ``boxes_h``,
+  ``boxes_o`` [N, 4] xyxy and whatever the model's loss reads.
+* ``metric_fn(anno, predictions, **eval_kwargs) -> dict``: predictions are
+  {filename: ndarray[N, 10]} (hoi, score, human box, object box); the keys full, rare,
+  non_rare, unseen, seen are logged and kept.
+* ``extra_loss(ctx) -> {name: 0-dim tensor}`` (already weighted, per-image means), added to the
+  model's loss; ``ctx`` holds model, out, feats, indices, views, dets, sizes, targets, split.
+
+Design choices written down (LINK.md is silent on them):
+
+* GT boxes appended during training (UPT): the ground-truth boxes of the image (score 1.0) are
+  concatenated to the detector's boxes BEFORE the split's ``select`` (data.select_boxes), so they
+  survive NMS and the 3..15 caps and duplicate detections of the same object (IoU > 0.5, same
+  label) are suppressed. Every training image therefore has at least its labelled pairs among
+  the candidates. Evaluation never sees GT boxes.
+* Data parallel: gradients are averaged by one flat all-reduce per step instead of DDP's
+  bucket hooks, because the number of pairs per image varies and some parameters get no
+  gradient in some steps (DDP would need find_unused_parameters). A global batch of B images is
+  split rank r <- batch[r::W]; per-image-mean losses (distillation) are weighted by
+  n_local * W / n_global, and a loss normalised by its positives (the model's focal loss,
+  which reports ``num_pos``) by W * max(pos_local, 1) / max(pos_global, 1), the positives
+  being summed over ranks each step, so that the averaged gradient is exactly the gradient
+  one process computes on the global batch (up to float summation order).
+* Flips: a ViT is not flip-equivariant, so the flipped image is encoded on its own; the cache
+  then stores both views per image ([N, 2, C, Gh, Gw]) and the view count is part of the cache
+  key. Any other image augmentation must bypass the cache.
+* Cache dtype float16 by default (half the disk; CLIP-like features are far below fp16's
+  range); float32 for bit-exact reuse of the encoder's output.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import fcntl
+import hashlib
+import io
+import json
+import math
+import os
+import random
+import sys
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, NamedTuple, Optional, Protocol
+
+import numpy as np
+import torch
+import torch.distributed as tdist
+from PIL import ImageOps
+from tqdm import tqdm
+
+from common import atomic_write, atomic_write_bytes, atomic_write_json, clean_stale_temps
+
+CKPT_VERSION = 1
+
+
+class LoopModel(Protocol):
+    """What :class:`Trainer`, :class:`FeatureSource` and the checkpoint helpers call on a model
+    (besides torch.nn.Module's parameters, state_dict, train/eval)."""
+
+    cfg: Any            # a dataclass: checkpointed, must match on resume
+    class_space: Any    # a dataclass or dict: checkpointed, must match on resume
+
+    def cache_key(self) -> str:
+        """Names the frozen VLM and its input (features of equal keys are interchangeable)."""
+
+    def preprocess(self, images: list) -> torch.Tensor:
+        """list of B PIL images -> FloatTensor[B, 3, S, S] (the VLM's input)."""
+
+    def encode_images(self, x: torch.Tensor) -> torch.Tensor:
+        """FloatTensor[B, 3, S, S] -> frozen feature maps FloatTensor[B, C, Gh, Gw]."""
+
+    def forward(self, feats: torch.Tensor, detections: list[dict], sizes: list[tuple],
+                targets: Optional[list[dict]] = None) -> dict:
+        """feats [B, C, Gh, Gw]; detections[b] = {boxes [N, 4], scores [N], labels [N]};
+        sizes[b] = (w, h). With targets the dict holds ``loss`` (0-dim) and, for a loss
+        normalised by its positives, ``num_pos`` (the loop then re-normalises over ranks)."""
+
+    def postprocess(self, out: dict, detections: list[dict]) -> list:
+        """-> per image an array [N, 10]: hoi, score, human box xyxy, object box xyxy."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Errors
+# ----------------------------------------------------------------------------------------------
+class TrainInputError(ValueError):
+    """Bad input (file, image, field named in the message). CLIs exit 2."""
+
+
+class CheckpointError(TrainInputError):
+    """A checkpoint that is truncated, corrupt or does not match the run."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or inf; the message names the step and the images."""
+
+
+# ----------------------------------------------------------------------------------------------
+# RNG
+# ----------------------------------------------------------------------------------------------
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    st = {"python": random.getstate(), "numpy": np.random.get_state(),
+          "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict) -> None:
+    random.setstate(st["python"])
+    np.random.set_state(st["numpy"])
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        with contextlib.suppress(Exception):
+            torch.cuda.set_rng_state_all(st["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str = "auto") -> Dist:
+    """torchrun sets WORLD_SIZE / RANK / LOCAL_RANK; nccl on GPU, gloo on CPU."""
+    want_cuda = (device == "cuda") or (device == "auto" and torch.cuda.is_available())
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if want_cuda:
+        torch.cuda.set_device(local)
+        dev = torch.device("cuda", local)
+    else:
+        dev = torch.device("cpu")
+    if world > 1 and not tdist.is_initialized():
+        tdist.init_process_group("nccl" if want_cuda else "gloo",
+                                 timeout=datetime.timedelta(minutes=30))
+    return Dist(rank, world, local, dev)
+
+
+def barrier(d: Dist) -> None:
+    if d.enabled:
+        tdist.barrier()
+
+
+def all_gather_objects(obj, d: Dist) -> list:
+    if not d.enabled:
+        return [obj]
+    out = [None] * d.world
+    tdist.all_gather_object(out, obj)
+    return out
+
+
+def allreduce_grads(params: list[torch.nn.Parameter], d: Dist) -> None:
+    """Average gradients over ranks with one flat all-reduce (None grads count as zeros)."""
+    if not d.enabled or not params:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    has = torch.tensor([float(p.grad is not None) for p in params], device=grads[0].device)
+    flat = torch.cat([g.reshape(-1).float() for g in grads] + [has])
+    tdist.all_reduce(flat)
+    has = flat[-len(params):]
+    flat = flat[:-len(params)] / d.world
+    off = 0
+    for p, h in zip(params, has.tolist()):
+        n = p.numel()
+        # a parameter no rank produced a gradient for stays None (AdamW then skips it, exactly
+        # as in a single process; a zero gradient would still apply weight decay)
+        p.grad = flat[off:off + n].view_as(p).to(p.dtype).clone() if h > 0 else None
+        off += n
+
+
+def broadcast_params(module: torch.nn.Module, d: Dist) -> None:
+    if d.enabled:
+        with torch.no_grad():
+            for t in list(module.parameters()) + list(module.buffers()):
+                tdist.broadcast(t.data, 0)
+
+
+def eval_shard(n: int, rank: int, world: int) -> list[int]:
+    """Evaluation sharding that neither drops nor duplicates: rank r gets r, r+W, r+2W, ...
+    (ranks may get one image fewer; nothing is padded)."""
+    return list(range(rank, n, world))
+
+
+# ----------------------------------------------------------------------------------------------
+# Schedule and data order
+# ----------------------------------------------------------------------------------------------
+class WarmupSchedule:
+    """Multiplier of the base lr at optimiser step s: linear warm-up over ``warmup`` steps then
+    cosine decay to ``min_ratio`` at ``total`` steps, or step decay by ``gamma`` at each
+    milestone (in steps). A callable object so LambdaLR's state_dict keeps it."""
+
+    def __init__(self, total: int, warmup: int = 0, kind: str = "cosine",
+                 milestones=(), gamma: float = 0.1, min_ratio: float = 0.0):
+        if kind not in ("cosine", "step", "constant"):
+            raise TrainInputError(f"--schedule must be cosine, step or constant, got {kind!r}")
+        self.total, self.warmup, self.kind = int(total), int(warmup), kind
+        self.milestones, self.gamma, self.min_ratio = sorted(int(m) for m in milestones), gamma, min_ratio
+
+    def __call__(self, s: int) -> float:
+        if self.warmup > 0 and s < self.warmup:
+            return (s + 1) / self.warmup
+        if self.kind == "constant":
+            return 1.0
+        if self.kind == "step":
+            return self.gamma ** sum(s >= m for m in self.milestones)
+        span = max(self.total - self.warmup, 1)
+        t = min(max(s - self.warmup, 0) / span, 1.0)
+        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The data order of an epoch: a permutation of range(n), a pure function of (seed, epoch)."""
+    g = torch.Generator().manual_seed(int(seed) * 100003 + int(epoch))
+    return torch.randperm(n, generator=g).tolist()
+
+
+def view_of(seed: int, epoch: int, index: int, flip: bool) -> int:
+    """Flip decision of an image in an epoch (0 = original, 1 = mirrored); pure, resumable."""
+    if not flip:
+        return 0
+    h = hashlib.blake2b(f"{seed}:{epoch}:{index}".encode(), digest_size=4).digest()
+    return h[0] & 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Feature cache
+# ----------------------------------------------------------------------------------------------
+def _image_stamp(path: Path) -> list:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image file {path} not found (field: filename)") from None
+    return [st.st_size, st.st_mtime_ns]
+
+
+class FeatureCache:
+    """Frozen-VLM feature maps of a list of images, memory-mapped from disk.
+
+    Layout: ``root/<hash of key and image list>/index.json`` and ``feats-<token>.bin`` holding
+    a C-order array [N, V, C, Gh, Gw] (V = 1 view, or 2 with flips: original, mirrored).
+    index.json = {"version", "key", "views", "dtype", "shape": [C, Gh, Gw], "data": file name,
+    "images": [[path, size, mtime_ns], ...]}. The index is written last and atomically, and
+    it names its data file, so a crash at any point leaves either the old valid cache or none.
+    The cache is used only when the key, the image list and every image's size and mtime_ns
+    match; otherwise it is rebuilt (``self.rebuilt`` tells which happened).
+    """
+
+    def __init__(self, root, key: str, image_paths: list, views: int = 1, dtype: str = "float16"):
+        if dtype not in ("float16", "float32"):
+            raise TrainInputError(f"cache dtype must be float16 or float32, got {dtype!r}")
+        self.key = f"{key}|views={views}|dtype={dtype}"
+        self.paths = [str(Path(p)) for p in image_paths]
+        self.views, self.dtype = int(views), dtype
+        h = hashlib.sha1((self.key + "\n" + "\n".join(self.paths)).encode()).hexdigest()[:16]
+        self.dir = Path(root) / h
+        self.index_path = self.dir / "index.json"
+        self.mm = None
+        self.rebuilt = False
+
+    def _read_index(self):
+        try:
+            return json.loads(self.index_path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def is_valid(self) -> bool:
+        idx = self._read_index()
+        if not idx or idx.get("version") != 1 or idx.get("key") != self.key:
+            return False
+        imgs = idx.get("images", [])
+        if [i[0] for i in imgs] != self.paths:
+            return False
+        for (p, size, mtime) in imgs:
+            try:
+                if _image_stamp(Path(p)) != [size, mtime]:
+                    return False
+            except FileNotFoundError:
+                return False
+        data = self.dir / idx["data"]
+        n = len(self.paths) * self.views * int(np.prod(idx["shape"])) * np.dtype(self.dtype).itemsize
+        return data.exists() and data.stat().st_size == n
+
+    def open(self) -> None:
+        idx = self._read_index()
+        self.shape = tuple(idx["shape"])
+        self.mm = np.memmap(self.dir / idx["data"], dtype=self.dtype, mode="r",
+                            shape=(len(self.paths), self.views) + self.shape)
+
+    def ensure(self, encode: Callable, load: Callable, batch_size: int = 16,
+               d: Optional[Dist] = None, progress: bool = True) -> "FeatureCache":
+        """Use the cache if valid, else build it. ``load(i, view) -> PIL image``,
+        ``encode(list[PIL]) -> FloatTensor[B, C, Gh, Gw]``. Rank 0 builds, the others wait."""
+        d = d or Dist()
+        if d.main:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            # an exclusive lock: two runs sharing the cache folder (e.g. demo.py's parallel
+            # chains) never build the same cache at once; the second one finds it valid
+            with open(self.dir / ".lock", "a+") as lk:
+                fcntl.flock(lk, fcntl.LOCK_EX)
+                try:
+                    if not self.is_valid():
+                        self._build(encode, load, batch_size, progress)
+                        self.rebuilt = True
+                finally:
+                    fcntl.flock(lk, fcntl.LOCK_UN)
+        barrier(d)
+        if not self.is_valid():
+            raise TrainInputError(f"feature cache {self.dir} could not be built")
+        self.open()
+        return self
+
+    def _build(self, encode, load, batch_size, progress) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        stamps = [[p] + _image_stamp(Path(p)) for p in self.paths]   # before encoding
+        token = uuid.uuid4().hex[:12]
+        data_name = f"feats-{token}.bin"
+        tmp = self.dir / f".{data_name}.tmp"
+        n = len(self.paths)
+        mm, shape = None, None
+        jobs = [(i, v) for i in range(n) for v in range(self.views)]
+        bar = tqdm(total=len(jobs), desc=f"cache {self.dir.name}", disable=not progress,
+                   leave=False, file=sys.stderr)
+        try:
+            for s in range(0, len(jobs), batch_size):
+                chunk = jobs[s:s + batch_size]
+                with torch.no_grad():
+                    f = encode([load(i, v) for i, v in chunk])          # [b, C, Gh, Gw]
+                f = f.detach().float().cpu().numpy()
+                if mm is None:
+                    shape = tuple(int(x) for x in f.shape[1:])
+                    mm = np.memmap(tmp, dtype=self.dtype, mode="w+", shape=(n, self.views) + shape)
+                for (i, v), fi in zip(chunk, f):
+                    mm[i, v] = fi
+                bar.update(len(chunk))
+            bar.close()
+            if mm is None:
+                raise TrainInputError("feature cache: no images to encode")
+            mm.flush()
+            del mm
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.dir / data_name)
+            atomic_write_json(self.index_path, {"version": 1, "key": self.key, "views": self.views,
+                                                "dtype": self.dtype, "shape": list(shape),
+                                                "data": data_name, "images": stamps})
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        for old in self.dir.glob("feats-*.bin"):          # data files no index names any more
+            if old.name != data_name:
+                with contextlib.suppress(OSError):
+                    old.unlink()
+
+    def get(self, indices: list[int], views: list[int]) -> torch.Tensor:
+        """-> FloatTensor[B, C, Gh, Gw] (float32 copy of the memory-mapped rows)."""
+        arr = np.stack([np.asarray(self.mm[i, v]) for i, v in zip(indices, views)])
+        return torch.from_numpy(arr.astype(np.float32))
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------
+def flip_boxes(boxes: torch.Tensor, w: float) -> torch.Tensor:
+    """Mirror [N, 4] xyxy boxes in an image of width w: x' = w - x (continuous frame)."""
+    if boxes.numel() == 0:
+        return boxes.clone()
+    out = boxes.clone()
+    out[:, 0], out[:, 2] = w - boxes[:, 2], w - boxes[:, 0]
+    return out
+
+
+def _empty_dets() -> dict:
+    return {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long)}
+
+
+class Split:
+    """A dataset split as the loop sees it.
+
+    dataset: see the module docstring (a data.py dataset); dets_file: {filename: dets}
+    (detector output, before ``select``); image_root: folder of the image files; anno: the raw
+    annotation handed to the metric; select: callable(dets) -> dets (data.select_boxes with the
+    class space's person label); gt_dets: callable(target) -> dets (data.gt_detections).
+    """
+
+    def __init__(self, dataset, dets_file: dict, image_root, anno: Optional[dict], select: Callable,
+                 gt_dets: Callable, name: str = "split"):
+        self.ds, self.dets_file, self.anno, self.name = dataset, dets_file, anno, name
+        self.select, self.gt_dets = select, gt_dets
+        self.filenames = list(dataset.filenames)
+        self.image_root = Path(image_root)
+        if hasattr(dataset, "image_path"):
+            self.image_paths = [Path(dataset.image_path(i)) for i in range(len(self.filenames))]
+        else:
+            self.image_paths = [self.image_root / f for f in self.filenames]
+        self._targets = {}
+
+    def __len__(self):
+        return len(self.filenames)
+
+    def target(self, i: int) -> dict:
+        if i not in self._targets:
+            if hasattr(self.ds, "target"):
+                self._targets[i] = self.ds.target(i)
+            else:
+                self._targets[i] = self.ds[i][1]
+        return self._targets[i]
+
+    def image(self, i: int, view: int = 0):
+        img, tgt = self.ds[i]
+        self._targets.setdefault(i, tgt)
+        return ImageOps.mirror(img) if view == 1 else img
+
+    def item(self, i: int, view: int, train: bool):
+        """-> (detections, size (w, h), target) for image i in the given view. Training appends
+        the GT boxes to the detector boxes before select_boxes (see module docstring)."""
+        tgt = self.target(i)
+        w, h = tgt["size"]
+        dets = self.dets_file.get(self.filenames[i], _empty_dets())
+        if train:
+            g = self.gt_dets(tgt)
+            dets = {"boxes": torch.cat([g["boxes"].float(), dets["boxes"].float().reshape(-1, 4)]),
+                    "scores": torch.cat([g["scores"].float(), dets["scores"].float().reshape(-1)]),
+                    "labels": torch.cat([g["labels"].long(), dets["labels"].long().reshape(-1)])}
+        dets = self.select(dets)
+        if view == 1:
+            dets = dict(dets, boxes=flip_boxes(dets["boxes"], w))
+            tgt = dict(tgt, boxes_h=flip_boxes(tgt["boxes_h"], w), boxes_o=flip_boxes(tgt["boxes_o"], w))
+        return dets, (w, h), tgt
+
+    def fingerprint(self) -> str:
+        return hashlib.sha1("\n".join(self.filenames).encode()).hexdigest()[:16]
+
+
+class FeatureSource:
+    """Features of a split for one frozen VLM: the cache, or on-the-fly encoding (no cache)."""
+
+    def __init__(self, model, split: Split, cache_root=None, views: int = 1, dtype: str = "float16",
+                 d: Optional[Dist] = None, batch_size: int = 16, progress: bool = True):
+        self.model, self.split, self.views = model, split, views
+        self.device = d.device if d else torch.device("cpu")
+        self.cache = None
+        if cache_root is not None:
+            self.cache = FeatureCache(cache_root, model.cache_key(), split.image_paths, views, dtype)
+            self.cache.ensure(self._encode, split.image, batch_size, d, progress)
+
+    def _encode(self, images) -> torch.Tensor:
+        x = self.model.preprocess(images).to(self.device)          # [B, 3, S, S]
+        with torch.no_grad():
+            return self.model.encode_images(x)                       # [B, C, Gh, Gw]
+
+    def get(self, indices: list[int], views: list[int]) -> torch.Tensor:
+        if self.cache is not None:
+            return self.cache.get(indices, views).to(self.device)
+        return self._encode([self.split.image(i, v) for i, v in zip(indices, views)])
+
+
+# ----------------------------------------------------------------------------------------------
+# Model state and checkpoints
+# ----------------------------------------------------------------------------------------------
+def trainable_state(model: torch.nn.Module) -> dict:
+    """state_dict without the frozen VLM (model.checkpoint_state_dict() if it has one, else the
+    state_dict minus the parameters that do not require grad)."""
+    if hasattr(model, "checkpoint_state_dict"):
+        return model.checkpoint_state_dict()
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    return {k: v for k, v in model.state_dict().items() if k not in frozen}
+
+
+def load_trainable_state(model: torch.nn.Module, state: dict) -> None:
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    trainable = set(trainable_state(model))
+    miss = [k for k in missing if k in trainable]
+    if miss or unexpected:
+        raise CheckpointError(f"checkpoint weights do not fit the model: missing {miss[:5]}, "
+                              f"unexpected {list(unexpected)[:5]}")
+
+
+def plain_dict(x) -> dict:
+    """A dataclass or mapping as a plain dict (how configs and class spaces are checkpointed)."""
+    return asdict(x) if dataclasses.is_dataclass(x) else dict(x)
+
+
+def atomic_torch_save(obj, path) -> None:
+    """torch.save through common.atomic_write: a crash leaves the old checkpoint or the new one."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    """torch.load with clear errors for missing, truncated or foreign files."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} not found")
+    try:
+        ck = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # truncated zip, garbage bytes, ...
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+    if not isinstance(ck, dict) or ck.get("version") != CKPT_VERSION or "model" not in ck:
+        raise CheckpointError(f"checkpoint {path} is not a LINK checkpoint of version {CKPT_VERSION} "
+                              f"(field: version)")
+    for k in ("config", "class_space"):
+        if k not in ck:
+            raise CheckpointError(f"checkpoint {path} lacks the field {k!r}")
+    return ck
+
+
+def check_checkpoint_matches(ck: dict, model, path, fingerprint: Optional[str] = None,
+                             class_space=None) -> None:
+    """Refuse a checkpoint whose config / class space / training images differ from the run's."""
+    cfg = plain_dict(model.cfg)
+    cs = plain_dict(class_space if class_space is not None else model.class_space)
+    if ck["config"] != cfg:
+        diff = sorted(k for k in set(cfg) | set(ck["config"]) if cfg.get(k) != ck["config"].get(k))
+        raise CheckpointError(f"checkpoint {path} has a different model config (fields: {diff[:6]})")
+    if ck["class_space"] != cs:
+        diff = sorted(k for k in set(cs) | set(ck["class_space"]) if cs.get(k) != ck["class_space"].get(k))
+        raise CheckpointError(f"checkpoint {path} has a different class space (fields: {diff[:6]})")
+    if fingerprint is not None and ck.get("data_fingerprint") not in (None, fingerprint):
+        raise CheckpointError(f"checkpoint {path} was trained on a different image list "
+                              f"(field: data_fingerprint)")
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class LoopConfig:
+    epochs: int = 10
+    batch_size: int = 8              # global batch (images per optimiser step over all ranks)
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    warmup_steps: int = 0
+    schedule: str = "cosine"         # cosine | step | constant
+    milestones: list = field(default_factory=list)   # epochs, for the step schedule
+    gamma: float = 0.1
+    clip: float = 0.1                # max grad norm (UPT: 0.1); <= 0 disables
+    amp: str = "auto"                # auto | none | bf16 | fp16 (auto: bf16 on CUDA, none on CPU)
+    seed: int = 0
+    flip: bool = False
+    ckpt_every: int = 0              # also checkpoint every N steps (0: end of epoch only)
+    eval_every: int = 1              # evaluate every N epochs (0: only after the last)
+    deterministic: bool = False
+    progress: bool = True
+
+
+def resolve_amp(amp: str, device: torch.device) -> Optional[torch.dtype]:
+    if device.type != "cuda":
+        if amp in ("bf16", "fp16"):
+            print(f"note: --amp {amp} ignored on CPU (plain fp32)", file=sys.stderr)
+        return None
+    if amp == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+class _StepLosses(NamedTuple):
+    """The local batch's losses of one step: the model's loss and the extra (distillation)
+    terms as 0-dim float tensors with their graphs, the parts detached for the log, and the
+    model's ``num_pos`` (None when its loss is not normalised by positives)."""
+    gt: torch.Tensor
+    extra: torch.Tensor
+    parts: dict
+    num_pos: Optional[torch.Tensor]
+
+
+class Trainer:
+    """The shared loop over a :class:`LoopModel` (see the module docstring for the contract).
+
+    ``extra_loss(ctx) -> {name: 0-dim tensor}`` (already weighted) is added to the model's own
+    ``out["loss"]``; ctx holds model, out, feats, indices, views, dets, sizes, targets, split.
+    ``metric_fn(anno, preds, **eval_kwargs) -> dict`` scores the test split (needed with one).
+    """
+
+    def __init__(self, model, cfg: LoopConfig, train: Split, feats: FeatureSource, out_dir,
+                 dist: Optional[Dist] = None, test: Optional[Split] = None,
+                 test_feats: Optional[FeatureSource] = None, extra_loss: Optional[Callable] = None,
+                 metric_fn: Optional[Callable] = None, eval_kwargs: Optional[dict] = None,
+                 ckpt_extra: Optional[dict] = None, class_space=None):
+        self.model, self.cfg, self.train, self.feats = model, cfg, train, feats
+        self.class_space = class_space if class_space is not None else model.class_space
+        self.test, self.test_feats = test, test_feats
+        self.d = dist or Dist()
+        self.out = Path(out_dir)
+        if test is not None and metric_fn is None:
+            raise TrainInputError("a test split needs a metric_fn")
+        self.extra_loss, self.metric_fn = extra_loss, metric_fn
+        self.eval_kwargs = eval_kwargs or {}
+        self.ckpt_extra = ckpt_extra or {}
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise TrainInputError("the model has no trainable parameter")
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+        schedule = WarmupSchedule(steps_per_epoch * cfg.epochs, cfg.warmup_steps, cfg.schedule,
+                                  [m * steps_per_epoch for m in cfg.milestones], cfg.gamma)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, schedule)
+        self.amp_dtype = resolve_amp(cfg.amp, self.d.device)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.epoch, self.step, self.step_in_epoch = 0, 0, 0
+        self.last_metrics: dict = {}
+        self.last_predictions: Optional[dict] = None
+        if self.d.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            clean_stale_temps(self.out)
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    @property
+    def ckpt_path(self) -> Path:
+        return self.out / "last.pt"
+
+    def state(self, rngs) -> dict:
+        return {"version": CKPT_VERSION, "config": plain_dict(self.model.cfg),
+                "class_space": plain_dict(self.class_space),
+                "model": trainable_state(self.model), "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict(), "scaler": self.scaler.state_dict(),
+                "rng": rngs, "epoch": self.epoch, "step": self.step,
+                "step_in_epoch": self.step_in_epoch,
+                "order": epoch_order(len(self.train), self.cfg.seed, self.epoch),
+                "data_fingerprint": self.train.fingerprint(), "world_size": self.d.world,
+                "loop": asdict(self.cfg), "metrics": self.last_metrics, **self.ckpt_extra}
+
+    def save(self) -> None:
+        rngs = all_gather_objects(rng_state(), self.d)        # every rank's RNG
+        if self.d.main:
+            atomic_torch_save(self.state(rngs), self.ckpt_path)
+        barrier(self.d)
+
+    def resume(self, path) -> None:
+        ck = load_checkpoint(path, map_location=self.d.device)
+        check_checkpoint_matches(ck, self.model, path, self.train.fingerprint(), self.class_space)
+        load_trainable_state(self.model, ck["model"])
+        self.opt.load_state_dict(ck["optimizer"])
+        self.sched.load_state_dict(ck["scheduler"])
+        self.scaler.load_state_dict(ck["scaler"])
+        self.epoch, self.step = int(ck["epoch"]), int(ck["step"])
+        self.step_in_epoch = int(ck.get("step_in_epoch", 0))
+        self.last_metrics = ck.get("metrics", {})
+        if ck.get("order") is not None and ck["order"] != epoch_order(len(self.train), self.cfg.seed, self.epoch):
+            raise CheckpointError(f"checkpoint {path}: data order differs from this run's (field: order)")
+        rngs = ck["rng"]
+        set_rng_state(rngs[self.d.rank % len(rngs)])
+        if self.d.main:   # drop log lines written after the checkpoint (they will be redone)
+            log = self.out / "log.jsonl"
+            if log.exists():
+                keep = [line for line in log.read_text().splitlines()
+                        if line.strip() and json.loads(line).get("step", 0) <= self.step]
+                atomic_write_bytes(log, ("\n".join(keep) + ("\n" if keep else "")).encode())
+        print(f"resumed from {path}: epoch {self.epoch}, step {self.step}", file=sys.stderr)
+
+    # -- logging -------------------------------------------------------------------------------
+    def log(self, rec: dict) -> None:
+        if not self.d.main:
+            return
+        rec = {"time": round(time.time(), 3), **rec}
+        with open(self.out / "log.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    def plot(self) -> None:
+        """runs/NAME/curves.png: the losses per step and the metrics per evaluated epoch."""
+        if not self.d.main:
+            return
+        log = self.out / "log.jsonl"
+        if not log.exists():
+            return
+        import matplotlib  # imported here: slow to import, needed once per epoch
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        recs = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        tr = [r for r in recs if r.get("kind") == "train"]
+        ev = [r for r in recs if r.get("kind") == "eval"]
+        fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+        keys = sorted({k for r in tr for k in r if k.startswith("loss")})
+        for k in keys:
+            pts = [(r["step"], r[k]) for r in tr if k in r]
+            ax[0].plot([p[0] for p in pts], [p[1] for p in pts], label=k)
+        ax[0].set(xlabel="step", yscale="log", title="losses")
+        if keys:
+            ax[0].legend(fontsize=7)
+        for k in ("full", "rare", "non_rare", "unseen", "seen"):
+            pts = [(r["epoch"], r[k]) for r in ev if r.get(k) is not None]
+            if pts:
+                ax[1].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=k)
+        ax[1].set(xlabel="epoch", ylabel="mAP", title="evaluation")
+        if ev:
+            ax[1].legend(fontsize=7)
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=80)
+        plt.close(fig)
+        atomic_write_bytes(self.out / "curves.png", buf.getvalue())
+
+    # -- one step ------------------------------------------------------------------------------
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=self.amp_dtype)
+
+    def _inputs(self, split: Split, indices: list[int], views: list[int], train: bool):
+        """-> (detections, sizes, targets) of the images, tensors on the device (targets only
+        when training)."""
+        dev = self.d.device
+        dets, sizes, tgts = (list(x) for x in zip(*[split.item(i, v, train=train)
+                                                     for i, v in zip(indices, views)]))
+        dets = [{k: v.to(dev) for k, v in dt.items()} for dt in dets]
+        if train:
+            tgts = [{k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in t.items()} for t in tgts]
+        return dets, sizes, tgts
+
+    def train_step(self, batch: list[int]) -> dict:
+        """One optimiser step on the global batch ``batch`` (dataset indices); -> the log record
+        (mean losses over the global batch, grad_norm)."""
+        local = batch[self.d.rank::self.d.world]
+        self.model.train()
+        self.opt.zero_grad(set_to_none=True)
+        losses = self._local_losses(local) if local else None
+        loss_val = (losses.gt + losses.extra).detach() if losses is not None else torch.zeros((), device=self.d.device)
+        pos_total, pos_ranks = self._sync_finite_and_positives(loss_val, losses, local)
+        if losses is not None:
+            self._backward(losses, len(local) * self.d.world / len(batch), pos_total, pos_ranks)
+        gnorm = self._optimiser_step()
+        rec = self._global_means(loss_val, losses.parts if losses is not None else {}, len(local), len(batch))
+        if gnorm is not None:
+            rec["grad_norm"] = gnorm
+        return rec
+
+    def _local_losses(self, local: list[int]) -> _StepLosses:
+        """Forward this rank's images; the model's loss plus the extra_loss terms."""
+        cfg = self.cfg
+        views = [view_of(cfg.seed, self.epoch, i, cfg.flip) for i in local]
+        feats = self.feats.get(local, views)                              # [b, C, Gh, Gw]
+        dets, sizes, tgts = self._inputs(self.train, local, views, train=True)
+        with self._autocast():
+            out = self.model(feats, dets, sizes, targets=tgts)
+            loss_gt = out["loss"].float()
+            parts = {"loss_gt": loss_gt.detach()}
+            extra = torch.zeros((), device=self.d.device)
+            if self.extra_loss is not None:
+                ctx = dict(model=self.model, out=out, feats=feats, indices=local, views=views,
+                           dets=dets, sizes=sizes, targets=tgts, split=self.train)
+                for k, v in self.extra_loss(ctx).items():
+                    extra = extra + v.float()
+                    parts[k] = v.detach()
+        return _StepLosses(loss_gt, extra, parts, out.get("num_pos"))
+
+    def _sync_finite_and_positives(self, loss_val: torch.Tensor, losses: Optional[_StepLosses],
+                                   local: list[int]) -> tuple[float, float]:
+        """One all-reduce: whether any rank's loss is non-finite (then raise, naming the images),
+        the positives of the global batch and the number of ranks that reported positives."""
+        d = self.d
+        num_pos = losses.num_pos if losses is not None else None
+        sync = torch.tensor([0.0 if torch.isfinite(loss_val) else 1.0,
+                             float(num_pos) if num_pos is not None else 0.0,
+                             1.0 if num_pos is not None else 0.0], device=d.device)
+        if d.enabled:
+            tdist.all_reduce(sync)
+        bad, pos_total, pos_ranks = sync.tolist()
+        if bad > 0:
+            names = all_gather_objects((d.rank, float(loss_val), [self.train.filenames[i] for i in local]), d)
+            culprits = [f"rank {r}: loss {v} on {fs}" for r, v, fs in names if not math.isfinite(v)]
+            raise NonFiniteLossError(f"non-finite loss at epoch {self.epoch} step {self.step} "
+                                     f"(images: {'; '.join(culprits)})")
+        return pos_total, pos_ranks
+
+    def _backward(self, losses: _StepLosses, weight: float, pos_total: float, pos_ranks: float) -> None:
+        """Backward with the weights that make the rank-averaged gradient equal one process's on
+        the global batch. Per-image means (distillation terms) weigh by the rank's share of the
+        images (``weight``); a loss normalised by positives (the model's focal loss:
+        sum / max(num_pos, 1)) by its share of the global positives instead."""
+        w_gt = weight
+        if losses.num_pos is not None and pos_ranks > 0:
+            w_gt = self.d.world * max(float(losses.num_pos), 1.0) / max(pos_total, 1.0)
+        self.scaler.scale(losses.gt * w_gt + losses.extra * weight).backward()
+
+    def _optimiser_step(self) -> Optional[float]:
+        """Average the gradients over ranks, unscale, clip, step; -> the gradient norm before
+        clipping (None without clipping)."""
+        allreduce_grads(self.params, self.d)
+        self.scaler.unscale_(self.opt)
+        gnorm = None
+        if self.cfg.clip and self.cfg.clip > 0:
+            gnorm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.clip))
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.sched.step()
+        return gnorm
+
+    def _global_means(self, loss_val: torch.Tensor, parts: dict, n_local: int, n_global: int) -> dict:
+        """The mean loss and parts over the global batch, for the log ({} on a rank without images
+        when the ranks' part names differ)."""
+        d = self.d
+        names = ["loss"] + sorted(parts)
+        if parts:
+            stats = torch.stack([loss_val * n_local] + [parts[k] * n_local for k in sorted(parts)])
+        else:
+            stats = torch.zeros(1, device=d.device)
+        all_names = all_gather_objects(names, d)
+        if d.enabled and all(n == all_names[0] for n in all_names):
+            tdist.all_reduce(stats)
+        return {k: float(v) / n_global for k, v in zip(names, stats.tolist())} if parts else {}
+
+    # -- evaluation ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, split: Split, feats: FeatureSource, batch_size: Optional[int] = None) -> dict:
+        """Predictions of every image of ``split`` exactly once, gathered on all ranks:
+        {filename: ndarray[N, 10]}."""
+        d = self.d
+        bs = batch_size or max(1, self.cfg.batch_size // d.world)
+        mine = eval_shard(len(split), d.rank, d.world)
+        self.model.eval()
+        rows = {}
+        for s in range(0, len(mine), bs):
+            idx = mine[s:s + bs]
+            f = feats.get(idx, [0] * len(idx))
+            dets, sizes, _ = self._inputs(split, idx, [0] * len(idx), train=False)
+            with self._autocast():
+                out = self.model(f, dets, sizes)
+            for i, r in zip(idx, self.model.postprocess(out, dets)):
+                rows[i] = np.asarray(r, dtype=np.float64).reshape(-1, 10)
+        merged = {}
+        for part in all_gather_objects(rows, d):
+            for i, r in part.items():
+                if i in merged:
+                    raise RuntimeError(f"image {split.filenames[i]} evaluated twice")
+                merged[i] = r
+        if len(merged) != len(split):
+            raise RuntimeError(f"evaluation covered {len(merged)} of {len(split)} images")
+        return {split.filenames[i]: merged[i] for i in sorted(merged)}
+
+    def evaluate(self) -> dict:
+        if self.test is None:
+            return {}
+        preds = self.predict(self.test, self.test_feats)
+        m = self.metric_fn(self.test.anno, preds, **self.eval_kwargs) if self.d.main else {}
+        m = all_gather_objects(m, self.d)[0]
+        keep = {k: (float(v) if isinstance(v, (int, float, np.floating)) else v)
+                for k, v in m.items() if k in ("full", "rare", "non_rare", "unseen", "seen")}
+        self.last_metrics = keep
+        self.last_predictions = preds
+        return keep
+
+    # -- fit -----------------------------------------------------------------------------------
+    def fit(self) -> dict:
+        """Train from the current epoch/step to cfg.epochs; -> the last evaluation's metrics."""
+        cfg = self.cfg
+        if cfg.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")   # needed by cuBLAS
+            torch.use_deterministic_algorithms(True)
+        broadcast_params(self.model, self.d)
+        while self.epoch < cfg.epochs:
+            t0 = time.time()
+            self._train_epoch()
+            self.epoch += 1
+            self.step_in_epoch = 0
+            if self.test is not None and ((cfg.eval_every and self.epoch % cfg.eval_every == 0)
+                                          or self.epoch == cfg.epochs):
+                self._evaluate_and_log()
+            self.log({"kind": "epoch", "epoch": self.epoch, "step": self.step,
+                      "seconds": round(time.time() - t0, 2)})
+            self.save()
+            self.plot()
+        return self.last_metrics
+
+    def _train_epoch(self) -> None:
+        """The remaining steps of the current epoch (from step_in_epoch), checkpointing every
+        ckpt_every steps inside it (fit checkpoints the epoch's end)."""
+        cfg = self.cfg
+        order = epoch_order(len(self.train), cfg.seed, self.epoch)
+        batches = [order[s:s + cfg.batch_size] for s in range(0, len(order), cfg.batch_size)]
+        bar = tqdm(total=len(batches), initial=self.step_in_epoch, desc=f"epoch {self.epoch}",
+                   disable=not (cfg.progress and self.d.main), leave=False, file=sys.stderr)
+        while self.step_in_epoch < len(batches):
+            rec = self.train_step(batches[self.step_in_epoch])
+            self.step += 1
+            self.step_in_epoch += 1
+            rec.update(kind="train", epoch=self.epoch, step=self.step, lr=self.opt.param_groups[0]["lr"])
+            self.log(rec)
+            bar.update(1)
+            bar.set_postfix(loss=f"{rec.get('loss', float('nan')):.4f}")
+            if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and self.step_in_epoch < len(batches):
+                self.save()
+        bar.close()
+
+    def _evaluate_and_log(self) -> None:
+        m = self.evaluate()
+        self.log({"kind": "eval", "epoch": self.epoch, "step": self.step, **m})
+        if self.d.main:
+            print(f"epoch {self.epoch}: " + ", ".join(f"{k} {v:.2f}" for k, v in m.items()
+                                                       if isinstance(v, float)), file=sys.stderr)
