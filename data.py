@@ -407,6 +407,52 @@ def _hico_prompts(objects, verbs, corr) -> list:
     return out
 
 
+def _hico_correspondence(corr_raw: list, O: int, V: int, fname) -> list:
+    """The file's ``correspondence`` -> [(hoi, object, verb)] indexed by hoi (each class once)."""
+    K = len(corr_raw)
+    corr = [None] * K
+    for r, c in enumerate(corr_raw):
+        if not (isinstance(c, (list, tuple)) and len(c) == 3):
+            raise _err(fname, "-", f"correspondence[{r}]", "expected [hoi, object, verb]")
+        h, o, v = (int(x) for x in c)
+        if not (0 <= h < K and 0 <= o < O and 0 <= v < V) or corr[h] is not None:
+            raise _err(fname, "-", f"correspondence[{r}]", f"bad entry {c} (K={K}, O={O}, V={V})")
+        corr[h] = (h, o, v)
+    return corr
+
+
+def _hico_entry(a, fname, img, kov: tuple, corr_o: np.ndarray, corr_v: np.ndarray) -> dict:
+    """One image's annotation entry -> {boxes_h, boxes_o [P, 4], object, hoi, verb Long[P]},
+    validated: classes in [0, K), objects in [0, O), verbs in [0, V), each row's (object, verb)
+    the class's (corr_o, corr_v)."""
+    K, O, V = kov
+    if not isinstance(a, dict):
+        raise _err(fname, img, "annotation", "expected an object")
+    for key in ("boxes_h", "boxes_o", "hoi", "object", "verb"):
+        if key not in a:
+            raise _err(fname, img, key, "missing key")
+    bh, bo = _pair_boxes(a, fname, img)
+    P = len(bh)
+    hoi = _int_array(a["hoi"], P, 0, K, fname, img, "hoi")
+    obj = _int_array(a["object"], P, 0, O, fname, img, "object")
+    verb = _int_array(a["verb"], P, 0, V, fname, img, "verb")
+    bad = (corr_o[hoi] != obj) | (corr_v[hoi] != verb)
+    if bad.any():
+        r = int(np.nonzero(bad)[0][0])
+        raise _err(fname, img, f"hoi[{r}]", f"class {int(hoi[r])} is (object "
+                   f"{int(corr_o[hoi[r]])}, verb {int(corr_v[hoi[r]])}) but the row says "
+                   f"(object {int(obj[r])}, verb {int(verb[r])})")
+    return {"boxes_h": bh, "boxes_o": bo, "object": obj, "hoi": hoi, "verb": verb}
+
+
+def _image_size(s, fname, img) -> tuple:
+    """A ``size`` entry [w, h] (positive numbers) -> (int w, int h)."""
+    if not (isinstance(s, (list, tuple)) and len(s) == 2 and all(
+            isinstance(x, (int, float)) and x > 0 for x in s)):
+        raise _err(fname, img, "size", f"expected [w, h], got {s!r}")
+    return (int(s[0]), int(s[1]))
+
+
 class HICODet(_HOIDataset):
     """HICO-DET in the fredzzhang/hicodet JSON format (also the synthetic world's format).
 
@@ -444,47 +490,15 @@ class HICODet(_HOIDataset):
         if len(files) != len(anns):
             raise _err(fname, "-", "filenames", f"{len(files)} file names for {len(anns)} annotations")
         K, O, V = len(corr_raw), len(objects), len(verbs)
-        corr = [None] * K
-        for r, c in enumerate(corr_raw):
-            if not (isinstance(c, (list, tuple)) and len(c) == 3):
-                raise _err(fname, "-", f"correspondence[{r}]", "expected [hoi, object, verb]")
-            h, o, v = (int(x) for x in c)
-            if not (0 <= h < K and 0 <= o < O and 0 <= v < V) or corr[h] is not None:
-                raise _err(fname, "-", f"correspondence[{r}]", f"bad entry {c} (K={K}, O={O}, V={V})")
-            corr[h] = (h, o, v)
+        corr = _hico_correspondence(corr_raw, O, V, fname)
         corr_o = np.array([c[1] for c in corr], dtype=np.int64)
         corr_v = np.array([c[2] for c in corr], dtype=np.int64)
         sizes = d.get("size")
         if sizes is not None and len(sizes) != len(anns):
             raise _err(fname, "-", "size", f"{len(sizes)} sizes for {len(anns)} images")
-
         for j, a in enumerate(anns):
-            img = files[j]
-            if not isinstance(a, dict):
-                raise _err(fname, img, "annotation", "expected an object")
-            for key in ("boxes_h", "boxes_o", "hoi", "object", "verb"):
-                if key not in a:
-                    raise _err(fname, img, key, "missing key")
-            bh, bo = _pair_boxes(a, fname, img)
-            P = len(bh)
-            hoi = _int_array(a["hoi"], P, 0, K, fname, img, "hoi")
-            obj = _int_array(a["object"], P, 0, O, fname, img, "object")
-            verb = _int_array(a["verb"], P, 0, V, fname, img, "verb")
-            bad = (corr_o[hoi] != obj) | (corr_v[hoi] != verb)
-            if bad.any():
-                r = int(np.nonzero(bad)[0][0])
-                raise _err(fname, img, f"hoi[{r}]", f"class {int(hoi[r])} is (object "
-                           f"{int(corr_o[hoi[r]])}, verb {int(corr_v[hoi[r]])}) but the row says "
-                           f"(object {int(obj[r])}, verb {int(verb[r])})")
-            self._ann.append({"boxes_h": bh, "boxes_o": bo, "object": obj, "hoi": hoi, "verb": verb})
-            if sizes is not None:
-                s = sizes[j]
-                if not (isinstance(s, (list, tuple)) and len(s) == 2 and all(
-                        isinstance(x, (int, float)) and x > 0 for x in s)):
-                    raise _err(fname, img, "size", f"expected [w, h], got {s!r}")
-                self._sizes.append((int(s[0]), int(s[1])))
-            else:
-                self._sizes.append(None)
+            self._ann.append(_hico_entry(a, fname, files[j], (K, O, V), corr_o, corr_v))
+            self._sizes.append(None if sizes is None else _image_size(sizes[j], fname, files[j]))
         self._files = [str(f) for f in files]
 
         rare = [int(k) for k in d.get("rare", [])]
@@ -500,8 +514,12 @@ class HICODet(_HOIDataset):
             hoi_object=[[c[1]] for c in corr], hoi_verb=[c[2] for c in corr], verb_names=verbs,
             person_label=person, rare=rare, unseen=self.unseen)
 
-        # training filters: zero-shot, then empty images, then few-shot
-        keep = list(range(len(anns)))
+        self.indices = self._training_subset(K, skip_empty, few_shot, seed)
+
+    def _training_subset(self, K: int, skip_empty: bool, few_shot, seed: int) -> list:
+        """The training filters, in order: zero-shot (rows of unseen classes removed from
+        self._ann, images left empty dropped), empty images, few-shot -> kept image indices."""
+        keep = list(range(len(self._ann)))
         if self.unseen:
             unseen = np.zeros(K, dtype=bool)
             unseen[self.unseen] = True
@@ -516,7 +534,7 @@ class HICODet(_HOIDataset):
         if few_shot is not None:
             pos = _few_shot_indices([self._ann[j]["hoi"] for j in keep], K, int(few_shot), seed)
             keep = [keep[p] for p in pos]
-        self.indices = keep
+        return keep
 
     @staticmethod
     def _split_names(name: str) -> list:
@@ -788,64 +806,12 @@ def load_detections(path, filenames=None, image_ids=None, num_labels=None) -> di
     """
     path = Path(path)
     d = read_json(path, "detection file", DataError)
-    out = {}
     if isinstance(d, dict):
-        for img, e in d.items():
-            if not isinstance(e, dict):
-                raise _err(path, img, "-", "expected {boxes, scores, labels}")
-            for key in ("boxes", "scores", "labels"):
-                if key not in e:
-                    raise _err(path, img, key, "missing key")
-            boxes = _boxes_array(e["boxes"], path, img, "boxes")
-            n = len(boxes)
-            if not isinstance(e["scores"], list) or len(e["scores"]) != n:
-                raise _err(path, img, "scores", f"expected {n} numbers")
-            try:
-                scores = np.asarray(e["scores"], dtype=np.float64).reshape(-1)
-            except (TypeError, ValueError):
-                raise _err(path, img, "scores", "expected numbers") from None
-            if not np.isfinite(scores).all():
-                raise _err(path, img, "scores", "non-finite score")
-            labels = _int_array(e["labels"], n, 0, num_labels if num_labels else 2 ** 62,
-                                path, img, "labels")
-            out[str(img)] = _make_dets(boxes, scores, labels)
+        out = {str(img): _image_detections(e, path, img, num_labels) for img, e in d.items()}
     elif isinstance(d, list):
         if image_ids is None:
             raise DataError(f"{path}: COCO results format needs image_ids {{image_id: filename}}")
-        ids = {int(k): str(v) for k, v in image_ids.items()}
-        acc = {}
-        for r, e in enumerate(d):
-            where = f"entry {r}"
-            if not isinstance(e, dict):
-                raise _err(path, where, "-", "expected an object")
-            for key in ("image_id", "category_id", "bbox", "score"):
-                if key not in e:
-                    raise _err(path, where, key, "missing key")
-            iid = e["image_id"]
-            if not isinstance(iid, int) or iid not in ids:
-                raise _err(path, f"{where} (image_id {iid})", "image_id", "unknown image id")
-            img = ids[iid]
-            cid = e["category_id"]
-            if not isinstance(cid, int) or cid not in COCO91_TO_COCO80:
-                raise _err(path, f"{img} ({where})", "category_id", f"{cid!r} is not a COCO category id")
-            b = e["bbox"]
-            if not (isinstance(b, list) and len(b) == 4 and all(isinstance(x, (int, float)) for x in b)):
-                raise _err(path, f"{img} ({where})", "bbox", "expected [x, y, w, h]")
-            x, y, w, h = (float(v) for v in b)
-            if not all(math.isfinite(v) for v in (x, y, w, h)) or w < 0 or h < 0:
-                raise _err(path, f"{img} ({where})", "bbox", f"bad box {b}")
-            s = e["score"]
-            if not isinstance(s, (int, float)) or not math.isfinite(s):
-                raise _err(path, f"{img} ({where})", "score", f"bad score {s!r}")
-            lab = COCO91_TO_COCO80[cid]
-            if num_labels is not None and lab >= num_labels:
-                raise _err(path, f"{img} ({where})", "category_id", f"label {lab} >= {num_labels}")
-            acc.setdefault(img, ([], [], []))
-            acc[img][0].append([x, y, x + w, y + h])
-            acc[img][1].append(float(s))
-            acc[img][2].append(lab)
-        for img, (b, s, l) in acc.items():
-            out[img] = _make_dets(b, s, l)
+        out = _coco_result_detections(d, path, {int(k): str(v) for k, v in image_ids.items()}, num_labels)
     else:
         raise DataError(f"{path}: expected a JSON object (per-image) or a list (COCO results)")
     if filenames is not None:
@@ -855,6 +821,68 @@ def load_detections(path, filenames=None, image_ids=None, num_labels=None) -> di
                             f"{len(filenames)} requested (first: {filenames[0]!r})")
         out = {f: out.get(f, _empty_dets()) for f in filenames}
     return out
+
+
+def _image_detections(e, path, img, num_labels) -> dict:
+    """One image's entry of a per-image detection file -> detections, validated."""
+    if not isinstance(e, dict):
+        raise _err(path, img, "-", "expected {boxes, scores, labels}")
+    for key in ("boxes", "scores", "labels"):
+        if key not in e:
+            raise _err(path, img, key, "missing key")
+    boxes = _boxes_array(e["boxes"], path, img, "boxes")
+    n = len(boxes)
+    if not isinstance(e["scores"], list) or len(e["scores"]) != n:
+        raise _err(path, img, "scores", f"expected {n} numbers")
+    try:
+        scores = np.asarray(e["scores"], dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        raise _err(path, img, "scores", "expected numbers") from None
+    if not np.isfinite(scores).all():
+        raise _err(path, img, "scores", "non-finite score")
+    labels = _int_array(e["labels"], n, 0, num_labels if num_labels else 2 ** 62, path, img, "labels")
+    return _make_dets(boxes, scores, labels)
+
+
+def _coco_result_detections(entries: list, path, ids: dict, num_labels) -> dict:
+    """A COCO results list -> {filename: detections} (COCO-80 labels, [x, y, x + w, y + h])."""
+    acc = {}
+    for r, e in enumerate(entries):
+        img, box, score, label = _coco_result(e, f"entry {r}", path, ids, num_labels)
+        acc.setdefault(img, ([], [], []))
+        acc[img][0].append(box)
+        acc[img][1].append(score)
+        acc[img][2].append(label)
+    return {img: _make_dets(b, s, lab) for img, (b, s, lab) in acc.items()}
+
+
+def _coco_result(e, where: str, path, ids: dict, num_labels) -> tuple:
+    """One COCO results entry -> (filename, [x1, y1, x2, y2], score, COCO-80 label), validated."""
+    if not isinstance(e, dict):
+        raise _err(path, where, "-", "expected an object")
+    for key in ("image_id", "category_id", "bbox", "score"):
+        if key not in e:
+            raise _err(path, where, key, "missing key")
+    iid = e["image_id"]
+    if not isinstance(iid, int) or iid not in ids:
+        raise _err(path, f"{where} (image_id {iid})", "image_id", "unknown image id")
+    img = ids[iid]
+    cid = e["category_id"]
+    if not isinstance(cid, int) or cid not in COCO91_TO_COCO80:
+        raise _err(path, f"{img} ({where})", "category_id", f"{cid!r} is not a COCO category id")
+    b = e["bbox"]
+    if not (isinstance(b, list) and len(b) == 4 and all(isinstance(x, (int, float)) for x in b)):
+        raise _err(path, f"{img} ({where})", "bbox", "expected [x, y, w, h]")
+    x, y, w, h = (float(v) for v in b)
+    if not all(math.isfinite(v) for v in (x, y, w, h)) or w < 0 or h < 0:
+        raise _err(path, f"{img} ({where})", "bbox", f"bad box {b}")
+    s = e["score"]
+    if not isinstance(s, (int, float)) or not math.isfinite(s):
+        raise _err(path, f"{img} ({where})", "score", f"bad score {s!r}")
+    lab = COCO91_TO_COCO80[cid]
+    if num_labels is not None and lab >= num_labels:
+        raise _err(path, f"{img} ({where})", "category_id", f"label {lab} >= {num_labels}")
+    return img, [x, y, x + w, y + h], float(s), lab
 
 
 def save_detections(path, detections: dict, decimals: int = 2):
