@@ -88,6 +88,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -618,95 +619,138 @@ def check_outputs(out_dir: Path, pictures: dict, force: bool, draw: bool = True)
 # the run
 # ---------------------------------------------------------------------------------------------
 
-def run(inputs, checkpoint, out_dir="runs/infer", detections=None, image_ids=None, detector=None,
-        detector_weights=None, gt_anno=None, attention=None, force=False, batch_size=8, top_k=5,
-        max_predictions=None, box_thresh=0.2, nms=0.5, detector_thresh=0.05, exif=True,
-        draw=True, device="cpu", progress=True, log=None) -> dict:
-    """The CLI as a function. Returns a summary dict: predictions ({key: [N, 10] array}),
-    notes ({key: str}), skipped ({key: reason}), pictures ({key: Path}), out (Path)."""
+@dataclass
+class InferOptions:
+    """Everything one run needs: the CLI's options (infer.py --help) as a dataclass."""
+    inputs: str                         # an image file or a folder (searched recursively)
+    checkpoint: str                     # LINK checkpoint (rebuilds the model alone)
+    out_dir: str = "runs/infer"
+    detections: str | None = None       # box sources: exactly one of detections, detector, gt_anno
+    image_ids: str | None = None        # COCO-style JSON giving the image ids of COCO results
+    detector: str | None = None
+    detector_weights: str | None = None
+    gt_anno: str | None = None
+    attention: int | None = None        # draw the box-guided attention of pair #attention
+    force: bool = False                 # overwrite existing outputs
+    batch_size: int = 8
+    top_k: int = 5                      # triplets drawn per image
+    max_predictions: int | None = None  # keep only the top N rows per image
+    box_thresh: float = 0.2             # select_boxes score threshold
+    nms: float = 0.5                    # select_boxes class-wise NMS IoU
+    detector_thresh: float = 0.05       # the detector's own score floor
+    exif: bool = True                   # apply the EXIF orientation (False: --ignore-exif)
+    draw: bool = True                   # write the pictures (False: --no-pictures)
+    device: str = "cpu"
+    progress: bool = True
 
+    def check(self) -> None:
+        """InferError for a bad combination of options (before any file is read)."""
+        if sum(x is not None for x in (self.detections, self.detector, self.gt_anno)) != 1:
+            raise InferError("choose exactly one box source: --detections FILE, --detector NAME "
+                             "(--detector-weights PATH) or --gt-anno ANNO.json")
+        if self.detector_weights is not None and self.detector is None:
+            raise InferError("--detector-weights needs --detector NAME")
+        if self.batch_size < 1 or self.top_k < 0 or (self.max_predictions is not None and self.max_predictions < 1):
+            raise InferError(f"--batch-size and --max-predictions must be >= 1, --top-k >= 0 (got "
+                             f"{self.batch_size}, {self.max_predictions}, {self.top_k})")
+        if self.attention is not None and self.attention < 1:
+            raise InferError(f"--attention is a 1-based pair number as drawn (#1 = the top pair), "
+                             f"got {self.attention}")
+
+
+def box_source(opts: InferOptions, cs: dict, keys: list):
+    """The one box source the options name: FileBoxes, GTBoxes or DetectorBoxes."""
+    if opts.detections is not None:
+        return FileBoxes(opts.detections, cs, keys, opts.image_ids)
+    if opts.gt_anno is not None:
+        return GTBoxes(opts.gt_anno, cs, keys)
+    return DetectorBoxes(opts.detector, opts.detector_weights, cs, opts.detector_thresh, opts.device)
+
+
+def _read_batch(batch: list, exif: bool, skipped: dict, log) -> tuple[list, list, list]:
+    """[(key, path)] -> (keys, RGB images, stored sizes) of the readable ones; the others go to
+    skipped {key: reason} and the log."""
+    keys, images, stored = [], [], []
+    for key, path in batch:
+        try:
+            im, st = load_image(path, exif)
+        except UnreadableImage as e:
+            skipped[key] = str(e)
+            log(f"skipped: {e}")
+            continue
+        keys.append(key)
+        images.append(im)
+        stored.append(st)
+    return keys, images, stored
+
+
+def _batch_boxes(source, keys: list, images: list, stored: list, opts: InferOptions, person: int,
+                 notes: dict) -> list:
+    """The boxes the model gets for each image: ground truth as it is, detections through
+    data.select_boxes; frame mismatches go to notes {key: str}."""
+    selected = []
+    for key, im, st, d in zip(keys, images, stored, source.get(keys, images)):
+        if isinstance(source, GTBoxes):
+            s = d  # ground truth: every box, as it is
+            size = source.size_of(key)
+            if size is not None and size != im.size:
+                notes[key] = (f"{source.path} gives size {size} but the image is {im.size} "
+                              + ("(EXIF rotation? try --ignore-exif)" if size == st else ""))
+        else:
+            s = data.select_boxes(d, person_label=person, nms=opts.nms, score_thresh=opts.box_thresh)
+            if not isinstance(source, DetectorBoxes):
+                warn = _frame_check(s, im.size, st, opts.exif)
+                if warn:
+                    notes[key] = warn
+        selected.append(s)
+    return selected
+
+
+def run(opts: InferOptions, log=None) -> dict:
+    """The CLI as a function. Returns a summary dict: predictions ({key: [N, 10] array}),
+    notes ({key: str}), skipped ({key: reason}), pictures ({key: Path}), out (Path),
+    predictions_file (Path)."""
     log = log or (lambda msg: tqdm.write(msg, file=sys.stderr))
-    sources = sum(x is not None for x in (detections, detector, gt_anno))
-    if sources != 1:
-        raise InferError("choose exactly one box source: --detections FILE, --detector NAME "
-                         "(--detector-weights PATH) or --gt-anno ANNO.json")
-    if detector_weights is not None and detector is None:
-        raise InferError("--detector-weights needs --detector NAME")
-    if batch_size < 1 or top_k < 0 or (max_predictions is not None and max_predictions < 1):
-        raise InferError(f"--batch-size and --max-predictions must be >= 1, --top-k >= 0 (got "
-                         f"{batch_size}, {max_predictions}, {top_k})")
-    if attention is not None and attention < 1:
-        raise InferError(f"--attention is a 1-based pair number as drawn (#1 = the top pair), got {attention}")
-    out_dir = Path(out_dir)
-    items = collect_images(inputs, exclude=out_dir)
+    opts.check()
+    out_dir = Path(opts.out_dir)
+    items = collect_images(opts.inputs, exclude=out_dir)
     keys = [k for k, _ in items]
     pictures = picture_names(keys)
-    check_outputs(out_dir, pictures, force, draw)
-    _, cs = read_checkpoint_meta(checkpoint)     # cheap: the inputs are checked before the model is built
+    check_outputs(out_dir, pictures, opts.force, opts.draw)
+    _, cs = read_checkpoint_meta(opts.checkpoint)   # cheap: the inputs are checked before the model is built
     person = int(cs["person_label"])
     names = hoi_class_names(cs)
-    if detections is not None:
-        source = FileBoxes(detections, cs, keys, image_ids)
-    elif gt_anno is not None:
-        source = GTBoxes(gt_anno, cs, keys)
-    else:
-        source = DetectorBoxes(detector, detector_weights, cs, detector_thresh, device)
-    model, _ = load_model(checkpoint, device)
+    source = box_source(opts, cs, keys)
+    model, _ = load_model(opts.checkpoint, opts.device)
 
     preds, notes, skipped, written = {}, {}, {}, {}
-    bar = tqdm(total=len(items), desc="infer", unit="img", disable=not progress, file=sys.stderr)
-    for start in range(0, len(items), batch_size):
-        batch = items[start:start + batch_size]
-        ok_keys, imgs, stored = [], [], []
-        for key, path in batch:
-            try:
-                im, st = load_image(path, exif)
-            except UnreadableImage as e:
-                skipped[key] = str(e)
-                log(f"skipped: {e}")
-                continue
-            ok_keys.append(key)
-            imgs.append(im)
-            stored.append(st)
+    bar = tqdm(total=len(items), desc="infer", unit="img", disable=not opts.progress, file=sys.stderr)
+    for start in range(0, len(items), opts.batch_size):
+        batch = items[start:start + opts.batch_size]
+        ok_keys, imgs, stored = _read_batch(batch, opts.exif, skipped, log)
         if ok_keys:
-            raw = source.get(ok_keys, imgs)
-            sel = []
-            for key, im, st, d in zip(ok_keys, imgs, stored, raw):
-                if isinstance(source, GTBoxes):
-                    s = d  # ground truth: every box, as it is
-                    size = source.size_of(key)
-                    if size is not None and size != im.size:
-                        notes[key] = (f"{source.path} gives size {size} but the image is {im.size} "
-                                      + ("(EXIF rotation? try --ignore-exif)" if size == st else ""))
-                else:
-                    s = data.select_boxes(d, person_label=person, nms=nms, score_thresh=box_thresh)
-                    if not isinstance(source, DetectorBoxes):
-                        warn = _frame_check(s, im.size, st, exif)
-                        if warn:
-                            notes[key] = warn
-                sel.append(s)
-            rows, att, bnotes = predict_batch(model, imgs, sel, person, attention if draw else None,
-                                              max_predictions)
+            sel = _batch_boxes(source, ok_keys, imgs, stored, opts, person, notes)
+            rows, att, bnotes = predict_batch(model, imgs, sel, person, opts.attention if opts.draw else None,
+                                              opts.max_predictions)
             for key, im, r, a, n in zip(ok_keys, imgs, rows, att, bnotes):
                 preds[key] = r
                 if n:
                     notes[key] = n if key not in notes else notes[key] + "; " + n
-                if draw:
-                    pic = draw_interactions(im, r, names, top_k=top_k, attention=a,
-                                            attention_pair=(unique_pairs(r)[attention - 1] if a is not None else None),
+                if opts.draw:
+                    pic = draw_interactions(im, r, names, top_k=opts.top_k, attention=a,
+                                            attention_pair=(unique_pairs(r)[opts.attention - 1]
+                                                            if a is not None else None),
                                             title=key, note=notes.get(key))
-                    dst = out_dir / pictures[key]
-                    atomic_write(dst, lambda f, pic=pic: pic.save(f, format="PNG"))
-                    written[key] = dst
+                    written[key] = out_dir / pictures[key]
+                    atomic_write(written[key], lambda f, pic=pic: pic.save(f, format="PNG"))
         bar.update(len(batch))
     bar.close()
 
     if not preds:
-        raise InferError(f"{inputs}: none of the {len(items)} images could be read "
+        raise InferError(f"{opts.inputs}: none of the {len(items)} images could be read "
                          f"(first: {next(iter(skipped.values()))})")
     pred_path = out_dir / "predictions.json"
-    doc = {k: rows_to_json(preds[k]) for k in keys if k in preds}
-    atomic_write_json(pred_path, doc)
+    atomic_write_json(pred_path, {k: rows_to_json(preds[k]) for k in keys if k in preds})
     return dict(predictions=preds, notes=notes, skipped=skipped, pictures=written, out=out_dir,
                 predictions_file=pred_path)
 
@@ -786,13 +830,14 @@ def main(argv=None) -> int:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if args.threads > 0:
             torch.set_num_threads(args.threads)
-        res = run(args.input, args.checkpoint, out_dir=args.out, detections=args.detections,
-                  image_ids=args.image_ids, detector=args.detector, detector_weights=args.detector_weights,
-                  gt_anno=args.gt_anno, attention=args.attention, force=args.force,
-                  batch_size=args.batch_size, top_k=args.top_k, max_predictions=args.max_predictions,
-                  box_thresh=args.box_thresh, nms=args.nms, detector_thresh=args.detector_thresh,
-                  exif=not args.ignore_exif, draw=not args.no_pictures, device=device,
-                  progress=not args.quiet)
+        res = run(InferOptions(
+            args.input, args.checkpoint, out_dir=args.out, detections=args.detections,
+            image_ids=args.image_ids, detector=args.detector, detector_weights=args.detector_weights,
+            gt_anno=args.gt_anno, attention=args.attention, force=args.force,
+            batch_size=args.batch_size, top_k=args.top_k, max_predictions=args.max_predictions,
+            box_thresh=args.box_thresh, nms=args.nms, detector_thresh=args.detector_thresh,
+            exif=not args.ignore_exif, draw=not args.no_pictures, device=device,
+            progress=not args.quiet))
     except (InferError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
