@@ -140,6 +140,77 @@ def draw_picture(out: Path, world_paths: dict, student_dir: Path) -> str:
     return str(dst)
 
 
+def train_all(out: Path, world: Path, loop: list, zero_shot: str, sequential: bool) -> list:
+    """Teacher -> student on the full labels and on the zero-shot split: two chains of two
+    runs, in parallel unless sequential. Returns the names of the runs that failed."""
+    com = _common(out, world, 1, loop)
+    tt, ts = str(ROOT / "train_teacher.py"), str(ROOT / "train_student.py")
+    zs = ["--zero-shot", zero_shot]
+    chains = [
+        [("teacher", [tt] + com + ["--name", "teacher"]),
+         ("student", [ts] + com + KD + ["--name", "student", "--teacher", str(out / "teacher" / "last.pt")])],
+        [("zs_teacher", [tt] + com + zs + ["--name", "zs_teacher"]),
+         ("zs_student", [ts] + com + zs + KD + ["--name", "zs_student",
+                                                "--teacher", str(out / "zs_teacher" / "last.pt")])],
+    ]
+    status = {}
+    parallel = not sequential and (os.cpu_count() or 1) >= 2
+    print(f"training 4 runs ({'2 chains in parallel' if parallel else 'sequentially'}) ...", flush=True)
+    if parallel:
+        threads = [threading.Thread(target=_chain, args=(c, out, status)) for c in chains]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    else:
+        for c in chains:
+            _chain(c, out, status)
+    return [n for n in ("teacher", "student", "zs_teacher", "zs_student") if status.get(n, (1,))[0] != 0]
+
+
+KEYS = ("full", "rare", "non_rare")       # the table's columns, full supervision
+ZS_KEYS = ("full", "seen", "unseen")      # ... and zero-shot
+
+
+def collect_results(out: Path, anno: dict, zero_shot: str) -> dict:
+    """mAP of the four runs and the chance levels, rounded to 2 decimals."""
+    split = anno["zero_shot"][zero_shot]
+    unseen = sorted(split) if isinstance(split, list) else sorted(split["unseen"])
+    res = {k: _metrics(out / k) for k in ("teacher", "student", "zs_teacher", "zs_student")}
+    chance = chance_level(anno, _preds(out / "teacher"))
+    chance_zs = chance_level(anno, _preds(out / "zs_teacher"), zero_shot=unseen)
+
+    def pick(m, ks):
+        return {k: round(float(m[k]), 2) for k in ks}
+
+    return {
+        "teacher": pick(res["teacher"], KEYS), "student": pick(res["student"], KEYS),
+        "chance": pick(chance, KEYS),
+        "zero_shot": {"split": zero_shot, "unseen_classes": unseen,
+                      "teacher": pick(res["zs_teacher"], ZS_KEYS), "student": pick(res["zs_student"], ZS_KEYS),
+                      "chance": pick(chance_zs, ZS_KEYS)},
+    }
+
+
+def print_table(results: dict) -> None:
+    line = "-" * 56
+    print("\nHICO-DET-protocol mAP (%) on the synthetic test set "
+          f"({WORLD['n_test']} images, 16 classes)\n{line}")
+    z = results["zero_shot"]
+    for title, r, keys, header in (
+            (None, results, KEYS, ("Full", "Rare", "Non-rare")),
+            (f"zero-shot {z['split']} (classes {z['unseen_classes']} never labelled in training)", z, ZS_KEYS,
+             ("Full", "Seen", "Unseen"))):
+        if title:
+            print(f"{line}\n{title}")
+        print(f"{'':<26}" + "".join(f"{h:>10}" for h in header))
+        for label, m in (("chance (random scores)", r["chance"]), ("teacher", r["teacher"]),
+                         ("student", r["student"])):
+            print(f"{label:<26}" + "".join(f"{m[k]:10.2f}" for k in keys))
+        print(f"{'student - teacher':<26}" + "".join(f"{r['student'][k] - r['teacher'][k]:+10.2f}" for k in keys))
+    print(line)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=None,
@@ -180,76 +251,21 @@ def main(argv=None) -> int:
     wp = {"test_anno": world / "instances_test.json", "test_images": world / "images" / "test"}
 
     # 2-3. two chains (full supervision, zero-shot), in parallel
-    com = _common(out, world, 1, loop)
-    tt, ts = str(ROOT / "train_teacher.py"), str(ROOT / "train_student.py")
-    zs = ["--zero-shot", a.zero_shot]
-    chains = [
-        [("teacher", [tt] + com + ["--name", "teacher"]),
-         ("student", [ts] + com + KD + ["--name", "student", "--teacher", str(out / "teacher" / "last.pt")])],
-        [("zs_teacher", [tt] + com + zs + ["--name", "zs_teacher"]),
-         ("zs_student", [ts] + com + zs + KD + ["--name", "zs_student",
-                                                "--teacher", str(out / "zs_teacher" / "last.pt")])],
-    ]
-    status = {}
-    parallel = not a.sequential and (os.cpu_count() or 1) >= 2
-    print(f"training 4 runs ({'2 chains in parallel' if parallel else 'sequentially'}) ...", flush=True)
-    if parallel:
-        th = [threading.Thread(target=_chain, args=(c, out, status)) for c in chains]
-        [t.start() for t in th]
-        [t.join() for t in th]
-    else:
-        for c in chains:
-            _chain(c, out, status)
-    failed = [n for n in ("teacher", "student", "zs_teacher", "zs_student") if status.get(n, (1,))[0] != 0]
+    failed = train_all(out, world, loop, a.zero_shot, a.sequential)
     if failed:
         print(f"error: run(s) {failed} failed; see {out}/<run>.out", file=sys.stderr)
         return 1
 
     # 4. results
-    anno = json.loads(wp["test_anno"].read_text())
-    unseen = sorted(anno["zero_shot"][a.zero_shot]) if isinstance(anno["zero_shot"][a.zero_shot], list) \
-        else sorted(anno["zero_shot"][a.zero_shot]["unseen"])
-    res = {k: _metrics(out / k) for k in ("teacher", "student", "zs_teacher", "zs_student")}
-    chance = chance_level(anno, _preds(out / "teacher"))
-    chance_zs = chance_level(anno, _preds(out / "zs_teacher"), zero_shot=unseen)
-    keys = ("full", "rare", "non_rare")
-    zkeys = ("full", "seen", "unseen")
-
-    def pick(m, ks):
-        return {k: round(float(m[k]), 2) for k in ks}
-
-    results = {
-        "teacher": pick(res["teacher"], keys), "student": pick(res["student"], keys),
-        "chance": pick(chance, keys),
-        "zero_shot": {"split": a.zero_shot, "unseen_classes": unseen,
-                      "teacher": pick(res["zs_teacher"], zkeys), "student": pick(res["zs_student"], zkeys),
-                      "chance": pick(chance_zs, zkeys)},
-        "world": world_cfg, "model_opts": MODEL_OPTS, "loop": loop, "kd": KD,
-        "runtime_s": None,
-    }
-    line = "-" * 56
-    print("\nHICO-DET-protocol mAP (%) on the synthetic test set "
-          f"({WORLD['n_test']} images, 16 classes)\n{line}")
-    print(f"{'':<26}{'Full':>10}{'Rare':>10}{'Non-rare':>10}")
-    for label, m in (("chance (random scores)", results["chance"]), ("teacher", results["teacher"]),
-                     ("student", results["student"])):
-        print(f"{label:<26}" + "".join(f"{m[k]:10.2f}" for k in keys))
-    gain = {k: results["student"][k] - results["teacher"][k] for k in keys}
-    print(f"{'student - teacher':<26}" + "".join(f"{gain[k]:+10.2f}" for k in keys))
-    z = results["zero_shot"]
-    print(f"{line}\nzero-shot {a.zero_shot} (classes {unseen} never labelled in training)")
-    print(f"{'':<26}{'Full':>10}{'Seen':>10}{'Unseen':>10}")
-    for label, m in (("chance (random scores)", z["chance"]), ("teacher", z["teacher"]), ("student", z["student"])):
-        print(f"{label:<26}" + "".join(f"{m[k]:10.2f}" for k in zkeys))
-    print(f"{'student - teacher':<26}" + "".join(f"{z['student'][k] - z['teacher'][k]:+10.2f}" for k in zkeys))
-    print(line)
+    results = collect_results(out, json.loads(wp["test_anno"].read_text()), a.zero_shot)
+    results.update({"world": world_cfg, "model_opts": MODEL_OPTS, "loop": loop, "kd": KD, "runtime_s": None})
+    print_table(results)
     pic = draw_picture(out, wp, out / "student")
     print(f"picture of the student's top interactions: {pic}")
     results["runtime_s"] = round(time.time() - t_start, 1)
     atomic_write_json(out / "results.json", results, indent=1)
     print(f"results: {out / 'results.json'}; demo wall time {results['runtime_s']:.0f} s")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

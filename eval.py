@@ -1352,6 +1352,23 @@ def _per_image_order(img: np.ndarray, score: np.ndarray, idx: np.ndarray) -> np.
     return o
 
 
+def _best_person(dets: VCOCODets, pstart: np.ndarray, pcnt: np.ndarray, pbox: np.ndarray):
+    """The best GT person of every detection of its image: (row of the person arrays, -1 when
+    the image has none; its IoU), first maximum over float32 overlaps, as vsrl_eval."""
+    D = dets.img.shape[0]
+    jmax = np.full(D, -1, dtype=np.int64)
+    ovmax = np.full(D, -np.inf, dtype=np.float32)
+    n_per = pcnt[dets.img]
+    for k in range(int(n_per.max(initial=0))):                  # k-th person of each image
+        act_d = np.flatnonzero(n_per > k)
+        g = pstart[dets.img[act_d]] + k
+        ov = _overlap32(pbox[g], dets.person[act_d])
+        upd = ov > ovmax[act_d]
+        jmax[act_d[upd]] = g[upd]
+        ovmax[act_d[upd]] = ov[upd]
+    return jmax, ovmax
+
+
 def evaluate_vcoco(gt: VCOCOGt, dets: VCOCODets, ovr_thresh: float = 0.5) -> dict:
     """Role AP (scenarios 1 and 2) and agent AP with vsrl_eval semantics, vectorised.
 
@@ -1367,17 +1384,7 @@ def evaluate_vcoco(gt: VCOCOGt, dets: VCOCODets, ovr_thresh: float = 0.5) -> dic
     D = dets.img.shape[0]
     pstart, pcnt, pbox, pact, prole_box, prole_has = _person_arrays(gt)
     npos = (pact == 1).sum(0)                                   # int64[A]
-    # best GT person of every detection (first maximum, float32 overlaps as vsrl_eval)
-    jmax = np.full(D, -1, dtype=np.int64)
-    ovmax = np.full(D, -np.inf, dtype=np.float32)
-    n_per = pcnt[dets.img]
-    for k in range(int(n_per.max(initial=0))):
-        act_d = np.flatnonzero(n_per > k)
-        g = pstart[dets.img[act_d]] + k
-        ov = _overlap32(pbox[g], dets.person[act_d])
-        upd = ov > ovmax[act_d]
-        jmax[act_d[upd]] = g[upd]
-        ovmax[act_d[upd]] = ov[upd]
+    jmax, ovmax = _best_person(dets, pstart, pcnt, pbox)
     has_p = jmax >= 0
     jm = np.where(has_p, jmax, 0)
     ignored = has_p & np.any(pact[jm] == -1, axis=1) if pact.shape[0] else np.zeros(D, bool)
