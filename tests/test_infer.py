@@ -11,14 +11,15 @@ import pytest
 import torch
 from PIL import Image
 
-import data as D
 import infer
-import model as M
 import synthetic
 import viz
+from data import COCO80_TO_COCO91, gt_detections
+from kernels import box_attention
+from model import LINK, LINKConfig, register_tiny_vlm
 from viz import HUMAN_COLOUR, LINK_COLOUR, OBJECT_COLOUR, draw_interactions
 
-TINY = M.register_tiny_vlm()
+TINY = register_tiny_vlm()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -121,13 +122,13 @@ def world(tmp_path_factory):
 def ckpt(world, tmp_path_factory):
     """Tiny LINK trained 100 steps (AdamW 3e-3) on test image 0 with its GT boxes as detections."""
     cs = synthetic.synthetic_class_space()
-    cfg = M.LINKConfig(vlm=TINY, pretrained=None, image_size=64, d_model=64, d_latent=32, heads=4,
-                       enc_layers=1, dec_layers=2, dropout=0.0, impl="reference")
+    cfg = LINKConfig(vlm=TINY, pretrained=None, image_size=64, d_model=64, d_latent=32, heads=4,
+                     enc_layers=1, dec_layers=2, dropout=0.0, impl="reference")
     torch.manual_seed(0)
-    net = M.LINK(cfg, cs)
+    net = LINK(cfg, cs)
     a = world["anno"]["annotation"][0]
     img = Image.open(world["images"] / world["anno"]["filenames"][0]).convert("RGB")
-    dets = D.gt_detections({"boxes_h": a["boxes_h"], "boxes_o": a["boxes_o"], "object": a["object"]})
+    dets = gt_detections({"boxes_h": a["boxes_h"], "boxes_o": a["boxes_o"], "object": a["object"]})
     target = {"boxes_h": torch.tensor(a["boxes_h"]), "boxes_o": torch.tensor(a["boxes_o"]),
               "hoi": torch.tensor(a["hoi"])}
     feats = net.encode_images(net.preprocess([img]))
@@ -215,8 +216,8 @@ def test_attention_matches_model(world, ckpt, tmp_path, capsys):
         v = layer.sp_v(latent[0]).view(64, Hd, W // Hd).transpose(0, 1)       # [Hd, T, dh]
         mine = torch.einsum("ht,htd->hd", torch.from_numpy(att).view(Hd, 64), v)
         k = layer.sp_k(latent).view(1, 64, Hd, W // Hd).transpose(1, 2)
-        ref = M.box_attention(layer.sp_q(q[p:p + 1]).view(1, Hd, W // Hd), k, v[None], pair_image[p:p + 1] * 0,
-                              boxes[p:p + 1], layer.strength, grid_hw, impl="reference")[0]
+        ref = box_attention(layer.sp_q(q[p:p + 1]).view(1, Hd, W // Hd), k, v[None], pair_image[p:p + 1] * 0,
+                            boxes[p:p + 1], layer.strength, grid_hw, impl="reference")[0]
         assert torch.allclose(mine, ref, atol=1e-5)
     # CLI: --attention 1 marks the top pair in the legend and tints the picture
     rc, so, se = run_cli(capsys, world["images"] / name, "--checkpoint", ckpt, "--gt-anno",
@@ -336,7 +337,7 @@ def test_coco_results_file(world, ckpt, tmp_path, capsys):
     a = world["anno"]["annotation"][0]
     res = [{"image_id": 42, "category_id": 1, "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "score": 0.9}
            for b in a["boxes_h"]]
-    res += [{"image_id": 42, "category_id": D.COCO80_TO_COCO91[o], "score": 0.8,
+    res += [{"image_id": 42, "category_id": COCO80_TO_COCO91[o], "score": 0.8,
              "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]]} for b, o in zip(a["boxes_o"], a["object"])]
     f = tmp_path / "coco.json"
     f.write_text(json.dumps(res))

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import model as M
+import model
 from kernels import box_attention
-from model import LINK, LINKConfig, associate, focal_loss, register_tiny_vlm
+from model import LINK, LINKConfig, associate, build_vlm, focal_loss, register_tiny_vlm
 
 TINY = register_tiny_vlm()
 OBJECTS = ["person", "cup", "dog", "bicycle"]
@@ -82,7 +82,8 @@ def test_output_shapes_and_masks(net, feats):
         b, (i, j) = out["pair_image"][p].item(), out["pair_idx"][p].tolist()
         s = (DETS[b]["scores"][i] * DETS[b]["scores"][j]) ** 2.8
         assert torch.allclose(out["prior"][p][allowed[p]], s.expand(int(allowed[p].sum())), rtol=1e-5)
-        assert torch.equal(out["boxes_h"][p], DETS[b]["boxes"][i]) and torch.equal(out["boxes_o"][p], DETS[b]["boxes"][j])
+        assert torch.equal(out["boxes_h"][p], DETS[b]["boxes"][i])
+        assert torch.equal(out["boxes_o"][p], DETS[b]["boxes"][j])
         assert DETS[b]["labels"][i] == 0 and i != j and out["object"][p] == DETS[b]["labels"][j]
     assert torch.allclose(out["scores"], torch.sigmoid(out["logits"]) * out["prior"])
     assert torch.isinf(out["psi"][~allowed]).all() and torch.isfinite(out["psi"][allowed]).all()
@@ -153,7 +154,7 @@ def test_box_bias_steers_attention():
 
 
 def test_classifier_rows_are_text_embeddings_at_init(net):
-    clip = M.build_vlm(net.cfg)
+    clip = build_vlm(net.cfg)
     tok = open_clip.get_tokenizer(TINY)
     with torch.no_grad():
         text = F.normalize(clip.encode_text(tok(CLASSES["prompts"])), dim=1)
@@ -211,7 +212,8 @@ def test_loss_finite_on_adversarial_inputs():
         assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()
         logits.grad = None
     # no positives at all: sum of negatives / 1, confident negatives cost ~0
-    assert focal_loss(torch.full((2, 3), -1e4), torch.ones(2, 3), torch.zeros(2, 3)).item() == pytest.approx(0.0, abs=1e-6)
+    no_pos = focal_loss(torch.full((2, 3), -1e4), torch.ones(2, 3), torch.zeros(2, 3))
+    assert no_pos.item() == pytest.approx(0.0, abs=1e-6)
 
 
 def test_empty_images_give_empty_outputs(net, feats):
@@ -235,7 +237,8 @@ def test_empty_images_give_empty_outputs(net, feats):
 def test_degenerate_boxes(net, feats):
     d = dets([[5, 5, 5, 5], [-50, -40, -10, -5], [60, 40, 200, 300], [30, 20, 10, 5], [0, 0, 64, 48]],
              [0.9, 0.8, 0.7, 0.6, 0.5], [0, 0, 1, 2, 3])
-    out = net(feats[:1], [d], SIZES[:1], [{"boxes_h": d["boxes"][:1], "boxes_o": d["boxes"][2:3], "hoi": torch.tensor([2])}])
+    target = {"boxes_h": d["boxes"][:1], "boxes_o": d["boxes"][2:3], "hoi": torch.tensor([2])}
+    out = net(feats[:1], [d], SIZES[:1], [target])
     assert out["logits"].shape == (8, K)
     assert all(torch.isfinite(out[k]).all() for k in ("logits", "prior", "scores", "loss"))
     assert all(torch.isfinite(q).all() for q in out["queries"])
@@ -340,7 +343,7 @@ def test_checkpoint_roundtrip(net, feats, tmp_path, monkeypatch):
     from dataclasses import asdict
     torch.save({"config": asdict(net.cfg), "class_space": CLASSES, "model": net.checkpoint_state_dict(),
                 "version": 1}, path)
-    monkeypatch.setattr(M, "encode_prompts", lambda *a, **k: pytest.fail("text tower re-run"))
+    monkeypatch.setattr(model, "encode_prompts", lambda *a, **k: pytest.fail("text tower re-run"))
     m2 = LINK.from_checkpoint(path).eval()
     a, b = net(feats, DETS, SIZES), m2(feats, DETS, SIZES)
     assert torch.equal(a["logits"], b["logits"])
