@@ -699,7 +699,7 @@ class SWiGHOI(_HOIDataset):
         meta_file = Path(meta_file) if meta_file else data_root() / "swig_hoi" / "derived" / "swig_v1_meta.json"
         meta = read_json(meta_file, "SWiG-HOI meta file", DataError)
         cats, acts, inters = (meta["SWIG_CATEGORIES"], meta["SWIG_ACTIONS"], meta["SWIG_INTERACTIONS"])
-        O, V, K = len(cats), len(acts), len(inters)
+        O, V = len(cats), len(acts)
         mapper = {(int(x["action_id"]), int(x["object_id"])): int(x["id"]) for x in inters}
         self.skipped = {"no_object": 0, "unknown_interaction": 0}
         for j, a in enumerate(d):
@@ -736,7 +736,10 @@ class SWiGHOI(_HOIDataset):
                 if k is None:
                     self.skipped["unknown_interaction"] += 1
                     continue
-                rows_h.append(s); rows_o.append(o); rows_k.append(k); rows_v.append(act)
+                rows_h.append(s)
+                rows_o.append(o)
+                rows_k.append(k)
+                rows_v.append(act)
                 rows_c.append(int(cat[o]))
             self._ann.append({
                 "boxes_h": boxes[rows_h].reshape(-1, 4), "boxes_o": boxes[rows_o].reshape(-1, 4),
@@ -925,7 +928,7 @@ def gt_detections(target: dict, person_label: int = 0, return_index: bool = Fals
         return seen[key]
 
     idx_h = [add(b, person_label) for b in bh]
-    idx_o = [add(b, l) for b, l in zip(bo, obj)]
+    idx_o = [add(b, lab) for b, lab in zip(bo, obj)]
     dets = _make_dets(boxes, [1.0] * len(boxes), labels)
     if return_index:
         return dets, torch.tensor(idx_h, dtype=torch.long), torch.tensor(idx_o, dtype=torch.long)
