@@ -598,13 +598,6 @@ def _class_list(anno: dict, key: str, K: int, name: str) -> list | None:
     return [int(x) for x in v]
 
 
-def load_hico_anno(path: str | os.PathLike) -> dict:
-    """Read and validate a HICO-DET annotation file; returns the raw dict."""
-    anno = _read_json(path, "annotation file")
-    parse_hico_anno(anno, str(path))
-    return anno
-
-
 def _row_error(src, filenames, img, offsets, j, msg):
     i = int(img[j])
     return EvalInputError(f"{src}: image '{filenames[i]}' row {j - int(offsets[i])}: {msg}")
