@@ -18,15 +18,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-import data as D  # noqa: E402
-import eval as E  # noqa: E402
+import data
+import eval as hoi_eval
+from common import data_root
 
-SWIG_META = E.DATA_ROOT / "swig_hoi" / "derived" / "swig_v1_meta.json"
+ROOT = Path(__file__).resolve().parent.parent
+
+SWIG_META = data_root() / "swig_hoi" / "derived" / "swig_v1_meta.json"
 needs_swig = pytest.mark.skipif(not SWIG_META.exists(), reason="shared data not found")
 
-CUP = D.COCO80_NAMES.index("cup")              # COCO-80 label 41, COCO category id 47
+CUP = data.COCO80_NAMES.index("cup")              # COCO-80 label 41, COCO category id 47
 SWIG_OBJ, SWIG_ACT = 31, 169                   # SWiG-HOI interaction 0: injecting syringe
 INCLUSIVE = {"hico": True, "synthetic": False, "vcoco": False, "swig": False}
 
@@ -41,7 +42,7 @@ def hico_doc(images, name=None):
     doc = {"annotation": [{"boxes_h": [list(h) for h, _ in pairs], "boxes_o": [list(o) for _, o in pairs],
                            "hoi": [CUP] * len(pairs), "object": [CUP] * len(pairs), "verb": [0] * len(pairs)}
                           for _, pairs in images],
-           "filenames": [f for f, _ in images], "objects": list(D.COCO80_NAMES), "verbs": ["hold"],
+           "filenames": [f for f, _ in images], "objects": list(data.COCO80_NAMES), "verbs": ["hold"],
            "correspondence": [[k, k, 0] for k in range(80)]}
     if name:
         doc["name"] = name
@@ -53,7 +54,7 @@ def vcoco_doc(images, ids):
     return {"annotations": [{"file_name": f, "boxes_h": [list(h) for h, _ in pairs],
                              "boxes_o": [list(o) for _, o in pairs], "actions": [0] * len(pairs),
                              "objects": [CUP + 1] * len(pairs)} for f, pairs in images],
-            "classes": ["hold obj"], "objects": ["background"] + [n.replace("_", " ") for n in D.COCO80_NAMES],
+            "classes": ["hold obj"], "objects": ["background"] + [n.replace("_", " ") for n in data.COCO80_NAMES],
             "images": list(ids)}
 
 
@@ -112,7 +113,7 @@ def evaluate(tmp_path, kind, images, dets, **kw):
     anno = make_anno(tmp_path, kind, images)
     det = write(tmp_path / "dets.json", per_image(dets))
     meta = SWIG_META if kind == "swig" else None
-    return E.evaluate_detector(anno, det, meta=meta, **kw)
+    return hoi_eval.evaluate_detector(anno, det, meta=meta, **kw)
 
 
 # images in the 1-based inclusive frame are also valid continuous boxes: the same numbers serve both
@@ -154,7 +155,7 @@ def test_coco_results_of_the_gt_score_100(tmp_path, dataset):
             res.append({"image_id": iid, "category_id": cats[lab], "score": s,
                         "bbox": [x1 - off, y1 - off, x2 - x1 + off, y2 - y1 + off]})
     det = write(tmp_path / "coco.json", res)
-    r = E.evaluate_detector(anno, det, meta=SWIG_META if dataset == "swig" else None)
+    r = hoi_eval.evaluate_detector(anno, det, meta=SWIG_META if dataset == "swig" else None)
     assert r["detections_format"] == "coco-results"
     assert (r["ap"], r["ap50"], r["ap75"], r["person"]["ap"]) == pytest.approx((100.0,) * 4, abs=1e-9)
     # the same file read in the wrong frame (continuous boxes for HICO-DET, shifted by one
@@ -162,7 +163,7 @@ def test_coco_results_of_the_gt_score_100(tmp_path, dataset):
     for e in res:
         e["bbox"][0] += 1 - 2 * off
     write(det, res)
-    r = E.evaluate_detector(anno, det, meta=SWIG_META if dataset == "swig" else None)
+    r = hoi_eval.evaluate_detector(anno, det, meta=SWIG_META if dataset == "swig" else None)
     assert r["ap50"] == pytest.approx(100.0) and r["ap"] < 100.0
 
 
@@ -230,9 +231,9 @@ def test_dataset_switch_sets_the_frame(tmp_path):
     dets = {"img_1.jpg": [((4.3, 1, 13.3, 10), 0.9, 0), ((24.3, 1, 33.3, 10), 0.8, CUP)]}
     assert evaluate(tmp_path, "hico", images, dets)["ap50"] == pytest.approx(100.0)
     assert evaluate(tmp_path, "hico", images, dets, dataset="synthetic")["ap50"] == 0.0
-    with pytest.raises(E.EvalInputError, match="--dataset hico, but this is a synthetic world"):
+    with pytest.raises(hoi_eval.EvalInputError, match="--dataset hico, but this is a synthetic world"):
         evaluate(tmp_path, "synthetic", images, dets, dataset="hico")
-    with pytest.raises(E.EvalInputError, match="--dataset swig, but this is a HICO-DET"):
+    with pytest.raises(hoi_eval.EvalInputError, match="--dataset swig, but this is a HICO-DET"):
         evaluate(tmp_path, "hico", images, dets, dataset="swig")
 
 
@@ -251,7 +252,7 @@ def test_duplicate_gt_boxes_counted_once(tmp_path):
     anno = write(tmp_path / "anno.json", doc)
     det = write(tmp_path / "dets.json", per_image({"img_1.jpg": [(A, 0.9, 0), (B, 0.8, 0), (X, 0.7, CUP),
                                                                  (Y, 0.6, CUP)]}))
-    r = E.evaluate_detector(anno, det)
+    r = hoi_eval.evaluate_detector(anno, det)
     assert r["counts"]["num_gt_boxes"] == 4
     assert r["person"]["num_gt"] == 2 and r["per_class"]["cup"]["num_gt"] == 2
     assert (r["ap"], r["person"]["ap"], r["ar100"]) == pytest.approx((100.0, 100.0, 100.0))
@@ -259,12 +260,12 @@ def test_duplicate_gt_boxes_counted_once(tmp_path):
 
 def test_empty_detection_file_scores_0_and_unscored_classes(tmp_path):
     anno = make_anno(tmp_path, "hico", IMAGES)
-    r = E.evaluate_detector(anno, write(tmp_path / "d.json", {}))
+    r = hoi_eval.evaluate_detector(anno, write(tmp_path / "d.json", {}))
     assert (r["ap"], r["ap50"], r["ar100"], r["counts"]["num_detections"]) == (0.0, 0.0, 0.0, 0)
     # a class without GT (a bicycle) is not scored, as in COCOeval; the rest is unchanged
     dets = gt_copies(IMAGES, "hico")
     dets["img_000003.jpg"] = [((1, 1, 9, 9), 0.99, 1)]
-    r = E.evaluate_detector(anno, write(tmp_path / "d.json", per_image(dets)))
+    r = hoi_eval.evaluate_detector(anno, write(tmp_path / "d.json", per_image(dets)))
     assert r["ap"] == pytest.approx(100.0) and r["counts"]["num_detections_unscored"] == 1
 
 
@@ -276,7 +277,7 @@ def test_cli_table_and_out(tmp_path, capsys):
     anno = make_anno(tmp_path, "hico", IMAGES)
     det = write(tmp_path / "dets.json", per_image(gt_copies(IMAGES, "hico")))
     out = tmp_path / "res" / "r.json"
-    assert E.main(["detector", "--anno", str(anno), "--detections", str(det), "--out", str(out)]) == 0
+    assert hoi_eval.main(["detector", "--anno", str(anno), "--detections", str(det), "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "HICO-DET ground-truth boxes" in text
     lines = text.splitlines()
@@ -299,7 +300,7 @@ def test_out_never_overwrites_an_input(tmp_path, capsys, how, monkeypatch):
     if how == "hardlink":
         os.link(det, out)
     monkeypatch.chdir(tmp_path)
-    assert E.main(["detector", "--anno", str(anno), "--detections", str(det), "--out", str(out)]) == 2
+    assert hoi_eval.main(["detector", "--anno", str(anno), "--detections", str(det), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "refusing to overwrite" in err
     assert (anno.read_bytes(), det.read_bytes()) == before
@@ -348,7 +349,7 @@ def test_bad_detection_files_refused(tmp_path, capsys, content, needle):
     det.write_text(content)
     before = (anno.read_bytes(), det.read_bytes())
     out = tmp_path / "r.json"
-    assert E.main(["detector", "--anno", str(anno), "--detections", str(det), "--out", str(out)]) == 2
+    assert hoi_eval.main(["detector", "--anno", str(anno), "--detections", str(det), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1, err
     assert str(det) in err and needle in err, err
@@ -373,7 +374,7 @@ def test_bad_files_missing_gzip_and_annotation(tmp_path, capsys):
          "bad.json: image 'img_000002.jpg': field 'boxes_o[0]': box [70.0, 70.0, 60.0, 90.0] has x2<x1"),
     ]
     for a, d, needle in cases:
-        assert E.main(["detector", "--anno", str(a), "--detections", str(d)]) == 2
+        assert hoi_eval.main(["detector", "--anno", str(a), "--detections", str(d)]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and needle in err, (needle, err)
 
@@ -382,8 +383,8 @@ def test_coco_results_need_unique_numbers_in_file_names(tmp_path):
     images = [("a_7.jpg", []), ("b_7.jpg", [((0, 0, 5, 5), (6, 6, 9, 9))])]
     anno = make_anno(tmp_path, "synthetic", images)
     det = write(tmp_path / "c.json", [{"image_id": 7, "category_id": 1, "bbox": [0, 0, 5, 5], "score": 1.0}])
-    with pytest.raises(E.EvalInputError, match="images 'a_7.jpg' and 'b_7.jpg' both have image_id 7"):
-        E.evaluate_detector(anno, det)
+    with pytest.raises(hoi_eval.EvalInputError, match="images 'a_7.jpg' and 'b_7.jpg' both have image_id 7"):
+        hoi_eval.evaluate_detector(anno, det)
 
 
 def test_cli_subprocess_exit_2_one_line(tmp_path):
