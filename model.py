@@ -7,7 +7,8 @@ Read top to bottom:
   3. the geometric encoder    ROI-Align unary queries + box sine PE -> self-attention ->
                               human-other pair queries fused with the pair's spatial features
   4. the linking decoder      per layer: box-guided attention on a low-width latent map
-                              (spatial branch) + plain attention on F (semantic branch)
+                              (spatial branch) + attention on F (semantic branch); guided by
+                              an in-box bias and / or box and token PEs (cfg.box_guidance)
   5. the classifier           FFN whose last layer is the VLM's text embedding of each prompt
   6. scores and loss          UPT prior (s_h s_o)^lambda, Psi, focal loss, label association
   7. LINK                     forward(), postprocess(), from_checkpoint(), cache_key()
@@ -39,6 +40,7 @@ import torch.nn.functional as F
 from torchvision.ops import box_iou, roi_align
 
 from kernels import box_attention, box_bias, pair_enum, psi_transform
+from kernels.box_attention import grow_boxes, token_centres
 
 # ----------------------------------------------------------------------------------------------
 # 1. Config
@@ -62,6 +64,11 @@ class LINKConfig:
     dropout: float = 0.1
     roi_size: int = 4              # ROI-Align bins per side, mean-pooled to one vector
     fusion: str = "sum"            # how the decoder fuses its two branches: "sum" | "gated"
+    # how the decoder's attention knows where the pair is (LinkingLayer): "mask" = a learnable
+    # bias on the tokens inside the pair's boxes, "pe" = PViC's conditional cross-attention
+    # (sine PE of token centres on the keys, the pair's box PE on the queries), "both".
+    # Choice: "mask" until the synthetic ablation (issue 13) picks the default.
+    box_guidance: str = "mask"
     # scoring and loss (UPT values)
     lam: float = 2.8               # prior exponent at inference (DETR detections)
     lam_train: float = 1.0         # prior exponent in training mode (UPT raises it only at test)
@@ -289,54 +296,129 @@ class GeometricEncoder(nn.Module):
 # 4. Linking decoder
 # ----------------------------------------------------------------------------------------------
 
+def pair_boxes(boxes_h: torch.Tensor, boxes_o: torch.Tensor, grid_hw) -> torch.Tensor:
+    """The boxes that guide a pair's attention: normalised human and object boxes [P, 4] ->
+    [P, 3, 4] (human, object, union), each grown to at least one grid cell around its centre.
+
+    The union is taken over the GROWN boxes: the one-cell box of a small object must lie inside
+    the union, else (equal strengths at initialisation) the object's token gets one bias term
+    and the human's tokens two, a 2:1 pull away from the object.
+    """
+    bh, bo = grow_boxes(boxes_h, grid_hw), grow_boxes(boxes_o, grid_hw)
+    union = torch.cat([torch.minimum(bh[:, :2], bo[:, :2]), torch.maximum(bh[:, 2:], bo[:, 2:])], 1)
+    return torch.stack([bh, bo, union], dim=1)
+
+
+def pair_positions(boxes: torch.Tensor, grid_hw, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positional encodings for the PE guidance: pair boxes [P, 3, 4] -> the pair's box PE
+    PE(B_h) (+) PE(B_o) [P, 2d] (box_encoding), and the Gh x Gw token centres' PE(C) [T, d / 2].
+
+    Choice: a token's PE is exactly the PE(C) part of a box centred on it (same sine function,
+    temperature and width), so a query's centre channels and a key's position channels start in
+    one code: PE(C_box) . PE(C_token) = sum_i cos(2 pi (x_box - x_token) / f_i) + the same in y,
+    largest at the box centre. The box sizes ride along in the query PE (PViC instead modulates
+    the centre PE by them).
+    """
+    pair = torch.cat([box_encoding(boxes[:, 0], d), box_encoding(boxes[:, 1], d)], dim=1)
+    cx, cy = token_centres(grid_hw, boxes.device)
+    return pair, sine_encoding(torch.stack([cx, cy], dim=1), d // 4)
+
+
+class Branch(NamedTuple):
+    """The projections of one decoder branch (q_pos, k_pos None without the PE guidance) and
+    its box-bias strength [Hd, 3] (zeros where there is no bias)."""
+    q: nn.Linear
+    k: nn.Linear
+    v: nn.Linear
+    out: nn.Linear
+    q_pos: nn.Linear | None
+    k_pos: nn.Linear | None
+    strength: torch.Tensor
+
+
 class LinkingLayer(nn.Module):
     """One decoder layer: spatial branch (CA_be on F^l) + semantic branch (CA on F), fused.
 
-    Spatial branch: pair queries [P, D] -> heads over the latent map F^l [B, T, d_latent],
-    attention logits biased by strength[h, r] on tokens inside the pair's human / object /
-    union box (kernels.box_attention). Semantic branch: Q^n = Linear(q) in the VLM width C,
-    plain multi-head cross-attention to F (box_attention with a zero strength).
+    Spatial branch: pair queries [P, D] -> heads over the latent map F^l [B, T, d_latent].
+    Semantic branch: Q^n = Linear(q) in the VLM width C, multi-head cross-attention to F.
+    Both go through kernels.box_attention. How they know where the pair is, cfg.box_guidance:
+    - "mask": the spatial branch's attention logits get strength[h, r] on tokens inside the
+      pair's human / object / union box (the kernel computes this bias in registers); the
+      semantic branch is plain attention (a zero strength).
+    - "pe": PViC's conditional cross-attention in both branches: each head's query is
+      [content ; Linear(PE(B_h) (+) PE(B_o))] and each key [content ; Linear(PE(token centre))],
+      so the logit is content.content + position.position, a soft spatial prior that is
+      learned. The values get zeros in the positional half (the kernel takes one head width).
+    - "both": the PE in both branches and the bias in the spatial branch.
     Choice: pairs do not attend to each other here (UPT's cooperative layer is not in LINK.md).
     """
 
     def __init__(self, cfg: LINKConfig, c_vlm: int):
         super().__init__()
         d, dl, self.cfg = cfg.d_model, cfg.d_latent, cfg
+        self.pe = cfg.box_guidance in ("pe", "both")
         if cfg.linking_decoder:
             self.sp_q, self.sp_k, self.sp_v, self.sp_o = (nn.Linear(d, dl), nn.Linear(dl, dl),
                                                           nn.Linear(dl, dl), nn.Linear(dl, d))
-            # Choice: strength starts at 1 for all (head, box): a mild pull towards the boxes
-            # that training can sharpen, reverse (negative) or switch off per head.
-            self.strength = nn.Parameter(torch.ones(cfg.heads, 3))
+            if cfg.box_guidance in ("mask", "both"):
+                # Choice: strength starts at 1 for all (head, box): a mild pull towards the boxes
+                # that training can sharpen, reverse (negative) or switch off per head.
+                self.strength = nn.Parameter(torch.ones(cfg.heads, 3))
+            if self.pe:   # box PE of the pair [2D] -> query, token PE [D / 2] -> key (per layer)
+                self.sp_qpos, self.sp_kpos = nn.Linear(2 * d, dl), nn.Linear(d // 2, dl)
             if cfg.fusion == "gated":
                 self.gate = nn.Linear(2 * d, d)
         self.sem_q, self.sem_k, self.sem_v, self.sem_o = (nn.Linear(d, c_vlm), nn.Linear(c_vlm, c_vlm),
                                                           nn.Linear(c_vlm, c_vlm), nn.Linear(c_vlm, d))
+        if self.pe:
+            self.sem_qpos, self.sem_kpos = nn.Linear(2 * d, c_vlm), nn.Linear(d // 2, c_vlm)
         self.register_buffer("zero_strength", torch.zeros(cfg.heads, 3), persistent=False)
         self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
         self.ffn = nn.Sequential(nn.Linear(d, cfg.ffn_mult * d), nn.ReLU(inplace=True),
                                  nn.Dropout(cfg.dropout), nn.Linear(cfg.ffn_mult * d, d))
         self.drop = nn.Dropout(cfg.dropout)
 
-    def _attend(self, q, kv_in, wk, wv, pair_image, boxes, strength, grid_hw):
-        """q [P, W] against tokens kv_in [B, T, W'] -> [P, W] (Hd heads, width W / Hd each)."""
-        P, W = q.shape
-        B, T, _ = kv_in.shape
-        Hd = self.cfg.heads
-        k = wk(kv_in).view(B, T, Hd, W // Hd).transpose(1, 2)                    # [B, Hd, T, W/Hd]
-        v = wv(kv_in).view(B, T, Hd, W // Hd).transpose(1, 2)
-        out = box_attention(q.view(P, Hd, W // Hd), k, v, pair_image, boxes, strength, grid_hw,
-                            impl=self.cfg.impl)                                    # [P, Hd, W/Hd]
-        return out.reshape(P, W)
+    def _branch(self, spatial: bool) -> Branch:
+        if spatial:
+            return Branch(self.sp_q, self.sp_k, self.sp_v, self.sp_o, getattr(self, "sp_qpos", None),
+                          getattr(self, "sp_kpos", None), getattr(self, "strength", self.zero_strength))
+        return Branch(self.sem_q, self.sem_k, self.sem_v, self.sem_o, getattr(self, "sem_qpos", None),
+                      getattr(self, "sem_kpos", None), self.zero_strength)
+
+    def _heads(self, spatial: bool, q, kv_in, pos):
+        """Per-head queries [P, Hd, w], keys and values [B, Hd, T, w] of one branch from pair
+        queries q [P, D] and tokens kv_in [B, T, W']; w = W / Hd, or 2 W / Hd with the PE
+        (pos = pair_positions' output): [content ; position] per head, zeros in v's second half."""
+        br = self._branch(spatial)
+        qq, k, v = br.q(q), br.k(kv_in), br.v(kv_in)                               # [P, W], [B, T, W]
+        (P, W), (B, T, _), Hd = qq.shape, kv_in.shape, self.cfg.heads
+        qh = qq.view(P, Hd, W // Hd)
+        k = k.view(B, T, Hd, W // Hd).transpose(1, 2)                              # [B, Hd, T, W/Hd]
+        v = v.view(B, T, Hd, W // Hd).transpose(1, 2)
+        if pos is not None:
+            qp = br.q_pos(pos[0]).view(P, Hd, W // Hd)
+            kp = br.k_pos(pos[1]).view(1, T, Hd, W // Hd).transpose(1, 2)
+            qh = torch.cat([qh, qp.to(qh.dtype)], dim=-1)
+            k = torch.cat([k, kp.to(k.dtype).expand(B, -1, -1, -1)], dim=-1)
+            v = torch.cat([v, torch.zeros_like(v)], dim=-1)
+        return qh, k, v
+
+    def _attend(self, spatial: bool, q, kv_in, pair_image, boxes, grid_hw, pos):
+        """One branch: q [P, D] against tokens kv_in [B, T, W'] -> update [P, D]."""
+        qh, k, v = self._heads(spatial, q, kv_in, pos)
+        br = self._branch(spatial)
+        a = box_attention(qh, k, v, pair_image, boxes, br.strength, grid_hw,
+                          impl=self.cfg.impl)                                        # [P, Hd, w]
+        W = br.out.in_features
+        return br.out(a[..., :W // self.cfg.heads].reshape(len(q), W))
 
     def forward(self, q, tokens, latent, pair_image, boxes, grid_hw):
         """q [P, D]; tokens F [B, T, C]; latent F^l [B, T, d_latent] or None;
-        pair_image Long[P]; boxes [P, 3, 4] normalised (human, object, union) -> [P, D]."""
-        semantic = self.sem_o(self._attend(self.sem_q(q), tokens, self.sem_k, self.sem_v, pair_image,
-                                           boxes, self.zero_strength, grid_hw))   # [P, D]
+        pair_image Long[P]; boxes [P, 3, 4] normalised (human, object, union: pair_boxes) -> [P, D]."""
+        pos = pair_positions(boxes, grid_hw, self.cfg.d_model) if self.pe else None
+        semantic = self._attend(False, q, tokens, pair_image, boxes, grid_hw, pos)      # [P, D]
         if self.cfg.linking_decoder:
-            spatial = self.sp_o(self._attend(self.sp_q(q), latent, self.sp_k, self.sp_v, pair_image,
-                                             boxes, self.strength, grid_hw))       # [P, D]
+            spatial = self._attend(True, q, latent, pair_image, boxes, grid_hw, pos)    # [P, D]
             if self.cfg.fusion == "gated":  # per-channel convex mix decided by both branches
                 g = torch.sigmoid(self.gate(torch.cat([spatial, semantic], dim=1)))
                 update = g * spatial + (1 - g) * semantic
@@ -353,22 +435,21 @@ class LinkingLayer(nn.Module):
         from this layer's inputs (forward's arguments) and weights, as kernels.box_attention
         defines them:
 
-            attn[h, t] = softmax_t(q[p, h] . k[img(p), h, t] * dh**-0.5 + box_bias[p, h, t])
+            attn[h, t] = softmax_t(q[p, h] . k[img(p), h, t] * w**-0.5 + box_bias[p, h, t])
 
-        Spatial branch: q = sp_q(query), k = sp_k(F^l), box_bias = kernels.box_bias(pair boxes,
-        strength); without the linking decoder, the semantic branch's plain attention on F.
+        with the branch's per-head query and key (_heads: [content ; position] with the PE
+        guidance, width w) and box_bias = kernels.box_bias(pair boxes, strength). Spatial
+        branch; without the linking decoder, the semantic branch on F.
         """
-        p, b, Hd = int(pair), int(pair_image[pair]), self.cfg.heads
-        gh, gw = grid_hw
-        if self.cfg.linking_decoder:
-            qq, kv, wk, strength = self.sp_q(q[p:p + 1]), latent[b], self.sp_k, self.strength
-        else:
-            qq, kv, wk, strength = self.sem_q(q[p:p + 1]), tokens[b], self.sem_k, self.zero_strength
-        dh = qq.shape[1] // Hd
-        k = wk(kv).view(kv.shape[0], Hd, dh).transpose(0, 1)                          # [Hd, T, dh]
-        logits = torch.einsum("hd,htd->ht", qq.view(Hd, dh), k) * dh ** -0.5          # [Hd, T]
-        logits = logits + box_bias(boxes[p:p + 1].float(), strength.float(), (gh, gw))[0].to(logits.dtype)
-        return logits.float().softmax(-1).view(Hd, gh, gw)                            # [Hd, Gh, Gw]
+        p, b = int(pair), int(pair_image[pair])
+        spatial = self.cfg.linking_decoder
+        kv = (latent if spatial else tokens)[b:b + 1]
+        pos = pair_positions(boxes[p:p + 1], grid_hw, self.cfg.d_model) if self.pe else None
+        qh, k, _ = self._heads(spatial, q[p:p + 1], kv, pos)                          # [1, Hd, w]
+        logits = torch.einsum("hd,htd->ht", qh[0], k[0]) * qh.shape[-1] ** -0.5       # [Hd, T]
+        strength = self._branch(spatial).strength.float()
+        logits = logits + box_bias(boxes[p:p + 1].float(), strength, grid_hw)[0].to(logits.dtype)
+        return logits.float().softmax(-1).view(-1, *grid_hw)                          # [Hd, Gh, Gw]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -523,6 +604,19 @@ def _safe_boxes(boxes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return torch.cat([ctr - half, ctr + half], dim=1)
 
 
+def _check_config(cfg: LINKConfig) -> None:
+    """A ValueError naming the LINKConfig field for a choice the network cannot be built with."""
+    if cfg.fusion not in ("sum", "gated"):
+        raise ValueError(f"LINKConfig.fusion must be 'sum' or 'gated', got {cfg.fusion!r}")
+    if cfg.box_guidance not in ("mask", "pe", "both"):
+        raise ValueError(f"LINKConfig.box_guidance must be 'mask', 'pe' or 'both', got {cfg.box_guidance!r}")
+    if cfg.d_model % 8:  # box_encoding: d_model / 4 channels per box number, in sine-cosine pairs
+        raise ValueError(f"LINKConfig.d_model must be a multiple of 8, got {cfg.d_model}")
+    if cfg.d_model % cfg.heads or cfg.d_latent % cfg.heads:
+        raise ValueError(f"LINKConfig: d_model ({cfg.d_model}) and d_latent ({cfg.d_latent}) "
+                         f"must divide by heads ({cfg.heads})")
+
+
 class LINK(nn.Module):
     """The LINK network: frozen VLM features + detections -> per-pair interaction scores.
 
@@ -535,11 +629,7 @@ class LINK(nn.Module):
     def __init__(self, cfg: LINKConfig, class_space, text_embed: torch.Tensor | None = None):
         """text_embed [K, E]: cached prompt embeddings (from a checkpoint); None = encode them."""
         super().__init__()
-        if cfg.fusion not in ("sum", "gated"):
-            raise ValueError(f"LINKConfig.fusion must be 'sum' or 'gated', got {cfg.fusion!r}")
-        if cfg.d_model % cfg.heads or cfg.d_latent % cfg.heads or cfg.d_model % 4:
-            raise ValueError(f"LINKConfig: d_model ({cfg.d_model}) and d_latent ({cfg.d_latent}) "
-                             f"must divide by heads ({cfg.heads}), d_model by 4")
+        _check_config(cfg)
         self.cfg = cfg
         self.class_space = class_space            # as given (dataclass or dict), for checkpoints
         cs = self.classes = _class_space(class_space)
@@ -686,11 +776,9 @@ class LINK(nn.Module):
         # linking decoder: F as tokens [B, T, C]; latent map F^l [B, T, d_latent] once
         tokens = feats.flatten(2).transpose(1, 2)
         latent = self.connector(tokens) if cfg.linking_decoder else None
-        bh, bo = boxes_norm[idx_h], boxes_norm[idx_o]                                   # [P, 4]
-        union = torch.cat([torch.minimum(bh[:, :2], bo[:, :2]), torch.maximum(bh[:, 2:], bo[:, 2:])], 1)
-        pair_boxes = torch.stack([bh, bo, union], dim=1)                                 # [P, 3, 4]
+        boxes = pair_boxes(boxes_norm[idx_h], boxes_norm[idx_o], (gh, gw))              # [P, 3, 4]
         for layer in self.decoder:
-            q = layer(q, tokens, latent, pair_image, pair_boxes, (gh, gw))
+            q = layer(q, tokens, latent, pair_image, boxes, (gh, gw))
             queries.append(q)
 
         # classifier, UPT prior and scores

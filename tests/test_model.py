@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import model
-from kernels import box_attention
+from kernels import box_attention, box_bias
 from model import LINK, LINKConfig, associate, build_vlm, focal_loss, register_tiny_vlm
 
 TINY = register_tiny_vlm()
@@ -404,3 +404,138 @@ def test_bad_input_messages(net, feats):
         net(feats[:1], DETS[:1], [(0, 10)])
     with pytest.raises(ValueError, match="2 feature maps"):
         net(feats, DETS[:1], SIZES[:1])
+
+
+# -- section 4: box guidance -----------------------------------------------------------------
+
+def _decoder_inputs(m, feats, detections, sizes):
+    """The last decoder layer's forward arguments, captured by a pre-hook during one forward."""
+    captured = {}
+    h = m.decoder[-1].register_forward_pre_hook(lambda mod, args: captured.__setitem__("a", args))
+    with torch.no_grad():
+        m(feats, detections, sizes)
+    h.remove()
+    return captured["a"]
+
+
+def test_union_contains_grown_small_object(net, feats):
+    """64 x 64 image, 8 x 8 grid (cells of 8 px, token centres at (j + 0.5) / 8). Human box
+    [0, 0, 32, 32]; a 1-px object at [42, 42, 43, 43]: centre 42.5 / 64 = 0.664, grown to one
+    cell [0.602, 0.727], so it covers token (5, 5) (centre 0.6875). The union of the raw boxes
+    ends at 43 / 64 = 0.672 and misses that token; the union of the grown boxes contains it.
+    With all strengths 1, the object's token then gets o + u = 2, like a human token (h + u = 2),
+    not 1 (the 2:1 pull towards the human of the raw union)."""
+    d = [dets([[0, 0, 32, 32], [42, 42, 43, 43]], [0.9, 0.8], [0, 1])]
+    _, _, _, _, boxes, grid_hw, *_ = _decoder_inputs(net, feats[:1], d, [(64, 64)])
+    assert grid_hw == (8, 8) and boxes.shape == (1, 3, 4)
+    c = 42.5 / 64
+    assert torch.allclose(boxes[0, 1], torch.tensor([c - 1 / 16, c - 1 / 16, c + 1 / 16, c + 1 / 16]), atol=1e-6)
+    assert torch.allclose(boxes[0, 2], torch.tensor([0.0, 0.0, c + 1 / 16, c + 1 / 16]), atol=1e-6)
+    bias = box_bias(boxes, torch.ones(1, 3), grid_hw)[0, 0].view(8, 8)
+    assert bias[5, 5].item() == 2.0                      # the object's token: object + union
+    assert bias[1, 1].item() == 2.0                      # a human token: human + union
+    assert bias[7, 7].item() == 0.0 and bias[4, 4].item() == 1.0   # outside all; union only
+
+
+def test_d_model_must_be_a_multiple_of_8():
+    """d_model = 260 divides by heads = 4 and by 4, but box_encoding gives each of its 4 box
+    numbers 260 / 4 = 65 channels, an odd number of sine-cosine channels: refused by name."""
+    with pytest.raises(ValueError, match=r"LINKConfig.d_model must be a multiple of 8, got 260"):
+        LINK(tiny_cfg(d_model=260), CLASSES)
+    with pytest.raises(ValueError, match="box_guidance"):
+        LINK(tiny_cfg(box_guidance="bias"), CLASSES)
+
+
+@pytest.mark.parametrize("guidance", ["mask", "pe", "both"])
+def test_box_guidance_parameters(guidance, feats):
+    """"mask": a strength per spatial layer, no PE projections; "pe": PE projections in both
+    branches and no strength; "both": all of them. Every one gets a gradient."""
+    torch.manual_seed(0)
+    m = LINK(tiny_cfg(box_guidance=guidance, dec_layers=1), CLASSES).train()
+    names = {n for n, _ in m.named_parameters() if n.startswith("decoder.0.")}
+    pe = {f"decoder.0.{b}_{w}pos.{t}" for b in ("sp", "sem") for w in "qk" for t in ("weight", "bias")}
+    assert ("decoder.0.strength" in names) == (guidance != "pe")
+    assert (pe <= names) == (guidance != "mask") and (names & pe) == (pe if guidance != "mask" else set())
+    out = m(feats, DETS, SIZES, targets_for(DETS))
+    out["loss"].backward()
+    for n, p in m.named_parameters():
+        if n in pe or n == "decoder.0.strength":
+            assert p.grad is not None and p.grad.abs().sum() > 0, n
+
+
+def _pe_only_layer(linking_decoder: bool):
+    """A one-layer, one-head "pe" model whose branch content logits are 0 (zero q projection)
+    and whose position logit is PE(C_human) . PE(C_token) (identity position projections)."""
+    torch.manual_seed(0)
+    m = LINK(tiny_cfg(box_guidance="pe", heads=1, dec_layers=1, linking_decoder=linking_decoder),
+             CLASSES).eval()
+    layer = m.decoder[0]
+    br = layer._branch(linking_decoder)
+    w = br.q.out_features                                    # branch width (d_latent or C)
+    half = m.cfg.d_model // 2                                # PE(C) width of one box = token PE width
+    with torch.no_grad():
+        br.q.weight.zero_(), br.q.bias.zero_()
+        br.q_pos.weight.zero_(), br.q_pos.bias.zero_(), br.k_pos.weight.zero_(), br.k_pos.bias.zero_()
+        br.q_pos.weight[:half, :half] = torch.eye(half)      # the human box's PE(C) -> channels 0..half
+        br.k_pos.weight[:half, :half] = torch.eye(half)      # the token's PE(C) -> channels 0..half
+    assert w >= half
+    return m, layer
+
+
+@pytest.mark.parametrize("linking_decoder", [True, False])
+def test_pe_guidance_attends_to_the_pair(linking_decoder, feats):
+    """Conditional cross-attention: with zero content logits, the logit of token t is
+    PE(C_h) . PE(C_t) / sqrt(2 w) = sum_i [cos(2 pi dx / f_i) + cos(2 pi dy / f_i)] / sqrt(2 w),
+    f_i = 20^(2 i / 16), largest at the token under the human box's centre. Checked against that
+    formula, for the spatial branch and (without the linking decoder) the semantic one; the
+    forward's attention output is attn @ V with the same weights."""
+    m, layer = _pe_only_layer(linking_decoder)
+    for hb, cell in (([8, 8, 16, 16], (1, 1)), ([44, 24, 60, 32], (3, 6))):   # centres on that token's
+        d = [dets([hb, [30, 30, 40, 40]], [0.9, 0.8], [0, 1])]
+        args = _decoder_inputs(m, feats[:1], d, [(64, 64)])
+        att = layer.attention_map(*args, pair=0)                                # [1, 8, 8]
+        assert att.shape == (1, 8, 8) and torch.isclose(att.sum(), torch.tensor(1.0))
+        assert divmod(int(att.argmax()), 8) == cell
+        cxh, cyh = (hb[0] + hb[2]) / 128, (hb[1] + hb[3]) / 128
+        tc = (torch.arange(8) + 0.5) / 8
+        f = 20.0 ** (2 * torch.arange(8) / 16)
+        cos = lambda delta: torch.cos(2 * math.pi * delta[:, None] / f).sum(1)  # noqa: E731
+        logit = cos(cxh - tc)[None, :] + cos(cyh - tc)[:, None]                  # [row y, col x]
+        w = layer._branch(linking_decoder).q.out_features
+        assert torch.allclose(att[0], (logit / math.sqrt(2 * w)).flatten().softmax(0).view(8, 8), atol=1e-5)
+        # the forward's branch output is attn @ V through the output projection
+        q, tokens, latent, pair_image, boxes, grid_hw = args
+        kv = latent if linking_decoder else tokens
+        pos = model.pair_positions(boxes, grid_hw, m.cfg.d_model)
+        got = layer._attend(linking_decoder, q, kv, pair_image, boxes, grid_hw, pos)[0]
+        br = layer._branch(linking_decoder)
+        want = br.out(att.view(1, 64) @ br.v(kv[0]))[0]
+        assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_both_guidance_adds_the_box_bias(feats):
+    """"both": the attention logits are the PE logits of "pe" plus the mask bias of the boxes."""
+    torch.manual_seed(0)
+    m = LINK(tiny_cfg(box_guidance="both", dec_layers=1), CLASSES).eval()
+    layer = m.decoder[0]
+    args = _decoder_inputs(m, feats, DETS, SIZES)
+    att = layer.attention_map(*args, pair=3)
+    with torch.no_grad():
+        layer.strength.zero_()
+    plain = layer.attention_map(*args, pair=3)
+    with torch.no_grad():
+        layer.strength.fill_(1.0)
+    bias = box_bias(args[4][3:4], torch.ones(4, 3), args[5])[0].view(4, 8, 8)
+    want = (plain.log() + bias).flatten(1).softmax(1).view(4, 8, 8)
+    assert torch.allclose(att, want, atol=1e-5) and not torch.allclose(att, plain, atol=1e-3)
+
+
+@pytest.mark.parametrize("guidance", ["pe", "both"])
+def test_pe_guidance_impl_switch(guidance, feats):
+    """The lean torch path of box_attention gives the reference's outputs with the PE too."""
+    torch.manual_seed(0)
+    m = LINK(tiny_cfg(box_guidance=guidance), CLASSES).eval()
+    a = m(feats, DETS, SIZES)
+    m.cfg.impl = "torch"
+    b = m(feats, DETS, SIZES)
+    assert torch.allclose(a["logits"], b["logits"], atol=1e-4)
