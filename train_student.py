@@ -2,7 +2,7 @@
 one or several frozen teachers on ALL enumerated pairs.
 
 The training loop is trainer.Trainer and the run set-up train_teacher.py's; this file only adds
-:class:`Distiller`, the ``extra_loss`` hook, and the CLI.
+:class:`Distiller` (the ``extra_loss`` hook, with its per-teacher :class:`Adapters`) and the CLI.
 
 Each step, every teacher is fed the exact same detections, in the same order, as the student
 (the loop builds them once and passes the same list), on its own frozen VLM's features of the
@@ -10,19 +10,32 @@ same images and views (its own feature cache, shared with the teacher's own trai
 cache key matches). Because the boxes are identical, pairs align one to one; this is checked
 every step (same pair_image and pair_idx), a mismatch raises PairAlignmentError.
 
-KD(f_s, f_t) = T^2 * KL(softmax(f_t / T) || softmax(f_s / T)), rows = tokens / pairs
-(kernels.kl_distill; several teachers: the target is the mean of their probabilities):
+KD(f_s, f_t) = T^2 * KL(softmax(f_t / T) || softmax(f_s / T)) (kernels.kl_distill), rows =
+tokens / pairs:
 
-* map level:   student latent_map [B, Gh*Gw, d] vs each teacher's, token-wise over the d
+* map level:   student latent_map [B, Gh*Gw, d] vs each teacher's, token-wise over the
                channels. A teacher whose VLM has another grid is bilinearly resized to the
-               student's grid first. The latent widths d must agree.
-* query level: every pair's query after each encoder and decoder layer, token-wise over the
-               D channels, averaged over layers (same number of layers needed).
+               student's grid first.
+* query level: every pair's query after the encoder and after each decoder layer, pair-wise
+               over the D channels; layers matched one to one (by relative depth when the
+               teacher has another count, :func:`query_layer_map`), averaged over layers.
 * logit level: on Psi(O) = logit(P * sigmoid(O)) with P the student's detection prior [P, K]
                (equal to the teachers' since the boxes are the same); impossible classes
                (P == 0) are masked out. Zero-shot: the unseen classes are masked out too
                (PROTOCOLS.md: unseen classifier rows are never supervised; the teacher's
                unseen outputs were never trained either), unless --kd-unseen.
+
+Several teachers. Class k means the same for every teacher, so the logit level distils the
+mean of their probabilities. Channel c does not: at the map and query levels each teacher has
+its own KL, through its own learned linear adapter (student channels -> that teacher's
+channels, :class:`Adapters`; this also lets teachers have another d_model / d_latent), and the
+losses are averaged over teachers. The student starts from its own initialisation, so even one
+teacher's channels are not the student's: adapters are on by default (--kd-adapter none for
+the plain KL of equal widths).
+
+Normalisation: each term is a mean per item, the map level per token, the query and logit
+levels per pair (all enumerated pairs of the batch); :class:`trainer.SumLoss` hands the loop
+the sum and the item count, and the loop divides by the count over all data-parallel ranks.
 
 loss = loss_gt + w_map * KD_map + w_query * KD_query + w_logit * KD_logit.
 """
@@ -30,10 +43,13 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from kernels import kl_distill
 from model import LINK, register_tiny_vlm
@@ -47,7 +63,16 @@ from train_teacher import (
     run_cli,
     setup_run,
 )
-from trainer import CheckpointError, FeatureSource, Trainer, load_checkpoint, plain_dict
+from trainer import (
+    CheckpointError,
+    FeatureSource,
+    SumLoss,
+    Trainer,
+    TrainInputError,
+    load_checkpoint,
+    plain_dict,
+    seed_everything,
+)
 
 
 class PairAlignmentError(AssertionError):
@@ -78,85 +103,202 @@ def resize_map(m: torch.Tensor, grid_from, grid_to) -> torch.Tensor:
     return x.reshape(B, d, th * tw).transpose(1, 2).to(m.dtype)            # [B, Gh'*Gw', d]
 
 
-def distill_losses(s_out: dict, s_grid, t_outs: list, t_grids: list, w_map=1.0, w_query=1.0,
-                   w_logit=1.0, temperature=1.0, impl="auto", exclude_classes=None) -> dict:
-    """The three weighted KD terms (0-dim tensors) of a student output vs M teacher outputs.
+@dataclass
+class KDConfig:
+    """The distillation options (CLI: --w-map, --w-query, --w-logit, --temperature, --kd-adapter,
+    --kd-impl); checkpointed under ``distill``."""
+    w_map: float = 1.0
+    w_query: float = 1.0
+    w_logit: float = 1.0
+    temperature: float = 1.0
+    adapter: str = "linear"     # linear | none: student features -> each teacher's channel basis
+    impl: str = "auto"          # kernels implementation: auto | triton | torch | reference
+
+
+class Widths(NamedTuple):
+    """What the map and query levels compare: latent map width (None: no linking decoder), pair
+    query width, and the number of query tensors (encoder output + one per decoder layer)."""
+    latent: Optional[int]
+    query: int
+    layers: int
+
+
+def kd_widths(model) -> Widths:
+    """The :class:`Widths` of a model.LINK (from its config)."""
+    c = model.cfg
+    return Widths(c.d_latent if c.linking_decoder else None, c.d_model, 1 + c.dec_layers)
+
+
+def query_layer_map(n_student: int, n_teacher: int) -> list[int]:
+    """Teacher query tensor matched to each student query tensor: the same index when the
+    counts agree; otherwise by relative depth (first to first, last to last, rounded between).
+    Choice: LINK.md pairs layers "across encoder and decoder layers" and says nothing of teachers
+    with another layer count."""
+    if n_student == n_teacher:
+        return list(range(n_student))
+    if n_student == 1:              # the one tensor the student's classifier reads: the teacher's last
+        return [n_teacher - 1]
+    return [round(i * (n_teacher - 1) / (n_student - 1)) for i in range(n_student)]
+
+
+def _adapter(d_student: int, d_teacher: int, kind: str, what: str) -> nn.Module:
+    """One adapter: student channels -> a teacher's channel basis (token / pair wise)."""
+    if kind == "none":
+        if d_student != d_teacher:
+            raise ValueError(f"{what}: width {d_teacher} vs the student's {d_student}; --kd-adapter none "
+                             f"needs equal widths (use --kd-adapter linear)")
+        return nn.Identity()
+    lin = nn.Linear(d_student, d_teacher)
+    if d_student == d_teacher:   # Choice: start as the identity, i.e. as the plain KL of equal bases
+        with torch.no_grad():
+            lin.weight.copy_(torch.eye(d_student))
+            lin.bias.zero_()
+    return lin
+
+
+class Adapters(nn.Module):
+    """Per teacher m, a learned linear map from the student's latent-map channels into teacher
+    m's (``map[m]``) and one from the student's pair-query channels into teacher m's
+    (``query[m]``, shared by the query layers: a network's layers write one residual basis).
+
+    Why: channel c of one teacher (CLIP) has nothing to do with channel c of another (SigLIP),
+    nor with channel c of a student that starts from its own initialisation; a KL over channels
+    only means something in one basis. Trained with the student, stored in its checkpoint
+    (``extra_state``), never used at inference. kind "none": identity maps (equal widths).
+    """
+
+    def __init__(self, student: Widths, teachers: list, kind: str = "linear", w_map=1.0, w_query=1.0,
+                 seed: int = 0):
+        super().__init__()
+        if kind not in ("linear", "none"):
+            raise ValueError(f"--kd-adapter must be linear or none, got {kind!r}")
+        self.map, self.query = nn.ModuleList(), nn.ModuleList()
+        with torch.random.fork_rng(devices=[]):    # the training RNG stream is left untouched
+            torch.manual_seed(seed)
+            for m, t in enumerate(teachers):
+                if w_map:
+                    if student.latent is None or t.latent is None:
+                        who = "the student" if student.latent is None else f"teacher {m}"
+                        raise ValueError(f"map-level KD needs latent maps and {who} has none (no linking "
+                                         f"decoder): use --w-map 0")
+                    self.map.append(_adapter(student.latent, t.latent, kind, f"teacher {m} latent map"))
+                if w_query:
+                    self.query.append(_adapter(student.query, t.query, kind, f"teacher {m} pair queries"))
+
+
+def _map_kd(s_map, s_grid, t_outs, t_grids, adapters, T, impl) -> SumLoss:
+    """Map level: per teacher, KL over channels token by token between the teacher's latent map
+    (resized to the student's grid) and the adapted student map; mean over teachers, per token."""
+    B, n_tok, _ = s_map.shape
+    total = s_map.new_zeros((), dtype=torch.float32)
+    for m, (t, g) in enumerate(zip(t_outs, t_grids)):
+        tm = resize_map(t["latent_map"].detach().float(), g, s_grid)               # [B, T, d_t]
+        sm = adapters.map[m](s_map.float()) if adapters is not None else s_map.float()
+        if tm.shape != sm.shape:
+            raise ValueError(f"teacher {m}: latent map {tuple(tm.shape)} vs the student's adapted "
+                             f"{tuple(sm.shape)}")
+        total = total + kl_distill(sm.reshape(-1, sm.shape[-1]), tm.reshape(-1, tm.shape[-1]), T,
+                                   impl=impl) * (B * n_tok)
+    return SumLoss(total / len(t_outs), B * n_tok)
+
+
+def _query_kd(sq, t_outs, adapters, T, impl) -> SumLoss:
+    """Query level: per teacher and matched layer, KL over channels pair by pair between the
+    teacher's query and the adapted student query; mean over teachers and layers, per pair."""
+    P = sq[0].shape[0] if len(sq) else 0
+    total = sq[0].new_zeros((), dtype=torch.float32) if len(sq) else torch.zeros(())
+    if P == 0:
+        return SumLoss(total, 0)
+    for m, t in enumerate(t_outs):
+        for ls, lt in enumerate(query_layer_map(len(sq), len(t["queries"]))):
+            q = adapters.query[m](sq[ls].float()) if adapters is not None else sq[ls].float()
+            tq = t["queries"][lt].detach().float()
+            if tq.shape != q.shape:
+                raise ValueError(f"teacher {m}: query {tuple(tq.shape)} vs the student's adapted {tuple(q.shape)}")
+            total = total + kl_distill(q, tq, T, impl=impl) * P
+    return SumLoss(total / (len(t_outs) * len(sq)), P)
+
+
+def _logit_kd(s_out, t_outs, exclude_classes, T, impl) -> SumLoss:
+    """Logit level on Psi with the detection prior (impossible and excluded classes masked);
+    several teachers: the mean of their probabilities; per pair."""
+    logits = s_out["logits"]
+    P = logits.shape[0]
+    if P == 0:
+        return SumLoss(logits.new_zeros((), dtype=torch.float32), 0)
+    tl = torch.stack([t["logits"].detach().float() for t in t_outs])       # [M, P, K]
+    prior = s_out["prior"].detach().float()                                # [P, K]
+    if exclude_classes is not None and len(exclude_classes):
+        prior = prior.clone()
+        prior[:, list(exclude_classes)] = 0.0
+    return SumLoss(kl_distill(logits.float(), tl, T, prior=prior, impl=impl) * P, P)
+
+
+def distill_losses(s_out: dict, s_grid, t_outs: list, t_grids: list, cfg: Optional[KDConfig] = None,
+                   adapters: Optional[Adapters] = None, exclude_classes=None) -> dict:
+    """The weighted KD terms of a student output vs M teacher outputs: {name: SumLoss}, each a
+    sum over its items (tokens for the map level, pairs for the others) with the item count;
+    ``.mean()`` is the per-item loss, and the training loop divides by the global count.
 
     s_out / t_outs[m]: model outputs (latent_map [B, T, d], queries list of [P, D], logits
     [P, K], prior [P, K], pair_image [P], pair_idx [P, 2]); s_grid / t_grids[m]: (Gh, Gw) of
-    the respective VLM feature maps. exclude_classes: class indices left out of the
-    logit-level KD (masked like impossible classes). Alignment is checked first.
+    the respective VLM feature maps. adapters: student -> teacher channel maps (None: identity).
+    exclude_classes: class indices left out of the logit-level KD (masked like impossible
+    classes). Alignment is checked first.
     """
+    cfg = cfg or KDConfig()
     for m, t in enumerate(t_outs):
         check_alignment(s_out, t, f"teacher {m}")
-    T = float(temperature)
-    zero = s_out["logits"].new_zeros(()).float()
-    out = {}
-    if w_map and s_out.get("latent_map") is None:
-        raise ValueError("map-level KD needs latent maps (the model has no linking decoder): "
-                         "use --w-map 0")
-    if w_map:
-        s = s_out["latent_map"].float()                                    # [B, T, d]
-        ts = []
-        for m, (t, g) in enumerate(zip(t_outs, t_grids)):
-            tm = resize_map(t["latent_map"].detach().float(), g, s_grid)   # [B, T, d']
-            if tm.shape != s.shape:
-                raise ValueError(f"teacher {m}: latent map {tuple(tm.shape)} vs student "
-                                 f"{tuple(s.shape)}: map-level KD needs the same latent width")
-            ts.append(tm)
-        d = s.shape[-1]
-        out["loss_kd_map"] = w_map * kl_distill(s.reshape(-1, d),
-                                                torch.stack(ts).reshape(len(ts), -1, d), T, impl=impl)
-    if w_query:
-        sq = s_out["queries"]
-        for m, t in enumerate(t_outs):
-            if len(t["queries"]) != len(sq):
-                raise ValueError(f"teacher {m} has {len(t['queries'])} query layers, the student "
-                                 f"{len(sq)}: query-level KD pairs them layer by layer")
-        if len(sq) and sq[0].shape[0] > 0:
-            per = [kl_distill(q.float(), torch.stack([t["queries"][layer].detach().float() for t in t_outs]),
-                              T, impl=impl) for layer, q in enumerate(sq)]
-            out["loss_kd_query"] = w_query * torch.stack(per).mean()
-        else:
-            out["loss_kd_query"] = zero
-    if w_logit:
-        if s_out["logits"].shape[0] > 0:
-            tl = torch.stack([t["logits"].detach().float() for t in t_outs])  # [M, P, K]
-            prior = s_out["prior"].detach().float()                            # [P, K]
-            if exclude_classes is not None and len(exclude_classes):
-                prior = prior.clone()
-                prior[:, list(exclude_classes)] = 0.0
-            out["loss_kd_logit"] = w_logit * kl_distill(s_out["logits"].float(), tl, T,
-                                                        prior=prior, impl=impl)
-        else:
-            out["loss_kd_logit"] = zero
+    T, out = float(cfg.temperature), {}
+    if cfg.w_map:
+        if s_out.get("latent_map") is None:
+            raise ValueError("map-level KD needs latent maps (the model has no linking decoder): "
+                             "use --w-map 0")
+        kd = _map_kd(s_out["latent_map"], s_grid, t_outs, t_grids, adapters, T, cfg.impl)
+        out["loss_kd_map"] = SumLoss(cfg.w_map * kd.total, kd.count)
+    if cfg.w_query:
+        kd = _query_kd(s_out["queries"], t_outs, adapters, T, cfg.impl)
+        out["loss_kd_query"] = SumLoss(cfg.w_query * kd.total, kd.count)
+    if cfg.w_logit:
+        kd = _logit_kd(s_out, t_outs, exclude_classes, T, cfg.impl)
+        out["loss_kd_logit"] = SumLoss(cfg.w_logit * kd.total, kd.count)
     return out
 
 
-class Distiller:
-    """The ``extra_loss`` hook: runs the frozen teachers on the student's exact inputs."""
+class Distiller(nn.Module):
+    """The ``extra_loss`` hook: runs the frozen teachers on the student's exact inputs.
 
-    def __init__(self, teachers: list, sources: list, w_map=1.0, w_query=1.0, w_logit=1.0,
-                 temperature=1.0, impl="auto", exclude_classes=None):
-        self.teachers, self.sources = teachers, sources
+    A module only for its :class:`Adapters` (trained with the student and checkpointed by the
+    loop under ``extra_state``); the teachers are a plain list, neither trained nor saved.
+    """
+
+    def __init__(self, teachers: list, sources: list, student: Widths, teacher_widths: list,
+                 cfg: Optional[KDConfig] = None, exclude_classes=None, seed: int = 0):
+        super().__init__()
+        cfg = cfg or KDConfig()
+        self.teachers, self.sources, self.cfg = list(teachers), list(sources), cfg
         self.exclude = list(exclude_classes or [])
-        self.w = dict(w_map=w_map, w_query=w_query, w_logit=w_logit)
-        self.temperature, self.impl = temperature, impl
-        for t in teachers:
+        self.adapters = Adapters(student, teacher_widths, cfg.adapter, cfg.w_map, cfg.w_query, seed)
+        for t in self.teachers:
             t.eval()
             for p in t.parameters():
                 p.requires_grad_(False)
 
-    def __call__(self, ctx: dict) -> dict:
-        t_outs, grids = [], []
+    def teacher_outputs(self, ctx: dict) -> tuple[list, list]:
+        """The one place that runs the teachers: -> (their outputs, their feature grids (Gh, Gw)).
+        Distillation reads pair_image, pair_idx, logits, latent_map and queries of each."""
+        outs, grids = [], []
         for t, src in zip(self.teachers, self.sources):
             f = src.get(ctx["indices"], ctx["views"])                     # [b, C_t, Gh_t, Gw_t]
             with torch.no_grad():
-                t_outs.append(t(f, ctx["dets"], ctx["sizes"]))
+                outs.append(t(f, ctx["dets"], ctx["sizes"]))
             grids.append(tuple(f.shape[-2:]))
-        return distill_losses(ctx["out"], tuple(ctx["feats"].shape[-2:]), t_outs, grids,
-                              temperature=self.temperature, impl=self.impl,
-                              exclude_classes=self.exclude, **self.w)
+        return outs, grids
+
+    def forward(self, ctx: dict) -> dict:
+        t_outs, grids = self.teacher_outputs(ctx)
+        return distill_losses(ctx["out"], tuple(ctx["feats"].shape[-2:]), t_outs, grids, self.cfg,
+                              self.adapters, self.exclude)
 
 
 def load_teacher(path, device):
@@ -167,6 +309,39 @@ def load_teacher(path, device):
     return t.to(device), ck
 
 
+def teacher_init_seed(ck: dict) -> Optional[int]:
+    """The seed a checkpoint's network was initialised from (a student stores ``init_seed``;
+    a teacher is built right after seeding with its --seed), None when unknown."""
+    if "init_seed" in ck:
+        return int(ck["init_seed"])
+    seed = (ck.get("loop") or {}).get("seed")
+    return None if seed is None else int(seed)
+
+
+def resolve_init_seed(init_seed: Optional[str], seed: int, teacher_seeds: list) -> int:
+    """The student's initialisation seed: an integer as given; "same" = --seed (a teacher trained
+    with that --seed starts from the same weights: the controlled run); by default the smallest
+    integer above --seed that no teacher was initialised with, so the student starts from its
+    own initialisation (LINK trains it "from scratch")."""
+    if init_seed == "same":
+        return int(seed)
+    if init_seed is not None:
+        return int(init_seed)
+    out = int(seed) + 1
+    while out in teacher_seeds:
+        out += 1
+    return out
+
+
+def _init_seed_arg(v: str) -> str:
+    if v != "same":
+        try:
+            int(v)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer or 'same', got {v!r}") from None
+    return v
+
+
 def student_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Train a LINK student: GT + distillation from frozen teachers.")
     add_common_args(p)
@@ -174,10 +349,17 @@ def student_parser() -> argparse.ArgumentParser:
     k = p.add_argument_group("distillation")
     k.add_argument("--teacher", action="append", required=True, metavar="CKPT",
                    help="teacher checkpoint (repeat for several teachers, possibly other VLMs)")
+    k.add_argument("--init-seed", type=_init_seed_arg, metavar="N|same",
+                   help="seed of the student's initial weights (and its dropout stream; --seed keeps the "
+                        "data order and flips). Default: the smallest integer above --seed that no teacher "
+                        "was initialised with; 'same': --seed, i.e. a teacher's initial weights")
     k.add_argument("--w-map", type=float, default=1.0)
     k.add_argument("--w-query", type=float, default=1.0)
     k.add_argument("--w-logit", type=float, default=1.0)
     k.add_argument("--temperature", type=float, default=1.0)
+    k.add_argument("--kd-adapter", default="linear", choices=["linear", "none"],
+                   help="map/query KD: a learned linear map per teacher from the student's channels into "
+                        "the teacher's (linear), or none (equal widths, channel c = channel c)")
     k.add_argument("--kd-impl", default="auto", choices=["auto", "triton", "torch", "reference"])
     k.add_argument("--kd-unseen", action="store_true",
                    help="zero-shot: also distil the unseen classes' logits (default: left out)")
@@ -192,36 +374,53 @@ def _file_hash(path) -> str:
     return h.hexdigest()[:16]
 
 
-def main(argv=None) -> dict:
-    args = student_parser().parse_args(argv)
-    d, train, test, cs, cache = setup_run(args)
-    # the student is built first, right after seeding: with the teacher's --seed it starts from
-    # the teacher's initial weights, so a comparison isolates the effect of distillation
-    # (with all KD weights 0 the student reproduces the teacher exactly)
-    model = build_model(args, cs, d.device)
-    teachers, sources, info = [], [], []
+def load_teachers(args, cs, device) -> tuple[list, list, list]:
+    """-> (frozen teachers, their info for the checkpoint, their init seeds); draws no RNG."""
+    teachers, info, seeds = [], [], []
     cs_plain = plain_dict(cs)
     for path in args.teacher:
         with torch.random.fork_rng(devices=[]):     # building a teacher draws no training RNG
-            t, ck = load_teacher(path, d.device)
+            t, ck = load_teacher(path, device)
         if ck["class_space"] != cs_plain:
             diff = sorted(k for k in cs_plain if cs_plain.get(k) != ck["class_space"].get(k))
             raise CheckpointError(f"teacher {path}: class space differs from the student's data "
-                                     f"(fields: {diff[:6]})")
+                                  f"(fields: {diff[:6]})")
         teachers.append(t)
-        sources.append(FeatureSource(t, train, cache, 2 if args.flip else 1, args.cache_dtype, d,
-                                     progress=not args.no_progress and d.main))
         info.append({"path": str(path), "sha1": _file_hash(path), "cache_key": t.cache_key()})
+        seeds.append(teacher_init_seed(ck))
+    return teachers, info, seeds
+
+
+def kd_config(args) -> KDConfig:
+    return KDConfig(w_map=args.w_map, w_query=args.w_query, w_logit=args.w_logit,
+                    temperature=args.temperature, adapter=args.kd_adapter, impl=args.kd_impl)
+
+
+def main(argv=None) -> dict:
+    args = student_parser().parse_args(argv)
+    d, train, test, cs, cache = setup_run(args)
+    teachers, info, t_seeds = load_teachers(args, cs, d.device)
+    # the student's weights come from their own seed (a teacher's with --init-seed same: then,
+    # with all KD weights 0, the student reproduces that teacher exactly)
+    init_seed = resolve_init_seed(args.init_seed, args.seed, t_seeds)
+    seed_everything(init_seed + d.rank)
+    model = build_model(args, cs, d.device)
+    views = 2 if args.flip else 1
+    sources = [FeatureSource(t, train, cache, views, args.cache_dtype, d, progress=not args.no_progress and d.main)
+               for t in teachers]
     tf, ef = make_sources(model, args, d, train, test, cache)
-    dist = Distiller(teachers, sources, args.w_map, args.w_query, args.w_logit, args.temperature,
-                     args.kd_impl, exclude_classes=[] if args.kd_unseen else list(cs.unseen))
+    kd = kd_config(args)
+    try:
+        dist = Distiller(teachers, sources, kd_widths(model), [kd_widths(t) for t in teachers], kd,
+                         exclude_classes=[] if args.kd_unseen else list(cs.unseen), seed=init_seed).to(d.device)
+    except ValueError as e:
+        raise TrainInputError(f"--teacher: {e}") from None
     out = Path(args.runs) / args.name
     metric_fn, mkw = metric_for(args, cs)
     tr = Trainer(model, loop_config(args), train, tf, out, d, test, ef, extra_loss=dist,
                  metric_fn=metric_fn, eval_kwargs=mkw, class_space=cs,
-                 ckpt_extra={"role": "student", "teachers": info,
-                             "distill": {"w_map": args.w_map, "w_query": args.w_query,
-                                         "w_logit": args.w_logit, "temperature": args.temperature}})
+                 ckpt_extra={"role": "student", "teachers": info, "init_seed": init_seed,
+                             "distill": asdict(kd)})
     return fit_and_finish(tr, args.resume, args.name)
 
 

@@ -32,8 +32,13 @@ The contract (model.LINK follows it; tests/test_train.py's StandIn is a 100-line
 * ``metric_fn(anno, predictions, **eval_kwargs) -> dict``: predictions are
   {filename: ndarray[N, 10]} (hoi, score, human box, object box); the keys full, rare,
   non_rare, unseen, seen are logged and kept.
-* ``extra_loss(ctx) -> {name: 0-dim tensor}`` (already weighted, per-image means), added to the
+* ``extra_loss(ctx) -> {name: 0-dim tensor | SumLoss}`` (already weighted), added to the
   model's loss; ``ctx`` holds model, out, feats, indices, views, dets, sizes, targets, split.
+  A plain tensor is a per-image mean; a :class:`SumLoss` is a sum over items (pairs, tokens)
+  with its item count, divided by the items of the whole global batch. An ``extra_loss`` that
+  is a torch.nn.Module (the student's distillation adapters) has its trainable parameters
+  optimised with the model's and its state checkpointed under ``extra_state`` (restored on
+  resume); it is not part of the model's weights, so inference never sees it.
 
 Design choices written down (LINK.md is silent on them):
 
@@ -46,10 +51,11 @@ Design choices written down (LINK.md is silent on them):
   bucket hooks, because the number of pairs per image varies and some parameters get no
   gradient in some steps (DDP would need find_unused_parameters). A global batch of B images is
   split rank r <- batch[r::W]; per-image-mean losses (distillation) are weighted by
-  n_local * W / n_global, and a loss normalised by its positives (the model's focal loss,
-  which reports ``num_pos``) by W * max(pos_local, 1) / max(pos_global, 1), the positives
-  being summed over ranks each step, so that the averaged gradient is exactly the gradient
-  one process computes on the global batch (up to float summation order).
+  n_local * W / n_global, a loss normalised by its positives (the model's focal loss,
+  which reports ``num_pos``) by W * max(pos_local, 1) / max(pos_global, 1), and a
+  :class:`SumLoss` (per-pair / per-token distillation) by W / max(items_global, 1), the
+  positives and items being summed over ranks each step, so that the averaged gradient is
+  exactly the gradient one process computes on the global batch (up to float summation order).
 * Flips: a ViT is not flip-equivariant, so the flipped image is encoded on its own; the cache
   then stores both views per image ([N, 2, C, Gh, Gw]) and the view count is part of the cache
   key. Any other image augmentation must bypass the cache.
@@ -606,21 +612,40 @@ def resolve_amp(amp: str, device: torch.device) -> Optional[torch.dtype]:
     return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 
+class SumLoss(NamedTuple):
+    """An ``extra_loss`` term given as this rank's sum over items (pairs, tokens) and the
+    number of items summed. The loop divides by the items of the whole global batch (summed
+    over ranks each step, like the positives), so N ranks give one process's per-item mean."""
+    total: torch.Tensor     # 0-dim, with its graph, already weighted
+    count: float            # items summed over on this rank
+
+    def mean(self) -> torch.Tensor:
+        """The per-item mean over this rank's items (one process: the loss itself)."""
+        return self.total / max(float(self.count), 1.0)
+
+
 class _StepLosses(NamedTuple):
-    """The local batch's losses of one step: the model's loss and the extra (distillation)
-    terms as 0-dim float tensors with their graphs, the parts detached for the log, and the
-    model's ``num_pos`` (None when its loss is not normalised by positives)."""
+    """The local batch's losses of one step: the model's loss and the per-image-mean extra
+    terms as 0-dim float tensors with their graphs, the :class:`SumLoss` extra terms, the
+    per-image-mean parts detached for the log, and the model's ``num_pos`` (None when its loss
+    is not normalised by positives)."""
     gt: torch.Tensor
     extra: torch.Tensor
+    sums: dict
     parts: dict
     num_pos: Optional[torch.Tensor]
+
+    def value(self) -> torch.Tensor:
+        """The local loss, detached (the finiteness check)."""
+        return (self.gt + self.extra + sum(s.total for s in self.sums.values())).detach()
 
 
 class Trainer:
     """The shared loop over a :class:`LoopModel` (see the module docstring for the contract).
 
-    ``extra_loss(ctx) -> {name: 0-dim tensor}`` (already weighted) is added to the model's own
-    ``out["loss"]``; ctx holds model, out, feats, indices, views, dets, sizes, targets, split.
+    ``extra_loss(ctx) -> {name: 0-dim tensor | SumLoss}`` (already weighted) is added to the
+    model's own ``out["loss"]``; ctx holds model, out, feats, indices, views, dets, sizes,
+    targets, split. An extra_loss that is an nn.Module trains and checkpoints with the model.
     ``metric_fn(anno, preds, **eval_kwargs) -> dict`` scores the test split (needed with one).
     """
 
@@ -639,7 +664,10 @@ class Trainer:
         self.extra_loss, self.metric_fn = extra_loss, metric_fn
         self.eval_kwargs = eval_kwargs or {}
         self.ckpt_extra = ckpt_extra or {}
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        # an extra_loss with parameters (the distillation adapters) trains with the model
+        self.extra_module = extra_loss if isinstance(extra_loss, torch.nn.Module) else None
+        extra_params = list(self.extra_module.parameters()) if self.extra_module is not None else []
+        self.params = [p for p in list(model.parameters()) + extra_params if p.requires_grad]
         if not self.params:
             raise TrainInputError("the model has no trainable parameter")
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -670,7 +698,8 @@ class Trainer:
                 "step_in_epoch": self.step_in_epoch,
                 "order": epoch_order(len(self.train), self.cfg.seed, self.epoch),
                 "data_fingerprint": self.train.fingerprint(), "world_size": self.d.world,
-                "loop": asdict(self.cfg), "metrics": self.last_metrics, **self.ckpt_extra}
+                "loop": asdict(self.cfg), "metrics": self.last_metrics, **self.ckpt_extra,
+                **({"extra_state": trainable_state(self.extra_module)} if self.extra_module is not None else {})}
 
     def save(self) -> None:
         rngs = all_gather_objects(rng_state(), self.d)        # every rank's RNG
@@ -682,6 +711,8 @@ class Trainer:
         ck = load_checkpoint(path, map_location=self.d.device)
         check_checkpoint_matches(ck, self.model, path, self.train.fingerprint(), self.class_space)
         load_trainable_state(self.model, ck["model"])
+        if self.extra_module is not None:
+            self._load_extra_state(ck, path)
         self.opt.load_state_dict(ck["optimizer"])
         self.sched.load_state_dict(ck["scheduler"])
         self.scaler.load_state_dict(ck["scaler"])
@@ -699,6 +730,16 @@ class Trainer:
                         if line.strip() and json.loads(line).get("step", 0) <= self.step]
                 atomic_write_bytes(log, ("\n".join(keep) + ("\n" if keep else "")).encode())
         print(f"resumed from {path}: epoch {self.epoch}, step {self.step}", file=sys.stderr)
+
+    def _load_extra_state(self, ck: dict, path) -> None:
+        """Restore the extra_loss module's weights (the distillation adapters)."""
+        if "extra_state" not in ck:
+            raise CheckpointError(f"checkpoint {path} has no distillation adapters (field: extra_state)")
+        try:
+            load_trainable_state(self.extra_module, ck["extra_state"])
+        except RuntimeError as e:   # a shape mismatch: other teachers or widths
+            raise CheckpointError(f"checkpoint {path}: field extra_state does not fit this run "
+                                  f"({str(e).splitlines()[-1].strip()[:160]})") from None
 
     # -- logging -------------------------------------------------------------------------------
     def log(self, rec: dict) -> None:
@@ -766,12 +807,13 @@ class Trainer:
         self.model.train()
         self.opt.zero_grad(set_to_none=True)
         losses = self._local_losses(local) if local else None
-        loss_val = (losses.gt + losses.extra).detach() if losses is not None else torch.zeros((), device=self.d.device)
+        loss_val = losses.value() if losses is not None else torch.zeros((), device=self.d.device)
         pos_total, pos_ranks = self._sync_finite_and_positives(loss_val, losses, local)
+        items = self._global_items(losses.sums if losses is not None else {})
         if losses is not None:
-            self._backward(losses, len(local) * self.d.world / len(batch), pos_total, pos_ranks)
+            self._backward(losses, len(local) * self.d.world / len(batch), pos_total, pos_ranks, items)
         gnorm = self._optimiser_step()
-        rec = self._global_means(loss_val, losses.parts if losses is not None else {}, len(local), len(batch))
+        rec = self._global_means(self._log_shares(losses, len(local) / len(batch), items))
         if gnorm is not None:
             rec["grad_norm"] = gnorm
         return rec
@@ -786,14 +828,29 @@ class Trainer:
             out = self.model(feats, dets, sizes, targets=tgts)
             loss_gt = out["loss"].float()
             parts = {"loss_gt": loss_gt.detach()}
-            extra = torch.zeros((), device=self.d.device)
+            extra, sums = torch.zeros((), device=self.d.device), {}
             if self.extra_loss is not None:
                 ctx = dict(model=self.model, out=out, feats=feats, indices=local, views=views,
                            dets=dets, sizes=sizes, targets=tgts, split=self.train)
                 for k, v in self.extra_loss(ctx).items():
-                    extra = extra + v.float()
-                    parts[k] = v.detach()
-        return _StepLosses(loss_gt, extra, parts, out.get("num_pos"))
+                    if isinstance(v, SumLoss):
+                        sums[k] = SumLoss(v.total.float(), float(v.count))
+                    else:
+                        extra = extra + v.float()
+                        parts[k] = v.detach()
+        return _StepLosses(loss_gt, extra, sums, parts, out.get("num_pos"))
+
+    def _global_items(self, sums: dict) -> dict:
+        """{name: items of that SumLoss over the global batch}: the local counts summed over the
+        ranks (a rank without images reports none)."""
+        local = {k: s.count for k, s in sums.items()}
+        if not self.d.enabled:
+            return local
+        total: dict = {}
+        for counts in all_gather_objects(local, self.d):
+            for k, n in counts.items():
+                total[k] = total.get(k, 0.0) + n
+        return total
 
     def _sync_finite_and_positives(self, loss_val: torch.Tensor, losses: Optional[_StepLosses],
                                    local: list[int]) -> tuple[float, float]:
@@ -814,15 +871,19 @@ class Trainer:
                                      f"(images: {'; '.join(culprits)})")
         return pos_total, pos_ranks
 
-    def _backward(self, losses: _StepLosses, weight: float, pos_total: float, pos_ranks: float) -> None:
+    def _backward(self, losses: _StepLosses, weight: float, pos_total: float, pos_ranks: float,
+                  items: dict) -> None:
         """Backward with the weights that make the rank-averaged gradient equal one process's on
-        the global batch. Per-image means (distillation terms) weigh by the rank's share of the
-        images (``weight``); a loss normalised by positives (the model's focal loss:
-        sum / max(num_pos, 1)) by its share of the global positives instead."""
+        the global batch. Per-image means weigh by the rank's share of the images (``weight``);
+        a loss normalised by positives (the model's focal loss: sum / max(num_pos, 1)) by its
+        share of the global positives instead; a SumLoss by W / (its global item count)."""
         w_gt = weight
         if losses.num_pos is not None and pos_ranks > 0:
             w_gt = self.d.world * max(float(losses.num_pos), 1.0) / max(pos_total, 1.0)
-        self.scaler.scale(losses.gt * w_gt + losses.extra * weight).backward()
+        loss = losses.gt * w_gt + losses.extra * weight
+        for k, s in losses.sums.items():
+            loss = loss + s.total * (self.d.world / max(items[k], 1.0))
+        self.scaler.scale(loss).backward()
 
     def _optimiser_step(self) -> Optional[float]:
         """Average the gradients over ranks, unscale, clip, step; -> the gradient norm before
@@ -837,19 +898,30 @@ class Trainer:
         self.sched.step()
         return gnorm
 
-    def _global_means(self, loss_val: torch.Tensor, parts: dict, n_local: int, n_global: int) -> dict:
-        """The mean loss and parts over the global batch, for the log ({} on a rank without images
-        when the ranks' part names differ)."""
+    @staticmethod
+    def _log_shares(losses: Optional[_StepLosses], image_share: float, items: dict) -> dict:
+        """This rank's share of each logged part's global-batch mean: a per-image mean times the
+        rank's share of the images, a SumLoss's sum over its global item count ({} without images)."""
+        if losses is None:
+            return {}
+        shares = {k: v * image_share for k, v in losses.parts.items()}
+        for k, s in losses.sums.items():
+            shares[k] = s.total.detach() / max(items[k], 1.0)
+        return shares
+
+    def _global_means(self, shares: dict) -> dict:
+        """The mean loss and parts over the global batch from each rank's shares, for the log
+        ({} on a rank without images when the ranks' part names differ)."""
         d = self.d
-        names = ["loss"] + sorted(parts)
-        if parts:
-            stats = torch.stack([loss_val * n_local] + [parts[k] * n_local for k in sorted(parts)])
+        names = ["loss"] + sorted(shares)
+        if shares:
+            stats = torch.stack([sum(shares.values())] + [shares[k] for k in sorted(shares)])
         else:
             stats = torch.zeros(1, device=d.device)
         all_names = all_gather_objects(names, d)
         if d.enabled and all(n == all_names[0] for n in all_names):
             tdist.all_reduce(stats)
-        return {k: float(v) / n_global for k, v in zip(names, stats.tolist())} if parts else {}
+        return {k: float(v) for k, v in zip(names, stats.tolist())} if shares else {}
 
     # -- evaluation ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -899,6 +971,8 @@ class Trainer:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")   # needed by cuBLAS
             torch.use_deterministic_algorithms(True)
         broadcast_params(self.model, self.d)
+        if self.extra_module is not None:
+            broadcast_params(self.extra_module, self.d)
         while self.epoch < cfg.epochs:
             t0 = time.time()
             self._train_epoch()

@@ -1,0 +1,198 @@
+"""Tests of the distillation (train_student.py): per-teacher adapters at the map and query levels,
+teachers of other widths and layer counts, the student's own initialisation seed, and the
+adapters' place in checkpoints. The data-parallel normalisation of the distillation terms is
+tested by the 2-process gloo test in test_train.py."""
+from __future__ import annotations
+
+import pytest
+import torch
+from test_train import StandIn, TinyCfg, TinyCS, make_trainer, standin_widths
+
+from train_student import (
+    Adapters,
+    Distiller,
+    KDConfig,
+    Widths,
+    distill_losses,
+    query_layer_map,
+    resolve_init_seed,
+    student_parser,
+)
+from trainer import CheckpointError, load_checkpoint
+
+B, GRID, D_LAT, D_Q, P, K = 2, (4, 4), 6, 8, 5, 3
+
+
+def _out(latent, queries, logits=None):
+    """A hand-made model output with P pairs (pairing and prior fixed, so outputs align)."""
+    logits = torch.zeros(P, K) if logits is None else logits
+    return {"pair_image": torch.tensor([0, 0, 0, 1, 1]),
+            "pair_idx": torch.tensor([[0, 1], [0, 2], [1, 0], [0, 1], [1, 0]]),
+            "latent_map": latent, "queries": queries, "logits": logits, "prior": torch.full((P, K), 0.5)}
+
+
+def _perm_matrix(idx: torch.Tensor) -> torch.Tensor:
+    """W [d, d] with (x @ W.T)[..., j] = x[..., idx[j]], i.e. nn.Linear weight selecting channels."""
+    w = torch.zeros(len(idx), len(idx))
+    w[torch.arange(len(idx)), idx] = 1.0
+    return w
+
+
+def _mean(term) -> float:
+    return float(term.mean().detach())
+
+
+def _set(lin: torch.nn.Linear, weight: torch.Tensor) -> None:
+    with torch.no_grad():
+        lin.weight.copy_(weight)
+        lin.bias.zero_()
+
+
+def test_permuted_teachers_through_adapters_give_near_zero_map_and_query_loss():
+    """Two teachers hold the same features in different channel orders (a CLIP and a SigLIP
+    teacher have unrelated bases). A student that copies teacher A, with adapters mapping its
+    channels into each teacher's order, has ~0 map and query loss; the plain KL of channel c vs
+    channel c (no adapter: what the mean-of-teachers code computed) is far from 0."""
+    g = torch.Generator().manual_seed(0)
+    x_map = 2 * torch.randn(B, GRID[0] * GRID[1], D_LAT, generator=g)
+    x_q = [2 * torch.randn(P, D_Q, generator=g) for _ in range(3)]
+    pa_m, pb_m = torch.randperm(D_LAT, generator=g), torch.randperm(D_LAT, generator=g)
+    pa_q, pb_q = torch.randperm(D_Q, generator=g), torch.randperm(D_Q, generator=g)
+    t_a = _out(x_map[..., pa_m], [q[:, pa_q] for q in x_q])
+    t_b = _out(x_map[..., pb_m], [q[:, pb_q] for q in x_q])
+    student = _out(t_a["latent_map"].clone().requires_grad_(), [q.clone() for q in t_a["queries"]])
+    cfg = KDConfig(w_logit=0.0, temperature=2.0)
+    w = Widths(D_LAT, D_Q, 3)
+    ad = Adapters(w, [w, w], "linear", cfg.w_map, cfg.w_query)
+    # student = teacher A: A's adapters are the identity (their initialisation for equal widths);
+    # B's select, for B's channel j, the student channel holding it: inverse(perm_a)[perm_b[j]]
+    assert torch.equal(ad.map[0].weight, torch.eye(D_LAT)) and torch.equal(ad.query[0].weight, torch.eye(D_Q))
+    _set(ad.map[1], _perm_matrix(torch.argsort(pa_m)[pb_m]))
+    _set(ad.query[1], _perm_matrix(torch.argsort(pa_q)[pb_q]))
+    z = distill_losses(student, GRID, [t_a, t_b], [GRID, GRID], cfg, ad)
+    assert _mean(z["loss_kd_map"]) < 1e-6 and _mean(z["loss_kd_query"]) < 1e-6
+    # items: 2 images x 16 tokens for the map level, 5 pairs for the query level
+    assert z["loss_kd_map"].count == 32 and z["loss_kd_query"].count == P
+    for adapters in (None, Adapters(w, [w, w], "linear")):   # no adapter / identity ones
+        plain = distill_losses(student, GRID, [t_a, t_b], [GRID, GRID], cfg, adapters)
+        assert _mean(plain["loss_kd_map"]) > 0.5 and _mean(plain["loss_kd_query"]) > 0.5
+    # one KL per teacher, averaged: with B's adapter off by a swap of two channels, the loss is
+    # half of B's own loss (A's stays 0)
+    _set(ad.map[1], _perm_matrix(torch.argsort(pa_m)[pb_m][[1, 0, 2, 3, 4, 5]]))
+    only_b = distill_losses(student, GRID, [t_b], [GRID], cfg, _single(ad, 1))
+    both = distill_losses(student, GRID, [t_a, t_b], [GRID, GRID], cfg, ad)
+    assert _mean(only_b["loss_kd_map"]) > 0.1
+    assert _mean(both["loss_kd_map"]) == pytest.approx(_mean(only_b["loss_kd_map"]) / 2, rel=1e-5)
+
+
+def _single(ad: Adapters, m: int) -> Adapters:
+    """Teacher m's adapters alone (as teacher 0)."""
+    one = Adapters(Widths(D_LAT, D_Q, 3), [], "linear")
+    one.map.append(ad.map[m])
+    one.query.append(ad.query[m])
+    return one
+
+
+def test_teacher_of_other_widths_and_layer_count_works_through_adapters():
+    """A teacher with d_latent 5, d_model 10 and 4 query tensors (the student: 6, 8, 3): its
+    features are linear images of the student's; set to those maps the adapters give ~0 loss,
+    the student's 3 query tensors meeting the teacher's tensors 0, 2 and 3 (relative depth)."""
+    g = torch.Generator().manual_seed(1)
+    x_map = torch.randn(B, 16, D_LAT, generator=g)
+    x_q = [torch.randn(P, D_Q, generator=g) for _ in range(3)]
+    w_map, w_q = torch.randn(5, D_LAT, generator=g), torch.randn(10, D_Q, generator=g)
+    junk = 5 * torch.randn(P, 10, generator=g)              # teacher tensor 1: matched to no student layer
+    teacher = _out(x_map @ w_map.T, [x_q[0] @ w_q.T, junk, x_q[1] @ w_q.T, x_q[2] @ w_q.T])
+    student = _out(x_map, x_q)
+    ad = Adapters(Widths(D_LAT, D_Q, 3), [Widths(5, 10, 4)], "linear")
+    assert ad.map[0].weight.shape == (5, D_LAT) and ad.query[0].weight.shape == (10, D_Q)
+    _set(ad.map[0], w_map)
+    _set(ad.query[0], w_q)
+    z = distill_losses(student, GRID, [teacher], [GRID], KDConfig(w_logit=0.0), ad)
+    assert _mean(z["loss_kd_map"]) < 1e-6 and _mean(z["loss_kd_query"]) < 1e-6
+    # the gradient reaches the student and the adapters
+    student2 = _out(x_map.clone().requires_grad_(), [q.clone().requires_grad_() for q in x_q])
+    _set(ad.map[0], w_map + 0.1)
+    _set(ad.query[0], w_q + 0.1)
+    z2 = distill_losses(student2, GRID, [teacher], [GRID], KDConfig(w_logit=0.0), ad)
+    sum(v.total for v in z2.values()).backward()
+    assert student2["latent_map"].grad.abs().sum() > 0 and ad.map[0].weight.grad.abs().sum() > 0
+    assert ad.query[0].weight.grad.abs().sum() > 0
+
+
+def test_query_layer_map():
+    assert query_layer_map(3, 3) == [0, 1, 2]
+    assert query_layer_map(3, 5) == [0, 2, 4]
+    assert query_layer_map(3, 4) == [0, 2, 3]       # round(1.5) = 2
+    assert query_layer_map(4, 2) == [0, 0, 1, 1]
+    assert query_layer_map(1, 3) == [2]             # the tensor the classifier reads
+
+
+def test_adapter_options_and_clear_errors():
+    s = Widths(6, 8, 3)
+    none = Adapters(s, [s], "none")
+    assert isinstance(none.map[0], torch.nn.Identity) and not list(none.parameters())
+    with pytest.raises(ValueError, match="teacher 0 latent map: width 5 vs the student's 6; --kd-adapter none"):
+        Adapters(s, [Widths(5, 8, 3)], "none")
+    with pytest.raises(ValueError, match="teacher 1 pair queries: width 16 vs the student's 8"):
+        Adapters(s, [s, Widths(6, 16, 3)], "none")
+    with pytest.raises(ValueError, match="teacher 0 has none"):
+        Adapters(s, [Widths(None, 8, 3)])
+    with pytest.raises(ValueError, match="the student has none"):
+        Adapters(Widths(None, 8, 3), [s])
+    assert len(Adapters(Widths(None, 8, 3), [s], w_map=0).map) == 0     # fine without map KD
+    with pytest.raises(ValueError, match="--kd-adapter must be linear or none"):
+        Adapters(s, [s], "mlp")
+    # building adapters draws nothing from the training RNG stream; the seed fixes them
+    state = torch.get_rng_state()
+    a1, a2 = Adapters(s, [Widths(5, 10, 3)], seed=3), Adapters(s, [Widths(5, 10, 3)], seed=3)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(a1.map[0].weight, a2.map[0].weight)
+
+
+def test_distiller_state_is_the_adapters_only():
+    t = StandIn(TinyCfg(width=10, latent=5), TinyCS())
+    dist = Distiller([t], [None], standin_widths(TinyCfg()), [standin_widths(t.cfg)])
+    assert sorted(dist.state_dict()) == ["adapters.map.0.bias", "adapters.map.0.weight",
+                                         "adapters.query.0.bias", "adapters.query.0.weight"]
+    assert all(p.requires_grad for p in dist.parameters()) and not any(p.requires_grad for p in t.parameters())
+
+
+def test_init_seed_own_by_default_same_on_request():
+    assert resolve_init_seed(None, 0, [0]) == 1
+    assert resolve_init_seed(None, 0, [1, 2, 0]) == 3          # no teacher's initialisation
+    assert resolve_init_seed(None, 4, [None]) == 5
+    assert resolve_init_seed("same", 4, [4]) == 4
+    assert resolve_init_seed("9", 4, [4]) == 9
+    p = student_parser()
+    assert p.parse_args(["--teacher", "t.pt"]).init_seed is None
+    with pytest.raises(SystemExit) as e:
+        p.parse_args(["--teacher", "t.pt", "--init-seed", "abc"])
+    assert e.value.code == 2
+
+
+def test_adapters_trained_checkpointed_and_restored_on_resume(tmp_path):
+    tr = make_trainer(tmp_path / "a", n=6, epochs=1, bs=3, kd=True)
+    init = {k: v.clone() for k, v in tr.extra_module.state_dict().items()}
+    tr.fit()
+    ck = load_checkpoint(tr.ckpt_path)
+    saved = ck["extra_state"]
+    key = "adapters.query.0.weight"
+    assert set(saved) == set(init) and not torch.equal(saved[key], init[key])     # trained
+    assert not any(k.startswith("adapters") for k in ck["model"])
+    tr2 = make_trainer(tmp_path / "a", n=6, epochs=2, bs=3, kd=True)
+    with torch.no_grad():
+        for p in tr2.extra_module.parameters():
+            p.add_(1.0)
+    tr2.resume(tr.ckpt_path)
+    for k, v in tr2.extra_module.state_dict().items():
+        assert torch.equal(v, saved[k]), k
+    # a checkpoint without adapters, or with other ones, is refused with the field named
+    no_extra = {k: v for k, v in ck.items() if k != "extra_state"}
+    torch.save(no_extra, tmp_path / "no_extra.pt")
+    with pytest.raises(CheckpointError, match="extra_state"):
+        make_trainer(tmp_path / "a", n=6, epochs=2, bs=3, kd=True).resume(tmp_path / "no_extra.pt")
+    other = dict(ck, extra_state={**saved, "adapters.map.0.weight": torch.zeros(7, 6)})
+    torch.save(other, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="other.pt: field extra_state does not fit"):
+        make_trainer(tmp_path / "a", n=6, epochs=2, bs=3, kd=True).resume(tmp_path / "other.pt")
