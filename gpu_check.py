@@ -319,34 +319,16 @@ def _find_focal():
         out_names=("loss",)), "kernels.focal_loss.focal_loss"
 
 
-_SIGMOID_NAMES = ("kl_distill_sigmoid", "sigmoid_kl_distill", "bernoulli_kl_distill", "kl_distill_bernoulli",
-                  "binary_kl_distill", "kl_distill_binary")
-_SIGMOID_MODULES = ("kernels.kl_distill", "kernels.kl_bernoulli", "kernels.bernoulli_kl", "kernels.kl_sigmoid",
-                    "kernels.sigmoid_kl", "kernels.binary_kl")
-
-
 def _find_sigmoid_kl():
-    """A per-class sigmoid (Bernoulli) KL distillation op: a function named in _SIGMOID_NAMES in
-    one of _SIGMOID_MODULES, or kernels.kl_distill(..., form=) taking 'sigmoid' / 'bernoulli'."""
-    import kernels
-    for modname in _SIGMOID_MODULES:
-        try:
-            mod = importlib.import_module(modname)
-        except ModuleNotFoundError:
-            continue
-        for fname in _SIGMOID_NAMES:
-            fn = getattr(mod, fname, None)
-            if callable(fn):
-                def call(impl, student, teacher, prior, temperature, fn=fn):
-                    return (fn(student, teacher, temperature, prior, impl=impl),)
-                return call, f"{modname}.{fname}"
-    params = inspect.signature(kernels.kl_distill).parameters
-    for key in ("form", "kind", "mode"):
-        if key in params:
-            def call(impl, student, teacher, prior, temperature, key=key):
-                return (kernels.kl_distill(student, teacher, temperature, prior, impl=impl, **{key: "sigmoid"}),)
-            return call, f"kernels.kl_distill({key}='sigmoid')"
-    return None, "no sigmoid / Bernoulli form of kl_distill found"
+    """The per-class sigmoid (Bernoulli) logit distillation, kernels/kl_distill_sigmoid.py."""
+    try:
+        mod = importlib.import_module("kernels.kl_distill_sigmoid")
+    except ModuleNotFoundError:
+        return None, "kernels/kl_distill_sigmoid.py not found"
+
+    def call(impl, student, teacher, prior, temperature):
+        return (mod.kl_distill_sigmoid(student, teacher, temperature, prior, impl=impl),)
+    return call, "kernels.kl_distill_sigmoid.kl_distill_sigmoid"
 
 
 def optional_cases(rep):
@@ -710,11 +692,11 @@ def build_link(width, seed, device, K=600, **overrides):
     import torch
     import torch.nn.functional as F
 
-    import model as M
-    cfg = M.LINKConfig(vlm=register_vlm(width), pretrained=None, image_size=32, **overrides)
+    import model
+    cfg = model.LINKConfig(vlm=register_vlm(width), pretrained=None, image_size=32, **overrides)
     torch.manual_seed(seed)
     text = F.normalize(torch.randn(K, width), dim=1)
-    return M.LINK(cfg, class_space(K), text_embed=text).to(device)
+    return model.LINK(cfg, class_space(K), text_embed=text).to(device)
 
 
 def make_batch(B, n_h, n_o, grid, width, device, seed=0, n_teachers=2, n_obj=80, K=600):
@@ -740,12 +722,13 @@ def make_batch(B, n_h, n_o, grid, width, device, seed=0, n_teachers=2, n_obj=80,
     return feats, dets, sizes, targets
 
 
-def train_step(student, teachers, opt, batch, grid, impl, amp):
-    """One optimiser step as train_teacher.Trainer.train_step takes it (autocast forward, GT loss +
-    train_student.distill_losses against the frozen teachers, backward, clip 0.1, AdamW)."""
+def train_step(student, teachers, adapters, opt, batch, grid, impl, amp):
+    """One optimiser step as trainer.Trainer.train_step takes it (autocast forward, GT loss +
+    train_student.distill_losses against the frozen teachers through the per-teacher adapters,
+    backward, clip 0.1, AdamW)."""
     import torch
 
-    import train_student as TS
+    import train_student
     feats, dets, sizes, targets = batch
     opt.zero_grad(set_to_none=True)
     ctx = torch.autocast("cuda", dtype=amp) if amp is not None else contextlib.nullcontext()
@@ -755,10 +738,11 @@ def train_step(student, teachers, opt, batch, grid, impl, amp):
         if teachers:
             with torch.no_grad():
                 t_outs = [t(f, dets, sizes) for t, f in zip(teachers, feats[1:])]
-            kd = TS.distill_losses(out, grid, t_outs, [grid] * len(teachers), impl=impl)
-            loss = loss + sum(v.float() for v in kd.values())
+            kd = train_student.distill_losses(out, grid, t_outs, [grid] * len(teachers),
+                                              train_student.KDConfig(impl=impl), adapters)
+            loss = loss + sum(v.mean().float() for v in kd.values())
     loss.backward()
-    torch.nn.utils.clip_grad_norm_([p for p in student.parameters() if p.requires_grad], 0.1)
+    torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g['params']], 0.1)
     opt.step()
     return loss.detach()
 
@@ -774,9 +758,13 @@ def train_row(models, init_state, batch, grid, kind, impl, device, n_time):
     student.train()
     for t in teachers:                      # frozen, as train_student.Distiller makes them
         t.eval().requires_grad_(False)
-    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-4, weight_decay=1e-4)
+    import train_student
+    widths = [train_student.kd_widths(t) for t in teachers]
+    adapters = train_student.Adapters(train_student.kd_widths(student), widths).to(device) if teachers else None
+    params = [p for p in student.parameters() if p.requires_grad] + (list(adapters.parameters()) if adapters else [])
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4)
     amp = torch.bfloat16 if device == "cuda" else None
-    run = lambda: train_step(student, teachers, opt, batch, grid, impl, amp)  # noqa: E731
+    run = lambda: train_step(student, teachers, adapters, opt, batch, grid, impl, amp)  # noqa: E731
     torch.manual_seed(0)                    # same weights, same dropout masks: losses comparable
     t = time.perf_counter()
     first = float(run())
