@@ -663,6 +663,12 @@ class LINK(nn.Module):
         self.decoder = nn.ModuleList(LinkingLayer(cfg, c_vlm) for _ in range(cfg.dec_layers))
         self.classifier = TextClassifier(cfg.d_model, text_embed, cs.unseen)
 
+    def no_weight_decay(self) -> set[str]:
+        """Matrices the optimiser must not decay (trainer.param_groups leaves out every
+        parameter with < 2 dimensions too: norms, biases, logit scale and bias): the box
+        strengths [Hd, 3], whose 0 is "ignore the box", not a prior."""
+        return {n for n, _ in self.named_parameters() if n.endswith(".strength")}
+
     # -- the frozen VLM ------------------------------------------------------------------------
 
     def train(self, mode: bool = True):

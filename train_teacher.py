@@ -83,7 +83,7 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
                    help="any other LINKConfig field (repeatable)")
     t = p.add_argument_group("training")
     helps = {"epochs": "epochs", "batch_size": "GLOBAL batch (images per step over all ranks)",
-             "lr": "AdamW learning rate", "weight_decay": "AdamW weight decay",
+             "lr": "AdamW learning rate", "weight_decay": "AdamW weight decay, on weight matrices only",
              "warmup_steps": "linear warm-up steps", "gamma": "step-schedule decay factor",
              "clip": "max gradient norm (after unscaling; <= 0: off)", "seed": "seed (init, data order, flips)",
              "ckpt_every": "also checkpoint every N steps (0: each epoch)",

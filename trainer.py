@@ -117,6 +117,9 @@ class LoopModel(Protocol):
     def postprocess(self, out: dict, detections: list[dict]) -> list:
         """-> per image an array [N, 10]: hoi, score, human box xyxy, object box xyxy."""
 
+    # optional: def no_weight_decay(self) -> set[str], names of matrices AdamW must not decay
+    # (see param_groups; timm's convention)
+
 
 # ----------------------------------------------------------------------------------------------
 # Errors
@@ -640,6 +643,27 @@ class _StepLosses(NamedTuple):
         return (self.gt + self.extra + sum(s.total for s in self.sums.values())).detach()
 
 
+def param_groups(model, params, weight_decay: float, extra=None) -> list[dict]:
+    """AdamW parameter groups of ``params`` (named through ``model``, or ``extra``, the
+    extra_loss module, as ``extra_loss.NAME``): [{decay: weight matrices}, {no decay: the
+    rest}], names in ``param_names``.
+
+    Choice: weight decay pulls a parameter towards 0, a sensible prior for the weights of a
+    linear map only. Norm gains (1 at rest), biases, scalars such as a logit scale, and
+    whatever the model lists in ``no_weight_decay()`` (LINK: the box-attention strengths) are
+    not decayed: any parameter with fewer than 2 dimensions, and the listed names.
+    """
+    names = {id(p): n for n, p in model.named_parameters()}
+    if extra is not None:
+        names.update({id(p): f"extra_loss.{n}" for n, p in extra.named_parameters()})
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    decay, rest = [], []
+    for i, p in enumerate(params):
+        name = names.get(id(p), f"unnamed.{i}")
+        (rest if p.dim() < 2 or name in skip else decay).append((name, p))
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
 class Trainer:
     """The shared loop over a :class:`LoopModel` (see the module docstring for the contract).
 
@@ -670,7 +694,7 @@ class Trainer:
         self.params = [p for p in list(model.parameters()) + extra_params if p.requires_grad]
         if not self.params:
             raise TrainInputError("the model has no trainable parameter")
-        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.opt = torch.optim.AdamW(param_groups(model, self.params, cfg.weight_decay, self.extra_module), lr=cfg.lr)
         steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
         schedule = WarmupSchedule(steps_per_epoch * cfg.epochs, cfg.warmup_steps, cfg.schedule,
                                   [m * steps_per_epoch for m in cfg.milestones], cfg.gamma)
@@ -713,7 +737,11 @@ class Trainer:
         load_trainable_state(self.model, ck["model"])
         if self.extra_module is not None:
             self._load_extra_state(ck, path)
-        self.opt.load_state_dict(ck["optimizer"])
+        try:
+            self.opt.load_state_dict(ck["optimizer"])
+        except ValueError as e:   # another parameter-group layout (e.g. before param_groups)
+            raise CheckpointError(f"checkpoint {path}: field 'optimizer' does not match this run's "
+                                  f"parameter groups ({e})") from None
         self.sched.load_state_dict(ck["scheduler"])
         self.scaler.load_state_dict(ck["scaler"])
         self.epoch, self.step = int(ck["epoch"]), int(ck["step"])

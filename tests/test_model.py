@@ -5,6 +5,7 @@ import numpy as np
 import open_clip
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
@@ -539,3 +540,38 @@ def test_pe_guidance_impl_switch(guidance, feats):
     m.cfg.impl = "torch"
     b = m(feats, DETS, SIZES)
     assert torch.allclose(a["logits"], b["logits"], atol=1e-4)
+
+
+def test_weight_decay_groups_hold_exactly_the_matrices():
+    """trainer.param_groups on LINK: decay on the weight matrices of linear maps (Linear weights,
+    the pair projections w1 / w2, the classifier rows); none on LayerNorm gains and biases,
+    Linear biases, the pair bias b, the logit scale and bias, nor the box strengths [Hd, 3]
+    (named by LINK.no_weight_decay). Listed here from the module types, not from the rule.
+    One AdamW step with zero gradients then moves only the decayed parameters."""
+    from trainer import param_groups
+    torch.manual_seed(0)
+    m = LINK(tiny_cfg(box_guidance="both"), CLASSES)
+    trainable = {n: p for n, p in m.named_parameters() if p.requires_grad}
+    want_decay = {"encoder.w1", "encoder.w2", "classifier.weight"}
+    want_rest = {"encoder.b", "classifier.logit_scale", "classifier.logit_bias",
+                 "decoder.0.strength", "decoder.1.strength"}
+    for name, mod in m.named_modules():
+        if name.startswith("vlm"):
+            continue
+        if isinstance(mod, nn.Linear):
+            want_decay.add(f"{name}.weight")
+            want_rest.add(f"{name}.bias")
+        elif isinstance(mod, nn.LayerNorm):
+            want_rest |= {f"{name}.weight", f"{name}.bias"}
+    assert want_decay | want_rest == set(trainable) and not want_decay & want_rest
+    groups = param_groups(m, list(trainable.values()), 0.5)
+    assert [g["weight_decay"] for g in groups] == [0.5, 0.0]
+    assert {n for n, _ in groups[0]["params"]} == want_decay
+    assert {n for n, _ in groups[1]["params"]} == want_rest
+    opt = torch.optim.AdamW(groups, lr=0.1)
+    before = {n: p.detach().clone() for n, p in trainable.items()}
+    for p in trainable.values():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    for n, p in trainable.items():          # AdamW with a zero gradient: p <- p (1 - lr wd)
+        assert torch.allclose(p, before[n] * (0.95 if n in want_decay else 1.0)), n

@@ -695,3 +695,16 @@ def test_teacher_and_student_cli_end_to_end_real_model(tmp_path, capsys, monkeyp
         train_teacher.run_cli(lambda: train_student.main(base + ["--name", "s3", "--teacher", str(bad)]))
     err = capsys.readouterr().err
     assert e.value.code == 2 and "error: checkpoint" in err and "bad.pt" in err
+
+
+def test_optimiser_decays_matrices_only(tmp_path):
+    """The Trainer's AdamW: weight decay on the stand-in's weight matrices and the distillation
+    adapters' (an nn.Module extra_loss), none on their biases (trainer.param_groups; LINK's own
+    names are checked in tests/test_model.py)."""
+    mats = ["proj", "conn", "layers.0", "layers.1", "cls"]
+    for kd, adapters in ((False, []), (True, ["extra_loss.adapters.map.0", "extra_loss.adapters.query.0"])):
+        tr = make_trainer(tmp_path / str(kd), n=4, epochs=1, bs=2, kd=kd)
+        decay, rest = tr.opt.param_groups
+        assert decay["weight_decay"] == LoopConfig().weight_decay and rest["weight_decay"] == 0.0
+        assert sorted(decay["param_names"]) == sorted(f"{m}.weight" for m in mats + adapters)
+        assert sorted(rest["param_names"]) == sorted(f"{m}.bias" for m in mats + adapters)
