@@ -5,16 +5,28 @@ Atomic write: the bytes go to a temp file in the target's folder (``.NAME.PID.RA
 file is fsynced, ``os.replace``d onto the target, then the folder is fsynced. A crash or an
 exception at any point leaves either the old file or the complete new one, never a half-written
 one; a killed writer may leave a ``.*.tmp`` file, which never replaces anything. The new file
-gets the permissions a plain ``open(path, "w")`` would give (0o666 minus the umask).
+gets the permissions a plain ``open(path, "w")`` would give (0o666 minus the umask). A write
+that fails (a full disk, a quota, a read-only folder) raises :class:`WriteError`, one line naming
+the file.
+
+Outputs are never inputs (:func:`refuse_outputs_over_inputs`): every tool that writes checks its
+output paths against its input paths (same file, also through symbolic or hard links) first.
+
+Command lines (:class:`OneLineParser`, the argument types, :func:`error_line`): a bad argument
+is refused at parse time with ``error: ...`` on one line and exit status 2, like bad input.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
+import errno
 import json
+import math
 import os
+import sys
 import uuid
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO, Callable, Iterable, Optional
 
 try:  # optional, ~2x faster parsing of large JSON files; stdlib json otherwise
     import orjson
@@ -50,24 +62,65 @@ def fsync_dir(folder) -> None:
             os.close(fd)
 
 
+class WriteError(OSError):
+    """An output file could not be written (disk full, quota, permissions); one line naming it."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+class _RecordingWriter:
+    """The temp file as ``write`` sees it: records the OSError of a failed write, which
+    torch.save turns into an opaque RuntimeError ("unexpected pos ...")."""
+
+    def __init__(self, f):
+        self._f, self.error = f, None
+
+    def write(self, b):
+        try:
+            return self._f.write(b)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
+def write_error(path, e: OSError) -> WriteError:
+    reason = e.strerror or (errno.errorcode.get(e.errno) if e.errno else None) or str(e)
+    return WriteError(e.errno or errno.EIO, f"{path}: cannot write ({reason})")
+
+
 def atomic_write(path, write: Callable[[BinaryIO], Any]) -> None:
     """``write(f)`` into a temp file ``f`` (binary, opened for writing) in ``path``'s folder, then
     fsync, ``os.replace`` onto ``path``, fsync the folder. If ``write`` raises, ``path`` is
-    untouched and the temp file removed. Missing parent folders are created."""
+    untouched and the temp file removed; a failed write (OSError, also inside torch.save) is
+    re-raised as :class:`WriteError` naming ``path``. Missing parent folders are created."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    # os.open with mode 0o666 applies the umask like a plain open(); mkstemp would give 0o600
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    rec = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # os.open with mode 0o666 applies the umask like a plain open(); mkstemp would give 0o600
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            rec = _RecordingWriter(f)
+            write(rec)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
         fsync_dir(path.parent)
+    except WriteError:
+        raise
+    except OSError as e:
+        raise write_error(path, e) from None
+    except Exception:
+        if rec is not None and rec.error is not None:
+            raise write_error(path, rec.error) from None
+        raise
     finally:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):
             tmp.unlink()
 
 
@@ -84,13 +137,70 @@ def atomic_write_json(path, obj, indent=None, separators=None) -> None:
     atomic_write_text(path, json.dumps(obj, indent=indent, separators=separators))
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True                       # another user's process, or a nonsense number
+    return True
+
+
+def temp_owner(name: str) -> Optional[int]:
+    """The writer's pid in a temp file name ``.NAME.PID.RAND.tmp`` (None when it has none)."""
+    parts = name.split(".")
+    if len(parts) >= 4 and parts[-1] == "tmp" and parts[-3].isdigit():
+        return int(parts[-3])
+    return None
+
+
 def clean_stale_temps(folder) -> None:
-    """Remove temp files left by writers killed mid-write (they never replaced a real file)."""
+    """Remove temp files left by writers killed mid-write (they never replaced a real file).
+    A temp file whose writer (the pid in its name) is still running on this machine is kept,
+    so a concurrent writer in the same folder never loses its file."""
     folder = Path(folder)
     if folder.is_dir():
         for p in folder.glob(".*.tmp"):
+            pid = temp_owner(p.name)
+            if pid is not None and pid != os.getpid() and _pid_alive(pid):
+                continue
             with contextlib.suppress(OSError):
                 p.unlink()
+
+
+# ----------------------------------------------------------------------------------------------
+# Outputs are never inputs
+# ----------------------------------------------------------------------------------------------
+def _identity(path) -> Optional[tuple]:
+    try:
+        st = os.stat(path)                # follows symbolic links; hard links share the inode
+    except (OSError, ValueError):
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def refuse_outputs_over_inputs(outputs: Iterable, inputs: Iterable,
+                               error: type[Exception] = ValueError) -> None:
+    """Raise ``error`` if any output path is one of the input files.
+
+    outputs / inputs: ``(label, path)`` pairs (a label such as ``"--out"`` or ``"input image"``
+    says in the message which argument the path came from; a path may be None). A path that
+    does not exist cannot be an input; paths are compared by file identity (device, inode), so
+    the same file reached through a symbolic link, a hard link or another spelling is found.
+    """
+    ids = {}
+    for label, p in inputs:
+        ident = _identity(p) if p is not None else None
+        if ident is not None:
+            ids.setdefault(ident, (label, p))
+    for label, p in outputs:
+        ident = _identity(p) if p is not None else None
+        if ident is not None and ident in ids:
+            in_label, in_path = ids[ident]
+            same = "" if os.path.abspath(p) == os.path.abspath(in_path) else f" {in_path}"
+            raise error(f"{p}: {label} would overwrite the input {in_label}{same}; an input is never "
+                        f"an output: choose another output path")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -123,3 +233,52 @@ def read_json(path, what: str = "file", error: type[Exception] = ValueError,
     except json.JSONDecodeError as e:
         raise error(f"{path}: {what} is not valid JSON ({e.msg} at line {e.lineno} "
                     f"column {e.colno})") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Command lines: one-line errors, argument types checked at parse time
+# ----------------------------------------------------------------------------------------------
+def error_line(msg) -> str:
+    """A message on one line: line breaks and runs of spaces collapsed, at most 600 characters
+    (a library's error text can be kilobytes long, e.g. a list of every model name)."""
+    text = " ".join(str(msg).split())
+    return text if len(text) <= 600 else text[:597] + "..."
+
+
+def print_error(msg) -> None:
+    print(f"error: {error_line(msg)}", file=sys.stderr)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with the project's error format: ``error: <prog>: <problem>`` on ONE line of
+    stderr (no usage block) and exit status 2."""
+
+    def error(self, message):
+        print_error(f"{self.prog}: {message} (see --help)")
+        sys.exit(2)
+
+
+def _number(kind: type, lo=None, hi=None, lo_open=False, hi_open=False, what=""):
+    """An argparse type: ``kind`` (int or float) in the given range; the error names the range."""
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if kind is float and not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+        if (lo is not None and (v < lo or (lo_open and v == lo))) or \
+                (hi is not None and (v > hi or (hi_open and v == hi))):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return v
+    parse.__name__ = kind.__name__        # argparse names the type in some messages
+    return parse
+
+
+positive_int = _number(int, lo=1, what=">= 1")
+nonneg_int = _number(int, lo=0, what=">= 0")
+positive_float = _number(float, lo=0, lo_open=True, what="> 0")
+nonneg_float = _number(float, lo=0, what=">= 0")
+unit_float = _number(float, lo=0, hi=1, what="in [0, 1]")
+finite_float = _number(float, what="finite")

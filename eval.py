@@ -131,7 +131,15 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from common import ZERO_SHOT_SPLITS, atomic_write_json, data_root, read_json
+from common import (
+    ZERO_SHOT_SPLITS,
+    OneLineParser,
+    atomic_write_json,
+    data_root,
+    print_error,
+    read_json,
+    refuse_outputs_over_inputs,
+)
 
 #: t of the official MATLAB loop ``for t = 0:0.1:1`` (== np.arange(0, 1.1, 0.1), float64[11])
 HICO_THRESHOLDS = np.arange(0, 1.1, 0.1)
@@ -2007,8 +2015,8 @@ def _run_detector(args: argparse.Namespace) -> tuple[dict, str]:
 # ---------------------------------------------------------------------------------------
 
 def _build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="eval.py", description="Official HOI detection evaluators "
-                                "(HICO-DET, V-COCO, SWiG-HOI).")
+    p = OneLineParser(prog="eval.py", description="Official HOI detection evaluators "
+                      "(HICO-DET, V-COCO, SWiG-HOI).")
     sub = p.add_subparsers(dest="dataset", required=True)
     h = sub.add_parser("hico", help="HICO-DET mAP (MATLAB toolkit semantics)")
     h.add_argument("--anno", required=True, help="instances_test2015.json (fredzzhang format)")
@@ -2018,7 +2026,7 @@ def _build_parser() -> argparse.ArgumentParser:
     h.add_argument("--image-labels", default=None,
                    help="Known-Object image-level labels: {file_name: [hoi, ...]} or a list aligned "
                         "with filenames (default: derived from GT, an approximation)")
-    h.add_argument("--out", default=None, help="write the result JSON here (atomically)")
+    h.add_argument("--out", default=None, help="write the result JSON here (atomically; never an input)")
     v = sub.add_parser("vcoco", help="V-COCO role AP (vsrl_eval.py semantics)")
     v.add_argument("--vsrl", required=True, help="official VSRL file, e.g. vcoco_test.json")
     v.add_argument("--coco", required=True, help="COCO instances JSON with the boxes "
@@ -2034,9 +2042,27 @@ def _build_parser() -> argparse.ArgumentParser:
     return p
 
 
+#: the options of the subcommands that name input files (all of them are checked against --out)
+INPUT_OPTIONS = ("anno", "pred", "image_labels", "vsrl", "coco", "meta", "detections")
+
+
+def _cli_inputs(args: argparse.Namespace) -> list:
+    """(option, path) of every input file of the command, the shared files it reads included."""
+    inputs = [(f"--{k.replace('_', '-')}", getattr(args, k)) for k in INPUT_OPTIONS
+              if getattr(args, k, None) is not None]
+    if args.dataset == "hico" and args.zero_shot:
+        inputs.append(("zero-shot split file",
+                       data_root() / "hicodet" / "derived" / "zero_shot_unseen_hoi_indices.json"))
+    if args.dataset == "swig" and args.meta is None:
+        inputs.append(("SWiG meta file", data_root() / "swig_hoi" / "derived" / "swig_v1_meta.json"))
+    return inputs
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     try:
+        if args.out:
+            refuse_outputs_over_inputs([("--out", args.out)], _cli_inputs(args), EvalInputError)
         if args.dataset == "hico" and args.image_labels and not args.known_object:
             raise EvalInputError("--image-labels is only used with --known-object")
         if args.dataset == "hico":
@@ -2055,11 +2081,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.out:
             write_json_atomic(res, args.out)
             print(f"wrote {args.out}")
-    except (EvalInputError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (EvalInputError, OSError) as e:   # bad input; a file that cannot be read or written
+        print_error(e)
         return 2
     return 0
 

@@ -18,7 +18,8 @@ map of pair #N (pairs are numbered by their best score, #1 = the top pair, as in
 The checkpoint alone rebuilds the model (model.LINK.from_checkpoint). Image keys: the file
 name for a single image; the path relative to the folder ('/'-separated) for a folder, which
 is searched recursively (hidden entries and the output folder are skipped). Nothing that
-exists is overwritten without --force: the error names the first conflicting file.
+exists is overwritten without --force: the error names the first conflicting file; an input
+(image, checkpoint, box file) is never an output, not even with --force.
 Unreadable images are reported, skipped and summarised at the end; an image whose boxes hold
 no person (or a lone person) gets an empty prediction list and a note.
 
@@ -99,7 +100,7 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 import data
-from common import atomic_write, atomic_write_json, read_json
+from common import atomic_write, atomic_write_json, read_json, refuse_outputs_over_inputs
 from model import LINK, register_tiny_vlm
 from viz import draw_interactions, hoi_class_names, to_rgb, unique_pairs
 
@@ -161,6 +162,8 @@ def collect_images(path, exclude=None) -> list:
     if p.is_file():
         return [(p.name, p)]
     excl = Path(exclude).resolve() if exclude is not None else None
+    if excl is not None and (excl == p.resolve() or excl in p.resolve().parents):
+        excl = None             # the output folder holds the input folder: skip nothing
     items = []
     for f in sorted(p.rglob("*")):
         rel = f.relative_to(p)
@@ -605,9 +608,14 @@ def rows_to_json(rows: np.ndarray) -> list:
             for r in np.asarray(rows, dtype=np.float64).reshape(-1, 10)]
 
 
-def check_outputs(out_dir: Path, pictures: dict, force: bool, draw: bool = True) -> list:
-    """The files this run would write; raises InferError on the first existing one unless force."""
-    planned = [out_dir / "predictions.json"] + ([out_dir / v for v in pictures.values()] if draw else [])
+def check_outputs(out_dir: Path, pictures: dict, force: bool, draw: bool = True, inputs=()) -> list:
+    """The files this run would write. Raises InferError when one of them is an input (inputs:
+    (label, path) pairs; never, not even with force) or already exists (unless force)."""
+    planned = [("the predictions file", out_dir / "predictions.json")]
+    if draw:
+        planned += [(f"the picture of {k!r}", out_dir / v) for k, v in pictures.items()]
+    refuse_outputs_over_inputs(planned, inputs, InferError)
+    planned = [p for _, p in planned]
     existing = [p for p in planned if p.exists()]
     if existing and not force:
         raise InferError(f"{existing[0]}: already exists ({len(existing)} of the {len(planned)} output "
@@ -716,7 +724,10 @@ def run(opts: InferOptions, log=None) -> dict:
     items = collect_images(opts.inputs, exclude=out_dir)
     keys = [k for k, _ in items]
     pictures = picture_names(keys)
-    check_outputs(out_dir, pictures, opts.force, opts.draw)
+    inputs = [("input image", f) for _, f in items] + [
+        (f"--{k.replace('_', '-')}", getattr(opts, k)) for k in
+        ("checkpoint", "detections", "image_ids", "detector_weights", "gt_anno") if getattr(opts, k)]
+    check_outputs(out_dir, pictures, opts.force, opts.draw, inputs)
     _, cs = read_checkpoint_meta(opts.checkpoint)   # cheap: the inputs are checked before the model is built
     person = int(cs["person_label"])
     names = hoi_class_names(cs)

@@ -398,7 +398,12 @@ def kd_config(args) -> KDConfig:
 
 def main(argv=None) -> dict:
     args = student_parser().parse_args(argv)
-    d, train, test, cs, cache = setup_run(args)
+    d, train, test, cs, cache, run = setup_run(args)
+    with run:
+        return _train_student(args, d, train, test, cs, cache, run.path)
+
+
+def _train_student(args, d, train, test, cs, cache, out: Path) -> dict:
     teachers, info, t_seeds = load_teachers(args, cs, d.device)
     # the student's weights come from their own seed (a teacher's with --init-seed same: then,
     # with all KD weights 0, the student reproduces that teacher exactly)
@@ -415,7 +420,6 @@ def main(argv=None) -> dict:
                          exclude_classes=[] if args.kd_unseen else list(cs.unseen), seed=init_seed).to(d.device)
     except ValueError as e:
         raise TrainInputError(f"--teacher: {e}") from None
-    out = Path(args.runs) / args.name
     metric_fn, mkw = metric_for(args, cs)
     tr = Trainer(model, loop_config(args), train, tf, out, d, test, ef, extra_loss=dist,
                  metric_fn=metric_fn, eval_kwargs=mkw, class_space=cs,

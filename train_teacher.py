@@ -33,12 +33,13 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
-from common import atomic_write_json, read_json
+from common import atomic_write_json, read_json, refuse_outputs_over_inputs
 from data import VCOCO, HICODet, SWiGHOI, gt_detections, load_detections, select_boxes
 from eval import evaluate_hico, evaluate_swig
 from model import LINK, LINKConfig, register_tiny_vlm
 from synthetic import make_synthetic_world
 from trainer import (
+    RUN_OUTPUTS,
     Dist,
     FeatureSource,
     LoopConfig,
@@ -47,6 +48,7 @@ from trainer import (
     Trainer,
     TrainInputError,
     barrier,
+    claim_run_folder,
     init_distributed,
     seed_everything,
 )
@@ -104,6 +106,9 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--runs", default="runs")
     t.add_argument("--resume", nargs="?", const="auto",
                    help="resume from runs/NAME/last.pt (or the given checkpoint)")
+    t.add_argument("--move-aside", action="store_true",
+                   help="runs/NAME holds a run: move it to runs/NAME.old-<time> and start a new one "
+                        "(without this or --resume, a run name in use is refused)")
     t.add_argument("--cache", default="runs/cache", help="feature cache folder")
     t.add_argument("--no-cache", action="store_true", help="encode images on the fly every step")
     t.add_argument("--cache-dtype", default="float16", choices=["float16", "float32"])
@@ -249,17 +254,40 @@ def metric_for(args, cs):
 # Running (shared with train_student.py)
 # ----------------------------------------------------------------------------------------------
 def setup_run(args):
-    """Common set-up of the teacher and student CLIs -> (dist, train, test, class space, caches root)."""
+    """Common set-up of the teacher and student CLIs -> (dist, train, test, class space, caches
+    root, the claimed RunFolder: release it, or use it as a context manager)."""
     if args.threads:
         torch.set_num_threads(args.threads)
     d = init_distributed(args.device)
     seed_everything(args.seed + d.rank)
-    train, test, cs = build_splits(args, d)
-    if len(train) == 0:
-        raise TrainInputError(f"no training image left in {args.anno or args.world} "
-                              f"(zero-shot/few-shot filtering?)")
+    # claimed first: a run name in use is refused before any data is read or cache built
+    run = claim_run_folder(Path(args.runs) / args.name, args.resume, args.move_aside, d)
+    try:
+        train, test, cs = build_splits(args, d)
+        if len(train) == 0:
+            raise TrainInputError(f"no training image left in {args.anno or args.world} "
+                                  f"(zero-shot/few-shot filtering?)")
+        refuse_outputs_over_inputs([(f"the run's {n}", run.path / n) for n in RUN_OUTPUTS],
+                                   run_inputs(args, train, test), TrainInputError)
+    except BaseException:
+        run.release()
+        raise
     cache = None if args.no_cache else Path(args.cache)
-    return d, train, test, cs, cache
+    return d, train, test, cs, cache, run
+
+
+def run_inputs(args, train: Split, test: Optional[Split]) -> list:
+    """(label, path) of every file a run reads: annotation and detection files, teacher
+    checkpoints, a --resume checkpoint from elsewhere, the images."""
+    out = [(f"--{k.replace('_', '-')}", getattr(args, k)) for k in
+           ("anno", "detections", "test_anno", "test_detections") if getattr(args, k, None)]
+    out += [("--teacher", t) for t in getattr(args, "teacher", None) or []]
+    if args.resume and args.resume != "auto":
+        out.append(("--resume", args.resume))
+    for sp in (train, test):
+        if sp is not None:
+            out += [(f"{sp.name} image", p) for p in sp.image_paths]
+    return out
 
 
 def make_sources(model, args, d, train, test, cache):
@@ -283,7 +311,13 @@ def fit_and_finish(trainer: Trainer, resume: str | None, name: str) -> dict:
 
 
 def finish(trainer: Trainer, name: str) -> dict:
-    """Write the final predictions and metrics of a run (rank 0)."""
+    """Write the final predictions, metrics and curves of a run (rank 0). A resumed run with
+    nothing left to train (killed after its last checkpoint, before these files) evaluates the
+    checkpoint's weights first, so that every run ends with all of its outputs."""
+    if trainer.epochs_trained == 0:             # nothing left to train in this session
+        if trainer.test is not None:
+            trainer.evaluate()                  # every rank: the evaluation is distributed
+        trainer.plot()
     if trainer.d.main:
         preds = trainer.last_predictions
         if preds is not None:
@@ -319,14 +353,14 @@ def teacher_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> dict:
     args = teacher_parser().parse_args(argv)
-    d, train, test, cs, cache = setup_run(args)
-    model = build_model(args, cs, d.device)
-    tf, ef = make_sources(model, args, d, train, test, cache)
-    out = Path(args.runs) / args.name
-    metric_fn, mkw = metric_for(args, cs)
-    tr = Trainer(model, loop_config(args), train, tf, out, d, test, ef, metric_fn=metric_fn,
-                 eval_kwargs=mkw, ckpt_extra={"role": "teacher"}, class_space=cs)
-    return fit_and_finish(tr, args.resume, args.name)
+    d, train, test, cs, cache, run = setup_run(args)
+    with run:
+        model = build_model(args, cs, d.device)
+        tf, ef = make_sources(model, args, d, train, test, cache)
+        metric_fn, mkw = metric_for(args, cs)
+        tr = Trainer(model, loop_config(args), train, tf, run.path, d, test, ef, metric_fn=metric_fn,
+                     eval_kwargs=mkw, ckpt_extra={"role": "teacher"}, class_space=cs)
+        return fit_and_finish(tr, args.resume, args.name)
 
 
 if __name__ == "__main__":

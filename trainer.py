@@ -67,6 +67,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import errno
 import fcntl
 import hashlib
 import io
@@ -74,6 +75,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 import uuid
@@ -87,7 +89,14 @@ import torch.distributed as tdist
 from PIL import ImageOps
 from tqdm import tqdm
 
-from common import atomic_write, atomic_write_bytes, atomic_write_json, clean_stale_temps
+from common import (
+    WriteError,
+    atomic_write,
+    atomic_write_bytes,
+    atomic_write_json,
+    clean_stale_temps,
+    write_error,
+)
 
 CKPT_VERSION = 1
 
@@ -360,9 +369,13 @@ class FeatureCache:
             with open(self.dir / ".lock", "a+") as lk:
                 fcntl.flock(lk, fcntl.LOCK_EX)
                 try:
+                    sweep_cache_folder(self.dir)          # what killed builds left here
+                    sweep_stale_caches(self.dir.parent, skip=self.dir)
                     if not self.is_valid():
                         self._build(encode, load, batch_size, progress)
                         self.rebuilt = True
+                except OSError as e:                     # a full disk, a read-only folder, ...
+                    raise e if isinstance(e, WriteError) else write_error(self.dir, e) from None
                 finally:
                     fcntl.flock(lk, fcntl.LOCK_UN)
         barrier(d)
@@ -390,7 +403,9 @@ class FeatureCache:
                 f = f.detach().float().cpu().numpy()
                 if mm is None:
                     shape = tuple(int(x) for x in f.shape[1:])
-                    mm = np.memmap(tmp, dtype=self.dtype, mode="w+", shape=(n, self.views) + shape)
+                    reserve_file(tmp, n * self.views * math.prod(shape) * np.dtype(self.dtype).itemsize,
+                                 f"{n} images x {self.views} view(s) x {list(shape)} {self.dtype}")
+                    mm = np.memmap(tmp, dtype=self.dtype, mode="r+", shape=(n, self.views) + shape)
                 for (i, v), fi in zip(chunk, f):
                     mm[i, v] = fi
                 bar.update(len(chunk))
@@ -417,6 +432,63 @@ class FeatureCache:
         """-> FloatTensor[B, C, Gh, Gw] (float32 copy of the memory-mapped rows)."""
         arr = np.stack([np.asarray(self.mm[i, v]) for i, v in zip(indices, views)])
         return torch.from_numpy(arr.astype(np.float32))
+
+
+def reserve_file(path: Path, nbytes: int, what: str) -> None:
+    """Create ``path`` with ``nbytes`` allocated on disk before anything is written through a
+    memory map: a memory-mapped write to a sparse file on a full disk kills the process with
+    SIGBUS and no message. The free space is checked first (one-line TrainInputError naming
+    the folder and the sizes); file systems without posix_fallocate get a sparse file, guarded
+    by the free-space check only."""
+    def too_big() -> TrainInputError:
+        gib, free = 1024 ** 3, shutil.disk_usage(path.parent).free
+        return TrainInputError(f"feature cache {path.parent}: needs {nbytes / gib:.2f} GiB ({what}) but only "
+                               f"{free / gib:.2f} GiB are free on that disk: free some space, put --cache on "
+                               f"another disk, or pass --no-cache")
+    if nbytes > shutil.disk_usage(path.parent).free:
+        raise too_big()
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        try:
+            os.posix_fallocate(fd, 0, max(nbytes, 1))
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise too_big() from None
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+            os.ftruncate(fd, nbytes)
+    finally:
+        os.close(fd)
+
+
+def sweep_cache_folder(folder: Path) -> None:
+    """Remove what killed builds left in a cache folder whose lock the caller holds: temp files
+    (a dataset-sized ``.feats-*.bin.tmp`` per interrupted build) and data files that its index
+    does not name (a build killed between its data file and its index)."""
+    try:
+        named = json.loads((folder / "index.json").read_text()).get("data")
+    except (OSError, ValueError, AttributeError):
+        named = None
+    for p in list(folder.glob(".*.tmp")) + [p for p in folder.glob("feats-*.bin") if p.name != named]:
+        with contextlib.suppress(OSError):
+            p.unlink()
+
+
+def sweep_stale_caches(root: Path, skip: Optional[Path] = None) -> None:
+    """sweep_cache_folder on every other cache folder of ``root`` whose lock is free right now;
+    a folder whose builder is running (lock held) is left alone."""
+    for lock in root.glob("*/.lock"):
+        if skip is not None and lock.parent == skip:
+            continue
+        with contextlib.suppress(OSError), open(lock, "a+") as lk:
+            try:
+                fcntl.flock(lk, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue                          # a build in progress
+            try:
+                sweep_cache_folder(lock.parent)
+            finally:
+                fcntl.flock(lk, fcntl.LOCK_UN)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -583,6 +655,155 @@ def check_checkpoint_matches(ck: dict, model, path, fingerprint: Optional[str] =
 
 
 # ----------------------------------------------------------------------------------------------
+# The run folder: one run per folder, one process at a time
+# ----------------------------------------------------------------------------------------------
+#: what a run writes into runs/NAME (the Trainer and train_teacher.finish)
+RUN_OUTPUTS = ("last.pt", "log.jsonl", "metrics.json", "predictions_test.json", "curves.png")
+
+
+class RunFolder:
+    """``runs/NAME`` claimed by one training process.
+
+    The lock is an exclusive ``flock`` on the folder itself (no lock file is written), taken
+    without waiting and held until :meth:`release` or the end of the process (a killed process
+    releases it). Claiming refuses: another live process on the same name (its pid named, from
+    /proc/locks where available); a folder holding a run (any of RUN_OUTPUTS) unless the run is
+    resumed from its own checkpoint, or moved aside first (``move_aside``: renamed to
+    ``NAME.old-YYYYmmdd-HHMMSS``, whole); a ``resume`` checkpoint from elsewhere into a folder
+    that holds another run. A run killed before its first checkpoint left only a log (and
+    curves): ``--resume`` starts it again and removes them, so that a log holds one run. A
+    folder this claim created is removed again by release() if it stayed empty.
+    """
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self._fd = None
+        self._created = False
+
+    def existing(self) -> list:
+        return [n for n in RUN_OUTPUTS if (self.path / n).exists()]
+
+    def claim(self, resume: Optional[str] = None, move_aside: bool = False) -> "RunFolder":
+        """Lock and check the folder (rank 0's job); raises TrainInputError naming the folder."""
+        if resume and move_aside:
+            raise TrainInputError("--resume and --move-aside exclude each other: resume the run in "
+                                  f"{self.path}, or move it aside and start a new one")
+        self._acquire()
+        try:
+            self._check(resume, move_aside)
+        except BaseException:
+            self.release()
+            raise
+        return self
+
+    def _acquire(self) -> None:
+        self._created = not self.path.exists()
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = _flock_holder(fd)
+            os.close(fd)
+            raise TrainInputError(f"{self.path}: another training process (pid {holder}) is using this "
+                                  f"run name; wait for it to finish or choose another --name") from None
+        self._fd = fd
+
+    def _check(self, resume: Optional[str], move_aside: bool) -> None:
+        have = self.existing()
+        if move_aside:
+            if any(self.path.iterdir()):
+                self._move_aside()
+            return
+        if not have:
+            return
+        listing = ", ".join(have)
+        if not resume:
+            raise TrainInputError(f"{self.path}: holds a run already ({listing}); pass --resume to continue "
+                                  f"it, --move-aside to keep it as {self.path.name}.old-<time>, or choose "
+                                  f"another --name")
+        own = self.path / "last.pt"
+        if resume != "auto" and not _same_file(resume, own):
+            raise TrainInputError(f"{self.path}: holds a run already ({listing}); resuming from {resume} here "
+                                  f"would mix two runs: pass --move-aside or choose another --name")
+        if not own.exists():
+            if {"metrics.json", "predictions_test.json"} & set(have):
+                raise TrainInputError(f"{self.path}: holds the outputs of a run ({listing}) but no checkpoint "
+                                      f"last.pt to resume; pass --move-aside or choose another --name")
+            for n in have:             # killed before its first checkpoint: start it again
+                (self.path / n).unlink()
+            print(f"note: {self.path} has no checkpoint (the run stopped before its first one): "
+                  f"starting it again, its log ({listing}) removed", file=sys.stderr)
+
+    def _move_aside(self) -> None:
+        """Rename the locked folder (the lock goes with it), lock a new empty one, let go of the old."""
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        dest = self.path.with_name(f"{self.path.name}.old-{stamp}")
+        k = 2
+        while dest.exists():
+            dest = self.path.with_name(f"{self.path.name}.old-{stamp}-{k}")
+            k += 1
+        os.rename(self.path, dest)
+        old = self._fd
+        self._fd = None
+        try:
+            self._acquire()
+            self._created = False
+        finally:
+            os.close(old)
+        print(f"note: the previous run in {self.path} was moved to {dest}", file=sys.stderr)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            if self._created:
+                with contextlib.suppress(OSError):    # only if empty: a refused run leaves nothing
+                    self.path.rmdir()
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def _flock_holder(fd: int) -> str:
+    """The pid holding a flock on the file open as ``fd`` (Linux /proc/locks), else '?'."""
+    st = os.fstat(fd)
+    ident = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/locks").read_text().splitlines():
+            f = line.split()
+            if len(f) >= 6 and f[1] == "FLOCK" and f[5] == ident:
+                return f[4]
+    return "?"
+
+
+def _same_file(a, b) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.abspath(a) == os.path.abspath(b)
+
+
+def claim_run_folder(path, resume: Optional[str], move_aside: bool, d: Optional[Dist] = None) -> RunFolder:
+    """RunFolder(path).claim(...) on rank 0; under torchrun every rank gets rank 0's refusal
+    (the same one-line error) instead of waiting at the next barrier."""
+    d = d or Dist()
+    run, err = RunFolder(path), None
+    if d.main:
+        try:
+            run.claim(resume, move_aside)
+        except TrainInputError as e:
+            err = str(e)
+    err = all_gather_objects(err, d)[0]
+    if err is not None:
+        raise TrainInputError(err)
+    return run
+
+
+# ----------------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------------
 @dataclass
@@ -704,6 +925,7 @@ class Trainer:
         self.epoch, self.step, self.step_in_epoch = 0, 0, 0
         self.last_metrics: dict = {}
         self.last_predictions: Optional[dict] = None
+        self.epochs_trained = 0          # epochs fit() finished in this process
         if self.d.main:
             self.out.mkdir(parents=True, exist_ok=True)
             clean_stale_temps(self.out)
@@ -774,8 +996,11 @@ class Trainer:
         if not self.d.main:
             return
         rec = {"time": round(time.time(), 3), **rec}
-        with open(self.out / "log.jsonl", "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        try:
+            with open(self.out / "log.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
+        except OSError as e:                      # a full disk: one line naming the log
+            raise write_error(self.out / "log.jsonl", e) from None
 
     def plot(self) -> None:
         """runs/NAME/curves.png: the losses per step and the metrics per evaluated epoch."""
@@ -1005,6 +1230,7 @@ class Trainer:
             t0 = time.time()
             self._train_epoch()
             self.epoch += 1
+            self.epochs_trained += 1
             self.step_in_epoch = 0
             if self.test is not None and ((cfg.eval_every and self.epoch % cfg.eval_every == 0)
                                           or self.epoch == cfg.epochs):

@@ -440,5 +440,7 @@ def test_collect_images_and_picture_names(tmp_path):
     assert infer.picture_names([k for k, _ in items]) == {"a.jpg": "a.jpg.png", "a.png": "a.png.png",
                                                           "sub/b.PNG": "sub/b.png"}
     assert infer.collect_images(d / "a.jpg") == [("a.jpg", d / "a.jpg")]
-    with pytest.raises(infer.InferError, match="no image files"):
-        infer.collect_images(d / "out", exclude=d / "out")
+    # the output folder IS the input folder (or holds it): its images are inputs (the output
+    # guard then refuses any picture that would replace one of them)
+    assert infer.collect_images(d / "out", exclude=d / "out") == [("a.png", d / "out" / "a.png")]
+    assert [k for k, _ in infer.collect_images(d / "sub", exclude=d)] == ["b.PNG"]

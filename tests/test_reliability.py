@@ -1,0 +1,417 @@
+"""The README's reliability promises, tried the way a hostile user would (issue 12).
+
+Nothing a user wrote is lost: an output is never an input (eval.py, infer.py, training); a run
+name in use is refused (or moved aside), one process per run; a resumed run with nothing left
+to train still writes every output; killed feature-cache builds are swept; a full disk is a
+one-line error. Every refusal goes through tests/clicheck.py: exit status 2, one line on stderr
+naming the thing, no traceback, no file changed.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import stat
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+from clicheck import refused, run_main
+
+import common
+import eval as hoi_eval
+import infer
+import synthetic
+import train_teacher
+import trainer
+from common import data_root
+from model import LINK, LINKConfig, register_tiny_vlm
+
+TINY = register_tiny_vlm()
+SWIG_META = data_root() / "swig_hoi" / "derived" / "swig_v1_meta.json"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ----------------------------------------------------------------------------------------------
+# small valid inputs
+# ----------------------------------------------------------------------------------------------
+H, OB = [0.0, 0.0, 9.0, 9.0], [20.0, 0.0, 29.0, 9.0]
+
+
+def hico_files(folder: Path) -> dict:
+    """A valid 2-image, 3-class HICO-DET annotation file and a prediction file (its GT)."""
+    anno = {"filenames": ["img_0.jpg", "img_1.jpg"],
+            "annotation": [{"boxes_h": [H], "boxes_o": [OB], "hoi": [0], "object": [0], "verb": [0]},
+                           {"boxes_h": [], "boxes_o": [], "hoi": [], "object": [], "verb": []}],
+            "correspondence": [[0, 0, 0], [1, 1, 0], [2, 2, 0]], "empty": [1], "rare": [0],
+            "non_rare": [1, 2]}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "anno.json").write_text(json.dumps(anno))
+    (folder / "pred.json").write_text(json.dumps({"img_0.jpg": [[0, 0.9] + H + OB]}))
+    (folder / "labels.json").write_text(json.dumps({"img_0.jpg": [0]}))
+    return {"anno": folder / "anno.json", "pred": folder / "pred.json", "labels": folder / "labels.json"}
+
+
+def vcoco_files(folder: Path) -> dict:
+    coco = {"images": [{"id": 1, "width": 100, "height": 100}],
+            "annotations": [{"id": 11, "image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 10], "area": 100,
+                             "iscrowd": 0},
+                            {"id": 21, "image_id": 1, "category_id": 2, "bbox": [20, 0, 10, 10], "area": 100,
+                             "iscrowd": 0}],
+            "categories": [{"id": 1, "name": "person"}, {"id": 2, "name": "cup"}]}
+    vsrl = [dict(action_name="hold", role_name=["agent", "obj"], label=[1], role_object_id=[11, 21],
+                 include=[[], []], image_id=[1], ann_id=[11])]
+    dets = [{"image_id": 1, "person_box": [0, 0, 9, 9], "hold_agent": 0.9, "hold_obj": [20, 0, 29, 9, 0.9]}]
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for name, obj in (("vsrl", vsrl), ("coco", coco), ("pred", dets)):
+        out[name] = folder / f"{name}.json"
+        out[name].write_text(json.dumps(obj))
+    return out
+
+
+def swig_files(folder: Path) -> dict:
+    meta = json.loads(SWIG_META.read_text())
+    x = next(i for i in meta["SWIG_INTERACTIONS"] if i["evaluation"] == 1)
+    anno = [{"file_name": "a.jpg", "box_annotations": [{"bbox": [0, 0, 10, 10], "category_id": 0},
+                                                       {"bbox": [20, 0, 30, 10], "category_id": x["object_id"]}],
+             "hoi_annotations": [{"subject_id": 0, "object_id": 1, "action_id": x["action_id"]}]}]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "anno.json").write_text(json.dumps(anno))
+    (folder / "pred.json").write_text(json.dumps({"a.jpg": [[x["id"], 0.9, 0, 0, 10, 10, 20, 0, 30, 10]]}))
+    (folder / "meta.json").write_text(SWIG_META.read_text())
+    return {"anno": folder / "anno.json", "pred": folder / "pred.json", "meta": folder / "meta.json"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Data loss: an output is never an input
+# ----------------------------------------------------------------------------------------------
+def _alias(tmp: Path, target: Path, how: str) -> Path:
+    """Another path to the same file: itself, a symbolic link, a hard link, a '..' spelling."""
+    if how == "same":
+        return target
+    if how == "symlink":
+        (tmp / "alias.json").symlink_to(target)
+        return tmp / "alias.json"
+    if how == "hardlink":
+        os.link(target, tmp / "alias.json")
+        return tmp / "alias.json"
+    (tmp / "sub").mkdir(exist_ok=True)
+    return tmp / "sub" / ".." / target.name
+
+
+@pytest.mark.parametrize("how", ["same", "symlink", "hardlink", "dotdot"])
+@pytest.mark.parametrize("which", ["anno", "pred", "labels"])
+def test_eval_hico_out_never_an_input(tmp_path, which, how):
+    f = hico_files(tmp_path)
+    out = _alias(tmp_path, f[which], how)
+    argv = ["hico", "--anno", str(f["anno"]), "--pred", str(f["pred"]), "--known-object",
+            "--image-labels", str(f["labels"]), "--out", str(out)]
+    opt = {"anno": "--anno", "pred": "--pred", "labels": "--image-labels"}[which]
+    refused(hoi_eval.main, argv, [tmp_path], [str(out), f"the input {opt}"])
+    # the same command with a fresh output path works
+    code, so, se = run_main(hoi_eval.main, argv[:-1] + [str(tmp_path / "r.json")])
+    assert code == 0 and json.loads((tmp_path / "r.json").read_text())["full"] == pytest.approx(100 / 3)
+
+
+@pytest.mark.parametrize("which", ["vsrl", "coco", "pred"])
+def test_eval_vcoco_out_never_an_input(tmp_path, which):
+    f = vcoco_files(tmp_path)
+    argv = ["vcoco", "--vsrl", str(f["vsrl"]), "--coco", str(f["coco"]), "--pred", str(f["pred"]),
+            "--out", str(f[which])]
+    refused(hoi_eval.main, argv, [tmp_path], [str(f[which]), f"--{which}"])
+
+
+@pytest.mark.skipif(not SWIG_META.exists(), reason="shared data not found")
+@pytest.mark.parametrize("which", ["anno", "pred", "meta"])
+def test_eval_swig_out_never_an_input(tmp_path, which):
+    f = swig_files(tmp_path)
+    argv = ["swig", "--anno", str(f["anno"]), "--pred", str(f["pred"]), "--meta", str(f["meta"]),
+            "--out", str(_alias(tmp_path, f[which], "symlink"))]
+    refused(hoi_eval.main, argv, [tmp_path], [f"--{which}"])
+
+
+def test_refuse_outputs_over_inputs_unit(tmp_path):
+    a = tmp_path / "a.json"
+    a.write_text("{}")
+    common.refuse_outputs_over_inputs([("--out", tmp_path / "new.json")], [("--anno", a)])   # absent: fine
+    common.refuse_outputs_over_inputs([("--out", tmp_path / "b.json")], [("--anno", a), ("--x", None)])
+    (tmp_path / "b.json").write_text("{}")                   # same content, other file: fine
+    common.refuse_outputs_over_inputs([("--out", tmp_path / "b.json")], [("--anno", a)])
+    with pytest.raises(ValueError, match=r"a.json: --out would overwrite the input --anno; an input"):
+        common.refuse_outputs_over_inputs([("--out", a)], [("--anno", a)])
+
+
+@pytest.fixture(scope="module")
+def tiny_world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tinyworld")
+    paths = synthetic.make_synthetic_world(root, n_train=8, n_test=4, image_size=64, seed=0, workers=1)
+    return {k: Path(v) for k, v in paths.items()}
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    """An untrained tiny LINK checkpoint on the synthetic class space (infer only needs one)."""
+    cfg = LINKConfig(vlm=TINY, pretrained=None, image_size=64, d_model=32, d_latent=16, heads=2,
+                     enc_layers=1, dec_layers=1, impl="reference")
+    torch.manual_seed(0)
+    net = LINK(cfg, synthetic.synthetic_class_space())
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    torch.save({"config": asdict(cfg), "class_space": net.class_space.asdict(),
+                "model": net.checkpoint_state_dict(), "version": 1}, path)
+    return path
+
+
+def test_infer_never_draws_over_its_input_image(tiny_world, tiny_ckpt, tmp_path):
+    """infer.py IMAGE --out DIR --force where DIR holds IMAGE: refused, even with --force, and
+    the message names the input instead of inviting --force."""
+    src = tiny_world["test_images"] / "synth_test_000000.png"
+    img = tmp_path / "synth_test_000000.png"
+    img.write_bytes(src.read_bytes())
+    argv = [str(img), "--checkpoint", str(tiny_ckpt), "--gt-anno", str(tiny_world["test_anno"]),
+            "--out", str(tmp_path), "--quiet"]
+    for extra in ([], ["--force"]):
+        line = refused(infer.main, argv + extra, [tmp_path], [str(img), "input image"])
+        assert "--force" not in line
+    # a folder of images as its own output folder, a detection file called predictions.json
+    argv = [str(tmp_path), "--checkpoint", str(tiny_ckpt), "--gt-anno", str(tiny_world["test_anno"]),
+            "--out", str(tmp_path), "--force", "--quiet"]
+    refused(infer.main, argv, [tmp_path], ["input image"])
+    dets = tmp_path / "out" / "predictions.json"
+    dets.parent.mkdir()
+    dets.write_text(json.dumps({"synth_test_000000.png": {"boxes": [], "scores": [], "labels": []}}))
+    argv = [str(img), "--checkpoint", str(tiny_ckpt), "--detections", str(dets), "--out", str(dets.parent),
+            "--force", "--quiet"]
+    refused(infer.main, argv, [tmp_path], [str(dets), "--detections"])
+    # and with another output folder the same command works
+    code, _, err = run_main(infer.main, argv[:-3] + [str(tmp_path / "o2"), "--quiet"])
+    assert code == 0, err
+
+
+# ----------------------------------------------------------------------------------------------
+# Data loss: run folders
+# ----------------------------------------------------------------------------------------------
+def hold_flock(path: Path, mkdir: bool = False) -> subprocess.Popen:
+    """A child process holding an exclusive flock on ``path`` (a file or a folder) for a minute."""
+    if mkdir:
+        path.mkdir(parents=True)
+    code = ("import fcntl, os, sys, time\nfd = os.open(sys.argv[1], os.O_RDONLY)\nfcntl.flock(fd, fcntl.LOCK_EX)\n"
+            "print('locked', flush=True)\ntime.sleep(60)\n")
+    p = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "locked"
+    return p
+
+
+def teacher_argv(world: dict, tmp: Path, name: str = "t", *extra) -> list:
+    return ["--dataset", "synthetic", "--world", str(world["root"]), "--runs", str(tmp / "runs"),
+            "--cache", str(tmp / "cache"), "--name", name, "--epochs", "1", "--batch-size", "4",
+            "--lr", "1e-3", "--no-progress", "--threads", "1", "--model-opt", "d_model=32",
+            "--model-opt", "d_latent=16", "--model-opt", "heads=2", "--model-opt", "ffn_mult=1",
+            "--model-opt", "enc_layers=1", "--model-opt", "dec_layers=1", "--model-opt", "impl=reference",
+            *extra]
+
+
+def _train_cli(argv, main=None):
+    return run_main(main or (lambda a: train_teacher.run_cli(lambda: train_teacher.main(a))), argv)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_world, tmp_path_factory):
+    """A finished 1-epoch teacher run (runs/t) and its outputs' bytes."""
+    tmp = tmp_path_factory.mktemp("run")
+    code, out, err = _train_cli(teacher_argv(tiny_world, tmp))
+    assert code == 0, err
+    run = tmp / "runs" / "t"
+    return tmp, run, {n: (run / n).read_bytes() for n in trainer.RUN_OUTPUTS}
+
+
+def test_run_name_in_use_is_refused_then_moved_aside(tiny_world, finished_run, tmp_path):
+    tmp0, run0, files = finished_run
+    tmp = tmp_path
+    import shutil
+    shutil.copytree(tmp0 / "runs", tmp / "runs")
+    run = tmp / "runs" / "t"
+    argv = teacher_argv(tiny_world, tmp)
+    refused(lambda a: train_teacher.run_cli(lambda: train_teacher.main(a)), argv, [tmp / "runs"],
+            [str(run), "holds a run already", "--resume", "--move-aside"])
+    # a checkpoint from elsewhere resumed into a folder that holds another run: refused too
+    other = tmp / "other.pt"
+    other.write_bytes(files["last.pt"])
+    refused(lambda a: train_teacher.run_cli(lambda: train_teacher.main(a)), argv + ["--resume", str(other)],
+            [tmp / "runs"], [str(run), "would mix two runs"])
+    # --move-aside keeps the old run, whole, and trains a new one
+    code, _, err = _train_cli(argv + ["--move-aside"])
+    assert code == 0, err
+    old = [p for p in (tmp / "runs").iterdir() if p.name.startswith("t.old-")]
+    assert len(old) == 1 and {n: (old[0] / n).read_bytes() for n in trainer.RUN_OUTPUTS} == files
+    recs = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if r["kind"] == "train"] == [1, 2]        # one run in the log
+
+
+def test_two_processes_on_one_run_name(tiny_world, tmp_path):
+    """A second process on a run name whose lock is held is refused with the holder's pid."""
+    p = hold_flock(tmp_path / "runs" / "t", mkdir=True)
+    try:
+        refused(lambda a: train_teacher.run_cli(lambda: train_teacher.main(a)),
+                teacher_argv(tiny_world, tmp_path) + ["--resume"], [tmp_path / "runs"],
+                [str(tmp_path / "runs" / "t"), f"pid {p.pid}", "another training process"])
+    finally:
+        p.kill()
+        p.wait()
+
+
+def test_resumed_finished_run_writes_every_output(tiny_world, finished_run, tmp_path):
+    """Killed after its final checkpoint, before predictions / metrics / curves: --resume has
+    nothing left to train and still writes them, equal to the uninterrupted run's."""
+    import shutil
+    tmp0, _, files = finished_run
+    shutil.copytree(tmp0 / "runs", tmp_path / "runs")
+    run = tmp_path / "runs" / "t"
+    for n in ("predictions_test.json", "metrics.json", "curves.png"):
+        (run / n).unlink()
+    code, out, err = _train_cli(teacher_argv(tiny_world, tmp_path, "t", "--resume"))
+    assert code == 0, err
+    assert (run / "predictions_test.json").read_bytes() == files["predictions_test.json"]
+    assert (run / "metrics.json").read_bytes() == files["metrics.json"]
+    assert (run / "curves.png").stat().st_size > 0 and (run / "last.pt").read_bytes() == files["last.pt"]
+
+
+def test_run_killed_before_its_first_checkpoint_restarts_with_one_log(tiny_world, finished_run, tmp_path):
+    run = tmp_path / "runs" / "t"
+    run.mkdir(parents=True)
+    torn = '{"time": 1, "kind": "train", "epoch": 0, "step": 1, "loss": 9.9}\n{"time": 2, "kind": "tr'
+    (run / "log.jsonl").write_text(torn)
+    refused(lambda a: train_teacher.run_cli(lambda: train_teacher.main(a)), teacher_argv(tiny_world, tmp_path),
+            [tmp_path / "runs"], ["holds a run already (log.jsonl)"])
+    code, _, err = _train_cli(teacher_argv(tiny_world, tmp_path, "t", "--resume"))
+    assert code == 0, err
+    recs = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if r["kind"] == "train"] == [1, 2] and all(r.get("loss") != 9.9 for r in recs)
+
+
+def test_student_named_like_its_teacher_never_overwrites_it(tiny_world, finished_run, tmp_path):
+    import shutil
+
+    import train_student
+    tmp0, _, files = finished_run
+    shutil.copytree(tmp0 / "runs", tmp_path / "runs")
+    ck = tmp_path / "runs" / "t" / "last.pt"
+    main = lambda a: train_teacher.run_cli(lambda: train_student.main(a))  # noqa: E731
+    argv = teacher_argv(tiny_world, tmp_path, "t", "--teacher", str(ck), "--resume")
+    refused(main, argv, [tmp_path / "runs"], [str(ck), "--teacher"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Data loss: feature-cache temp files, full disks, permissions
+# ----------------------------------------------------------------------------------------------
+def _encode(images):
+    return torch.ones(len(images), 2, 2, 2)
+
+
+def test_cache_sweeps_what_killed_builds_left_but_not_a_running_build(tmp_path):
+    root = tmp_path / "cache"
+    dead, busy = root / "dead", root / "busy"
+    for d in (dead, busy):
+        d.mkdir(parents=True)
+        (d / ".lock").write_text("")
+        (d / ".feats-aaaa.bin.tmp").write_bytes(b"x" * 1000)       # an interrupted build
+        (d / "feats-bbbb.bin").write_bytes(b"y" * 1000)            # data no index names
+    (dead / "index.json").write_text(json.dumps({"data": "feats-cccc.bin"}))
+    (dead / "feats-cccc.bin").write_bytes(b"z")                    # the current data: kept
+    p = hold_flock(busy / ".lock")
+    try:
+        img = tmp_path / "a.png"
+        img.write_bytes(b"png")
+        c = trainer.FeatureCache(root, "key", [img], 1, "float32")
+        (c.dir).mkdir(parents=True)
+        (c.dir / ".feats-own.bin.tmp").write_bytes(b"o" * 100)
+        c.ensure(_encode, lambda i, v: None, progress=False)
+        assert c.rebuilt and not (c.dir / ".feats-own.bin.tmp").exists()
+        assert sorted(x.name for x in dead.iterdir()) == [".lock", "feats-cccc.bin", "index.json"]
+        assert sorted(x.name for x in busy.iterdir()) == [".feats-aaaa.bin.tmp", ".lock", "feats-bbbb.bin"]
+    finally:
+        p.kill()
+        p.wait()
+
+
+def test_cache_build_checks_space_before_allocating(tmp_path, monkeypatch):
+    img = tmp_path / "a.png"
+    img.write_bytes(b"png")
+    c = trainer.FeatureCache(tmp_path / "cache", "key", [img] * 3, 2, "float16")
+    real = trainer.shutil.disk_usage
+    monkeypatch.setattr(trainer.shutil, "disk_usage", lambda p: real(p)._replace(free=10))
+    with pytest.raises(trainer.TrainInputError) as e:
+        c.ensure(_encode, lambda i, v: None, progress=False)
+    msg = str(e.value)
+    assert "\n" not in msg and str(c.dir) in msg and "needs 0.00 GiB (3 images x 2 view(s) x [2, 2, 2] float16)" in msg
+    assert [x.name for x in c.dir.iterdir()] == [".lock"]            # nothing allocated, no temp left
+    monkeypatch.setattr(trainer.shutil, "disk_usage", real)
+
+    def no_space(fd, off, n):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(trainer.os, "posix_fallocate", no_space)
+    with pytest.raises(trainer.TrainInputError, match="free on that disk"):
+        c.ensure(_encode, lambda i, v: None, progress=False)
+    assert [x.name for x in c.dir.iterdir()] == [".lock"]
+
+
+def test_full_disk_is_one_line_naming_the_file(tmp_path):
+    """A real write failure (a file-size limit: the kernel refuses the write, EFBIG, as it does
+    ENOSPC on a full disk) inside torch.save, an atomic JSON write and the log append."""
+    code = f"""
+import resource, signal, sys, torch
+sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
+import common, trainer
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))
+for f in (lambda: trainer.atomic_torch_save({{"w": torch.zeros(100000)}}, sys.argv[1] + "/last.pt"),
+          lambda: common.atomic_write_json(sys.argv[1] + "/r.json", list(range(100000)))):
+    try:
+        f()
+    except OSError as e:
+        print(type(e).__name__, e)
+"""
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    lines = r.stdout.splitlines()
+    assert r.returncode == 0 and len(lines) == 2, r.stderr
+    assert lines[0] == f"WriteError {tmp_path}/last.pt: cannot write (File too large)"
+    assert lines[1] == f"WriteError {tmp_path}/r.json: cannot write (File too large)"
+    assert sorted(os.listdir(tmp_path)) == []                        # no temp file left behind
+
+
+def test_stale_temp_of_a_live_writer_is_kept(tmp_path):
+    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        live = tmp_path / f".last.pt.{p.pid}.abcd1234.tmp"
+        dead = tmp_path / ".last.pt.999999999.abcd1234.tmp"
+        for f in (live, dead):
+            f.write_bytes(b"half")
+        common.clean_stale_temps(tmp_path)
+        assert live.exists() and not dead.exists()
+    finally:
+        p.kill()
+        p.wait()
+
+
+def test_outputs_get_the_permissions_of_a_plain_write(tiny_world, finished_run, tmp_path):
+    """Checkpoints, logs, metrics, predictions, curves, eval results: 0o666 minus the umask
+    (the run was made under the test process's umask)."""
+    _, run, _ = finished_run
+    umask = os.umask(0)
+    os.umask(umask)
+    for n in trainer.RUN_OUTPUTS:
+        assert stat.S_IMODE((run / n).stat().st_mode) == 0o666 & ~umask, n
+    f = hico_files(tmp_path)
+    assert hoi_eval.main(["hico", "--anno", str(f["anno"]), "--pred", str(f["pred"]),
+                          "--out", str(tmp_path / "r.json")]) == 0
+    assert stat.S_IMODE((tmp_path / "r.json").stat().st_mode) == 0o666 & ~umask
