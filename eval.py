@@ -1975,18 +1975,6 @@ def format_detector(res: dict) -> str:
     return "\n".join(lines)
 
 
-def _refuse_overwriting_inputs(out: str, inputs: Sequence) -> None:
-    """--out must not be any input file, also not through a symlink or a hard link."""
-    for p in inputs:
-        if p is None:
-            continue
-        same = os.path.realpath(out) == os.path.realpath(p)
-        if not same and os.path.exists(out) and os.path.exists(p):
-            same = os.path.samefile(out, p)
-        if same:
-            raise EvalInputError(f"{out}: --out is the input file {p}; refusing to overwrite it")
-
-
 def _add_detector_parser(sub: Any) -> None:
     d = sub.add_parser("detector", help="box AP of a detection file on a dataset's GT boxes "
                                         "(pycocotools COCOeval)")
@@ -2004,8 +1992,7 @@ def _add_detector_parser(sub: Any) -> None:
 
 
 def _run_detector(args: argparse.Namespace) -> tuple[dict, str]:
-    if args.out:
-        _refuse_overwriting_inputs(args.out, (args.anno, args.detections, args.meta))
+    # --out vs the inputs: main()'s refuse_outputs_over_inputs, as for every subcommand
     res = evaluate_detector(args.anno, args.detections, args.det_dataset, args.meta)
     return res, format_detector(res)
 
@@ -2053,7 +2040,7 @@ def _cli_inputs(args: argparse.Namespace) -> list:
     if args.dataset == "hico" and args.zero_shot:
         inputs.append(("zero-shot split file",
                        data_root() / "hicodet" / "derived" / "zero_shot_unseen_hoi_indices.json"))
-    if args.dataset == "swig" and args.meta is None:
+    if args.dataset in ("swig", "detector") and args.meta is None:
         inputs.append(("SWiG meta file", data_root() / "swig_hoi" / "derived" / "swig_v1_meta.json"))
     return inputs
 
