@@ -14,7 +14,9 @@ KD(f_s, f_t) = T^2 * KL(softmax(f_t / T) || softmax(f_s / T)) (kernels.kl_distil
 tokens / pairs:
 
 * map level:   student latent_map [B, Gh*Gw, d] vs each teacher's, token-wise over the
-               channels. A teacher whose VLM has another grid is bilinearly resized to the
+               channels (--kd-map-axis channels), or channel-wise over the positions
+               (--kd-map-axis positions: channel-wise distillation, per image the mean over
+               channels). A teacher whose VLM has another grid is bilinearly resized to the
                student's grid first.
 * query level: every pair's query after the encoder and after each decoder layer, pair-wise
                over the D channels; layers matched one to one (by relative depth when the
@@ -112,6 +114,11 @@ class KDConfig:
     w_logit: float = 1.0
     temperature: float = 1.0
     adapter: str = "linear"     # linear | none: student features -> each teacher's channel basis
+    map_axis: str = "channels"  # map level's softmax: channels (per token) | positions (per channel)
+
+    def __post_init__(self):
+        if self.map_axis not in ("channels", "positions"):
+            raise ValueError(f"KDConfig.map_axis must be 'channels' or 'positions', got {self.map_axis!r}")
     impl: str = "auto"          # kernels implementation: auto | triton | torch | reference
 
 
@@ -186,9 +193,11 @@ class Adapters(nn.Module):
                     self.query.append(_adapter(student.query, t.query, kind, f"teacher {m} pair queries"))
 
 
-def _map_kd(s_map, s_grid, t_outs, t_grids, adapters, T, impl) -> SumLoss:
-    """Map level: per teacher, KL over channels token by token between the teacher's latent map
-    (resized to the student's grid) and the adapted student map; mean over teachers, per token."""
+def _map_kd(s_map, s_grid, t_outs, t_grids, adapters, T, impl, axis="channels") -> SumLoss:
+    """Map level: per teacher, KL between the teacher's latent map (resized to the student's
+    grid) and the adapted student map, mean over teachers. axis "channels": a softmax over the
+    channels of each token, per token. "positions": a softmax over the tokens of each channel
+    (channel-wise distillation: where each channel fires), mean over channels, per image."""
     B, n_tok, _ = s_map.shape
     total = s_map.new_zeros((), dtype=torch.float32)
     for m, (t, g) in enumerate(zip(t_outs, t_grids)):
@@ -197,9 +206,13 @@ def _map_kd(s_map, s_grid, t_outs, t_grids, adapters, T, impl) -> SumLoss:
         if tm.shape != sm.shape:
             raise ValueError(f"teacher {m}: latent map {tuple(tm.shape)} vs the student's adapted "
                              f"{tuple(sm.shape)}")
-        total = total + kl_distill(sm.reshape(-1, sm.shape[-1]), tm.reshape(-1, tm.shape[-1]), T,
-                                   impl=impl) * (B * n_tok)
-    return SumLoss(total / len(t_outs), B * n_tok)
+        if axis == "positions":   # rows = (image, channel) [B * d_t, T]; the mean over them, per image
+            total = total + kl_distill(sm.transpose(1, 2).reshape(-1, n_tok), tm.transpose(1, 2).reshape(-1, n_tok),
+                                       T, impl=impl) * B
+        else:                     # rows = tokens [B * T, d_t]
+            total = total + kl_distill(sm.reshape(-1, sm.shape[-1]), tm.reshape(-1, tm.shape[-1]), T,
+                                       impl=impl) * (B * n_tok)
+    return SumLoss(total / len(t_outs), B if axis == "positions" else B * n_tok)
 
 
 def _query_kd(sq, t_outs, adapters, T, impl) -> SumLoss:
@@ -254,7 +267,7 @@ def distill_losses(s_out: dict, s_grid, t_outs: list, t_grids: list, cfg: Option
         if s_out.get("latent_map") is None:
             raise ValueError("map-level KD needs latent maps (the model has no linking decoder): "
                              "use --w-map 0")
-        kd = _map_kd(s_out["latent_map"], s_grid, t_outs, t_grids, adapters, T, cfg.impl)
+        kd = _map_kd(s_out["latent_map"], s_grid, t_outs, t_grids, adapters, T, cfg.impl, cfg.map_axis)
         out["loss_kd_map"] = SumLoss(cfg.w_map * kd.total, kd.count)
     if cfg.w_query:
         kd = _query_kd(s_out["queries"], t_outs, adapters, T, cfg.impl)
@@ -360,6 +373,9 @@ def student_parser() -> argparse.ArgumentParser:
     k.add_argument("--kd-adapter", default="linear", choices=["linear", "none"],
                    help="map/query KD: a learned linear map per teacher from the student's channels into "
                         "the teacher's (linear), or none (equal widths, channel c = channel c)")
+    k.add_argument("--kd-map-axis", default="channels", choices=["channels", "positions"],
+                   help="map-level softmax: over the channels of each token (default), or over the "
+                        "positions of each channel (channel-wise distillation)")
     k.add_argument("--kd-impl", default="auto", choices=["auto", "triton", "torch", "reference"])
     k.add_argument("--kd-unseen", action="store_true",
                    help="zero-shot: also distil the unseen classes' logits (default: left out)")
@@ -393,7 +409,8 @@ def load_teachers(args, cs, device) -> tuple[list, list, list]:
 
 def kd_config(args) -> KDConfig:
     return KDConfig(w_map=args.w_map, w_query=args.w_query, w_logit=args.w_logit,
-                    temperature=args.temperature, adapter=args.kd_adapter, impl=args.kd_impl)
+                    temperature=args.temperature, adapter=args.kd_adapter, impl=args.kd_impl,
+                    map_axis=args.kd_map_axis)
 
 
 def main(argv=None) -> dict:

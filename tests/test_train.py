@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import os
 import signal
 import subprocess
@@ -708,3 +709,32 @@ def test_optimiser_decays_matrices_only(tmp_path):
         assert decay["weight_decay"] == LoopConfig().weight_decay and rest["weight_decay"] == 0.0
         assert sorted(decay["param_names"]) == sorted(f"{m}.weight" for m in mats + adapters)
         assert sorted(rest["param_names"]) == sorted(f"{m}.bias" for m in mats + adapters)
+
+
+def test_map_kd_axis_channels_or_positions():
+    """--kd-map-axis: the map level's softmax over the channels of each token, or over the
+    positions of each channel (channel-wise distillation). Hand case, T = 1, 2 images of 2
+    tokens x 2 channels, teacher map 0: a student shifted by +1 on token 0 (every channel) has
+    the teacher's channel distribution at every token (KL 0 over channels), while over
+    positions each channel puts e / (e + 1) on token 0 instead of 1/2:
+    KL = log((e + 1) / 2) - 1/2 per channel; per image the mean over channels. A student
+    shifted by +1 on channel 0 (every token) is the mirror case."""
+    tm = torch.zeros(2, 2, 2)                                   # [B, T, d]
+    token_shift = torch.tensor([[1.0, 1.0], [0.0, 0.0]]).expand(2, 2, 2)
+    channel_shift = torch.tensor([[1.0, 0.0], [1.0, 0.0]]).expand(2, 2, 2)
+    meta = {"pair_image": torch.zeros(0, dtype=torch.long), "pair_idx": torch.zeros(0, 2, dtype=torch.long)}
+    kl = math.log((math.e + 1) / 2) - 0.5                        # 0.1201
+    kl_ch = 0.5 * math.log(0.5 * (math.e + 1) / math.e) + 0.5 * math.log(0.5 * (math.e + 1))
+    assert kl == pytest.approx(kl_ch)
+    for axis, sm, want, count in (("channels", token_shift, 0.0, 4), ("positions", token_shift, kl, 2),
+                                  ("channels", channel_shift, kl, 4), ("positions", channel_shift, 0.0, 2)):
+        r = distill_losses(dict(meta, latent_map=sm), (1, 2), [dict(meta, latent_map=tm)], [(1, 2)],
+                           KDConfig(w_query=0, w_logit=0, map_axis=axis, impl="reference"))["loss_kd_map"]
+        assert r.count == count, axis
+        assert float(r.mean()) == pytest.approx(want, abs=1e-6), (axis, sm[0])
+    with pytest.raises(ValueError, match="map_axis"):
+        KDConfig(map_axis="tokens")
+    args = train_student.student_parser().parse_args(["--teacher", "t.pt", "--kd-map-axis", "positions"])
+    assert train_student.kd_config(args).map_axis == "positions"
+    assert train_student.kd_config(train_student.student_parser().parse_args(["--teacher", "t.pt"])).map_axis \
+        == "channels"
