@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import hashlib
 import json
 import math
 import os
@@ -282,3 +283,43 @@ positive_float = _number(float, lo=0, lo_open=True, what="> 0")
 nonneg_float = _number(float, lo=0, what=">= 0")
 unit_float = _number(float, lo=0, hi=1, what="in [0, 1]")
 finite_float = _number(float, what="finite")
+
+
+# ----------------------------------------------------------------------------------------------
+# File contents: stamp and digest
+# ----------------------------------------------------------------------------------------------
+def file_stamp(path) -> tuple:
+    """(size, mtime_ns, ctime_ns, inode) of a file (following links).
+
+    Why ctime: every write to a file sets its ctime to the current time and no user program can
+    set it back (os.utime sets only atime and mtime), so on a local POSIX file system an equal
+    stamp means the bytes were not rewritten, even by a writer that restores size and mtime.
+    A copy, chmod or rename changes the stamp without changing the bytes: compare digests then.
+    """
+    st = os.stat(path)
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+
+
+_SHA256: dict = {}
+
+
+def file_sha256(path) -> str:
+    """SHA-256 hex digest of the whole file, memoised in this process per (real path, stamp)."""
+    key = (os.path.realpath(path),) + file_stamp(path)
+    if key not in _SHA256:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+        _SHA256[key] = h.hexdigest()
+    return _SHA256[key]
+
+
+def key_difference(old: str, new: str) -> str:
+    """What differs between two 'name=value|name=value' keys (model.LINK.cache_key), e.g.
+    "weights sha256:1f2e... -> sha256:9a8b...", for one-line error messages."""
+    a, b = (dict(p.partition("=")[::2] for p in k.split("|")) for k in (old, new))
+    short = lambda v: v if len(v) <= 24 else v[:20] + "..."  # noqa: E731
+    diff = [f"{n} {short(a.get(n, '-'))} -> {short(b.get(n, '-'))}" for n in dict.fromkeys([*a, *b])
+            if a.get(n) != b.get(n)]
+    return "; ".join(diff) or "none"

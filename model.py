@@ -23,12 +23,15 @@ reference implementations define them; cfg.impl picks the implementation.
 Where LINK.md is silent we follow UPT (Zhang et al., CVPR 2022) and PViC; every such choice
 is marked "Choice:" below.
 """
-import hashlib
+import contextlib
+import dataclasses
+import inspect
 import json
 import math
 import os
 import tempfile
 import types
+import zipfile
 from dataclasses import dataclass, fields
 from typing import NamedTuple
 
@@ -37,8 +40,10 @@ import open_clip
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from open_clip.pretrained import get_pretrained_cfg, list_pretrained_tags_by_model
 from torchvision.ops import box_iou, roi_align
 
+from common import file_sha256, key_difference
 from kernels import box_attention, box_bias, pair_enum, psi_transform
 from kernels.box_attention import grow_boxes, token_centres
 
@@ -48,10 +53,17 @@ from kernels.box_attention import grow_boxes, token_centres
 
 @dataclass
 class LINKConfig:
-    # frozen VLM (any open_clip model name; pretrained = tag, local checkpoint path, or None)
+    # frozen VLM (any open_clip model name; pretrained = tag, local checkpoint path, or None).
+    # None = "what the weights were trained with", filled in by resolve_vlm_config (section 2)
+    # so that a checkpoint states the value it used.
     vlm: str = "ViT-B-16"
     pretrained: str | None = "openai"
-    image_size: int = 224          # VLM input S; the position embedding is interpolated to it
+    image_size: int | None = None  # VLM input S (position embedding interpolated); None = the tower's own
+    quick_gelu: bool | None = None  # activation; None = the tag's (OpenAI: QuickGELU) or the architecture's
+    image_mean: tuple | None = None  # pixel mean / std; None = the tag's (open_clip's preprocess config)
+    image_std: tuple | None = None
+    dense: str = "tokens"          # dense map F: "tokens" | "maskclip" (vlm_dense_features)
+    tokenizer: str | None = None   # Hugging Face tokenizer folder (SigLIP offline); None = open_clip's
     vlm_seed: int = 0              # seeds a randomly initialised VLM (pretrained=None), so a
                                    # checkpoint without VLM weights rebuilds the same network
     # widths
@@ -118,56 +130,233 @@ def register_tiny_vlm(name: str = "link-tiny", vision_cfg: dict | None = None) -
     return name
 
 
+def _weights_source(cfg: LINKConfig) -> tuple[str, str | None]:
+    """-> ("tag", tag) | ("file", absolute path) | ("random", None) for cfg.pretrained."""
+    p = cfg.pretrained
+    if not p:
+        return "random", None
+    if os.path.isfile(os.path.expanduser(p)):
+        return "file", os.path.abspath(os.path.expanduser(p))
+    if get_pretrained_cfg(cfg.vlm, p):
+        return "tag", p
+    if os.path.sep in p or os.path.splitext(p)[1] in (".pt", ".pth", ".bin", ".safetensors", ".npz"):
+        raise FileNotFoundError(f"{p}: VLM checkpoint not found (config field 'pretrained')")
+    tags = list_pretrained_tags_by_model(cfg.vlm)
+    raise ValueError(f"LINKConfig.pretrained: {p!r} is neither a file nor an open_clip tag of {cfg.vlm} "
+                     f"(tags: {', '.join(tags[:8]) or 'none'}{', ...' if len(tags) > 8 else ''})")
+
+
+def quick_gelu_evidence(path: str) -> str | None:
+    """Why the weights file ``path`` looks trained with QuickGELU, or None.
+
+    Recognised (documented in the README): (1) its SHA-256 is the checksum open_clip publishes
+    for a QuickGELU tag (OpenAI's releases name theirs in the URL, open_clip's own QuickGELU
+    releases end their file names with its first 8 hex digits); (2) it lies in the Hugging
+    Face cache folder of a QuickGELU tag's repository (where open_clip downloads it, e.g.
+    models--timm--vit_base_patch16_clip_224.openai); (3) it is a TorchScript archive, the
+    format of OpenAI's own CLIP releases, all trained with QuickGELU. Other files (a fine-tune
+    saved as a state dict, a renamed copy) are not recognised: set quick_gelu yourself.
+    """
+    sha, where = file_sha256(path), path + "|" + os.path.realpath(path)
+    for model_name, tag in open_clip.list_pretrained():
+        t = get_pretrained_cfg(model_name, tag)
+        if not t.get("quick_gelu"):
+            continue
+        url, hub = t.get("url", ""), t.get("hf_hub", "").strip("/")
+        published = (url.split("/")[-2] if "openaipublic" in url else
+                     os.path.splitext(os.path.basename(url))[0].split("-")[-1] if "mlfoundations" in url else "")
+        if len(published) >= 8 and sha.startswith(published):
+            return f"its SHA-256 is that of open_clip's {model_name} '{tag}' weights"
+        if hub and "models--" + hub.replace("/", "--") in where:
+            return f"it lies in the Hugging Face cache of {hub} (open_clip's {model_name} '{tag}')"
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            if any(n.endswith("/constants.pkl") or "/code/" in n for n in z.namelist()):
+                return "it is a TorchScript archive, the format of OpenAI's CLIP releases"
+    return None
+
+
+def _rgb_triple(v, name: str) -> tuple:
+    """A config's pixel mean / std -> 3 floats (one number, 3 numbers, or "a,b,c")."""
+    try:
+        t = tuple(float(x) for x in (v.split(",") if isinstance(v, str) else
+                                     v if isinstance(v, (list, tuple)) else [v]))
+    except (TypeError, ValueError):
+        t = ()
+    t = t * 3 if len(t) == 1 else t
+    if len(t) != 3 or not all(math.isfinite(x) for x in t) or (name == "image_std" and min(t) <= 0):
+        raise ValueError(f"LINKConfig.{name} must be 3 finite numbers{' > 0' * (name == 'image_std')}, got {v!r}")
+    return t
+
+
+def _pixel_stats(cfg: LINKConfig, source: str, tag_cfg: dict) -> tuple[tuple, tuple]:
+    """(mean, std) the weights were trained with: the config fields, else open_clip's
+    preprocess config of the tag; for a local file the one every tag of this architecture
+    shares (e.g. 0.5 for SigLIP), else an error asking for the fields; random weights (no
+    statistics to match) take what the tags share or OpenAI's."""
+    if cfg.image_mean is not None or cfg.image_std is not None:
+        if cfg.image_mean is None or cfg.image_std is None:
+            raise ValueError("LINKConfig: set both image_mean and image_std, or neither")
+        return _rgb_triple(cfg.image_mean, "image_mean"), _rgb_triple(cfg.image_std, "image_std")
+    default = (tuple(open_clip.OPENAI_DATASET_MEAN), tuple(open_clip.OPENAI_DATASET_STD))
+    if source == "tag":
+        return tuple(tag_cfg.get("mean", default[0])), tuple(tag_cfg.get("std", default[1]))
+    known = {(tuple(t.get("mean", default[0])), tuple(t.get("std", default[1])))
+             for t in (get_pretrained_cfg(cfg.vlm, tag) for tag in list_pretrained_tags_by_model(cfg.vlm))}
+    if len(known) == 1:
+        return known.pop()
+    if source == "random":
+        return default
+    raise ValueError(f"{cfg.pretrained}: its pixel mean/std are unknown (the open_clip tags of {cfg.vlm} "
+                     f"{'disagree' if known else 'are none'}): set LINKConfig.image_mean and image_std "
+                     f"(e.g. --model-opt image_mean=0.5,0.5,0.5 --model-opt image_std=0.5,0.5,0.5)")
+
+
+def resolve_vlm_config(cfg: LINKConfig) -> LINKConfig:
+    """cfg with the VLM fields left at None filled in from the weights, so that a checkpoint
+    states them: image_size (the tower's own input size), quick_gelu, image_mean, image_std.
+
+    quick_gelu: a tag's open_clip pretrained config says (True for OpenAI's weights; open_clip
+    itself only warns on a mismatch); a local file or random weights take the architecture's
+    config, and a local file that looks trained with QuickGELU (quick_gelu_evidence) on a GELU
+    config is refused unless quick_gelu is set explicitly (False forces GELU).
+    """
+    if cfg.vlm == "link-tiny":  # registered on demand, so a tiny checkpoint rebuilds anywhere
+        register_tiny_vlm()
+    if ":" in cfg.vlm:
+        raise ValueError(f"LINKConfig.vlm: {cfg.vlm!r}: 'hf-hub:' / 'local-dir:' names are not supported; use an "
+                         f"open_clip model name and pretrained = a tag or a weights file")
+    model_cfg = open_clip.get_model_config(cfg.vlm)
+    if model_cfg is None:
+        raise ValueError(f"LINKConfig.vlm: {cfg.vlm!r} is not an open_clip model name "
+                         f"(open_clip.list_models() lists the {len(open_clip.list_models())} known ones)")
+    source, where = _weights_source(cfg)
+    tag_cfg = get_pretrained_cfg(cfg.vlm, where) if source == "tag" else {}
+    size = cfg.image_size or model_cfg["vision_cfg"].get("image_size", 224)
+    if isinstance(size, (list, tuple)):
+        if len(set(size)) != 1:
+            raise ValueError(f"LINKConfig.image_size: {cfg.vlm} takes {tuple(size)} inputs; set a square image_size")
+        size = size[0]
+    if not (isinstance(size, int) and size > 0):
+        raise ValueError(f"LINKConfig.image_size must be a positive integer, got {size!r}")
+    quick = cfg.quick_gelu
+    if quick is None:
+        quick = bool(tag_cfg.get("quick_gelu", model_cfg.get("quick_gelu", False)))
+        why = quick_gelu_evidence(where) if source == "file" and not quick else None
+        if why:
+            raise ValueError(f"{where}: {why}, i.e. trained with QuickGELU, but {cfg.vlm} builds GELU: set "
+                             f"quick_gelu=true (--model-opt quick_gelu=true), or quick_gelu=false to force GELU")
+    mean, std = _pixel_stats(cfg, source, tag_cfg)
+    return dataclasses.replace(cfg, image_size=int(size), quick_gelu=bool(quick), image_mean=mean, image_std=std)
+
+
 def build_vlm(cfg: LINKConfig) -> nn.Module:
-    """The full open_clip model (both towers) at cfg.image_size, weights from cfg.pretrained.
+    """The full open_clip model (both towers) of a resolved config (resolve_vlm_config) at
+    cfg.image_size, with the activation cfg.quick_gelu and the weights cfg.pretrained.
 
     pretrained is a tag known to open_clip (downloaded once into its cache), a local
     checkpoint file, or None (random init under cfg.vlm_seed, used by tests and the demo).
     open_clip interpolates the image position embedding to force_image_size on load.
     """
-    if cfg.vlm == "link-tiny":  # registered on demand, so a tiny checkpoint rebuilds anywhere
+    if cfg.vlm == "link-tiny":
         register_tiny_vlm()
     pretrained = os.path.expanduser(cfg.pretrained) if cfg.pretrained else None
-    if pretrained and os.path.sep in pretrained and not os.path.isfile(pretrained):
-        raise FileNotFoundError(f"{pretrained}: VLM checkpoint not found (config field 'pretrained')")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.vlm_seed)
-        return open_clip.create_model(cfg.vlm, pretrained=pretrained, force_image_size=cfg.image_size)
+        return open_clip.create_model(cfg.vlm, pretrained=pretrained, force_image_size=cfg.image_size,
+                                      force_quick_gelu=bool(cfg.quick_gelu))
 
 
-def vlm_dense_features(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Patch tokens of an open_clip image tower as a map: images [B, 3, S, S] -> [B, C, Gh, Gw].
+def weights_id(cfg: LINKConfig) -> str:
+    """What the VLM weights are: 'tag:NAME', 'sha256:HEX' of a local file's bytes (path and
+    mtime do not matter: a file rewritten in place is another VLM), or 'random:seedN'."""
+    source, where = _weights_source(cfg)
+    return {"tag": lambda: f"tag:{where}", "file": lambda: f"sha256:{file_sha256(where)}",
+            "random": lambda: f"random:seed{cfg.vlm_seed}"}[source]()
 
-    Choice: tokens are taken after the tower's final norm and its linear projection, i.e. in
-    the joint image-text space (C = embed_dim), as MaskCLIP-style dense CLIP features are.
-    That is the space of the text embeddings the classifier starts from, so the semantic
-    branch reads features that "speak" the same language. Class / register tokens are dropped.
-    - open_clip ViT: ln_post then @ proj on every patch token.
-    - timm towers (SigLIP, EVA, PE, MobileCLIP, ConvNeXt): trunk.forward_features, then the
-      trunk's own norm / linear head and open_clip's projection head applied per token where
-      those are per-token maps (attention-pool heads are skipped: width stays the trunk's).
+
+@contextlib.contextmanager
+def _last_block_attends_to_itself(visual: nn.Module):
+    """Within the block, the tower's last transformer block runs with a diagonal attention mask:
+    each token attends only to itself, so the block's attention output for a token is
+    out_proj(value(token)), MaskCLIP's value path (Zhou et al., ECCV 2022)."""
+    blocks = (visual.transformer.resblocks if isinstance(visual, open_clip.transformer.VisionTransformer)
+              else getattr(getattr(visual, "trunk", None), "blocks", None))
+    last = blocks[-1] if blocks is not None and len(blocks) else None
+    if last is None or "attn_mask" not in inspect.signature(last.forward).parameters:
+        raise ValueError(f"LINKConfig.dense='maskclip' needs a ViT tower whose blocks take an attention mask "
+                         f"(open_clip and timm ViTs); {type(visual).__name__} has none")
+
+    token_dim = 0 if getattr(getattr(visual, "transformer", None), "batch_first", True) is False else 1
+
+    def diagonal_mask(module, args, kwargs):
+        n = args[0].shape[token_dim]
+        mask = torch.full((n, n), float("-inf"), device=args[0].device, dtype=args[0].dtype)
+        return args, {**kwargs, "attn_mask": mask.fill_diagonal_(0.0)}
+
+    handle = last.register_forward_pre_hook(diagonal_mask, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def vlm_dense_features(visual: nn.Module, images: torch.Tensor, dense: str = "tokens") -> torch.Tensor:
+    """The dense map F of an open_clip image tower: images [B, 3, S, S] -> [B, C, Gh, Gw].
+
+    What F is, per tower (README "Model" has the table):
+    - open_clip ViT (OpenAI / LAION CLIP): the last layer's patch tokens (class token dropped)
+      after ln_post and @ proj, i.e. projected into the image-text space (C = embed_dim). This
+      is NOT MaskCLIP: in the last block those tokens went through query-key attention, which
+      mixes in global context and localises poorly.
+    - timm ViT with an attention-pool head (SigLIP, SigLIP2): the trunk's tokens after its final
+      norm, then the pool head applied to each token on its own: a one-token attention is the
+      identity, so a token goes through the head's value and output projections and its residual
+      MLP, what it contributes to the image embedding (MaskCLIP's reading of a pooling head):
+      the image-text space (C = embed_dim).
+    - other timm towers (EVA, ConvNeXt, ...): the trunk's tokens / map after its norm, then its
+      per-token linear head and open_clip's linear / MLP projection: the image-text space; an
+      open_clip attention-pool head ('abs_attn', 'rot_attn') is skipped: the trunk's space.
+    dense="maskclip" (ViT towers): the last block's attention is replaced by each token's own
+    value path (_last_block_attends_to_itself), MaskCLIP's dense CLIP features; the rest as above.
     """
-    B = images.shape[0]
-    if isinstance(visual, open_clip.transformer.VisionTransformer):
-        if visual.attn_pool is not None:
-            raise ValueError("VLM: attention-pooled ViT towers (CoCa) have no patch tokens to use")
-        visual.output_tokens = True
-        _, x = visual(images)                                     # [B, T, width], CLS dropped
-        if visual.pool_type == "none":                            # then open_clip kept the CLS
-            x = x[:, 1:]
-        if visual.final_ln_after_pool:                            # then open_clip skipped ln_post
-            x = visual.ln_post(x)
-        if visual.proj is not None:
-            x = x @ visual.proj                                   # [B, T, C]
-        gh, gw = visual.grid_size
-        return x.reshape(B, gh, gw, -1).permute(0, 3, 1, 2)
+    if dense not in ("tokens", "maskclip"):
+        raise ValueError(f"LINKConfig.dense must be 'tokens' or 'maskclip', got {dense!r}")
+    with _last_block_attends_to_itself(visual) if dense == "maskclip" else contextlib.nullcontext():
+        if isinstance(visual, open_clip.transformer.VisionTransformer):
+            return _vit_map(visual, images)
+        return _timm_map(visual, images)
+
+
+def _vit_map(visual, images: torch.Tensor) -> torch.Tensor:
+    """open_clip ViT: patch tokens after ln_post and proj -> [B, C, Gh, Gw]."""
+    if visual.attn_pool is not None:
+        raise ValueError("VLM: attention-pooled ViT towers (CoCa) have no patch tokens to use")
+    visual.output_tokens = True
+    _, x = visual(images)                                         # [B, T, width], CLS dropped
+    if visual.pool_type == "none":                                # then open_clip kept the CLS
+        x = x[:, 1:]
+    if visual.final_ln_after_pool:                                # then open_clip skipped ln_post
+        x = visual.ln_post(x)
+    if visual.proj is not None:
+        x = x @ visual.proj                                       # [B, T, C]
+    gh, gw = visual.grid_size
+    return x.reshape(images.shape[0], gh, gw, -1).permute(0, 3, 1, 2)
+
+
+def _timm_map(visual, images: torch.Tensor) -> torch.Tensor:
+    """timm tower (TimmModel): trunk tokens / map -> per-token head(s) -> [B, C, Gh, Gw]."""
     trunk = getattr(visual, "trunk", None)
     if trunk is None:
         raise ValueError(f"VLM: unsupported image tower {type(visual).__name__}")
+    B = images.shape[0]
     x = trunk.forward_features(images)
     if x.dim() == 3:                                              # ViT-like: [B, prefix + T, C]
         x = x[:, getattr(trunk, "num_prefix_tokens", 0):]
         gh, gw = getattr(trunk.patch_embed, "grid_size", None) or (int(math.isqrt(x.shape[1])),) * 2
+        pool = getattr(trunk, "attn_pool", None)
+        if pool is not None:                                      # SigLIP: the head, token by token
+            x = pool(x.reshape(B * gh * gw, 1, -1))
         x = x.reshape(B, gh, gw, -1)
         if isinstance(getattr(trunk, "fc_norm", None), nn.LayerNorm):
             x = trunk.fc_norm(x)                                  # avg-pool ViTs normalise here
@@ -182,6 +371,26 @@ def vlm_dense_features(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
     if isinstance(proj, nn.Sequential) and "pool" not in proj._modules and len(proj) > 0:
         x = proj(x)                                               # open_clip linear / mlp proj
     return x.permute(0, 3, 1, 2)
+
+
+def vlm_tokenizer(cfg: LINKConfig):
+    """open_clip's tokenizer of cfg.vlm; with cfg.tokenizer, the Hugging Face tokenizer in that
+    folder (or hub name) in place of the one the config names (SigLIP's, offline). One-line
+    errors: a Hugging Face tokenizer that cannot be loaded says which and how to point at it."""
+    text_cfg = (open_clip.get_model_config(cfg.vlm) or {}).get("text_cfg", {})
+    source = cfg.tokenizer or text_cfg.get("hf_tokenizer_name")
+    if cfg.tokenizer and not text_cfg.get("hf_tokenizer_name"):
+        raise ValueError(f"LINKConfig.tokenizer: {cfg.vlm} uses open_clip's own BPE tokenizer; leave it unset")
+    try:
+        if not cfg.tokenizer:
+            return open_clip.get_tokenizer(cfg.vlm)
+        return open_clip.tokenizer.HFTokenizer(
+            cfg.tokenizer, context_length=text_cfg.get("context_length", 77),
+            tokenizer_mode=text_cfg.get("tokenizer_mode"), **text_cfg.get("tokenizer_kwargs", {}))
+    except Exception as e:  # noqa: BLE001 - transformers raises many kinds; one line for all
+        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise ValueError(f"VLM {cfg.vlm}: its tokenizer {source!r} could not be loaded ({type(e).__name__}: {msg}); "
+                         f"set LINKConfig.tokenizer to a local folder holding its files") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -490,9 +699,9 @@ class TextClassifier(nn.Module):
 
 
 @torch.no_grad()
-def encode_prompts(clip: nn.Module, vlm_name: str, prompts: list[str], chunk: int = 256) -> torch.Tensor:
-    """Text embeddings of the K prompts from the VLM's text tower -> [K, E], L2-normalised."""
-    tokenizer = open_clip.get_tokenizer(vlm_name)
+def encode_prompts(clip: nn.Module, tokenizer, prompts: list[str], chunk: int = 256) -> torch.Tensor:
+    """Text embeddings of the K prompts from the VLM's text tower -> [K, E], L2-normalised.
+    tokenizer: list of str -> Long[n, context] (vlm_tokenizer)."""
     clip.eval()
     dev = next(clip.parameters()).device
     out = [clip.encode_text(tokenizer(prompts[i:i + chunk]).to(dev), normalize=True)
@@ -630,25 +839,25 @@ class LINK(nn.Module):
         """text_embed [K, E]: cached prompt embeddings (from a checkpoint); None = encode them."""
         super().__init__()
         _check_config(cfg)
-        self.cfg = cfg
+        self.cfg = cfg = resolve_vlm_config(cfg)  # None fields -> what the weights were trained with
         self.class_space = class_space            # as given (dataclass or dict), for checkpoints
         cs = self.classes = _class_space(class_space)
         K = len(cs.prompts)
         clip = build_vlm(cfg)
         if text_embed is None:  # once per model (minutes for 600 prompts on a CPU; a GPU if any)
             dev = "cuda" if torch.cuda.is_available() else "cpu"
-            text_embed = encode_prompts(clip.to(dev), cfg.vlm, cs.prompts).cpu()
+            text_embed = encode_prompts(clip.to(dev), vlm_tokenizer(cfg), cs.prompts).cpu()
             clip = clip.cpu()
         if text_embed.shape[0] != K:
             raise ValueError(f"text_embed has {text_embed.shape[0]} rows, class space has {K} classes")
         # Only the image tower is kept (the text tower's job ends with the embeddings above).
         self.vlm = clip.visual.requires_grad_(False).eval()
-        pp = getattr(self.vlm, "preprocess_cfg", {})
-        self.image_mean = tuple(pp.get("mean", open_clip.OPENAI_DATASET_MEAN))
-        self.image_std = tuple(pp.get("std", open_clip.OPENAI_DATASET_STD))
-        self.interpolation = pp.get("interpolation", "bicubic")
-        with torch.no_grad():  # probe the feature width C and grid once
-            c_vlm = vlm_dense_features(self.vlm, torch.zeros(1, 3, cfg.image_size, cfg.image_size)).shape[1]
+        self.image_mean, self.image_std = cfg.image_mean, cfg.image_std
+        self.interpolation = getattr(self.vlm, "preprocess_cfg", {}).get("interpolation", "bicubic")
+        with torch.no_grad():  # probe the feature width C and the grid once
+            probe = vlm_dense_features(self.vlm, torch.zeros(1, 3, cfg.image_size, cfg.image_size), cfg.dense)
+        c_vlm, self.grid = probe.shape[1], tuple(probe.shape[2:])
+        self.vlm_width = c_vlm
         if c_vlm % cfg.heads:
             raise ValueError(f"LINKConfig.heads ({cfg.heads}) must divide the VLM width {c_vlm}")
         # allowed[k, o]: class k may take object label o (verb-object masking)
@@ -695,15 +904,26 @@ class LINK(nn.Module):
         """[B, 3, S, S] normalised -> dense VLM features [B, C, Gh, Gw] (float32, no grad)."""
         self.vlm.eval()
         dev = next(self.vlm.parameters()).device
-        return vlm_dense_features(self.vlm, images.to(dev)).float()
+        return vlm_dense_features(self.vlm, images.to(dev), self.cfg.dense).float()
 
     def cache_key(self) -> str:
-        """Identifies the features encode_images gives: VLM name, weights, resolution."""
-        w = os.path.expanduser(self.cfg.pretrained or f"random-seed{self.cfg.vlm_seed}")
-        if os.path.isfile(w):  # a local file: its absolute path and size, hashed
-            w = os.path.basename(w) + "-" + hashlib.sha1(
-                f"{os.path.abspath(w)}:{os.path.getsize(w)}".encode()).hexdigest()[:10]
-        return "__".join(s.replace("/", "-").replace(":", "-") for s in (self.cfg.vlm, w, str(self.cfg.image_size)))
+        """Everything that changes what encode_images(preprocess(images)) gives, as
+        'name=value' parts joined by '|': the VLM, its weights (a local file by the SHA-256 of
+        its bytes), activation, input size, pixel mean / std, resize filter and dense mode.
+        Feature caches are keyed by it and checkpoints store it (from_checkpoint compares)."""
+        c = self.cfg
+        return "|".join([
+            "features=v2", f"vlm={c.vlm}", f"weights={weights_id(c)}",
+            f"act={'quick_gelu' if c.quick_gelu else 'gelu'}", f"size={c.image_size}",
+            "mean=" + ",".join(f"{v:.6g}" for v in c.image_mean), "std=" + ",".join(f"{v:.6g}" for v in c.image_std),
+            f"resize={self.interpolation}", f"dense={c.dense}"])
+
+    def describe_vlm(self) -> str:
+        """One line for the run's log: VLM, weights, activation, input size and token grid."""
+        c, (gh, gw) = self.cfg, self.grid
+        return (f"VLM {c.vlm} ({c.pretrained or f'random, seed {c.vlm_seed}'}; "
+                f"{'QuickGELU' if c.quick_gelu else 'GELU'}; mean {c.image_mean} std {c.image_std}) "
+                f"at {c.image_size} px: dense map '{c.dense}' of {gh} x {gw} tokens, width {self.vlm_width}")
 
     # -- detections -> boxes and pairs ---------------------------------------------------------
 
@@ -857,6 +1077,9 @@ class LINK(nn.Module):
         state = ck["model"]
         model = cls(LINKConfig(**ck["config"]), ck["class_space"],
                     text_embed=state.get("classifier.text_embed"))
+        if ck.get("cache_key") not in (None, model.cache_key()):  # e.g. weights rewritten in place
+            raise ValueError(f"{path}: the frozen VLM differs from the one this checkpoint was trained with "
+                             f"({key_difference(ck['cache_key'], model.cache_key())})")
         missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [m for m in missing if not m.startswith("vlm.")]
         if missing or unexpected:

@@ -80,7 +80,8 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
                         "model.register_tiny_vlm() registers (demo, tests)")
     m.add_argument("--pretrained", default="",
                    help="open_clip pretrained tag (e.g. openai) or a weights file; empty = random init")
-    m.add_argument("--image-size", type=int, help="VLM input resolution (default: the VLM's)")
+    m.add_argument("--image-size", type=int,
+                   help="VLM input resolution (default: the VLM's own, e.g. 224 for ViT-B-16, 336 for ViT-L-14-336)")
     m.add_argument("--model-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="any other LINKConfig field (repeatable)")
     t = p.add_argument_group("training")
@@ -149,7 +150,9 @@ def build_model(args, class_space, device):
         if k not in names:
             raise TrainInputError(f"--model-opt: LINKConfig has no field {k!r}")
         kw[k] = _parse_value(v)
-    return LINK(LINKConfig(**kw), class_space).to(device)
+    model = LINK(LINKConfig(**kw), class_space).to(device)
+    print(model.describe_vlm(), file=sys.stderr)   # input size and token grid, as resolved
+    return model
 
 
 def _synthetic_paths(args, d: Optional[Dist] = None) -> dict:

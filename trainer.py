@@ -95,6 +95,9 @@ from common import (
     atomic_write_bytes,
     atomic_write_json,
     clean_stale_temps,
+    file_sha256,
+    file_stamp,
+    key_difference,
     write_error,
 )
 
@@ -297,11 +300,24 @@ def view_of(seed: int, epoch: int, index: int, flip: bool) -> int:
 # Feature cache
 # ----------------------------------------------------------------------------------------------
 def _image_stamp(path: Path) -> list:
+    """[size, mtime_ns, ctime_ns, inode] of an image file (common.file_stamp)."""
     try:
-        st = path.stat()
+        return list(file_stamp(path))
     except FileNotFoundError:
         raise FileNotFoundError(f"image file {path} not found (field: filename)") from None
-    return [st.st_size, st.st_mtime_ns]
+
+
+def _same_image(path: Path, stamp: list, sha256: str) -> bool:
+    """Are the image's bytes those the cache was built from? size or mtime changed: no; ctime
+    and inode unchanged: yes (a write would have moved ctime); otherwise (a copied or touched
+    dataset, or a writer that restored size and mtime) the SHA-256 of the whole file decides."""
+    try:
+        now = _image_stamp(path)
+    except FileNotFoundError:
+        return False
+    if now[:2] != stamp[:2]:
+        return False
+    return now[2:] == stamp[2:] or file_sha256(path) == sha256
 
 
 class FeatureCache:
@@ -310,10 +326,13 @@ class FeatureCache:
     Layout: ``root/<hash of key and image list>/index.json`` and ``feats-<token>.bin`` holding
     a C-order array [N, V, C, Gh, Gw] (V = 1 view, or 2 with flips: original, mirrored).
     index.json = {"version", "key", "views", "dtype", "shape": [C, Gh, Gw], "data": file name,
-    "images": [[path, size, mtime_ns], ...]}. The index is written last and atomically, and
-    it names its data file, so a crash at any point leaves either the old valid cache or none.
-    The cache is used only when the key, the image list and every image's size and mtime_ns
-    match; otherwise it is rebuilt (``self.rebuilt`` tells which happened).
+    "images": [[path, size, mtime_ns, ctime_ns, inode, sha256], ...]}. The index is written last
+    and atomically, and it names its data file, so a crash at any point leaves either the old
+    valid cache or none. The cache is used only when the key (the model's cache_key: VLM, weights
+    content, activation, input size, pixel statistics, dense mode), the image list and every
+    image's bytes match (_same_image: size, mtime, then ctime + inode or the SHA-256 of the whole
+    file); otherwise it is rebuilt (``self.rebuilt`` tells which happened). Indexes of an older
+    version are never reused.
     """
 
     def __init__(self, root, key: str, image_paths: list, views: int = 1, dtype: str = "float16"):
@@ -336,17 +355,13 @@ class FeatureCache:
 
     def is_valid(self) -> bool:
         idx = self._read_index()
-        if not idx or idx.get("version") != 1 or idx.get("key") != self.key:
+        if not idx or idx.get("version") != 2 or idx.get("key") != self.key:
             return False
         imgs = idx.get("images", [])
         if [i[0] for i in imgs] != self.paths:
             return False
-        for (p, size, mtime) in imgs:
-            try:
-                if _image_stamp(Path(p)) != [size, mtime]:
-                    return False
-            except FileNotFoundError:
-                return False
+        if not all(_same_image(Path(p), stamp, sha) for p, *stamp, sha in imgs):
+            return False
         data = self.dir / idx["data"]
         n = len(self.paths) * self.views * int(np.prod(idx["shape"])) * np.dtype(self.dtype).itemsize
         return data.exists() and data.stat().st_size == n
@@ -386,7 +401,7 @@ class FeatureCache:
 
     def _build(self, encode, load, batch_size, progress) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        stamps = [[p] + _image_stamp(Path(p)) for p in self.paths]   # before encoding
+        stamps = [[p] + _image_stamp(Path(p)) + [file_sha256(p)] for p in self.paths]   # before encoding
         token = uuid.uuid4().hex[:12]
         data_name = f"feats-{token}.bin"
         tmp = self.dir / f".{data_name}.tmp"
@@ -417,7 +432,7 @@ class FeatureCache:
             with open(tmp, "rb+") as fh:
                 os.fsync(fh.fileno())
             os.replace(tmp, self.dir / data_name)
-            atomic_write_json(self.index_path, {"version": 1, "key": self.key, "views": self.views,
+            atomic_write_json(self.index_path, {"version": 2, "key": self.key, "views": self.views,
                                                 "dtype": self.dtype, "shape": list(shape),
                                                 "data": data_name, "images": stamps})
         finally:
@@ -649,6 +664,9 @@ def check_checkpoint_matches(ck: dict, model, path, fingerprint: Optional[str] =
     if ck["class_space"] != cs:
         diff = sorted(k for k in set(cs) | set(ck["class_space"]) if cs.get(k) != ck["class_space"].get(k))
         raise CheckpointError(f"checkpoint {path} has a different class space (fields: {diff[:6]})")
+    if ck.get("cache_key") not in (None, model.cache_key()):
+        raise CheckpointError(f"checkpoint {path} was trained on other frozen-VLM features (field: cache_key; "
+                              f"{key_difference(ck['cache_key'], model.cache_key())})")
     if fingerprint is not None and ck.get("data_fingerprint") not in (None, fingerprint):
         raise CheckpointError(f"checkpoint {path} was trained on a different image list "
                               f"(field: data_fingerprint)")
@@ -944,6 +962,7 @@ class Trainer:
                 "step_in_epoch": self.step_in_epoch,
                 "order": epoch_order(len(self.train), self.cfg.seed, self.epoch),
                 "data_fingerprint": self.train.fingerprint(), "world_size": self.d.world,
+                "cache_key": self.model.cache_key(),
                 "loop": asdict(self.cfg), "metrics": self.last_metrics, **self.ckpt_extra,
                 **({"extra_state": trainable_state(self.extra_module)} if self.extra_module is not None else {})}
 

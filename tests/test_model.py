@@ -278,57 +278,6 @@ def test_unseen_rows_unchanged_after_optimiser_step(feats):
     assert (after[seen] - before[seen]).abs().sum(1).min() > 0    # seen rows trained
 
 
-def test_vlm_from_local_checkpoint(tmp_path):
-    cfg = tiny_cfg()
-    with torch.random.fork_rng():
-        torch.manual_seed(123)  # different weights from the seeded random init
-        clip = open_clip.create_model(TINY, pretrained=None)
-    path = tmp_path / "tiny_clip.pt"
-    torch.save(clip.state_dict(), path)
-    m = LINK(tiny_cfg(pretrained=str(path)), CLASSES)
-    want = {k[len("visual."):]: v for k, v in clip.state_dict().items() if k.startswith("visual.")}
-    got = m.vlm.state_dict()
-    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
-    assert not torch.equal(LINK(cfg, CLASSES).vlm.conv1.weight, got["conv1.weight"])
-    assert "tiny_clip.pt" in m.cache_key() and m.cache_key().endswith("__64")
-    with pytest.raises(FileNotFoundError, match="pretrained"):
-        LINK(tiny_cfg(pretrained=str(tmp_path / "missing.pt")), CLASSES)
-
-
-def test_vlm_pretrained_tag_without_network(tmp_path, monkeypatch):
-    """A pretrained tag goes through open_clip's real tag lookup; only the download is faked."""
-    with torch.random.fork_rng():
-        torch.manual_seed(7)
-        clip = open_clip.create_model(TINY, pretrained=None, force_image_size=96)
-    path = tmp_path / "downloaded.pt"
-    torch.save(clip.state_dict(), path)
-    monkeypatch.setitem(open_clip.pretrained._PRETRAINED, TINY,
-                        {"fake_tag": {"url": "https://example.invalid/tiny.pt", "hf_hub": "",
-                                      "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}})
-    downloads, creates = [], []
-    monkeypatch.setattr(open_clip.factory, "download_pretrained",
-                        lambda cfg, **kw: downloads.append(cfg) or str(path))
-    real_create = open_clip.create_model
-    monkeypatch.setattr(open_clip, "create_model", lambda *a, **kw: creates.append((a, kw)) or real_create(*a, **kw))
-    m = LINK(tiny_cfg(pretrained="fake_tag", image_size=96), CLASSES)
-    assert creates == [((TINY,), {"pretrained": "fake_tag", "force_image_size": 96})]
-    assert len(downloads) == 1 and downloads[0]["url"] == "https://example.invalid/tiny.pt"
-    assert torch.equal(m.vlm.positional_embedding, clip.visual.positional_embedding)
-    assert m.image_mean == (0.5, 0.5, 0.5) and m.image_std == (0.25, 0.25, 0.25)
-    assert m.encode_images(torch.zeros(1, 3, 96, 96)).shape == (1, 64, 12, 12)
-    assert m.cache_key() == f"{TINY}__fake_tag__96"
-
-
-def test_timm_tower(feats):
-    name = register_tiny_vlm("link-tiny-convnext", {"timm_model_name": "convnext_atto", "timm_pool": "",
-                                                    "timm_proj": "linear", "image_size": 64})
-    m = LINK(tiny_cfg(vlm=name), CLASSES).eval()
-    f = m.encode_images(torch.randn(2, 3, 64, 64))
-    assert f.shape == (2, 64, 2, 2)  # ConvNeXt stride 32, projected into the 64-d joint space
-    out = m(f, DETS, SIZES)
-    assert out["logits"].shape == (9, K) and torch.isfinite(out["logits"]).all()
-
-
 def test_preprocess(net):
     ims = [Image.new("RGB", (40, 30), (255, 0, 128)), Image.new("L", (10, 90), 0)]
     x = net.preprocess(ims)
