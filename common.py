@@ -22,10 +22,12 @@ import contextlib
 import errno
 import hashlib
 import json
+import logging
 import math
 import os
 import sys
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterable, Optional
 
@@ -170,6 +172,27 @@ def clean_stale_temps(folder) -> None:
                 p.unlink()
 
 
+_DIGESTS: dict = {}
+
+
+def file_digest(path) -> str:
+    """The first 16 hex digits of the SHA-1 of a file's bytes (read in 1 MiB blocks); computed
+    once per process for a given (path, device, inode, size, mtime)."""
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = _sha1_file(path)
+    return _DIGESTS[key]
+
+
+def _sha1_file(path) -> str:
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
 # ----------------------------------------------------------------------------------------------
 # Outputs are never inputs
 # ----------------------------------------------------------------------------------------------
@@ -248,6 +271,57 @@ def error_line(msg) -> str:
 
 def print_error(msg) -> None:
     print(f"error: {error_line(msg)}", file=sys.stderr)
+
+
+class HeldNotes:
+    """Notes, warnings and log records of a command held back while it checks its input, so
+    that a refused command prints its error line and nothing else. ``with HeldNotes():`` around
+    the command; :func:`note` (and ``warnings.warn``, ``logging``) go to the held list until
+    :func:`release_notes` prints them and lets later ones through; an exception drops them."""
+
+    current: Optional["HeldNotes"] = None
+
+    def __init__(self):
+        self.held: list = []
+        self.live = False
+
+    def __enter__(self) -> "HeldNotes":
+        self._prev = HeldNotes.current
+        HeldNotes.current = self
+        self._handler = logging.Handler(logging.WARNING)
+        self._handler.emit = lambda r: note(f"{r.levelname.lower()}: {r.getMessage()}")
+        logging.getLogger().addHandler(self._handler)     # also keeps basicConfig's stderr handler out
+        self._showwarning = warnings.showwarning
+        warnings.showwarning = lambda msg, cat, *a, **k: note(f"warning: {msg}")
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        logging.getLogger().removeHandler(self._handler)
+        warnings.showwarning = self._showwarning
+        HeldNotes.current = self._prev
+        if exc_type is None:
+            self.release()
+
+    def release(self) -> None:
+        for msg in self.held:
+            print(msg, file=sys.stderr)
+        self.held.clear()
+        self.live = True
+
+
+def note(msg: str) -> None:
+    """A note for stderr: printed now, or held (see :class:`HeldNotes`)."""
+    h = HeldNotes.current
+    if h is not None and not h.live:
+        h.held.append(msg)
+    else:
+        print(msg, file=sys.stderr)
+
+
+def release_notes() -> None:
+    """The command's input is valid: print the held notes, let later ones through."""
+    if HeldNotes.current is not None:
+        HeldNotes.current.release()
 
 
 class OneLineParser(argparse.ArgumentParser):

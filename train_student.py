@@ -44,15 +44,14 @@ loss = loss_gt + w_map * KD_map + w_query * KD_query + w_logit * KD_logit.
 from __future__ import annotations
 
 import argparse
-import hashlib
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common import file_digest
 from kernels import kl_distill
 from model import LINK, register_tiny_vlm
 from train_teacher import (
@@ -382,14 +381,6 @@ def student_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _file_hash(path) -> str:
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
-
-
 def load_teachers(args, cs, device) -> tuple[list, list, list]:
     """-> (frozen teachers, their info for the checkpoint, their init seeds); draws no RNG."""
     teachers, info, seeds = [], [], []
@@ -402,7 +393,7 @@ def load_teachers(args, cs, device) -> tuple[list, list, list]:
             raise CheckpointError(f"teacher {path}: class space differs from the student's data "
                                   f"(fields: {diff[:6]})")
         teachers.append(t)
-        info.append({"path": str(path), "sha1": _file_hash(path), "cache_key": t.cache_key()})
+        info.append({"path": str(path), "sha1": file_digest(path), "cache_key": t.cache_key()})
         seeds.append(teacher_init_seed(ck))
     return teachers, info, seeds
 
@@ -415,12 +406,13 @@ def kd_config(args) -> KDConfig:
 
 def main(argv=None) -> dict:
     args = student_parser().parse_args(argv)
-    d, train, test, cs, cache, run = setup_run(args)
+    d, train, test, cs, cache, run = setup_run(args, "student")
     with run:
-        return _train_student(args, d, train, test, cs, cache, run.path)
+        return _train_student(args, d, train, test, cs, cache, run)
 
 
-def _train_student(args, d, train, test, cs, cache, out: Path) -> dict:
+def _train_student(args, d, train, test, cs, cache, run) -> dict:
+    out = run.path
     teachers, info, t_seeds = load_teachers(args, cs, d.device)
     # the student's weights come from their own seed (a teacher's with --init-seed same: then,
     # with all KD weights 0, the student reproduces that teacher exactly)
@@ -442,7 +434,7 @@ def _train_student(args, d, train, test, cs, cache, out: Path) -> dict:
                  metric_fn=metric_fn, eval_kwargs=mkw, class_space=cs,
                  ckpt_extra={"role": "student", "teachers": info, "init_seed": init_seed,
                              "distill": asdict(kd)})
-    return fit_and_finish(tr, args.resume, args.name)
+    return fit_and_finish(tr, args, run)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,16 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
-from common import atomic_write_json, read_json, refuse_outputs_over_inputs
+from common import (
+    HeldNotes,
+    atomic_write_json,
+    file_digest,
+    note,
+    print_error,
+    read_json,
+    refuse_outputs_over_inputs,
+    release_notes,
+)
 from data import VCOCO, HICODet, SWiGHOI, gt_detections, load_detections, select_boxes
 from eval import evaluate_hico, evaluate_swig
 from model import LINK, LINKConfig, register_tiny_vlm
@@ -44,12 +53,15 @@ from trainer import (
     FeatureSource,
     LoopConfig,
     NonFiniteLossError,
+    RunFolder,
     Split,
     Trainer,
     TrainInputError,
     barrier,
     claim_run_folder,
     init_distributed,
+    load_checkpoint,
+    resume_differences,
     seed_everything,
 )
 
@@ -107,6 +119,9 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--runs", default="runs")
     t.add_argument("--resume", nargs="?", const="auto",
                    help="resume from runs/NAME/last.pt (or the given checkpoint)")
+    t.add_argument("--override", action="append", default=[], metavar="SETTING",
+                   help="with --resume: let this setting (e.g. lr, epochs, w_logit, anno) differ from "
+                        "the checkpoint's; it takes effect from the resume step and is logged (repeatable)")
     t.add_argument("--move-aside", action="store_true",
                    help="runs/NAME holds a run: move it to runs/NAME.old-<time> and start a new one "
                         "(without this or --resume, a run name in use is refused)")
@@ -161,7 +176,7 @@ def _synthetic_paths(args, d: Optional[Dist] = None) -> dict:
     root = Path(args.world)
     anno = root / "instances_train.json"
     if d.main and not (root / "instances_test.json").exists():
-        print(f"generating the synthetic world in {root}", file=sys.stderr)
+        note(f"note: generating the synthetic world in {root}")
         make_synthetic_world(root, n_train=args.world_train, n_test=args.world_test,
                              image_size=args.world_size, seed=args.seed)
     barrier(d)
@@ -221,8 +236,8 @@ def _build_split(args, which: str, image_root, anno, dets_path, cs):
         dets = load_detections(str(dets_path), filenames=list(ds.filenames))
         n_miss = sum(1 for f in ds.filenames if f not in dets)
         if n_miss:
-            print(f"note: {n_miss} of {len(ds)} {which} images have no detections in {dets_path}"
-                  + (" (GT boxes only in training)" if which == "train" else ""), file=sys.stderr)
+            note(f"note: {n_miss} of {len(ds)} {which} images have no detections in {dets_path}"
+                  + (" (GT boxes only in training)" if which == "train" else ""))
     elif which == "test":
         raise TrainInputError("--test-detections is required for evaluation")
     else:
@@ -256,22 +271,25 @@ def metric_for(args, cs):
 # ----------------------------------------------------------------------------------------------
 # Running (shared with train_student.py)
 # ----------------------------------------------------------------------------------------------
-def setup_run(args):
+def setup_run(args, role: str = "teacher"):
     """Common set-up of the teacher and student CLIs -> (dist, train, test, class space, caches
     root, the claimed RunFolder: release it, or use it as a context manager)."""
     if args.threads:
         torch.set_num_threads(args.threads)
     d = init_distributed(args.device)
     seed_everything(args.seed + d.rank)
-    # claimed first: a run name in use is refused before any data is read or cache built
+    # claimed first: a run name in use, or a resume that would not continue the same run, is
+    # refused before any data is read or cache built
     run = claim_run_folder(Path(args.runs) / args.name, args.resume, args.move_aside, d)
+    outputs = [(f"the run's {n}", run.path / n) for n in RUN_OUTPUTS]
     try:
+        refuse_outputs_over_inputs(outputs, run_inputs(args), TrainInputError)
+        check_resume(args, run.path, role)
         train, test, cs = build_splits(args, d)
         if len(train) == 0:
             raise TrainInputError(f"no training image left in {args.anno or args.world} "
                                   f"(zero-shot/few-shot filtering?)")
-        refuse_outputs_over_inputs([(f"the run's {n}", run.path / n) for n in RUN_OUTPUTS],
-                                   run_inputs(args, train, test), TrainInputError)
+        refuse_outputs_over_inputs(outputs, run_inputs(args, train, test), TrainInputError)
     except BaseException:
         run.release()
         raise
@@ -279,9 +297,9 @@ def setup_run(args):
     return d, train, test, cs, cache, run
 
 
-def run_inputs(args, train: Split, test: Optional[Split]) -> list:
+def run_inputs(args, train: Optional[Split] = None, test: Optional[Split] = None) -> list:
     """(label, path) of every file a run reads: annotation and detection files, teacher
-    checkpoints, a --resume checkpoint from elsewhere, the images."""
+    checkpoints, a --resume checkpoint from elsewhere, and the images of the splits given."""
     out = [(f"--{k.replace('_', '-')}", getattr(args, k)) for k in
            ("anno", "detections", "test_anno", "test_detections") if getattr(args, k, None)]
     out += [("--teacher", t) for t in getattr(args, "teacher", None) or []]
@@ -301,16 +319,69 @@ def make_sources(model, args, d, train, test, cache):
     return tf, ef
 
 
-def fit_and_finish(trainer: Trainer, resume: str | None, name: str) -> dict:
-    """Resume if asked (``--resume`` alone = runs/NAME/last.pt when it exists), train, finish."""
-    if resume:
-        path = trainer.out / "last.pt" if resume == "auto" else Path(resume)
-        if path.exists() or resume != "auto":
-            trainer.resume(path)
-        else:
-            print(f"no checkpoint at {path}: starting fresh", file=sys.stderr)
+#: options that may change on --resume: where things are and how the process runs, not what is
+#: trained (the data and teacher files are compared by content, see run_settings; the loop's
+#: options by trainer.resume_differences through LoopConfig)
+FREE_OPTIONS = {"runs", "name", "resume", "move_aside", "override", "cache", "threads", "device",
+                "no_progress", "kd_impl", "image_root", "test_image_root", "world", "world_train",
+                "world_test", "world_size", "anno", "detections", "test_anno", "test_detections", "teacher"}
+
+
+def run_settings(args) -> dict:
+    """What a resume must find unchanged (trainer.resume_differences): every option of the
+    command line that is neither free (FREE_OPTIONS) nor a LoopConfig field (compared by the
+    loop), and under "files" the content hashes of the data files and teacher checkpoints."""
+    loop = {f.name for f in dataclasses.fields(LoopConfig)}
+    out = {k: v for k, v in sorted(vars(args).items()) if k not in FREE_OPTIONS and k not in loop}
+    tr_paths = _paths(args)
+    files = {"anno": tr_paths["train"][1], "detections": tr_paths["train"][2]}
+    if tr_paths["test"] is not None:
+        files.update(test_anno=tr_paths["test"][1], test_detections=tr_paths["test"][2])
+    out["files"] = {k: file_digest(v) for k, v in files.items() if v is not None and Path(v).is_file()}
+    if getattr(args, "teacher", None):
+        out["files"]["teacher"] = [file_digest(t) for t in args.teacher]
+    return out
+
+
+def _resume_path(args, folder: Path) -> Optional[Path]:
+    """The checkpoint --resume names (None: no --resume, or --resume alone and none yet)."""
+    if not args.resume:
+        return None
+    path = folder / "last.pt" if args.resume == "auto" else Path(args.resume)
+    if path.exists():
+        return path
+    if args.resume != "auto":
+        raise TrainInputError(f"--resume {path}: checkpoint not found")
+    return None
+
+
+def check_resume(args, folder: Path, role: str) -> None:
+    """Refuse early (before data and caches) a resume that would not continue the same run:
+    trainer.resume_differences on the checkpoint, this command's loop and settings."""
+    if args.override and not args.resume:
+        raise TrainInputError("--override changes a resumed run's settings: it needs --resume")
+    path = _resume_path(args, folder)
+    if path is not None:
+        resume_differences(load_checkpoint(path), path, dataclasses.asdict(loop_config(args)),
+                           {"role": role, "settings": run_settings(args)}, args.override)
+
+
+def fit_and_finish(trainer: Trainer, args, run: Optional[RunFolder] = None) -> dict:
+    """Resume if asked (``--resume`` alone = runs/NAME/last.pt when it exists; the settings
+    compared, ``--override`` applied), show the held notes, prepare the run folder (see
+    RunFolder.prepare), train, finish."""
+    trainer.ckpt_extra["settings"] = run_settings(args)
+    path = _resume_path(args, trainer.out)
+    if path is not None:
+        trainer.resume(path, args.override)
+    release_notes()                     # the command's input is valid
+    if args.resume and path is None:
+        print(f"no checkpoint at {trainer.out / 'last.pt'}: starting fresh", file=sys.stderr)
+    if run is not None and trainer.d.main:
+        run.prepare()
+    barrier(trainer.d)
     trainer.fit()
-    return finish(trainer, name)
+    return finish(trainer, args.name)
 
 
 def finish(trainer: Trainer, name: str) -> dict:
@@ -332,13 +403,18 @@ def finish(trainer: Trainer, name: str) -> dict:
 
 
 def run_cli(main_fn) -> None:
+    """main_fn() with the CLI's error contract: bad input (and a file that cannot be read or
+    written) -> one ``error:`` line, exit 2; a non-finite loss -> exit 3. Notes and warnings of
+    the set-up are held until the input is valid (common.HeldNotes), so that a refused command
+    prints its error line alone."""
     try:
-        main_fn()
-    except (TrainInputError, FileNotFoundError, ValueError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        with HeldNotes():
+            main_fn()
+    except (TrainInputError, FileNotFoundError, ValueError, KeyError, OSError) as e:
+        print_error(e)
         sys.exit(2)
     except NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print_error(e)
         sys.exit(3)
     finally:
         if tdist.is_initialized():
@@ -363,7 +439,7 @@ def main(argv=None) -> dict:
         metric_fn, mkw = metric_for(args, cs)
         tr = Trainer(model, loop_config(args), train, tf, run.path, d, test, ef, metric_fn=metric_fn,
                      eval_kwargs=mkw, ckpt_extra={"role": "teacher"}, class_space=cs)
-        return fit_and_finish(tr, args.resume, args.name)
+        return fit_and_finish(tr, args, run)
 
 
 if __name__ == "__main__":

@@ -697,6 +697,7 @@ class RunFolder:
         self.path = Path(path)
         self._fd = None
         self._created = False
+        self.pending: Optional[str] = None     # "move_aside" | "restart": done by prepare()
 
     def existing(self) -> list:
         return [n for n in RUN_OUTPUTS if (self.path / n).exists()]
@@ -730,8 +731,7 @@ class RunFolder:
     def _check(self, resume: Optional[str], move_aside: bool) -> None:
         have = self.existing()
         if move_aside:
-            if any(self.path.iterdir()):
-                self._move_aside()
+            self.pending = "move_aside" if any(self.path.iterdir()) else None
             return
         if not have:
             return
@@ -748,10 +748,21 @@ class RunFolder:
             if {"metrics.json", "predictions_test.json"} & set(have):
                 raise TrainInputError(f"{self.path}: holds the outputs of a run ({listing}) but no checkpoint "
                                       f"last.pt to resume; pass --move-aside or choose another --name")
-            for n in have:             # killed before its first checkpoint: start it again
+            self.pending = "restart"   # killed before its first checkpoint: start it again
+
+    def prepare(self) -> None:
+        """Do what claim() decided once the run is about to train (the command's input is
+        valid by then, so a refused command moves or removes nothing): move the old run aside,
+        or remove the log of a run that never reached its first checkpoint."""
+        if self.pending == "move_aside":
+            self._move_aside()
+        elif self.pending == "restart":
+            have = self.existing()
+            for n in have:
                 (self.path / n).unlink()
             print(f"note: {self.path} has no checkpoint (the run stopped before its first one): "
-                  f"starting it again, its log ({listing}) removed", file=sys.stderr)
+                  f"starting it again, its log ({', '.join(have)}) removed", file=sys.stderr)
+        self.pending = None
 
     def _move_aside(self) -> None:
         """Rename the locked folder (the lock goes with it), lock a new empty one, let go of the old."""
@@ -822,6 +833,101 @@ def claim_run_folder(path, resume: Optional[str], move_aside: bool, d: Optional[
 
 
 # ----------------------------------------------------------------------------------------------
+# Resume: the same run
+# ----------------------------------------------------------------------------------------------
+#: LoopConfig fields that may change on resume: they change when things are saved or shown,
+#: not what is trained
+LOOP_FREE = ("progress", "ckpt_every", "eval_every")
+
+#: why a setting is compared, for the messages of the ones users change most
+RESUME_HINTS = {"epochs": "the learning-rate schedule spans the planned epochs; --override epochs "
+                          "continues on the schedule of a run planned for the new number"}
+
+
+def read_log_lines(path) -> list:
+    """[(line, record or None)] of a log.jsonl; a line that does not parse (a torn last line of a
+    killed writer) gets None instead of stopping the reader."""
+    out = []
+    for line in Path(path).read_text(errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            rec = None
+        out.append((line, rec if isinstance(rec, dict) else None))
+    return out
+
+
+def _plain(x):
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    return x
+
+
+def setting_differences(stored: dict, now: dict, prefix: str = "") -> list:
+    """[(name, stored value, current value)] for every setting present in both that differs;
+    nested dicts by dotted name (files.anno). Settings only one side has (a checkpoint from an
+    older version) are not compared."""
+    out = []
+    for k in sorted(set(stored) & set(now)):
+        a, b = _plain(stored[k]), _plain(now[k])
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += setting_differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append((prefix + k, a, b))
+    return out
+
+
+def _setting_names(d: dict, prefix: str = "") -> set:
+    names = set()
+    for k, v in d.items():
+        names |= _setting_names(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k}
+    return names
+
+
+def _option(name: str) -> str:
+    """files.test_anno -> --test-anno (file content); lr -> --lr."""
+    base = name.split(".")[-1]
+    opt = "--" + base.replace("_", "-")
+    return f"{opt} (file content)" if name.startswith("files.") else opt
+
+
+def resume_differences(ck: dict, path, loop: dict, extra: dict, overrides=()) -> list:
+    """The settings a resume changes: [(name, checkpoint value, this run's value)], all of them
+    named in ``overrides``; raises CheckpointError for another role (a teacher never resumes
+    from a student checkpoint or the reverse), an override naming no setting, or a setting that
+    differs without an override. Compared: every LoopConfig field but LOOP_FREE (checkpoint
+    ``loop``) and every entry of the run's ``settings`` (ckpt_extra, written by the CLI: its
+    options and the content hashes of its data and teacher files)."""
+    role_now, role_ck = extra.get("role"), ck.get("role")
+    if role_now and role_ck and role_now != role_ck:
+        raise CheckpointError(f"checkpoint {path} is a {role_ck} checkpoint and this is a {role_now} run: "
+                              f"a {role_now} never resumes from a {role_ck} checkpoint")
+    now = {"loop": {k: v for k, v in loop.items() if k not in LOOP_FREE}}
+    stored = {"loop": {k: v for k, v in (ck.get("loop") or {}).items() if k not in LOOP_FREE}}
+    if isinstance(extra.get("settings"), dict) and isinstance(ck.get("settings"), dict):
+        now["settings"], stored["settings"] = extra["settings"], ck["settings"]
+    diffs = [(n.split(".", 1)[1], a, b) for n, a, b in setting_differences(stored, now)]
+    known = {n.split(".", 1)[1] for n in _setting_names(now)}
+    want = {o.strip().lstrip("-").replace("-", "_") for o in overrides}
+    for o in sorted(want):
+        if not any(o in (k, k.split(".")[-1]) for k in known):
+            raise CheckpointError(f"--override {o}: no such setting (settings: {', '.join(sorted(known))})")
+    refused = [d for d in diffs if not ({d[0], d[0].split(".")[-1]} & want)]
+    if refused:
+        what = "; ".join(f"{_option(n)}: {a!r} in the checkpoint, {b!r} now" for n, a, b in refused[:4])
+        more = f" and {len(refused) - 4} more" if len(refused) > 4 else ""
+        hint = "".join(f" ({RESUME_HINTS[n]})" for n, _, _ in refused[:4] if n in RESUME_HINTS)
+        names = " ".join(f"--override {n.split('.')[-1]}" for n, _, _ in refused[:4])
+        raise CheckpointError(f"checkpoint {path}: resuming would not continue the same run: {what}{more}{hint}; "
+                              f"use the checkpoint's values, or change them from here with {names} (logged)")
+    return diffs
+
+
+# ----------------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------------
 @dataclass
@@ -845,9 +951,7 @@ class LoopConfig:
 
 
 def resolve_amp(amp: str, device: torch.device) -> Optional[torch.dtype]:
-    if device.type != "cuda":
-        if amp in ("bf16", "fp16"):
-            print(f"note: --amp {amp} ignored on CPU (plain fp32)", file=sys.stderr)
+    if device.type != "cuda":         # (fit() notes an --amp bf16/fp16 ignored on CPU)
         return None
     if amp == "auto":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -972,33 +1076,81 @@ class Trainer:
             atomic_torch_save(self.state(rngs), self.ckpt_path)
         barrier(self.d)
 
-    def resume(self, path) -> None:
+    def resume(self, path, overrides=()) -> None:
+        """Continue the run of checkpoint ``path`` exactly: refused (CheckpointError naming the
+        setting) when it is another kind of run (role), another model, class space or image list,
+        or when a setting differs (see :func:`resume_differences`) that ``overrides`` does not
+        name; the overridden settings take effect from here and are logged."""
         ck = load_checkpoint(path, map_location=self.d.device)
         check_checkpoint_matches(ck, self.model, path, self.train.fingerprint(), self.class_space)
+        changed = resume_differences(ck, path, asdict(self.cfg), self.ckpt_extra, overrides)
         load_trainable_state(self.model, ck["model"])
         if self.extra_module is not None:
             self._load_extra_state(ck, path)
-        try:
-            self.opt.load_state_dict(ck["optimizer"])
-        except ValueError as e:   # another parameter-group layout (e.g. before param_groups)
-            raise CheckpointError(f"checkpoint {path}: field 'optimizer' does not match this run's "
-                                  f"parameter groups ({e})") from None
-        self.sched.load_state_dict(ck["scheduler"])
-        self.scaler.load_state_dict(ck["scaler"])
+        self._load_optimisation_state(ck, path)
         self.epoch, self.step = int(ck["epoch"]), int(ck["step"])
         self.step_in_epoch = int(ck.get("step_in_epoch", 0))
+        self._check_resume_point(changed, path)
         self.last_metrics = ck.get("metrics", {})
-        if ck.get("order") is not None and ck["order"] != epoch_order(len(self.train), self.cfg.seed, self.epoch):
+        new_seed = any(n == "seed" for n, _, _ in changed)      # at an epoch boundary: a new order
+        if ck.get("order") is not None and not new_seed \
+                and ck["order"] != epoch_order(len(self.train), self.cfg.seed, self.epoch):
             raise CheckpointError(f"checkpoint {path}: data order differs from this run's (field: order)")
         rngs = ck["rng"]
         set_rng_state(rngs[self.d.rank % len(rngs)])
         if self.d.main:   # drop log lines written after the checkpoint (they will be redone)
             log = self.out / "log.jsonl"
             if log.exists():
-                keep = [line for line in log.read_text().splitlines()
-                        if line.strip() and json.loads(line).get("step", 0) <= self.step]
+                keep = [line for line, rec in read_log_lines(log)
+                        if rec is not None and rec.get("step", 0) <= self.step]
                 atomic_write_bytes(log, ("\n".join(keep) + ("\n" if keep else "")).encode())
+        self.ckpt_extra["overrides"] = list(ck.get("overrides", []))
+        for name, old, now in changed:
+            rec = {"setting": name, "checkpoint": old, "now": now, "epoch": self.epoch, "step": self.step}
+            self.ckpt_extra["overrides"].append(rec)
+            self.log({"kind": "override", **rec})
+            if self.d.main:
+                print(f"note: --override {name}: {old!r} in the checkpoint, {now!r} from step {self.step} on",
+                      file=sys.stderr)
         print(f"resumed from {path}: epoch {self.epoch}, step {self.step}", file=sys.stderr)
+
+    def _load_optimisation_state(self, ck: dict, path) -> None:
+        """Optimiser, scheduler and scaler state from the checkpoint; then THIS run's
+        hyper-parameters (learning rate, weight decay, schedule: equal to the checkpoint's unless
+        overridden) are put back, and the learning rate of the next step recomputed from them
+        (the same expression as LambdaLR's, so an unchanged run continues bit for bit)."""
+        fresh = [{k: v for k, v in g.items() if k not in ("params", "param_names", "lr")}
+                 for g in self.opt.param_groups]
+        schedules = [dict(vars(f)) for f in self.sched.lr_lambdas]
+        try:
+            self.opt.load_state_dict(ck["optimizer"])
+        except ValueError as e:   # another parameter-group layout (e.g. before param_groups)
+            raise CheckpointError(f"checkpoint {path}: field 'optimizer' does not match this run's "
+                                  f"parameter groups ({e})") from None
+        self.sched.load_state_dict(ck["scheduler"])
+        if ck["scaler"] or not self.scaler.is_enabled():   # a disabled scaler saved nothing
+            self.scaler.load_state_dict(ck["scaler"])
+        for f, st in zip(self.sched.lr_lambdas, schedules):
+            vars(f).update(st)
+        for g, h in zip(self.opt.param_groups, fresh):
+            g.update(h)
+        self.sched.base_lrs = [g["initial_lr"] for g in self.opt.param_groups]
+        for g, base, f in zip(self.opt.param_groups, self.sched.base_lrs, self.sched.lr_lambdas):
+            g["lr"] = base * f(self.sched.last_epoch)
+        self.sched._last_lr = [g["lr"] for g in self.opt.param_groups]
+
+    def _check_resume_point(self, changed: list, path) -> None:
+        """What overrides cannot do: train an epoch that is behind the checkpoint, or change the
+        batches (batch size, seed, flips) in the middle of an epoch."""
+        names = {n for n, _, _ in changed}
+        if self.epoch > self.cfg.epochs or (self.epoch == self.cfg.epochs and self.step_in_epoch > 0):
+            raise CheckpointError(f"checkpoint {path} is at epoch {self.epoch} (step {self.step}): --epochs "
+                                  f"{self.cfg.epochs} is behind it")
+        mid = names & {"batch_size", "seed", "flip"}
+        if mid and self.step_in_epoch > 0:
+            raise CheckpointError(f"checkpoint {path} is in the middle of epoch {self.epoch}: "
+                                  f"{', '.join('--' + n.replace('_', '-') for n in sorted(mid))} can change only "
+                                  f"at an epoch boundary (resume from an end-of-epoch checkpoint)")
 
     def _load_extra_state(self, ck: dict, path) -> None:
         """Restore the extra_loss module's weights (the distillation adapters)."""
@@ -1031,7 +1183,7 @@ class Trainer:
         import matplotlib  # imported here: slow to import, needed once per epoch
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        recs = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        recs = [rec for _, rec in read_log_lines(log) if rec is not None]
         tr = [r for r in recs if r.get("kind") == "train"]
         ev = [r for r in recs if r.get("kind") == "eval"]
         fig, ax = plt.subplots(1, 2, figsize=(10, 4))
@@ -1245,6 +1397,8 @@ class Trainer:
         broadcast_params(self.model, self.d)
         if self.extra_module is not None:
             broadcast_params(self.extra_module, self.d)
+        if self.d.device.type != "cuda" and cfg.amp in ("bf16", "fp16") and self.d.main:
+            print(f"note: --amp {cfg.amp} ignored on CPU (plain fp32)", file=sys.stderr)
         while self.epoch < cfg.epochs:
             t0 = time.time()
             self._train_epoch()

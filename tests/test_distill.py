@@ -184,15 +184,15 @@ def test_adapters_trained_checkpointed_and_restored_on_resume(tmp_path):
     with torch.no_grad():
         for p in tr2.extra_module.parameters():
             p.add_(1.0)
-    tr2.resume(tr.ckpt_path)
+    tr2.resume(tr.ckpt_path, overrides=["epochs"])          # extending training: explicit
     for k, v in tr2.extra_module.state_dict().items():
         assert torch.equal(v, saved[k]), k
     # a checkpoint without adapters, or with other ones, is refused with the field named
     no_extra = {k: v for k, v in ck.items() if k != "extra_state"}
     torch.save(no_extra, tmp_path / "no_extra.pt")
     with pytest.raises(CheckpointError, match="extra_state"):
-        make_trainer(tmp_path / "a", n=6, epochs=2, bs=3, kd=True).resume(tmp_path / "no_extra.pt")
+        make_trainer(tmp_path / "a", n=6, epochs=2, bs=3, kd=True).resume(tmp_path / "no_extra.pt", ["epochs"])
     other = dict(ck, extra_state={**saved, "adapters.map.0.weight": torch.zeros(7, 6)})
     torch.save(other, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="other.pt: field extra_state does not fit"):
-        make_trainer(tmp_path / "a", n=6, epochs=2, bs=3, kd=True).resume(tmp_path / "other.pt")
+        make_trainer(tmp_path / "a", n=6, epochs=2, bs=3, kd=True).resume(tmp_path / "other.pt", ["epochs"])

@@ -415,3 +415,136 @@ def test_outputs_get_the_permissions_of_a_plain_write(tiny_world, finished_run, 
     assert hoi_eval.main(["hico", "--anno", str(f["anno"]), "--pred", str(f["pred"]),
                           "--out", str(tmp_path / "r.json")]) == 0
     assert stat.S_IMODE((tmp_path / "r.json").stat().st_mode) == 0o666 & ~umask
+
+
+# ----------------------------------------------------------------------------------------------
+# Resume means the same run
+# ----------------------------------------------------------------------------------------------
+def _copy_run(finished_run, tmp: Path) -> Path:
+    import shutil
+    tmp0, _, _ = finished_run
+    shutil.copytree(tmp0 / "runs", tmp / "runs")
+    shutil.copytree(tmp0 / "cache", tmp / "cache")
+    return tmp / "runs" / "t"
+
+
+def _teacher_cli(argv):
+    return train_teacher.run_cli(lambda: train_teacher.main(argv))
+
+
+CHANGED = [  # (option and value, the setting named)
+    (["--lr", "2e-3"], "--lr"), (["--weight-decay", "0.5"], "--weight-decay"),
+    (["--warmup-steps", "3"], "--warmup-steps"), (["--schedule", "step"], "--schedule"),
+    (["--batch-size", "2"], "--batch-size"), (["--clip", "0.5"], "--clip"), (["--flip"], "--flip"),
+    (["--score-thresh", "0.3"], "--score-thresh"), (["--cache-dtype", "float32"], "--cache-dtype"),
+    (["--no-cache"], "--no-cache"), (["--gamma", "0.5"], "--gamma"), (["--amp", "bf16"], "--amp"),
+    (["--epochs", "2"], "--epochs"), (["--deterministic"], "--deterministic"),
+]
+
+
+@pytest.mark.parametrize("change, name", CHANGED, ids=[n for _, n in CHANGED])
+def test_resume_refuses_a_changed_setting_by_name(tiny_world, finished_run, tmp_path, change, name):
+    _copy_run(finished_run, tmp_path)
+    line = refused(_teacher_cli, teacher_argv(tiny_world, tmp_path, "t", "--resume", *change),
+                   [tmp_path / "runs"], [str(tmp_path / "runs" / "t" / "last.pt"), f"{name}:", "--override"])
+    assert "would not continue the same run" in line
+    if name == "--epochs":
+        assert "schedule" in line
+
+
+def test_resume_refuses_changed_data_file_content(tiny_world, finished_run, tmp_path):
+    """The data files are compared by content (a hash stored in the checkpoint), not by path."""
+    import shutil
+    _copy_run(finished_run, tmp_path)
+    world = dict(tiny_world, root=tmp_path / "world")
+    shutil.copytree(tiny_world["root"], world["root"])
+    dets = world["root"] / "detections_train.json"
+    d = json.loads(dets.read_text())
+    first = next(iter(d))
+    d[first]["scores"][0] = 0.123
+    dets.write_text(json.dumps(d))
+    refused(_teacher_cli, teacher_argv(world, tmp_path, "t", "--resume"), [tmp_path / "runs"],
+            ["--detections (file content)"])
+
+
+def test_override_extends_training_on_the_longer_schedule_and_is_logged(tiny_world, finished_run, tmp_path):
+    run = _copy_run(finished_run, tmp_path)
+    with open(run / "log.jsonl", "a") as f:
+        f.write('{"time": 5, "kind": "tr')                       # a torn last line: tolerated
+    code, _, err = _train_cli(teacher_argv(tiny_world, tmp_path, "t", "--resume", "--epochs", "2",
+                                           "--override", "epochs"))
+    assert code == 0, err
+    assert "note: --override epochs: 1 in the checkpoint, 2 from step 2 on" in err
+    recs = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    ov = [r for r in recs if r["kind"] == "override"]
+    assert ov == [dict(ov[0], setting="epochs", checkpoint=1, now=2, epoch=1, step=2)]
+    lrs = {r["step"]: r["lr"] for r in recs if r["kind"] == "train"}
+    assert sorted(lrs) == [1, 2, 3, 4]
+    # epoch 2 runs on the schedule of a run planned for 2 epochs (cosine over 4 steps), never at 0
+    sched = trainer.WarmupSchedule(total=4, warmup=0, kind="cosine")
+    assert lrs[3] == pytest.approx(1e-3 * sched(3), rel=1e-12) and lrs[3] > 0
+    assert lrs[4] == pytest.approx(1e-3 * sched(4), rel=1e-12)
+    ck = trainer.load_checkpoint(run / "last.pt")
+    assert ck["epoch"] == 2 and ck["loop"]["epochs"] == 2 and ck["overrides"][0]["setting"] == "epochs"
+    # the next resume compares with the new value: no override needed any more
+    code, _, err = _train_cli(teacher_argv(tiny_world, tmp_path, "t", "--resume", "--epochs", "2"))
+    assert code == 0, err
+
+
+def test_override_learning_rate_takes_effect(tiny_world, finished_run, tmp_path):
+    run = _copy_run(finished_run, tmp_path)
+    code, _, err = _train_cli(teacher_argv(tiny_world, tmp_path, "t", "--resume", "--epochs", "2", "--lr", "5e-4",
+                                           "--override", "epochs", "--override=--lr"))
+    assert code == 0, err
+    recs = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    lrs = {r["step"]: r["lr"] for r in recs if r["kind"] == "train"}
+    assert lrs[3] == pytest.approx(5e-4 * trainer.WarmupSchedule(total=4)(3), rel=1e-12)
+    assert {r["setting"] for r in recs if r["kind"] == "override"} == {"epochs", "lr"}
+
+
+def test_override_mistakes_are_refused(tiny_world, finished_run, tmp_path):
+    _copy_run(finished_run, tmp_path)
+    refused(_teacher_cli, teacher_argv(tiny_world, tmp_path, "t", "--resume", "--override", "lr_typo"),
+            [tmp_path / "runs"], ["--override lr_typo: no such setting"])
+    refused(_teacher_cli, teacher_argv(tiny_world, tmp_path, "t2", "--override", "lr"),
+            [tmp_path / "runs"], ["--override", "needs --resume"])
+    refused(_teacher_cli, teacher_argv(tiny_world, tmp_path, "t", "--resume", "--epochs", "2",
+                                       "--batch-size", "2", "--override", "epochs"),
+            [tmp_path / "runs"], ["--batch-size:"])
+
+
+def test_teacher_and_student_never_resume_each_other(tiny_world, finished_run, tmp_path):
+    import train_student
+    run = _copy_run(finished_run, tmp_path)
+    teacher = tmp_path / "teacher.pt"
+    teacher.write_bytes((run / "last.pt").read_bytes())
+    student = lambda a: train_teacher.run_cli(lambda: train_student.main(a))  # noqa: E731
+    # a student run "t" resuming runs/t/last.pt, which is a teacher checkpoint
+    refused(student, teacher_argv(tiny_world, tmp_path, "t", "--teacher", str(teacher), "--resume"),
+            [tmp_path / "runs"], ["is a teacher checkpoint and this is a student run"])
+    # a finished student run; a teacher run resuming it
+    code, _, err = run_main(student, teacher_argv(tiny_world, tmp_path, "s", "--teacher", str(teacher)))
+    assert code == 0, err
+    refused(_teacher_cli, teacher_argv(tiny_world, tmp_path, "s", "--resume"), [tmp_path / "runs"],
+            ["is a student checkpoint and this is a teacher run"])
+    # the student's teacher file changed (same path, other bytes): refused by content
+    original = teacher.read_bytes()
+    ck = torch.load(teacher, weights_only=False)
+    ck["model"] = {k: v + 1 if v.is_floating_point() else v for k, v in ck["model"].items()}
+    torch.save(ck, teacher)
+    line = refused(student, teacher_argv(tiny_world, tmp_path, "s", "--teacher", str(teacher), "--resume"),
+                   [tmp_path / "runs"], ["--teacher (file content)"])
+    assert line.count(" in the checkpoint, ") == 1
+    # and a changed distillation weight or temperature
+    teacher.write_bytes(original)
+    for opt, val in (("--w-logit", "0.5"), ("--temperature", "3"), ("--w-map", "0"), ("--kd-unseen", None)):
+        line = refused(student, teacher_argv(tiny_world, tmp_path, "s", "--teacher", str(teacher), "--resume", opt,
+                                             *([val] if val else [])), [tmp_path / "runs"], [f"{opt}:"])
+        assert line.count(" in the checkpoint, ") == 1
+
+
+def test_read_log_lines_tolerates_a_torn_line(tmp_path):
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"step": 1}\n\n{"step": 2}\n{"step": 3, "lo')
+    assert trainer.read_log_lines(log) == [('{"step": 1}', {"step": 1}), ('{"step": 2}', {"step": 2}),
+                                            ('{"step": 3, "lo', None)]
