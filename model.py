@@ -135,10 +135,10 @@ def _weights_source(cfg: LINKConfig) -> tuple[str, str | None]:
     p = cfg.pretrained
     if not p:
         return "random", None
+    if get_pretrained_cfg(cfg.vlm, p):  # a tag first, as open_clip.create_model decides
+        return "tag", p
     if os.path.isfile(os.path.expanduser(p)):
         return "file", os.path.abspath(os.path.expanduser(p))
-    if get_pretrained_cfg(cfg.vlm, p):
-        return "tag", p
     if os.path.sep in p or os.path.splitext(p)[1] in (".pt", ".pth", ".bin", ".safetensors", ".npz"):
         raise FileNotFoundError(f"{p}: VLM checkpoint not found (config field 'pretrained')")
     tags = list_pretrained_tags_by_model(cfg.vlm)

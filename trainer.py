@@ -346,6 +346,7 @@ class FeatureCache:
         self.index_path = self.dir / "index.json"
         self.mm = None
         self.rebuilt = False
+        self._restamp = None
 
     def _read_index(self):
         try:
@@ -362,6 +363,8 @@ class FeatureCache:
             return False
         if not all(_same_image(Path(p), stamp, sha) for p, *stamp, sha in imgs):
             return False
+        fresh = [[p] + _image_stamp(Path(p)) + [sha] for p, *_, sha in imgs]
+        self._restamp = fresh if fresh != imgs else None   # same bytes, new ctime / inode
         data = self.dir / idx["data"]
         n = len(self.paths) * self.views * int(np.prod(idx["shape"])) * np.dtype(self.dtype).itemsize
         return data.exists() and data.stat().st_size == n
@@ -389,6 +392,8 @@ class FeatureCache:
                     if not self.is_valid():
                         self._build(encode, load, batch_size, progress)
                         self.rebuilt = True
+                    elif self._restamp:     # a copied / touched dataset: hash it once, not every run
+                        atomic_write_json(self.index_path, {**self._read_index(), "images": self._restamp})
                 except OSError as e:                     # a full disk, a read-only folder, ...
                     raise e if isinstance(e, WriteError) else write_error(self.dir, e) from None
                 finally:

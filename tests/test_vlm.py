@@ -147,6 +147,14 @@ def test_openai_style_local_file_refused_on_gelu(tmp_path, monkeypatch):
         resolve_vlm_config(LINKConfig(vlm="ViT-B-16", pretrained=str(plain)))
 
 
+def test_a_tag_wins_over_a_file_of_that_name(tmp_path, monkeypatch):
+    """As in open_clip.create_model: 'openai' is the tag even where a file 'openai' exists."""
+    monkeypatch.chdir(tmp_path)
+    Path("openai").write_bytes(b"something else")
+    assert resolve_vlm_config(LINKConfig(vlm="ViT-B-16", pretrained="openai")).quick_gelu is True
+    assert model.weights_id(LINKConfig(vlm="ViT-B-16", pretrained="openai")) == "tag:openai"
+
+
 def test_tag_goes_through_open_clip_lookup(tmp_path, monkeypatch):
     """A pretrained tag goes through open_clip's real tag lookup (its mean / std and activation
     are used); only the download is faked."""
@@ -378,8 +386,13 @@ def test_feature_cache_detects_image_rewritten_with_size_and_mtime_kept(tmp_path
     assert not c.rebuilt and n == 0                     # untouched: stat only, no hashing
     monkeypatch.undo()
     os.chmod(paths[1], 0o644)                           # ctime moves, bytes do not: hash, reuse
+    hashed = []
+    monkeypatch.setattr(trainer, "file_sha256", lambda p: hashed.append(p) or model.file_sha256(p))
     c, n = build_cache(tmp_path / "cache", paths)
-    assert not c.rebuilt and n == 0
+    assert not c.rebuilt and n == 0 and hashed == [paths[1]]
+    c, n = build_cache(tmp_path / "cache", paths)      # the index took the new stamp: no re-hash
+    assert not c.rebuilt and n == 0 and hashed == [paths[1]]
+    monkeypatch.undo()
     st = os.stat(paths[0])
     Image.new("RGB", (16, 16), (255, 255, 0)).save(paths[0])   # repainted in place
     os.utime(paths[0], ns=(st.st_atime_ns, st.st_mtime_ns))
