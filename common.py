@@ -172,25 +172,10 @@ def clean_stale_temps(folder) -> None:
                 p.unlink()
 
 
-_DIGESTS: dict = {}
-
-
 def file_digest(path) -> str:
-    """The first 16 hex digits of the SHA-1 of a file's bytes (read in 1 MiB blocks); computed
-    once per process for a given (path, device, inode, size, mtime)."""
-    st = os.stat(path)
-    key = (os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-    if key not in _DIGESTS:
-        _DIGESTS[key] = _sha1_file(path)
-    return _DIGESTS[key]
-
-
-def _sha1_file(path) -> str:
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
+    """The first 16 hex digits of the SHA-1 of a file's bytes (file_hash: once per process for
+    a given file state)."""
+    return file_hash(path, "sha1")[:16]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -374,19 +359,25 @@ def file_stamp(path) -> tuple:
     return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
 
 
-_SHA256: dict = {}
+_HASHES: dict = {}
 
 
-def file_sha256(path) -> str:
-    """SHA-256 hex digest of the whole file, memoised in this process per (real path, stamp)."""
-    key = (os.path.realpath(path),) + file_stamp(path)
-    if key not in _SHA256:
-        h = hashlib.sha256()
+def file_hash(path, algorithm: str = "sha256") -> str:
+    """Hex digest (hashlib ``algorithm``) of the whole file's bytes, memoised in this process per
+    (real path, algorithm, file_stamp): a rewrite that keeps size and mtime is hashed again."""
+    key = (os.path.realpath(path), algorithm) + file_stamp(path)
+    if key not in _HASHES:
+        h = hashlib.new(algorithm)
         with open(path, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 22), b""):
                 h.update(chunk)
-        _SHA256[key] = h.hexdigest()
-    return _SHA256[key]
+        _HASHES[key] = h.hexdigest()
+    return _HASHES[key]
+
+
+def file_sha256(path) -> str:
+    """SHA-256 of the whole file (file_hash): the identity of VLM weights and cached images."""
+    return file_hash(path, "sha256")
 
 
 def key_difference(old: str, new: str) -> str:
