@@ -1,5 +1,5 @@
 """Small torch-free helpers every script shares: atomic writes, reading a JSON file with the
-project's one-line error, the shared data folder, the zero-shot split names.
+project's one-line error, the shared data folder, the zero-shot split names, the box frames.
 
 Atomic write: the bytes go to a temp file in the target's folder (``.NAME.PID.RAND.tmp``), the
 file is fsynced, ``os.replace``d onto the target, then the folder is fsynced. A crash or an
@@ -42,6 +42,13 @@ if os.environ.get("LINK_EVAL_JSON") == "stdlib":   # force the stdlib parser (be
 #: shared/data/hicodet/derived/zero_shot_unseen_hoi_indices.json
 ZERO_SHOT_SPLITS = {"rf-uc": "rare_first", "nf-uc": "non_rare_first", "uo": "unseen_object",
                     "uv": "unseen_verb"}
+
+#: Box frames (README "Box frames") -> the frame's pixel offset o. ``hico1``: 1-based inclusive
+#: pixel indices (HICO-DET's anno_bbox.mat): a box over pixel columns i..j (counted from 1) is
+#: [i, j] and an image of width W spans [1, W]. ``continuous``: pixel edges (COCO, DETR-style
+#: detectors, the synthetic world): the same box is [i - 1, j] and the image spans [0, W]. So x1
+#: and y1 differ by o between frames, x2 and y2 not; a width is x2 - x1 + o in either frame.
+BOX_FRAMES = {"continuous": 0, "hico1": 1}
 
 
 def data_root() -> Path:

@@ -2,16 +2,19 @@
 
 Everything in this file works in ONE box convention: float ``[x1, y1, x2, y2]`` in the pixel
 frame of the annotation file (HICO-DET: the raw 1-based inclusive MATLAB values, never
-shifted; V-COCO: fredzzhang's continuous COCO-derived values; SWiG-HOI: the file's values;
-synthetic world (synthetic.py): continuous pixel edges).
-Detections and predictions are written in the same frame.
+shifted, frame ``hico1``; V-COCO: fredzzhang's continuous COCO-derived values; SWiG-HOI: the
+file's values; synthetic world (synthetic.py): continuous pixel edges; frame ``continuous``
+for all three, see common.BOX_FRAMES). A dataset names its frame in ``ds.box_frame``.
+Detections and predictions are written in the same frame; a detection file in the other frame
+is converted when read (``load_detections(..., frame=, into=)``).
 
 Public API (see the README section "Data" for the formats):
 
 - ``ClassSpace``                      the interaction class space (stored in checkpoints)
 - ``HICODet``, ``VCOCO``, ``SWiGHOI``   ``ds[i] -> (PIL.Image RGB, target dict)``
 - ``collate(batch)``
-- ``load_detections``, ``save_detections``, ``gt_detections``, ``select_boxes``
+- ``load_detections``, ``save_detections``, ``gt_detections``, ``select_boxes``,
+  ``convert_box_frame``
 - ``DataError`` (a ValueError), ``ImageError`` (DataError + FileNotFoundError)
 """
 from __future__ import annotations
@@ -28,11 +31,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common import ZERO_SHOT_SPLITS, atomic_write_text, data_root, read_json
+from common import BOX_FRAMES, ZERO_SHOT_SPLITS, atomic_write_text, data_root, read_json
+from eval import _iou_continuous, _iou_inclusive  # the protocols' IoU of each box frame
 
 __all__ = [
     "ClassSpace", "HICODet", "VCOCO", "SWiGHOI", "collate", "load_detections",
-    "save_detections", "gt_detections", "select_boxes",
+    "save_detections", "gt_detections", "select_boxes", "convert_box_frame",
     "DataError", "ImageError", "COCO80_NAMES", "COCO80_TO_COCO91",
 ]
 
@@ -243,6 +247,7 @@ class _HOIDataset(torch.utils.data.Dataset):
     """
 
     dataset_name = "hoi"
+    box_frame = "continuous"  # the annotation file's box frame (common.BOX_FRAMES)
 
     def __init__(self, image_root, anno_file):
         self.image_root = Path(image_root)
@@ -445,6 +450,42 @@ def _hico_entry(a, fname, img, kov: tuple, corr_o: np.ndarray, corr_v: np.ndarra
     return {"boxes_h": bh, "boxes_o": bo, "object": obj, "hoi": hoi, "verb": verb}
 
 
+def _hico_frame(d: dict, frame, fname) -> str:
+    """The box frame of a HICO-DET-format file: ``frame`` when given, else the file's
+    ``box_frame``, else continuous for a synthetic world written before that key, else hico1."""
+    if frame is None:
+        frame = d.get("box_frame", "continuous" if d.get("name") == "synthetic" else "hico1")
+    if frame not in BOX_FRAMES:
+        raise _err(fname, "-", "box_frame", f"{frame!r} is not one of {sorted(BOX_FRAMES)}")
+    return frame
+
+
+#: min(IoU_h, IoU_o) from which two rows of an image are the same (human, object) pair
+SAME_PAIR_IOU = 0.5
+
+
+def _zero_shot_rows(a: dict, unseen: np.ndarray, rule: str, frame: str) -> np.ndarray:
+    """Bool[P]: the rows of one image's annotation the zero-shot training filter removes.
+
+    "label": the rows of unseen classes. "pair" (GEN-VLKT / HOICLIP ``skip_pair``): also every
+    row of a pair that carries an unseen label. A pair is what those codes index as one
+    (subject, object): in fredzzhang's files each (pair, class) row has its own boxes, drawn
+    per class by the annotators (none of the 33,405 test rows repeats another's boxes, yet 58 %
+    share a person and an object with another row), so two rows are the same pair when their
+    objects have the same label and min(IoU_h, IoU_o) >= SAME_PAIR_IOU (the protocols' IoU of
+    the frame; the same threshold as the training-label rule). Exact box equality would leave
+    the "pair" rule equal to the "label" rule on those files.
+    """
+    u = unseen[a["hoi"]]
+    if rule == "label" or not u.any() or u.all():
+        return u
+    iou = _iou_inclusive if BOX_FRAMES[frame] == 1 else _iou_continuous
+    i, j = (x.reshape(-1) for x in np.meshgrid(np.arange(len(u)), np.nonzero(u)[0], indexing="ij"))
+    same = (np.minimum(iou(a["boxes_h"][i], a["boxes_h"][j]), iou(a["boxes_o"][i], a["boxes_o"][j]))
+            >= SAME_PAIR_IOU) & (a["object"][i] == a["object"][j])
+    return u | same.reshape(len(u), -1).any(1)
+
+
 def _image_size(s, fname, img) -> tuple:
     """A ``size`` entry [w, h] (positive numbers) -> (int w, int h)."""
     if not (isinstance(s, (list, tuple)) and len(s) == 2 and all(
@@ -465,16 +506,22 @@ class HICODet(_HOIDataset):
 
     zero_shot: None, a split name (rf-uc | nf-uc | uo | uv, or the long names rare_first ...,
         or any key of the file's ``zero_shot`` dict) or an explicit list of class indices.
-        Training filter: rows of unseen classes are removed, images left without any row are
-        dropped; ``class_space().unseen`` lists them.
+        Training filter (``zero_shot_rule``, see ``_zero_shot_rows``): "pair" (default, the
+        GEN-VLKT / HOICLIP ``skip_pair`` rule) removes every pair that carries an unseen label
+        with ALL its labels, "label" only the unseen rows; images left without any row are
+        dropped; ``class_space().unseen`` lists the unseen classes.
     few_shot: None or k >= 1, see ``_few_shot_indices`` (applied after the zero-shot filter).
-    skip_empty: drop images without any row (implied by zero_shot).
+    skip_empty: drop the images the file lists in ``empty`` (no visible pair; UPT leaves them
+        out of training) and every image without any row (implied by zero_shot).
+    frame: the boxes' frame (common.BOX_FRAMES); default: the file's ``box_frame`` key, else
+        ``continuous`` for a synthetic world (``name`` "synthetic", written before that key
+        existed), else ``hico1`` (the HICO-DET files).
     """
 
     dataset_name = "HICODet"
 
     def __init__(self, image_root, anno_file, zero_shot=None, few_shot=None, seed=0,
-                 skip_empty=False):
+                 skip_empty=False, zero_shot_rule="pair", frame=None):
         super().__init__(image_root, anno_file)
         fname = self.anno_file
         d = read_json(fname, "annotation file", DataError)
@@ -507,6 +554,7 @@ class HICODet(_HOIDataset):
         prompts = _prompts_field(d, K, fname)
         if prompts is None:
             prompts = _hico_prompts(objects, verbs, corr)
+        self.box_frame = _hico_frame(d, frame, fname)
         self.unseen = self._resolve_zero_shot(zero_shot, d, K)
         person = objects.index("person") if "person" in objects else 0
         self._class_space = ClassSpace(
@@ -514,23 +562,29 @@ class HICODet(_HOIDataset):
             hoi_object=[[c[1]] for c in corr], hoi_verb=[c[2] for c in corr], verb_names=verbs,
             person_label=person, rare=rare, unseen=self.unseen)
 
-        self.indices = self._training_subset(K, skip_empty, few_shot, seed)
+        empty = d.get("empty", [])
+        empty = _int_array(empty, len(empty) if isinstance(empty, list) else -1, 0, len(anns), fname, "-", "empty")
+        if zero_shot_rule not in ("pair", "label"):
+            raise ValueError(f"zero_shot_rule must be 'pair' or 'label', got {zero_shot_rule!r}")
+        self.indices = self._training_subset(K, skip_empty, few_shot, seed, set(empty.tolist()), zero_shot_rule)
 
-    def _training_subset(self, K: int, skip_empty: bool, few_shot, seed: int) -> list:
-        """The training filters, in order: zero-shot (rows of unseen classes removed from
-        self._ann, images left empty dropped), empty images, few-shot -> kept image indices."""
+    def _training_subset(self, K: int, skip_empty: bool, few_shot, seed: int, empty: set,
+                         rule: str) -> list:
+        """The training filters, in order: zero-shot (the rows ``_zero_shot_rows`` names removed
+        from self._ann, images left empty dropped), empty images (the file's ``empty`` list and
+        images without rows), few-shot -> kept image indices."""
         keep = list(range(len(self._ann)))
         if self.unseen:
             unseen = np.zeros(K, dtype=bool)
             unseen[self.unseen] = True
             for j in keep:
                 a = self._ann[j]
-                m = ~unseen[a["hoi"]]
+                m = ~_zero_shot_rows(a, unseen, rule, self.box_frame)
                 if not m.all():
                     self._ann[j] = {key: val[m] for key, val in a.items()}
             skip_empty = True
         if skip_empty:
-            keep = [j for j in keep if len(self._ann[j]["hoi"]) > 0]
+            keep = [j for j in keep if len(self._ann[j]["hoi"]) > 0 and j not in empty]
         if few_shot is not None:
             pos = _few_shot_indices([self._ann[j]["hoi"] for j in keep], K, int(few_shot), seed)
             keep = [keep[p] for p in pos]
@@ -791,7 +845,22 @@ def _make_dets(boxes, scores, labels) -> dict:
     }
 
 
-def load_detections(path, filenames=None, image_ids=None, num_labels=None) -> dict:
+def convert_box_frame(boxes: torch.Tensor, frame: str, into: str) -> torch.Tensor:
+    """[N, 4] boxes from box frame ``frame`` into ``into`` (common.BOX_FRAMES): x1 and y1 move by
+    o(into) - o(frame), x2 and y2 stay. continuous -> hico1: [x1 + 1, y1 + 1, x2, y2]; hico1 ->
+    continuous: [x1 - 1, y1 - 1, x2, y2] (UPT's conversion of the HICO-DET boxes). Widths are
+    kept in each frame's convention (x2 - x1 + o). A continuous box narrower than one pixel has
+    no hico1 form: it keeps its x2 / y2 and becomes one pixel wide / high (x1 = x2)."""
+    boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+    shift = float(BOX_FRAMES[into] - BOX_FRAMES[frame])
+    if shift == 0:
+        return boxes.clone()
+    out = boxes.clone()
+    out[:, :2] = torch.minimum(boxes[:, :2] + shift, boxes[:, 2:])
+    return out
+
+
+def load_detections(path, filenames=None, image_ids=None, num_labels=None, frame=None, into=None) -> dict:
     """Read detections -> {filename: {"boxes": [N,4], "scores": [N], "labels": [N]}}.
 
     Two formats, told apart by the JSON's top level:
@@ -805,6 +874,9 @@ def load_detections(path, filenames=None, image_ids=None, num_labels=None) -> di
         zero detections, images not asked for are dropped; a file matching none of them is
         an error (almost surely the wrong file).
     num_labels: when given, labels must lie in [0, num_labels).
+    frame, into: the file's box frame and the dataset's (common.BOX_FRAMES: hico1 |
+        continuous); when both are given and differ, boxes are converted (convert_box_frame).
+        A COCO results list is in the continuous frame (``frame`` defaults to it).
     Errors (DataError) name the file, the image and the field.
     """
     path = Path(path)
@@ -817,6 +889,13 @@ def load_detections(path, filenames=None, image_ids=None, num_labels=None) -> di
         out = _coco_result_detections(d, path, {int(k): str(v) for k, v in image_ids.items()}, num_labels)
     else:
         raise DataError(f"{path}: expected a JSON object (per-image) or a list (COCO results)")
+    if isinstance(d, list) and frame is None:
+        frame = "continuous"
+    for f in (frame, into):
+        if f is not None and f not in BOX_FRAMES:
+            raise DataError(f"{path}: box frame {f!r} is not one of {sorted(BOX_FRAMES)}")
+    if frame is not None and into is not None and frame != into:
+        out = {img: dict(e, boxes=convert_box_frame(e["boxes"], frame, into)) for img, e in out.items()}
     if filenames is not None:
         filenames = [str(f) for f in filenames]
         if filenames and out and not any(f in out for f in filenames):

@@ -75,9 +75,12 @@ KD = ["--w-map", "1.0", "--w-query", "1.0", "--w-logit", "1.0", "--temperature",
 
 
 def _common(out: Path, world: Path, threads: int, loop: list) -> list:
+    # --keep-empty: the world lists as "empty" the training images whose every label the label
+    # drop removed; they still show (unlabelled) interactions, the case dense distillation is
+    # for, unlike HICO-DET's empty images (no visible pair), which training leaves out
     args = ["--dataset", "synthetic", "--world", str(world), "--runs", str(out),
             "--cache", str(out / "cache"), "--vlm", "tiny", "--threads", str(threads),
-            "--no-progress", "--resume"] + loop
+            "--no-progress", "--resume", "--keep-empty"] + loop
     for o in MODEL_OPTS:
         args += ["--model-opt", o]
     return args

@@ -419,7 +419,7 @@ def _train_student(args, d, train, test, cs, cache, run) -> dict:
     init_seed = resolve_init_seed(args.init_seed, args.seed, t_seeds)
     seed_everything(init_seed + d.rank)
     model = build_model(args, cs, d.device)
-    views = 2 if args.flip else 1
+    views = train.views.count
     sources = [FeatureSource(t, train, cache, views, args.cache_dtype, d, progress=not args.no_progress and d.main)
                for t in teachers]
     tf, ef = make_sources(model, args, d, train, test, cache)

@@ -13,10 +13,13 @@ Usage (see README "Training"):
     torchrun --nproc_per_node 2 train_teacher.py ...        # data parallel (gloo on CPU, nccl on GPU)
     python train_teacher.py ... --resume                     # continue runs/NAME/last.pt exactly
 
-``--flip`` stores both views of each image in the feature cache; any other image augmentation
-must bypass it (``--no-cache``). ``--cache-dtype float32`` for bit-exact reuse of the
-encoder's output (float16 by default). The design choices of the loop (GT boxes appended in
-training, the data-parallel loss weights) are written down in trainer.py.
+``--flip`` and ``--crop-scales S ...`` add views of each image (mirrored, cropped) to the feature
+cache (trainer.Views); any other image augmentation must bypass it (``--no-cache``).
+``--cache-dtype float32`` for bit-exact reuse of the encoder's output (float16 by default). The
+design choices of the loop (GT boxes in training with ``--append-gt`` only, the data-parallel
+loss weights) are written down in trainer.py; the training-set rules (zero-shot ``--zero-shot-rule
+pair|label``, HICO-DET's empty images left out unless ``--keep-empty``, the detections' box frame
+``--det-frame hico1|continuous``) in data.py and the README's Data section.
 """
 from __future__ import annotations
 
@@ -57,6 +60,7 @@ from trainer import (
     Split,
     Trainer,
     TrainInputError,
+    Views,
     barrier,
     claim_run_folder,
     init_distributed,
@@ -84,6 +88,17 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--world-test", type=int, default=200)
     g.add_argument("--world-size", type=int, default=128, help="synthetic image size")
     g.add_argument("--zero-shot", help="zero-shot split name (rf-uc, nf-uc, uo, uv, or the world's)")
+    g.add_argument("--zero-shot-rule", default="pair", choices=["pair", "label"],
+                   help="zero-shot training filter: remove every pair carrying an unseen label with all its "
+                        "labels (pair: GEN-VLKT / HOICLIP, default) or only the unseen labels (label)")
+    g.add_argument("--keep-empty", action="store_true",
+                   help="keep training images without any labelled pair (default: left out, as UPT does)")
+    g.add_argument("--det-frame", choices=["hico1", "continuous"],
+                   help="box frame of the detection files (hico1: 1-based inclusive pixel indices as in "
+                        "HICO-DET's annotations; continuous: 0-based pixel edges, as DETR-style detectors "
+                        "output); converted to the annotation's frame when read. Default: the annotation's")
+    g.add_argument("--append-gt", action="store_true",
+                   help="add the GT boxes to the detector's in training (SCG; default off, as UPT)")
     g.add_argument("--few-shot", type=int, help="k images per class")
     g.add_argument("--score-thresh", type=float, default=0.2)
     m = p.add_argument_group("model")
@@ -105,13 +120,16 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
              "eval_every": "evaluate every N epochs (0: after the last only)"}
     choices = {"schedule": ["cosine", "step", "constant"], "amp": ["auto", "none", "bf16", "fp16"]}
     for f in dataclasses.fields(LoopConfig):
-        if f.name in ("progress", "flip", "deterministic", "milestones"):
+        if f.name in ("progress", "flip", "crop_scales", "deterministic", "milestones"):
             continue
         default = f.default
         t.add_argument("--" + f.name.replace("_", "-"), type=type(default), default=default,
                        choices=choices.get(f.name), help=helps.get(f.name, f.name) + f" (default {default})")
     t.add_argument("--milestones", type=int, nargs="*", default=[], help="epochs (step schedule)")
     t.add_argument("--flip", action="store_true", help="horizontal flips (cache stores both views)")
+    t.add_argument("--crop-scales", type=float, nargs="*", default=[], metavar="S",
+                   help="crop views: one crop of S x the image's width and height per S in (0, 1), at a "
+                        "fixed hashed position per image, each cached (and mirrored with --flip)")
     t.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms")
     t.add_argument("--no-progress", action="store_true")
     t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -206,7 +224,8 @@ def _dataset(args, image_root, anno, train: bool):
     if args.dataset in ("hicodet", "synthetic"):
         kw = dict(seed=args.seed)
         if train:
-            kw.update(zero_shot=args.zero_shot, few_shot=args.few_shot)
+            kw.update(zero_shot=args.zero_shot, few_shot=args.few_shot, zero_shot_rule=args.zero_shot_rule,
+                      skip_empty=not args.keep_empty)
         return HICODet(str(image_root), str(anno), **kw)
     if args.zero_shot or args.few_shot:
         raise TrainInputError(f"--zero-shot/--few-shot are implemented for HICO-DET-format data "
@@ -232,12 +251,13 @@ def _build_split(args, which: str, image_root, anno, dets_path, cs):
     ds = _dataset(args, image_root, anno, train=(which == "train"))
     if cs is None:
         cs = ds.class_space()
+    frame = getattr(ds, "box_frame", "continuous")
     if dets_path is not None:
-        dets = load_detections(str(dets_path), filenames=list(ds.filenames))
+        dets = load_detections(str(dets_path), filenames=list(ds.filenames), frame=args.det_frame, into=frame)
         n_miss = sum(1 for f in ds.filenames if f not in dets)
         if n_miss:
             note(f"note: {n_miss} of {len(ds)} {which} images have no detections in {dets_path}"
-                  + (" (GT boxes only in training)" if which == "train" else ""))
+                 + (" (GT boxes only in training)" if which == "train" and args.append_gt else ""))
     elif which == "test":
         raise TrainInputError("--test-detections is required for evaluation")
     else:
@@ -249,7 +269,10 @@ def _build_split(args, which: str, image_root, anno, dets_path, cs):
             raw = read_json(anno, "annotation file", TrainInputError)
     select = partial(select_boxes, person_label=cs.person_label, score_thresh=args.score_thresh)
     gt = partial(gt_detections, person_label=cs.person_label)
-    return Split(ds, dets, image_root, raw, select, gt, name=which), cs
+    train = which == "train"
+    views = Views(args.flip, tuple(args.crop_scales)) if train else Views()
+    return Split(ds, dets, image_root, raw, select, gt, name=which, views=views, frame=frame,
+                 append_gt=train and args.append_gt), cs
 
 
 def eval_kwargs_for(cs) -> dict:
@@ -312,7 +335,7 @@ def run_inputs(args, train: Optional[Split] = None, test: Optional[Split] = None
 
 
 def make_sources(model, args, d, train, test, cache):
-    views = 2 if args.flip else 1
+    views = train.views.count
     prog = not args.no_progress and d.main
     tf = FeatureSource(model, train, cache, views, args.cache_dtype, d, progress=prog)
     ef = FeatureSource(model, test, cache, 1, args.cache_dtype, d, progress=prog) if test is not None else None

@@ -4,8 +4,9 @@ train_teacher.py (teacher CLI, run set-up: arguments, model, splits, metric) and
 (adds the distillation through the ``extra_loss`` hook) both drive :class:`Trainer`. Nothing
 here imports model.py, data.py or eval.py; what the loop needs from them is the contract below.
 
-* :class:`Split`          one dataset split: targets, detections (file -> select, GT boxes
-                          appended while training, as UPT does), image paths, the raw annotation.
+* :class:`Split`          one dataset split: targets, detections (file -> select; GT boxes
+                          appended while training only on request), image paths, the raw
+                          annotation, its box frame and training :class:`Views`.
 * :class:`FeatureCache`   frozen-VLM feature maps computed once per (image, VLM, view), stored as
                           one memory-mapped file plus an index JSON per cache key; stale caches
                           (other key, other image list, image mtime/size changed) are rebuilt.
@@ -42,11 +43,13 @@ The contract (model.LINK follows it; tests/test_train.py's StandIn is a 100-line
 
 Design choices written down (LINK.md is silent on them):
 
-* GT boxes appended during training (UPT): the ground-truth boxes of the image (score 1.0) are
+* GT boxes in training: off by default, as UPT and PViC train on the detector's boxes alone (the
+  candidates then look in training as they will at test time). ``Split(append_gt=True)``
+  (``--append-gt``) is SCG's practice: the ground-truth boxes of the image (score 1.0) are
   concatenated to the detector's boxes BEFORE the split's ``select`` (data.select_boxes), so they
   survive NMS and the 3..15 caps and duplicate detections of the same object (IoU > 0.5, same
-  label) are suppressed. Every training image therefore has at least its labelled pairs among
-  the candidates. Evaluation never sees GT boxes.
+  label) are suppressed; every training image then has its labelled pairs among the candidates.
+  Evaluation never sees GT boxes.
 * Data parallel: gradients are averaged by one flat all-reduce per step instead of DDP's
   bucket hooks, because the number of pairs per image varies and some parameters get no
   gradient in some steps (DDP would need find_unused_parameters). A global batch of B images is
@@ -56,9 +59,15 @@ Design choices written down (LINK.md is silent on them):
   :class:`SumLoss` (per-pair / per-token distillation) by W / max(items_global, 1), the
   positives and items being summed over ranks each step, so that the averaged gradient is
   exactly the gradient one process computes on the global batch (up to float summation order).
-* Flips: a ViT is not flip-equivariant, so the flipped image is encoded on its own; the cache
-  then stores both views per image ([N, 2, C, Gh, Gw]) and the view count is part of the cache
-  key. Any other image augmentation must bypass the cache.
+* Views (augmentation with a frozen, cached VLM): a ViT is neither flip- nor scale-equivariant,
+  so each view is encoded on its own and the cache stores all of them ([N, V, C, Gh, Gw]; the
+  view count and the crop scales are part of the cache key): the whole image, one crop per
+  ``crop_scales`` entry at a fixed, hashed position per image (:func:`crop_window`), each also
+  mirrored with ``flip``. Each epoch trains every image on one view drawn by :func:`view_of`
+  from (seed, epoch, index). Boxes follow the view in the split's box frame (:func:`view_boxes`:
+  mirror x -> w - x in the continuous frame, w + 1 - x for HICO-DET's 1-based inclusive boxes).
+  The detections are mapped into the view before ``select``. Any other image augmentation must
+  bypass the cache.
 * Cache dtype float16 by default (half the disk; CLIP-like features are far below fp16's
   range); float32 for bit-exact reuse of the encoder's output.
 """
@@ -90,6 +99,7 @@ from PIL import ImageOps
 from tqdm import tqdm
 
 from common import (
+    BOX_FRAMES,
     WriteError,
     atomic_write,
     atomic_write_bytes,
@@ -288,12 +298,83 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=g).tolist()
 
 
-def view_of(seed: int, epoch: int, index: int, flip: bool) -> int:
-    """Flip decision of an image in an epoch (0 = original, 1 = mirrored); pure, resumable."""
-    if not flip:
+def view_of(seed: int, epoch: int, index: int, n_views: int) -> int:
+    """The view (see :class:`Views`) an image is trained on in an epoch, uniform over
+    range(n_views); a pure function of (seed, epoch, index), so a resumed run sees the same
+    views. With 2 views (flip only) the same choice as before crop views existed."""
+    if isinstance(n_views, bool) or n_views < 1:
+        raise TypeError(f"view_of: n_views must be a positive int, got {n_views!r}")
+    if n_views == 1:
         return 0
     h = hashlib.blake2b(f"{seed}:{epoch}:{index}".encode(), digest_size=4).digest()
-    return h[0] & 1
+    return int.from_bytes(h, "little") % n_views
+
+
+#: version of crop_window's placement rule (part of the feature-cache key of crop views)
+CROP_RULE = "blake2b-v1"
+
+
+def crop_window(filename: str, k: int, scale: float, w: int, h: int) -> tuple[int, int, int, int]:
+    """(x0, y0, cw, ch): the k-th crop window of an image of w x h pixels, ``scale`` of its width
+    and height: cw = floor(scale * w + 0.5) (at least 1), ch likewise; its top-left pixel
+    offset (x0, y0) is drawn uniformly from [0, w - cw] x [0, h - ch] by a hash of (file name,
+    k, scale): fixed per image, so that the cache holds it once, and independent of the seed."""
+    cw = min(int(w), max(1, math.floor(scale * w + 0.5)))
+    ch = min(int(h), max(1, math.floor(scale * h + 0.5)))
+    dg = hashlib.blake2b(f"{filename}|{k}|{scale!r}".encode(), digest_size=8).digest()
+    ux, uy = (int.from_bytes(dg[a:a + 4], "little") / 2 ** 32 for a in (0, 4))
+    return int(ux * (w - cw + 1)), int(uy * (h - ch + 1)), cw, ch
+
+
+@dataclass(frozen=True)
+class Views:
+    """The views of each training image (README "Augmentation"), each encoded once into the
+    feature cache: window 0 is the whole image, window k >= 1 the crop ``crop_scales[k - 1]``
+    of its width and height (:func:`crop_window`; squashed to the VLM's input it is a zoom by
+    1 / scale); with ``flip`` every window also comes mirrored. View v = window * F + m (F = 2
+    with flip, else 1; m = 1: mirrored): view 0 is the image itself (evaluation's only view)
+    and flip alone keeps the layout [original, mirrored]."""
+    flip: bool = False
+    crop_scales: tuple = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "flip", bool(self.flip))
+        object.__setattr__(self, "crop_scales", tuple(float(s) for s in self.crop_scales))
+        bad = [s for s in self.crop_scales if not 0 < s < 1]
+        if bad:
+            raise TrainInputError(f"crop scales must lie strictly between 0 and 1 (the whole image is always "
+                                  f"a view), got {bad[0]}")
+
+    @classmethod
+    def of(cls, cfg) -> "Views":
+        """The views a LoopConfig (or its checkpointed dict) asks for."""
+        get = cfg.get if isinstance(cfg, dict) else (lambda k, dflt: getattr(cfg, k, dflt))
+        return cls(get("flip", False), tuple(get("crop_scales", ()) or ()))
+
+    @property
+    def count(self) -> int:
+        return (1 + len(self.crop_scales)) * (2 if self.flip else 1)
+
+    def parts(self, v: int) -> tuple[int, bool]:
+        """(window, mirrored) of view v."""
+        if not 0 <= v < self.count:
+            raise IndexError(f"view {v} out of range for {self.count} views")
+        f = 2 if self.flip else 1
+        return v // f, bool(v % f)
+
+    def key(self) -> str:
+        """What the views add to the feature-cache key: nothing for the whole image and its
+        mirror (the cache's view count names them), else the crop scales and placement rule."""
+        if not self.crop_scales:
+            return ""
+        return "|crops=" + ",".join(repr(s) for s in self.crop_scales) + "@" + CROP_RULE
+
+    def window(self, v: int, filename: str, w: int, h: int) -> tuple[int, int, int, int]:
+        """(x0, y0, cw, ch) of view v's window in image ``filename`` of w x h pixels."""
+        k, _ = self.parts(v)
+        if k == 0:
+            return 0, 0, int(w), int(h)
+        return crop_window(filename, k, self.crop_scales[k - 1], w, h)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -514,17 +595,40 @@ def sweep_stale_caches(root: Path, skip: Optional[Path] = None) -> None:
 # ----------------------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------------------
-def flip_boxes(boxes: torch.Tensor, w: float) -> torch.Tensor:
-    """Mirror [N, 4] xyxy boxes in an image of width w: x' = w - x (continuous frame)."""
-    if boxes.numel() == 0:
-        return boxes.clone()
-    out = boxes.clone()
-    out[:, 0], out[:, 2] = w - boxes[:, 2], w - boxes[:, 0]
-    return out
+def view_boxes(boxes: torch.Tensor, size: tuple, window: tuple, mirrored: bool,
+               offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, 4] xyxy boxes of an image of ``size`` (w, h) -> (the boxes in the view, Bool[N] kept).
+
+    ``offset`` is the box frame's o (common.BOX_FRAMES: 0 continuous, 1 hico1): the image spans
+    [o, w] and a width is x2 - x1 + o. Crop to window (x0, y0, cw, ch): x' = x - x0, y' = y - y0,
+    clamped to [o, cw] x [o, ch]; a box is kept when its overlap with the window has a positive
+    width and height in the frame's convention (min(x2, x0 + cw) - max(x1, x0 + o) + o > 0),
+    as DETR's crops keep any box with a positive area left. Mirror: x' = cw + o - x, i.e.
+    w - x for continuous boxes and w + 1 - x for 1-based inclusive pixel indices. The whole
+    image's window is no crop (boxes unchanged, all kept)."""
+    b = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+    x0, y0, cw, ch = window
+    keep = torch.ones(len(b), dtype=torch.bool)
+    if (x0, y0, cw, ch) != (0, 0, int(size[0]), int(size[1])):
+        lo = torch.tensor([x0 + offset, y0 + offset], dtype=torch.float32)
+        hi = torch.tensor([x0 + cw, y0 + ch], dtype=torch.float32)
+        overlap = torch.minimum(b[:, 2:], hi) - torch.maximum(b[:, :2], lo) + offset      # [N, 2]
+        keep = (overlap > 0).all(1)
+        shift = torch.tensor([x0, y0, x0, y0], dtype=torch.float32)
+        high = torch.tensor([cw, ch, cw, ch], dtype=torch.float32)
+        b = torch.minimum(torch.clamp(b - shift, min=float(offset)), high)
+    if mirrored:
+        b = b.clone()
+        b[:, 0], b[:, 2] = cw + offset - b[:, 2], cw + offset - b[:, 0]
+    return b, keep
 
 
 def _empty_dets() -> dict:
     return {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long)}
+
+
+#: the per-row fields of a target (rows dropped with their boxes when a crop leaves them out)
+TARGET_ROW_FIELDS = ("boxes_h", "boxes_o", "object", "hoi", "verb")
 
 
 class Split:
@@ -534,12 +638,22 @@ class Split:
     (detector output, before ``select``); image_root: folder of the image files; anno: the raw
     annotation handed to the metric; select: callable(dets) -> dets (data.select_boxes with the
     class space's person label); gt_dets: callable(target) -> dets (data.gt_detections).
+    views: the training views (:class:`Views`; evaluation uses view 0 only). frame: the boxes'
+    frame (common.BOX_FRAMES; default the dataset's ``box_frame``, else continuous), which the
+    views' mirror and crop follow. append_gt: add the GT boxes to the detector's in training
+    (SCG's practice; UPT trains on the detector's boxes alone, the default).
     """
 
     def __init__(self, dataset, dets_file: dict, image_root, anno: Optional[dict], select: Callable,
-                 gt_dets: Callable, name: str = "split"):
+                 gt_dets: Callable, name: str = "split", views: Optional[Views] = None,
+                 frame: Optional[str] = None, append_gt: bool = False):
         self.ds, self.dets_file, self.anno, self.name = dataset, dets_file, anno, name
         self.select, self.gt_dets = select, gt_dets
+        self.views = views if views is not None else Views()
+        self.frame = frame or getattr(dataset, "box_frame", "continuous")
+        if self.frame not in BOX_FRAMES:
+            raise TrainInputError(f"split {name}: box frame {self.frame!r} is not one of {sorted(BOX_FRAMES)}")
+        self.append_gt = bool(append_gt)
         self.filenames = list(dataset.filenames)
         self.image_root = Path(image_root)
         if hasattr(dataset, "image_path"):
@@ -560,26 +674,50 @@ class Split:
         return self._targets[i]
 
     def image(self, i: int, view: int = 0):
+        """The PIL image of view ``view`` of image i: its window cropped, then mirrored."""
         img, tgt = self.ds[i]
         self._targets.setdefault(i, tgt)
-        return ImageOps.mirror(img) if view == 1 else img
+        if view == 0:
+            return img
+        w, h = tgt["size"]
+        x0, y0, cw, ch = self.views.window(view, self.filenames[i], w, h)
+        if (x0, y0, cw, ch) != (0, 0, w, h):
+            img = img.crop((x0, y0, x0 + cw, y0 + ch))
+        return ImageOps.mirror(img) if self.views.parts(view)[1] else img
 
     def item(self, i: int, view: int, train: bool):
-        """-> (detections, size (w, h), target) for image i in the given view. Training appends
-        the GT boxes to the detector boxes before select_boxes (see module docstring)."""
+        """-> (detections, size (w, h), target) for image i in the given view (its window's
+        size; boxes mapped by view_boxes, boxes and GT rows outside the window dropped), the
+        detections selected by ``select`` in the view. With append_gt, training adds the GT
+        boxes to the detector's first (see module docstring)."""
         tgt = self.target(i)
-        w, h = tgt["size"]
         dets = self.dets_file.get(self.filenames[i], _empty_dets())
-        if train:
+        if train and self.append_gt:
             g = self.gt_dets(tgt)
             dets = {"boxes": torch.cat([g["boxes"].float(), dets["boxes"].float().reshape(-1, 4)]),
                     "scores": torch.cat([g["scores"].float(), dets["scores"].float().reshape(-1)]),
                     "labels": torch.cat([g["labels"].long(), dets["labels"].long().reshape(-1)])}
-        dets = self.select(dets)
-        if view == 1:
-            dets = dict(dets, boxes=flip_boxes(dets["boxes"], w))
-            tgt = dict(tgt, boxes_h=flip_boxes(tgt["boxes_h"], w), boxes_o=flip_boxes(tgt["boxes_o"], w))
-        return dets, (w, h), tgt
+        size = tuple(tgt["size"])
+        if view != 0:
+            dets, tgt, size = self._in_view(i, view, dets, tgt)
+        return self.select(dets), size, tgt
+
+    def _in_view(self, i: int, view: int, dets: dict, tgt: dict) -> tuple[dict, dict, tuple]:
+        """Detections and target of image i mapped into view ``view`` -> (dets, target, size)."""
+        w, h = tgt["size"]
+        win = self.views.window(view, self.filenames[i], w, h)
+        mirrored, o = self.views.parts(view)[1], BOX_FRAMES[self.frame]
+        boxes, kd = view_boxes(dets["boxes"], (w, h), win, mirrored, o)
+        dets = {"boxes": boxes[kd], "scores": torch.as_tensor(dets["scores"]).reshape(-1)[kd],
+                "labels": torch.as_tensor(dets["labels"]).reshape(-1)[kd]}
+        bh, kh = view_boxes(tgt["boxes_h"], (w, h), win, mirrored, o)
+        bo, ko = view_boxes(tgt["boxes_o"], (w, h), win, mirrored, o)
+        rows = kh & ko                                 # a GT pair needs both boxes in the window
+        new = dict(tgt, size=(win[2], win[3]), boxes_h=bh[rows], boxes_o=bo[rows])
+        for k in TARGET_ROW_FIELDS[2:]:
+            if k in tgt:
+                new[k] = torch.as_tensor(tgt[k])[rows]
+        return dets, new, (win[2], win[3])
 
     def fingerprint(self) -> str:
         return hashlib.sha1("\n".join(self.filenames).encode()).hexdigest()[:16]
@@ -588,13 +726,19 @@ class Split:
 class FeatureSource:
     """Features of a split for one frozen VLM: the cache, or on-the-fly encoding (no cache)."""
 
-    def __init__(self, model, split: Split, cache_root=None, views: int = 1, dtype: str = "float16",
+    def __init__(self, model, split: Split, cache_root=None, views: Optional[int] = None, dtype: str = "float16",
                  d: Optional[Dist] = None, batch_size: int = 16, progress: bool = True):
-        self.model, self.split, self.views = model, split, views
+        """views: the split's view count (split.views.count, the default); another number is
+        refused rather than caching views the split does not produce."""
+        if views is not None and views != split.views.count:
+            raise TrainInputError(f"feature source of split {split.name}: {views} views asked, the split has "
+                                  f"{split.views.count} ({split.views})")
+        self.model, self.split, self.views = model, split, split.views.count
         self.device = d.device if d else torch.device("cpu")
         self.cache = None
         if cache_root is not None:
-            self.cache = FeatureCache(cache_root, model.cache_key(), split.image_paths, views, dtype)
+            self.cache = FeatureCache(cache_root, model.cache_key() + split.views.key(), split.image_paths,
+                                      self.views, dtype)
             self.cache.ensure(self._encode, split.image, batch_size, d, progress)
 
     def _encode(self, images) -> torch.Tensor:
@@ -948,7 +1092,8 @@ class LoopConfig:
     clip: float = 0.1                # max grad norm (UPT: 0.1); <= 0 disables
     amp: str = "auto"                # auto | none | bf16 | fp16 (auto: bf16 on CUDA, none on CPU)
     seed: int = 0
-    flip: bool = False
+    flip: bool = False               # views: each image also mirrored (see Views)
+    crop_scales: list = field(default_factory=list)   # views: one crop per scale in (0, 1)
     ckpt_every: int = 0              # also checkpoint every N steps (0: end of epoch only)
     eval_every: int = 1              # evaluate every N epochs (0: only after the last)
     deterministic: bool = False
@@ -1033,6 +1178,9 @@ class Trainer:
         self.out = Path(out_dir)
         if test is not None and metric_fn is None:
             raise TrainInputError("a test split needs a metric_fn")
+        if Views.of(cfg) != train.views:
+            raise TrainInputError(f"the loop's views {Views.of(cfg)} (flip, crop_scales) differ from the "
+                                  f"training split's {train.views}")
         self.extra_loss, self.metric_fn = extra_loss, metric_fn
         self.eval_kwargs = eval_kwargs or {}
         self.ckpt_extra = ckpt_extra or {}
@@ -1146,12 +1294,12 @@ class Trainer:
 
     def _check_resume_point(self, changed: list, path) -> None:
         """What overrides cannot do: train an epoch that is behind the checkpoint, or change the
-        batches (batch size, seed, flips) in the middle of an epoch."""
+        batches (batch size, seed, views: flips and crops) in the middle of an epoch."""
         names = {n for n, _, _ in changed}
         if self.epoch > self.cfg.epochs or (self.epoch == self.cfg.epochs and self.step_in_epoch > 0):
             raise CheckpointError(f"checkpoint {path} is at epoch {self.epoch} (step {self.step}): --epochs "
                                   f"{self.cfg.epochs} is behind it")
-        mid = names & {"batch_size", "seed", "flip"}
+        mid = names & {"batch_size", "seed", "flip", "crop_scales"}
         if mid and self.step_in_epoch > 0:
             raise CheckpointError(f"checkpoint {path} is in the middle of epoch {self.epoch}: "
                                   f"{', '.join('--' + n.replace('_', '-') for n in sorted(mid))} can change only "
@@ -1250,7 +1398,7 @@ class Trainer:
     def _local_losses(self, local: list[int]) -> _StepLosses:
         """Forward this rank's images; the model's loss plus the extra_loss terms."""
         cfg = self.cfg
-        views = [view_of(cfg.seed, self.epoch, i, cfg.flip) for i in local]
+        views = [view_of(cfg.seed, self.epoch, i, self.train.views.count) for i in local]
         feats = self.feats.get(local, views)                              # [b, C, Gh, Gw]
         dets, sizes, tgts = self._inputs(self.train, local, views, train=True)
         with self._autocast():

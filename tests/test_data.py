@@ -21,6 +21,7 @@ from data import (
     ImageError,
     SWiGHOI,
     collate,
+    convert_box_frame,
     gt_detections,
     load_detections,
     save_detections,
@@ -148,12 +149,18 @@ def test_hicodet_malformed(tmp_path, mutate, pattern):
 
 def test_zero_shot_filter(tmp_path):
     root, f = tiny_hico(tmp_path)
-    # unseen = {2}: image b keeps rows 1 and 3 (its pair with classes 1 and 2 keeps class 1)
+    # unseen = {2}: image b's first pair carries classes 1 and 2 -> removed with both labels
+    # (default rule "pair", GEN-VLKT / HOICLIP); its pair with class 3 stays
     ds = HICODet(root, f, zero_shot=[2])
     assert ds.filenames == ["a.png", "b.png"]  # c (no label) dropped
     t = ds[1][1]
-    assert t["hoi"].tolist() == [1, 3] and t["boxes_o"].tolist() == [[11, 15, 15, 19], [2, 2, 12, 22]]
+    assert t["hoi"].tolist() == [3] and t["boxes_o"].tolist() == [[2, 2, 12, 22]]
     assert ds.class_space().unseen == [2]
+    # rule "label" (the weaker variant): only the unseen row goes, the pair keeps class 1
+    t = HICODet(root, f, zero_shot=[2], zero_shot_rule="label")[1][1]
+    assert t["hoi"].tolist() == [1, 3] and t["boxes_o"].tolist() == [[11, 15, 15, 19], [2, 2, 12, 22]]
+    with pytest.raises(ValueError, match="zero_shot_rule"):
+        HICODet(root, f, zero_shot=[2], zero_shot_rule="rows")
     # unseen = {0}: image a has only class 0 -> dropped
     assert HICODet(root, f, zero_shot=[0]).filenames == ["b.png"]
     # split name looked up in the file's zero_shot dict, short or long name
@@ -164,6 +171,83 @@ def test_zero_shot_filter(tmp_path):
         HICODet(root, f, zero_shot="nf-uc")
     with pytest.raises(DataError, match="out of range"):
         HICODet(root, f, zero_shot=[9])
+
+
+def _add_pair_rule_image(d):
+    """Image d.png: rows r0..r5 (classes 1 kick ball, 2 hold ball, 3 hug person). r1 is the
+    unseen class 2 on H1 = [2, 2, 12, 21], O1 = [11, 15, 15, 19]; the others, against it:
+    r0 class 1, human [2, 2, 12, 22] (inclusive IoU 11*20 / (11*21) = 0.952), same object box;
+    r2 class 1, same human, another ball [20, 15, 24, 19] (IoU 0);
+    r3 class 3, object a person (another label);
+    r4 class 1, object [11, 15, 15, 24]: inclusive IoU 25 / 50 = 0.5 exactly (continuous IoU
+       16 / 36 = 0.444);
+    r5 class 1, object [13, 15, 17, 19]: inclusive IoU 15 / 35 = 0.429."""
+    d["annotation"].append({
+        "boxes_h": [[2, 2, 12, 22], [2, 2, 12, 21], [2, 2, 12, 22], [20, 2, 30, 22], [2, 2, 12, 22],
+                    [2, 2, 12, 22]],
+        "boxes_o": [[11, 15, 15, 19], [11, 15, 15, 19], [20, 15, 24, 19], [2, 2, 12, 22], [11, 15, 15, 24],
+                    [13, 15, 17, 19]],
+        "hoi": [1, 2, 1, 3, 1, 1], "object": [2, 2, 2, 0, 2, 2], "verb": [1, 0, 1, 2, 1, 1]})
+    d["filenames"].append("d.png")
+    d["size"].append([32, 24])
+
+
+def test_zero_shot_pair_rule_same_pair_by_overlap(tmp_path):
+    """A pair is the same (human, object) when the objects share a label and min(IoU_h, IoU_o)
+    >= 0.5, with the IoU of the file's frame (hand values in _add_pair_rule_image)."""
+    root, f = tiny_hico(tmp_path, mutate=_add_pair_rule_image)
+    assert HICODet(root, f).box_frame == "hico1"
+    hoi = {rule: HICODet(root, f, zero_shot=[2], zero_shot_rule=rule)[2][1]["hoi"].tolist()
+           for rule in ("pair", "label")}
+    assert hoi["pair"] == [1, 3, 1]             # hico1: r0, r1 and r4 (IoU exactly 0.5) removed
+    assert hoi["label"] == [1, 1, 3, 1, 1]      # only r1
+    t = HICODet(root, f, zero_shot=[2], frame="continuous")[2][1]
+    assert t["hoi"].tolist() == [1, 3, 1, 1]    # continuous IoU of r4 is 0.444: kept
+    assert t["boxes_o"][2].tolist() == [11, 15, 15, 24]
+
+
+def test_empty_images_left_out_of_training(tmp_path):
+    """skip_empty drops the images the file lists in ``empty`` (UPT) and images without rows;
+    the training CLI does so by default (--keep-empty keeps them), the test split never."""
+    root, f = tiny_hico(tmp_path, mutate=lambda d: d.update(empty=[0, 2]))   # a.png listed, with rows
+    assert HICODet(root, f).filenames == ["a.png", "b.png", "c.png"]
+    assert HICODet(root, f, skip_empty=True).filenames == ["b.png"]
+    root, f = tiny_hico(tmp_path, mutate=lambda d: d.update(empty=[]))       # c.png: no rows
+    assert HICODet(root, f, skip_empty=True).filenames == ["a.png", "b.png"]
+    import train_teacher
+    base = ["--dataset", "hicodet", "--image-root", str(root), "--anno", str(f)]
+    for extra, want in (([], ["a.png", "b.png"]), (["--keep-empty"], ["a.png", "b.png", "c.png"])):
+        args = train_teacher.teacher_parser().parse_args(base + extra)
+        assert train_teacher._dataset(args, root, f, train=True).filenames == want
+        assert train_teacher._dataset(args, root, f, train=False).filenames == ["a.png", "b.png", "c.png"]
+    root, f = tiny_hico(tmp_path, mutate=lambda d: d.update(empty=[7]))
+    with pytest.raises(DataError, match=r"field 'empty\[0\]': index 7 out of range"):
+        HICODet(root, f)
+
+
+def test_box_frames_of_datasets_and_detection_files(tmp_path):
+    root, f = tiny_hico(tmp_path)
+    assert HICODet(root, f).box_frame == "hico1"                      # HICO-DET files: no key
+    root, f = tiny_hico(tmp_path, mutate=lambda d: d.update(name="synthetic"))
+    assert HICODet(root, f).box_frame == "continuous"                 # worlds written before the key
+    root, f = tiny_hico(tmp_path, mutate=lambda d: d.update(box_frame="continuous"))
+    assert HICODet(root, f).box_frame == "continuous"
+    assert HICODet(root, f, frame="hico1").box_frame == "hico1"
+    root, f = tiny_hico(tmp_path, mutate=lambda d: d.update(box_frame="pixels"))
+    with pytest.raises(DataError, match="field 'box_frame'"):
+        HICODet(root, f)
+    # continuous -> hico1: x1 + 1, y1 + 1; x2, y2 kept; under one pixel wide: x1 = x2
+    b = torch.tensor([[10.0, 20.0, 30.5, 40.0], [10.25, 5.0, 10.75, 9.0]])
+    assert convert_box_frame(b, "continuous", "hico1").tolist() == [[11, 21, 30.5, 40], [10.75, 6, 10.75, 9]]
+    assert convert_box_frame(b[:1], "hico1", "continuous").tolist() == [[9, 19, 30.5, 40]]
+    assert convert_box_frame(b, "hico1", "hico1").tolist() == b.tolist()
+    det = tmp_path / "dets.json"
+    det.write_text(json.dumps({"a.png": {"boxes": [[0, 0, 31.5, 24]], "scores": [0.5], "labels": [1]}}))
+    assert load_detections(det)["a.png"]["boxes"].tolist() == [[0, 0, 31.5, 24]]
+    assert load_detections(det, frame="continuous", into="hico1")["a.png"]["boxes"].tolist() == [[1, 1, 31.5, 24]]
+    assert load_detections(det, frame="hico1", into="hico1")["a.png"]["boxes"].tolist() == [[0, 0, 31.5, 24]]
+    with pytest.raises(DataError, match="box frame 'coco'"):
+        load_detections(det, frame="coco", into="hico1")
 
 
 def test_few_shot_rule_exact():
@@ -200,11 +284,16 @@ def test_real_hico_test_file():
     # RF-UC from the shared split file: expected counts computed here from the raw JSON
     unseen = set(json.loads((SHARED / "hicodet/derived/zero_shot_unseen_hoi_indices.json")
                             .read_text())["splits"]["rare_first"]["unseen"])
-    zs = HICODet("/nonexistent", HICO_TEST, zero_shot="rf-uc")
+    zs = HICODet("/nonexistent", HICO_TEST, zero_shot="rf-uc", zero_shot_rule="label")
     keep_rows = [sum(h not in unseen for h in a["hoi"]) for a in raw["annotation"]]
     assert len(zs) == sum(r > 0 for r in keep_rows)
     assert zs.num_pairs() == sum(keep_rows)
     assert set(zs.class_space().unseen) == unseen and zs.class_counts()[sorted(unseen)].sum() == 0
+    # the pair rule (default) also removes the 485 seen rows that share a pair (same object
+    # label, min inclusive IoU >= 0.5) with one of the 836 unseen rows: 1,321 rows, counted by
+    # an independent numpy script on this file
+    assert sum(len(a["hoi"]) for a in raw["annotation"]) - sum(keep_rows) == 836
+    assert HICODet("/nonexistent", HICO_TEST, zero_shot="rf-uc").num_pairs() == 33405 - 1321
 
 
 @need_vcoco

@@ -45,12 +45,16 @@ from trainer import (  # noqa: E402
     NonFiniteLossError,
     Split,
     Trainer,
+    TrainInputError,
+    Views,
     WarmupSchedule,
     barrier,
     eval_shard,
     init_distributed,
     load_checkpoint,
     trainable_state,
+    view_boxes,
+    view_of,
 )
 
 
@@ -196,7 +200,7 @@ def _gt(t):
             "labels": torch.cat([torch.zeros(1, dtype=torch.long), t["object"]])}
 
 
-def tiny_split(root, n, seed=0, vary=False):
+def tiny_split(root, n, seed=0, vary=False, views=None, append_gt=False):
     """vary: image i gets i % 3 more object boxes, so that images have 6, 8 or 10 pairs."""
     ds = TinyDS(root, n, seed)
     dets = {}
@@ -205,7 +209,8 @@ def tiny_split(root, n, seed=0, vary=False):
         boxes = [[2.0, 2.0, 9.0, 14.0], [1.0, 1.0, 5.0, 5.0]] + [[1.0 + k, 2.0, 6.0 + k, 7.0] for k in range(extra)]
         dets[f] = {"boxes": torch.tensor(boxes), "scores": torch.tensor([0.9, 0.8] + [0.7] * extra),
                    "labels": torch.tensor([0, 2] + [2] * extra)}
-    return Split(ds, dets, root, {"n": n}, select=lambda d: d, gt_dets=_gt, name=str(root))
+    return Split(ds, dets, root, {"n": n}, select=lambda d: d, gt_dets=_gt, name=str(root), views=views,
+                 append_gt=append_gt)
 
 
 def standin_widths(cfg: TinyCfg) -> Widths:
@@ -228,14 +233,14 @@ def count_metric(anno, preds):
 
 
 def make_trainer(tmp, n=10, epochs=2, bs=4, dropout=0.1, nan_image="", n_test=0, dist=None,
-                 ckpt_every=1, flip=False, seed=0, kd=False):
+                 ckpt_every=1, flip=False, seed=0, kd=False, crop_scales=()):
     """kd: images with varying pair counts and a distilling StandIn teacher of other widths."""
     torch.manual_seed(seed)
     model = StandIn(TinyCfg(dropout=dropout, nan_image=nan_image), TinyCS())
     tmp = Path(tmp)
-    train = tiny_split(tmp / "data", n, vary=kd)
+    train = tiny_split(tmp / "data", n, vary=kd, views=Views(flip, crop_scales))
     d = dist or Dist()
-    tf = FeatureSource(model, train, tmp / "cache", 2 if flip else 1, "float32", d, progress=False)
+    tf = FeatureSource(model, train, tmp / "cache", dtype="float32", d=d, progress=False)
     extra = standin_distiller(tf, d) if kd else None
     test = tf_test = None
     if n_test:
@@ -243,7 +248,7 @@ def make_trainer(tmp, n=10, epochs=2, bs=4, dropout=0.1, nan_image="", n_test=0,
         tf_test = FeatureSource(model, test, tmp / "cache", 1, "float32", d, progress=False)
     cfg = LoopConfig(epochs=epochs, batch_size=bs, lr=1e-2, warmup_steps=2, clip=1.0, seed=seed,
                         ckpt_every=ckpt_every, deterministic=True, progress=False, flip=flip,
-                        eval_every=1)
+                        eval_every=1, crop_scales=list(crop_scales))
     return Trainer(model, cfg, train, tf, tmp / "run", d, test, tf_test, metric_fn=count_metric, extra_loss=extra)
 
 
@@ -538,15 +543,207 @@ def test_feature_cache_reused_and_rebuilt(tmp_path):
     torch.testing.assert_close(cf.get([1], [1]), mir, rtol=0, atol=0)
 
 
-def test_flip_augmentation_mirrors_boxes(tmp_path):
-    sp = tiny_split(tmp_path / "d", 2)
+def test_flip_augmentation_mirrors_boxes_and_gt_boxes_only_on_request(tmp_path):
+    sp = tiny_split(tmp_path / "d", 2, views=Views(flip=True))
     dets0, size, t0 = sp.item(0, 0, train=True)
     dets1, _, t1 = sp.item(0, 1, train=True)
     w = size[0]
     torch.testing.assert_close(dets1["boxes"][:, 0], w - dets0["boxes"][:, 2])
     torch.testing.assert_close(t1["boxes_h"][:, 2], w - t0["boxes_h"][:, 0])
-    # training appends the GT boxes (UPT): 2 GT + 2 detector boxes
-    assert len(dets0["boxes"]) == 4 and len(sp.item(0, 0, train=False)[0]["boxes"]) == 2
+    # the detector's boxes alone by default (UPT); --append-gt adds the 2 GT boxes (SCG)
+    assert len(dets0["boxes"]) == 2 and len(sp.item(0, 0, train=False)[0]["boxes"]) == 2
+    sp_gt = tiny_split(tmp_path / "d", 2, views=Views(flip=True), append_gt=True)
+    assert len(sp_gt.item(0, 0, train=True)[0]["boxes"]) == 4
+    assert len(sp_gt.item(0, 0, train=False)[0]["boxes"]) == 2          # evaluation never
+
+
+def test_view_boxes_hand_computed_in_both_frames():
+    """Mirror: x -> w - x (continuous edges), x -> w + 1 - x (1-based inclusive pixel indices).
+    Crop to the window x0 = 4, y0 = 2, 8 x 6 of a 16 x 12 image: shift by (x0, y0), clamp to
+    [o, 8] x [o, 6], keep a box when its overlap has a positive size in the frame's convention;
+    the window then spans pixel columns 5..12 (1-based), i.e. continuous x in [4, 12]."""
+    size, win = (16, 12), (4, 2, 8, 6)
+    b, keep = view_boxes(torch.tensor([[2.0, 3.0, 6.0, 9.0]]), size, (0, 0, 16, 12), True, 0)
+    assert b.tolist() == [[10, 3, 14, 9]] and keep.tolist() == [True]
+    b, keep = view_boxes(torch.tensor([[3.0, 4.0, 6.0, 9.0]]), size, (0, 0, 16, 12), True, 1)
+    assert b.tolist() == [[11, 4, 14, 9]] and keep.tolist() == [True]
+    boxes = torch.tensor([[2.0, 3.0, 6.0, 9.0],        # A: cut on the left and the bottom
+                          [12.0, 3.0, 15.0, 5.0],      # B: continuous: touches x = 12 only
+                          [11.5, 0.0, 20.0, 1.5],      # C: above the window
+                          [5.0, 3.0, 7.0, 4.0],        # D: inside
+                          [13.0, 3.0, 15.0, 5.0]])     # E: right of the window
+    b, keep = view_boxes(boxes, size, win, False, 0)
+    assert keep.tolist() == [True, False, False, True, False]
+    assert b[keep].tolist() == [[0, 1, 2, 6], [1, 1, 3, 2]]
+    b, keep = view_boxes(boxes, size, win, True, 0)                    # then mirrored: x -> 8 - x
+    assert b[keep].tolist() == [[6, 1, 8, 6], [5, 1, 7, 2]]
+    # 1-based inclusive: B covers pixel column 12, the window's last: kept, one column wide
+    b, keep = view_boxes(boxes, size, win, False, 1)
+    assert keep.tolist() == [True, True, False, True, False]
+    assert b[keep].tolist() == [[1, 1, 2, 6], [8, 1, 8, 3], [1, 1, 3, 2]]
+    b, keep = view_boxes(boxes, size, win, True, 1)                    # then x -> 9 - x
+    assert b[keep].tolist() == [[7, 1, 8, 6], [1, 1, 1, 3], [6, 1, 8, 2]]
+
+
+class RectDS:
+    """Images of 20 x 14 px, black, with a red rectangle (the human: pixel columns 5..11, rows
+    3..8, 0-based) and a green one (the object: columns 13..17, rows 9..12); the GT boxes cover
+    exactly those pixels in the given frame; box_frame names it."""
+
+    def __init__(self, root, frame, n=6):
+        self.root, self.box_frame = Path(root), frame
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.filenames = [f"rect{i}.png" for i in range(n)]
+        arr = np.zeros((14, 20, 3), dtype=np.uint8)
+        arr[3:9, 5:12, 0] = 255
+        arr[9:13, 13:18, 1] = 255
+        for f in self.filenames:
+            Image.fromarray(arr).save(self.root / f)
+        o = 1 if frame == "hico1" else 0   # a box over 0-based columns a..b is [a + o, b + 1]
+        self.t = {"size": (20, 14), "boxes_h": torch.tensor([[5.0 + o, 3 + o, 12, 9]]),
+                  "boxes_o": torch.tensor([[13.0 + o, 9 + o, 18, 13]]), "object": torch.tensor([1]),
+                  "hoi": torch.tensor([0]), "verb": torch.tensor([0])}
+
+    def __len__(self):
+        return len(self.filenames)
+
+    def target(self, i):
+        return dict(self.t, filename=self.filenames[i], index=i)
+
+    def image_path(self, i):
+        return self.root / self.filenames[i]
+
+    def __getitem__(self, i):
+        return Image.open(self.image_path(i)).convert("RGB"), self.target(i)
+
+
+def _covered(box, o, size):
+    """Bool[h, w]: the pixels a box covers (0-based columns x1 - o .. x2 - 1)."""
+    m = np.zeros((size[1], size[0]), dtype=bool)
+    x1, y1, x2, y2 = (int(round(v)) for v in box)
+    m[y1 - o:y2, x1 - o:x2] = True
+    return m
+
+
+@pytest.mark.parametrize("frame", ["continuous", "hico1"])
+def test_views_images_and_boxes_agree_pixel_for_pixel(tmp_path, frame):
+    """Every view (whole image and crops at 0.6 and 0.45, each mirrored): the view's image has
+    the view's size, and the red / green pixels it shows are exactly the pixels of the mapped
+    human / object box; a pair whose box left the window is dropped with its rows."""
+    ds = RectDS(tmp_path / "img", frame)
+    views = Views(flip=True, crop_scales=(0.6, 0.45))
+    sp = Split(ds, {}, tmp_path / "img", None, select=lambda d: d, gt_dets=_gt, views=views, append_gt=True)
+    assert sp.frame == frame and views.count == 6
+    o, cut, dropped = (1 if frame == "hico1" else 0), 0, 0
+    for i in range(len(ds)):
+        for v in range(views.count):
+            img = np.asarray(sp.image(i, v))
+            dets, size, t = sp.item(i, v, train=True)
+            assert img.shape[:2] == (size[1], size[0]) == (t["size"][1], t["size"][0])
+            k, _ = views.parts(v)
+            assert size == ((20, 14) if k == 0 else (round(20 * views.crop_scales[k - 1]),
+                                                     round(14 * views.crop_scales[k - 1])))
+            red, green = img[..., 0] > 127, img[..., 1] > 127
+            if len(t["hoi"]) == 0:
+                assert not (red.any() and green.any())          # a box is out of the window
+                dropped += 1
+                continue
+            assert t["hoi"].tolist() == [0] and t["object"].tolist() == [1]
+            assert np.array_equal(_covered(t["boxes_h"][0].tolist(), o, size), red)
+            assert np.array_equal(_covered(t["boxes_o"][0].tolist(), o, size), green)
+            cut += int(red.sum() < 42 or green.sum() < 20)       # 7 x 6 and 5 x 4 when whole
+            # the GT boxes appended as detections follow the same map
+            assert dets["boxes"].tolist() == [t["boxes_h"][0].tolist(), t["boxes_o"][0].tolist()]
+    assert cut > 0 and dropped > 0                               # both cases occur in these 6 images
+
+
+def test_crop_window_and_view_of():
+    from trainer import crop_window
+    xs = []
+    for j in range(2000):
+        x0, y0, cw, ch = crop_window(f"f{j}.png", 1, 0.5, 16, 12)
+        assert (cw, ch) == (8, 6) and 0 <= x0 <= 8 and 0 <= y0 <= 6
+        xs.append(x0)
+    assert sorted(set(xs)) == list(range(9)) and abs(np.mean(xs) - 4) < 0.2     # uniform over 0..8
+    assert crop_window("a.png", 1, 0.75, 16, 12)[2:] == (12, 9)                  # floor(s * w + 0.5)
+    assert crop_window("a.png", 1, 0.75, 15, 11)[2:] == (11, 8)                  # 11.25 -> 11, 8.25 -> 8
+    assert crop_window("a.png", 1, 0.5, 16, 12) == crop_window("a.png", 1, 0.5, 16, 12)   # fixed per image
+    assert len({crop_window("a.png", k, 0.5, 64, 64) for k in range(1, 6)}) > 1          # k-th crop differs
+    # view_of: with 2 views the choice made before crop views existed (the first hash byte's
+    # low bit), uniform over the views, pure
+    import hashlib
+    for i in range(50):
+        h = hashlib.blake2b(f"3:5:{i}".encode(), digest_size=4).digest()
+        assert view_of(3, 5, i, 2) == h[0] & 1
+    counts = np.bincount([view_of(0, e, i, 6) for e in range(3) for i in range(2000)], minlength=6)
+    assert counts.min() > 900 and counts.max() < 1100
+    assert view_of(0, 1, 7, 1) == 0 and view_of(2, 1, 7, 6) == view_of(2, 1, 7, 6)
+    with pytest.raises(TypeError):
+        view_of(0, 0, 0, True)
+    with pytest.raises(TrainInputError, match="crop scales"):
+        Views(crop_scales=(1.0,))
+
+
+def test_feature_cache_holds_each_view_once(tmp_path):
+    """4 views (whole and a 0.5 crop, each mirrored) of 3 images: each (image, view) encoded
+    exactly once, the cached map of each equals encoding that view's image; reused as long as
+    the crop scales stay, rebuilt when they change."""
+    model = StandIn(TinyCfg(), TinyCS())
+    sp = tiny_split(tmp_path / "d", 3, views=Views(flip=True, crop_scales=(0.5,)))
+    loads = []
+    orig = sp.image
+    sp.image = lambda i, v=0: (loads.append((i, v)), orig(i, v))[1]
+    src = FeatureSource(model, sp, tmp_path / "cache", dtype="float32", progress=False)
+    assert src.views == 4 and sorted(loads) == [(i, v) for i in range(3) for v in range(4)]
+    data = list(src.cache.dir.glob("feats-*.bin"))
+    assert len(data) == 1 and data[0].stat().st_size == 3 * 4 * 4 * 4 * 4 * 4     # N x V x C x 4 x 4 fp32
+    for i in range(3):
+        for v in range(4):
+            want = model.encode_images(model.preprocess([orig(i, v)]))
+            torch.testing.assert_close(src.get([i], [v]), want, rtol=0, atol=0)
+    assert orig(0, 2).size == (8, 8) and orig(0, 1).size == (16, 16)
+    loads.clear()
+    FeatureSource(model, sp, tmp_path / "cache", dtype="float32", progress=False)
+    assert loads == []                                                            # reused
+    sp.views = Views(flip=True, crop_scales=(0.75,))
+    FeatureSource(model, sp, tmp_path / "cache", dtype="float32", progress=False)
+    assert len(loads) == 12                                                       # other crops: rebuilt
+    with pytest.raises(TrainInputError, match="2 views asked"):
+        FeatureSource(model, sp, None, 2)
+
+
+def test_views_resume_exact_and_mismatches_refused(tmp_path):
+    """Training on 6 views (flip x whole, 0.5 and 0.75 crops): a run stopped after 3 steps and
+    resumed ends with the uninterrupted run's weights, bit for bit; a checkpoint of other views
+    (trainer.resume_differences; crops change with --override only at an epoch boundary), or a
+    loop config whose views differ from the split's, is refused."""
+    kw = dict(n=8, epochs=2, bs=4, flip=True, crop_scales=(0.5, 0.75))
+    ref = make_trainer(tmp_path / "ref", **kw)
+    ref.fit()
+    assert {view_of(0, e, i, 6) for e in range(2) for i in range(8)} == {0, 2, 3, 4, 5}   # crops trained on
+    stop = make_trainer(tmp_path / "stop", **kw)
+    orig, n = stop.train_step, [0]
+
+    def step(batch):
+        n[0] += 1
+        if n[0] == 4:
+            raise KeyboardInterrupt
+        return orig(batch)
+    stop.train_step = step
+    with pytest.raises(KeyboardInterrupt):
+        stop.fit()
+    other = make_trainer(tmp_path / "other", n=8, epochs=2, bs=4, flip=True)
+    with pytest.raises(CheckpointError, match=r"--crop-scales: \[0.5, 0.75\] in the checkpoint, \[\] now"):
+        other.resume(stop.ckpt_path)
+    with pytest.raises(CheckpointError, match="middle of epoch 1: --crop-scales can change only"):
+        other.resume(stop.ckpt_path, overrides=["crop_scales"])
+    resumed = make_trainer(tmp_path / "stop", **kw)
+    resumed.resume(resumed.ckpt_path)
+    assert resumed.step == 3
+    resumed.fit()
+    _assert_same(trainable_state(ref.model), trainable_state(resumed.model))
+    with pytest.raises(TrainInputError, match="differ from the training split"):
+        Trainer(other.model, LoopConfig(crop_scales=[0.5]), other.train, other.feats, tmp_path / "x")
 
 
 def test_distillation_zero_for_identical_positive_otherwise_and_alignment(tmp_path):
@@ -665,6 +862,21 @@ def test_teacher_and_student_cli_end_to_end_real_model(tmp_path, capsys, monkeyp
     _assert_same(w_t, w_s)
     # real model: KD against an identical copy is zero
     sp, _, cs = train_teacher.build_splits(train_teacher.teacher_parser().parse_args(base))
+    # the recipe's defaults: no views, no GT boxes appended, the world's continuous frame;
+    # the flags set them, on the training split only; --det-frame hico1 converts the
+    # detection files into the world's frame when read (x1 - 1, y1 - 1)
+    assert sp.views == Views() and not sp.append_gt and sp.frame == "continuous"
+    flags = ["--flip", "--crop-scales", "0.5", "0.8", "--append-gt", "--det-frame", "hico1"]
+    sp2, te2, _ = train_teacher.build_splits(train_teacher.teacher_parser().parse_args(base + flags))
+    assert sp2.views == Views(True, (0.5, 0.8)) and sp2.append_gt and sp2.views.count == 6
+    assert te2.views == Views() and not te2.append_gt
+    f0 = next(f for f in sp.filenames if len(sp.dets_file[f]["boxes"]))
+    b1, b2 = sp.dets_file[f0]["boxes"], sp2.dets_file[f0]["boxes"]
+    torch.testing.assert_close(b2, torch.cat([b1[:, :2] - 1, b1[:, 2:]], 1))
+    # a teacher trained on crop views of the real model (sizes of the crops, boxes in them)
+    mv = train_teacher.main(base + ["--name", "tv", "--flip", "--crop-scales", "0.6"])
+    assert 0 <= mv["full"] <= 100
+    assert load_checkpoint(tmp_path / "runs" / "tv" / "last.pt")["loop"]["crop_scales"] == [0.6]
     f = torch.randn(2, 64, 8, 8)
     dets = [sp.item(i, 0, True)[0] for i in range(2)]
     sizes = [sp.target(i)["size"] for i in range(2)]
