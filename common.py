@@ -9,6 +9,13 @@ gets the permissions a plain ``open(path, "w")`` would give (0o666 minus the uma
 that fails (a full disk, a quota, a read-only folder) raises :class:`WriteError`, one line naming
 the file.
 
+Reading JSON (:func:`read_json`): one reader for every input file, with a one-line error that
+names the file and the field (as a JSON path, e.g. ``annotation[3].hoi[0]``) for a missing,
+empty, unreadable, gzip-compressed or malformed file, a duplicate key in an object, a boolean
+(JSON ``true`` / ``false``: no input format of this project has boolean fields, and numpy would
+read them as 1 / 0), an integer too large for float64, and nesting deeper than
+:data:`MAX_JSON_DEPTH`.
+
 Outputs are never inputs (:func:`refuse_outputs_over_inputs`): every tool that writes checks its
 output paths against its input paths (same file, also through symbolic or hard links) first.
 
@@ -222,11 +229,158 @@ def refuse_outputs_over_inputs(outputs: Iterable, inputs: Iterable,
 # ----------------------------------------------------------------------------------------------
 # Reading JSON
 # ----------------------------------------------------------------------------------------------
+#: JSON nesting deeper than this is refused (the deepest input format nests 5 levels)
+MAX_JSON_DEPTH = 64
+
+
+class _DupDict(dict):
+    """An object that had a duplicate key (stdlib parser's object_pairs_hook marks it)."""
+    dup: str = ""
+
+
+def _pairs_hook(pairs: list) -> dict:
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        seen = set()
+        d = _DupDict(d)
+        d.dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+    return d
+
+
+def _json_path(path: tuple) -> str:
+    """('annotation', 3, 'hoi', 0) -> annotation[3].hoi[0]; deep paths keep their ends."""
+    if len(path) > 12:
+        return f"{_json_path(path[:4])}...{_json_path(path[-4:])} (depth {len(path)})"
+    out = ""
+    for k in path:
+        if isinstance(k, int):
+            out += f"[{k}]"
+        elif k.isidentifier():
+            out += f".{k}" if out else k
+        else:
+            out += f"[{json.dumps(k)}]"
+    return out or "(top level)"
+
+
+def _audit_json(obj, allow_bool: bool) -> Optional[tuple]:
+    """First problem in document order: (json path, message), or None. Iterative (no recursion
+    limit); values are checked, keys are strings by construction."""
+    stack = [(obj, (), 0)]
+    while stack:
+        x, path, depth = stack.pop()
+        t = type(x)
+        if t is dict or t is _DupDict:
+            if t is _DupDict:
+                return path, f"duplicate key {json.dumps(x.dup)} in one object"
+            if depth >= MAX_JSON_DEPTH:
+                return path, f"nested deeper than {MAX_JSON_DEPTH} levels"
+            stack.extend((v, path + (k,), depth + 1) for k, v in reversed(list(x.items())))
+        elif t is list:
+            if depth >= MAX_JSON_DEPTH:
+                return path, f"nested deeper than {MAX_JSON_DEPTH} levels"
+            stack.extend((v, path + (i,), depth + 1) for i, v in reversed(list(enumerate(x))))
+        elif t is bool:
+            if not allow_bool:
+                return path, f"{str(x).lower()} is a boolean; booleans are not numbers (use 0 / 1)"
+        elif t is int:
+            if abs(x) >= 2 ** 1024:       # no float64 holds it
+                return path, f"integer of {len(str(abs(x)))} digits is too large for a float64"
+    return None
+
+
+def _parse_stdlib(raw: bytes):
+    """json.loads marking objects with duplicate keys; RecursionError becomes ValueError."""
+    try:
+        return json.loads(raw, object_pairs_hook=_pairs_hook)
+    except RecursionError:
+        raise ValueError(f"is nested too deeply (more than {MAX_JSON_DEPTH} levels are refused)") from None
+
+
+_NOT_STRUCTURE = bytes(b for b in range(256) if b not in b'"[]{}:')
+
+
+def _structure(raw: bytes) -> Optional[tuple]:
+    """(deepest bracket nesting, number of object members) of valid JSON text, counted on its
+    quotes, brackets and colons only (bytes.translate, then numpy on that short string):
+    brackets and colons inside strings are skipped by quote parity. None when the text has
+    escaped quotes, which quote parity cannot follow."""
+    import numpy as np
+    if b'\\"' in raw:
+        return None
+    c = np.frombuffer(raw.translate(None, _NOT_STRUCTURE), dtype=np.uint8)
+    outside = (np.cumsum(c == 34) & 1) == 0
+    step = ((c == 91) | (c == 123)).astype(np.int64) - ((c == 93) | (c == 125))
+    depth = np.cumsum(np.where(outside, step, 0))
+    return int(depth.max()) if len(depth) else 0, int(np.count_nonzero((c == 58) & outside))
+
+
+def _scalar_row(x: list) -> bool:
+    return bool(x) and type(x[0]) is not dict and type(x[0]) is not list
+
+
+def _count_keys(obj) -> int:
+    """Members of the parsed objects. A list is entered only when its first item is a container
+    that is not itself a row of scalars (no input format mixes numbers and containers in a
+    list, so a list of rows such as a prediction file's is skipped whole); an object missed
+    that way makes the count fall short, which sends the document to the exact parser: slower,
+    never wrong."""
+    n, stack = 0, [obj] if type(obj) is dict or (type(obj) is list and obj) else []
+    while stack:
+        x = stack.pop()
+        if type(x) is dict:
+            n += len(x)
+            stack.extend(v for v in x.values() if type(v) is dict or (type(v) is list and v))
+        elif type(x[0]) is dict or (type(x[0]) is list and not _scalar_row(x[0])):
+            stack.extend(v for v in x if type(v) is dict or (type(v) is list and v))
+    return n
+
+
+def parse_json_bytes(raw: bytes, allow_bool: bool = False):
+    """Parse JSON text -> object; ValueError (a one-line reason, with the JSON path) for invalid
+    JSON and for what :func:`read_json` refuses (see the module docstring).
+
+    Fast path: orjson, then checks that cost a pass over the bytes and a walk over the objects
+    (not the numbers); a boolean-looking word sends the object to the exact walk. A document
+    orjson rejects (NaN literals, huge numbers), or that may have lost a duplicate key to
+    orjson, is parsed by the standard library, which keeps track of duplicate keys."""
+    if orjson is not None:
+        try:
+            obj = orjson.loads(raw)
+        except (orjson.JSONDecodeError, RecursionError):
+            pass
+        else:
+            st = _structure(raw)
+            # orjson keeps the last of duplicate keys silently: a document whose members are
+            # all in the parsed objects has none
+            if st is not None and st[0] < MAX_JSON_DEPTH and st[1] == _count_keys(obj):
+                if b"true" not in raw and b"false" not in raw:
+                    return obj
+                bad = _audit_json(obj, allow_bool)
+                if bad is None:
+                    return obj
+                raise ValueError(f"field '{_json_path(bad[0])}': {bad[1]}")
+    try:
+        obj = _parse_stdlib(raw)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"is not UTF-8 text ({e.reason})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except ValueError as e:               # e.g. an integer of more than 4300 digits
+        msg = str(e) if str(e).startswith("is ") else str(e).split(";")[0].split(":")[0]
+        raise ValueError(msg if msg.startswith("is ") else f"is not valid JSON ({msg})") from None
+    bad = _audit_json(obj, allow_bool)
+    if bad is not None:
+        raise ValueError(f"field '{_json_path(bad[0])}': {bad[1]}")
+    return obj
+
+
 def read_json(path, what: str = "file", error: type[Exception] = ValueError,
-              missing: type[Exception] = FileNotFoundError) -> Any:
+              missing: type[Exception] = FileNotFoundError, allow_bool: bool = False) -> Any:
     """Parse the JSON file ``path``. Every problem raises a one-line ``error`` (``missing`` when
     the file does not exist) whose message starts with the path and says ``what`` the file is,
-    e.g. ``error=DataError, what="annotation file"``."""
+    e.g. ``error=DataError, what="annotation file"``; see the module docstring for what is
+    refused besides invalid JSON (duplicate keys, booleans unless ``allow_bool``, integers too
+    large for float64, nesting deeper than MAX_JSON_DEPTH)."""
     path = str(path)
     try:
         with open(path, "rb") as f:
@@ -239,16 +393,113 @@ def read_json(path, what: str = "file", error: type[Exception] = ValueError,
         raise error(f"{path}: cannot read {what} ({e.strerror})") from None
     if not raw.strip():
         raise error(f"{path}: {what} is empty")
-    if orjson is not None:
-        with contextlib.suppress(orjson.JSONDecodeError):   # e.g. NaN literals: stdlib json below
-            return orjson.loads(raw)
+    if raw[:2] == b"\x1f\x8b":
+        raise error(f"{path}: {what} is gzip-compressed; decompress it first (gunzip)")
     try:
-        return json.loads(raw)
-    except UnicodeDecodeError as e:
-        raise error(f"{path}: {what} is not UTF-8 text ({e.reason})") from None
-    except json.JSONDecodeError as e:
-        raise error(f"{path}: {what} is not valid JSON ({e.msg} at line {e.lineno} "
-                    f"column {e.colno})") from None
+        return parse_json_bytes(raw, allow_bool)
+    except ValueError as e:
+        raise error(f"{path}: {what} {e}" if str(e).startswith("is ") else f"{path}: {what}: {e}") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Values of input files: the checks every reader shares (ValueError with a one-line reason; the
+# caller adds the file, the image and the field)
+# ----------------------------------------------------------------------------------------------
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def is_number(v) -> bool:
+    """int or float, never a bool (JSON true is not 1)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def as_index(v, n: Optional[int] = None, lo: int = 0) -> int:
+    """An index: an integer (or a float with an integral value) in [lo, n). Never a bool, a
+    fraction, NaN, or out of range: a negative index never wraps around to another entry."""
+    if not is_number(v) or not math.isfinite(v) or v != int(v):
+        raise ValueError(f"{v!r} is not an integer index")
+    i = int(v)
+    if i < lo or (n is not None and i >= n):
+        raise ValueError(f"index {i} out of range [{lo}, {'' if n is None else n})")
+    return i
+
+
+def as_index_list(v, n: Optional[int] = None, lo: int = 0, unique: bool = False) -> list:
+    """A list of indices (as_index each); ``unique``: no index twice."""
+    if not isinstance(v, list):
+        raise ValueError(f"expected a list of integer indices, got {type(v).__name__}")
+    out = []
+    for r, x in enumerate(v):
+        try:
+            out.append(as_index(x, n, lo))
+        except ValueError as e:
+            raise ValueError(f"entry {r}: {e}") from None
+    if unique and len(set(out)) != len(out):
+        dup = next(x for i, x in enumerate(out) if x in out[:i])
+        raise ValueError(f"index {dup} listed twice")
+    return out
+
+
+def as_box(v) -> list:
+    """[x1, y1, x2, y2]: 4 finite numbers within float32's range, x2 >= x1 and y2 >= y1."""
+    if not (isinstance(v, (list, tuple)) and len(v) == 4 and all(is_number(x) for x in v)):
+        raise ValueError(f"expected a box [x1, y1, x2, y2] of 4 numbers, got {v!r}")
+    if not all(math.isfinite(x) and abs(x) <= FLOAT32_MAX for x in v):
+        raise ValueError(f"box {list(v)} has a non-finite value or one beyond float32's range")
+    if v[2] < v[0] or v[3] < v[1]:
+        raise ValueError(f"box {list(v)} has x2 < x1 or y2 < y1")
+    return [float(x) for x in v]
+
+
+def first_duplicate(items) -> Optional[Any]:
+    """The first item seen twice in ``items`` (None when all differ)."""
+    seen = set()
+    for x in items:
+        if x in seen:
+            return x
+        seen.add(x)
+    return None
+
+
+def swig_meta_tables(meta) -> tuple[list, list, list]:
+    """SWiG-HOI's swig_v1_meta.json, validated -> (category names, action names, interactions
+    [{id, action_id, object_id, frequency, evaluation}] with int fields). Ids index their table
+    (no gaps, no duplicates), every (action_id, object_id) pair once, frequency in {0, 1, 2},
+    evaluation in {0, 1}. ValueError names the field."""
+    if not isinstance(meta, dict):
+        raise ValueError("expected an object with SWIG_CATEGORIES, SWIG_ACTIONS, SWIG_INTERACTIONS")
+    tables = []
+    for key in ("SWIG_CATEGORIES", "SWIG_ACTIONS"):
+        t = meta.get(key)
+        if not isinstance(t, list) or not t:
+            raise ValueError(f"field '{key}': expected a non-empty list of {{id, name}}")
+        names = []
+        for r, x in enumerate(t):
+            if not (isinstance(x, dict) and isinstance(x.get("name"), str)) or \
+                    (x.get("id") is not None and x.get("id") != r):
+                raise ValueError(f"field '{key}[{r}]': expected {{id: {r}, name: string}}")
+            names.append(x["name"])
+        tables.append(names)
+    inter = meta.get("SWIG_INTERACTIONS")
+    if not isinstance(inter, list) or not inter:
+        raise ValueError("field 'SWIG_INTERACTIONS': expected a non-empty list")
+    out, keys = [], set()
+    for r, x in enumerate(inter):
+        try:
+            if not isinstance(x, dict):
+                raise ValueError("expected an object")
+            e = {"id": as_index(x.get("id"), len(inter)),
+                 "action_id": as_index(x.get("action_id"), len(tables[1])),
+                 "object_id": as_index(x.get("object_id"), len(tables[0])),
+                 "frequency": as_index(x.get("frequency"), 3), "evaluation": as_index(x.get("evaluation", 0), 2)}
+        except ValueError as err:
+            raise ValueError(f"field 'SWIG_INTERACTIONS[{r}]': {err}") from None
+        if e["id"] != r or (e["action_id"], e["object_id"]) in keys:
+            raise ValueError(f"field 'SWIG_INTERACTIONS[{r}]': id must be {r} and each (action_id, "
+                             f"object_id) listed once")
+        keys.add((e["action_id"], e["object_id"]))
+        out.append(e)
+    return tables[0], tables[1], out
 
 
 # ----------------------------------------------------------------------------------------------

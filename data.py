@@ -31,7 +31,19 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common import BOX_FRAMES, ZERO_SHOT_SPLITS, atomic_write_text, data_root, read_json
+from common import (
+    BOX_FRAMES,
+    FLOAT32_MAX,
+    ZERO_SHOT_SPLITS,
+    as_index,
+    as_index_list,
+    atomic_write_text,
+    data_root,
+    first_duplicate,
+    is_number,
+    read_json,
+    swig_meta_tables,
+)
 from eval import _iou_continuous, _iou_inclusive  # the protocols' IoU of each box frame
 
 __all__ = [
@@ -113,9 +125,10 @@ def _boxes_array(value, file, image, field_, allow_empty=True) -> np.ndarray:
         raise _err(file, image, field_, "boxes must be lists of 4 numbers") from None
     if arr.ndim != 2 or arr.shape[1] != 4:
         raise _err(file, image, field_, f"boxes must have shape [N, 4], got {list(arr.shape)}")
-    if not np.isfinite(arr).all():
-        r = int(np.nonzero(~np.isfinite(arr).all(1))[0][0])
-        raise _err(file, image, f"{field_}[{r}]", f"non-finite box {arr[r].tolist()}")
+    ok = np.isfinite(arr) & (np.abs(arr) <= FLOAT32_MAX)    # stored as float32 downstream
+    if not ok.all():
+        r = int(np.nonzero(~ok.all(1))[0][0])
+        raise _err(file, image, f"{field_}[{r}]", f"non-finite box or beyond float32's range {arr[r].tolist()}")
     bad = (arr[:, 2] < arr[:, 0]) | (arr[:, 3] < arr[:, 1])
     if bad.any():
         r = int(np.nonzero(bad)[0][0])
@@ -419,9 +432,12 @@ def _hico_correspondence(corr_raw: list, O: int, V: int, fname) -> list:
     for r, c in enumerate(corr_raw):
         if not (isinstance(c, (list, tuple)) and len(c) == 3):
             raise _err(fname, "-", f"correspondence[{r}]", "expected [hoi, object, verb]")
-        h, o, v = (int(x) for x in c)
-        if not (0 <= h < K and 0 <= o < O and 0 <= v < V) or corr[h] is not None:
-            raise _err(fname, "-", f"correspondence[{r}]", f"bad entry {c} (K={K}, O={O}, V={V})")
+        try:
+            h, o, v = as_index(c[0], K), as_index(c[1], O), as_index(c[2], V)
+        except ValueError as e:
+            raise _err(fname, "-", f"correspondence[{r}]", f"bad entry {c} (K={K}, O={O}, V={V}): {e}") from None
+        if corr[h] is not None:
+            raise _err(fname, "-", f"correspondence[{r}]", f"class {h} listed twice")
         corr[h] = (h, o, v)
     return corr
 
@@ -486,12 +502,33 @@ def _zero_shot_rows(a: dict, unseen: np.ndarray, rule: str, frame: str) -> np.nd
     return u | same.reshape(len(u), -1).any(1)
 
 
+def _names(v: list, fname, field_: str) -> list:
+    """A list of names (filenames, objects, verbs, classes): strings, each once."""
+    bad = next((r for r, x in enumerate(v) if not isinstance(x, str)), None)
+    if bad is not None:
+        raise _err(fname, "-", f"{field_}[{bad}]", f"expected a string, got {v[bad]!r}")
+    dup = first_duplicate(v)
+    if dup is not None:
+        raise _err(fname, "-", field_, f"{dup!r} listed twice")
+    return list(v)
+
+
+def _class_list(d: dict, key: str, K: int, fname) -> list:
+    """The optional list of class indices d[key] (rare, non_rare), each in [0, K) once."""
+    try:
+        return as_index_list(d.get(key) or [], K, unique=True)
+    except ValueError as e:
+        raise _err(fname, "-", key, str(e)) from None
+
+
 def _image_size(s, fname, img) -> tuple:
-    """A ``size`` entry [w, h] (positive numbers) -> (int w, int h)."""
-    if not (isinstance(s, (list, tuple)) and len(s) == 2 and all(
-            isinstance(x, (int, float)) and x > 0 for x in s)):
-        raise _err(fname, img, "size", f"expected [w, h], got {s!r}")
-    return (int(s[0]), int(s[1]))
+    """A ``size`` entry [w, h] (positive integers) -> (int w, int h)."""
+    try:
+        if not (isinstance(s, (list, tuple)) and len(s) == 2):
+            raise ValueError("expected 2 values")
+        return (as_index(s[0], lo=1), as_index(s[1], lo=1))
+    except ValueError:
+        raise _err(fname, img, "size", f"expected [w, h] (positive integers), got {s!r}") from None
 
 
 class HICODet(_HOIDataset):
@@ -530,9 +567,9 @@ class HICODet(_HOIDataset):
                             f"{type(d).__name__}")
         self.raw = d
         anns = _require(d, "annotation", fname)
-        files = _require(d, "filenames", fname)
-        objects = [str(x) for x in _require(d, "objects", fname)]
-        verbs = [str(x) for x in _require(d, "verbs", fname)]
+        files = _names(_require(d, "filenames", fname), fname, "filenames")
+        objects = _names(_require(d, "objects", fname), fname, "objects")
+        verbs = _names(_require(d, "verbs", fname), fname, "verbs")
         corr_raw = _require(d, "correspondence", fname)
         if len(files) != len(anns):
             raise _err(fname, "-", "filenames", f"{len(files)} file names for {len(anns)} annotations")
@@ -541,16 +578,16 @@ class HICODet(_HOIDataset):
         corr_o = np.array([c[1] for c in corr], dtype=np.int64)
         corr_v = np.array([c[2] for c in corr], dtype=np.int64)
         sizes = d.get("size")
-        if sizes is not None and len(sizes) != len(anns):
-            raise _err(fname, "-", "size", f"{len(sizes)} sizes for {len(anns)} images")
+        if sizes is not None and (not isinstance(sizes, list) or len(sizes) != len(anns)):
+            raise _err(fname, "-", "size", f"expected a list of {len(anns)} [w, h], one per image")
         for j, a in enumerate(anns):
             self._ann.append(_hico_entry(a, fname, files[j], (K, O, V), corr_o, corr_v))
             self._sizes.append(None if sizes is None else _image_size(sizes[j], fname, files[j]))
         self._files = [str(f) for f in files]
 
-        rare = [int(k) for k in d.get("rare", [])]
-        if any(k < 0 or k >= K for k in rare):
-            raise _err(fname, "-", "rare", f"index out of range [0, {K})")
+        rare = _class_list(d, "rare", K, fname)
+        if set(rare) & set(_class_list(d, "non_rare", K, fname)):
+            raise _err(fname, "-", "non_rare", "a class is both rare and non-rare")
         prompts = _prompts_field(d, K, fname)
         if prompts is None:
             prompts = _hico_prompts(objects, verbs, corr)
@@ -687,16 +724,19 @@ class VCOCO(_HOIDataset):
             raise DataError(f"{fname}: expected a JSON object with key 'annotations'")
         self.raw = d
         anns = _require(d, "annotations", fname)
-        classes = [str(c) for c in _require(d, "classes", fname)]
-        objects81 = [str(o) for o in _require(d, "objects", fname)]
+        classes = _names(_require(d, "classes", fname), fname, "classes")
+        objects81 = _names(_require(d, "objects", fname), fname, "objects")
         K, O81 = len(classes), len(objects81)
         ids = d.get("images")
-        if ids is not None and len(ids) != len(anns):
-            raise _err(fname, "-", "images", f"{len(ids)} image ids for {len(anns)} annotations")
-        self.image_ids = [int(x) for x in ids] if ids is not None else None
+        if ids is not None and (not isinstance(ids, list) or len(ids) != len(anns)):
+            raise _err(fname, "-", "images", f"expected a list of {len(anns)} image ids, one per annotation")
+        try:
+            self.image_ids = as_index_list(ids, unique=True) if ids is not None else None
+        except ValueError as e:
+            raise _err(fname, "-", "images", str(e)) from None
         for j, a in enumerate(anns):
-            if not isinstance(a, dict) or "file_name" not in a:
-                raise _err(fname, j, "file_name", "missing key")
+            if not isinstance(a, dict) or not isinstance(a.get("file_name"), str):
+                raise _err(fname, j, "file_name", "missing key or not a string")
             img = a["file_name"]
             for key in ("boxes_h", "boxes_o", "actions", "objects"):
                 if key not in a:
@@ -710,12 +750,9 @@ class VCOCO(_HOIDataset):
             self._files.append(str(img))
             self._sizes.append(None)
         self.indices = list(range(len(anns)))
+        _names(self._files, fname, "annotations[].file_name")
         objects = objects81[1:]
-        a2o = d.get("action_to_object")
-        if a2o is not None and len(a2o) == K:
-            hoi_object = [sorted({int(o) - 1 for o in lst if 0 < int(o) < O81}) for lst in a2o]
-        else:
-            hoi_object = [list(range(len(objects))) for _ in range(K)]
+        hoi_object = self._action_objects(d.get("action_to_object"), K, O81, fname)
         prompts = _prompts_field(d, K, fname)
         if prompts is None:
             prompts = [VCOCO_PROMPTS.get(c, "a photo of a person " + c.split(" ")[0].replace("_", " "))
@@ -724,6 +761,24 @@ class VCOCO(_HOIDataset):
             name="vcoco", prompts=prompts, object_names=objects, hoi_object=hoi_object,
             hoi_verb=list(range(K)), verb_names=classes,
             person_label=objects.index("person") if "person" in objects else 0)
+
+
+    @staticmethod
+    def _action_objects(a2o, K: int, O81: int, fname) -> list:
+        """The optional ``action_to_object`` (per action-role class, object indices in the
+        file's 81-object space; 0 = background is dropped) -> COCO-80 labels per class; absent:
+        every object for every class."""
+        if a2o is None:
+            return [list(range(O81 - 1)) for _ in range(K)]
+        if not isinstance(a2o, list) or len(a2o) != K:
+            raise _err(fname, "-", "action_to_object", f"expected one list of object indices per class ({K})")
+        out = []
+        for k, lst in enumerate(a2o):
+            try:
+                out.append(sorted({o - 1 for o in as_index_list(lst, O81) if o > 0}))
+            except ValueError as e:
+                raise _err(fname, "-", f"action_to_object[{k}]", str(e)) from None
+        return out
 
 
 class SWiGHOI(_HOIDataset):
@@ -751,63 +806,25 @@ class SWiGHOI(_HOIDataset):
         if not isinstance(d, list):
             raise DataError(f"{fname}: expected a JSON list of images, got {type(d).__name__}")
         meta_file = Path(meta_file) if meta_file else data_root() / "swig_hoi" / "derived" / "swig_v1_meta.json"
-        meta = read_json(meta_file, "SWiG-HOI meta file", DataError)
-        cats, acts, inters = (meta["SWIG_CATEGORIES"], meta["SWIG_ACTIONS"], meta["SWIG_INTERACTIONS"])
-        O, V = len(cats), len(acts)
-        mapper = {(int(x["action_id"]), int(x["object_id"])): int(x["id"]) for x in inters}
+        try:
+            obj_names, act_names, inters = swig_meta_tables(read_json(meta_file, "SWiG-HOI meta file", DataError))
+        except ValueError as e:
+            if isinstance(e, DataError):
+                raise
+            raise DataError(f"{meta_file}: SWiG-HOI meta file: {e}") from None
+        mapper = {(x["action_id"], x["object_id"]): x["id"] for x in inters}
         self.skipped = {"no_object": 0, "unknown_interaction": 0}
         for j, a in enumerate(d):
-            if not isinstance(a, dict) or "file_name" not in a:
-                raise _err(fname, j, "file_name", "missing key")
-            img = a["file_name"]
-            boxes_raw = _require(a, "box_annotations", fname, img)
-            hois = _require(a, "hoi_annotations", fname, img)
-            for r, b in enumerate(boxes_raw):
-                if not isinstance(b, dict) or "bbox" not in b or "category_id" not in b:
-                    raise _err(fname, img, f"box_annotations[{r}]", "needs 'bbox' and 'category_id'")
-            boxes = _boxes_array([b["bbox"] for b in boxes_raw], fname, img, "box_annotations.bbox")
-            cat = _int_array([b["category_id"] for b in boxes_raw], len(boxes_raw), 0, O, fname, img,
-                             "box_annotations.category_id")
-            rows_h, rows_o, rows_k, rows_v, rows_c = [], [], [], [], []
-            for r, h in enumerate(hois):
-                if not isinstance(h, dict) or not all(k in h for k in ("subject_id", "object_id", "action_id")):
-                    raise _err(fname, img, f"hoi_annotations[{r}]",
-                               "needs subject_id, object_id, action_id")
-                s, o, act = int(h["subject_id"]), int(h["object_id"]), int(h["action_id"])
-                if not 0 <= s < len(boxes):
-                    raise _err(fname, img, f"hoi_annotations[{r}].subject_id",
-                               f"index {s} out of range [0, {len(boxes)})")
-                if o == -1:
-                    self.skipped["no_object"] += 1
-                    continue
-                if not 0 <= o < len(boxes):
-                    raise _err(fname, img, f"hoi_annotations[{r}].object_id",
-                               f"index {o} out of range [0, {len(boxes)})")
-                if not 0 <= act < V:
-                    raise _err(fname, img, f"hoi_annotations[{r}].action_id",
-                               f"index {act} out of range [0, {V})")
-                k = mapper.get((act, int(cat[o])))
-                if k is None:
-                    self.skipped["unknown_interaction"] += 1
-                    continue
-                rows_h.append(s)
-                rows_o.append(o)
-                rows_k.append(k)
-                rows_v.append(act)
-                rows_c.append(int(cat[o]))
-            self._ann.append({
-                "boxes_h": boxes[rows_h].reshape(-1, 4), "boxes_o": boxes[rows_o].reshape(-1, 4),
-                "object": np.array(rows_c, dtype=np.int64), "hoi": np.array(rows_k, dtype=np.int64),
-                "verb": np.array(rows_v, dtype=np.int64)})
-            self._files.append(str(img))
-            w, h = a.get("width"), a.get("height")
-            self._sizes.append((int(w), int(h)) if w and h else None)
+            if not isinstance(a, dict) or not isinstance(a.get("file_name"), str):
+                raise _err(fname, j, "file_name", "missing key or not a string")
+            self._ann.append(self._entry(a, mapper, len(obj_names), len(act_names)))
+            self._files.append(a["file_name"])
+            self._sizes.append(self._size(a))
+        _names(self._files, fname, "file_name")
         self.indices = list(range(len(d)))
         if self.skipped["unknown_interaction"]:
             warnings.warn(f"{fname}: skipped {self.skipped['unknown_interaction']} pairs whose "
                           f"(action, object) is not in SWIG_INTERACTIONS")
-        obj_names = [c["name"] for c in cats]
-        act_names = [x["name"] for x in acts]
         prompts = []
         for x in inters:
             ob = obj_names[x["object_id"]].replace("_", " ")
@@ -815,11 +832,57 @@ class SWiGHOI(_HOIDataset):
                            f"{_article(ob)} {ob}")
         self._class_space = ClassSpace(
             name="swig", prompts=prompts, object_names=obj_names,
-            hoi_object=[[int(x["object_id"])] for x in inters],
-            hoi_verb=[int(x["action_id"]) for x in inters], verb_names=act_names,
+            hoi_object=[[x["object_id"]] for x in inters],
+            hoi_verb=[x["action_id"] for x in inters], verb_names=act_names,
             person_label=obj_names.index("person") if "person" in obj_names else 0,
-            rare=[int(x["id"]) for x in inters if int(x["frequency"]) == 1],
-            unseen=[int(x["id"]) for x in inters if int(x["frequency"]) == 0])
+            rare=[x["id"] for x in inters if x["frequency"] == 1],
+            unseen=[x["id"] for x in inters if x["frequency"] == 0])
+
+    def _entry(self, a: dict, mapper: dict, O: int, V: int) -> dict:
+        """One image's entry -> {boxes_h, boxes_o [P, 4], object, hoi, verb Long[P]}. Box indices
+        must point into box_annotations (a negative one never wraps around); object_id -1 (no
+        object) and (action, object) pairs SWiG-HOI does not list are skipped and counted."""
+        fname, img = self.anno_file, a["file_name"]
+        boxes_raw = _require(a, "box_annotations", fname, img)
+        hois = _require(a, "hoi_annotations", fname, img)
+        for r, b in enumerate(boxes_raw):
+            if not isinstance(b, dict) or "bbox" not in b or "category_id" not in b:
+                raise _err(fname, img, f"box_annotations[{r}]", "needs 'bbox' and 'category_id'")
+        boxes = _boxes_array([b["bbox"] for b in boxes_raw], fname, img, "box_annotations.bbox")
+        cat = _int_array([b["category_id"] for b in boxes_raw], len(boxes_raw), 0, O, fname, img,
+                         "box_annotations.category_id")
+        rows = []                                  # (subject, object, class, action, category)
+        for r, h in enumerate(hois):
+            if not isinstance(h, dict) or not all(k in h for k in ("subject_id", "object_id", "action_id")):
+                raise _err(fname, img, f"hoi_annotations[{r}]", "needs subject_id, object_id, action_id")
+            try:
+                key = "subject_id"
+                s_ = as_index(h["subject_id"], len(boxes))
+                key = "object_id"
+                no_object = is_number(h["object_id"]) and h["object_id"] == -1
+                o = -1 if no_object else as_index(h["object_id"], len(boxes))
+                key = "action_id"
+                act = as_index(h["action_id"], V)
+            except ValueError as e:
+                raise _err(fname, img, f"hoi_annotations[{r}].{key}", str(e)) from None
+            if o == -1:
+                self.skipped["no_object"] += 1
+                continue
+            k = mapper.get((act, int(cat[o])))
+            if k is None:
+                self.skipped["unknown_interaction"] += 1
+                continue
+            rows.append((s_, o, k, act, int(cat[o])))
+        sh, so, k, v, c = (list(x) for x in zip(*rows)) if rows else ([], [], [], [], [])
+        return {"boxes_h": boxes[sh].reshape(-1, 4), "boxes_o": boxes[so].reshape(-1, 4),
+                "object": np.array(c, dtype=np.int64), "hoi": np.array(k, dtype=np.int64),
+                "verb": np.array(v, dtype=np.int64)}
+
+    def _size(self, a: dict):
+        """(width, height) from the entry's optional width / height (positive integers)."""
+        if a.get("width") is None and a.get("height") is None:
+            return None
+        return _image_size([a.get("width"), a.get("height")], self.anno_file, a["file_name"])
 
 
 def collate(batch):
@@ -920,8 +983,8 @@ def _image_detections(e, path, img, num_labels) -> dict:
         scores = np.asarray(e["scores"], dtype=np.float64).reshape(-1)
     except (TypeError, ValueError):
         raise _err(path, img, "scores", "expected numbers") from None
-    if not np.isfinite(scores).all():
-        raise _err(path, img, "scores", "non-finite score")
+    if not (np.isfinite(scores) & (np.abs(scores) <= FLOAT32_MAX)).all():
+        raise _err(path, img, "scores", "non-finite score or one beyond float32's range")
     labels = _int_array(e["labels"], n, 0, num_labels if num_labels else 2 ** 62, path, img, "labels")
     return _make_dets(boxes, scores, labels)
 
@@ -946,20 +1009,21 @@ def _coco_result(e, where: str, path, ids: dict, num_labels) -> tuple:
         if key not in e:
             raise _err(path, where, key, "missing key")
     iid = e["image_id"]
-    if not isinstance(iid, int) or iid not in ids:
+    if not isinstance(iid, int) or isinstance(iid, bool) or iid not in ids:
         raise _err(path, f"{where} (image_id {iid})", "image_id", "unknown image id")
     img = ids[iid]
     cid = e["category_id"]
-    if not isinstance(cid, int) or cid not in COCO91_TO_COCO80:
+    if not isinstance(cid, int) or isinstance(cid, bool) or cid not in COCO91_TO_COCO80:
         raise _err(path, f"{img} ({where})", "category_id", f"{cid!r} is not a COCO category id")
     b = e["bbox"]
-    if not (isinstance(b, list) and len(b) == 4 and all(isinstance(x, (int, float)) for x in b)):
+    if not (isinstance(b, list) and len(b) == 4 and all(is_number(x) for x in b)):
         raise _err(path, f"{img} ({where})", "bbox", "expected [x, y, w, h]")
     x, y, w, h = (float(v) for v in b)
-    if not all(math.isfinite(v) for v in (x, y, w, h)) or w < 0 or h < 0:
-        raise _err(path, f"{img} ({where})", "bbox", f"bad box {b}")
+    if not all(math.isfinite(v) for v in (x, y, w, h)) or w < 0 or h < 0 or \
+            not all(abs(v) <= FLOAT32_MAX for v in (x, y, x + w, y + h)):
+        raise _err(path, f"{img} ({where})", "bbox", f"bad box {b} (non-finite, negative size or beyond float32)")
     s = e["score"]
-    if not isinstance(s, (int, float)) or not math.isfinite(s):
+    if not is_number(s) or not math.isfinite(s) or abs(s) > FLOAT32_MAX:
         raise _err(path, f"{img} ({where})", "score", f"bad score {s!r}")
     lab = COCO91_TO_COCO80[cid]
     if num_labels is not None and lab >= num_labels:

@@ -133,12 +133,18 @@ import numpy as np
 
 from common import (
     ZERO_SHOT_SPLITS,
+    HeldNotes,
     OneLineParser,
+    as_box,
+    as_index,
+    as_index_list,
     atomic_write_json,
     data_root,
+    first_duplicate,
     print_error,
     read_json,
     refuse_outputs_over_inputs,
+    swig_meta_tables,
 )
 
 #: t of the official MATLAB loop ``for t = 0:0.1:1`` (== np.arange(0, 1.1, 0.1), float64[11])
@@ -515,13 +521,16 @@ def parse_hico_anno(anno: dict, name: str = "<anno>") -> HicoGT:
         index[f] = i
     gt_class, gt_image, gt_boxes = _hico_pairs(annos, fns, K, name)
     rare, non_rare = _class_list(anno, "rare", K, name), _class_list(anno, "non_rare", K, name)
+    if rare and non_rare and set(rare) & set(non_rare):
+        raise _anno_err(name, f"class {min(set(rare) & set(non_rare))} is in both 'rare' and 'non_rare'")
+    empty = _class_list(anno, "empty", len(fns), name, "image indices") or []
     zs = anno.get("zero_shot")
     if zs is not None and not isinstance(zs, dict):
         raise _anno_err(name, "field 'zero_shot' must be an object {split: [hoi, ...]}")
     return HicoGT(name=name, filenames=fns, index=index, num_classes=K,
                   obj_of_class=corr[:, 1].copy(), gt_class=gt_class, gt_image=gt_image,
                   gt_boxes=gt_boxes, rare=rare, non_rare=non_rare,
-                  zero_shot=zs, num_empty=len(anno.get("empty", []) or []))
+                  zero_shot=zs, num_empty=len(empty))
 
 
 def _hico_header(anno: Any, name: str) -> tuple[list, list, np.ndarray]:
@@ -539,11 +548,18 @@ def _hico_header(anno: Any, name: str) -> tuple[list, list, np.ndarray]:
                               f"({len(fns)})")
     if not isinstance(corr, list) or not corr:
         raise _anno_err(name, "field 'correspondence' must be a non-empty list of [hoi, object, verb]")
-    try:
-        corr_a = np.asarray(corr, dtype=np.int64)
-        assert corr_a.ndim == 2 and corr_a.shape[1] >= 2
-    except Exception:  # noqa: BLE001
-        raise _anno_err(name, "field 'correspondence' must be a list of [hoi, object, verb]") from None
+    K = len(corr)
+    corr_a = np.full((K, 3), -1, dtype=np.int64)           # row k: class k's [k, object, verb]
+    for r, c in enumerate(corr):
+        try:
+            if not isinstance(c, list) or len(c) not in (2, 3):
+                raise ValueError("expected [hoi, object, verb]")
+            row = [as_index(c[0], K)] + [as_index(x) for x in c[1:]]
+        except ValueError as e:
+            raise _anno_err(name, f"field 'correspondence[{r}]': {e}") from None
+        if corr_a[row[0], 0] >= 0:
+            raise _anno_err(name, f"field 'correspondence[{r}]': class {row[0]} listed twice")
+        corr_a[row[0], :len(row)] = row
     return fns, annos, corr_a
 
 
@@ -578,14 +594,20 @@ def _hico_pairs(annos: list, fns: list, K: int, name: str) -> tuple[np.ndarray, 
     except (ValueError, TypeError):
         _diagnose_hico_pairs(annos, fns, name)
         raise _anno_err(name, "malformed 'annotation'") from None
-    bad = ~np.isfinite(gt_class) | (gt_class != np.floor(gt_class)) | (gt_class < 0) | (gt_class >= K)
-    bad |= ~np.isfinite(bh).all(1) | ~np.isfinite(bo).all(1)
-    if bad.any():
-        j = int(np.argmax(bad))
-        i = int(gt_image[j])
-        r = j - int(np.searchsorted(gt_image, i))
-        raise _anno_err(name, f"image '{fns[i]}' pair {r}: field 'hoi' out of range [0, {K}) or "
-                              f"non-finite box")
+    checks = [
+        (~np.isfinite(gt_class) | (gt_class != np.floor(gt_class)) | (gt_class < 0) | (gt_class >= K),
+         f"field 'hoi' out of range [0, {K}) or not an integer"),
+        (~np.isfinite(bh).all(1), "field 'boxes_h' has a NaN/inf coordinate"),
+        (~np.isfinite(bo).all(1), "field 'boxes_o' has a NaN/inf coordinate"),
+        ((bh[:, 2] < bh[:, 0]) | (bh[:, 3] < bh[:, 1]), "field 'boxes_h': x2 < x1 or y2 < y1"),
+        ((bo[:, 2] < bo[:, 0]) | (bo[:, 3] < bo[:, 1]), "field 'boxes_o': x2 < x1 or y2 < y1"),
+    ]
+    for bad, msg in checks:          # the annotation is checked like the predictions
+        if bad.any():
+            j = int(np.argmax(bad))
+            i = int(gt_image[j])
+            r = j - int(np.searchsorted(gt_image, i))
+            raise _anno_err(name, f"image '{fns[i]}' pair {r}: {msg}")
     return gt_class.astype(np.int64), gt_image, np.concatenate([bh, bo], axis=1)
 
 
@@ -602,14 +624,15 @@ def _diagnose_hico_pairs(annos: list, fns: list, name: str) -> None:
                 raise _anno_err(name, f"image '{fns[i]}' pair {r}: field 'hoi' must be an integer")
 
 
-def _class_list(anno: dict, key: str, K: int, name: str) -> list | None:
-    """The optional list of class indices anno[key] (rare, non_rare), validated; None when absent."""
+def _class_list(anno: dict, key: str, K: int, name: str, what: str = "class indices") -> list | None:
+    """The optional list of indices anno[key] (rare, non_rare: classes; empty: images), each in
+    [0, K) once; None when absent."""
     if key not in anno or anno[key] is None:
         return None
-    v = anno[key]
-    if not isinstance(v, list) or not all(_isnum(x) and 0 <= x < K and x == int(x) for x in v):
-        raise _anno_err(name, f"field '{key}' must be a list of class indices in [0, {K})")
-    return [int(x) for x in v]
+    try:
+        return as_index_list(anno[key], K, unique=True)
+    except ValueError as e:
+        raise _anno_err(name, f"field '{key}' must be a list of {what} in [0, {K}), each once ({e})") from None
 
 
 def _row_error(src, filenames, img, offsets, j, msg):
@@ -761,9 +784,10 @@ def load_predictions(path: str | os.PathLike, anno: dict | HicoGT) -> dict:
 def _zero_shot_unseen(gt: HicoGT, zero_shot) -> tuple[str, list]:
     """Resolve a zero-shot split name (or explicit index list) to (name, unseen indices)."""
     if not isinstance(zero_shot, str):
-        idx = [int(x) for x in zero_shot]
-        if any(not 0 <= x < gt.num_classes for x in idx):
-            raise EvalInputError(f"zero_shot: class index out of range [0, {gt.num_classes})")
+        try:
+            idx = as_index_list(list(zero_shot), gt.num_classes)
+        except ValueError as e:
+            raise EvalInputError(f"zero_shot: {e} (class indices in [0, {gt.num_classes}))") from None
         return "custom", sorted(set(idx))
     key = zero_shot.lower()
     canon = ZERO_SHOT_SPLITS.get(key, key)
@@ -791,10 +815,12 @@ def _zero_shot_unseen(gt: HicoGT, zero_shot) -> tuple[str, list]:
         src = str(path)
     if isinstance(idx, dict):                                # {"unseen": [...], ...} form
         idx = idx.get("unseen")
-    if not isinstance(idx, list) or not all(_isnum(x) and 0 <= x < gt.num_classes for x in idx):
+    try:
+        idx = as_index_list(idx, gt.num_classes)
+    except ValueError as e:
         raise EvalInputError(f"{src}: split '{canon}' must be a list of class indices in "
-                             f"[0, {gt.num_classes})")
-    return cli, sorted(set(int(x) for x in idx))
+                             f"[0, {gt.num_classes}) ({e})") from None
+    return cli, sorted(set(idx))
 
 
 def _image_label_matrix(gt: HicoGT, image_labels, src: str = "<image-labels>") -> np.ndarray:
@@ -1060,25 +1086,41 @@ def _vsrl_actions(vsrl: Any, vsrl_name: str) -> tuple[list, list, list]:
                 raise EvalInputError(f"{vsrl_name}: action entry {a}: missing key '{key}'")
         name = x["action_name"]
         rn = x["role_name"]
-        if not isinstance(rn, list) or not rn or rn[0] != "agent" or len(rn) > 3:
+        if not isinstance(name, str) or name in acts:
+            raise EvalInputError(f"{vsrl_name}: action entry {a}: field 'action_name' must be a string "
+                                 f"naming each action once, got {name!r}")
+        if not isinstance(rn, list) or not rn or rn[0] != "agent" or len(rn) > 3 or \
+                not all(isinstance(r, str) for r in rn) or first_duplicate(rn) is not None:
             raise EvalInputError(f"{vsrl_name}: action '{name}': field 'role_name' must be "
-                                 f"['agent', ...] with at most 2 roles")
-        try:
-            img = np.asarray(x["image_id"], dtype=np.int64).reshape(-1)
-            ann = np.asarray(x["ann_id"], dtype=np.int64).reshape(-1)
-            lab = np.asarray(x["label"], dtype=np.int64).reshape(-1)
-            roi = np.asarray(x["role_object_id"], dtype=np.int64).reshape(len(rn), -1).T
-        except (ValueError, TypeError):
-            raise EvalInputError(f"{vsrl_name}: action '{name}': fields image_id/ann_id/label/"
-                                 f"role_object_id must be integer lists (role_object_id of "
-                                 f"len(role_name) * N)") from None
-        if not (img.size == ann.size == lab.size == roi.shape[0]):
+                                 f"['agent', ...] with at most 2 other distinct roles")
+        img, ann, lab, roi = (_int_vector(x[k], f"{vsrl_name}: action '{name}': field '{k}'")
+                              for k in ("image_id", "ann_id", "label", "role_object_id"))
+        if roi.size % len(rn) or not (img.size == ann.size == lab.size == roi.size // len(rn)):
             raise EvalInputError(f"{vsrl_name}: action '{name}': image_id, ann_id, label and "
-                                 f"role_object_id have different lengths")
+                                 f"role_object_id (len(role_name) x N) have different lengths")
+        roi = roi.reshape(len(rn), -1).T
+        if not np.isin(lab, (0, 1)).all():
+            raise EvalInputError(f"{vsrl_name}: action '{name}': field 'label' must hold 0 or 1, "
+                                 f"got {int(lab[~np.isin(lab, (0, 1))][0])}")
+        dup = first_duplicate(ann.tolist())
+        if dup is not None:
+            raise EvalInputError(f"{vsrl_name}: action '{name}': field 'ann_id' lists person {dup} twice")
         acts.append(name)
         roles.append(list(rn))
         data.append((img, ann, lab, roi))
     return acts, roles, data
+
+
+def _int_vector(v: Any, where: str) -> np.ndarray:
+    """A (possibly nested) list of integers -> int64[N]: no fraction, bool, NaN or overflow."""
+    try:
+        a = np.asarray(v, dtype=np.float64).reshape(-1)
+    except (ValueError, TypeError):
+        raise EvalInputError(f"{where}: expected a list of integers") from None
+    bad = ~np.isfinite(a) | (a != np.floor(a)) | (np.abs(a) >= 2.0 ** 63)
+    if bad.any() or (isinstance(v, list) and any(isinstance(x, bool) for x in v)):
+        raise EvalInputError(f"{where}: expected integers, got {a[bad][0] if bad.any() else 'a boolean'!r}")
+    return a.astype(np.int64)
 
 
 def _vsrl_labels(acts: list, data: list, vsrl_name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -1122,12 +1164,14 @@ def _coco_index(coco: Any, image_ids: list, coco_name: str) -> tuple[Any, dict, 
     wanted = set(image_ids)
     sizes = {}
     for im in coco["images"]:
-        if isinstance(im, dict) and im.get("id") in wanted:
-            try:
-                sizes[int(im["id"])] = (float(im["width"]), float(im["height"]))
-            except (KeyError, TypeError, ValueError):
-                raise EvalInputError(f"{coco_name}: image {im.get('id')}: missing field "
-                                     f"'width'/'height'") from None
+        if isinstance(im, dict) and _isnum(im.get("id")) and im["id"] in wanted:
+            w, h = im.get("width"), im.get("height")
+            if not (_isnum(w) and _isnum(h) and 0 < w < math.inf and 0 < h < math.inf):
+                raise EvalInputError(f"{coco_name}: image {im.get('id')}: fields 'width'/'height' must "
+                                     f"be positive numbers, got {w!r}, {h!r}")
+            if int(im["id"]) in sizes:
+                raise EvalInputError(f"{coco_name}: image {im['id']} listed twice in 'images'")
+            sizes[int(im["id"])] = (float(w), float(h))
     anns_by_img: dict = {i: [] for i in image_ids}
     for k, an in enumerate(coco["annotations"]):
         if not isinstance(an, dict):
@@ -1148,7 +1192,12 @@ def _coco_boxes(anns: list, size: tuple, person_cat, coco_name: str, image_id: i
         try:
             if an.get("ignore", 0) == 1:
                 continue
-            x, y, w, h = (float(v) for v in an["bbox"])
+            b = an["bbox"]
+            if not (isinstance(b, list) and len(b) == 4 and all(_isnum(v) and math.isfinite(v) for v in b)) \
+                    or not _isnum(an["area"]) or not math.isfinite(an["area"]):
+                raise ValueError
+            as_index(an["id"])
+            x, y, w, h = (float(v) for v in b)
             x1, y1 = x, y
             x2 = x1 + max(0.0, w - 1.0)
             y2 = y1 + max(0.0, h - 1.0)
@@ -1506,33 +1555,38 @@ class SwigGT:
     gt_class: np.ndarray
     gt_image: np.ndarray
     gt_boxes: np.ndarray             # float64[M, 8]
+    num_no_object: int = 0           # pairs with object_id -1, left out
 
 
 def load_swig_meta(path=None) -> dict:
+    """swig_v1_meta.json (default: the shared data), validated (common.swig_meta_tables)."""
     path = path or data_root() / "swig_hoi" / "derived" / "swig_v1_meta.json"
     meta = _read_json(path, "SWiG meta file")
-    if not isinstance(meta, dict) or "SWIG_INTERACTIONS" not in meta:
-        raise EvalInputError(f"{path}: missing key 'SWIG_INTERACTIONS'")
+    try:
+        swig_meta_tables(meta)
+    except ValueError as e:
+        raise EvalInputError(f"{path}: SWiG meta file: {e}") from None
     return meta
 
 
 def parse_swig_gt(anno: Any, meta: dict, name: str = "<anno>") -> SwigGT:
-    """THID/SWiG annotation list -> GT arrays (all interactions; only evaluated ones reported)."""
-    inter = meta["SWIG_INTERACTIONS"]
-    K = max(int(x["id"]) for x in inter) + 1
-    freq = np.full(K, -1, dtype=np.int64)
-    mapper = {}
-    eval_ids = []
-    for x in inter:
-        freq[int(x["id"])] = int(x["frequency"])
-        mapper[(int(x["action_id"]), int(x["object_id"]))] = int(x["id"])
-        if x.get("evaluation") == 1:
-            eval_ids.append(int(x["id"]))
+    """THID/SWiG annotation list -> GT arrays (all interactions; only evaluated ones reported).
+    Checked like the predictions: box indices point into box_annotations (a negative one never
+    wraps around to another box), boxes finite with x2 >= x1, ids and categories integers.
+    A pair with object_id -1 (no object, as data.SWiGHOI reads it) is left out and counted."""
+    try:
+        _, actions, inter = swig_meta_tables(meta)
+    except ValueError as e:
+        raise EvalInputError(f"<meta>: SWiG meta file: {e}") from None
+    K = len(inter)
+    freq = np.array([x["frequency"] for x in inter], dtype=np.int64)
+    mapper = {(x["action_id"], x["object_id"]): x["id"] for x in inter}
+    eval_ids = [x["id"] for x in inter if x["evaluation"] == 1]
     if not isinstance(anno, list):
         raise EvalInputError(f"{name}: expected the SWiG-HOI json: a list of images with "
                              f"file_name, box_annotations, hoi_annotations")
     filenames, index = [], {}
-    cls_l, img_l, box_l = [], [], []
+    cls_l, img_l, box_l, no_object = [], [], [], 0
     for i, im in enumerate(anno):
         if not isinstance(im, dict) or not isinstance(im.get("file_name"), str):
             raise EvalInputError(f"{name}: image entry {i}: missing field 'file_name'")
@@ -1541,28 +1595,53 @@ def parse_swig_gt(anno: Any, meta: dict, name: str = "<anno>") -> SwigGT:
             raise EvalInputError(f"{name}: image '{fn}': duplicate file_name")
         index[fn] = i
         filenames.append(fn)
-        boxes = im.get("box_annotations", []) or []
-        for h, hoi in enumerate(im.get("hoi_annotations", []) or []):
-            try:
-                sb = boxes[hoi["subject_id"]]["bbox"]
-                ob = boxes[hoi["object_id"]]["bbox"]
-                key = (int(hoi["action_id"]), int(boxes[hoi["object_id"]]["category_id"]))
-                b = [float(v) for v in sb] + [float(v) for v in ob]
-                assert len(b) == 8
-            except (KeyError, IndexError, TypeError, ValueError, AssertionError):
-                raise EvalInputError(f"{name}: image '{fn}' hoi_annotations[{h}]: malformed "
-                                     f"(needs subject_id/object_id into box_annotations with bbox "
-                                     f"[x1, y1, x2, y2] and category_id, and action_id)") from None
-            if key not in mapper:
-                raise EvalInputError(f"{name}: image '{fn}' hoi_annotations[{h}]: (action_id, "
-                                     f"object category) = {key} is not a SWiG-HOI interaction")
-            cls_l.append(mapper[key])
-            img_l.append(i)
-            box_l.append(b)
+        for c, b, skipped in _swig_pairs(im, mapper, len(actions), f"{name}: image '{fn}'"):
+            no_object += skipped
+            if not skipped:
+                cls_l.append(c)
+                img_l.append(i)
+                box_l.append(b)
     return SwigGT(name=name, filenames=filenames, index=index, num_classes=K,
                   eval_ids=np.array(sorted(eval_ids), dtype=np.int64), frequency=freq,
                   gt_class=np.array(cls_l, dtype=np.int64), gt_image=np.array(img_l, dtype=np.int64),
-                  gt_boxes=np.array(box_l, dtype=np.float64).reshape(-1, 8))
+                  gt_boxes=np.array(box_l, dtype=np.float64).reshape(-1, 8), num_no_object=no_object)
+
+
+def _swig_pairs(im: dict, mapper: dict, num_actions: int, where: str):
+    """Yield (class, [h box, o box], skipped) for each hoi_annotations entry of an image."""
+    boxes = im.get("box_annotations", []) or []
+    hois = im.get("hoi_annotations", []) or []
+    if not isinstance(boxes, list) or not isinstance(hois, list):
+        raise EvalInputError(f"{where}: fields 'box_annotations' and 'hoi_annotations' must be lists")
+    for h, hoi in enumerate(hois):
+        field_ = f"hoi_annotations[{h}]"
+        try:
+            if not isinstance(hoi, dict):
+                raise ValueError("expected {subject_id, object_id, action_id}")
+            field_ = f"hoi_annotations[{h}].object_id"
+            if _isnum(hoi.get("object_id")) and hoi["object_id"] == -1:
+                yield -1, None, 1
+                continue
+            o = as_index(hoi.get("object_id"), len(boxes))
+            field_ = f"hoi_annotations[{h}].subject_id"
+            sb = _swig_box(boxes, as_index(hoi.get("subject_id"), len(boxes)))
+            field_ = f"box_annotations[{o}]"
+            ob, cat = _swig_box(boxes, o), as_index(boxes[o].get("category_id"))
+            field_ = f"hoi_annotations[{h}].action_id"
+            key = (as_index(hoi.get("action_id"), num_actions), cat)
+        except ValueError as e:
+            raise EvalInputError(f"{where}: field '{field_}': {e}") from None
+        if key not in mapper:
+            raise EvalInputError(f"{where} hoi_annotations[{h}]: (action_id, object category) = {key} "
+                                 f"is not a SWiG-HOI interaction")
+        yield mapper[key], sb + ob, 0
+
+
+def _swig_box(boxes: list, j: int) -> list:
+    b = boxes[j]
+    if not isinstance(b, dict) or "bbox" not in b:
+        raise ValueError(f"box_annotations[{j}] needs 'bbox' [x1, y1, x2, y2] and 'category_id'")
+    return as_box(b["bbox"])
 
 
 def swig_ap_arrays(det_class, det_score, det_image, det_boxes, gt_class, gt_image, gt_boxes,
@@ -1623,6 +1702,7 @@ def _evaluate_swig_rows(gt: SwigGT, rows, img) -> dict:
         "num_detections": int(rows.shape[0]),
         "num_detections_evaluated": int(r["num_det"].sum()),
         "num_gt_pairs": int(gt.gt_class.size),
+        "num_gt_pairs_no_object_skipped": gt.num_no_object,
         "num_gt_pairs_evaluated": int(r["npos"][e].sum()),
         "gt_pairs_per_class": r["npos"][e].tolist(),
     }
@@ -1772,17 +1852,6 @@ def _coco_xywh(boxes: np.ndarray, inclusive: bool) -> np.ndarray:
                      boxes[:, 2] - boxes[:, 0] + off, boxes[:, 3] - boxes[:, 1] + off], axis=1)
 
 
-def _refuse_booleans(entry: Any, src: str, img: str) -> None:
-    """numpy (hence data.load_detections) reads true/false as 1/0: refuse them first."""
-    if not isinstance(entry, dict):
-        return                                  # load_detections names the structural problem
-    for key in ("boxes", "scores", "labels"):
-        v = entry.get(key)
-        for r, x in enumerate(v if isinstance(v, list) else []):
-            if isinstance(x, bool) or (isinstance(x, list) and any(isinstance(y, bool) for y in x)):
-                raise EvalInputError(f"{src}: image '{img}': field '{key}[{r}]': a boolean is not a number")
-
-
 def _per_image_detections(path: str | os.PathLike, obj: dict, gt: DetectorGT) -> np.ndarray:
     """The project's per-image detection file -> float64[N, 7] rows
     [image index + 1, x, y, w, h, score, category id] (pycocotools' array form)."""
@@ -1792,7 +1861,6 @@ def _per_image_detections(path: str | os.PathLike, obj: dict, gt: DetectorGT) ->
     for img, e in obj.items():
         if img not in known:                    # load_detections would drop it silently
             raise EvalInputError(f"{src}: image '{img}': unknown image name (not in the annotation file)")
-        _refuse_booleans(e, src, img)
     try:
         dets = D.load_detections(path, filenames=gt.filenames, num_labels=len(gt.object_names))
     except (D.DataError, FileNotFoundError) as e:
@@ -2048,22 +2116,8 @@ def _cli_inputs(args: argparse.Namespace) -> list:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     try:
-        if args.out:
-            refuse_outputs_over_inputs([("--out", args.out)], _cli_inputs(args), EvalInputError)
-        if args.dataset == "hico" and args.image_labels and not args.known_object:
-            raise EvalInputError("--image-labels is only used with --known-object")
-        if args.dataset == "hico":
-            res = evaluate_hico_files(args.anno, args.pred, args.zero_shot, args.known_object,
-                                      args.image_labels)
-            text = format_hico(res)
-        elif args.dataset == "vcoco":
-            res = evaluate_vcoco_files(args.vsrl, args.coco, args.pred)
-            text = format_vcoco(res)
-        elif args.dataset == "detector":
-            res, text = _run_detector(args)
-        else:
-            res = evaluate_swig_files(args.anno, args.pred, args.meta)
-            text = format_swig(res)
+        with HeldNotes():         # a library's warnings never come before the error line
+            res, text = _run(args)
         print(text)
         if args.out:
             write_json_atomic(res, args.out)
@@ -2072,6 +2126,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         print_error(e)
         return 2
     return 0
+
+
+def _run(args: argparse.Namespace) -> tuple[dict, str]:
+    """The subcommand of the parsed command line -> (result, its table)."""
+    if args.out:
+        refuse_outputs_over_inputs([("--out", args.out)], _cli_inputs(args), EvalInputError)
+    if args.dataset == "hico" and args.image_labels and not args.known_object:
+        raise EvalInputError("--image-labels is only used with --known-object")
+    if args.dataset == "hico":
+        res = evaluate_hico_files(args.anno, args.pred, args.zero_shot, args.known_object,
+                                  args.image_labels)
+        text = format_hico(res)
+    elif args.dataset == "vcoco":
+        res = evaluate_vcoco_files(args.vsrl, args.coco, args.pred)
+        text = format_vcoco(res)
+    elif args.dataset == "detector":
+        res, text = _run_detector(args)
+    else:
+        res = evaluate_swig_files(args.anno, args.pred, args.meta)
+        text = format_swig(res)
+    return res, text
 
 
 if __name__ == "__main__":

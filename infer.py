@@ -100,8 +100,18 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 import data
-from common import atomic_write, atomic_write_json, read_json, refuse_outputs_over_inputs
+from common import (
+    HeldNotes,
+    OneLineParser,
+    atomic_write,
+    atomic_write_json,
+    note,
+    print_error,
+    read_json,
+    refuse_outputs_over_inputs,
+)
 from model import LINK, register_tiny_vlm
+from trainer import nonfinite_cause, nonfinite_images
 from viz import draw_interactions, hoi_class_names, to_rgb, unique_pairs
 
 # ==============================================================================================
@@ -124,6 +134,14 @@ class InferError(ValueError):
 
 class UnreadableImage(InferError):
     """An image file that PIL cannot decode: reported, skipped and summarised, never fatal."""
+
+
+class NonFiniteScores(InferError):
+    """The model scored images NaN / inf; ``positions`` in the batch, run() names the images."""
+
+    def __init__(self, positions: list, cause: str):
+        super().__init__(f"non-finite scores ({cause})")
+        self.positions, self.cause = positions, cause
 
 
 # ---------------------------------------------------------------------------------------------
@@ -535,7 +553,7 @@ def pair_attention(model, captured, p: int, per_head: bool = False):
 
 
 def predict_batch(model, images, dets, person_label: int, attention_pair: int | None = None,
-                  max_predictions: int | None = None):
+                  max_predictions: int | None = None, names: list | None = None):
     """One batch: RGB images (their own sizes) + selected detections -> (rows, attention, notes).
 
     rows: list of float64 [N, 10] (sorted by score); attention: list of [Gh, Gw] or None (for
@@ -571,6 +589,10 @@ def predict_batch(model, images, dets, person_label: int, attention_pair: int | 
     finally:
         if hook is not None:
             hook.remove()
+    bad = nonfinite_images(out, [np.asarray(r, dtype=np.float64).reshape(-1, 10) for r in preds])
+    if bad:          # a NaN score fails "score > 0": never an empty prediction list instead
+        names = names or [f"image {i}" for i in range(n)]
+        raise NonFiniteScores([run[b] for b in bad], nonfinite_cause(model, feats, [names[i] for i in run]))
     for j, i in enumerate(run):
         rows[i] = np.asarray(preds[j], dtype=np.float64).reshape(-1, 10)
         if attention_pair is None:
@@ -718,7 +740,7 @@ def run(opts: InferOptions, log=None) -> dict:
     """The CLI as a function. Returns a summary dict: predictions ({key: [N, 10] array}),
     notes ({key: str}), skipped ({key: reason}), pictures ({key: Path}), out (Path),
     predictions_file (Path)."""
-    log = log or (lambda msg: tqdm.write(msg, file=sys.stderr))
+    log = log or note            # held until the run succeeds when the CLI holds notes
     opts.check()
     out_dir = Path(opts.out_dir)
     items = collect_images(opts.inputs, exclude=out_dir)
@@ -735,14 +757,20 @@ def run(opts: InferOptions, log=None) -> dict:
     model, _ = load_model(opts.checkpoint, opts.device)
 
     preds, notes, skipped, written = {}, {}, {}, {}
-    bar = tqdm(total=len(items), desc="infer", unit="img", disable=not opts.progress, file=sys.stderr)
+    # no bar when stderr is not a terminal (None): a log file or a caller reading errors gets lines
+    bar = tqdm(total=len(items), desc="infer", unit="img", disable=None if opts.progress else True,
+               file=sys.stderr)
     for start in range(0, len(items), opts.batch_size):
         batch = items[start:start + opts.batch_size]
         ok_keys, imgs, stored = _read_batch(batch, opts.exif, skipped, log)
         if ok_keys:
             sel = _batch_boxes(source, ok_keys, imgs, stored, opts, person, notes)
-            rows, att, bnotes = predict_batch(model, imgs, sel, person, opts.attention if opts.draw else None,
-                                              opts.max_predictions)
+            try:
+                rows, att, bnotes = predict_batch(model, imgs, sel, person, opts.attention if opts.draw else None,
+                                                  opts.max_predictions, ok_keys)
+            except NonFiniteScores as e:
+                names = ", ".join(repr(ok_keys[b]) for b in e.positions)
+                raise InferError(f"{opts.checkpoint}: non-finite scores for image(s) {names} ({e.cause})") from None
             for key, im, r, a, n in zip(ok_keys, imgs, rows, att, bnotes):
                 preds[key] = r
                 if n:
@@ -803,7 +831,7 @@ def summarise(res: dict, n_total: int) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="infer.py", description="LINK inference: predictions JSON + one annotated PNG per image.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=(__doc__ or "").split("Inference CLI\n-------------\n")[-1].split("Python use:")[0])
@@ -841,20 +869,25 @@ def main(argv=None) -> int:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if args.threads > 0:
             torch.set_num_threads(args.threads)
-        res = run(InferOptions(
-            args.input, args.checkpoint, out_dir=args.out, detections=args.detections,
-            image_ids=args.image_ids, detector=args.detector, detector_weights=args.detector_weights,
-            gt_anno=args.gt_anno, attention=args.attention, force=args.force,
-            batch_size=args.batch_size, top_k=args.top_k, max_predictions=args.max_predictions,
-            box_thresh=args.box_thresh, nms=args.nms, detector_thresh=args.detector_thresh,
-            exif=not args.ignore_exif, draw=not args.no_pictures, device=device,
-            progress=not args.quiet))
-    except (InferError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        with HeldNotes():      # warnings and notes only once the run has succeeded
+            res = _run_cli(args, device)
+    except (InferError, ValueError, OSError) as e:      # bad input; a file that cannot be read or written
+        print_error(e)
         return 2
     n_total = len(res["predictions"]) + len(res["skipped"])
     print(summarise(res, n_total))
     return 0
+
+
+def _run_cli(args, device: str) -> dict:
+    return run(InferOptions(
+        args.input, args.checkpoint, out_dir=args.out, detections=args.detections,
+        image_ids=args.image_ids, detector=args.detector, detector_weights=args.detector_weights,
+        gt_anno=args.gt_anno, attention=args.attention, force=args.force,
+        batch_size=args.batch_size, top_k=args.top_k, max_predictions=args.max_predictions,
+        box_thresh=args.box_thresh, nms=args.nms, detector_thresh=args.detector_thresh,
+        exif=not args.ignore_exif, draw=not args.no_pictures, device=device,
+        progress=not args.quiet))
 
 
 if __name__ == "__main__":

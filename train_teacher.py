@@ -184,7 +184,7 @@ def build_model(args, class_space, device):
             raise TrainInputError(f"--model-opt: LINKConfig has no field {k!r}")
         kw[k] = _parse_value(v)
     model = LINK(LINKConfig(**kw), class_space).to(device)
-    print(model.describe_vlm(), file=sys.stderr)   # input size and token grid, as resolved
+    note(model.describe_vlm())      # input size and token grid, as resolved (held: see run_cli)
     return model
 
 
@@ -253,7 +253,9 @@ def _build_split(args, which: str, image_root, anno, dets_path, cs):
         cs = ds.class_space()
     frame = getattr(ds, "box_frame", "continuous")
     if dets_path is not None:
-        dets = load_detections(str(dets_path), filenames=list(ds.filenames), frame=args.det_frame, into=frame)
+        # labels checked against the class space's objects here, naming the file and image
+        dets = load_detections(str(dets_path), filenames=list(ds.filenames), num_labels=cs.num_objects,
+                               frame=args.det_frame, into=frame)
         n_miss = sum(1 for f in ds.filenames if f not in dets)
         if n_miss:
             note(f"note: {n_miss} of {len(ds)} {which} images have no detections in {dets_path}"
@@ -397,14 +399,17 @@ def fit_and_finish(trainer: Trainer, args, run: Optional[RunFolder] = None) -> d
     path = _resume_path(args, trainer.out)
     if path is not None:
         trainer.resume(path, args.override)
-    release_notes()                     # the command's input is valid
-    if args.resume and path is None:
-        print(f"no checkpoint at {trainer.out / 'last.pt'}: starting fresh", file=sys.stderr)
-    if run is not None and trainer.d.main:
-        run.prepare()
-    barrier(trainer.d)
-    trainer.fit()
-    return finish(trainer, args.name)
+    elif args.resume:
+        note(f"no checkpoint at {trainer.out / 'last.pt'}: starting fresh")
+    if trainer.epoch < trainer.cfg.epochs:
+        release_notes()                 # the command's input is valid: training starts
+        if run is not None and trainer.d.main:
+            run.prepare()
+        barrier(trainer.d)
+        trainer.fit()
+    metrics = finish(trainer, args.name)   # (nothing to train: evaluated here, notes still held)
+    release_notes()
+    return metrics
 
 
 def finish(trainer: Trainer, name: str) -> dict:

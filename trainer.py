@@ -108,6 +108,7 @@ from common import (
     file_sha256,
     file_stamp,
     key_difference,
+    note,
     write_error,
 )
 
@@ -156,6 +157,38 @@ class CheckpointError(TrainInputError):
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or inf; the message names the step and the images."""
+
+
+class NonFiniteOutputError(TrainInputError):
+    """The model scored images NaN or inf at evaluation (non-finite features or weights); the
+    message names the images. Never turned into a lower mAP by dropped predictions."""
+
+
+def nonfinite_images(out: dict, rows: list) -> list:
+    """Batch positions of the images with a NaN / inf score: in the model output's ``scores``
+    [P, ...] (pairs of image ``pair_image`` [P]), which postprocess may filter (``score > 0`` is
+    False for NaN), or in the prediction rows [N, 10] themselves."""
+    bad = {b for b, r in enumerate(rows) if not np.isfinite(r).all()}
+    s, img = out.get("scores"), out.get("pair_image")
+    if torch.is_tensor(s) and s.is_floating_point() and s.numel() and torch.is_tensor(img):
+        rows_bad = ~torch.isfinite(s.detach()).reshape(s.shape[0], -1).all(1)
+        bad |= set(img[rows_bad.to(img.device)].tolist())
+    return sorted(bad)
+
+
+def nonfinite_cause(model: torch.nn.Module, feats: Optional[torch.Tensor], names: list) -> str:
+    """Why a model scored images NaN / inf, for the error message. feats [B, ...]: the batch's
+    features, names[b] its images (a NaN in one image's features reaches the other images of
+    its batch through masked attention: 0 * NaN is NaN)."""
+    if feats is not None:
+        bad = [n for n, f in zip(names, feats) if not torch.isfinite(f).all()]
+        if bad:
+            return (f"the VLM features of {', '.join(map(str, bad[:5]))} are non-finite: a corrupt feature "
+                    f"cache or image encoder; a NaN spreads to every image of its batch")
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            return f"the model's weights are non-finite (first: '{name}'): a corrupt or diverged checkpoint"
+    return "features and weights are finite: the model's output overflowed"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1254,18 +1287,18 @@ class Trainer:
         if self.d.main:   # drop log lines written after the checkpoint (they will be redone)
             log = self.out / "log.jsonl"
             if log.exists():
-                keep = [line for line, rec in read_log_lines(log)
-                        if rec is not None and rec.get("step", 0) <= self.step]
-                atomic_write_bytes(log, ("\n".join(keep) + ("\n" if keep else "")).encode())
+                lines = read_log_lines(log)
+                keep = [line for line, rec in lines if rec is not None and rec.get("step", 0) <= self.step]
+                if len(keep) != len(lines):       # (an unchanged log is left untouched)
+                    atomic_write_bytes(log, ("\n".join(keep) + ("\n" if keep else "")).encode())
         self.ckpt_extra["overrides"] = list(ck.get("overrides", []))
         for name, old, now in changed:
             rec = {"setting": name, "checkpoint": old, "now": now, "epoch": self.epoch, "step": self.step}
             self.ckpt_extra["overrides"].append(rec)
             self.log({"kind": "override", **rec})
             if self.d.main:
-                print(f"note: --override {name}: {old!r} in the checkpoint, {now!r} from step {self.step} on",
-                      file=sys.stderr)
-        print(f"resumed from {path}: epoch {self.epoch}, step {self.step}", file=sys.stderr)
+                note(f"note: --override {name}: {old!r} in the checkpoint, {now!r} from step {self.step} on")
+        note(f"resumed from {path}: epoch {self.epoch}, step {self.step}")
 
     def _load_optimisation_state(self, ck: dict, path) -> None:
         """Optimiser, scheduler and scaler state from the checkpoint; then THIS run's
@@ -1509,15 +1542,25 @@ class Trainer:
         bs = batch_size or max(1, self.cfg.batch_size // d.world)
         mine = eval_shard(len(split), d.rank, d.world)
         self.model.eval()
-        rows = {}
+        rows, bad = {}, []
         for s in range(0, len(mine), bs):
             idx = mine[s:s + bs]
             f = feats.get(idx, [0] * len(idx))
             dets, sizes, _ = self._inputs(split, idx, [0] * len(idx), train=False)
             with self._autocast():
                 out = self.model(f, dets, sizes)
-            for i, r in zip(idx, self.model.postprocess(out, dets)):
-                rows[i] = np.asarray(r, dtype=np.float64).reshape(-1, 10)
+            batch_rows = [np.asarray(r, dtype=np.float64).reshape(-1, 10)
+                          for r in self.model.postprocess(out, dets)]
+            # a NaN score fails every "score > 0" test: never let postprocess drop it silently
+            for b in nonfinite_images(out, batch_rows):
+                bad.append((split.filenames[idx[b]],
+                            nonfinite_cause(self.model, f, [split.filenames[i] for i in idx])))
+            rows.update(zip(idx, batch_rows))
+        bad = [x for part in all_gather_objects(bad, d) for x in part]
+        if bad:
+            names = ", ".join(n for n, _ in bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+            raise NonFiniteOutputError(f"non-finite scores at evaluation (epoch {self.epoch}, split {split.name}) "
+                                       f"for {len(bad)} image(s): {names} ({bad[0][1]})")
         merged = {}
         for part in all_gather_objects(rows, d):
             for i, r in part.items():

@@ -320,25 +320,25 @@ BAD_PER_IMAGE = [
     ('{"img_000001.jpg": {"boxes": [[0, 0, 4, 10]], "scores": [0.5], "labels": [80]}}', "out of range [0, 80)"),
     ('{"img_000001.jpg": {"boxes": [[0, 0, 4, 10]], "scores": [0.5], "labels": [0.5]}}', "integer indices"),
     ('{"img_000001.jpg": {"boxes": [[true, 0, 4, 10]], "scores": [0.5], "labels": [0]}}',
-     "field 'boxes[0]': a boolean is not a number"),
+     "boxes[0][0]': true is a boolean; booleans are not numbers"),
     ('{"img_000001.jpg": {"boxes": [[0, 0, 4, 10]], "scores": [false], "labels": [0]}}',
-     "field 'scores[0]': a boolean"),
+     "scores[0]': false is a boolean"),
     ('{"img_000001.jpg": {"boxes": [[0, 0, 4, 10], [0, 0, 4, 10]], "scores": [0.5, 0.5], "labels": [0, true]}}',
-     "field 'labels[1]': a boolean"),
+     "labels[1]': true is a boolean"),
     ('{"nope.jpg": {"boxes": [], "scores": [], "labels": []}}', "image 'nope.jpg': unknown image name"),
 ]
 BAD_COCO = [
     ('[3]', "entry 0: expected an object"),
     ('[{"image_id": 1, "category_id": 1, "bbox": [0, 0, 4, 4]}]', "entry 0: missing field 'score'"),
     ('[{"image_id": 9, "category_id": 1, "bbox": [0, 0, 4, 4], "score": 1}]', "unknown image id 9"),
-    ('[{"image_id": true, "category_id": 1, "bbox": [0, 0, 4, 4], "score": 1}]', "unknown image id True"),
+    ('[{"image_id": true, "category_id": 1, "bbox": [0, 0, 4, 4], "score": 1}]', "[0].image_id': true is a boolean"),
     ('[{"image_id": 1, "category_id": 12, "bbox": [0, 0, 4, 4], "score": 1}]',
      "image 'img_000001.jpg' (entry 0): field 'category_id': 12 is not a category"),
-    ('[{"image_id": 1, "category_id": 1, "bbox": [0, 0, true, 4], "score": 1}]', "field 'bbox': expected"),
+    ('[{"image_id": 1, "category_id": 1, "bbox": [0, 0, true, 4], "score": 1}]', "[0].bbox[2]': true is a boolean"),
     ('[{"image_id": 1, "category_id": 1, "bbox": [0, 0, -1, 4], "score": 1}]', "negative width"),
     ('[{"image_id": 1, "category_id": 1, "bbox": [0, NaN, 1, 4], "score": 1}]', "non-finite"),
     ('[{"image_id": 1, "category_id": 1, "bbox": [0, 0, 1, 4], "score": "1"}]', "field 'score'"),
-    ('[{"image_id": 1, "category_id": 1, "bbox": [0, 0, 1, 4], "score": false}]', "field 'score'"),
+    ('[{"image_id": 1, "category_id": 1, "bbox": [0, 0, 1, 4], "score": false}]', "[0].score': false is a boolean"),
 ]
 
 
@@ -366,9 +366,9 @@ def test_bad_files_missing_gzip_and_annotation(tmp_path, capsys):
     bad_anno["annotation"][1]["boxes_o"][0] = [70, 70, 60, 90]
     cases = [
         (anno, tmp_path / "missing.json", "missing.json: detection file not found"),
-        (anno, gz, "dets.json.gz: detection file is not UTF-8 text"),
+        (anno, gz, "dets.json.gz: detection file is gzip-compressed"),
         (tmp_path / "none.json", good, "none.json: annotation file not found"),
-        (gz, good, "dets.json.gz: annotation file is not UTF-8"),
+        (gz, good, "dets.json.gz: annotation file is gzip-compressed"),
         (write(tmp_path / "weird.json", {"x": 1}), good, "weird.json: not a HICO-DET / synthetic"),
         (write(tmp_path / "bad.json", bad_anno), good,
          "bad.json: image 'img_000002.jpg': field 'boxes_o[0]': box [70.0, 70.0, 60.0, 90.0] has x2<x1"),
@@ -394,4 +394,5 @@ def test_cli_subprocess_exit_2_one_line(tmp_path):
     p = subprocess.run([sys.executable, str(ROOT / "eval.py"), "detector", "--anno", str(anno),
                         "--detections", str(det)], capture_output=True, text=True, timeout=300)
     assert p.returncode == 2 and p.stdout == ""
-    assert p.stderr == f"error: {det}: image 'img_000001.jpg': field 'labels[0]': a boolean is not a number\n"
+    assert p.stderr == (f"error: {det}: detection file: field '[\"img_000001.jpg\"].labels[0]': true is a boolean; "
+                        f"booleans are not numbers (use 0 / 1)\n")

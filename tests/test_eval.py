@@ -852,6 +852,13 @@ def test_swig_bad_input_and_cli(swig_meta, tmp_path, capsys):
     bad = json.loads(json.dumps(anno))
     bad[0]["hoi_annotations"][0]["action_id"] = 10 ** 6
     with pytest.raises(hoi_eval.EvalInputError,
+                       match=r"A.json: image 's_0.jpg': field 'hoi_annotations\[0\].action_id': index 1000000 out"):
+        hoi_eval.parse_swig_gt(bad, swig_meta, "A.json")
+    bad[0]["hoi_annotations"][0]["action_id"] = next(a for a in range(407) if (a, 0) not in
+                                                     {(x["action_id"], x["object_id"]) for x in
+                                                      swig_meta["SWIG_INTERACTIONS"]})
+    bad[0]["box_annotations"][bad[0]["hoi_annotations"][0]["object_id"]]["category_id"] = 0
+    with pytest.raises(hoi_eval.EvalInputError,
                        match=r"A.json: image 's_0.jpg' hoi_annotations\[0\]: .* is not a SWiG"):
         hoi_eval.parse_swig_gt(bad, swig_meta, "A.json")
     (tmp_path / "a.json").write_text(json.dumps(anno))

@@ -17,6 +17,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from clicheck import refused, run_main
@@ -548,3 +549,265 @@ def test_read_log_lines_tolerates_a_torn_line(tmp_path):
     log.write_text('{"step": 1}\n\n{"step": 2}\n{"step": 3, "lo')
     assert trainer.read_log_lines(log) == [('{"step": 1}', {"step": 1}), ('{"step": 2}', {"step": 2}),
                                             ('{"step": 3, "lo', None)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Never a silently wrong number: JSON input
+# ----------------------------------------------------------------------------------------------
+JSON_BAD = [  # (text, what the one-line reason says)
+    (b'{"img_0.jpg": [[0, 0.9, 0, 0, 9, 9, 20, 0, 29, 9]], "img_0.jpg": []}', 'duplicate key "img_0.jpg"'),
+    (b'{"a": {"boxes": [], "boxes": [[1, 2, 3, 4]]}}', "field 'a': duplicate key \"boxes\""),
+    (b'{"a": [[0, true, 0, 0, 9, 9, 20, 0, 29, 9]]}', "field 'a[0][1]': true is a boolean"),
+    (b'{"a": [[false]]}', "field 'a[0][0]': false is a boolean"),
+    (b'[1' + b'0' * 400 + b']', "field '[0]': integer of 401 digits is too large for a float64"),
+    (b'[1' + b'0' * 5000 + b']', "is not valid JSON (Exceeds the limit"),
+    (b'[' * 100 + b']' * 100, "nested deeper than 64 levels"),
+    (b'[' * 5000 + b']' * 5000, "is nested too deeply"),
+    (b'{"k\\u003a": 1, "k:": 2}', 'duplicate key "k:"'),
+    (b'\x1f\x8b\x08\x00', "is gzip-compressed"),
+]
+
+
+@pytest.mark.parametrize("parser", ["orjson", "stdlib"])
+@pytest.mark.parametrize("raw, needle", JSON_BAD, ids=[str(i) for i in range(len(JSON_BAD))])
+def test_json_reader_refuses_with_the_field(tmp_path, monkeypatch, parser, raw, needle):
+    if parser == "stdlib":
+        monkeypatch.setattr(common, "orjson", None)
+    elif common.orjson is None:
+        pytest.skip("orjson not installed")
+    p = tmp_path / "pred.json"
+    p.write_bytes(raw)
+    with pytest.raises(ValueError) as e:
+        common.read_json(p, "prediction file")
+    msg = str(e.value)
+    assert msg.startswith(f"{p}: prediction file") and needle in msg and "\n" not in msg and len(msg) < 700
+
+
+@pytest.mark.parametrize("parser", ["orjson", "stdlib"])
+def test_json_reader_accepts_what_is_valid(tmp_path, monkeypatch, parser):
+    if parser == "stdlib":
+        monkeypatch.setattr(common, "orjson", None)
+    docs = [{"true.jpg": [[1, 0.5, 1e300]], "x": "a:b{[", "y": 'q"[['}, {"a": float("nan")}, [],
+            {"k": [[[[1]]]] * 3}, {"e": "\u003a", "f": [{"a": 1}, {"a": 2}]}, 3, "s", None]
+    for d in docs:
+        p = tmp_path / "d.json"
+        p.write_text(json.dumps(d))
+        got = common.read_json(p)
+        assert json.dumps(got) == json.dumps(d)
+
+
+def test_cli_json_refusals_name_file_and_field(tmp_path):
+    f = hico_files(tmp_path)
+    f["pred"].write_text('{"img_0.jpg": [[0, 0.9, 0, 0, 9, 9, 20, 0, 29, 9]], "img_0.jpg": []}')
+    argv = ["hico", "--anno", str(f["anno"]), "--pred", str(f["pred"]), "--out", str(tmp_path / "r.json")]
+    refused(hoi_eval.main, argv, [tmp_path], [str(f["pred"]), 'duplicate key "img_0.jpg"'])
+    f = hico_files(tmp_path)
+    anno = json.loads(f["anno"].read_text())
+    anno["annotation"][0]["hoi"] = [True]
+    f["anno"].write_text(json.dumps(anno))
+    refused(hoi_eval.main, argv, [tmp_path], [str(f["anno"]), "annotation[0].hoi[0]': true is a boolean"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Never a silently wrong number: the annotation side, in the three evaluators and the datasets
+# ----------------------------------------------------------------------------------------------
+HICO_MUTATIONS = [  # (mutation of the valid annotation, what the message names)
+    (lambda a: a["annotation"][0].__setitem__("boxes_h", [[9, 0, 0, 9]]), "pair 0: field 'boxes_h': x2 < x1"),
+    (lambda a: a["annotation"][0].__setitem__("boxes_o", [[20, 0, 29, float("nan")]]), "boxes_o' has a NaN"),
+    (lambda a: a["annotation"][0].__setitem__("hoi", [-1]), "pair 0: field 'hoi' out of range"),
+    (lambda a: a["annotation"][0].__setitem__("hoi", [0.5]), "pair 0: field 'hoi' out of range"),
+    (lambda a: a.__setitem__("correspondence", [[0, 0, 0], [1, 1.5, 0], [2, 2, 0]]), "correspondence[1]'"),
+    (lambda a: a.__setitem__("correspondence", [[0, 0, 0], [0, 1, 0], [2, 2, 0]]), "class 0 listed twice"),
+    (lambda a: a.__setitem__("correspondence", [[0, -1, 0], [1, 1, 0], [2, 2, 0]]), "correspondence[0]'"),
+    (lambda a: a.__setitem__("rare", [0, 0]), "field 'rare'"),
+    (lambda a: a.__setitem__("rare", [-1]), "field 'rare'"),
+    (lambda a: a.__setitem__("non_rare", [0, 1, 2]), "both 'rare' and 'non_rare'"),
+    (lambda a: a.__setitem__("empty", 1), "field 'empty'"),
+    (lambda a: a.__setitem__("empty", [5]), "field 'empty'"),
+    (lambda a: a.__setitem__("zero_shot", {"rf-uc": [0.5]}), "split 'rare_first'"),
+]
+
+
+@pytest.mark.parametrize("mutate, needle", HICO_MUTATIONS, ids=[n for _, n in HICO_MUTATIONS])
+def test_eval_hico_annotation_checked_like_predictions(tmp_path, mutate, needle):
+    f = hico_files(tmp_path)
+    a = json.loads(f["anno"].read_text())
+    mutate(a)
+    f["anno"].write_text(json.dumps(a))
+    argv = ["hico", "--anno", str(f["anno"]), "--pred", str(f["pred"])]
+    if "zero_shot" in a:
+        argv += ["--zero-shot", "rf-uc"]
+    refused(hoi_eval.main, argv, [tmp_path], [str(f["anno"]), needle])
+
+
+VCOCO_MUTATIONS = [
+    (lambda v, c: v[0].__setitem__("label", [2]), "field 'label' must hold 0 or 1, got 2"),
+    (lambda v, c: v[0].__setitem__("ann_id", [11.5]), "field 'ann_id': expected integers"),
+    (lambda v, c: v[0].__setitem__("role_object_id", [11, 21.5]), "field 'role_object_id': expected integers"),
+    (lambda v, c: v.append(dict(v[0])), "naming each action once"),
+    (lambda v, c: v[0].__setitem__("role_name", ["agent", "obj", "obj"]), "distinct roles"),
+    (lambda v, c: c["annotations"][1].__setitem__("bbox", [20, 0, float("nan"), 10]), "annotation 21"),
+    (lambda v, c: c["images"][0].__setitem__("width", -5), "fields 'width'/'height' must be positive"),
+    (lambda v, c: c["images"].append(dict(c["images"][0])), "image 1 listed twice"),
+]
+
+
+@pytest.mark.parametrize("mutate, needle", VCOCO_MUTATIONS, ids=[n for _, n in VCOCO_MUTATIONS])
+def test_eval_vcoco_annotation_checked(tmp_path, mutate, needle):
+    f = vcoco_files(tmp_path)
+    v, c = json.loads(f["vsrl"].read_text()), json.loads(f["coco"].read_text())
+    mutate(v, c)
+    f["vsrl"].write_text(json.dumps(v))
+    f["coco"].write_text(json.dumps(c))
+    refused(hoi_eval.main, ["vcoco", "--vsrl", str(f["vsrl"]), "--coco", str(f["coco"]), "--pred", str(f["pred"])],
+            [tmp_path], [needle])
+
+
+SWIG_MUTATIONS = [
+    (lambda a, m: a[0]["hoi_annotations"][0].__setitem__("subject_id", -1), "subject_id': index -1 out of range"),
+    (lambda a, m: a[0]["hoi_annotations"][0].__setitem__("object_id", -2), "object_id': index -2 out of range"),
+    (lambda a, m: a[0]["hoi_annotations"][0].__setitem__("object_id", 1.5), "object_id': 1.5 is not an integer"),
+    (lambda a, m: a[0]["hoi_annotations"][0].__setitem__("action_id", 3.5), "action_id': 3.5 is not an integer"),
+    (lambda a, m: a[0]["box_annotations"][1].__setitem__("bbox", [30, 0, 20, 10]), "x2 < x1"),
+    (lambda a, m: a[0]["box_annotations"][1].__setitem__("category_id", 1.5), "box_annotations[1]'"),
+    (lambda a, m: m["SWIG_INTERACTIONS"][0].pop("action_id"), "SWIG_INTERACTIONS[0]'"),
+    (lambda a, m: m["SWIG_INTERACTIONS"].__setitem__(1, dict(m["SWIG_INTERACTIONS"][0], id=1)),
+     "SWIG_INTERACTIONS[1]': id must be 1 and each (action_id, object_id) listed once"),
+    (lambda a, m: m.__setitem__("SWIG_ACTIONS", {}), "field 'SWIG_ACTIONS'"),
+]
+
+
+@pytest.mark.skipif(not SWIG_META.exists(), reason="shared data not found")
+@pytest.mark.parametrize("mutate, needle", SWIG_MUTATIONS, ids=[n for _, n in SWIG_MUTATIONS])
+def test_eval_swig_annotation_and_meta_checked(tmp_path, mutate, needle):
+    f = swig_files(tmp_path)
+    a, m = json.loads(f["anno"].read_text()), json.loads(f["meta"].read_text())
+    mutate(a, m)
+    f["anno"].write_text(json.dumps(a))
+    f["meta"].write_text(json.dumps(m))
+    refused(hoi_eval.main, ["swig", "--anno", str(f["anno"]), "--pred", str(f["pred"]), "--meta", str(f["meta"])],
+            [tmp_path], [needle])
+
+
+@pytest.mark.skipif(not SWIG_META.exists(), reason="shared data not found")
+def test_swig_no_object_pairs_are_left_out_and_counted_not_wrapped_around(tmp_path):
+    f = swig_files(tmp_path)
+    a = json.loads(f["anno"].read_text())
+    a[0]["hoi_annotations"].append({"subject_id": 0, "object_id": -1, "action_id": 0})
+    gt = hoi_eval.parse_swig_gt(a, hoi_eval.load_swig_meta(f["meta"]), "A")
+    assert gt.gt_class.size == 1 and gt.num_no_object == 1
+
+
+DATASET_MUTATIONS = [  # (dataset, mutation, needle)
+    ("hico", lambda a: a.__setitem__("correspondence", [[0, 0, 0], [1, 1, 0], [2, 2.5, 0]]), "correspondence[2]"),
+    ("hico", lambda a: a.__setitem__("rare", ["x"]), "field 'rare'"),
+    ("hico", lambda a: a.__setitem__("size", 3), "field 'size'"),
+    ("hico", lambda a: a.__setitem__("size", [[64, 64], [64.5, 64]]), "field 'size'"),
+    ("hico", lambda a: a.__setitem__("filenames", ["img_0.jpg", "img_0.jpg"]), "'img_0.jpg' listed twice"),
+    ("hico", lambda a: a["annotation"][0].__setitem__("boxes_h", [[0, 0, 1e39, 9]]), "beyond float32"),
+    ("hico", lambda a: a["annotation"][0].__setitem__("object", [-1]), "field 'object[0]'"),
+    ("vcoco", lambda a: a.__setitem__("classes", ["hold obj", "hold obj"]), "'hold obj' listed twice"),
+    ("vcoco", lambda a: a.__setitem__("images", [1.5]), "field 'images'"),
+    ("vcoco", lambda a: a.__setitem__("action_to_object", [[99], [1]]), "action_to_object[0]"),
+    ("vcoco", lambda a: a["annotations"][0].__setitem__("actions", [-1]), "field 'actions[0]'"),
+    ("swig", lambda a: a[0]["hoi_annotations"][0].__setitem__("subject_id", -1), "subject_id'"),
+    ("swig", lambda a: a[0]["hoi_annotations"][0].__setitem__("action_id", 2.5), "action_id'"),
+    ("swig", lambda a: a[0].__setitem__("width", -3), "field 'size'"),
+]
+
+
+def _dataset_file(tmp: Path, kind: str):
+    import data
+    if kind == "hico":
+        f = hico_files(tmp)
+        a = json.loads(f["anno"].read_text())
+        a.update(objects=["person", "cup", "ball"], verbs=["hold"])
+        return a, lambda p: data.HICODet(tmp, p)
+    if kind == "vcoco":
+        a = {"annotations": [{"file_name": "a.jpg", "boxes_h": [[0, 0, 9, 9]], "boxes_o": [[20, 0, 29, 9]],
+                              "actions": [0], "objects": [2]}], "classes": ["hold obj", "look obj"],
+             "objects": ["background", "person", "cup"], "images": [1]}
+        return a, lambda p: data.VCOCO(tmp, p)
+    f = swig_files(tmp)
+    return json.loads(f["anno"].read_text()), lambda p: data.SWiGHOI(tmp, p, f["meta"])
+
+
+@pytest.mark.parametrize("kind, mutate, needle", DATASET_MUTATIONS, ids=[f"{k}-{n}" for k, _, n in DATASET_MUTATIONS])
+def test_datasets_check_the_annotation(tmp_path, kind, mutate, needle):
+    import data
+    if kind == "swig" and not SWIG_META.exists():
+        pytest.skip("shared data not found")
+    a, build = _dataset_file(tmp_path, kind)
+    p = tmp_path / "anno_ds.json"
+    p.write_text(json.dumps(a))
+    build(p)                                  # the valid file loads
+    mutate(a)
+    p.write_text(json.dumps(a))
+    with pytest.raises(data.DataError) as e:
+        build(p)
+    assert str(e.value).startswith(str(p)) and needle in str(e.value) and "\n" not in str(e.value)
+
+
+# ----------------------------------------------------------------------------------------------
+# Never a silently wrong number: detection files, non-finite scores
+# ----------------------------------------------------------------------------------------------
+def _world_copy(tiny_world, tmp: Path) -> dict:
+    import shutil
+    shutil.copytree(tiny_world["root"], tmp / "world")
+    return dict(tiny_world, root=tmp / "world")
+
+
+@pytest.mark.parametrize("field, value, needle", [
+    ("labels", 99, "field 'labels[0]': index 99 out of range [0, 80)"),
+    ("boxes", [0, 0, 1e39, 10], "beyond float32"),
+    ("scores", 1e39, "beyond float32"),
+])
+def test_detection_file_checked_at_load_time(tiny_world, tmp_path, field, value, needle):
+    world = _world_copy(tiny_world, tmp_path)
+    dets = world["root"] / "detections_test.json"
+    d = json.loads(dets.read_text())
+    img = sorted(d)[1]
+    d[img][field][0] = value
+    dets.write_text(json.dumps(d))
+    refused(_teacher_cli, teacher_argv(world, tmp_path), [tmp_path], [str(dets), f"image '{img}'", needle])
+
+
+def test_nan_checkpoint_or_features_name_the_images_at_evaluation(tiny_world, finished_run, tmp_path):
+    run = _copy_run(finished_run, tmp_path)
+    ck = torch.load(run / "last.pt", weights_only=False)
+    good = {k: v.clone() for k, v in ck["model"].items()}
+    key = next(k for k, v in ck["model"].items() if v.is_floating_point() and v.dim() == 2)
+    ck["model"][key][0, 0] = float("nan")
+    torch.save(ck, run / "last.pt")
+    for n in ("predictions_test.json", "metrics.json", "curves.png"):
+        (run / n).unlink()                         # so that the resumed run evaluates
+    line = refused(_teacher_cli, teacher_argv(tiny_world, tmp_path, "t", "--resume"), [tmp_path / "runs"],
+                   ["non-finite scores at evaluation", "synth_test_000000.png", f"'{key}'"])
+    assert "4 image(s)" in line
+    # NaN features of one test image in the feature cache
+    ck["model"] = good
+    torch.save(ck, run / "last.pt")
+    idx = next(p for p in (tmp_path / "cache").rglob("index.json")
+               if any(i[0].endswith("synth_test_000002.png") for i in json.loads(p.read_text())["images"]))
+    meta = json.loads(idx.read_text())
+    k = [i for i, x in enumerate(meta["images"]) if x[0].endswith("synth_test_000002.png")][0]
+    mm = np.memmap(idx.parent / meta["data"], dtype=meta["dtype"], mode="r+")
+    per = mm.size // len(meta["images"])
+    mm[k * per] = np.nan
+    mm.flush()
+    del mm
+    refused(_teacher_cli, teacher_argv(tiny_world, tmp_path, "t", "--resume"), [tmp_path / "runs"],
+            ["synth_test_000002.png", "the VLM features of synth_test_000002.png are non-finite"])
+
+
+def test_infer_refuses_a_nan_checkpoint_naming_the_image(tiny_world, tiny_ckpt, tmp_path):
+    ck = torch.load(tiny_ckpt, weights_only=False)
+    key = next(k for k, v in ck["model"].items() if v.is_floating_point() and v.dim() == 2)
+    ck["model"][key] = torch.full_like(ck["model"][key], float("nan"))
+    bad = tmp_path / "nan.pt"
+    torch.save(ck, bad)
+    img = tiny_world["test_images"] / "synth_test_000001.png"
+    argv = [str(img), "--checkpoint", str(bad), "--gt-anno", str(tiny_world["test_anno"]), "--out",
+            str(tmp_path / "out"), "--quiet"]
+    refused(infer.main, argv, [tmp_path], [str(bad), "'synth_test_000001.png'", "non-finite"])
+    assert not (tmp_path / "out" / "predictions.json").exists()
