@@ -1,5 +1,9 @@
-"""Helpers shared by the kernel wrappers: implementation choice, Triton availability, and the
-checks a Triton launch needs.
+"""The skeleton every op in kernels/ shares: the optional Triton import, the implementation
+choice, the accumulation dtype, and the checks a Triton launch needs.
+
+Every op file reads top to bottom the same way: the reference (the definition) -> the lean
+chunked torch path -> the Triton kernels and their launchers -> one autograd.Function that
+calls either fused path -> one public function with the ``impl`` switch.
 
 The Triton CPU interpreter (TRITON_INTERPRET=1, used by the tests) checks none of the limits a
 real GPU launch has (block sizes, contiguity, dtypes, out-of-bounds indices), so the wrappers
@@ -9,18 +13,29 @@ import os
 
 import torch
 
+try:  # Triton is optional: without it only the torch paths run
+    import triton
+    import triton.language as tl
+except Exception:  # pragma: no cover - depends on the environment
+    triton = None
+    tl = None
+
 IMPLS = ("auto", "triton", "torch", "reference")
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_BLOCK_ELEMS = 16384        # elements in one program's 2-D tile (registers on a GPU)
+_SHORT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "int64",
+          torch.int32: "int32"}
+
+
+def acc_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """The one accumulation rule of every fused path: fp32 whatever the input dtypes (fp16 /
+    bf16 / fp32), fp64 when any input is fp64 (so that gradcheck can run on the torch paths)."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
 def triton_available() -> bool:
     """True when Triton can run: a CUDA device, or the CPU interpreter (TRITON_INTERPRET=1)."""
-    try:
-        import triton  # noqa: F401
-    except Exception:
-        return False
-    return torch.cuda.is_available() or interpreting()
+    return triton is not None and (torch.cuda.is_available() or interpreting())
 
 
 def interpreting() -> bool:
@@ -72,7 +87,8 @@ def check_launch(op: str, *tensors: torch.Tensor, dtypes=FLOAT_DTYPES) -> None:
         if not t.is_contiguous():
             raise ValueError(f"{op}: Triton kernel needs contiguous tensors, got strides {t.stride()}")
         if t.dtype not in dtypes:
-            raise ValueError(f"{op}: dtype {t.dtype} not supported by the Triton kernel ({dtypes})")
+            names = "/".join(_SHORT.get(d, str(d)) for d in dtypes)
+            raise ValueError(f"{op}: dtype {t.dtype} not supported by the Triton kernel ({names})")
 
 
 def check_index(op: str, name: str, idx: torch.Tensor, n: int) -> None:

@@ -15,14 +15,14 @@ Three implementations, one definition (``impl=``):
 
 - "reference": plain differentiable PyTorch. Materialises bias and attention, [P, Hd, T] each,
   and autograd keeps several such tensors for backward.
-- "torch": the memory-lean path (`_BoxAttentionTorch`, one autograd.Function). Pairs are
+- "torch": the memory-lean path (`_fwd_torch` / `_bwd_torch`). Pairs are
   grouped by image and processed in chunks of at most ``_CHUNK_ELEMS / (Hd * T)`` pairs; only
   q, k, v, boxes, strength and the per-row softmax statistics (max and sum, [P, Hd] each) are
   saved. Backward recomputes the bias and the attention probabilities chunk by chunk
   (flash-attention backward):
       P = exp(S - max) / sum,  dV += P^T dO,  dP = dO V^T,  dS = P * (dP - rowsum(P * dP)),
       dQ = dS K * scale,  dK += dS^T Q * scale,  dstrength[h, r] = sum_{p,t} dS * inside_r.
-- "triton": flash-attention style kernels (`_BoxAttentionTriton`). Pairs are sorted by image
+- "triton": flash-attention style kernels (`_fwd_triton` / `_bwd_triton`). Pairs are sorted by image
   and cut into blocks of BLOCK_P pairs that never straddle two images, so a block shares one
   image's K/V. A forward program (pair block, head) loops over token blocks, computes the box
   bias in registers from the 12 (grown) box numbers of each pair and the token's grid index,
@@ -32,25 +32,15 @@ Three implementations, one definition (``impl=``):
   (token block, head, image) that loops over that image's pair blocks; no atomics).
   Pair order is never materialised: kernels gather/scatter rows through the sort permutation.
 
+Both fused paths run inside one autograd.Function (`BoxAttentionFunction`).
 "auto" = "triton" for CUDA tensors when Triton imports, else "torch" (see kernels/_common.py).
-All paths compute softmax statistics in fp32 (fp64 for fp64 inputs, torch path only) and
-return out / gradients in the input dtypes.
+All paths compute softmax statistics in fp32 (fp64 for fp64 inputs, torch path only; the
+accumulation rule of kernels/_common.py) and return out / gradients in the input dtypes.
+Measurement (analytic cost model, peak memory, time) lives in kernels/bench.py.
 """
-import os
-
 import torch
 
-from kernels._common import resolve_impl
-
-try:  # Triton is optional: CPU users run the lean torch path.
-    import triton
-    import triton.language as tl
-except Exception:  # pragma: no cover - depends on the environment
-    triton = None
-    tl = None
-
-# Interpreter mode must be known when the kernels are decorated (tests/conftest.py sets it).
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from kernels._common import acc_dtype, check_blocks, check_index, check_launch, interpreting, resolve_impl, tl, triton
 
 # Lean torch path: at most this many elements per [chunk, Hd, T] intermediate (4 MiB in fp32).
 _CHUNK_ELEMS = 1 << 20
@@ -122,25 +112,6 @@ def box_attention_reference(q, k, v, pair_image, boxes, strength, grid_hw, scale
     return out
 
 
-def _check(q, k, v, pair_image, boxes, strength, grid_hw):
-    P, Hd, D = q.shape
-    if k.dim() != 4 or k.shape != v.shape or k.shape[1] != Hd or k.shape[3] != D:
-        raise ValueError(f"box_attention: k, v must be [B, {Hd}, T, {D}], got {tuple(k.shape)}, {tuple(v.shape)}")
-    if k.shape[2] != grid_hw[0] * grid_hw[1]:
-        raise ValueError(f"box_attention: T={k.shape[2]} != Gh*Gw={grid_hw[0] * grid_hw[1]}")
-    if pair_image.shape != (P,) or boxes.shape != (P, 3, 4) or strength.shape != (Hd, 3):
-        raise ValueError("box_attention: pair_image [P], boxes [P, 3, 4], strength [Hd, 3] expected, got "
-                         f"{tuple(pair_image.shape)}, {tuple(boxes.shape)}, {tuple(strength.shape)}")
-
-
-def _check_pair_image(pair_image, n_images):
-    """The fused paths index images through pair_image: it must lie in [0, B)."""
-    if pair_image.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"box_attention: pair_image must be an integer tensor, got {pair_image.dtype}")
-    if pair_image.numel() and (int(pair_image.min()) < 0 or int(pair_image.max()) >= n_images):
-        raise ValueError(f"box_attention: pair_image values must lie in [0, {n_images}), got "
-                         f"[{int(pair_image.min())}, {int(pair_image.max())}]")
-
 
 # ----------------------------------------------------------------------------------------------
 # Lean chunked PyTorch path
@@ -183,94 +154,75 @@ def _chunk_logits(qh, kb, boxes_c, strength, grid_hw, scale):
     return bias.baddbmm_(qh, kb.transpose(1, 2), alpha=scale), inside
 
 
-def _acc_dtype(*tensors):
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-class _BoxAttentionTorch(torch.autograd.Function):
-    """Chunked forward/backward; saves q, k, v, boxes, strength and row max/sum [P, Hd] only.
+def _fwd_torch(q, k, v, strength, pair_image, boxes, grid_hw, scale, chunk):
+    """Chunked forward -> (out [P, Hd, D], tensors saved for _bwd_torch: row max / sum [P, Hd]).
 
     Chunks are head-major ([Hd, c, T]) so every product is a plain batched GEMM over heads.
     """
-
-    @staticmethod
-    def forward(ctx, q, k, v, strength, pair_image, boxes, grid_hw, scale, chunk):
-        P, Hd, D = q.shape
-        B = k.shape[0]
-        acc = _acc_dtype(q, k, v, strength)
-        st = strength.to(acc)                                              # [Hd, 3]
-        out = q.new_empty(P, Hd, D)                                        # [P, Hd, D]
-        row_max = torch.empty(P, Hd, dtype=acc, device=q.device)           # [P, Hd]
-        row_sum = torch.empty(P, Hd, dtype=acc, device=q.device)           # [P, Hd]
-        kb = vb = None
-        last_b = -1
-        for b, idx in _image_chunks(pair_image, B, chunk):
-            if b != last_b:
-                kb, vb, last_b = k[b].to(acc), v[b].to(acc), b            # [Hd, T, D]
-            qh = q[idx].to(acc).transpose(0, 1)                            # [Hd, c, D]
-            logits, _ = _chunk_logits(qh, kb, boxes[idx], st, grid_hw, scale)
-            m = logits.amax(dim=-1, keepdim=True)                          # [Hd, c, 1]
-            e = logits.sub_(m).exp_()                                      # [Hd, c, T]
-            l = e.sum(-1, keepdim=True)                                    # [Hd, c, 1]
-            oh = torch.bmm(e, vb).div_(l)                                  # [Hd, c, D]
-            out[idx] = oh.transpose(0, 1).to(out.dtype)
-            row_max[idx], row_sum[idx] = m[..., 0].T, l[..., 0].T
-        ctx.save_for_backward(q, k, v, strength, pair_image, boxes, row_max, row_sum)
-        ctx.grid_hw, ctx.scale, ctx.chunk = grid_hw, scale, chunk
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dout):
-        q, k, v, strength, pair_image, boxes, row_max, row_sum = ctx.saved_tensors
-        grid_hw, scale, chunk = ctx.grid_hw, ctx.scale, ctx.chunk
-        need_q, need_k, need_v, need_s = ctx.needs_input_grad[:4]
-        B = k.shape[0]
-        acc = _acc_dtype(q, k, v, strength)
-        st = strength.to(acc)
-        dq = torch.zeros(q.shape, dtype=q.dtype, device=q.device) if need_q else None
-        dk = torch.zeros(k.shape, dtype=acc, device=k.device) if need_k else None
-        dv = torch.zeros(v.shape, dtype=acc, device=v.device) if need_v else None
-        dst = torch.zeros(st.shape, dtype=acc, device=st.device) if need_s else None
-        kb = vb = None
-        last_b = -1
-        for b, idx in _image_chunks(pair_image, B, chunk):
-            if b != last_b:
-                kb, vb, last_b = k[b].to(acc), v[b].to(acc), b            # [Hd, T, D]
-            qh = q[idx].to(acc).transpose(0, 1)                            # [Hd, c, D]
-            doh = dout[idx].to(acc).transpose(0, 1)                        # [Hd, c, D]
-            logits, inside = _chunk_logits(qh, kb, boxes[idx], st, grid_hw, scale)
-            # exp(S - max) / sum rather than exp(S - lse): exact for the max logit even when
-            # |S| ~ 1e3 (lse's fp32 ulp would be ~1e-4 there)
-            p = logits.sub_(row_max[idx].T[..., None]).exp_()
-            p = p.mul_(row_sum[idx].T.reciprocal()[..., None])             # [Hd, c, T]
-            if need_v:
-                dv[b].baddbmm_(p.transpose(1, 2), doh)                     # [Hd, T, D]
-            if not (need_q or need_k or need_s):
-                continue
-            dp = torch.bmm(doh, vb.transpose(1, 2))                        # [Hd, c, T]
-            delta = torch.einsum("hct,hct->hc", p, dp)                     # rowsum(dO * O)
-            ds = dp.sub_(delta[..., None]).mul_(p)                         # [Hd, c, T]
-            if need_q:
-                dq[idx] = torch.bmm(ds, kb).mul_(scale).transpose(0, 1).to(dq.dtype)
-            if need_k:
-                dk[b].baddbmm_(ds.transpose(1, 2), qh, alpha=scale)
-            if need_s:
-                dst += torch.mm(ds.view(ds.shape[0], -1), inside.view(3, -1).T)
-        return (dq, None if dk is None else dk.to(k.dtype), None if dv is None else dv.to(v.dtype),
-                None if dst is None else dst.to(strength.dtype), None, None, None, None, None)
-
-
-def box_attention_torch(q, k, v, pair_image, boxes, strength, grid_hw, scale=None, chunk=None):
-    """Lean chunked path. chunk: pairs per chunk (default: _CHUNK_ELEMS / (Hd * T))."""
     P, Hd, D = q.shape
-    T = k.shape[2]
-    scale = D ** -0.5 if scale is None else float(scale)
-    if chunk is None:
-        chunk = max(1, _CHUNK_ELEMS // max(1, Hd * T))
-    _check_pair_image(pair_image, k.shape[0])
-    return _BoxAttentionTorch.apply(q, k, v, strength, pair_image, boxes, tuple(grid_hw), scale,
-                                    int(chunk))
+    B = k.shape[0]
+    acc = acc_dtype(q.dtype, k.dtype, v.dtype, strength.dtype)
+    st = strength.to(acc)                                              # [Hd, 3]
+    out = q.new_empty(P, Hd, D)                                        # [P, Hd, D]
+    row_max = torch.empty(P, Hd, dtype=acc, device=q.device)           # [P, Hd]
+    row_sum = torch.empty(P, Hd, dtype=acc, device=q.device)           # [P, Hd]
+    kb = vb = None
+    last_b = -1
+    for b, idx in _image_chunks(pair_image, B, chunk):
+        if b != last_b:
+            kb, vb, last_b = k[b].to(acc), v[b].to(acc), b            # [Hd, T, D]
+        qh = q[idx].to(acc).transpose(0, 1)                            # [Hd, c, D]
+        logits, _ = _chunk_logits(qh, kb, boxes[idx], st, grid_hw, scale)
+        m = logits.amax(dim=-1, keepdim=True)                          # [Hd, c, 1]
+        e = logits.sub_(m).exp_()                                      # [Hd, c, T]
+        ssum = e.sum(-1, keepdim=True)                                 # [Hd, c, 1]
+        oh = torch.bmm(e, vb).div_(ssum)                               # [Hd, c, D]
+        out[idx] = oh.transpose(0, 1).to(out.dtype)
+        row_max[idx], row_sum[idx] = m[..., 0].T, ssum[..., 0].T
+    return out, (row_max, row_sum)
+
+
+def _bwd_torch(dout, q, k, v, strength, pair_image, boxes, stats, grid_hw, scale, chunk, needs):
+    """Chunked backward (flash-attention style, recomputing bias and attention) -> (dq, dk, dv,
+    dstrength), None where needs[i] is False."""
+    row_max, row_sum = stats
+    need_q, need_k, need_v, need_s = needs
+    B = k.shape[0]
+    acc = acc_dtype(q.dtype, k.dtype, v.dtype, strength.dtype)
+    st = strength.to(acc)
+    dq = torch.zeros(q.shape, dtype=q.dtype, device=q.device) if need_q else None
+    dk = torch.zeros(k.shape, dtype=acc, device=k.device) if need_k else None
+    dv = torch.zeros(v.shape, dtype=acc, device=v.device) if need_v else None
+    dst = torch.zeros(st.shape, dtype=acc, device=st.device) if need_s else None
+    kb = vb = None
+    last_b = -1
+    for b, idx in _image_chunks(pair_image, B, chunk):
+        if b != last_b:
+            kb, vb, last_b = k[b].to(acc), v[b].to(acc), b            # [Hd, T, D]
+        qh = q[idx].to(acc).transpose(0, 1)                            # [Hd, c, D]
+        doh = dout[idx].to(acc).transpose(0, 1)                        # [Hd, c, D]
+        logits, inside = _chunk_logits(qh, kb, boxes[idx], st, grid_hw, scale)
+        # exp(S - max) / sum rather than exp(S - lse): exact for the max logit even when
+        # |S| ~ 1e3 (lse's fp32 ulp would be ~1e-4 there)
+        p = logits.sub_(row_max[idx].T[..., None]).exp_()
+        p = p.mul_(row_sum[idx].T.reciprocal()[..., None])             # [Hd, c, T]
+        if need_v:
+            dv[b].baddbmm_(p.transpose(1, 2), doh)                     # [Hd, T, D]
+        if not (need_q or need_k or need_s):
+            continue
+        dp = torch.bmm(doh, vb.transpose(1, 2))                        # [Hd, c, T]
+        delta = torch.einsum("hct,hct->hc", p, dp)                     # rowsum(dO * O)
+        ds = dp.sub_(delta[..., None]).mul_(p)                         # [Hd, c, T]
+        if need_q:
+            dq[idx] = torch.bmm(ds, kb).mul_(scale).transpose(0, 1).to(dq.dtype)
+        if need_k:
+            dk[b].baddbmm_(ds.transpose(1, 2), qh, alpha=scale)
+        if need_s:
+            dst += torch.mm(ds.view(ds.shape[0], -1), inside.view(3, -1).T)
+    return (dq, None if dk is None else dk.to(k.dtype), None if dv is None else dv.to(v.dtype),
+            None if dst is None else dst.to(strength.dtype))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -495,17 +447,25 @@ if triton is not None:
 _TRITON_MAX_D = 256
 
 
-def _triton_config(D, T, block_p=None, block_t=None):
-    """Fixed block sizes (no autotune: the interpreter cannot run several configs).
+def _triton_config(D, T, blocks=None):
+    """(BLOCK_P, BLOCK_T, BLOCK_D, num_warps): fixed block sizes (no autotune: the interpreter
+    cannot run several configs); blocks = (BLOCK_P, BLOCK_T) overrides the first two.
 
     Head dims are padded to BLOCK_D = next power of two >= 16 (masked). GPU tiles (untuned, no GPU
     here; sized for the registers of the [BP, BT] score tile and the [BP, BD] accumulators):
     BLOCK_D <= 64: 32 pairs x 64 tokens, 4 warps; 128: 32 x 32, 4 warps; 256: 16 x 32, 8 warps.
     All three compile for sm_90 within shared memory limits (tests/test_box_attention.py).
     """
+    if D > _TRITON_MAX_D:
+        raise ValueError(f"box_attention: impl='triton' supports head dim <= {_TRITON_MAX_D}, got {D}")
     block_d = max(16, triton.next_power_of_2(D))
     bp, bt, warps = (32, 64, 4) if block_d <= 64 else (32, 32, 4) if block_d <= 128 else (16, 32, 8)
-    return block_p or bp, block_t or bt, block_d, warps
+    if blocks is not None:
+        bp, bt = (int(b) for b in blocks)
+        if min(bp, bt) < 16:   # tl.dot needs every dimension >= 16
+            raise ValueError(f"box_attention: blocks must be powers of two >= 16, got {tuple(blocks)}")
+    check_blocks("box_attention", bp, bt)
+    return bp, bt, block_d, warps
 
 
 def _block_plan(pair_image, n_images, block_p):
@@ -530,267 +490,139 @@ def _block_plan(pair_image, n_images, block_p):
     return perm, i32(blk_img), i32(blk_start), i32(blk_end), i32(img_lo), i32(img_hi)
 
 
-class _BoxAttentionTriton(torch.autograd.Function):
-    """Fused forward (out, row max/sum) and backward (dq + d strength partials, dk/dv) kernels."""
+
+def _fwd_triton(q, k, v, strength, pair_image, boxes, grid_hw, scale, cfg):
+    """Forward kernel -> (out [P, Hd, D], tensors saved for _bwd_triton: grown boxes, fp32
+    strength, out, row max / sum [P, Hd] and the block plan). q, k, v: contiguous, one dtype."""
+    P, Hd, D = q.shape
+    B, _, T, _ = k.shape
+    gh, gw = grid_hw
+    BP, BT, BD, warps = cfg
+    grown = grow_boxes(boxes.float(), grid_hw).contiguous()               # [P, 3, 4] fp32
+    st = strength.detach().float().contiguous()                            # [Hd, 3]
+    plan = _block_plan(pair_image, B, BP)
+    perm, blk_img, blk_start, blk_end, img_lo, img_hi = plan
+    n_blocks = blk_img.numel()
+    out = torch.empty_like(q)                                              # [P, Hd, D]
+    # softmax statistics: row max and sum of exp(S - max), [P, Hd] fp32 each (kept apart
+    # rather than as lse = max + log(sum) so backward is exact for |S| ~ 1e3)
+    row_max = torch.empty(P, Hd, dtype=torch.float32, device=q.device)
+    row_sum = torch.empty(P, Hd, dtype=torch.float32, device=q.device)
+    if n_blocks:
+        _fwd_kernel[(n_blocks, Hd)](
+            q, k, v, grown, st, out, row_max, row_sum, perm, blk_img, blk_start, blk_end,
+            scale, Hd, T, D, gw, float(gw), float(gh),
+            BLOCK_P=BP, BLOCK_T=BT, BLOCK_D=BD, HALF_DOT=_half_dot(q), num_warps=warps)
+    return out, (grown, st, out, row_max, row_sum, *plan)
+
+
+def _bwd_triton(dout, q, k, v, strength, saved, grid_hw, scale, cfg):
+    """dq kernel (+ d strength partials per program, summed here) and dk/dv kernel ->
+    (dq, dk, dv, dstrength)."""
+    grown, st, out, row_max, row_sum, perm, blk_img, blk_start, blk_end, img_lo, img_hi = saved
+    gh, gw = grid_hw
+    BP, BT, BD, warps = cfg
+    P, Hd, D = q.shape
+    B, _, T, _ = k.shape
+    n_blocks = blk_img.numel()
+    dout = dout.contiguous().to(q.dtype)
+    delta = (dout.float() * out.float()).sum(-1).contiguous()               # [P, Hd]
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    dstr_part = torch.zeros(max(n_blocks, 1), Hd, 3, dtype=torch.float32, device=q.device)
+    common = dict(BLOCK_P=BP, BLOCK_T=BT, BLOCK_D=BD, HALF_DOT=_half_dot(q), num_warps=warps)
+    if n_blocks:
+        _bwd_dq_kernel[(n_blocks, Hd)](
+            q, k, v, grown, st, dout, row_max, row_sum, delta, dq, dstr_part, perm, blk_img, blk_start,
+            blk_end, scale, Hd, T, D, gw, float(gw), float(gh), **common)
+    _bwd_dkdv_kernel[(triton.cdiv(T, BT), Hd, B)](
+        q, k, v, grown, st, dout, row_max, row_sum, delta, dk, dv, perm, blk_start, blk_end, img_lo, img_hi,
+        scale, Hd, T, D, gw, float(gw), float(gh), **common)
+    return dq, dk, dv, dstr_part.sum(0).to(strength.dtype)                  # dstrength [Hd, 3]
+
+
+def _half_dot(q):
+    """bf16 / fp16 operands go to the tensor cores on a GPU; in the interpreter tl.dot on bf16
+    returns garbage, so it gets fp32 operands there."""
+    return (not interpreting()) and q.dtype != torch.float32
+
+
+# ----------------------------------------------------------------------------------------------
+# Autograd
+# ----------------------------------------------------------------------------------------------
+
+class BoxAttentionFunction(torch.autograd.Function):
+    """(q, k, v, strength, pair_image, boxes) -> out [P, Hd, D] through the lean torch path
+    (cfg = pairs per chunk; saves the inputs and row max / sum [P, Hd]) or the Triton kernels
+    (cfg = _triton_config; also saves out, the grown boxes and the block plan). Gradients to q,
+    k, v and strength."""
 
     @staticmethod
-    def forward(ctx, q, k, v, strength, pair_image, boxes, grid_hw, scale, block_p, block_t):
-        P, Hd, D = q.shape
-        B, _, T, _ = k.shape
-        gh, gw = grid_hw
-        BP, BT, BD, warps = _triton_config(D, T, block_p, block_t)
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        grown = grow_boxes(boxes.float(), grid_hw).contiguous()               # [P, 3, 4] fp32
-        st = strength.detach().float().contiguous()                            # [Hd, 3]
-        plan = _block_plan(pair_image, B, BP)
-        perm, blk_img, blk_start, blk_end, img_lo, img_hi = plan
-        n_blocks = blk_img.numel()
-        out = torch.empty_like(q)                                              # [P, Hd, D]
-        # softmax statistics: row max and sum of exp(S - max), [P, Hd] fp32 each (kept apart
-        # rather than as lse = max + log(sum) so backward is exact for |S| ~ 1e3)
-        row_max = torch.empty(P, Hd, dtype=torch.float32, device=q.device)
-        row_sum = torch.empty(P, Hd, dtype=torch.float32, device=q.device)
-        half_dot = (not _INTERPRET) and q.dtype != torch.float32
-        if n_blocks:
-            _fwd_kernel[(n_blocks, Hd)](
-                q, k, v, grown, st, out, row_max, row_sum, perm, blk_img, blk_start, blk_end,
-                scale, Hd, T, D, gw, float(gw), float(gh),
-                BLOCK_P=BP, BLOCK_T=BT, BLOCK_D=BD, HALF_DOT=half_dot, num_warps=warps)
-        ctx.save_for_backward(q, k, v, grown, st, out, row_max, row_sum, *plan)
-        ctx.meta = (grid_hw, scale, BP, BT, BD, warps, half_dot, strength.dtype)
+    def forward(ctx, q, k, v, strength, pair_image, boxes, grid_hw, scale, use_triton, cfg):
+        fwd = _fwd_triton if use_triton else _fwd_torch
+        out, saved = fwd(q, k, v, strength, pair_image, boxes, grid_hw, scale, cfg)
+        ctx.save_for_backward(q, k, v, strength, pair_image, boxes, *saved)
+        ctx.meta = (grid_hw, scale, use_triton, cfg)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
-        q, k, v, grown, st, out, row_max, row_sum, perm, blk_img, blk_start, blk_end, img_lo, img_hi = \
-            ctx.saved_tensors
-        (gh, gw), scale, BP, BT, BD, warps, half_dot, st_dtype = ctx.meta
-        P, Hd, D = q.shape
-        B, _, T, _ = k.shape
-        n_blocks = blk_img.numel()
-        dout = dout.contiguous().to(q.dtype)
-        delta = (dout.float() * out.float()).sum(-1).contiguous()               # [P, Hd]
-        dq = torch.empty_like(q)
-        dk = torch.empty_like(k)
-        dv = torch.empty_like(v)
-        dstr_part = torch.zeros(max(n_blocks, 1), Hd, 3, dtype=torch.float32, device=q.device)
-        common = dict(BLOCK_P=BP, BLOCK_T=BT, BLOCK_D=BD, HALF_DOT=half_dot, num_warps=warps)
-        if n_blocks:
-            _bwd_dq_kernel[(n_blocks, Hd)](
-                q, k, v, grown, st, dout, row_max, row_sum, delta, dq, dstr_part, perm, blk_img, blk_start,
-                blk_end, scale, Hd, T, D, gw, float(gw), float(gh), **common)
-        _bwd_dkdv_kernel[(triton.cdiv(T, BT), Hd, B)](
-            q, k, v, grown, st, dout, row_max, row_sum, delta, dk, dv, perm, blk_start, blk_end, img_lo, img_hi,
-            scale, Hd, T, D, gw, float(gw), float(gh), **common)
-        dstr = dstr_part.sum(0).to(st_dtype)                                     # [Hd, 3]
-        return dq, dk, dv, dstr, None, None, None, None, None, None
-
-
-def _check_triton(q, k, v, strength):
-    if triton is None:
-        raise RuntimeError("box_attention: impl='triton' needs the triton package")
-    if not _INTERPRET and not (q.is_cuda and k.is_cuda and v.is_cuda and strength.is_cuda):
-        raise ValueError("box_attention: impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 "
-                         "set before kernels/ is imported)")
-    dt = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
-    if dt not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"box_attention: impl='triton' needs q, k, v in fp32/fp16/bf16, "
-                         f"got {q.dtype}, {k.dtype}, {v.dtype}")
-    if q.shape[-1] > _TRITON_MAX_D:
-        raise ValueError(f"box_attention: impl='triton' supports head dim <= {_TRITON_MAX_D}, "
-                         f"got {q.shape[-1]}")
-    return dt
-
-
-def box_attention_triton(q, k, v, pair_image, boxes, strength, grid_hw, scale=None,
-                         block_p=None, block_t=None):
-    """Triton path. block_p / block_t override the fixed config (powers of two >= 16).
-
-    q, k, v: fp32 / fp16 / bf16 (mixed dtypes are cast to their promoted type), head dim <= 256.
-    """
-    dt = _check_triton(q, k, v, strength)
-    q, k, v = q.to(dt), k.to(dt), v.to(dt)  # mixed dtypes (e.g. autocast): one common dtype
-    _check_pair_image(pair_image, k.shape[0])
-    for name, b in (("block_p", block_p), ("block_t", block_t)):
-        if b is not None and (b < 16 or b & (b - 1)):
-            raise ValueError(f"box_attention: {name} must be a power of two >= 16, got {b}")
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    pair_image, boxes = pair_image.to(q.device), boxes.to(q.device)
-    return _BoxAttentionTriton.apply(q, k, v, strength, pair_image, boxes,
-                                     (int(grid_hw[0]), int(grid_hw[1])), scale, block_p, block_t)
+        q, k, v, strength, pair_image, boxes, *saved = ctx.saved_tensors
+        grid_hw, scale, use_triton, cfg = ctx.meta
+        if use_triton:
+            grads = _bwd_triton(dout, q, k, v, strength, saved, grid_hw, scale, cfg)
+        else:
+            grads = _bwd_torch(dout, q, k, v, strength, pair_image, boxes, saved, grid_hw, scale, cfg,
+                               ctx.needs_input_grad[:4])
+        return (*grads, None, None, None, None, None, None)
 
 
 # ----------------------------------------------------------------------------------------------
 # Public op
 # ----------------------------------------------------------------------------------------------
 
-def box_attention(q, k, v, pair_image, boxes, strength, grid_hw, scale=None, impl="auto"):
+def _check(q, k, v, pair_image, boxes, strength, grid_hw):
+    P, Hd, D = q.shape
+    if k.dim() != 4 or k.shape != v.shape or k.shape[1] != Hd or k.shape[3] != D:
+        raise ValueError(f"box_attention: k, v must be [B, {Hd}, T, {D}], got {tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape[2] != grid_hw[0] * grid_hw[1]:
+        raise ValueError(f"box_attention: T={k.shape[2]} != Gh*Gw={grid_hw[0] * grid_hw[1]}")
+    if pair_image.shape != (P,) or boxes.shape != (P, 3, 4) or strength.shape != (Hd, 3):
+        raise ValueError("box_attention: pair_image [P], boxes [P, 3, 4], strength [Hd, 3] expected, got "
+                         f"{tuple(pair_image.shape)}, {tuple(boxes.shape)}, {tuple(strength.shape)}")
+
+
+def box_attention(q, k, v, pair_image, boxes, strength, grid_hw, scale=None, impl="auto", *,
+                  blocks=None, chunk=None):
     """Box-guided cross-attention; see the module docstring. Returns [P, Hd, D].
 
     q: [P, Hd, D]  k, v: [B, Hd, T = Gh*Gw, D]  pair_image: Long[P] in [0, B)
     boxes: [P, 3, 4] normalised xyxy (human, object, union)  strength: [Hd, 3]
     Gradients flow to q, k, v and strength; boxes and pair_image are constants.
+    blocks: optional (BLOCK_P, BLOCK_T) for the Triton kernels (powers of two >= 16);
+    chunk: optional pairs per chunk of the lean torch path (default _CHUNK_ELEMS / (Hd * T)).
+    Triton: q, k, v in fp32 / fp16 / bf16 (mixed dtypes are cast to their promoted type), head
+    dim <= 256 ("auto" falls back to the lean path above that).
     """
     _check(q, k, v, pair_image, boxes, strength, grid_hw)
+    P, Hd, D = q.shape
     requested, impl = impl, resolve_impl(impl, q, k, v)
-    if requested == "auto" and impl == "triton" and q.shape[-1] > _TRITON_MAX_D:
+    if requested == "auto" and impl == "triton" and D > _TRITON_MAX_D:
         impl = "torch"  # the lean path runs on any device
-    if impl == "reference" or q.shape[0] == 0:
+    if impl == "reference" or P == 0:
         return box_attention_reference(q, k, v, pair_image, boxes, strength, grid_hw, scale)
-    if impl == "triton":
-        return box_attention_triton(q, k, v, pair_image, boxes, strength, grid_hw, scale)
-    return box_attention_torch(q, k, v, pair_image, boxes, strength, grid_hw, scale)
-
-
-# ----------------------------------------------------------------------------------------------
-# Measurement helpers: analytic cost model and CPU peak memory
-# ----------------------------------------------------------------------------------------------
-
-def cost_model(P=4096, Hd=8, T=1369, D=32, B=4, elem=4, block_p=32, block_t=64):
-    """Analytic FLOPs and bytes of forward and backward (fp32 by default: elem = 4 bytes).
-
-    FLOPs: a multiply-add is 2; elementwise work per [P, Hd, T] element: scale 1, bias 6
-    (3 multiply-adds of strength by the 0/1 inside masks), softmax 5 (max, sub, exp, sum, div),
-    backward dS 3 and d strength 6; inside tests 12 compares per (pair, token).
-    Bytes: the reference counts one read or write per pass over a materialised [P, Hd, T]
-    tensor (its forward makes ~12 such passes: bias, gathered bias, logits, scaled, biased,
-    softmax and the reads of them; backward ~13). The lean torch path makes ~10 (forward) and
-    ~22 (backward) passes over [Hd, chunk, T] buffers of <= 4 MiB (cache-sized working set).
-    The Triton kernels never materialise [P, Hd, T]: "hbm" is the compulsory traffic (q, out, dO, dq, K, V, dK, dV once, 12 box numbers and 2
-    softmax statistics per row) and "l2" the re-reads of K/V per pair block (forward, dq) and of
-    q/dO per token block (dk/dv) of the Triton kernels, served by the L2 cache in practice.
-    """
-    PHT, PHD, BHTD, PT = P * Hd * T, P * Hd * D, B * Hd * T * D, P * T
-    mm = 2 * PHT * D                                             # one [P, Hd, T] x D contraction
-    fwd = 2 * mm + 12 * PHT + 12 * PT                            # QK^T, PV; scale, bias, softmax
-    n_pblk, n_tblk = -(-P // block_p), -(-T // block_t)
-    stats = 2 * P * Hd * 4 + 12 * P * 4                          # row max/sum + boxes (fp32)
-    hbm_fwd = elem * (2 * PHD + 2 * BHTD) + stats
-    hbm_bwd = elem * (4 * PHD + 4 * BHTD) + stats + P * Hd * 4   # + delta
-    return {
-        "shape": {"P": P, "Hd": Hd, "T": T, "D": D, "B": B, "bytes_per_elem": elem},
-        "reference": {
-            "fwd_flops": fwd, "bwd_flops": 4 * mm + 10 * PHT,    # dV, dP, dQ, dK; dS; d strength
-            "fwd_bytes": elem * (12 * PHT + 2 * PHD + 2 * BHTD) + 2 * 3 * PT * 4,
-            "bwd_bytes": elem * (13 * PHT + 4 * PHD + 4 * BHTD) + 3 * PT * 4,
-        },
-        "torch_lean": {  # backward recomputes QK^T, bias and P once
-            "fwd_flops": fwd, "bwd_flops": 5 * mm + 22 * PHT + 12 * PT,
-            # not fused: passes over [Hd, chunk, T] buffers of <= 4 MiB, a cache-sized working set
-            "fwd_bytes_chunked": elem * (10 * PHT + 2 * PHD + 2 * BHTD),
-            "bwd_bytes_chunked": elem * (22 * PHT + 4 * PHD + 4 * BHTD),
-        },
-        "triton": {  # dq and dk/dv kernels each recompute QK^T, bias, P and dP
-            "fwd_flops": fwd, "bwd_flops": 7 * mm + 30 * PHT + 24 * PT,
-            "fwd_bytes_hbm": hbm_fwd, "bwd_bytes_hbm": hbm_bwd,
-            "fwd_bytes_l2": elem * (n_pblk * Hd * 2 * T * D + 2 * PHD),
-            "bwd_bytes_l2": elem * (n_pblk * Hd * 2 * T * D + n_tblk * 2 * PHD + 4 * PHD
-                                    + 2 * BHTD),
-        },
-    }
-
-
-def make_inputs(P=4096, Hd=8, grid_hw=(37, 37), D=32, B=4, dtype=torch.float32, seed=0,
-                device="cpu"):
-    """Random inputs at a given shape (pairs split as evenly as possible over B images)."""
-    g = torch.Generator().manual_seed(seed)
-    T = grid_hw[0] * grid_hw[1]
-    q = torch.randn(P, Hd, D, generator=g).to(device, dtype)
-    k = torch.randn(B, Hd, T, D, generator=g).to(device, dtype)
-    v = torch.randn(B, Hd, T, D, generator=g).to(device, dtype)
-    pair_image = (torch.arange(P) * B // max(P, 1)).to(device)
-    xy = torch.rand(P, 2, 2, generator=g)
-    wh = torch.rand(P, 2, 2, generator=g) * 0.5
-    hb = torch.cat([xy[:, 0] * 0.5, xy[:, 0] * 0.5 + wh[:, 0]], -1)              # [P, 4]
-    ob = torch.cat([xy[:, 1] * 0.5, xy[:, 1] * 0.5 + wh[:, 1]], -1)              # [P, 4]
-    ub = torch.cat([torch.minimum(hb[:, :2], ob[:, :2]), torch.maximum(hb[:, 2:], ob[:, 2:])], -1)
-    boxes = torch.stack([hb, ob, ub], 1).to(device)                              # [P, 3, 4]
-    strength = torch.randn(Hd, 3, generator=g).to(device, dtype)
-    return q, k, v, pair_image, boxes, strength
-
-
-def _profiler_peak_bytes(fn):
-    """Peak of live CPU tensor bytes allocated during fn() (torch.profiler memory events)."""
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    events.sort(key=lambda e: e.start_ns())
-    cur = peak = 0
-    for e in events:  # nbytes > 0: allocation, < 0: free
-        cur += e.nbytes()
-        peak = max(peak, cur)
-    return peak
-
-
-def measure_peak_extra_mb(impl, P=4096, Hd=8, grid_hw=(37, 37), D=32, B=4, backward=True,
-                          method="profiler"):
-    """Peak extra memory (MiB) of one forward(+backward) on CPU beyond the inputs.
-
-    The extra memory includes out and the gradients (q, k, v, strength) themselves.
-    method="profiler": peak of live tensor bytes from torch.profiler memory events (exact,
-    allocator level; slow). method="rss": the peak resident memory the step adds, measured as
-    kernels.bench measures it (VmHWM reset through /proc/self/clear_refs); includes glibc heap
-    caching, so run one impl per fresh process (python -m kernels.box_attention --mem IMPL
-    --method rss).
-    """
-    torch.set_grad_enabled(True)
-    q, k, v, pair_image, boxes, strength = make_inputs(P, Hd, grid_hw, D, B)
-    for t in (q, k, v, strength):
-        t.requires_grad_(True)
-    dout = torch.randn(P, Hd, D)
-    # warm up code paths (small shape) so lazy initialisation is not counted
-    box_attention(*make_inputs(8, Hd, (3, 3), D, 2), grid_hw=(3, 3), impl=impl)
-
-    def step():
-        out = box_attention(q, k, v, pair_image, boxes, strength, grid_hw, impl=impl)
-        if backward:
-            out.backward(dout)
-
-    if method == "profiler":
-        return _profiler_peak_bytes(step) / 2 ** 20
-    from kernels.bench import _cpu_peak_mb  # the benchmark's RSS measurement, one definition
-    return _cpu_peak_mb(step)[0]
-
-
-if __name__ == "__main__":  # python -m kernels.box_attention [--mem IMPL | --time IMPL]
-    import argparse
-    import json
-
-    ap = argparse.ArgumentParser(description="box_attention: CPU peak memory / cost model")
-    ap.add_argument("--mem", choices=["torch", "reference"], help="measure peak extra memory")
-    ap.add_argument("--time", choices=["torch", "reference"],
-                    help="CPU seconds (process time, 1 thread) of forward and backward, 3 runs")
-    ap.add_argument("--pairs", type=int, default=4096)
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--grid", type=int, nargs=2, default=[37, 37])
-    ap.add_argument("--dim", type=int, default=32)
-    ap.add_argument("--images", type=int, default=4)
-    ap.add_argument("--forward-only", action="store_true")
-    ap.add_argument("--method", choices=["profiler", "rss"], default="profiler")
-    a = ap.parse_args()
-    shape = dict(P=a.pairs, Hd=a.heads, D=a.dim, B=a.images)
-    if a.mem:
-        mb = measure_peak_extra_mb(a.mem, grid_hw=tuple(a.grid), backward=not a.forward_only,
-                                   method=a.method, **shape)
-        print(json.dumps({"impl": a.mem, **shape, "grid": a.grid,
-                          "method": a.method, "peak_extra_MiB": round(mb, 1)}))
-    elif a.time:
-        import time
-        torch.set_num_threads(1)
-        q, k, v, pi, boxes, st = make_inputs(grid_hw=tuple(a.grid), **shape)
-        for t in (q, k, v, st):
-            t.requires_grad_(True)
-        dout = torch.randn(q.shape)
-        runs = []
-        for _ in range(3):
-            t0 = time.process_time()
-            out = box_attention(q, k, v, pi, boxes, st, tuple(a.grid), impl=a.time)
-            t1 = time.process_time()
-            out.backward(dout)
-            runs.append((round(t1 - t0, 3), round(time.process_time() - t1, 3)))
-        print(json.dumps({"impl": a.time, **shape, "grid": a.grid, "threads": 1,
-                          "cpu_s_fwd_bwd": runs}))
+    check_index("box_attention", "pair_image", pair_image, k.shape[0])
+    scale = D ** -0.5 if scale is None else float(scale)
+    grid_hw = (int(grid_hw[0]), int(grid_hw[1]))
+    use_triton = impl == "triton"
+    if use_triton:
+        dt = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+        q, k, v = (t.to(dt).contiguous() for t in (q, k, v))  # mixed dtypes (autocast): one dtype
+        check_launch("box_attention", q, k, v)
+        cfg = _triton_config(D, k.shape[2], blocks)
+        pair_image, boxes = pair_image.to(q.device), boxes.to(q.device)
     else:
-        print(json.dumps(cost_model(T=a.grid[0] * a.grid[1], **shape), indent=1))
+        cfg = int(chunk) if chunk else max(1, _CHUNK_ELEMS // max(1, Hd * k.shape[2]))
+    return BoxAttentionFunction.apply(q, k, v, strength, pair_image, boxes, grid_hw, scale, use_triton, cfg)

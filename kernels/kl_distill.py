@@ -33,13 +33,7 @@ the student's dtype, the gradient in the student's dtype. Only the student gets 
 """
 import torch
 
-from kernels._common import check_blocks, check_launch, chunk_rows, resolve_impl
-
-try:
-    import triton
-    import triton.language as tl
-except Exception:  # pragma: no cover - triton missing: only the torch paths run
-    triton = None
+from kernels._common import acc_dtype, check_blocks, check_launch, chunk_rows, resolve_impl, tl, triton
 
 
 def psi_transform(logits: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
@@ -84,11 +78,6 @@ _NEG_INF = float("-inf")
 _CHUNK_ELEMS = 1 << 20
 
 
-def _acc_dtype(*dtypes):
-    """Compute dtype: fp32, or fp64 when any input is fp64 (gradcheck)."""
-    return torch.float64 if torch.float64 in dtypes else torch.float32
-
-
 class _PriorChunk:
     """What the Psi transform needs from the prior of a row chunk, computed once and shared by
     the student and every teacher: log P, log(1 - P), and the masks."""
@@ -125,7 +114,7 @@ def _teacher_p(t, pc, T):
 def _chunks(student, teacher, prior):
     """Row chunks (s, e, x [n, C], t [M, n, C], _PriorChunk or None) in the compute dtype."""
     M, N, C = teacher.shape
-    acc = _acc_dtype(student.dtype, teacher.dtype)
+    acc = acc_dtype(student.dtype, teacher.dtype)
     step = chunk_rows(C, _CHUNK_ELEMS)
     for s in range(0, N, step):
         e = min(N, s + step)
@@ -146,7 +135,7 @@ def _kl_fwd_torch(student, teacher, prior, T):
         if pc is not None:
             rows = rows.masked_fill_(~pc.valid_rows, 0.0)
         total += rows.sum(dtype=torch.float64)
-    return total.to(_acc_dtype(student.dtype, teacher.dtype))
+    return total.to(acc_dtype(student.dtype, teacher.dtype))
 
 
 def _kl_bwd_torch(student, teacher, prior, T, coef):
@@ -210,7 +199,7 @@ if triton is not None:
         """Online softmax statistics over the class blocks of BLOCK_N rows: (row max m,
         log sum exp(z - m)); m = -inf for rows with nothing unmasked."""
         m = tl.full([BLOCK_N], float("-inf"), tl.float32)
-        l = tl.zeros([BLOCK_N], tl.float32)
+        ssum = tl.zeros([BLOCK_N], tl.float32)
         for c0 in range(0, C, BLOCK_C):
             cols = c0 + tl.arange(0, BLOCK_C)
             m2 = mr[:, None] & (cols < C)[None, :]
@@ -219,9 +208,9 @@ if triton is not None:
             z, x, lae = _psi_z(X, off, m2, log_p, log_1mp, keep, inv_T, HAS_PRIOR)
             m_new = tl.maximum(m, tl.max(z, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            l = l * tl.exp(m - m_safe) + tl.sum(tl.exp(z - m_safe[:, None]), axis=1)
+            ssum = ssum * tl.exp(m - m_safe) + tl.sum(tl.exp(z - m_safe[:, None]), axis=1)
             m = m_new
-        return m, tl.log(l)
+        return m, tl.log(ssum)
 
     @triton.jit
     def _load_stats(St, rows, mr, N):
@@ -377,7 +366,7 @@ class KLDistillFunction(torch.autograd.Function):
         elif ctx.use_triton:
             grad = _kl_bwd_triton(student, teacher, prior, T, st_s, st_t, g, ctx.blocks)
         else:
-            acc = _acc_dtype(student.dtype, teacher.dtype)
+            acc = acc_dtype(student.dtype, teacher.dtype)
             grad = _kl_bwd_torch(student, teacher, prior, T, g.to(acc) * (T * T / N))
         return grad, None, None, None, None, None
 

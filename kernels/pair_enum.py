@@ -23,14 +23,7 @@ Boxes are constants (no gradient); spatial features are float32 whatever the inp
 """
 import torch
 
-from kernels._common import (check_blocks, check_index, check_launch, chunk_rows,
-                             resolve_impl)
-
-try:
-    import triton
-    import triton.language as tl
-except Exception:  # pragma: no cover - triton missing: only the torch paths run
-    triton = None
+from kernels._common import acc_dtype, check_blocks, check_index, check_launch, chunk_rows, resolve_impl, tl, triton
 
 NUM_SPATIAL = 36  # 18 terms and their logs
 
@@ -96,11 +89,6 @@ def _gather_add_torch(A, B, b, idx_h, idx_o):
     return out
 
 
-def _acc_dtype(dtype):
-    """Accumulation dtype: fp32, or fp64 for fp64 inputs (gradcheck)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _scatter_torch(g, idx_h, idx_o, N):
     """dA = sum of g rows into idx_h, dB into idx_o, in fp32 (fp64 for fp64 g).
     g: [P, Do] -> ([N, Do], [N, Do]).
@@ -108,7 +96,7 @@ def _scatter_torch(g, idx_h, idx_o, N):
     Each chunk is a sparse [N, n] one-hot matrix times the dense chunk of g (a segment sum).
     On a CPU this is ~10x faster than index_add_, which serialises on the repeated rows (every
     human index repeats N - 1 times)."""
-    P, Do, acc = g.shape[0], g.shape[1], _acc_dtype(g.dtype)
+    P, Do, acc = g.shape[0], g.shape[1], acc_dtype(g.dtype)
     dA = torch.zeros(N, Do, device=g.device, dtype=acc)
     dB = torch.zeros(N, Do, device=g.device, dtype=acc)
     step = chunk_rows(Do)

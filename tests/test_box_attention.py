@@ -5,9 +5,9 @@ import math
 
 import pytest
 import torch
-
-from kernels import box_attention, box_bias, box_attention_reference
 from conftest import aot_compile_in_subprocess
+
+from kernels import bench, box_attention, box_attention_reference, box_bias
 
 ba = importlib.import_module("kernels.box_attention")  # the module (kernels.box_attention is the op)
 
@@ -57,14 +57,14 @@ def _assert_close(got, want, atol, rtol=0.0):
 
 def _triton(block_p=16, block_t=16):
     def fn(q, k, v, pi, boxes, st, grid, scale=None):
-        return ba.box_attention_triton(q, k, v, pi, boxes, st, grid, scale, block_p=block_p,
-                                       block_t=block_t)
+        blocks = None if block_p is None else (block_p, block_t)
+        return box_attention(q, k, v, pi, boxes, st, grid, scale, impl="triton", blocks=blocks)
     return fn
 
 
 def _torch(chunk=None):
     def fn(q, k, v, pi, boxes, st, grid, scale=None):
-        return ba.box_attention_torch(q, k, v, pi, boxes, st, grid, scale, chunk=chunk)
+        return box_attention(q, k, v, pi, boxes, st, grid, scale, impl="torch", chunk=chunk)
     return fn
 
 
@@ -143,7 +143,7 @@ def test_triton_fp32_odd_sizes_noncontiguous():
 def test_triton_default_config_and_auto():
     inp = _inputs([3, 7], 2, (4, 4), 16, seed=5)
     want = _ref64(*inp, (4, 4))
-    _assert_close(_run(lambda *a: ba.box_attention_triton(*a), *inp, (4, 4)), want, atol=2e-5, rtol=1e-5)
+    _assert_close(_run(_triton(None), *inp, (4, 4)), want, atol=2e-5, rtol=1e-5)
     # "auto" on CPU tensors is the lean torch path
     assert ba.resolve_impl("auto", inp[0]) == "torch"
     _assert_close(_run(lambda *a: box_attention(*a, impl="auto"), *inp, (4, 4)), want, atol=2e-5, rtol=1e-5)
@@ -156,7 +156,7 @@ def test_triton_head_dim_padding_and_mixed_dtypes(D):
     q, k, v, pi, boxes, st = _inputs([5, 0, 3], 2, (3, 3), D, seed=8)
     q = q.half()
     want = _ref64(q, k, v, pi, boxes, st, (3, 3))
-    got = _run(lambda *a: ba.box_attention_triton(*a), q, k, v, pi, boxes, st, (3, 3))
+    got = _run(_triton(None), q, k, v, pi, boxes, st, (3, 3))
     assert got[0].dtype == torch.float32 and got[1].dtype == torch.float16
     _assert_close(got, want, atol=2e-3, rtol=2e-3)                     # dq rounded to fp16
 
@@ -266,9 +266,9 @@ def test_lean_path_memory(monkeypatch):
     # allocator-level peak (torch.profiler memory events) of forward + backward, including the
     # outputs and gradients; at this shape a chunk holds 8 of the 192 pairs.
     monkeypatch.setattr(ba, "_CHUNK_ELEMS", 1 << 13)
-    shape = dict(P=192, Hd=4, grid_hw=(16, 16), D=8, B=2)
-    ref = ba.measure_peak_extra_mb("reference", **shape)
-    lean = ba.measure_peak_extra_mb("torch", **shape)
+    shape = dict(P=192, Hd=4, gh=16, gw=16, D=8, B=2)
+    ref = bench.peak_mb("box_attention", "reference", "profiler", shape=shape)[0]
+    lean = bench.peak_mb("box_attention", "torch", "profiler", shape=shape)[0]
     assert ref > 2.0                                          # [P, Hd, T] fp32 = 0.75 MiB each
     assert lean < ref / 6, (lean, ref)
 
