@@ -8,12 +8,15 @@ tensors when Triton imports, else the lean torch path. The shared skeleton (Trit
 impl choice, accumulation dtype, launch checks) is kernels/_common.py; measurement (peak
 memory, time, box attention's cost model) is kernels/bench.py.
 """
+from kernels._psi import psi_transform
 from kernels.box_attention import box_attention, box_attention_reference, box_bias
-from kernels.kl_distill import kl_distill, kl_distill_reference, psi_transform
+from kernels.kl_distill import kl_distill, kl_distill_reference
+from kernels.kl_distill_sigmoid import kl_distill_sigmoid, kl_distill_sigmoid_reference
 from kernels.pair_enum import pair_enum, pair_enum_reference, spatial_features
 
 __all__ = [
     "box_attention", "box_bias", "box_attention_reference",
     "pair_enum", "spatial_features", "pair_enum_reference",
     "kl_distill", "psi_transform", "kl_distill_reference",
+    "kl_distill_sigmoid", "kl_distill_sigmoid_reference",
 ]

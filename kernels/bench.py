@@ -18,8 +18,9 @@ Shapes (fp32, seeded random inputs):
   T = 37 x 37 = 1,369 tokens, D = 32; gradients to q, k, v, strength.
 - pair_enum: N = 128 boxes of one image, the first 64 humans; every human paired with every
   other box, P = 64 x 127 = 8,128 pairs; D = Do = 256; gradients to q, w1, w2, b.
-- kl_distill: N = 32,768 rows x C = 600 classes, T = 2, a detection prior (uniform in (0, 1],
-  half of the entries 0 = masked), M = 1 teacher and M = 2 teachers; gradient to the student.
+- kl_distill (softmax form) and kl_distill_sigmoid (per-class Bernoulli form, reduction "sum"):
+  N = 32,768 rows x C = 600 classes, T = 2, a detection prior (uniform in (0, 1], half of the
+  entries 0 = masked), M = 1 teacher and M = 2 teachers; gradient to the student.
 
 Method. Every measurement runs in a fresh process (`--one OP IMPL --measure memory|time`), so
 one op's memory never pollutes another's. The process builds the inputs, runs forward +
@@ -53,7 +54,8 @@ import sys
 import threading
 import time
 
-OPS = ("box_attention", "pair_enum", "kl_distill")
+OPS = ("box_attention", "pair_enum", "kl_distill", "kl_distill_sigmoid")
+KL_OPS = ("kl_distill", "kl_distill_sigmoid")   # measured with each teacher count of --teachers
 MIB = 1 << 20
 
 
@@ -71,6 +73,7 @@ SHAPES = {
     "box_attention": {"P": 4096, "B": 4, "Hd": 8, "gh": 37, "gw": 37, "D": 32},
     "pair_enum": {"N": 128, "H": 64, "D": 256, "Do": 256},
     "kl_distill": {"N": 32768, "C": 600},
+    "kl_distill_sigmoid": {"N": 32768, "C": 600},
 }
 
 
@@ -124,7 +127,7 @@ def make_case(op, device, teachers=1, shape=None):
         def fwd(impl):
             return kernels.pair_enum(leaves[0], boxes, idx_h, idx_o, leaves[1], leaves[2], leaves[3],
                                      impl=impl)[0]
-    else:
+    else:   # kl_distill, kl_distill_sigmoid
         N, C, M = sh["N"], sh["C"], teachers
         s = torch.randn(N, C, generator=g) * 3
         t = torch.randn(M, N, C, generator=g) * 3
@@ -137,8 +140,10 @@ def make_case(op, device, teachers=1, shape=None):
         shape = {"N": N, "C": C, "M": M, "prior": True, "T": 2.0, "dtype": "float32",
                  "logits_mb": round(N * C * 4 / MIB, 1)}
 
+        op_fn = getattr(kernels, op)
+
         def fwd(impl):
-            return kernels.kl_distill(leaves[0], t, 2.0, prior, impl=impl)
+            return op_fn(leaves[0], t, 2.0, prior, impl=impl)
 
     def step(impl):
         for leaf in leaves:
@@ -242,8 +247,9 @@ def box_attention_cost(P=4096, Hd=8, T=1369, D=32, B=4, elem=4, block_p=32, bloc
     softmax and the reads of them; backward ~13). The lean torch path makes ~10 (forward) and
     ~22 (backward) passes over [Hd, chunk, T] buffers of <= 4 MiB (cache-sized working set).
     The Triton kernels never materialise [P, Hd, T]: "hbm" is the compulsory traffic (q, out,
-    dO, dq, K, V, dK, dV once, 12 box numbers and 2 softmax statistics per row) and "l2" the re-reads of K/V per pair block (forward, dq) and of
-    q/dO per token block (dk/dv) of the Triton kernels, served by the L2 cache in practice.
+    dO, dq, K, V, dK, dV once, 12 box numbers and 2 softmax statistics per row) and "l2" the
+    re-reads of K/V per pair block (forward, dq) and of q/dO per token block (dk/dv) of the
+    Triton kernels, served by the L2 cache in practice.
     """
     PHT, PHD, BHTD, PT = P * Hd * T, P * Hd * D, B * Hd * T * D, P * T
     mm = 2 * PHT * D                                             # one [P, Hd, T] x D contraction
@@ -342,7 +348,7 @@ def _parser():
     ap.add_argument("--ops", default=",".join(OPS), help="comma-separated subset of " + ", ".join(OPS))
     ap.add_argument("--impls", default=None, help="comma-separated impls (default: reference,torch "
                     "and, with CUDA, triton)")
-    ap.add_argument("--teachers", default="1,2", help="kl_distill teacher counts (default 1,2)")
+    ap.add_argument("--teachers", default="1,2", help="teacher counts of the KL ops (default 1,2)")
     ap.add_argument("--set", default="", metavar="KEY=N,...",
                     help="shape overrides for the selected ops, e.g. P=1024,gh=24,gw=24 (see SHAPES)")
     ap.add_argument("--method", choices=("rss", "profiler"), default="rss",
@@ -366,7 +372,7 @@ def _run_all(args, ops):
     env_time.pop("TRITON_INTERPRET", None)
     env_mem = dict(env_time, MALLOC_MMAP_THRESHOLD_="65536")
     for op in ops:
-        for m in ([int(x) for x in args.teachers.split(",")] if op == "kl_distill" else [1]):
+        for m in ([int(x) for x in args.teachers.split(",")] if op in KL_OPS else [1]):
             for impl in impls:
                 base = ["--one", op, impl, "--teachers", str(m), "--repeat", str(args.repeat),
                         "--threads", str(args.threads), "--set", args.set, "--method", args.method]

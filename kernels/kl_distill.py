@@ -1,11 +1,12 @@
 """Temperature-scaled KL distillation KL(softmax(t/T) || softmax(s/T)), one or many teachers.
 
-Used at three levels in LINK: logits (through the Psi transform below), latent maps and
-queries (token-wise: rows are tokens, classes are channels).
+Used for the latent maps and the queries (token-wise: rows are tokens, classes are channels),
+and at the logit level as the softmax ablation: LINK's logit KD is the per-class Bernoulli
+form of kernels/kl_distill_sigmoid.py, because the prior P is constant within a pair, so a
+softmax over a pair's classes cancels it and every common shift of the pair's logits.
 
-Logit level: the detection prior P (UPT: (s_h * s_o)^lambda on the classes the object allows,
-0 elsewhere) weights the probability, so the distilled quantity is the logit of the
-prior-weighted probability:  Psi(O) = log(P / (1 + exp(-O) - P)) = logit(P * sigmoid(O)).
+With a prior (logit level) the distilled quantity is the logit of the prior-weighted
+probability, Psi(O) = log(P / (1 + exp(-O) - P)) = logit(P * sigmoid(O)) (kernels/_psi.py).
 Entries with P == 0 are impossible classes: they are masked out of both softmaxes.
 
 Three implementations (``impl=``):
@@ -27,22 +28,17 @@ Three implementations (``impl=``):
   than as one logsumexp, which at |z| ~ 1e4 keeps only ~1e-3 absolute precision in fp32).
   Backward: one pass that recomputes q, p and dPsi/dO and writes the gradient.
 All arithmetic is fp32 whatever the input dtypes (fp16 / bf16 / fp32; the torch path computes
-fp64 inputs in fp64, for gradcheck); the loss is returned in
-the student's dtype, the gradient in the student's dtype. Only the student gets a gradient
+fp64 inputs in fp64, for gradcheck); the loss and the gradient are returned in the student's
+dtype. Only the student gets a gradient
 (teacher and prior are constants).
 """
 import torch
 
-from kernels._common import acc_dtype, check_blocks, check_launch, chunk_rows, resolve_impl, tl, triton
+from kernels._common import acc_dtype, check_launch, resolve_impl, tl, triton
+from kernels._psi import psi_scaled, psi_transform, row_blocks, row_chunks
 
-
-def psi_transform(logits: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
-    """Psi(O) = log P - log(1 - P + exp(-O)), stable for extreme O and P in [0, 1].
-
-    -inf where P == 0; finite everywhere else, including P == 1 (Psi = O).
-    """
-    prior = prior.to(logits.dtype)
-    return torch.log(prior) - torch.logaddexp(torch.log1p(-prior), -logits)
+if triton is not None:
+    from kernels._psi import prior_tile, psi_tile
 
 
 def kl_distill_reference(student, teacher, temperature=1.0, prior=None):
@@ -71,34 +67,10 @@ def kl_distill_reference(student, teacher, temperature=1.0, prior=None):
 
 # ----------------------------------------------------------------------------- lean torch path
 
-_NEG_INF = float("-inf")
 # Rows per chunk: about this many elements (4 MiB per fp32 temporary). At 32,768 x 600 the
 # chunk temporaries add ~0.35 of a logits tensor on top of the gradient (bench: 1.35x in all);
 # smaller chunks save memory but issue more, smaller ops (slow on a busy multi-threaded CPU).
 _CHUNK_ELEMS = 1 << 20
-
-
-class _PriorChunk:
-    """What the Psi transform needs from the prior of a row chunk, computed once and shared by
-    the student and every teacher: log P, log(1 - P), and the masks."""
-
-    def __init__(self, P):                                         # P: [n, C] in the compute dtype
-        self.log_p = torch.log(P)
-        self.log_1mp = torch.log1p(-P)
-        self.masked = P <= 0                                       # [n, C] bool: P == 0
-        self.valid_rows = ~self.masked.all(-1)                     # [n] rows with something unmasked
-
-
-def _z_torch(x, pc, T):
-    """Scaled logits of a chunk: Psi(x) / T with -inf on masked entries (prior), else x / T.
-
-    x: [n, C] in the compute dtype; pc: _PriorChunk or None -> (z [n, C], lae or None) with
-    lae = logaddexp(log(1 - P), -x), from which dPsi/dO = exp(-x - lae)."""
-    if pc is None:
-        return x / T, None
-    lae = torch.logaddexp(pc.log_1mp, -x)
-    z = torch.sub(pc.log_p, lae).div_(T).masked_fill_(pc.masked, _NEG_INF)
-    return z, lae
 
 
 def _teacher_p(t, pc, T):
@@ -106,28 +78,17 @@ def _teacher_p(t, pc, T):
     NaN on rows with nothing unmasked, which callers zero)."""
     p = None
     for k in range(t.shape[0]):
-        e = torch.softmax(_z_torch(t[k], pc, T)[0], -1)
+        e = torch.softmax(psi_scaled(t[k], pc, T)[0], -1)
         p = e if p is None else p.add_(e)
     return p.div_(t.shape[0])
-
-
-def _chunks(student, teacher, prior):
-    """Row chunks (s, e, x [n, C], t [M, n, C], _PriorChunk or None) in the compute dtype."""
-    M, N, C = teacher.shape
-    acc = acc_dtype(student.dtype, teacher.dtype)
-    step = chunk_rows(C, _CHUNK_ELEMS)
-    for s in range(0, N, step):
-        e = min(N, s + step)
-        pc = None if prior is None else _PriorChunk(prior[s:e].to(acc))
-        yield s, e, student[s:e].to(acc), teacher[:, s:e].to(acc), pc
 
 
 def _kl_fwd_torch(student, teacher, prior, T):
     """Sum over rows of KL(p || q) as a 0-dim tensor in the compute dtype; chunked over rows.
     Nothing is kept for backward: it recomputes both softmaxes (one fused op each)."""
     total = torch.zeros((), device=student.device, dtype=torch.float64)
-    for s, e, x, t, pc in _chunks(student, teacher, prior):
-        log_q = torch.log_softmax(_z_torch(x, pc, T)[0], -1)      # [n, C]
+    for s, e, x, t, pc in row_chunks(student, teacher, prior, _CHUNK_ELEMS):
+        log_q = torch.log_softmax(psi_scaled(x, pc, T)[0], -1)      # [n, C]
         p = _teacher_p(t, pc, T)                                   # [n, C]
         if pc is not None:
             log_q.masked_fill_(pc.masked, 0.0)
@@ -142,8 +103,8 @@ def _kl_bwd_torch(student, teacher, prior, T, coef):
     """Gradient [N, C] (student dtype) of coef * sum of row KLs w.r.t. the raw student logits,
     coef = g * T^2 / N (a 0-dim tensor), recomputed chunk by chunk."""
     grad = torch.empty_like(student)
-    for s, e, x, t, pc in _chunks(student, teacher, prior):
-        zs, lae = _z_torch(x, pc, T)
+    for s, e, x, t, pc in row_chunks(student, teacher, prior, _CHUNK_ELEMS):
+        zs, lae = psi_scaled(x, pc, T)
         d = torch.softmax(zs, -1).sub_(_teacher_p(t, pc, T))       # q - p, [n, C]
         d.mul_(coef / T)                                           # d loss / d (Psi / T) / T
         if pc is not None:                                         # times dPsi/dO = exp(-x - lae)
@@ -159,41 +120,6 @@ def _kl_bwd_torch(student, teacher, prior, T, coef):
 
 if triton is not None:
     @triton.jit
-    def _logaddexp(a, b):
-        mx = tl.maximum(a, b)
-        mn = tl.minimum(a, b)
-        return mx + tl.log(1.0 + tl.exp(mn - mx))
-
-    @triton.jit
-    def _prior_tile(Pr, off, m2, HAS_PRIOR: tl.constexpr):
-        """(log P, log(1 - P), keep = P > 0) of a tile, shared by the student and the teachers;
-        without a prior keep = the in-bounds mask (the two logs are unused placeholders)."""
-        if HAS_PRIOR:
-            pr = tl.load(Pr + off, mask=m2, other=0.0).to(tl.float32)
-            log_p = tl.log(pr)
-            log_1mp = tl.log(1.0 - pr)
-            keep = m2 & (pr > 0.0)
-        else:
-            log_p = m2
-            log_1mp = m2
-            keep = m2
-        return log_p, log_1mp, keep
-
-    @triton.jit
-    def _psi_z(X, off, m2, log_p, log_1mp, keep, inv_T, HAS_PRIOR: tl.constexpr):
-        """Scaled, Psi-transformed, masked logits of a tile in fp32 (-inf where masked); also x
-        and lae = logaddexp(log(1 - P), -x), from which dPsi/dO = exp(-x - lae)."""
-        x = tl.load(X + off, mask=m2, other=0.0).to(tl.float32)
-        if HAS_PRIOR:
-            lae = _logaddexp(log_1mp, -x)
-            z = (log_p - lae) * inv_T
-        else:
-            lae = x
-            z = x * inv_T
-        z = tl.where(keep, z, float("-inf"))
-        return z, x, lae
-
-    @triton.jit
     def _row_stats_tl(X, Pr, rows64, mr, N, C, inv_T, HAS_PRIOR: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
         """Online softmax statistics over the class blocks of BLOCK_N rows: (row max m,
@@ -204,8 +130,8 @@ if triton is not None:
             cols = c0 + tl.arange(0, BLOCK_C)
             m2 = mr[:, None] & (cols < C)[None, :]
             off = rows64[:, None] * C + cols[None, :]
-            log_p, log_1mp, keep = _prior_tile(Pr, off, m2, HAS_PRIOR)
-            z, x, lae = _psi_z(X, off, m2, log_p, log_1mp, keep, inv_T, HAS_PRIOR)
+            log_p, log_1mp, keep = prior_tile(Pr, off, m2, HAS_PRIOR)
+            z, x, lae = psi_tile(X, off, m2, log_p, log_1mp, keep, inv_T, HAS_PRIOR)
             m_new = tl.maximum(m, tl.max(z, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             ssum = ssum * tl.exp(m - m_safe) + tl.sum(tl.exp(z - m_safe[:, None]), axis=1)
@@ -227,7 +153,7 @@ if triton is not None:
         """Mean over the M teachers of softmax(Psi(t)/T) on one tile; 0 on masked entries."""
         p = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
         for mi in range(M):
-            zt, x, lae = _psi_z(Tt + mi * stride_tm, off, m2, log_p, log_1mp, keep, inv_T, HAS_PRIOR)
+            zt, x, lae = psi_tile(Tt + mi * stride_tm, off, m2, log_p, log_1mp, keep, inv_T, HAS_PRIOR)
             mt, lt, vt = _load_stats(StT + mi * 2 * N, rows, mr, N)
             p += tl.exp((zt - mt[:, None]) - lt[:, None])
         return p / M
@@ -258,8 +184,8 @@ if triton is not None:
             cols = c0 + tl.arange(0, BLOCK_C)
             m2 = mr[:, None] & (cols < C)[None, :]
             off = rows64[:, None] * C + cols[None, :]
-            log_p, log_1mp, keep = _prior_tile(Pr, off, m2, HAS_PRIOR)
-            zs, x, lae = _psi_z(S, off, m2, log_p, log_1mp, keep, inv_T, HAS_PRIOR)
+            log_p, log_1mp, keep = prior_tile(Pr, off, m2, HAS_PRIOR)
+            zs, x, lae = psi_tile(S, off, m2, log_p, log_1mp, keep, inv_T, HAS_PRIOR)
             p = _teacher_tile(Tt, StT, rows, mr, off, m2, log_p, log_1mp, keep, N, M, stride_tm,
                               inv_T, HAS_PRIOR, BLOCK_N, BLOCK_C)
             log_p = tl.log(tl.where(p > 0.0, p, 1.0))
@@ -282,8 +208,8 @@ if triton is not None:
             cols = c0 + tl.arange(0, BLOCK_C)
             m2 = mr[:, None] & (cols < C)[None, :]
             off = rows64[:, None] * C + cols[None, :]
-            log_p, log_1mp, keep = _prior_tile(Pr, off, m2, HAS_PRIOR)
-            zs, x, lae = _psi_z(S, off, m2, log_p, log_1mp, keep, inv_T, HAS_PRIOR)
+            log_p, log_1mp, keep = prior_tile(Pr, off, m2, HAS_PRIOR)
+            zs, x, lae = psi_tile(S, off, m2, log_p, log_1mp, keep, inv_T, HAS_PRIOR)
             q = tl.exp((zs - ms[:, None]) - ls[:, None])
             p = _teacher_tile(Tt, StT, rows, mr, off, m2, log_p, log_1mp, keep, N, M, stride_tm,
                               inv_T, HAS_PRIOR, BLOCK_N, BLOCK_C)
@@ -294,21 +220,6 @@ if triton is not None:
             tl.store(dS + off, d.to(dS.dtype.element_ty), mask=m2)
 
 
-def _kl_blocks(N, C, blocks):
-    """(BLOCK_N, BLOCK_C): given, or a 2,048-element tile on a GPU; big tiles in the
-    interpreter (each program iteration costs milliseconds there)."""
-    if blocks is not None:
-        bn, bc = blocks
-    elif torch.cuda.is_available():
-        bc = min(256, triton.next_power_of_2(max(C, 1)))
-        bn = max(1, 2048 // bc)
-    else:
-        bc = min(1024, triton.next_power_of_2(max(C, 1)))
-        bn = min(max(1, 16384 // bc), triton.next_power_of_2(max(N, 1)))
-    check_blocks("kl_distill", bn, bc)
-    return bn, bc
-
-
 def _kl_fwd_triton(student, teacher, prior, T, blocks):
     M, N, C = teacher.shape
     check_launch("kl_distill", student, teacher, *([] if prior is None else [prior]))
@@ -316,7 +227,7 @@ def _kl_fwd_triton(student, teacher, prior, T, blocks):
     loss_rows = torch.empty(N, device=dev, dtype=torch.float32)
     st_s = torch.empty(2, N, device=dev, dtype=torch.float32)
     st_t = torch.empty(M, 2, N, device=dev, dtype=torch.float32)
-    bn, bc = _kl_blocks(N, C, blocks)
+    bn, bc = row_blocks("kl_distill", N, C, blocks)
     _kl_fwd_kernel[(triton.cdiv(N, bn),)](
         student, teacher, student if prior is None else prior, loss_rows, st_s, st_t,
         N, C, M, N * C, 1.0 / T, HAS_PRIOR=prior is not None, BLOCK_N=bn, BLOCK_C=bc)
@@ -326,7 +237,7 @@ def _kl_fwd_triton(student, teacher, prior, T, blocks):
 def _kl_bwd_triton(student, teacher, prior, T, st_s, st_t, g, blocks):
     M, N, C = teacher.shape
     grad = torch.empty_like(student)
-    bn, bc = _kl_blocks(N, C, blocks)
+    bn, bc = row_blocks("kl_distill", N, C, blocks)
     _kl_bwd_kernel[(triton.cdiv(N, bn),)](
         student, teacher, student if prior is None else prior, st_s, st_t,
         g.reshape(1).contiguous(), grad, N, C, M, N * C, 1.0 / T, T / max(N, 1),

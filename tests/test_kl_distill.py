@@ -3,10 +3,10 @@ import math
 
 import pytest
 import torch
+from conftest import aot_compile_in_subprocess
 
 from kernels import kl_distill, psi_transform
 from kernels._common import triton_available
-from conftest import aot_compile_in_subprocess
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")   # interpreter: log(0) in numpy
 

@@ -4,10 +4,10 @@ import math
 
 import pytest
 import torch
+from conftest import aot_compile_in_subprocess
 
 from kernels import pair_enum, spatial_features
 from kernels._common import triton_available
-from conftest import aot_compile_in_subprocess
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")   # interpreter: log(0) in numpy
 

@@ -1,0 +1,118 @@
+"""The prior-weighted logit Psi and the row tiling shared by the ops on [pairs, classes] logits
+(kl_distill, kl_distill_sigmoid, focal_loss).
+
+The detection prior P (UPT: (s_h * s_o)^lambda on the classes the object allows, 0 elsewhere)
+weights the interaction probability, p = P * sigmoid(O), whose logit is
+
+    Psi(O) = log(P / (1 + exp(-O) - P)) = log P - logaddexp(log(1 - P), -O),
+    dPsi/dO = exp(-O) / (1 + exp(-O) - P) = exp(-O - logaddexp(log(1 - P), -O)).
+
+In log space both are exact for O = +-1e4 and P = 1 (Psi = O, dPsi/dO = 1); entries with
+P == 0 are impossible classes, masked out by every op. Here: the reference transform, what the
+lean torch paths need per row chunk, and the Triton tile helpers.
+"""
+import torch
+
+from kernels._common import acc_dtype, check_blocks, chunk_rows, tl, triton
+
+_NEG_INF = float("-inf")
+
+
+def psi_transform(logits: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
+    """Psi(O) = log P - log(1 - P + exp(-O)), stable for extreme O and P in [0, 1].
+
+    -inf where P == 0; finite everywhere else, including P == 1 (Psi = O).
+    """
+    prior = prior.to(logits.dtype)
+    return torch.log(prior) - torch.logaddexp(torch.log1p(-prior), -logits)
+
+
+# ----------------------------------------------------------------------------- lean torch paths
+
+class PriorChunk:
+    """What the Psi transform needs from the prior of a row chunk, computed once and shared by
+    the student and every teacher: log P, log(1 - P), and the masks."""
+
+    def __init__(self, P):                                         # P: [n, C] in the compute dtype
+        self.log_p = torch.log(P)
+        self.log_1mp = torch.log1p(-P)
+        self.masked = P <= 0                                       # [n, C] bool: P == 0
+        self.valid_rows = ~self.masked.all(-1)                     # [n] rows with something unmasked
+
+
+def psi_scaled(x, pc, T):
+    """Scaled logits of a chunk: Psi(x) / T with -inf on masked entries (prior), else x / T.
+
+    x: [n, C] in the compute dtype; pc: PriorChunk or None -> (z [n, C], lae or None) with
+    lae = logaddexp(log(1 - P), -x), from which dPsi/dO = exp(-x - lae)."""
+    if pc is None:
+        return x / T, None
+    lae = torch.logaddexp(pc.log_1mp, -x)
+    z = torch.sub(pc.log_p, lae).div_(T).masked_fill_(pc.masked, _NEG_INF)
+    return z, lae
+
+
+def row_chunks(student, teacher, prior, chunk_elems):
+    """Row chunks (s, e, x [n, C], t [M, n, C], PriorChunk or None) in the compute dtype
+    (kernels._common.acc_dtype; fp32 inputs are views, not copies), about chunk_elems each."""
+    M, N, C = teacher.shape
+    acc = acc_dtype(student.dtype, teacher.dtype)
+    step = chunk_rows(C, chunk_elems)
+    for s in range(0, N, step):
+        e = min(N, s + step)
+        pc = None if prior is None else PriorChunk(prior[s:e].to(acc))
+        yield s, e, student[s:e].to(acc), teacher[:, s:e].to(acc), pc
+
+
+# ----------------------------------------------------------------------------- Triton helpers
+
+def row_blocks(op, N, C, blocks):
+    """(BLOCK_N, BLOCK_C) of a row-tiled kernel: given, or a 2,048-element tile on a GPU; big
+    tiles in the interpreter (each program iteration costs milliseconds there)."""
+    if blocks is not None:
+        bn, bc = blocks
+    elif torch.cuda.is_available():
+        bc = min(256, triton.next_power_of_2(max(C, 1)))
+        bn = max(1, 2048 // bc)
+    else:
+        bc = min(1024, triton.next_power_of_2(max(C, 1)))
+        bn = min(max(1, 16384 // bc), triton.next_power_of_2(max(N, 1)))
+    check_blocks(op, bn, bc)
+    return bn, bc
+
+
+if triton is not None:
+    @triton.jit
+    def logaddexp(a, b):
+        mx = tl.maximum(a, b)
+        mn = tl.minimum(a, b)
+        return mx + tl.log(1.0 + tl.exp(mn - mx))
+
+    @triton.jit
+    def prior_tile(Pr, off, m2, HAS_PRIOR: tl.constexpr):
+        """(log P, log(1 - P), keep = P > 0) of a tile, shared by the student and the teachers;
+        without a prior keep = the in-bounds mask (the two logs are unused placeholders)."""
+        if HAS_PRIOR:
+            pr = tl.load(Pr + off, mask=m2, other=0.0).to(tl.float32)
+            log_p = tl.log(pr)
+            log_1mp = tl.log(1.0 - pr)
+            keep = m2 & (pr > 0.0)
+        else:
+            log_p = m2
+            log_1mp = m2
+            keep = m2
+        return log_p, log_1mp, keep
+
+    @triton.jit
+    def psi_tile(X, off, m2, log_p, log_1mp, keep, inv_T, HAS_PRIOR: tl.constexpr):
+        """Scaled, Psi-transformed, masked logits of a tile in fp32 (-inf where masked); also x
+        and lae = logaddexp(log(1 - P), -x), from which dPsi/dO = exp(-x - lae)."""
+        x = tl.load(X + off, mask=m2, other=0.0).to(tl.float32)
+        if HAS_PRIOR:
+            lae = logaddexp(log_1mp, -x)
+            z = (log_p - lae) * inv_T
+        else:
+            lae = x
+            z = x * inv_T
+        z = tl.where(keep, z, float("-inf"))
+        return z, x, lae
