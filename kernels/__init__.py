@@ -10,6 +10,7 @@ memory, time, box attention's cost model) is kernels/bench.py.
 """
 from kernels._psi import psi_transform
 from kernels.box_attention import box_attention, box_attention_reference, box_bias
+from kernels.focal_loss import focal_loss, focal_loss_reference
 from kernels.kl_distill import kl_distill, kl_distill_reference
 from kernels.kl_distill_sigmoid import kl_distill_sigmoid, kl_distill_sigmoid_reference
 from kernels.pair_enum import pair_enum, pair_enum_reference, spatial_features
@@ -19,4 +20,5 @@ __all__ = [
     "pair_enum", "spatial_features", "pair_enum_reference",
     "kl_distill", "psi_transform", "kl_distill_reference",
     "kl_distill_sigmoid", "kl_distill_sigmoid_reference",
+    "focal_loss", "focal_loss_reference",
 ]

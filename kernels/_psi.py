@@ -54,7 +54,9 @@ def psi_scaled(x, pc, T):
 
 def row_chunks(student, teacher, prior, chunk_elems):
     """Row chunks (s, e, x [n, C], t [M, n, C], PriorChunk or None) in the compute dtype
-    (kernels._common.acc_dtype; fp32 inputs are views, not copies), about chunk_elems each."""
+    (kernels._common.acc_dtype; fp32 inputs are views, not copies), about chunk_elems each.
+    student: [N, C] (the logits that get a gradient); teacher: [M, N, C] (teachers' logits, or
+    the focal loss's labels[None])."""
     M, N, C = teacher.shape
     acc = acc_dtype(student.dtype, teacher.dtype)
     step = chunk_rows(C, chunk_elems)
@@ -87,6 +89,11 @@ if triton is not None:
         mx = tl.maximum(a, b)
         mn = tl.minimum(a, b)
         return mx + tl.log(1.0 + tl.exp(mn - mx))
+
+    @triton.jit
+    def softplus(x):
+        """log(1 + exp(x)), exact for |x| large (no overflow)."""
+        return tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
 
     @triton.jit
     def prior_tile(Pr, off, m2, HAS_PRIOR: tl.constexpr):

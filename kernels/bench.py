@@ -21,6 +21,8 @@ Shapes (fp32, seeded random inputs):
 - kl_distill (softmax form) and kl_distill_sigmoid (per-class Bernoulli form, reduction "sum"):
   N = 32,768 rows x C = 600 classes, T = 2, a detection prior (uniform in (0, 1], half of the
   entries 0 = masked), M = 1 teacher and M = 2 teachers; gradient to the student.
+- focal_loss: N = 32,768 rows x C = 600 classes, the same kind of prior, about 1% positive
+  labels (float), alpha 0.5, gamma 0.2; gradient to the logits.
 
 Method. Every measurement runs in a fresh process (`--one OP IMPL --measure memory|time`), so
 one op's memory never pollutes another's. The process builds the inputs, runs forward +
@@ -54,7 +56,7 @@ import sys
 import threading
 import time
 
-OPS = ("box_attention", "pair_enum", "kl_distill", "kl_distill_sigmoid")
+OPS = ("box_attention", "pair_enum", "kl_distill", "kl_distill_sigmoid", "focal_loss")
 KL_OPS = ("kl_distill", "kl_distill_sigmoid")   # measured with each teacher count of --teachers
 MIB = 1 << 20
 
@@ -74,6 +76,7 @@ SHAPES = {
     "pair_enum": {"N": 128, "H": 64, "D": 256, "Do": 256},
     "kl_distill": {"N": 32768, "C": 600},
     "kl_distill_sigmoid": {"N": 32768, "C": 600},
+    "focal_loss": {"N": 32768, "C": 600},
 }
 
 
@@ -127,6 +130,19 @@ def make_case(op, device, teachers=1, shape=None):
         def fwd(impl):
             return kernels.pair_enum(leaves[0], boxes, idx_h, idx_o, leaves[1], leaves[2], leaves[3],
                                      impl=impl)[0]
+    elif op == "focal_loss":
+        N, C = sh["N"], sh["C"]
+        x = torch.randn(N, C, generator=g) * 3
+        prior = 1.0 - torch.rand(N, C, generator=g)                             # (0, 1]
+        prior[torch.rand(N, C, generator=g) < 0.5] = 0.0
+        labels = (torch.rand(N, C, generator=g) < 0.01).float()                 # about 1% positives
+        prior, labels = prior.to(device), labels.to(device)
+        leaves = [x.to(device).requires_grad_()]
+        upstream = None
+        shape = {"N": N, "C": C, "alpha": 0.5, "gamma": 0.2, "dtype": "float32", "logits_mb": round(N * C * 4 / MIB, 1)}
+
+        def fwd(impl):
+            return kernels.focal_loss(leaves[0], prior, labels, 0.5, 0.2, impl=impl)
     else:   # kl_distill, kl_distill_sigmoid
         N, C, M = sh["N"], sh["C"], teachers
         s = torch.randn(N, C, generator=g) * 3

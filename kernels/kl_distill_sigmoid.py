@@ -44,7 +44,7 @@ from kernels._common import acc_dtype, check_launch, resolve_impl, tl, triton
 from kernels._psi import psi_scaled, psi_transform, row_blocks, row_chunks
 
 if triton is not None:
-    from kernels._psi import prior_tile, psi_tile
+    from kernels._psi import prior_tile, psi_tile, softplus
 
 REDUCTIONS = ("sum", "none")
 
@@ -130,11 +130,6 @@ def _bwd_torch(student, teacher, prior, T, g_rows):
 
 if triton is not None:
     @triton.jit
-    def _softplus(x):
-        """log(1 + exp(x)), exact for |x| large (no overflow)."""
-        return tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
-
-    @triton.jit
     def _teacher_bern_tile(Tt, off, m2, log_p, log_1mp, keep, M, stride_tm, inv_T,
                            HAS_PRIOR: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
         """(p, pbar) of a tile: mean over the M teachers of sigmoid(+-Psi(t) / T); masked
@@ -164,7 +159,7 @@ if triton is not None:
             p, pbar = _teacher_bern_tile(Tt, off, m2, log_p, log_1mp, keep, M, stride_tm, inv_T,
                                          HAS_PRIOR, BLOCK_N, BLOCK_C)
             zs = tl.where(keep, zs, 0.0)
-            term = p * _softplus(-zs) + pbar * _softplus(zs)
+            term = p * softplus(-zs) + pbar * softplus(zs)
             term += tl.where(p > 0.0, p * tl.log(p), 0.0) + tl.where(pbar > 0.0, pbar * tl.log(pbar), 0.0)
             acc += tl.sum(tl.where(keep, term, 0.0), axis=1)
         tl.store(LossRows + rows, acc, mask=mr)
