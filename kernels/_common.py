@@ -91,6 +91,12 @@ def check_launch(op: str, *tensors: torch.Tensor, dtypes=FLOAT_DTYPES) -> None:
             raise ValueError(f"{op}: dtype {t.dtype} not supported by the Triton kernel ({names})")
 
 
+def triton_constant(t: torch.Tensor) -> torch.Tensor:
+    """A constant input (no gradient: a prior, labels) as a Triton kernel reads it: contiguous,
+    in its own dtype when fp32 / fp16 / bf16, else (fp64, integer, bool) as fp32."""
+    return (t if t.dtype in FLOAT_DTYPES else t.float()).contiguous()
+
+
 def check_index(op: str, name: str, idx: torch.Tensor, n: int) -> None:
     """Index tensors must be 1-D integer tensors with values in [0, n): neither a GPU launch nor
     the interpreter detects an out-of-bounds gather, so it is checked here (one device sync)."""

@@ -13,7 +13,7 @@ lean torch paths need per row chunk, and the Triton tile helpers.
 """
 import torch
 
-from kernels._common import acc_dtype, check_blocks, chunk_rows, tl, triton
+from kernels._common import acc_dtype, check_blocks, chunk_rows, tl, triton, triton_constant
 
 _NEG_INF = float("-inf")
 
@@ -25,6 +25,33 @@ def psi_transform(logits: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
     """
     prior = prior.to(logits.dtype)
     return torch.log(prior) - torch.logaddexp(torch.log1p(-prior), -logits)
+
+
+def check_kd(op, student, teacher, temperature, prior):
+    """The inputs of a logit KD op: student [N, C], teacher [N, C] or [M >= 1, N, C], prior None
+    or [N, C], temperature > 0; a ValueError naming the op otherwise."""
+    if student.dim() != 2:
+        raise ValueError(f"{op}: student must be [N, C], got {tuple(student.shape)}")
+    if teacher.dim() not in (2, 3) or teacher.shape[-2:] != student.shape:
+        raise ValueError(f"{op}: teacher must be [N, C] or [M, N, C] with [N, C] = "
+                         f"{tuple(student.shape)}, got {tuple(teacher.shape)}")
+    if teacher.dim() == 3 and teacher.shape[0] == 0:
+        raise ValueError(f"{op}: teacher has M = 0 teachers")
+    if prior is not None and prior.shape != student.shape:
+        raise ValueError(f"{op}: prior must be {tuple(student.shape)}, got {tuple(prior.shape)}")
+    if not float(temperature) > 0:
+        raise ValueError(f"{op}: temperature must be > 0, got {temperature}")
+
+
+def kd_operands(student, teacher, prior, use_triton):
+    """(student, teacher [M, N, C], prior) as the fused paths take them: teacher and prior
+    detached (constants); for the Triton kernels contiguous, the prior as triton_constant."""
+    teacher = (teacher if teacher.dim() == 3 else teacher[None]).detach()     # [M, N, C]
+    prior = None if prior is None else prior.detach()
+    if use_triton:
+        student, teacher = student.contiguous(), teacher.contiguous()
+        prior = None if prior is None else triton_constant(prior)
+    return student, teacher, prior
 
 
 # ----------------------------------------------------------------------------- lean torch paths

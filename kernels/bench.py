@@ -80,6 +80,13 @@ SHAPES = {
 }
 
 
+def _prior(N, C, g, torch):
+    """A detection prior [N, C]: uniform in (0, 1], half of the entries 0 (masked classes)."""
+    prior = 1.0 - torch.rand(N, C, generator=g)
+    prior[torch.rand(N, C, generator=g) < 0.5] = 0.0
+    return prior
+
+
 def make_case(op, device, teachers=1, shape=None):
     """-> (shape dict, step(impl): forward + backward, list of leaf tensors that get gradients).
 
@@ -133,8 +140,7 @@ def make_case(op, device, teachers=1, shape=None):
     elif op == "focal_loss":
         N, C = sh["N"], sh["C"]
         x = torch.randn(N, C, generator=g) * 3
-        prior = 1.0 - torch.rand(N, C, generator=g)                             # (0, 1]
-        prior[torch.rand(N, C, generator=g) < 0.5] = 0.0
+        prior = _prior(N, C, g, torch)
         labels = (torch.rand(N, C, generator=g) < 0.01).float()                 # about 1% positives
         prior, labels = prior.to(device), labels.to(device)
         leaves = [x.to(device).requires_grad_()]
@@ -148,8 +154,7 @@ def make_case(op, device, teachers=1, shape=None):
         s = torch.randn(N, C, generator=g) * 3
         t = torch.randn(M, N, C, generator=g) * 3
         t = t[0] if M == 1 else t
-        prior = 1.0 - torch.rand(N, C, generator=g)                             # (0, 1]
-        prior[torch.rand(N, C, generator=g) < 0.5] = 0.0
+        prior = _prior(N, C, g, torch)
         t, prior = t.to(device), prior.to(device)
         leaves = [s.to(device).requires_grad_()]
         upstream = None

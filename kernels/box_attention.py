@@ -156,24 +156,29 @@ def _chunk_logits(qh, kb, boxes_c, strength, grid_hw, scale):
 
 
 
+def _chunk_operands(q, k, v, pair_image, chunk, acc):
+    """Yield (image b, pair indices idx, kb, vb [Hd, T, D], qh [Hd, c, D]) per chunk of pairs of
+    one image, in the compute dtype; K / V are converted once per image."""
+    kb = vb = None
+    last_b = -1
+    for b, idx in _image_chunks(pair_image, k.shape[0], chunk):
+        if b != last_b:
+            kb, vb, last_b = k[b].to(acc), v[b].to(acc), b
+        yield b, idx, kb, vb, q[idx].to(acc).transpose(0, 1)
+
+
 def _fwd_torch(q, k, v, strength, pair_image, boxes, grid_hw, scale, chunk):
     """Chunked forward -> (out [P, Hd, D], tensors saved for _bwd_torch: row max / sum [P, Hd]).
 
     Chunks are head-major ([Hd, c, T]) so every product is a plain batched GEMM over heads.
     """
     P, Hd, D = q.shape
-    B = k.shape[0]
     acc = acc_dtype(q.dtype, k.dtype, v.dtype, strength.dtype)
     st = strength.to(acc)                                              # [Hd, 3]
     out = q.new_empty(P, Hd, D)                                        # [P, Hd, D]
     row_max = torch.empty(P, Hd, dtype=acc, device=q.device)           # [P, Hd]
     row_sum = torch.empty(P, Hd, dtype=acc, device=q.device)           # [P, Hd]
-    kb = vb = None
-    last_b = -1
-    for b, idx in _image_chunks(pair_image, B, chunk):
-        if b != last_b:
-            kb, vb, last_b = k[b].to(acc), v[b].to(acc), b            # [Hd, T, D]
-        qh = q[idx].to(acc).transpose(0, 1)                            # [Hd, c, D]
+    for b, idx, kb, vb, qh in _chunk_operands(q, k, v, pair_image, chunk, acc):
         logits, _ = _chunk_logits(qh, kb, boxes[idx], st, grid_hw, scale)
         m = logits.amax(dim=-1, keepdim=True)                          # [Hd, c, 1]
         e = logits.sub_(m).exp_()                                      # [Hd, c, T]
@@ -189,19 +194,13 @@ def _bwd_torch(dout, q, k, v, strength, pair_image, boxes, stats, grid_hw, scale
     dstrength), None where needs[i] is False."""
     row_max, row_sum = stats
     need_q, need_k, need_v, need_s = needs
-    B = k.shape[0]
     acc = acc_dtype(q.dtype, k.dtype, v.dtype, strength.dtype)
     st = strength.to(acc)
     dq = torch.zeros(q.shape, dtype=q.dtype, device=q.device) if need_q else None
     dk = torch.zeros(k.shape, dtype=acc, device=k.device) if need_k else None
     dv = torch.zeros(v.shape, dtype=acc, device=v.device) if need_v else None
     dst = torch.zeros(st.shape, dtype=acc, device=st.device) if need_s else None
-    kb = vb = None
-    last_b = -1
-    for b, idx in _image_chunks(pair_image, B, chunk):
-        if b != last_b:
-            kb, vb, last_b = k[b].to(acc), v[b].to(acc), b            # [Hd, T, D]
-        qh = q[idx].to(acc).transpose(0, 1)                            # [Hd, c, D]
+    for b, idx, kb, vb, qh in _chunk_operands(q, k, v, pair_image, chunk, acc):
         doh = dout[idx].to(acc).transpose(0, 1)                        # [Hd, c, D]
         logits, inside = _chunk_logits(qh, kb, boxes[idx], st, grid_hw, scale)
         # exp(S - max) / sum rather than exp(S - lse): exact for the max logit even when

@@ -36,7 +36,7 @@ are constants); the reference would also differentiate a prior that requires gra
 import torch
 import torch.nn.functional as F
 
-from kernels._common import FLOAT_DTYPES, acc_dtype, check_launch, resolve_impl, tl, triton
+from kernels._common import FLOAT_DTYPES, acc_dtype, check_launch, resolve_impl, tl, triton, triton_constant
 from kernels._psi import row_blocks, row_chunks
 
 if triton is not None:
@@ -253,7 +253,7 @@ def focal_loss(logits, prior, labels, alpha=0.5, gamma=0.2, impl="auto", *, bloc
     use_triton = impl == "triton"
     if use_triton:   # constants: read as fp32 / fp16 / bf16 or uint8, whatever they came as
         logits = logits.contiguous()
-        prior = (prior if prior.dtype in FLOAT_DTYPES else prior.float()).contiguous()
+        prior = triton_constant(prior)
         labels = (labels if labels.dtype in FLOAT_DTYPES + (torch.uint8,) else (labels > 0).to(torch.uint8))
         labels = labels.contiguous()
         check_launch("focal_loss", logits, prior)

@@ -35,7 +35,7 @@ dtype. Only the student gets a gradient
 import torch
 
 from kernels._common import acc_dtype, check_launch, resolve_impl, tl, triton
-from kernels._psi import psi_scaled, psi_transform, row_blocks, row_chunks
+from kernels._psi import check_kd, kd_operands, psi_scaled, psi_transform, row_blocks, row_chunks
 
 if triton is not None:
     from kernels._psi import prior_tile, psi_tile
@@ -282,20 +282,6 @@ class KLDistillFunction(torch.autograd.Function):
         return grad, None, None, None, None, None
 
 
-def _check(student, teacher, temperature, prior):
-    if student.dim() != 2:
-        raise ValueError(f"kl_distill: student must be [N, C], got {tuple(student.shape)}")
-    if teacher.shape not in (student.shape, (teacher.shape[0],) + tuple(student.shape)) or teacher.dim() not in (2, 3):
-        raise ValueError(f"kl_distill: teacher must be [N, C] or [M, N, C] with [N, C] = "
-                         f"{tuple(student.shape)}, got {tuple(teacher.shape)}")
-    if teacher.dim() == 3 and teacher.shape[0] == 0:
-        raise ValueError("kl_distill: teacher has M = 0 teachers")
-    if prior is not None and prior.shape != student.shape:
-        raise ValueError(f"kl_distill: prior must be {tuple(student.shape)}, got {tuple(prior.shape)}")
-    if not float(temperature) > 0:
-        raise ValueError(f"kl_distill: temperature must be > 0, got {temperature}")
-
-
 def kl_distill(student, teacher, temperature=1.0, prior=None, impl="auto", *, blocks=None):
     """Fused KL distillation; see kl_distill_reference for the definition.
 
@@ -303,16 +289,10 @@ def kl_distill(student, teacher, temperature=1.0, prior=None, impl="auto", *, bl
     Returns a 0-dim tensor in the student's dtype; gradient to the student only.
     blocks: optional (BLOCK_N, BLOCK_C) for the Triton kernels (powers of two).
     """
-    _check(student, teacher, temperature, prior)
+    check_kd("kl_distill", student, teacher, temperature, prior)
     impl = resolve_impl(impl, student)
     if impl == "reference":
         return kl_distill_reference(student, teacher, temperature, prior)
-    teacher = (teacher if teacher.dim() == 3 else teacher[None]).detach()     # [M, N, C]
-    prior = None if prior is None else prior.detach()
     use_triton = impl == "triton"
-    if use_triton:
-        student, teacher = student.contiguous(), teacher.contiguous()
-        if prior is not None:   # a constant: fp64 (or integer) priors are read as fp32
-            prior = (prior if prior.dtype in (torch.float16, torch.bfloat16, torch.float32)
-                     else prior.float()).contiguous()
+    student, teacher, prior = kd_operands(student, teacher, prior, use_triton)
     return KLDistillFunction.apply(student, teacher, prior, float(temperature), use_triton, blocks)

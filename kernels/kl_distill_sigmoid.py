@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels._common import acc_dtype, check_launch, resolve_impl, tl, triton
-from kernels._psi import psi_scaled, psi_transform, row_blocks, row_chunks
+from kernels._psi import check_kd, kd_operands, psi_scaled, psi_transform, row_blocks, row_chunks
 
 if triton is not None:
     from kernels._psi import prior_tile, psi_tile, softplus
@@ -250,17 +250,7 @@ class KLDistillSigmoidFunction(torch.autograd.Function):
 # ----------------------------------------------------------------------------- public op
 
 def _check(student, teacher, temperature, prior, reduction):
-    if student.dim() != 2:
-        raise ValueError(f"kl_distill_sigmoid: student must be [N, C], got {tuple(student.shape)}")
-    if teacher.dim() not in (2, 3) or teacher.shape[-2:] != student.shape:
-        raise ValueError(f"kl_distill_sigmoid: teacher must be [N, C] or [M, N, C] with [N, C] = "
-                         f"{tuple(student.shape)}, got {tuple(teacher.shape)}")
-    if teacher.dim() == 3 and teacher.shape[0] == 0:
-        raise ValueError("kl_distill_sigmoid: teacher has M = 0 teachers")
-    if prior is not None and prior.shape != student.shape:
-        raise ValueError(f"kl_distill_sigmoid: prior must be {tuple(student.shape)}, got {tuple(prior.shape)}")
-    if not float(temperature) > 0:
-        raise ValueError(f"kl_distill_sigmoid: temperature must be > 0, got {temperature}")
+    check_kd("kl_distill_sigmoid", student, teacher, temperature, prior)
     if reduction not in REDUCTIONS:
         raise ValueError(f"kl_distill_sigmoid: reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
@@ -280,13 +270,7 @@ def kl_distill_sigmoid(student, teacher, temperature=1.0, prior=None, impl="auto
     impl = resolve_impl(impl, student)
     if impl == "reference":
         return kl_distill_sigmoid_reference(student, teacher, temperature, prior, reduction)
-    teacher = (teacher if teacher.dim() == 3 else teacher[None]).detach()     # [M, N, C]
-    prior = None if prior is None else prior.detach()
     use_triton = impl == "triton"
-    if use_triton:
-        student, teacher = student.contiguous(), teacher.contiguous()
-        if prior is not None:   # a constant: fp64 (or integer) priors are read as fp32
-            prior = (prior if prior.dtype in (torch.float16, torch.bfloat16, torch.float32)
-                     else prior.float()).contiguous()
+    student, teacher, prior = kd_operands(student, teacher, prior, use_triton)
     rows = KLDistillSigmoidFunction.apply(student, teacher, prior, float(temperature), use_triton, blocks)
     return (rows if reduction == "none" else rows.sum()).to(student.dtype)

@@ -15,6 +15,28 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
+def logit_case(N, C, M, with_prior, seed=0, scale=3.0, dtype=None):
+    """A [pairs, classes] test case of the KL / focal ops: student logits [N, C], teacher
+    logits [N, C] (M=None) or [M, N, C], and (with_prior) a prior [N, C] with zeros, a column of
+    ones, a fully masked row (2) and a row with a single allowed class (3); logits in dtype."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(N, C, generator=g) * scale
+    t = torch.randn(*(() if M is None else (M,)), N, C, generator=g) * scale
+    prior = None
+    if with_prior:
+        prior = torch.rand(N, C, generator=g)
+        prior[prior < 0.3] = 0.0
+        prior[:, 1] = 1.0
+        prior[2] = 0.0
+        prior[3] = 0.0
+        prior[3, C - 1] = 0.7
+    if dtype is not None:
+        s, t = s.to(dtype), t.to(dtype)
+    return s, t, prior
+
+
 def aot_compile_in_subprocess(code: str) -> str:
     """Run `code` in a fresh process without TRITON_INTERPRET, so the kernels are real JIT
     functions that it compiles for an H100 (sm_90) down to cubin with no GPU present.

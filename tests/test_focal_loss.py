@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import aot_compile_in_subprocess
+from conftest import aot_compile_in_subprocess, logit_case
 
 import model
 from kernels import focal_loss, focal_loss_reference
@@ -17,17 +17,11 @@ BLOCKS = {"torch": {}, "triton": {"blocks": (4, 16)}}   # several programs and c
 
 
 def make(N=11, C=37, seed=0, scale=3.0, extreme=False):
-    """logits [N, C], prior [N, C] with zeros, a column of ones, a fully skipped row (2) and a
-    row with one kept class (3), labels [N, C] (about 30% positive, some on skipped entries).
+    """logits [N, C], prior [N, C] (conftest.logit_case: zeros, a column of ones, a fully skipped
+    row 2, one kept class in row 3), labels [N, C] (about 30% positive, some on skipped entries).
     extreme: logits of +-1e4 (rows 0, 1, 5) against priors 1, tiny and in between, both labels."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(N, C, generator=g) * scale
-    prior = torch.rand(N, C, generator=g)
-    prior[prior < 0.3] = 0.0
-    prior[:, 1] = 1.0
-    prior[2] = 0.0
-    prior[3] = 0.0
-    prior[3, C - 1] = 0.7
+    x, _, prior = logit_case(N, C, None, True, seed, scale)
+    g = torch.Generator().manual_seed(seed + 1)
     labels = (torch.rand(N, C, generator=g) < 0.3).float()
     if extreme:
         x[0], x[1, ::2], x[1, 1::2] = 1e4, -1e4, 1e4

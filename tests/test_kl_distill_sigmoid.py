@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 from conftest import aot_compile_in_subprocess
+from conftest import logit_case as make
 
 from kernels import kl_distill, kl_distill_sigmoid
 from kernels._common import triton_available
@@ -14,23 +15,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")   # interprete
 
 IMPLS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(not triton_available(), reason="no triton"))]
 BLOCKS = {"torch": {}, "triton": {"blocks": (4, 16)}}   # several programs and class blocks
-
-
-def make(N, C, M, with_prior, seed=0, scale=3.0):
-    """student [N, C], teacher [N, C] (M=None) or [M, N, C], prior [N, C] with zeros, a column
-    of ones, a fully masked row (2) and a row with a single allowed class (3)."""
-    g = torch.Generator().manual_seed(seed)
-    s = torch.randn(N, C, generator=g) * scale
-    t = torch.randn(*(() if M is None else (M,)), N, C, generator=g) * scale
-    prior = None
-    if with_prior:
-        prior = torch.rand(N, C, generator=g)
-        prior[prior < 0.3] = 0.0
-        prior[:, 1] = 1.0
-        prior[2] = 0.0
-        prior[3] = 0.0
-        prior[3, C - 1] = 0.7
-    return s, t, prior
 
 
 def run(impl, s, t, T, prior, reduction="sum", seed=1):
