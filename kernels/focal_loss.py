@@ -25,7 +25,8 @@ Three implementations (``impl=``):
 - "reference": model.focal_loss, plain differentiable PyTorch; autograd keeps about a dozen
   [N, C] tensors.
 - "torch": row chunks of about 2^19 elements; the forward keeps only references to the inputs
-  and the positive count, the backward recomputes per chunk.
+  and the positive count, the backward recomputes per chunk (CPU bench at 32,768 x 600: 1.39x
+  one logits tensor, gradient included; the reference 18x).
 - "triton": a forward kernel (per-row loss sums and positive counts, [N] each) and a backward
   kernel (the gradient), tiles of BLOCK_N rows x BLOCK_C classes.
 Both fused paths run inside one autograd.Function and compute in fp32 whatever the input dtypes

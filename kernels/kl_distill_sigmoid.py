@@ -29,8 +29,8 @@ Three implementations (``impl=``):
   probabilities and every term; autograd keeps many [N, C] tensors).
 - "torch": row chunks of about 2^19 elements; forward keeps only references to the inputs,
   backward recomputes per chunk. Extra memory: the gradient plus a few chunk temporaries
-  (CPU bench at 32,768 x 600: 1.21x / 1.23x one logits tensor with 1 / 2 teachers, gradient
-  included; the reference 10.2x / 11.2x).
+  (CPU bench at 32,768 x 600: 1.20x / 1.23x one logits tensor with 1 / 2 teachers, gradient
+  included; the reference 10.3x / 11.2x).
 - "triton": a forward kernel (per-row sums) and a backward kernel (gradient) over tiles of
   BLOCK_N rows x BLOCK_C classes; nothing but the [N] row sums is written by the forward.
 Both fused paths run inside one autograd.Function. All arithmetic is fp32 whatever the input
