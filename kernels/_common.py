@@ -9,6 +9,8 @@ The Triton CPU interpreter (TRITON_INTERPRET=1, used by the tests) checks none o
 real GPU launch has (block sizes, contiguity, dtypes, out-of-bounds indices), so the wrappers
 check them here, before every launch, with the same rules on both.
 """
+import contextlib
+import functools
 import os
 
 import torch
@@ -31,6 +33,24 @@ def acc_dtype(*dtypes: torch.dtype) -> torch.dtype:
     """The one accumulation rule of every fused path: fp32 whatever the input dtypes (fp16 /
     bf16 / fp32), fp64 when any input is fp64 (so that gradcheck can run on the torch paths)."""
     return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def autocast_off(method):
+    """Run an autograd.Function's forward or backward with autocast off.
+
+    Each op chooses its own dtypes (acc_dtype; the Triton kernels accumulate in fp32). Under an
+    ambient autocast the lean torch paths' matmuls would be recast to bf16 / fp16 behind their
+    back and break their in-place fp32 accumulations (baddbmm_ into an fp32 bias raises
+    "Input dtypes must be the same"; seen in a bf16 training step on an H200).
+    """
+    @functools.wraps(method)
+    def wrapper(ctx, *args):
+        with contextlib.ExitStack() as stack:
+            for device in ("cpu", "cuda"):
+                if torch.is_autocast_enabled(device):
+                    stack.enter_context(torch.autocast(device, enabled=False))
+            return method(ctx, *args)
+    return wrapper
 
 
 def triton_available() -> bool:

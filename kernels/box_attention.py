@@ -40,7 +40,17 @@ Measurement (analytic cost model, peak memory, time) lives in kernels/bench.py.
 """
 import torch
 
-from kernels._common import acc_dtype, check_blocks, check_index, check_launch, interpreting, resolve_impl, tl, triton
+from kernels._common import (
+    acc_dtype,
+    autocast_off,
+    check_blocks,
+    check_index,
+    check_launch,
+    interpreting,
+    resolve_impl,
+    tl,
+    triton,
+)
 
 # Lean torch path: at most this many elements per [chunk, Hd, T] intermediate (4 MiB in fp32).
 _CHUNK_ELEMS = 1 << 20
@@ -558,6 +568,7 @@ class BoxAttentionFunction(torch.autograd.Function):
     k, v and strength."""
 
     @staticmethod
+    @autocast_off
     def forward(ctx, q, k, v, strength, pair_image, boxes, grid_hw, scale, use_triton, cfg):
         fwd = _fwd_triton if use_triton else _fwd_torch
         out, saved = fwd(q, k, v, strength, pair_image, boxes, grid_hw, scale, cfg)
@@ -567,6 +578,7 @@ class BoxAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
+    @autocast_off
     def backward(ctx, dout):
         q, k, v, strength, pair_image, boxes, *saved = ctx.saved_tensors
         grid_hw, scale, use_triton, cfg = ctx.meta

@@ -37,7 +37,16 @@ are constants); the reference would also differentiate a prior that requires gra
 import torch
 import torch.nn.functional as F
 
-from kernels._common import FLOAT_DTYPES, acc_dtype, check_launch, resolve_impl, tl, triton, triton_constant
+from kernels._common import (
+    FLOAT_DTYPES,
+    acc_dtype,
+    autocast_off,
+    check_launch,
+    resolve_impl,
+    tl,
+    triton,
+    triton_constant,
+)
 from kernels._psi import row_blocks, row_chunks
 
 if triton is not None:
@@ -199,6 +208,7 @@ class FocalLossFunction(torch.autograd.Function):
     inputs (no copies) and the 0-dim positive count; gradient to the logits only."""
 
     @staticmethod
+    @autocast_off
     def forward(ctx, logits, prior, labels, alpha, gamma, use_triton, blocks):
         if logits.numel() == 0:
             total = n_pos = logits.new_zeros((), dtype=acc_dtype(logits.dtype))
@@ -213,6 +223,7 @@ class FocalLossFunction(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
+    @autocast_off
     def backward(ctx, g):
         logits, prior, labels, n_pos = ctx.saved_tensors
         alpha, gamma, use_triton, blocks = ctx.meta

@@ -34,7 +34,7 @@ dtype. Only the student gets a gradient
 """
 import torch
 
-from kernels._common import acc_dtype, check_launch, resolve_impl, tl, triton
+from kernels._common import acc_dtype, autocast_off, check_launch, resolve_impl, tl, triton
 from kernels._psi import check_kd, kd_operands, psi_scaled, psi_transform, row_blocks, row_chunks
 
 if triton is not None:
@@ -175,6 +175,11 @@ if triton is not None:
                                    BLOCK_N, BLOCK_C)
             tl.store(StT + mi * 2 * N + rows, mt, mask=mr)
             tl.store(StT + mi * 2 * N + N + rows, lt, mask=mr)
+        # The teachers' statistics were stored by this program's threads in a register layout that
+        # need not match the one _teacher_tile reads them back in: without a barrier a thread can
+        # read a row's statistics before another thread's store lands (seen on an H200: wrong loss,
+        # right gradient, for M = 1). The Triton interpreter runs sequentially and cannot show it.
+        tl.debug_barrier()
         # pass 2: sum_c p log p - p log q over the unmasked classes
         valid = ms > float("-inf")
         ms = tl.where(valid, ms, 0.0)
@@ -253,6 +258,7 @@ class KLDistillFunction(torch.autograd.Function):
     (row max, log-sum; fp32); gradient to the student only."""
 
     @staticmethod
+    @autocast_off
     def forward(ctx, student, teacher, prior, T, use_triton, blocks):
         M, N, C = teacher.shape
         st_s = st_t = None
@@ -267,6 +273,7 @@ class KLDistillFunction(torch.autograd.Function):
         return (total * (T * T / max(N, 1))).to(student.dtype)
 
     @staticmethod
+    @autocast_off
     def backward(ctx, g):
         student, teacher, prior, st_s, st_t = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:

@@ -40,7 +40,7 @@ loss and the gradient are returned in the student's dtype. Only the student gets
 import torch
 import torch.nn.functional as F
 
-from kernels._common import acc_dtype, check_launch, resolve_impl, tl, triton
+from kernels._common import acc_dtype, autocast_off, check_launch, resolve_impl, tl, triton
 from kernels._psi import check_kd, kd_operands, psi_scaled, psi_transform, row_blocks, row_chunks
 
 if triton is not None:
@@ -220,6 +220,7 @@ class KLDistillSigmoidFunction(torch.autograd.Function):
     gradient to the student only."""
 
     @staticmethod
+    @autocast_off
     def forward(ctx, student, teacher, prior, T, use_triton, blocks):
         N = student.shape[0]
         if N == 0:
@@ -234,6 +235,7 @@ class KLDistillSigmoidFunction(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
+    @autocast_off
     def backward(ctx, g_rows):
         student, teacher, prior = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:

@@ -23,7 +23,17 @@ Boxes are constants (no gradient); spatial features are float32 whatever the inp
 """
 import torch
 
-from kernels._common import acc_dtype, check_blocks, check_index, check_launch, chunk_rows, resolve_impl, tl, triton
+from kernels._common import (
+    acc_dtype,
+    autocast_off,
+    check_blocks,
+    check_index,
+    check_launch,
+    chunk_rows,
+    resolve_impl,
+    tl,
+    triton,
+)
 
 NUM_SPATIAL = 36  # 18 terms and their logs
 
@@ -260,6 +270,7 @@ class PairEnumFunction(torch.autograd.Function):
     carry no gradient. Saves q, w1, w2 and the indices only."""
 
     @staticmethod
+    @autocast_off
     def forward(ctx, q, w1, w2, b, boxes, idx_h, idx_o, use_triton, blocks):
         A = q @ w1.t()                                            # [N, Do]
         B = q @ w2.t()                                            # [N, Do]
@@ -276,6 +287,7 @@ class PairEnumFunction(torch.autograd.Function):
         return out, sp
 
     @staticmethod
+    @autocast_off
     def backward(ctx, g, _g_sp):
         q, w1, w2, idx_h, idx_o = ctx.saved_tensors
         dq = dw1 = dw2 = db = None
