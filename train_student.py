@@ -10,22 +10,27 @@ same images and views (its own feature cache, shared with the teacher's own trai
 cache key matches). Because the boxes are identical, pairs align one to one; this is checked
 every step (same pair_image and pair_idx), a mismatch raises PairAlignmentError.
 
-KD(f_s, f_t) = T^2 * KL(softmax(f_t / T) || softmax(f_s / T)) (kernels.kl_distill), rows =
-tokens / pairs:
+KD(f_s, f_t) = T^2 * KL(sigma(f_t / T) || sigma(f_s / T)), rows = tokens / pairs:
 
-* map level:   student latent_map [B, Gh*Gw, d] vs each teacher's, token-wise over the
-               channels (--kd-map-axis channels), or channel-wise over the positions
+* map level:   student latent_map [B, Gh*Gw, d] vs each teacher's, sigma = softmax token-wise
+               over the channels (--kd-map-axis channels), or channel-wise over the positions
                (--kd-map-axis positions: channel-wise distillation, per image the mean over
                channels). A teacher whose VLM has another grid is bilinearly resized to the
                student's grid first.
-* query level: every pair's query after the encoder and after each decoder layer, pair-wise
-               over the D channels; layers matched one to one (by relative depth when the
+* query level: every pair's query after the encoder and after each decoder layer, pair-wise,
+               sigma = softmax over the D channels; layers matched one to one (by relative depth when the
                teacher has another count, :func:`query_layer_map`), averaged over layers.
 * logit level: on Psi(O) = logit(P * sigmoid(O)) with P the student's detection prior [P, K]
-               (equal to the teachers' since the boxes are the same); impossible classes
-               (P == 0) are masked out. Zero-shot: the unseen classes are masked out too
-               (PROTOCOLS.md: unseen classifier rows are never supervised; the teacher's
-               unseen outputs were never trained either), unless --kd-unseen.
+               (equal to the teachers' since the boxes are the same), so sigmoid(Psi) is the
+               final interaction score; impossible classes (P == 0) are masked out. sigma =
+               sigmoid: one Bernoulli KL per allowed class, summed over the pair's classes
+               (kernels.kl_distill_sigmoid). HOI classification is multi-label, and only this
+               form tells the student that an unlabelled pair IS interacting (or is not): a
+               softmax over a pair's classes cancels P (constant within a pair) and every
+               common shift of the pair's logits (--kd-logit-form softmax, the ablation).
+               Zero-shot: the unseen classes are masked out too (PROTOCOLS.md: unseen
+               classifier rows are never supervised; the teacher's unseen outputs were never
+               trained either), unless --kd-unseen.
 
 Several teachers. Class k means the same for every teacher, so the logit level distils the
 mean of their probabilities. Channel c does not: at the map and query levels each teacher has
@@ -52,7 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common import file_digest
-from kernels import kl_distill
+from kernels import kl_distill, kl_distill_sigmoid
 from model import LINK, register_tiny_vlm
 from train_teacher import (
     add_common_args,
@@ -104,21 +109,28 @@ def resize_map(m: torch.Tensor, grid_from, grid_to) -> torch.Tensor:
     return x.reshape(B, d, th * tw).transpose(1, 2).to(m.dtype)            # [B, Gh'*Gw', d]
 
 
+LOGIT_FORMS = ("sigmoid", "softmax")
+
+
 @dataclass
 class KDConfig:
-    """The distillation options (CLI: --w-map, --w-query, --w-logit, --temperature, --kd-adapter,
-    --kd-impl); checkpointed under ``distill``."""
+    """The distillation options (CLI: --w-map, --w-query, --w-logit, --temperature,
+    --kd-logit-form, --kd-adapter, --kd-map-axis, --kd-impl); checkpointed under ``distill``."""
     w_map: float = 1.0
     w_query: float = 1.0
     w_logit: float = 1.0
     temperature: float = 1.0
+    logit_form: str = "sigmoid"  # sigmoid (per-class Bernoulli KL) | softmax (over a pair's classes: ablation)
     adapter: str = "linear"     # linear | none: student features -> each teacher's channel basis
     map_axis: str = "channels"  # map level's softmax: channels (per token) | positions (per channel)
+    impl: str = "auto"          # kernels implementation: auto | triton | torch | reference
 
     def __post_init__(self):
         if self.map_axis not in ("channels", "positions"):
             raise ValueError(f"KDConfig.map_axis must be 'channels' or 'positions', got {self.map_axis!r}")
-    impl: str = "auto"          # kernels implementation: auto | triton | torch | reference
+        if self.logit_form not in LOGIT_FORMS:
+            raise ValueError(f"KDConfig.logit_form (--kd-logit-form) must be one of {LOGIT_FORMS}, "
+                             f"got {self.logit_form!r}")
 
 
 class Widths(NamedTuple):
@@ -231,9 +243,10 @@ def _query_kd(sq, t_outs, adapters, T, impl) -> SumLoss:
     return SumLoss(total / (len(t_outs) * len(sq)), P)
 
 
-def _logit_kd(s_out, t_outs, exclude_classes, T, impl) -> SumLoss:
+def _logit_kd(s_out, t_outs, exclude_classes, T, impl, form) -> SumLoss:
     """Logit level on Psi with the detection prior (impossible and excluded classes masked);
-    several teachers: the mean of their probabilities; per pair."""
+    several teachers: the mean of their probabilities; per pair. form "sigmoid": one Bernoulli
+    KL per allowed class, summed over the pair's classes; "softmax": one KL over them."""
     logits = s_out["logits"]
     P = logits.shape[0]
     if P == 0:
@@ -243,7 +256,9 @@ def _logit_kd(s_out, t_outs, exclude_classes, T, impl) -> SumLoss:
     if exclude_classes is not None and len(exclude_classes):
         prior = prior.clone()
         prior[:, list(exclude_classes)] = 0.0
-    return SumLoss(kl_distill(logits.float(), tl, T, prior=prior, impl=impl) * P, P)
+    if form == "sigmoid":   # the sum over pairs of T^2 * sum over allowed classes
+        return SumLoss(kl_distill_sigmoid(logits.float(), tl, T, prior=prior, impl=impl), P)
+    return SumLoss(kl_distill(logits.float(), tl, T, prior=prior, impl=impl) * P, P)   # kl_distill: per-row mean
 
 
 def distill_losses(s_out: dict, s_grid, t_outs: list, t_grids: list, cfg: Optional[KDConfig] = None,
@@ -272,7 +287,7 @@ def distill_losses(s_out: dict, s_grid, t_outs: list, t_grids: list, cfg: Option
         kd = _query_kd(s_out["queries"], t_outs, adapters, T, cfg.impl)
         out["loss_kd_query"] = SumLoss(cfg.w_query * kd.total, kd.count)
     if cfg.w_logit:
-        kd = _logit_kd(s_out, t_outs, exclude_classes, T, cfg.impl)
+        kd = _logit_kd(s_out, t_outs, exclude_classes, T, cfg.impl, cfg.logit_form)
         out["loss_kd_logit"] = SumLoss(cfg.w_logit * kd.total, kd.count)
     return out
 
@@ -369,6 +384,10 @@ def student_parser() -> argparse.ArgumentParser:
     k.add_argument("--w-query", type=float, default=1.0)
     k.add_argument("--w-logit", type=float, default=1.0)
     k.add_argument("--temperature", type=float, default=1.0)
+    k.add_argument("--kd-logit-form", default="sigmoid", choices=list(LOGIT_FORMS),
+                   help="logit-level KD: a Bernoulli KL per allowed class (sigmoid, LINK's: keeps 'this pair "
+                        "interacts'), or one KL over a pair's classes (softmax: blind to the pair's common "
+                        "shift and to the prior, kept for the ablation)")
     k.add_argument("--kd-adapter", default="linear", choices=["linear", "none"],
                    help="map/query KD: a learned linear map per teacher from the student's channels into "
                         "the teacher's (linear), or none (equal widths, channel c = channel c)")
@@ -400,8 +419,8 @@ def load_teachers(args, cs, device) -> tuple[list, list, list]:
 
 def kd_config(args) -> KDConfig:
     return KDConfig(w_map=args.w_map, w_query=args.w_query, w_logit=args.w_logit,
-                    temperature=args.temperature, adapter=args.kd_adapter, impl=args.kd_impl,
-                    map_axis=args.kd_map_axis)
+                    temperature=args.temperature, logit_form=args.kd_logit_form, adapter=args.kd_adapter,
+                    impl=args.kd_impl, map_axis=args.kd_map_axis)
 
 
 def main(argv=None) -> dict:

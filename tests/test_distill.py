@@ -196,3 +196,77 @@ def test_adapters_trained_checkpointed_and_restored_on_resume(tmp_path):
     torch.save(other, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="other.pt: field extra_state does not fit"):
         make_trainer(tmp_path / "a", n=6, epochs=2, bs=3, kd=True).resume(tmp_path / "other.pt", ["epochs"])
+
+
+def _push(form: str, student_logits, teacher_logits: list, prior=(0.5, 0.5, 0.0)) -> float:
+    """d loss_kd_logit / d (a common shift of the pair's logits), through distill_losses, for one
+    pair with classes 0 and 1 allowed (P = 0.5) and class 2 impossible; T = 1."""
+    s = torch.tensor([student_logits], requires_grad=True)
+    pair = {"pair_image": torch.tensor([0]), "pair_idx": torch.tensor([[0, 1]]), "prior": torch.tensor([prior])}
+    t_outs = [dict(pair, logits=torch.tensor([t])) for t in teacher_logits]
+    z = distill_losses(dict(pair, logits=s), GRID, t_outs, [GRID] * len(t_outs),
+                       KDConfig(w_map=0, w_query=0, logit_form=form))
+    z["loss_kd_logit"].mean().backward()
+    return float(s.grad[0, :2].sum())
+
+
+def test_logit_kd_push_on_an_unlabelled_pair_sigmoid_vs_softmax():
+    """The student scores a pair 0.25 on both allowed classes (O = 0, P = 0.5). A teacher sure it
+    interacts (O = +4) must push the student's logits up, one sure it does not (O = -4) down.
+    Sigmoid form, by hand: d/dO of KL(Bern(p) || Bern(q)) = (q - p) dPsi/dO, q = 0.25,
+    p = 0.5 sigmoid(+-4), dPsi/dO = e^-O / (1 - P + e^-O) = 2/3; two classes. The softmax form
+    sees two equal classes either way: loss 0, push 0."""
+    sig = torch.sigmoid(torch.tensor(4.0)).item()
+    want = 2 * (0.25 - 0.5 * sig) * (2 / 3)                    # -0.321343
+    assert _push("sigmoid", [0.0, 0.0, 0.0], [[4.0, 4.0, 4.0]]) == pytest.approx(want, abs=1e-5)
+    assert _push("sigmoid", [0.0, 0.0, 0.0], [[-4.0, -4.0, -4.0]]) == pytest.approx(-want, abs=1e-5)
+    assert want == pytest.approx(-0.321343, abs=1e-6)
+    assert _push("softmax", [0.0, 0.0, 0.0], [[4.0, 4.0, 4.0]]) == pytest.approx(0.0, abs=1e-7)
+    assert _push("softmax", [0.0, 0.0, 0.0], [[-4.0, -4.0, -4.0]]) == pytest.approx(0.0, abs=1e-7)
+    # unequal student logits (1, -1), teachers shifted by +-4: the softmax form's push is 3x /
+    # 7x smaller than the sigmoid form's (values from the formulas, autograd on a transcription)
+    for shift in (4.0, -4.0):
+        t = [1.0 + shift, -1.0 + shift, 0.0]
+        want_sig, want_soft = _hand_push([1.0, -1.0], t[:2])
+        assert _push("sigmoid", [1.0, -1.0, 0.0], [t]) == pytest.approx(want_sig, abs=1e-5)
+        assert _push("softmax", [1.0, -1.0, 0.0], [t]) == pytest.approx(want_soft, abs=1e-5)
+        assert abs(want_soft) < abs(want_sig) / 3 and want_sig * shift < 0
+    # several teachers: the target is the mean of their probabilities (+4 and 0: p = 0.3705 on
+    # each class), not the probability of their mean logit (+2: p = 0.4404)
+    p = (0.5 * sig + 0.25) / 2
+    got = _push("sigmoid", [0.0, 0.0, 0.0], [[4.0] * 3, [0.0] * 3])
+    assert got == pytest.approx(2 * (0.25 - p) * (2 / 3), abs=1e-5)
+
+
+def _hand_push(s, t, P=0.5):
+    """The push of both forms for two allowed classes from their definitions (T = 1)."""
+    def psi(o):
+        return torch.log(torch.tensor(P)) - torch.log(1 - P + torch.exp(-o))
+    out = []
+    for form in ("sigmoid", "softmax"):
+        x, y = torch.tensor(s, requires_grad=True), torch.tensor(t)
+        if form == "sigmoid":
+            q, p = torch.sigmoid(psi(x)), torch.sigmoid(psi(y))
+            kl = (p * torch.log(p / q) + (1 - p) * torch.log((1 - p) / (1 - q))).sum()
+        else:
+            p = torch.softmax(psi(y), 0)
+            kl = (p * (torch.log(p) - torch.log_softmax(psi(x), 0))).sum()
+        kl.backward()
+        out.append(float(x.grad.sum()))
+    return out
+
+
+def test_logit_kd_sigmoid_is_per_pair_and_validated():
+    """Per pair: two identical pairs give the same mean as one, and twice its sum."""
+    one = {"pair_image": torch.tensor([0]), "pair_idx": torch.tensor([[0, 1]]),
+           "prior": torch.tensor([[0.5, 0.5, 0.0]]), "logits": torch.tensor([[0.0, 1.0, 0.0]])}
+    two = {k: torch.cat([v, v]) for k, v in one.items()}
+    t1 = dict(one, logits=torch.tensor([[3.0, -2.0, 5.0]]))
+    t2 = {k: torch.cat([v, v]) for k, v in t1.items()}
+    cfg = KDConfig(w_map=0, w_query=0)
+    a = distill_losses(one, GRID, [t1], [GRID], cfg)["loss_kd_logit"]
+    b = distill_losses(two, GRID, [t2], [GRID], cfg)["loss_kd_logit"]
+    assert (a.count, b.count) == (1, 2) and float(b.total) == pytest.approx(2 * float(a.total), rel=1e-6)
+    assert float(a.total) > 0.1
+    with pytest.raises(ValueError, match=r"logit_form \(--kd-logit-form\) must be one of"):
+        KDConfig(logit_form="softmax2")
