@@ -79,14 +79,27 @@ def test_extreme_logits_and_prior_edges(impl):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_inputs_computed_in_fp32(impl, dtype):
     """fp16 / bf16 logits: the fused paths compute in fp32; compared with the fp64 reference on
-    the same rounded values; loss and gradient come back in the student's dtype."""
+    the same rounded values; the loss comes back in fp32 (a sum over pairs and classes), the
+    gradient in the student's dtype."""
     s, t, prior = make(9, 23, 2, True, seed=1)
     s, t = s.to(dtype), t.to(dtype)
     ref_loss, ref_grad = run_ref64(s, t, 1.0, prior)
     loss, grad = run(impl, s, t, 1.0, prior)
-    assert loss.dtype == dtype and grad.dtype == dtype
+    assert loss.dtype == torch.float32 and grad.dtype == dtype
     torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-2, atol=2e-3)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fp16_sum_beyond_fp16_range_stays_finite(impl):
+    """A sum over many pairs exceeds fp16's largest value (65,504) although every pair's term is
+    small: the loss is the fp32 sum, not inf (it was inf on an H200 at 3,480 x 600)."""
+    s = torch.full((2000, 50), -3.0, dtype=torch.float16)
+    t = torch.full((2000, 50), 3.0, dtype=torch.float16)
+    p = 1 / (1 + math.exp(-3.0))                           # teacher sigmoid(3); student 1 - p
+    want = 2000 * 50 * (2 * p - 1) * 3.0                   # KL(Bern(p) || Bern(1 - p)) = (2p - 1) logit(p)
+    loss = kl_distill_sigmoid(s, t, 1.0, impl=impl)
+    assert loss.dtype == torch.float32 and loss.item() == pytest.approx(want, rel=1e-3) and want > 65504
 
 
 def test_hand_computed_value():
