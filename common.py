@@ -576,7 +576,7 @@ class OneLineParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def _number(kind: type, lo=None, hi=None, lo_open=False, hi_open=False, what=""):
+def number(kind: type, lo=None, hi=None, lo_open=False, hi_open=False, what=""):
     """An argparse type: ``kind`` (int or float) in the given range; the error names the range."""
     def parse(text: str):
         try:
@@ -594,12 +594,12 @@ def _number(kind: type, lo=None, hi=None, lo_open=False, hi_open=False, what="")
     return parse
 
 
-positive_int = _number(int, lo=1, what=">= 1")
-nonneg_int = _number(int, lo=0, what=">= 0")
-positive_float = _number(float, lo=0, lo_open=True, what="> 0")
-nonneg_float = _number(float, lo=0, what=">= 0")
-unit_float = _number(float, lo=0, hi=1, what="in [0, 1]")
-finite_float = _number(float, what="finite")
+positive_int = number(int, lo=1, what=">= 1")
+nonneg_int = number(int, lo=0, what=">= 0")
+positive_float = number(float, lo=0, lo_open=True, what="> 0")
+nonneg_float = number(float, lo=0, what=">= 0")
+unit_float = number(float, lo=0, hi=1, what="in [0, 1]")
+finite_float = number(float, what="finite")
 
 
 # ----------------------------------------------------------------------------------------------

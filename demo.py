@@ -42,7 +42,6 @@ Re-running the demo resumes every run from its checkpoint (finished runs are ski
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -58,7 +57,7 @@ from PIL import Image
 
 import eval as hoi_eval
 import synthetic
-from common import atomic_write, atomic_write_json
+from common import ZERO_SHOT_SPLITS, OneLineParser, atomic_write, atomic_write_json, nonneg_int, number
 from viz import draw_interactions, hoi_class_names
 
 ROOT = Path(__file__).resolve().parent
@@ -215,24 +214,27 @@ def print_table(results: dict) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="demo.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=None,
                    help="output folder (default runs/demo, runs/demo_seed<N> for --seed N != 0)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the world and of every run")
-    p.add_argument("--label-drop", type=float, default=LABEL_DROP,
-                   help="fraction of train interaction labels removed (sparse annotation)")
-    p.add_argument("--zero-shot", default="nf-uc", help="zero-shot split of the synthetic world")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="seed of the world and of every run")
+    p.add_argument("--label-drop", type=number(float, lo=0, hi=1, hi_open=True, what="in [0, 1)"),
+                   default=LABEL_DROP, help="fraction of train interaction labels removed (sparse annotation)")
+    p.add_argument("--zero-shot", default="nf-uc", choices=sorted(ZERO_SHOT_SPLITS),
+                   help="zero-shot split of the synthetic world")
     p.add_argument("--fresh", action="store_true", help="delete runs/demo first")
     p.add_argument("--sequential", action="store_true", help="run the two chains one after the other")
     a = p.parse_args(argv)
     t_start = time.time()
-    if not 0.0 <= a.label_drop < 1.0:
-        p.error(f"--label-drop must be in [0, 1), got {a.label_drop}")
     world_cfg = dict(WORLD, seed=a.seed, train_label_drop=a.label_drop)
     loop = list(LOOP)
     loop[loop.index("--seed") + 1] = str(a.seed)
     out = Path(a.out or ("runs/demo" if a.seed == 0 else f"runs/demo_seed{a.seed}")).resolve()
     if a.fresh and out.exists():
+        if any(out.iterdir()) and not (out / "recipe.json").is_file():   # never delete a folder of yours
+            print(f"error: {out}: --fresh deletes this folder, which is not a demo output folder (it has no "
+                  f"recipe.json); choose another --out", file=sys.stderr)
+            return 2
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     recipe = {"world": world_cfg, "model_opts": MODEL_OPTS, "loop": loop, "kd": KD}

@@ -105,13 +105,16 @@ from common import (
     OneLineParser,
     atomic_write,
     atomic_write_json,
+    nonneg_int,
     note,
+    positive_int,
     print_error,
     read_json,
     refuse_outputs_over_inputs,
+    unit_float,
 )
 from model import LINK, register_tiny_vlm
-from trainer import nonfinite_cause, nonfinite_images
+from trainer import BUILD_ERRORS, build_error_reason, nonfinite_cause, nonfinite_images
 from viz import draw_interactions, hoi_class_names, to_rgb, unique_pairs
 
 # ==============================================================================================
@@ -523,6 +526,10 @@ def read_checkpoint_meta(checkpoint):
     for key in ("prompts", "object_names", "hoi_object", "hoi_verb", "verb_names", "person_label"):
         if key not in cs:
             raise InferError(f"{path}: field 'class_space' has no {key!r}")
+    try:                          # an inconsistent class space: refused here, not mid-drawing
+        data.ClassSpace.from_dict(cs)
+    except (ValueError, TypeError, IndexError) as e:
+        raise InferError(f"{path}: field 'class_space': {build_error_reason(e)}") from None
     return dict(ck["config"]), cs
 
 
@@ -533,8 +540,8 @@ def load_model(checkpoint, device="cpu"):
         model = LINK.from_checkpoint(Path(checkpoint), map_location=device)
     except FileNotFoundError:
         raise
-    except (ValueError, KeyError, RuntimeError, TypeError) as e:
-        raise InferError(f"{e}") from None
+    except BUILD_ERRORS as e:        # one line naming the checkpoint, not torch's paragraphs
+        raise InferError(f"{checkpoint}: {build_error_reason(e)}") from None
     return model.eval(), cs
 
 
@@ -830,6 +837,12 @@ def summarise(res: dict, n_total: int) -> str:
     return "\n".join(lines)
 
 
+def _device(text: str) -> str:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(
         prog="infer.py", description="LINK inference: predictions JSON + one annotated PNG per image.",
@@ -840,23 +853,26 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("boxes (exactly one source)")
     g.add_argument("--detections", help="per-image detection JSON or COCO results JSON")
     g.add_argument("--image-ids", help="COCO-style JSON ('images': [{id, file_name}]) for COCO results")
-    g.add_argument("--detector", help=f"torchvision detector: {', '.join(TORCHVISION_DETECTORS)}")
+    g.add_argument("--detector", choices=TORCHVISION_DETECTORS, metavar="NAME",
+                   help=f"torchvision detector: {', '.join(TORCHVISION_DETECTORS)}")
     g.add_argument("--detector-weights", help="local state_dict of --detector")
     g.add_argument("--gt-anno", help="HICO-DET-format annotation file: its ground-truth boxes")
     p.add_argument("--out", default="runs/infer", help="output folder (default runs/infer)")
-    p.add_argument("--attention", type=int, help="draw the box-guided attention of pair #N (1-based, as drawn)")
+    p.add_argument("--attention", type=positive_int,
+                   help="draw the box-guided attention of pair #N (1-based, as drawn)")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--top-k", type=int, default=5, help="triplets drawn per image (default 5)")
-    p.add_argument("--max-predictions", type=int, help="keep only the top N rows per image in the JSON")
-    p.add_argument("--box-thresh", type=float, default=0.2,
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--top-k", type=nonneg_int, default=5, help="triplets drawn per image (default 5)")
+    p.add_argument("--max-predictions", type=positive_int, help="keep only the top N rows per image in the JSON")
+    p.add_argument("--box-thresh", type=unit_float, default=0.2,
                    help="select_boxes score threshold (0.2; 0.05 for strong detectors)")
-    p.add_argument("--nms", type=float, default=0.5, help="select_boxes class-wise NMS IoU")
-    p.add_argument("--detector-thresh", type=float, default=0.05, help="detector's own score threshold")
+    p.add_argument("--nms", type=unit_float, default=0.5, help="select_boxes class-wise NMS IoU")
+    p.add_argument("--detector-thresh", type=unit_float, default=0.05, help="detector's own score threshold")
     p.add_argument("--ignore-exif", action="store_true", help="use images as stored (boxes in the stored frame)")
     p.add_argument("--no-pictures", action="store_true", help="write predictions.json only")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--device", default="auto", type=_device,
+                   help="cpu, cuda, cuda:1, ... (auto: cuda if available)")
+    p.add_argument("--threads", type=nonneg_int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 

@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import file_digest
+from common import OneLineParser, file_digest, nonneg_float, positive_float
 from kernels import kl_distill, kl_distill_sigmoid
 from model import LINK, register_tiny_vlm
 from train_teacher import (
@@ -70,11 +70,13 @@ from train_teacher import (
     setup_run,
 )
 from trainer import (
+    BUILD_ERRORS,
     CheckpointError,
     FeatureSource,
     SumLoss,
     Trainer,
     TrainInputError,
+    build_error_reason,
     load_checkpoint,
     plain_dict,
     seed_everything,
@@ -332,7 +334,10 @@ def load_teacher(path, device):
     ck = load_checkpoint(path, map_location="cpu")      # clear errors before building anything
     if ck["config"].get("vlm") == "link-tiny":
         register_tiny_vlm()
-    t = LINK.from_checkpoint(str(path), map_location=device)
+    try:
+        t = LINK.from_checkpoint(str(path), map_location=device)
+    except BUILD_ERRORS as e:       # a checkpoint that does not rebuild: one line naming it
+        raise CheckpointError(f"teacher {path}: {build_error_reason(e)}") from None
     return t.to(device), ck
 
 
@@ -370,7 +375,8 @@ def _init_seed_arg(v: str) -> str:
 
 
 def student_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Train a LINK student: GT + distillation from frozen teachers.")
+    p = OneLineParser(prog="train_student.py",
+                      description="Train a LINK student: GT + distillation from frozen teachers.")
     add_common_args(p)
     p.set_defaults(name="student")
     k = p.add_argument_group("distillation")
@@ -380,10 +386,10 @@ def student_parser() -> argparse.ArgumentParser:
                    help="seed of the student's initial weights (and its dropout stream; --seed keeps the "
                         "data order and flips). Default: the smallest integer above --seed that no teacher "
                         "was initialised with; 'same': --seed, i.e. a teacher's initial weights")
-    k.add_argument("--w-map", type=float, default=1.0)
-    k.add_argument("--w-query", type=float, default=1.0)
-    k.add_argument("--w-logit", type=float, default=1.0)
-    k.add_argument("--temperature", type=float, default=1.0)
+    k.add_argument("--w-map", type=nonneg_float, default=1.0)
+    k.add_argument("--w-query", type=nonneg_float, default=1.0)
+    k.add_argument("--w-logit", type=nonneg_float, default=1.0)
+    k.add_argument("--temperature", type=positive_float, default=1.0)
     k.add_argument("--kd-logit-form", default="sigmoid", choices=list(LOGIT_FORMS),
                    help="logit-level KD: a Bernoulli KL per allowed class (sigmoid, LINK's: keeps 'this pair "
                         "interacts'), or one KL over a pair's classes (softmax: blind to the pair's common "

@@ -24,10 +24,11 @@ pair|label``, HICO-DET's empty images left out unless ``--keep-empty``, the dete
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
+import math
 import sys
+import typing
 from functools import partial
 from pathlib import Path
 from typing import Optional
@@ -38,19 +39,28 @@ import torch.distributed as tdist
 
 from common import (
     HeldNotes,
+    OneLineParser,
     atomic_write_json,
     file_digest,
+    finite_float,
+    nonneg_float,
+    nonneg_int,
     note,
+    number,
+    positive_float,
+    positive_int,
     print_error,
     read_json,
     refuse_outputs_over_inputs,
     release_notes,
+    unit_float,
 )
 from data import VCOCO, HICODet, SWiGHOI, gt_detections, load_detections, select_boxes
 from eval import evaluate_hico, evaluate_swig
 from model import LINK, LINKConfig, register_tiny_vlm
 from synthetic import make_synthetic_world
 from trainer import (
+    BUILD_ERRORS,
     RUN_OUTPUTS,
     Dist,
     FeatureSource,
@@ -62,6 +72,7 @@ from trainer import (
     TrainInputError,
     Views,
     barrier,
+    build_error_reason,
     claim_run_folder,
     init_distributed,
     load_checkpoint,
@@ -84,9 +95,9 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--test-detections")
     g.add_argument("--world", default="runs/demo/world",
                    help="synthetic world folder (generated if absent)")
-    g.add_argument("--world-train", type=int, default=600)
-    g.add_argument("--world-test", type=int, default=200)
-    g.add_argument("--world-size", type=int, default=128, help="synthetic image size")
+    g.add_argument("--world-train", type=positive_int, default=600)
+    g.add_argument("--world-test", type=positive_int, default=200)
+    g.add_argument("--world-size", type=number(int, lo=64, what=">= 64"), default=128, help="synthetic image size")
     g.add_argument("--zero-shot", help="zero-shot split name (rf-uc, nf-uc, uo, uv, or the world's)")
     g.add_argument("--zero-shot-rule", default="pair", choices=["pair", "label"],
                    help="zero-shot training filter: remove every pair carrying an unseen label with all its "
@@ -99,18 +110,18 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
                         "output); converted to the annotation's frame when read. Default: the annotation's")
     g.add_argument("--append-gt", action="store_true",
                    help="add the GT boxes to the detector's in training (SCG; default off, as UPT)")
-    g.add_argument("--few-shot", type=int, help="k images per class")
-    g.add_argument("--score-thresh", type=float, default=0.2)
+    g.add_argument("--few-shot", type=positive_int, help="k images per class")
+    g.add_argument("--score-thresh", type=unit_float, default=0.2)
     m = p.add_argument_group("model")
     m.add_argument("--vlm", default="tiny",
                    help="open_clip model name (e.g. ViT-B-16), or 'tiny': the small random VLM "
                         "model.register_tiny_vlm() registers (demo, tests)")
     m.add_argument("--pretrained", default="",
                    help="open_clip pretrained tag (e.g. openai) or a weights file; empty = random init")
-    m.add_argument("--image-size", type=int,
+    m.add_argument("--image-size", type=positive_int,
                    help="VLM input resolution (default: the VLM's own, e.g. 224 for ViT-B-16, 336 for ViT-L-14-336)")
-    m.add_argument("--model-opt", action="append", default=[], metavar="KEY=VALUE",
-                   help="any other LINKConfig field (repeatable)")
+    m.add_argument("--model-opt", action="append", default=[], metavar="KEY=VALUE", type=model_opt,
+                   help="any other LINKConfig field (repeatable), typed and range-checked by its field")
     t = p.add_argument_group("training")
     helps = {"epochs": "epochs", "batch_size": "GLOBAL batch (images per step over all ranks)",
              "lr": "AdamW learning rate", "weight_decay": "AdamW weight decay, on weight matrices only",
@@ -123,11 +134,12 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
         if f.name in ("progress", "flip", "crop_scales", "deterministic", "milestones"):
             continue
         default = f.default
-        t.add_argument("--" + f.name.replace("_", "-"), type=type(default), default=default,
+        t.add_argument("--" + f.name.replace("_", "-"), type=LOOP_TYPES.get(f.name, type(default)), default=default,
                        choices=choices.get(f.name), help=helps.get(f.name, f.name) + f" (default {default})")
-    t.add_argument("--milestones", type=int, nargs="*", default=[], help="epochs (step schedule)")
+    t.add_argument("--milestones", type=positive_int, nargs="*", default=[], help="epochs (step schedule)")
     t.add_argument("--flip", action="store_true", help="horizontal flips (cache stores both views)")
-    t.add_argument("--crop-scales", type=float, nargs="*", default=[], metavar="S",
+    t.add_argument("--crop-scales", type=number(float, lo=0, hi=1, lo_open=True, hi_open=True, what="in (0, 1)"),
+                   nargs="*", default=[], metavar="S",
                    help="crop views: one crop of S x the image's width and height per S in (0, 1), at a "
                         "fixed hashed position per image, each cached (and mirrored with --flip)")
     t.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms")
@@ -146,7 +158,7 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--cache", default="runs/cache", help="feature cache folder")
     t.add_argument("--no-cache", action="store_true", help="encode images on the fly every step")
     t.add_argument("--cache-dtype", default="float16", choices=["float16", "float32"])
-    t.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    t.add_argument("--threads", type=nonneg_int, default=0, help="torch CPU threads (0: default)")
 
 
 def loop_config(args) -> LoopConfig:
@@ -158,32 +170,80 @@ def loop_config(args) -> LoopConfig:
 # ----------------------------------------------------------------------------------------------
 # Model, splits, metric
 # ----------------------------------------------------------------------------------------------
-def _parse_value(v: str):
-    for cast in (int, float):
-        with contextlib.suppress(ValueError):
-            return cast(v)
-    if v.lower() in ("true", "false"):
-        return v.lower() == "true"
+#: what the loop's options accept (checked when the command line is parsed)
+LOOP_TYPES = {"epochs": positive_int, "batch_size": positive_int, "lr": positive_float,
+              "weight_decay": nonneg_float, "warmup_steps": nonneg_int, "gamma": positive_float,
+              "clip": finite_float, "seed": nonneg_int, "ckpt_every": nonneg_int, "eval_every": nonneg_int}
+
+#: LINKConfig fields that take a count or a size (>= 1) or a fraction, for --model-opt
+_OPT_RANGES = {"image_size": (1, None), "d_model": (8, None), "d_latent": (1, None), "heads": (1, None),
+               "enc_layers": (0, None), "dec_layers": (0, None), "ffn_mult": (1, None), "roi_size": (1, None),
+               "vlm_seed": (0, None), "dropout": (0, 1), "focal_alpha": (0, 1), "fg_iou": (0, 1),
+               "lam": (0, None), "lam_train": (0, None), "focal_gamma": (0, None)}
+
+
+def model_opt(text: str) -> tuple:
+    """argparse type of --model-opt KEY=VALUE -> (key, value) typed by LINKConfig's annotation of
+    that field (int, float, bool, str, a tuple of numbers "a,b,c", or none for an optional one)
+    and range-checked (_OPT_RANGES)."""
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    key, v = text.split("=", 1)
+    hints = typing.get_type_hints(LINKConfig)
+    if key not in hints:
+        raise argparse.ArgumentTypeError(f"LINKConfig has no field {key!r} (fields: {', '.join(hints)})")
+    kinds = typing.get_args(hints[key]) or (hints[key],)
+    if type(None) in kinds and v.strip().lower() in ("none", "null"):
+        return key, None
+    kind = next(k for k in kinds if k is not type(None))
+    try:
+        value = _typed(kind, v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{key}={v!r}: {key} takes {getattr(kind, '__name__', kind)}"
+                                         + (" or none" if type(None) in kinds else "")) from None
+    lo, hi = _OPT_RANGES.get(key, (None, None))
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and \
+            ((lo is not None and value < lo) or (hi is not None and value > hi)):
+        raise argparse.ArgumentTypeError(f"{key}={v!r}: must be " + (f">= {lo}" if hi is None else f"in [{lo}, {hi}]"))
+    return key, value
+
+
+def _typed(kind, v: str):
+    if kind is bool:
+        if v.strip().lower() not in ("true", "false", "1", "0"):
+            raise ValueError(v)
+        return v.strip().lower() in ("true", "1")
+    if kind is int:
+        return int(v)
+    if kind is float:
+        x = float(v)
+        if not math.isfinite(x):
+            raise ValueError(v)
+        return x
+    if kind is tuple:
+        xs = tuple(float(x) for x in v.split(","))
+        if not all(math.isfinite(x) for x in xs):
+            raise ValueError(v)
+        return xs
     return v
 
 
 def build_model(args, class_space, device):
     """A fresh LINK from the CLI (--vlm/--pretrained/--image-size/--model-opt)."""
-    names = {f.name for f in dataclasses.fields(LINKConfig)}
     if args.vlm == "tiny":   # the registered tiny random VLM (demo, tests): 64 px, 8x8 tokens
         kw = {"vlm": register_tiny_vlm(), "pretrained": args.pretrained or None, "image_size": 64}
     else:
         kw = {"vlm": args.vlm, "pretrained": args.pretrained or None}
     if args.image_size:
         kw["image_size"] = args.image_size
-    for opt in args.model_opt:
-        if "=" not in opt:
-            raise TrainInputError(f"--model-opt expects KEY=VALUE, got {opt!r}")
-        k, v = opt.split("=", 1)
-        if k not in names:
-            raise TrainInputError(f"--model-opt: LINKConfig has no field {k!r}")
-        kw[k] = _parse_value(v)
-    model = LINK(LINKConfig(**kw), class_space).to(device)
+    for k, v in args.model_opt:              # (key, value) pairs, typed by model_opt
+        kw[k] = v
+    try:
+        model = LINK(LINKConfig(**kw), class_space).to(device)
+    except BUILD_ERRORS as e:        # options the network cannot be built with, an unreadable --pretrained
+        what = f"--pretrained {args.pretrained}" if args.pretrained and Path(args.pretrained).is_file() else \
+            "--vlm / --model-opt"
+        raise TrainInputError(f"{what}: {build_error_reason(e)}") from None
     note(model.describe_vlm())      # input size and token grid, as resolved (held: see run_cli)
     return model
 
@@ -453,7 +513,7 @@ def run_cli(main_fn) -> None:
 # The teacher's CLI
 # ----------------------------------------------------------------------------------------------
 def teacher_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Train a LINK teacher on ground truth (stage 1).")
+    p = OneLineParser(prog="train_teacher.py", description="Train a LINK teacher on ground truth (stage 1).")
     add_common_args(p)
     return p
 

@@ -83,7 +83,9 @@ import io
 import json
 import math
 import os
+import pickle
 import random
+import re
 import shutil
 import sys
 import time
@@ -814,6 +816,29 @@ def plain_dict(x) -> dict:
 def atomic_torch_save(obj, path) -> None:
     """torch.save through common.atomic_write: a crash leaves the old checkpoint or the new one."""
     atomic_write(path, lambda f: torch.save(obj, f))
+
+
+#: what building a model from a file can raise when the file is not what it should be
+BUILD_ERRORS = (ValueError, KeyError, IndexError, TypeError, RuntimeError, EOFError, pickle.UnpicklingError)
+
+
+def build_error_reason(e: BaseException) -> str:
+    """The useful line of a library's error (one line): torch's size-mismatch list as 'size
+    mismatch for W: [a, b] in the checkpoint, [c, d] in the model (and N more)', torch.load's
+    weights_only refusal as its own reason without the advice paragraphs, else the first line."""
+    text = str(e)
+    sizes = re.findall(r"size mismatch for (\S+): copying a param with shape torch\.Size\(\[(.*?)\]\) from "
+                       r"checkpoint, the shape in current model is torch\.Size\(\[(.*?)\]\)", text)
+    if sizes:
+        n, a, b = sizes[0]
+        more = f" (and {len(sizes) - 1} more)" if len(sizes) > 1 else ""
+        return f"size mismatch for {n}: [{a}] in the checkpoint, [{b}] in the model{more}"
+    lines = [line.strip() for line in text.splitlines() if line.strip()] or [type(e).__name__]
+    if lines[0].startswith("Weights only load failed"):
+        m = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\s*\n|$)", text, re.S)
+        why = " ".join(m.group(1).split()).split(". Please use")[0] if m else "not a plain tensor file"
+        return f"torch.load with weights_only=True refuses it ({why})"
+    return lines[0] if isinstance(e, ValueError) else f"{type(e).__name__}: {lines[0]}"
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:

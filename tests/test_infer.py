@@ -318,9 +318,10 @@ def test_bad_inputs(world, ckpt, tmp_path, capsys):
     torch.save({"weights": 1}, notckpt)
     rc, so, se = run_cli(capsys, img, "--checkpoint", notckpt, "--detections", dets, "--out", tmp_path / "o6")
     assert rc == 2 and "x.pt: checkpoint has no field" in se
-    rc, so, se = run_cli(capsys, img, "--checkpoint", ckpt, "--detector", "yolo", "--detector-weights",
-                         notckpt, "--out", tmp_path / "o7")
-    assert rc == 2 and "unknown detector 'yolo'" in se
+    with pytest.raises(SystemExit) as e:         # refused when the command line is parsed
+        run_cli(capsys, img, "--checkpoint", ckpt, "--detector", "yolo", "--detector-weights",
+                notckpt, "--out", tmp_path / "o7")
+    assert e.value.code == 2 and "argument --detector: invalid choice: 'yolo'" in capsys.readouterr().err
     broken = tmp_path / "only"
     broken.mkdir()
     (broken / "a.png").write_bytes(b"\x89PNG broken")

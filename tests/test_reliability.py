@@ -811,3 +811,119 @@ def test_infer_refuses_a_nan_checkpoint_naming_the_image(tiny_world, tiny_ckpt, 
             str(tmp_path / "out"), "--quiet"]
     refused(infer.main, argv, [tmp_path], [str(bad), "'synth_test_000001.png'", "non-finite"])
     assert not (tmp_path / "out" / "predictions.json").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# One line, naming the thing: arguments checked at parse time, library errors summarised
+# ----------------------------------------------------------------------------------------------
+BAD_TRAIN_ARGS = [  # (arguments, what the line names)
+    (["--batch-size", "0"], "--batch-size: must be >= 1, got 0"), (["--epochs", "0"], "--epochs: must be >= 1"),
+    (["--lr", "nan"], "--lr: expected a finite number"), (["--lr=-1e-3"], "--lr: must be > 0"),
+    (["--warmup-steps", "-1"], "--warmup-steps: must be >= 0"), (["--clip", "inf"], "--clip: expected a finite"),
+    (["--score-thresh", "1.5"], "--score-thresh: must be in [0, 1]"), (["--few-shot", "0"], "--few-shot"),
+    (["--world-size", "10"], "--world-size: must be >= 64"), (["--threads", "-1"], "--threads"),
+    (["--milestones", "-1"], "--milestones"), (["--crop-scales", "0"], "--crop-scales: must be in (0, 1)"),
+    (["--model-opt", "d_model=abc"], "d_model='abc': d_model takes int"),
+    (["--model-opt", "heads=0"], "heads='0': must be >= 1"), (["--model-opt", "dropout=2"], "dropout='2'"),
+    (["--model-opt", "nope=1"], "LINKConfig has no field 'nope'"), (["--model-opt", "d_model"], "KEY=VALUE"),
+    (["--model-opt", "geometric_encoder=maybe"], "geometric_encoder takes bool"),
+    (["--model-opt", "d_model=36"], "d_model must be a multiple of 8"),
+    (["--vlm", "NoSuchModel"], "'NoSuchModel' is not an open_clip model name"),
+    (["--schedule", "linear"], "--schedule: invalid choice"),
+]
+
+
+@pytest.mark.parametrize("extra, needle", BAD_TRAIN_ARGS, ids=[n for _, n in BAD_TRAIN_ARGS])
+def test_training_arguments_refused_in_one_line(tiny_world, tmp_path, extra, needle):
+    refused(_teacher_cli, teacher_argv(tiny_world, tmp_path, "t", *extra), [tmp_path, tiny_world["root"]], [needle])
+    assert not (tmp_path / "runs" / "t").exists()
+
+
+@pytest.mark.parametrize("extra, needle", [(["--w-logit", "-1"], "--w-logit: must be >= 0"),
+                                           (["--temperature", "0"], "--temperature: must be > 0"),
+                                           (["--init-seed", "x"], "--init-seed")])
+def test_student_arguments_refused_in_one_line(tiny_world, finished_run, tmp_path, extra, needle):
+    import train_student
+    _, run, _ = finished_run
+    main = lambda a: train_teacher.run_cli(lambda: train_student.main(a))  # noqa: E731
+    refused(main, teacher_argv(tiny_world, tmp_path, "s", "--teacher", str(run / "last.pt"), *extra), [tmp_path],
+            [needle])
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--batch-size", "0"], "--batch-size: must be >= 1"), (["--top-k", "-1"], "--top-k: must be >= 0"),
+    (["--max-predictions", "0"], "--max-predictions"), (["--box-thresh", "2"], "--box-thresh: must be in [0, 1]"),
+    (["--nms", "-0.1"], "--nms"), (["--attention", "0"], "--attention: must be >= 1"),
+    (["--device", "gpu"], "--device: expected auto, cpu, cuda or cuda:N"), (["--detector", "yolo"], "--detector"),
+    (["--threads", "x"], "--threads: expected an integer"),
+])
+def test_infer_arguments_refused_in_one_line(tiny_world, tiny_ckpt, tmp_path, extra, needle):
+    argv = [str(tiny_world["test_images"]), "--checkpoint", str(tiny_ckpt), "--gt-anno",
+            str(tiny_world["test_anno"]), "--out", str(tmp_path / "out"), "--quiet", *extra]
+    refused(infer.main, argv, [tmp_path], [needle])
+
+
+def test_demo_and_eval_arguments_refused_in_one_line(tmp_path):
+    import demo
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    refused(demo.main, ["--label-drop", "1"], [tmp_path], ["--label-drop: must be in [0, 1)"])
+    refused(demo.main, ["--seed", "-2"], [tmp_path], ["--seed: must be >= 0"])
+    refused(demo.main, ["--zero-shot", "xx"], [tmp_path], ["--zero-shot: invalid choice"])
+    refused(demo.main, ["--out", str(mine), "--fresh"], [tmp_path], [str(mine), "not a demo output folder"])
+    refused(hoi_eval.main, ["hico", "--pred", "p.json"], [tmp_path], ["--anno"])
+    refused(hoi_eval.main, ["nope"], [tmp_path], ["invalid choice"])
+
+
+def test_checkpoint_problems_are_one_line_naming_the_file(tiny_world, finished_run, tmp_path):
+    """Torch's multi-line size-mismatch text, an inconsistent class space, torch.load's
+    weights_only advice: one line each, the file named."""
+    import train_student
+    _, run, _ = finished_run
+    ck = torch.load(run / "last.pt", weights_only=False)
+    size = dict(ck, model={k: (torch.zeros(3, 3) if k == next(iter(ck["model"])) else v)
+                           for k, v in ck["model"].items()})
+    torch.save(size, tmp_path / "size.pt")
+    cs = dict(ck["class_space"], hoi_object=ck["class_space"]["hoi_object"][:-1])
+    torch.save(dict(ck, class_space=cs), tmp_path / "cs.pt")
+    student = lambda a: train_teacher.run_cli(lambda: train_student.main(a))  # noqa: E731
+    for name, needle in (("size.pt", "in the checkpoint, ["), ("cs.pt", "16 prompts but 15")):
+        path = tmp_path / name
+        refused(student, teacher_argv(tiny_world, tmp_path, "s", "--teacher", str(path)), [tmp_path],
+                [f"teacher {path}", needle])
+        refused(infer.main, [str(tiny_world["test_images"]), "--checkpoint", str(path), "--gt-anno",
+                             str(tiny_world["test_anno"]), "--out", str(tmp_path / "o"), "--quiet"],
+                [tmp_path], [str(path), needle])
+    pickled = tmp_path / "pickled.pt"
+    torch.save({"opt": __import__("argparse").Namespace(a=1)}, pickled)
+    refused(_teacher_cli, teacher_argv(tiny_world, tmp_path, "p", "--pretrained", str(pickled), "--model-opt",
+                                       "image_mean=0.5,0.5,0.5", "--model-opt", "image_std=0.5,0.5,0.5"),
+            [tmp_path], [f"--pretrained {pickled}", "weights_only=True refuses it (Unsupported global"])
+
+
+def _fsize_limit(nbytes: int):
+    import resource
+    import signal
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, nbytes))
+    return limit
+
+
+def test_full_disk_in_infer_and_cache_build_is_one_line(tiny_world, tiny_ckpt, tmp_path):
+    """A real failing write (the kernel refuses it: a file-size limit, EFBIG, as ENOSPC on a full
+    disk): infer's picture, the feature cache's allocation."""
+    from clicheck import python, run_child
+    out = tmp_path / "out"
+    refused(python("infer.py"), [str(tiny_world["test_images"]), "--checkpoint", str(tiny_ckpt), "--gt-anno",
+                                 str(tiny_world["test_anno"]), "--out", str(out), "--quiet"],
+            [], ["cannot write (File too large)", str(out)], preexec=_fsize_limit(3000))
+    assert not [p for p in out.rglob("*") if p.is_file() and p.suffix != ".png"]   # no temp file left
+    code, _, err = run_child(python("train_teacher.py", *teacher_argv(tiny_world, tmp_path, "t")),
+                             preexec=_fsize_limit(20000))
+    line = [x for x in err.splitlines() if x.strip()][-1]
+    assert code == 2 and "Traceback" not in err and line.startswith("error: ")
+    assert "cannot write (File too large)" in line
+    assert not list((tmp_path / "cache").rglob("*.tmp"))
