@@ -40,6 +40,7 @@ import open_clip
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 from open_clip.pretrained import get_pretrained_cfg, list_pretrained_tags_by_model
 from torchvision.ops import box_iou, roi_align
 
@@ -341,7 +342,7 @@ def _vit_map(visual, images: torch.Tensor) -> torch.Tensor:
     if visual.proj is not None:
         x = x @ visual.proj                                       # [B, T, C]
     gh, gw = visual.grid_size
-    return x.reshape(images.shape[0], gh, gw, -1).permute(0, 3, 1, 2)
+    return rearrange(x, "b (gh gw) c -> b c gh gw", gh=gh, gw=gw)
 
 
 def _timm_map(visual, images: torch.Tensor) -> torch.Tensor:
@@ -439,10 +440,9 @@ class SelfAttentionLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, same_image: torch.Tensor) -> torch.Tensor:
         """x [N, D], same_image Bool[N, N] (True = may attend) -> [N, D]."""
-        N, D = x.shape
-        q, k, v = self.qkv(x).view(N, 3, self.heads, D // self.heads).permute(1, 2, 0, 3)  # [Hd, N, dh]
+        q, k, v = rearrange(self.qkv(x), "n (three h dh) -> three h n dh", three=3, h=self.heads)
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=same_image)          # [Hd, N, dh]
-        x = self.norm1(x + self.drop(self.out(a.transpose(0, 1).reshape(N, D))))
+        x = self.norm1(x + self.drop(self.out(rearrange(a, "h n dh -> n (h dh)"))))
         return self.norm2(x + self.drop(self.ffn(x)))
 
 
@@ -600,13 +600,13 @@ class LinkingLayer(nn.Module):
         (pos = pair_positions' output): [content ; position] per head, zeros in v's second half."""
         br = self._branch(spatial)
         qq, k, v = br.q(q), br.k(kv_in), br.v(kv_in)                               # [P, W], [B, T, W]
-        (P, W), (B, T, _), Hd = qq.shape, kv_in.shape, self.cfg.heads
-        qh = qq.view(P, Hd, W // Hd)
-        k = k.view(B, T, Hd, W // Hd).transpose(1, 2)                              # [B, Hd, T, W/Hd]
-        v = v.view(B, T, Hd, W // Hd).transpose(1, 2)
+        B, Hd = kv_in.shape[0], self.cfg.heads
+        qh = rearrange(qq, "p (h w) -> p h w", h=Hd)
+        k = rearrange(k, "b t (h w) -> b h t w", h=Hd)                              # [B, Hd, T, W/Hd]
+        v = rearrange(v, "b t (h w) -> b h t w", h=Hd)
         if pos is not None:
-            qp = br.q_pos(pos[0]).view(P, Hd, W // Hd)
-            kp = br.k_pos(pos[1]).view(1, T, Hd, W // Hd).transpose(1, 2)
+            qp = rearrange(br.q_pos(pos[0]), "p (h w) -> p h w", h=Hd)
+            kp = rearrange(br.k_pos(pos[1]), "t (h w) -> 1 h t w", h=Hd)
             qh = torch.cat([qh, qp.to(qh.dtype)], dim=-1)
             k = torch.cat([k, kp.to(k.dtype).expand(B, -1, -1, -1)], dim=-1)
             v = torch.cat([v, torch.zeros_like(v)], dim=-1)
@@ -1000,7 +1000,7 @@ class LINK(nn.Module):
         queries = [q]
 
         # linking decoder: F as tokens [B, T, C]; latent map F^l [B, T, d_latent] once
-        tokens = feats.flatten(2).transpose(1, 2)
+        tokens = rearrange(feats, "b c gh gw -> b (gh gw) c")
         latent = self.connector(tokens) if cfg.linking_decoder else None
         boxes = pair_boxes(boxes_norm[idx_h], boxes_norm[idx_o], (gh, gw))              # [P, 3, 4]
         for layer in self.decoder:
