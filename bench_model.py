@@ -1,6 +1,7 @@
 """CPU (or CUDA) timing of the LINK network on the tiny VLM config.
 
     python bench_model.py [--batch 4] [--humans 6] [--objects 8] [--repeats 10] [--impl auto]
+        [--box-guidance mask|pe|both]
 
 Prints forward (eval, no grad) and forward + backward (train, with targets) time per batch
 (wall and process CPU time) and peak memory: the process's peak resident set size on CPU (it includes the Python process
@@ -45,6 +46,7 @@ def main():
     ap.add_argument("--objects", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--impl", default="auto")
+    ap.add_argument("--box-guidance", default="mask", choices=["mask", "pe", "both"])
     args = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     base_import = peak_mb()  # torch, open_clip, timm imported; no model yet
@@ -52,7 +54,7 @@ def main():
     cs = dict(prompts=[f"a photo of a person holding a {o}" for o in objects] * 2,
               object_names=objects, hoi_object=[[o] for o in range(4)] * 2, person_label=0)
     cfg = LINKConfig(vlm=register_tiny_vlm(), pretrained=None, image_size=64, d_model=64,
-                     d_latent=32, heads=4, impl=args.impl)
+                     d_latent=32, heads=4, impl=args.impl, box_guidance=args.box_guidance)
     torch.manual_seed(0)
     model = LINK(cfg, cs).to(dev)
     images = torch.randn(args.batch, 3, 64, 64, device=dev)
@@ -92,8 +94,8 @@ def main():
     t_fb = timed(fwd_bwd)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_vlm = sum(p.numel() for p in model.vlm.parameters())
-    print(f"device={dev} impl={args.impl} threads={torch.get_num_threads()} batch={args.batch} "
-          f"humans={args.humans} objects={args.objects} pairs={P} grid={tuple(feats.shape[2:])}")
+    print(f"device={dev} impl={args.impl} box_guidance={args.box_guidance} threads={torch.get_num_threads()} "
+          f"batch={args.batch} humans={args.humans} objects={args.objects} pairs={P} grid={tuple(feats.shape[2:])}")
     print(f"params: trainable {n_train / 1e6:.3f} M, frozen VLM image tower {n_vlm / 1e6:.3f} M")
     print(f"VLM encode_images (first call): {t_vlm * 1e3:.1f} ms")
     print(f"forward (eval, no grad):        {t_f[0] * 1e3:.1f} ms wall, {t_f[1] * 1e3:.1f} ms CPU / batch "
