@@ -231,13 +231,15 @@ def build_pair_enum(g, N, H, D, Do):
     keep = hh != oo
     inputs = {"q": torch.randn(N, D, generator=g), "w1": torch.randn(Do, D, generator=g) / D ** 0.5,
               "w2": torch.randn(Do, D, generator=g) / D ** 0.5, "b": torch.randn(Do, generator=g)}
-    fixed = {"boxes": _rand_boxes(N, g, torch).clamp(0, 1), "idx_h": hh[keep], "idx_o": oo[keep]}
+    scale = torch.tensor([640.0, 480.0, 640.0, 480.0])                       # pixel boxes, 640 x 480
+    fixed = {"boxes": _rand_boxes(N, g, torch).clamp(0, 1) * scale, "idx_h": hh[keep], "idx_o": oo[keep],
+             "image_wh": scale[:2].expand(N, 2).contiguous()}
     return inputs, fixed, ("q", "w1", "w2", "b")
 
 
-def call_pair_enum(impl, q, w1, w2, b, boxes, idx_h, idx_o):
+def call_pair_enum(impl, q, w1, w2, b, boxes, idx_h, idx_o, image_wh):
     import kernels
-    return tuple(kernels.pair_enum(q, boxes, idx_h, idx_o, w1, w2, b, impl=impl))
+    return tuple(kernels.pair_enum(q, boxes, idx_h, idx_o, w1, w2, b, impl=impl, image_wh=image_wh))
 
 
 def build_kl(g, N, C, M, prior=True):

@@ -482,9 +482,11 @@ class GeometricEncoder(nn.Module):
             self.box_pe = mlp(d, d, d)
             self.fusion = SpatialFusion(d)
 
-    def forward(self, feats, boxes_grid, boxes_norm, box_image, idx_h, idx_o):
+    def forward(self, feats, boxes_grid, boxes_norm, box_image, idx_h, idx_o, boxes_px, image_wh):
         """feats [B, C, Gh, Gw]; boxes_grid [N, 4] in grid cells; boxes_norm [N, 4];
-        box_image Long[N]; idx_h, idx_o Long[P] (into the N boxes) -> pair queries [P, D]."""
+        box_image Long[N]; idx_h, idx_o Long[P] (into the N boxes); boxes_px [N, 4] the same
+        boxes in pixels and image_wh [N, 2] their image's (w, h), for UPT's spatial features
+        (aspect ratios of pixel boxes) -> pair queries [P, D]."""
         # ROI-Align: aligned=True because boxes_grid is a continuous frame where cell j spans
         # [j, j + 1). Choice: the roi_size x roi_size bins are mean-pooled to one vector.
         rois = torch.cat([box_image[:, None].to(feats.dtype), boxes_grid], dim=1)    # [N, 5]
@@ -496,8 +498,8 @@ class GeometricEncoder(nn.Module):
         same_image = box_image[:, None] == box_image[None, :]                        # [N, N]
         for layer in self.layers:
             q = layer(q, same_image)
-        pair_q, spatial = pair_enum(q, boxes_norm, idx_h, idx_o, self.w1, self.w2, self.b,
-                                    impl=self.cfg.impl)                              # [P, D], [P, 36]
+        pair_q, spatial = pair_enum(q, boxes_px, idx_h, idx_o, self.w1, self.w2, self.b,
+                                    impl=self.cfg.impl, image_wh=image_wh)           # [P, D], [P, 36]
         return self.fusion(pair_q, spatial) if self.cfg.geometric_encoder else pair_q
 
 
@@ -996,7 +998,7 @@ class LINK(nn.Module):
 
         # geometric encoder -> pair queries [P, D]
         grid = d.safe / d.scale * torch.tensor([gw, gh, gw, gh], device=feats.device)
-        q = self.encoder(feats, grid, boxes_norm, d.box_image, idx_h, idx_o)
+        q = self.encoder(feats, grid, boxes_norm, d.box_image, idx_h, idx_o, d.safe, d.scale[:, :2])
         queries = [q]
 
         # linking decoder: F as tokens [B, T, C]; latent map F^l [B, T, d_latent] once

@@ -126,7 +126,8 @@ def make_case(op, device, teachers=1, shape=None):
         w1 = torch.randn(Do, D, generator=g) / D ** 0.5
         w2 = torch.randn(Do, D, generator=g) / D ** 0.5
         b = torch.randn(Do, generator=g)
-        boxes = _boxes(N, g, torch).to(device)
+        image_wh = torch.tensor([[640.0, 480.0]], device=device).expand(N, 2)          # pixel boxes
+        boxes = (_boxes(N, g, torch) * torch.tensor([640.0, 480.0, 640.0, 480.0])).to(device)
         hh, oo = torch.meshgrid(torch.arange(H), torch.arange(N), indexing="ij")
         keep = hh != oo
         idx_h, idx_o = hh[keep].to(device), oo[keep].to(device)                 # P = H x (N - 1)
@@ -136,7 +137,7 @@ def make_case(op, device, teachers=1, shape=None):
 
         def fwd(impl):
             return kernels.pair_enum(leaves[0], boxes, idx_h, idx_o, leaves[1], leaves[2], leaves[3],
-                                     impl=impl)[0]
+                                     impl=impl, image_wh=image_wh)[0]
     elif op == "focal_loss":
         N, C = sh["N"], sh["C"]
         x = torch.randn(N, C, generator=g) * 3

@@ -17,9 +17,11 @@ Three implementations (``impl=``):
 - "triton": the same algebra; the projections and the small [N, *] GEMMs of the backward stay
   with torch (cuBLAS). A Triton kernel does the gather-add for a block of pairs x a block of
   Do, and the programs of the first Do block also compute the 36 spatial features of their
-  pairs from the 8 box numbers. The backward kernel scatters dOut into dA and dB with fp32
-  atomic adds (on a GPU the summation order, hence the last bits, may vary run to run).
-Boxes are constants (no gradient); spatial features are float32 whatever the input dtype.
+  pairs from the 8 box numbers and the image's width and height. The backward kernel scatters
+  dOut into dA and dB with fp32 atomic adds (on a GPU the summation order, hence the last
+  bits, may vary run to run).
+Boxes and image sizes are constants (no gradient); spatial features are float32 whatever the
+input dtype.
 """
 import torch
 
@@ -36,17 +38,23 @@ from kernels._common import (
 )
 
 NUM_SPATIAL = 36  # 18 terms and their logs
+UPT_EPS = 1e-10   # UPT's eps: added to every denominator and inside every log
 
 
-def spatial_features(boxes_h: torch.Tensor, boxes_o: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """UPT-style pairwise spatial features from normalised boxes [P, 4] -> [P, 36].
+def spatial_features(boxes_h: torch.Tensor, boxes_o: torch.Tensor, image_wh: torch.Tensor,
+                     eps: float = UPT_EPS) -> torch.Tensor:
+    """UPT's pairwise spatial features: pixel boxes [P, 4] and their image's (w, h) [P, 2] -> [P, 36].
 
-    The 18 terms: centres and sizes of both boxes (8), both areas (2), area ratio o/h (1),
-    both aspect ratios w/h (2), IoU (1), and the signed horizontal and vertical centre offsets
-    normalised by the human box size, split into their positive and negative parts (4) so
-    that every term is non-negative and has a log. Then f and log(f + eps) are concatenated.
+    The 18 terms, as UPT computes them from a detector's boxes and the image shape: centres and
+    sizes of both boxes divided by the image's w and h (8), both areas divided by w h (2), area
+    ratio o/h (1), both aspect ratios w/h of the PIXEL boxes (2: a square box is 1 in any image),
+    IoU (1), and the horizontal and vertical centre offsets divided by the human box's width /
+    height, split into their positive and negative parts (4) so that every term is
+    non-negative and has a log. Then f and log(f + eps) are concatenated. Only the order of
+    the first 8 differs from UPT's (here per box: centre, size).
     """
     bh, bo = boxes_h.float(), boxes_o.float()
+    W, H = image_wh[:, 0].float(), image_wh[:, 1].float()
     wh, hh = (bh[:, 2] - bh[:, 0]).clamp(min=0), (bh[:, 3] - bh[:, 1]).clamp(min=0)
     wo, ho = (bo[:, 2] - bo[:, 0]).clamp(min=0), (bo[:, 3] - bo[:, 1]).clamp(min=0)
     cxh, cyh = (bh[:, 0] + bh[:, 2]) / 2, (bh[:, 1] + bh[:, 3]) / 2
@@ -59,30 +67,31 @@ def spatial_features(boxes_h: torch.Tensor, boxes_o: torch.Tensor, eps: float = 
     dx = (cxo - cxh) / (wh + eps)
     dy = (cyo - cyh) / (hh + eps)
     f = torch.stack([
-        cxh, cyh, wh, hh, cxo, cyo, wo, ho,
-        ah, ao, ao / (ah + eps), wh / (hh + eps), wo / (ho + eps), iou,
+        cxh / W, cyh / H, wh / W, hh / H, cxo / W, cyo / H, wo / W, ho / H,
+        ah / (W * H), ao / (W * H), ao / (ah + eps), wh / (hh + eps), wo / (ho + eps), iou,
         dx.clamp(min=0), (-dx).clamp(min=0), dy.clamp(min=0), (-dy).clamp(min=0),
     ], dim=1)                                                     # [P, 18]
     return torch.cat([f, torch.log(f + eps)], dim=1)              # [P, 36]
 
 
-def pair_enum_reference(q, boxes, idx_h, idx_o, w1, w2, b):
-    """Plain definition. q: [N, D], boxes: [N, 4] normalised, idx_h/idx_o: Long[P],
-    w1, w2: [Do, D], b: [Do] -> (pair_q [P, Do], spatial [P, 36])."""
+def pair_enum_reference(q, boxes, idx_h, idx_o, w1, w2, b, image_wh):
+    """Plain definition. q: [N, D], boxes: [N, 4] in pixels, idx_h/idx_o: Long[P],
+    w1, w2: [Do, D], b: [Do], image_wh: [N, 2] (w, h) of each box's image
+    -> (pair_q [P, Do], spatial [P, 36])."""
     pair_q = q[idx_h] @ w1.t() + q[idx_o] @ w2.t() + b
-    return pair_q, spatial_features(boxes[idx_h], boxes[idx_o])
+    return pair_q, spatial_features(boxes[idx_h], boxes[idx_o], image_wh[idx_h])
 
 
 # ----------------------------------------------------------------------------- lean torch path
 
-def _spatial_torch(boxes, idx_h, idx_o, eps=1e-6):
-    """spatial_features(boxes[idx_h], boxes[idx_o]) in row chunks -> [P, 36] float32."""
+def _spatial_torch(boxes, image_wh, idx_h, idx_o, eps=UPT_EPS):
+    """spatial_features(boxes[idx_h], boxes[idx_o], image_wh[idx_h]) in row chunks -> [P, 36] fp32."""
     P = idx_h.shape[0]
     out = torch.empty(P, NUM_SPATIAL, device=boxes.device, dtype=torch.float32)   # [P, 36]
     step = chunk_rows(64)
     for s in range(0, P, step):
         e = min(P, s + step)
-        out[s:e] = spatial_features(boxes[idx_h[s:e]], boxes[idx_o[s:e]], eps)
+        out[s:e] = spatial_features(boxes[idx_h[s:e]], boxes[idx_o[s:e]], image_wh[idx_h[s:e]], eps)
     return out
 
 
@@ -132,8 +141,11 @@ if triton is not None:
         tl.store(sp_row + 18 + k, tl.log(f + eps), mask=mask)
 
     @triton.jit
-    def _spatial_block(boxes, ih, io, offs_p, mp, sp, eps):
-        """36 spatial features of the pairs offs_p (human box ih, other box io) -> sp [P, 36]."""
+    def _spatial_block(boxes, image_wh, ih, io, offs_p, mp, sp, eps):
+        """36 spatial features of the pairs offs_p (human box ih, other box io, pixels; the
+        image's (w, h) read at the human box's row) -> sp [P, 36]; spatial_features' formulas."""
+        W = tl.load(image_wh + ih * 2 + 0, mask=mp, other=1.0).to(tl.float32)
+        H = tl.load(image_wh + ih * 2 + 1, mask=mp, other=1.0).to(tl.float32)
         x1h = tl.load(boxes + ih * 4 + 0, mask=mp, other=0.0).to(tl.float32)
         y1h = tl.load(boxes + ih * 4 + 1, mask=mp, other=0.0).to(tl.float32)
         x2h = tl.load(boxes + ih * 4 + 2, mask=mp, other=0.0).to(tl.float32)
@@ -159,16 +171,16 @@ if triton is not None:
         dx = (cxo - cxh) / (wh + eps)
         dy = (cyo - cyh) / (hh + eps)
         row = sp + offs_p.to(tl.int64) * 36
-        _put(row, 0, cxh, eps, mp)
-        _put(row, 1, cyh, eps, mp)
-        _put(row, 2, wh, eps, mp)
-        _put(row, 3, hh, eps, mp)
-        _put(row, 4, cxo, eps, mp)
-        _put(row, 5, cyo, eps, mp)
-        _put(row, 6, wo, eps, mp)
-        _put(row, 7, ho, eps, mp)
-        _put(row, 8, ah, eps, mp)
-        _put(row, 9, ao, eps, mp)
+        _put(row, 0, cxh / W, eps, mp)
+        _put(row, 1, cyh / H, eps, mp)
+        _put(row, 2, wh / W, eps, mp)
+        _put(row, 3, hh / H, eps, mp)
+        _put(row, 4, cxo / W, eps, mp)
+        _put(row, 5, cyo / H, eps, mp)
+        _put(row, 6, wo / W, eps, mp)
+        _put(row, 7, ho / H, eps, mp)
+        _put(row, 8, ah / (W * H), eps, mp)
+        _put(row, 9, ao / (W * H), eps, mp)
         _put(row, 10, ao / (ah + eps), eps, mp)
         _put(row, 11, wh / (hh + eps), eps, mp)
         _put(row, 12, wo / (ho + eps), eps, mp)
@@ -179,7 +191,7 @@ if triton is not None:
         _put(row, 17, tl.maximum(-dy, 0.0), eps, mp)
 
     @triton.jit
-    def _pair_fwd_kernel(A, B, bias, idx_h, idx_o, boxes, out, sp, P, Do, eps,
+    def _pair_fwd_kernel(A, B, bias, idx_h, idx_o, boxes, image_wh, out, sp, P, Do, eps,
                          BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
         """out[p, d] = A[idx_h[p], d] + B[idx_o[p], d] + bias[d] for a BLOCK_P x BLOCK_D tile;
         programs of the first Do block also write the spatial features of their pairs."""
@@ -199,7 +211,7 @@ if triton is not None:
         tl.store(out + offs_p.to(tl.int64)[:, None] * Do + offs_d[None, :],
                  acc.to(out.dtype.element_ty), mask=m2)
         if pid_d == 0:
-            _spatial_block(boxes, ih, io, offs_p, mp, sp, eps)
+            _spatial_block(boxes, image_wh, ih, io, offs_p, mp, sp, eps)
 
     @triton.jit
     def _pair_bwd_kernel(G, idx_h, idx_o, dA, dB, P, Do,
@@ -233,10 +245,10 @@ def _blocks(P, Do, blocks):
     return bp, bd
 
 
-def _gather_add_triton(A, B, b, idx_h, idx_o, boxes, eps, blocks):
+def _gather_add_triton(A, B, b, idx_h, idx_o, boxes, image_wh, eps, blocks):
     """Launch the forward kernel -> (out [P, Do] in A's dtype, spatial [P, 36] float32)."""
     P, Do = idx_h.shape[0], A.shape[1]
-    check_launch("pair_enum", A, B, b, boxes)
+    check_launch("pair_enum", A, B, b, boxes, image_wh)
     check_launch("pair_enum", idx_h, idx_o, dtypes=(torch.int64, torch.int32))
     out = A.new_empty(P, Do)
     sp = torch.empty(P, NUM_SPATIAL, device=A.device, dtype=torch.float32)
@@ -244,7 +256,7 @@ def _gather_add_triton(A, B, b, idx_h, idx_o, boxes, eps, blocks):
         return out, sp
     bp, bd = _blocks(P, Do, blocks)
     grid = (triton.cdiv(P, bp), triton.cdiv(Do, bd))
-    _pair_fwd_kernel[grid](A, B, b, idx_h, idx_o, boxes, out, sp, P, Do, float(eps),
+    _pair_fwd_kernel[grid](A, B, b, idx_h, idx_o, boxes, image_wh, out, sp, P, Do, float(eps),
                            BLOCK_P=bp, BLOCK_D=bd)
     return out, sp
 
@@ -266,20 +278,20 @@ def _scatter_triton(g, idx_h, idx_o, N, blocks):
 # ----------------------------------------------------------------------------- autograd
 
 class PairEnumFunction(torch.autograd.Function):
-    """(q, w1, w2, b, boxes, idx_h, idx_o) -> (pair_q [P, Do], spatial [P, 36]); spatial and boxes
-    carry no gradient. Saves q, w1, w2 and the indices only."""
+    """(q, w1, w2, b, boxes, image_wh, idx_h, idx_o) -> (pair_q [P, Do], spatial [P, 36]); spatial,
+    boxes and image_wh carry no gradient. Saves q, w1, w2 and the indices only."""
 
     @staticmethod
     @autocast_off
-    def forward(ctx, q, w1, w2, b, boxes, idx_h, idx_o, use_triton, blocks):
+    def forward(ctx, q, w1, w2, b, boxes, image_wh, idx_h, idx_o, use_triton, blocks):
         A = q @ w1.t()                                            # [N, Do]
         B = q @ w2.t()                                            # [N, Do]
         if use_triton:
             out, sp = _gather_add_triton(A.contiguous(), B.contiguous(), b.contiguous(),
-                                         idx_h, idx_o, boxes, 1e-6, blocks)
+                                         idx_h, idx_o, boxes, image_wh, UPT_EPS, blocks)
         else:
             out = _gather_add_torch(A, B, b, idx_h, idx_o)
-            sp = _spatial_torch(boxes, idx_h, idx_o)
+            sp = _spatial_torch(boxes, image_wh, idx_h, idx_o)
         del A, B
         ctx.save_for_backward(q, w1, w2, idx_h, idx_o)
         ctx.use_triton, ctx.blocks = use_triton, blocks
@@ -292,7 +304,7 @@ class PairEnumFunction(torch.autograd.Function):
         q, w1, w2, idx_h, idx_o = ctx.saved_tensors
         dq = dw1 = dw2 = db = None
         if g is None or not any(ctx.needs_input_grad[:4]):
-            return dq, dw1, dw2, db, None, None, None, None, None
+            return dq, dw1, dw2, db, None, None, None, None, None, None
         N = q.shape[0]
         if ctx.use_triton:
             dA, dB = _scatter_triton(g.contiguous(), idx_h, idx_o, N, ctx.blocks)
@@ -307,15 +319,18 @@ class PairEnumFunction(torch.autograd.Function):
             dw2 = (dB.t() @ q.to(acc)).to(w2.dtype)
         if ctx.needs_input_grad[3]:
             db = dA.sum(0).to(w1.dtype)                           # sum over pairs = sum over rows of dA
-        return dq, dw1, dw2, db, None, None, None, None, None
+        return dq, dw1, dw2, db, None, None, None, None, None, None
 
 
-def _check(q, boxes, idx_h, idx_o, w1, w2, b):
+def _check(q, boxes, idx_h, idx_o, w1, w2, b, image_wh):
     if q.dim() != 2:
         raise ValueError(f"pair_enum: q must be [N, D], got {tuple(q.shape)}")
     N, D = q.shape
     if boxes.shape != (N, 4):
         raise ValueError(f"pair_enum: boxes must be [{N}, 4], got {tuple(boxes.shape)}")
+    if image_wh.shape != (N, 2) or not bool((image_wh > 0).all()):
+        raise ValueError(f"pair_enum: image_wh must be [{N}, 2] positive (w, h) per box, got "
+                         f"{tuple(image_wh.shape)}")
     if w1.dim() != 2 or w1.shape != w2.shape or w1.shape[1] != D or b.shape != (w1.shape[0],):
         raise ValueError("pair_enum: w1, w2 must be [Do, D] and b [Do], got "
                          f"{tuple(w1.shape)}, {tuple(w2.shape)}, {tuple(b.shape)} with D={D}")
@@ -325,18 +340,21 @@ def _check(q, boxes, idx_h, idx_o, w1, w2, b):
     check_index("pair_enum", "idx_o", idx_o, N)
 
 
-def pair_enum(q, boxes, idx_h, idx_o, w1, w2, b, impl="auto", *, blocks=None):
+def pair_enum(q, boxes, idx_h, idx_o, w1, w2, b, impl="auto", *, image_wh, blocks=None):
     """Pair queries and spatial features for the pairs (idx_h[p], idx_o[p]).
 
-    q: [N, D], boxes: [N, 4] normalised, idx_h/idx_o: Long[P], w1, w2: [Do, D], b: [Do]
+    q: [N, D], boxes: [N, 4] in pixels, idx_h/idx_o: Long[P], w1, w2: [Do, D], b: [Do],
+    image_wh: [N, 2] the (w, h) of each box's image (a pair's boxes share one image)
     -> (pair_q [P, Do] in q's dtype, spatial [P, 36] float32). Gradients to q, w1, w2, b.
     blocks: optional (BLOCK_P, BLOCK_D) for the Triton kernels (powers of two).
     """
-    _check(q, boxes, idx_h, idx_o, w1, w2, b)
+    _check(q, boxes, idx_h, idx_o, w1, w2, b, image_wh)
     impl = resolve_impl(impl, q)
     if impl == "reference":
-        return pair_enum_reference(q, boxes, idx_h, idx_o, w1, w2, b)
+        return pair_enum_reference(q, boxes, idx_h, idx_o, w1, w2, b, image_wh)
     use_triton = impl == "triton"
-    if use_triton:   # boxes are constants: any float dtype is read as fp32 by the kernel
-        idx_h, idx_o, boxes = idx_h.contiguous(), idx_o.contiguous(), boxes.float().contiguous()
-    return PairEnumFunction.apply(q, w1, w2, b, boxes.detach(), idx_h, idx_o, use_triton, blocks)
+    if use_triton:   # boxes and sizes are constants: any float dtype is read as fp32 by the kernel
+        idx_h, idx_o = idx_h.contiguous(), idx_o.contiguous()
+        boxes, image_wh = boxes.float().contiguous(), image_wh.float().contiguous()
+    return PairEnumFunction.apply(q, w1, w2, b, boxes.detach(), image_wh.detach(), idx_h, idx_o,
+                                  use_triton, blocks)

@@ -524,3 +524,18 @@ def test_weight_decay_groups_hold_exactly_the_matrices():
     opt.step()
     for n, p in trainable.items():          # AdamW with a zero gradient: p <- p (1 - lr wd)
         assert torch.allclose(p, before[n] * (0.95 if n in want_decay else 1.0)), n
+
+
+def test_spatial_features_see_pixel_boxes(net, feats):
+    """The model hands kernels.pair_enum its boxes in pixels with the image size: a 100-px square
+    human in a 640 x 480 image has aspect ratio 1 (UPT), not the 0.75 of its normalised box; the
+    object (150, 150, 350, 250) has 2, and their centres are divided by the image's w and h."""
+    captured = {}
+    h = net.encoder.fusion.register_forward_pre_hook(lambda mod, args: captured.__setitem__("f", args[1]))
+    with torch.no_grad():
+        net(feats[:1], [dets([[100, 100, 200, 200], [150, 150, 350, 250]], [0.9, 0.8], [0, 1])], [(640, 480)])
+    h.remove()
+    f = captured["f"]                                                # [1 pair, 36]
+    assert f.shape == (1, 36)
+    assert f[0, 11].item() == pytest.approx(1.0) and f[0, 12].item() == pytest.approx(2.0)
+    assert f[0, :2].tolist() == pytest.approx([150 / 640, 150 / 480])
