@@ -1813,18 +1813,18 @@ def load_detector_gt(anno_path: str | os.PathLike, dataset: str | None = None,
     dataset: hico | vcoco | swig | synthetic, or None to tell it from the file.  meta: SWiG-HOI's
     swig_v1_meta.json (default: the shared data).
     """
-    import data as D
+    import data  # lazy: the evaluators themselves need no torch
     src = str(anno_path)
     kind = _detector_dataset(_read_json(anno_path, "annotation file"), dataset, src)
     root = os.path.dirname(os.path.abspath(src))    # image folder: no image is opened here
     try:
         if kind == "swig":
-            ds = D.SWiGHOI(root, anno_path, meta)
+            ds = data.SWiGHOI(root, anno_path, meta)
         elif kind == "vcoco":
-            ds = D.VCOCO(root, anno_path)
+            ds = data.VCOCO(root, anno_path)
         else:
-            ds = D.HICODet(root, anno_path)
-    except (D.DataError, FileNotFoundError) as e:
+            ds = data.HICODet(root, anno_path)
+    except (data.DataError, FileNotFoundError) as e:
         raise EvalInputError(str(e)) from None
     except (KeyError, IndexError, TypeError, ValueError) as e:
         raise EvalInputError(f"{src}: malformed {_DATASET_TITLE[kind]} annotation file "
@@ -1832,16 +1832,16 @@ def load_detector_gt(anno_path: str | os.PathLike, dataset: str | None = None,
     cs = ds.class_space()
     boxes, labels = [], []
     for i in range(len(ds)):
-        g = D.gt_detections(ds.target(i, size=(0, 0)), cs.person_label)  # size unused: no image read
+        g = data.gt_detections(ds.target(i, size=(0, 0)), cs.person_label)  # size unused: no image read
         boxes.append(g["boxes"].double().numpy())
         labels.append(g["labels"].numpy())
-    coco80 = [n.replace(" ", "_") for n in cs.object_names] == D.COCO80_NAMES
+    coco80 = [n.replace(" ", "_") for n in cs.object_names] == data.COCO80_NAMES
     return DetectorGT(
         dataset=kind, name=src, filenames=ds.filenames, object_names=list(cs.object_names),
         person_label=cs.person_label, inclusive=kind == "hico",
         # COCO results name classes by COCO's ids (1..90) over COCO-80; SWiG-HOI by its own
         # 0-based category_id, as in its annotation file
-        category_ids=list(D.COCO80_TO_COCO91) if coco80 else list(range(len(cs.object_names))),
+        category_ids=list(data.COCO80_TO_COCO91) if coco80 else list(range(len(cs.object_names))),
         boxes=boxes, labels=labels, coco_image_ids=getattr(ds, "image_ids", None))
 
 
@@ -1855,15 +1855,15 @@ def _coco_xywh(boxes: np.ndarray, inclusive: bool) -> np.ndarray:
 def _per_image_detections(path: str | os.PathLike, obj: dict, gt: DetectorGT) -> np.ndarray:
     """The project's per-image detection file -> float64[N, 7] rows
     [image index + 1, x, y, w, h, score, category id] (pycocotools' array form)."""
-    import data as D
+    import data  # lazy: the evaluators themselves need no torch
     src = str(path)
     known = set(gt.filenames)
     for img, e in obj.items():
         if img not in known:                    # load_detections would drop it silently
             raise EvalInputError(f"{src}: image '{img}': unknown image name (not in the annotation file)")
     try:
-        dets = D.load_detections(path, filenames=gt.filenames, num_labels=len(gt.object_names))
-    except (D.DataError, FileNotFoundError) as e:
+        dets = data.load_detections(path, filenames=gt.filenames, num_labels=len(gt.object_names))
+    except (data.DataError, FileNotFoundError) as e:
         raise EvalInputError(str(e)) from None
     cat = np.asarray(gt.category_ids, dtype=np.float64)
     parts = []

@@ -79,7 +79,6 @@ import datetime
 import errno
 import fcntl
 import hashlib
-import io
 import json
 import math
 import os
@@ -113,6 +112,7 @@ from common import (
     note,
     write_error,
 )
+from viz import plot_curves
 
 CKPT_VERSION = 1
 
@@ -1391,32 +1391,8 @@ class Trainer:
         log = self.out / "log.jsonl"
         if not log.exists():
             return
-        import matplotlib  # imported here: slow to import, needed once per epoch
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
         recs = [rec for _, rec in read_log_lines(log) if rec is not None]
-        tr = [r for r in recs if r.get("kind") == "train"]
-        ev = [r for r in recs if r.get("kind") == "eval"]
-        fig, ax = plt.subplots(1, 2, figsize=(10, 4))
-        keys = sorted({k for r in tr for k in r if k.startswith("loss")})
-        for k in keys:
-            pts = [(r["step"], r[k]) for r in tr if k in r]
-            ax[0].plot([p[0] for p in pts], [p[1] for p in pts], label=k)
-        ax[0].set(xlabel="step", yscale="log", title="losses")
-        if keys:
-            ax[0].legend(fontsize=7)
-        for k in ("full", "rare", "non_rare", "unseen", "seen"):
-            pts = [(r["epoch"], r[k]) for r in ev if r.get(k) is not None]
-            if pts:
-                ax[1].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=k)
-        ax[1].set(xlabel="epoch", ylabel="mAP", title="evaluation")
-        if ev:
-            ax[1].legend(fontsize=7)
-        fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=80)
-        plt.close(fig)
-        atomic_write_bytes(self.out / "curves.png", buf.getvalue())
+        atomic_write_bytes(self.out / "curves.png", plot_curves(recs))
 
     # -- one step ------------------------------------------------------------------------------
     def _autocast(self):

@@ -23,6 +23,7 @@ Drawing conventions
 """
 from __future__ import annotations
 
+import io
 import math
 from typing import Sequence
 
@@ -300,3 +301,34 @@ def draw_interactions(image: Image.Image, rows: np.ndarray, class_names: Sequenc
     canvas.info["link_scale"] = s
     canvas.info["link_legend_top"] = ch
     return canvas
+
+
+def plot_curves(records: Sequence[dict]) -> bytes:
+    """Training curves as PNG bytes: the losses per step (log scale) and the mAPs per evaluated
+    epoch, from log.jsonl records ({"kind": "train", "step", "loss*"} / {"kind": "eval",
+    "epoch", "full", "rare", ...})."""
+    import matplotlib  # imported here: slow to import, needed once per epoch
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    tr = [r for r in records if r.get("kind") == "train"]
+    ev = [r for r in records if r.get("kind") == "eval"]
+    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    keys = sorted({k for r in tr for k in r if k.startswith("loss")})
+    for k in keys:
+        pts = [(r["step"], r[k]) for r in tr if k in r]
+        ax[0].plot([p[0] for p in pts], [p[1] for p in pts], label=k)
+    ax[0].set(xlabel="step", yscale="log", title="losses")
+    if keys:
+        ax[0].legend(fontsize=7)
+    for k in ("full", "rare", "non_rare", "unseen", "seen"):
+        pts = [(r["epoch"], r[k]) for r in ev if r.get(k) is not None]
+        if pts:
+            ax[1].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=k)
+    ax[1].set(xlabel="epoch", ylabel="mAP", title="evaluation")
+    if ev:
+        ax[1].legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80)
+    plt.close(fig)
+    return buf.getvalue()

@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import ROOT
 
-import gpu_check as G
+import gpu_check
 
 CORE = ("box_attention", "pair_enum", "kl_distill[prior,M=1]", "kl_distill[prior,M=2]", "kl_distill[no prior,M=2]")
 
@@ -46,7 +46,7 @@ def test_every_kernel_matches_the_float64_reference(smoke):
             assert fp32["passed"] and bf16["passed"], (op, impl)
             # fp32 arithmetic vs float64: far under the 1e-4 tolerance; every gradient was compared
             assert fp32["worst_rel_l2"] < 2e-6, (op, impl, fp32["worst"], fp32["worst_rel_l2"])
-            assert 0 < bf16["worst_rel_l2"] < G.TOL["bfloat16"], (op, impl)
+            assert 0 < bf16["worst_rel_l2"] < gpu_check.TOL["bfloat16"], (op, impl)
             names = set(fp32["errors"])
             assert {n for n in names if n.startswith("d")}, (op, names)
     box = _rows(data, "box_attention", "triton", "float32")[0]["errors"]
@@ -102,17 +102,17 @@ def test_speed_rows_never_present_interpreter_time_as_speed(smoke):
 
 
 def test_compare_on_hand_values():
-    e = G.compare(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.5]))
+    e = gpu_check.compare(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.5]))
     assert e["max_abs"] == pytest.approx(0.5) and e["rel_l2"] == pytest.approx(0.5 / math.sqrt(7.25))
-    assert G.compare(torch.tensor([float("nan"), 1.0]), torch.tensor([0.0, 1.0]))["rel_l2"] == float("inf")
-    assert G.compare(None, torch.ones(2))["note"] == "missing"
-    assert G.compare(torch.zeros(2), torch.zeros(2))["rel_l2"] == 0.0
+    assert gpu_check.compare(torch.tensor([float("nan"), 1.0]), torch.tensor([0.0, 1.0]))["rel_l2"] == float("inf")
+    assert gpu_check.compare(None, torch.ones(2))["note"] == "missing"
+    assert gpu_check.compare(torch.zeros(2), torch.zeros(2))["rel_l2"] == 0.0
 
 
 def test_a_failing_item_is_recorded_and_the_run_goes_on(tmp_path):
-    rep = G.Report(str(tmp_path), "cpu-smoke", 100.0, [])
-    assert G.run_item(rep, "x", "boom", lambda: 1 / 0, 0) is None
-    assert G.run_item(rep, "x", "fine", lambda: 42, 0) == 42
+    rep = gpu_check.Report(str(tmp_path), "cpu-smoke", 100.0, [])
+    assert gpu_check.run_item(rep, "x", "boom", lambda: 1 / 0, 0) is None
+    assert gpu_check.run_item(rep, "x", "fine", lambda: 42, 0) == 42
     on_disk = json.loads((tmp_path / "gpu_check.json").read_text())
     boom, fine = on_disk["items"]
     assert boom["status"] == "failed" and boom["error"].startswith("ZeroDivisionError: division by zero")
@@ -122,7 +122,7 @@ def test_a_failing_item_is_recorded_and_the_run_goes_on(tmp_path):
 
 
 def test_items_past_the_budget_are_skipped_and_recorded(tmp_path):
-    assert G.main(["--cpu-smoke", "--budget-s", "0", "--sections", "correctness", "--out", str(tmp_path)]) == 0
+    assert gpu_check.main(["--cpu-smoke", "--budget-s", "0", "--sections", "correctness", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "gpu_check.json").read_text())
     assert data["items"] and all(i["status"] == "skipped" and i["reason"].startswith("budget") for i in data["items"])
-    assert G.main(["--sections", "nope", "--out", str(tmp_path)]) == 2
+    assert gpu_check.main(["--sections", "nope", "--out", str(tmp_path)]) == 2
