@@ -419,7 +419,7 @@ def as_index(v, n: Optional[int] = None, lo: int = 0) -> int:
     if not is_number(v) or not math.isfinite(v) or v != int(v):
         raise ValueError(f"{v!r} is not an integer index")
     i = int(v)
-    if i < lo or (n is not None and i >= n):
+    if i < lo or (n is not None and i >= n) or abs(i) >= 2 ** 62:
         raise ValueError(f"index {i} out of range [{lo}, {'' if n is None else n})")
     return i
 

@@ -137,24 +137,25 @@ def _boxes_array(value, file, image, field_, allow_empty=True) -> np.ndarray:
 
 
 def _int_array(value, n, lo, hi, file, image, field_) -> np.ndarray:
-    """Validate a list of n integer indices in [lo, hi) -> int64 array [n]."""
+    """Validate a list of n integer indices in [lo, hi) -> int64 array [n]: integral numbers
+    only (5.0 is 5; 5.5, NaN, a string or a nested list are refused), never wrapping around."""
     if not isinstance(value, (list, tuple, np.ndarray)):
         raise _err(file, image, field_, f"expected a list of integers, got {type(value).__name__}")
     if len(value) != n:
         raise _err(file, image, field_, f"has {len(value)} entries, expected {n}")
     if n == 0:
         return np.zeros(0, dtype=np.int64)
-    arr = np.asarray(value)
-    if arr.ndim != 1 or not (np.issubdtype(arr.dtype, np.integer)
-                             or (np.issubdtype(arr.dtype, np.floating)
-                                 and np.all(np.mod(arr, 1) == 0))):
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        arr = None
+    if arr is None or arr.ndim != 1 or not (np.isfinite(arr) & (arr == np.floor(arr))).all():
         raise _err(file, image, field_, "expected integer indices")
-    arr = arr.astype(np.int64)
     bad = (arr < lo) | (arr >= hi)
     if bad.any():
         r = int(np.nonzero(bad)[0][0])
-        raise _err(file, image, f"{field_}[{r}]", f"index {int(arr[r])} out of range [{lo}, {hi})")
-    return arr
+        raise _err(file, image, f"{field_}[{r}]", f"index {arr[r]:.0f} out of range [{lo}, {hi})")
+    return arr.astype(np.int64)
 
 
 def _require(d: dict, key, file, image="-", kind=list):

@@ -848,10 +848,11 @@ def _image_label_matrix(gt: HicoGT, image_labels, src: str = "<image-labels>") -
         raise EvalInputError(f"{src}: expected {{file_name: [hoi, ...]}} or a list of [hoi, ...] "
                              f"aligned with the annotation's filenames")
     for i, nm, labs in items:
-        if not isinstance(labs, (list, np.ndarray)) or not all(
-                _isnum(x) and x == int(x) and 0 <= x < gt.num_classes for x in list(labs)):
+        try:
+            labs = as_index_list(list(labs) if isinstance(labs, np.ndarray) else labs, gt.num_classes)
+        except ValueError as e:
             raise EvalInputError(f"{src}: image '{nm}': labels must be a list of hoi indices in "
-                                 f"[0, {gt.num_classes})")
+                                 f"[0, {gt.num_classes}) ({e})") from None
         if len(labs):
             allowed[gt.obj_of_class[np.asarray(labs, dtype=np.int64)], i] = True
     return allowed
@@ -1040,6 +1041,10 @@ def parse_vcoco_gt(vsrl: Any, coco: Any, vsrl_name: str = "<vsrl>", coco_name: s
     image_ids = sorted({int(v) for v in data[0][0]})
     person_cat, sizes, anns_by_img = _coco_index(coco, image_ids, coco_name)
     gt = VCOCOGt(actions=acts, roles=roles, image_ids=image_ids)
+    for img, aid in zip(data[0][0].tolist(), data[0][1].tolist()):
+        if not any(_isnum(an.get("id")) and an["id"] == aid for an in anns_by_img.get(img, [])):
+            raise EvalInputError(f"{vsrl_name}: ann_id {aid} of image {img} is not an annotation of that "
+                                 f"image in {coco_name}")
     for i in image_ids:
         if i not in sizes:
             raise EvalInputError(f"{coco_name}: image {i} (in {vsrl_name}) not in 'images'")
@@ -1152,9 +1157,10 @@ def _vsrl_labels(acts: list, data: list, vsrl_name: str) -> tuple[np.ndarray, np
 def _coco_index(coco: Any, image_ids: list, coco_name: str) -> tuple[Any, dict, dict]:
     """COCO instances dict -> (person category id, {image id: (width, height)},
     {image id: [annotation dicts]}) for the wanted image ids."""
-    if not isinstance(coco, dict) or "annotations" not in coco or "images" not in coco:
+    if not isinstance(coco, dict) or not isinstance(coco.get("annotations"), list) or \
+            not isinstance(coco.get("images"), list):
         raise EvalInputError(f"{coco_name}: expected a COCO instances JSON with 'images' and "
-                             f"'annotations'")
+                             f"'annotations' (lists)")
     person_cat = 1
     cats = coco.get("categories")
     if isinstance(cats, list):
@@ -1176,7 +1182,10 @@ def _coco_index(coco: Any, image_ids: list, coco_name: str) -> tuple[Any, dict, 
     for k, an in enumerate(coco["annotations"]):
         if not isinstance(an, dict):
             raise EvalInputError(f"{coco_name}: annotation {k} must be an object")
-        i = an.get("image_id")
+        try:
+            i = as_index(an.get("image_id"))
+        except ValueError as e:
+            raise EvalInputError(f"{coco_name}: annotation {k}: field 'image_id': {e}") from None
         if i in anns_by_img:
             anns_by_img[i].append(an)
     return person_cat, sizes, anns_by_img
@@ -1440,6 +1449,9 @@ def evaluate_vcoco(gt: VCOCOGt, dets: VCOCODets, ovr_thresh: float = 0.5) -> dic
     D = dets.img.shape[0]
     pstart, pcnt, pbox, pact, prole_box, prole_has = _person_arrays(gt)
     npos = (pact == 1).sum(0)                                   # int64[A]
+    n_persons, n_ignored = pact.shape[0], int(np.any(pact == -1, axis=1).sum()) if pact.size else 0
+    if pact.shape[0] == 0:      # no GT person at all: one dummy row, so that jm = 0 indexes (never a TP)
+        pact, prole_box, prole_has = (np.zeros((1,) + x.shape[1:], x.dtype) for x in (pact, prole_box, prole_has))
     jmax, ovmax = _best_person(dets, pstart, pcnt, pbox)
     has_p = jmax >= 0
     jm = np.where(has_p, jmax, 0)
@@ -1503,8 +1515,8 @@ def evaluate_vcoco(gt: VCOCOGt, dets: VCOCODets, ovr_thresh: float = 0.5) -> dic
         "counts": {"num_images": len(gt.image_ids),
                    "num_images_with_detections": int(np.unique(dets.img).size),
                    "num_detections": int(D),
-                   "num_gt_persons": int(pact.shape[0]),
-                   "num_gt_persons_ignored": int(np.any(pact == -1, axis=1).sum()) if pact.size else 0,
+                   "num_gt_persons": int(n_persons),
+                   "num_gt_persons_ignored": n_ignored,
                    "num_skipped_ignored_person": n_skipped,
                    "num_actions": A},
     }

@@ -103,6 +103,7 @@ import data
 from common import (
     HeldNotes,
     OneLineParser,
+    as_index,
     atomic_write,
     atomic_write_json,
     nonneg_int,
@@ -292,10 +293,11 @@ class FileBoxes:
             p = Path(image_ids_file)
             doc = read_json(p, "image-ids file", InferError)
             try:
-                by_name = {str(im["file_name"]): int(im["id"]) for im in doc["images"]}
+                by_name = {im["file_name"]: as_index(im["id"]) for im in doc["images"]
+                           if isinstance(im["file_name"], str)}
             except (ValueError, KeyError, TypeError) as e:
                 raise InferError(f"{p}: expected a COCO-style JSON with 'images': "
-                                 f"[{{'id', 'file_name'}}] ({type(e).__name__}: {e})") from None
+                                 f"[{{'id': integer, 'file_name': string}}] ({type(e).__name__}: {e})") from None
             ids = {}
             for key in keys:
                 iid = by_name.get(key, by_name.get(Path(key).name))
@@ -334,14 +336,17 @@ class GTBoxes:
         except (KeyError, TypeError) as e:
             raise InferError(f"{self.path}: not a HICO-DET-format annotation file "
                              f"(needs 'filenames' and 'annotation'; {type(e).__name__}: {e})") from None
-        if len(files) != len(annos):
-            raise InferError(f"{self.path}: {len(files)} filenames but {len(annos)} annotations")
+        if not isinstance(files, list) or not isinstance(annos, list) or len(files) != len(annos):
+            raise InferError(f"{self.path}: fields 'filenames' and 'annotation' must be lists of the same length")
         objects = doc.get("objects")
+        if objects is not None and not (isinstance(objects, list) and all(isinstance(o, str) for o in objects)):
+            raise InferError(f"{self.path}: field 'objects' must be a list of names")
         self.table = None
         if objects is not None and [_norm_name(o) for o in objects] != [_norm_name(o) for o in cs["object_names"]]:
             idx = {_norm_name(n): i for i, n in enumerate(cs["object_names"])}
             self.table = np.array([idx.get(_norm_name(n), -1) for n in objects], dtype=np.int64)
         self.person = int(cs["person_label"])
+        self.num_objects = len(cs["object_names"])
         by_name = {str(f): i for i, f in enumerate(files)}
         self.sizes = doc.get("size")
         self.index, missing = {}, []
@@ -360,11 +365,16 @@ class GTBoxes:
         out = []
         for key in keys:
             a = self.annos[self.index[key]]
-            try:
-                dets = data.gt_detections({"boxes_h": a["boxes_h"], "boxes_o": a["boxes_o"],
-                                        "object": a["object"]}, person_label=self.person)
+            try:         # validated as the dataset validates it: boxes finite and ordered, labels in range
+                if not isinstance(a, dict) or "object" not in a:
+                    raise ValueError(f"{self.path}: image {key!r}: field 'object': missing key")
+                bh, bo = data._pair_boxes(a, self.path, key)
+                n_obj = len(self.table) if self.table is not None else self.num_objects
+                obj = data._int_array(a["object"], len(bh), 0, n_obj, self.path, key, "object")
+                dets = data.gt_detections({"boxes_h": bh, "boxes_o": bo, "object": obj}, person_label=self.person)
             except (KeyError, ValueError, RuntimeError, TypeError) as e:
-                raise InferError(f"{self.path}: image {key!r}: bad annotation ({type(e).__name__}: {e})") from None
+                raise InferError(f"{self.path}: image {key!r}: bad annotation ({e})" if not
+                                 str(e).startswith(str(self.path)) else str(e)) from None
             if self.table is not None:
                 lab = dets["labels"].numpy()
                 is_h = lab == self.person
@@ -378,8 +388,12 @@ class GTBoxes:
     def size_of(self, key):
         if self.sizes is None:
             return None
-        s = self.sizes[self.index[key]]
-        return (int(s[0]), int(s[1]))
+        if not isinstance(self.sizes, list) or len(self.sizes) != len(self.annos):
+            raise InferError(f"{self.path}: field 'size': expected one [w, h] per image")
+        try:
+            return data._image_size(self.sizes[self.index[key]], self.path, key)
+        except ValueError as e:
+            raise InferError(str(e)) from None
 
 
 def build_detector(name: str, weights, score_thresh: float = 0.05, device="cpu"):

@@ -145,7 +145,7 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms")
     t.add_argument("--no-progress", action="store_true")
     t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    t.add_argument("--name", default="teacher", help="run folder runs/NAME")
+    t.add_argument("--name", default="teacher", type=run_name, help="run folder runs/NAME")
     t.add_argument("--runs", default="runs")
     t.add_argument("--resume", nargs="?", const="auto",
                    help="resume from runs/NAME/last.pt (or the given checkpoint)")
@@ -180,6 +180,13 @@ _OPT_RANGES = {"image_size": (1, None), "d_model": (8, None), "d_latent": (1, No
                "enc_layers": (0, None), "dec_layers": (0, None), "ffn_mult": (1, None), "roi_size": (1, None),
                "vlm_seed": (0, None), "dropout": (0, 1), "focal_alpha": (0, 1), "fg_iou": (0, 1),
                "lam": (0, None), "lam_train": (0, None), "focal_gamma": (0, None)}
+
+
+def run_name(text: str) -> str:
+    """argparse type of --name: a folder name inside --runs (not empty, no '/', not '.' or '..')."""
+    if not text or "/" in text or text in (".", "..") or text.startswith("."):
+        raise argparse.ArgumentTypeError(f"expected a plain folder name inside --runs, got {text!r}")
+    return text
 
 
 def model_opt(text: str) -> tuple:

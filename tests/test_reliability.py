@@ -927,3 +927,120 @@ def test_full_disk_in_infer_and_cache_build_is_one_line(tiny_world, tiny_ckpt, t
     assert code == 2 and "Traceback" not in err and line.startswith("error: ")
     assert "cannot write (File too large)" in line
     assert not list((tmp_path / "cache").rglob("*.tmp"))
+
+
+@pytest.mark.parametrize("mutate, needle", [
+    (lambda a: a["annotation"][0].__setitem__("boxes_h", [[9, 9, 1, 1]] * len(a["annotation"][0]["boxes_h"])),
+     "x2<x1"),
+    (lambda a: a["annotation"][0].__setitem__("object", [-1] * len(a["annotation"][0]["object"])), "object[0]"),
+    (lambda a: a.__setitem__("size", [[64.5, 64]] * len(a["filenames"])), "field 'size'"),
+    (lambda a: a.__setitem__("filenames", 3), "'filenames' and 'annotation' must be lists"),
+])
+def test_infer_gt_boxes_checked_like_the_dataset(tiny_world, tiny_ckpt, tmp_path, mutate, needle):
+    a = json.loads(tiny_world["test_anno"].read_text())
+    mutate(a)
+    anno = tmp_path / "anno.json"
+    anno.write_text(json.dumps(a))
+    img = tiny_world["test_images"] / "synth_test_000000.png"
+    refused(infer.main, [str(img), "--checkpoint", str(tiny_ckpt), "--gt-anno", str(anno), "--out",
+                         str(tmp_path / "o"), "--quiet"], [tmp_path], [str(anno), needle])
+
+
+@pytest.mark.parametrize("name", ["", "a/b", "..", ".hidden"])
+def test_run_name_must_be_a_plain_folder_name(tiny_world, tmp_path, name):
+    refused(_teacher_cli, teacher_argv(tiny_world, tmp_path, name), [tmp_path], ["--name"])
+
+
+@pytest.mark.parametrize("which, mutate, needle", [
+    ("coco", lambda v, c: c["annotations"][1].__setitem__("image_id", [1]), "annotation 1: field 'image_id'"),
+    ("coco", lambda v, c: c.__setitem__("annotations", 7), "'annotations' (lists)"),
+    ("vsrl", lambda v, c: v[0].update(ann_id=[12], role_object_id=[12, 21]),
+     "ann_id 12 of image 1 is not an annotation"),
+    ("vsrl", lambda v, c: v[0].__setitem__("role_object_id", [12, 21]), "role_object_id[:, 0] must equal ann_id"),
+])
+def test_eval_vcoco_files_agree_with_each_other(tmp_path, which, mutate, needle):
+    f = vcoco_files(tmp_path)
+    v, c = json.loads(f["vsrl"].read_text()), json.loads(f["coco"].read_text())
+    mutate(v, c)
+    f["vsrl"].write_text(json.dumps(v))
+    f["coco"].write_text(json.dumps(c))
+    refused(hoi_eval.main, ["vcoco", "--vsrl", str(f["vsrl"]), "--coco", str(f["coco"]), "--pred", str(f["pred"])],
+            [tmp_path], [needle])
+
+
+def test_eval_vcoco_without_any_valid_person_scores_zero(tmp_path):
+    """A VSRL person whose COCO box vsrl_eval drops (area 0): no person GT at all, every
+    detection a false positive (was an IndexError)."""
+    f = vcoco_files(tmp_path)
+    c = json.loads(f["coco"].read_text())
+    c["annotations"][0]["area"] = 0
+    f["coco"].write_text(json.dumps(c))
+    r = hoi_eval.evaluate_vcoco_files(f["vsrl"], f["coco"], f["pred"])
+    assert r["counts"]["num_gt_persons"] == 0 and r["agent_ap"] is None
+
+
+@pytest.mark.parametrize("labels, needle", [({"img_0.jpg": [float("nan")]}, "image 'img_0.jpg': labels"),
+                                            ({"img_0.jpg": [0.5]}, "0.5 is not an integer index")])
+def test_eval_image_labels_checked(tmp_path, labels, needle):
+    f = hico_files(tmp_path)
+    f["labels"].write_text(json.dumps(labels))
+    refused(hoi_eval.main, ["hico", "--anno", str(f["anno"]), "--pred", str(f["pred"]), "--known-object",
+                            "--image-labels", str(f["labels"])], [tmp_path], [str(f["labels"]), needle])
+
+
+HOSTILE = [float("nan"), -1, -2, 1.5, "x", None, [], {}, 10 ** 30, -10 ** 30, 1e300, 0, 3, [1, 2],
+           [[1, 2, 3, 4]], "", 2 ** 63, [None], {"a": 1}]
+
+
+def _mutated(doc, rng):
+    """doc with one or two values replaced by a hostile one (or a key removed)."""
+    import copy
+    d = copy.deepcopy(doc)
+    paths, stack = [], [(d, ())]
+    while stack:
+        x, path = stack.pop()
+        items = x.items() if isinstance(x, dict) else enumerate(x) if isinstance(x, list) else []
+        for k, v in items:
+            paths.append(path + (k,))
+            stack.append((v, path + (k,)))
+    for _ in range(rng.integers(1, 3)):
+        path = paths[rng.integers(len(paths))]
+        parent = d
+        try:                       # an earlier mutation may have replaced a container on the path
+            for k in path[:-1]:
+                parent = parent[k]
+        except (KeyError, IndexError, TypeError):
+            continue
+        if not isinstance(parent, (dict, list)):
+            continue
+        if isinstance(parent, dict) and rng.random() < 0.15:
+            parent.pop(path[-1], None)
+        elif isinstance(parent, dict) or (isinstance(path[-1], int) and path[-1] < len(parent)):
+            parent[path[-1]] = copy.deepcopy(HOSTILE[rng.integers(len(HOSTILE))])
+    return d
+
+
+def test_evaluators_on_hostile_files_never_traceback(tmp_path):
+    """150 seeded mutations of valid HICO-DET / V-COCO / SWiG-HOI inputs: every run exits 0 or
+    refuses with one line (exit 2), never a traceback."""
+    rng = np.random.default_rng(0)
+    cases = [(hico_files(tmp_path / "h"), ["anno", "pred", "labels"],
+              lambda f: ["hico", "--anno", f["anno"], "--pred", f["pred"], "--known-object", "--image-labels",
+                         f["labels"]]),
+             (vcoco_files(tmp_path / "v"), ["vsrl", "coco", "pred"],
+              lambda f: ["vcoco", "--vsrl", f["vsrl"], "--coco", f["coco"], "--pred", f["pred"]])]
+    if SWIG_META.exists():
+        cases.append((swig_files(tmp_path / "s"), ["anno", "pred"],
+                      lambda f: ["swig", "--anno", f["anno"], "--pred", f["pred"], "--meta", f["meta"]]))
+    original = [{k: f[k].read_text() for k in keys} for f, keys, _ in cases]
+    for _ in range(150):
+        c = int(rng.integers(len(cases)))
+        f, keys, argv = cases[c]
+        for k in keys:
+            f[k].write_text(original[c][k])
+        k = keys[int(rng.integers(len(keys)))]
+        f[k].write_text(json.dumps(_mutated(json.loads(original[c][k]), rng)))
+        code, _, err = run_main(hoi_eval.main, [str(a) for a in argv(f)])
+        lines = [x for x in err.splitlines() if x.strip()]
+        assert code in (0, 2) and "Traceback" not in err, (f[k].read_text()[:300], err[-1500:])
+        assert code == 0 or (len(lines) == 1 and lines[0].startswith("error: ")), (f[k].read_text()[:300], err)
