@@ -870,6 +870,19 @@ def _fmt(x, spec=".3g"):
     return format(x, spec) if isinstance(x, (int, float)) else str(x)
 
 
+def _ms(r) -> str:
+    """A timing cell: interpreter (CPU) timings are marked as not a speed."""
+    return _fmt(r["ms"]) if r.get("is_speed") else f"({_fmt(r['ms'])}, not a speed)"
+
+
+def _md_table(title, header, align, rows) -> list:
+    """Markdown lines of one section's table (none when there are no rows)."""
+    if not rows:
+        return []
+    return [f"## {title}", "", "| " + " | ".join(header) + " |", "| " + align + " |",
+            *("| " + " | ".join(str(c) for c in row) + " |" for row in rows), ""]
+
+
 def _speed_err(r):
     chk = r.get("check")
     if not chk:
@@ -890,24 +903,16 @@ def markdown(data, with_correctness=True):
          f"{s['correctness_kernel_rows']} kernel checks pass. Items failed: {len(s['items_failed'])}, "
          f"skipped: {len(s['items_skipped'])}." + (f" Failed checks: {'; '.join(s['failed_checks'])}."
                                                    if s["failed_checks"] else ""), ""]
-    if data["speed"]:
-        L += ["## Speed and memory (forward + backward)", "",
-              "| op | shape | dtype | impl | ms (median) | peak MiB above inputs | worst error vs fp64 ref |",
-              "| --- | --- | --- | --- | ---: | ---: | --- |"]
-        for r in data["speed"]:
-            ms = _fmt(r["ms"]) if r.get("is_speed") else f"({_fmt(r['ms'])}, not a speed)"
-            L.append(f"| {r['op']} | {r['shape']} | {r['dtype']} | {r['impl']} | {ms} | {_fmt(r['peak_mib'])} | "
-                     f"{_speed_err(r)} |")
-        L.append("")
-    if data["train"]:
-        L += ["## LINK training step", "",
-              "| step | grid | pairs | impl | amp | ms / step | peak MiB | first-step loss |",
-              "| --- | --- | ---: | --- | --- | ---: | ---: | ---: |"]
-        for r in data["train"]:
-            ms = _fmt(r["ms"]) if r.get("is_speed") else f"({_fmt(r['ms'])}, not a speed)"
-            L.append(f"| {r['step']} | {r['grid']} | {r['pairs']} | {r['impl']} | {r['amp']} | {ms} | "
-                     f"{_fmt(r['peak_mib'])} | {r['loss_first_step']:.6f} |")
-        L.append("")
+    L += _md_table("Speed and memory (forward + backward)",
+                   ["op", "shape", "dtype", "impl", "ms (median)", "peak MiB above inputs", "worst error vs fp64 ref"],
+                   "--- | --- | --- | --- | ---: | ---: | ---",
+                   [[r["op"], r["shape"], r["dtype"], r["impl"], _ms(r), _fmt(r["peak_mib"]), _speed_err(r)]
+                    for r in data["speed"]])
+    L += _md_table("LINK training step",
+                   ["step", "grid", "pairs", "impl", "amp", "ms / step", "peak MiB", "first-step loss"],
+                   "--- | --- | ---: | --- | --- | ---: | ---: | ---:",
+                   [[r["step"], r["grid"], r["pairs"], r["impl"], r["amp"], _ms(r), _fmt(r["peak_mib"]),
+                     f"{r['loss_first_step']:.6f}"] for r in data["train"]])
     if data["correctness"] and with_correctness:
         L += ["## Correctness vs the float64 reference (relative L2 error; worst output or gradient)", "",
               "| op | size | shape | dtype | impl | worst | rel L2 | max abs | tol | pass |",
