@@ -19,7 +19,8 @@ default LINKConfig and the student CLI's default distillation weights and temper
 Roles: "teacher" (the model alone), "student1" / "student2" (a student with one / two frozen
 teachers of the same VLM and config, other seeds). Seeded random feature maps of the VLM's
 real width and grid replace the VLM, as a feature cache does in training (no weights are
-downloaded: the towers are built with random weights, so the models hold what a run holds).
+downloaded: the towers are built with random weights, then freed by
+trainer.release_unused_towers as in a cached training run).
 VLMs: ViT-B-16 at 224 (14 x 14 tokens) and 448 (28 x 28), ViT-L-14 at 336 (24 x 24);
 C = the tower's embed_dim (512 / 768), the width model.vlm_dense_features gives.
 
@@ -129,7 +130,7 @@ def build_step(vlm_at, role, impl):
     from data import HICODet
     from model import LINK, LINKConfig
     from train_student import Distiller, kd_config, kd_widths, student_parser
-    from trainer import Dist, LoopConfig, Trainer, Views
+    from trainer import Dist, LoopConfig, Trainer, Views, release_unused_towers
 
     vlm, size = vlm_at.split("@")
     size = int(size)
@@ -150,6 +151,7 @@ def build_step(vlm_at, role, impl):
     dets, sizes, targets = make_batch(cs)
     feats = torch.randn(len(dets), C, gh, gw, generator=torch.Generator().manual_seed(2)).to(device)
     src, t_srcs = _Features(model, feats), [_Features(t, feats) for t in teachers]
+    release_unused_towers([src] + t_srcs)           # as train_teacher / train_student do with a cache
     extra = None
     if teachers:   # the student CLI's default distillation (kd_config of its parser's defaults)
         kd = kd_config(student_parser().parse_args(["--teacher", "-", "--kd-impl", impl]))

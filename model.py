@@ -45,7 +45,7 @@ from open_clip.pretrained import get_pretrained_cfg, list_pretrained_tags_by_mod
 from torchvision.ops import box_iou, roi_align
 
 from common import file_sha256, key_difference
-from kernels import box_attention, box_bias, pair_enum, psi_transform
+from kernels import box_attention, box_bias, focal_loss, pair_enum, psi_transform
 from kernels.box_attention import grow_boxes, token_centres
 
 # ----------------------------------------------------------------------------------------------
@@ -733,29 +733,15 @@ def associate(boxes_h, boxes_o, target, num_classes, thresh=0.5) -> torch.Tensor
     return labels
 
 
-def focal_loss(logits, prior, labels, alpha=0.5, gamma=0.2):
-    """UPT's focal loss on the prior-weighted probability p = P * sigmoid(O), summed over
-    entries with P > 0, divided by max(number of positives, 1). All inputs [P, K].
-
-    Computed in log space so that it is finite and has finite gradients for logits of
-    +-1e4 and priors of exactly 0 or 1:
-        log p     = log P - softplus(-O)
-        log(1-p)  = logaddexp(log(1 - P), -O) - softplus(-O)
-        loss      = -alpha (1-p)^gamma log p          (label 1)
-                    -(1 - alpha) p^gamma log(1-p)     (label 0)
-    with x^gamma = exp(gamma log x). Entries with P = 0 are impossible classes: skipped.
-    """
-    keep = prior > 0
-    O = torch.where(keep, logits, torch.zeros_like(logits))       # no NaN gradient through skipped
-    P = torch.where(keep, prior, torch.ones_like(prior)).to(O.dtype)
-    sp = F.softplus(-O)
-    log_p = torch.log(P) - sp
-    log_1mp = torch.logaddexp(torch.log1p(-P), -O) - sp
-    pos = -alpha * torch.exp(gamma * log_1mp) * log_p
-    neg = -(1 - alpha) * torch.exp(gamma * log_p) * log_1mp
-    loss = torch.where(labels > 0, pos, neg)
-    n_pos = (labels[keep] > 0).sum().clamp(min=1)
-    return torch.where(keep, loss, torch.zeros_like(loss)).sum() / n_pos
+# The focal loss is kernels.focal_loss (imported above): UPT's focal loss on the prior-weighted
+# probability p = P * sigmoid(O), summed over the entries with P > 0 (impossible classes are
+# skipped) and divided by max(number of positives, 1), in log space so that logits of +-1e4
+# and priors of exactly 0 or 1 stay finite:
+#     log p    = log P - softplus(-O),   log(1-p) = logaddexp(log(1 - P), -O) - softplus(-O)
+#     loss     = -alpha (1-p)^gamma log p  (label 1),   -(1 - alpha) p^gamma log(1-p)  (label 0)
+# Its reference (kernels.focal_loss_reference) is that formula in plain PyTorch, which keeps
+# about a dozen [P, K] tensors for backward; the lean path (impl "torch", the CPU default) and
+# the Triton kernel keep only their inputs and recompute in backward. cfg.impl picks the path.
 
 
 # ----------------------------------------------------------------------------------------------
@@ -885,8 +871,16 @@ class LINK(nn.Module):
     def train(self, mode: bool = True):
         """The VLM stays in eval mode (frozen, no dropout / batch-norm updates)."""
         super().train(mode)
-        self.vlm.eval()
+        if self.vlm is not None:
+            self.vlm.eval()
         return self
+
+    def release_vlm(self) -> None:
+        """Free the frozen image tower (329 MiB for ViT-B/16, 1,161 MiB for ViT-L/14) when every
+        image's features come from a feature cache: training and evaluation then never run it.
+        The text embeddings stay (a classifier buffer); preprocess, cache_key, forward and
+        checkpoints work as before; encode_images refuses. LINK.from_checkpoint rebuilds it."""
+        self.vlm = None
 
     def preprocess(self, images) -> torch.Tensor:
         """list of PIL images -> [B, 3, S, S]: squash resize to S x S, VLM mean / std."""
@@ -904,6 +898,9 @@ class LINK(nn.Module):
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """[B, 3, S, S] normalised -> dense VLM features [B, C, Gh, Gw] (float32, no grad)."""
+        if self.vlm is None:
+            raise RuntimeError("encode_images: the VLM image tower was released (release_vlm: features come "
+                               "from the cache); LINK.from_checkpoint rebuilds a model with it")
         self.vlm.eval()
         dev = next(self.vlm.parameters()).device
         return vlm_dense_features(self.vlm, images.to(dev), self.cfg.dense).float()
@@ -971,9 +968,14 @@ class LINK(nn.Module):
 
     # -- forward -------------------------------------------------------------------------------
 
-    def forward(self, feats, detections, sizes, targets=None) -> dict:
+    # every key forward can return (with targets, labels, loss and num_pos come too)
+    OUTPUTS = ("pair_image", "pair_idx", "boxes_h", "boxes_o", "object", "logits", "prior", "psi",
+               "scores", "latent_map", "queries", "num_images")
+
+    def forward(self, feats, detections, sizes, targets=None, outputs=None) -> dict:
         """feats [B, C, Gh, Gw] (encode_images); detections: B dicts {boxes [N,4] image frame,
-        scores [N], labels [N]}; sizes: B (w, h); targets: B dicts {boxes_h, boxes_o, hoi}.
+        scores [N], labels [N]}; sizes: B (w, h); targets: B dicts {boxes_h, boxes_o, hoi};
+        outputs: the keys wanted (default: all of LINK.OUTPUTS).
 
         Returns per-pair tensors concatenated over the batch (P pairs, K classes):
         pair_image Long[P], pair_idx Long[P, 2] (human, other; caller's detection indices),
@@ -982,14 +984,21 @@ class LINK(nn.Module):
         (list of [P, D]: the encoder's pair queries, then each decoder layer's), num_images,
         and with targets: labels [P, K] (every class) and loss (0-dim; unseen classes and
         entries with prior 0 are left out of it).
+
+        psi and scores carry no gradient (nothing differentiates through them: postprocess
+        reads scores, kernels.kl_distill applies Psi to the logits itself), so they keep no
+        [P, K] tensors alive for backward. What `outputs` leaves out is not built: a frozen
+        teacher asked for what distillation reads never makes its prior, psi and scores.
         """
         cfg, B = self.cfg, feats.shape[0]
+        want = set(self.OUTPUTS if outputs is None else outputs)
+        if want - set(self.OUTPUTS):
+            raise ValueError(f"forward: unknown outputs {sorted(want - set(self.OUTPUTS))}; known: {self.OUTPUTS}")
         if B == 0:
             raise ValueError("forward: empty batch (no feature maps)")
         if len(detections) != B or len(sizes) != B or (targets is not None and len(targets) != B):
             raise ValueError(f"forward: {B} feature maps but {len(detections)} detections, "
                              f"{len(sizes)} sizes{'' if targets is None else f', {len(targets)} targets'}")
-        dtype = torch.float32
         feats = feats.to(device=self.classifier.weight.device, dtype=self.classifier.weight.dtype)
         gh, gw = feats.shape[2:]
         d = self._boxes_and_pairs(detections, sizes, feats.device)
@@ -1001,38 +1010,52 @@ class LINK(nn.Module):
         q = self.encoder(feats, grid, boxes_norm, d.box_image, idx_h, idx_o, d.safe, d.scale[:, :2])
         queries = [q]
 
-        # linking decoder: F as tokens [B, T, C]; latent map F^l [B, T, d_latent] once
-        tokens = rearrange(feats, "b c gh gw -> b (gh gw) c")
+        # linking decoder: F as tokens [B, T, C], made contiguous once: the connector and every
+        # layer's key / value projections then save this one tensor for backward instead of
+        # each its own contiguous copy of the strided view; latent map F^l [B, T, d_latent] once
+        tokens = rearrange(feats, "b c gh gw -> b (gh gw) c").contiguous()
         latent = self.connector(tokens) if cfg.linking_decoder else None
         boxes = pair_boxes(boxes_norm[idx_h], boxes_norm[idx_o], (gh, gw))              # [P, 3, 4]
         for layer in self.decoder:
             q = layer(q, tokens, latent, pair_image, boxes, (gh, gw))
             queries.append(q)
 
-        # classifier, UPT prior and scores
-        logits = self.classifier(q).float()  # [P, K]; fp32 so Psi / loss are exact under autocast
-        lam = cfg.lam_train if self.training else cfg.lam  # Choice: UPT's train / test exponents
-        obj = d.labels[idx_o]                                                            # [P]
-        allowed = self.allowed[:, obj].t()                                               # [P, K]
-        s = (d.scores[idx_h] * d.scores[idx_o]).clamp(0, 1).pow(lam).to(dtype)          # [P]
-        prior = torch.where(allowed, s[:, None], torch.zeros((), dtype=dtype, device=s.device))
-        out = dict(pair_image=pair_image, pair_idx=d.pair_idx,
-                   boxes_h=d.boxes[idx_h], boxes_o=d.boxes[idx_o], object=obj,
-                   logits=logits, prior=prior, psi=psi_transform(logits, prior),
-                   scores=torch.sigmoid(logits) * prior, latent_map=latent, queries=queries,
-                   num_images=B)
+        out = dict(pair_image=pair_image, pair_idx=d.pair_idx, boxes_h=d.boxes[idx_h], boxes_o=d.boxes[idx_o],
+                   object=d.labels[idx_o], latent_map=latent, queries=queries, num_images=B)
+        if targets is not None or want & {"logits", "prior", "psi", "scores"}:
+            out.update(self._scores(q, out["object"], d.scores[idx_h] * d.scores[idx_o], want))
         if targets is not None:
-            labels = torch.cat([associate(out["boxes_h"][pair_image == b], out["boxes_o"][pair_image == b],
-                                          t, logits.shape[1], cfg.fg_iou)
-                                for b, t in enumerate(targets)]) if B else logits.new_zeros(0, logits.shape[1])
-            # Unseen classes are never supervised: their columns leave the loss (prior -> 0).
-            seen_prior = prior.masked_fill(self.classifier.unseen[None, :], 0)
-            out["labels"] = labels
-            out["loss"] = focal_loss(logits, seen_prior, labels, cfg.focal_alpha, cfg.focal_gamma)
-            # loss = focal sum / max(num_pos, 1): data-parallel training re-normalises by the
-            # positives of the whole global batch (UPT all-reduces this count too)
-            out["num_pos"] = (labels[seen_prior > 0] > 0).sum().float()
+            out.update(self._loss(out["logits"], out["prior"], out["boxes_h"], out["boxes_o"], pair_image, targets))
+        return {k: v for k, v in out.items() if k in want or k in ("labels", "loss", "num_pos")}
+
+    def _scores(self, q, obj, s_pair, want) -> dict:
+        """Classifier and UPT prior: pair queries [P, D], object labels Long[P], detection score
+        products [P] -> logits and prior [P, K]; psi and scores [P, K] if wanted, without a graph."""
+        logits = self.classifier(q).float()  # [P, K]; fp32 so Psi / loss are exact under autocast
+        lam = self.cfg.lam_train if self.training else self.cfg.lam  # Choice: UPT's train / test exponents
+        allowed = self.allowed[:, obj].t()                                               # [P, K]
+        s = s_pair.clamp(0, 1).pow(lam).float()                                          # [P]
+        prior = torch.where(allowed, s[:, None], torch.zeros((), dtype=s.dtype, device=s.device))
+        out = dict(logits=logits, prior=prior)
+        with torch.no_grad():  # read-outs only: no graph, nothing saved for backward
+            if "psi" in want:
+                out["psi"] = psi_transform(logits, prior)
+            if "scores" in want:
+                out["scores"] = torch.sigmoid(logits) * prior
         return out
+
+    def _loss(self, logits, prior, boxes_h, boxes_o, pair_image, targets) -> dict:
+        """labels [P, K] (label association per image), the focal loss and its positive count."""
+        labels = torch.cat([associate(boxes_h[pair_image == b], boxes_o[pair_image == b], t, logits.shape[1],
+                                      self.cfg.fg_iou) for b, t in enumerate(targets)])
+        # Unseen classes are never supervised: their columns leave the loss (prior -> 0).
+        seen_prior = prior.masked_fill(self.classifier.unseen[None, :], 0)
+        # loss = focal sum / max(num_pos, 1): data-parallel training re-normalises by the
+        # positives of the whole global batch (UPT all-reduces this count too)
+        return dict(labels=labels,
+                    loss=focal_loss(logits, seen_prior, labels, self.cfg.focal_alpha, self.cfg.focal_gamma,
+                                    impl=self.cfg.impl),
+                    num_pos=(labels[seen_prior > 0] > 0).sum().float())
 
     # -- predictions ---------------------------------------------------------------------------
 

@@ -79,6 +79,7 @@ from trainer import (
     build_error_reason,
     load_checkpoint,
     plain_dict,
+    release_unused_towers,
     seed_everything,
 )
 
@@ -279,19 +280,29 @@ def distill_losses(s_out: dict, s_grid, t_outs: list, t_grids: list, cfg: Option
     for m, t in enumerate(t_outs):
         check_alignment(s_out, t, f"teacher {m}")
     T, out = float(cfg.temperature), {}
+    if cfg.w_map and s_out.get("latent_map") is None:
+        raise ValueError("map-level KD needs latent maps (the model has no linking decoder): "
+                         "use --w-map 0")
+    # the logit level runs first: its [M, P, K] teacher stack and the op's working chunks are the
+    # largest transient of the step, so it comes before the other levels keep their inputs for backward
+    logit = _logit_kd(s_out, t_outs, exclude_classes, T, cfg.impl, cfg.logit_form) if cfg.w_logit else None
     if cfg.w_map:
-        if s_out.get("latent_map") is None:
-            raise ValueError("map-level KD needs latent maps (the model has no linking decoder): "
-                             "use --w-map 0")
         kd = _map_kd(s_out["latent_map"], s_grid, t_outs, t_grids, adapters, T, cfg.impl, cfg.map_axis)
         out["loss_kd_map"] = SumLoss(cfg.w_map * kd.total, kd.count)
     if cfg.w_query:
         kd = _query_kd(s_out["queries"], t_outs, adapters, T, cfg.impl)
         out["loss_kd_query"] = SumLoss(cfg.w_query * kd.total, kd.count)
-    if cfg.w_logit:
-        kd = _logit_kd(s_out, t_outs, exclude_classes, T, cfg.impl, cfg.logit_form)
-        out["loss_kd_logit"] = SumLoss(cfg.w_logit * kd.total, kd.count)
+    if logit is not None:
+        out["loss_kd_logit"] = SumLoss(cfg.w_logit * logit.total, logit.count)
     return out
+
+
+def teacher_keys(cfg: KDConfig) -> tuple:
+    """The keys of a teacher's output that distill_losses reads under ``cfg``: the pairs (the
+    alignment check), then one key per weighted level. A teacher asked for these only
+    (model.LINK.forward's ``outputs``) builds nothing else: no prior, psi or scores [P, K]."""
+    return (("pair_image", "pair_idx") + (("latent_map",) if cfg.w_map else ()) + (("queries",) if cfg.w_query else ())
+            + (("logits",) if cfg.w_logit else ()))
 
 
 class Distiller(nn.Module):
@@ -315,17 +326,22 @@ class Distiller(nn.Module):
 
     def teacher_outputs(self, ctx: dict) -> tuple[list, list]:
         """The one place that runs the teachers: -> (their outputs, their feature grids (Gh, Gw)).
-        Distillation reads pair_image, pair_idx, logits, latent_map and queries of each."""
+        Each teacher is asked only for what distillation reads (teacher_keys)."""
         outs, grids = [], []
         for t, src in zip(self.teachers, self.sources):
             f = src.get(ctx["indices"], ctx["views"])                     # [b, C_t, Gh_t, Gw_t]
             with torch.no_grad():
-                outs.append(t(f, ctx["dets"], ctx["sizes"]))
+                outs.append(t(f, ctx["dets"], ctx["sizes"], outputs=teacher_keys(self.cfg)))
             grids.append(tuple(f.shape[-2:]))
         return outs, grids
 
+    def prepare(self, ctx: dict) -> None:
+        """Run the teachers before the student's forward (the loop calls this first, ctx without
+        "out"): their forward temporaries then never meet the student's saved activations."""
+        ctx["teacher_outputs"] = self.teacher_outputs(ctx)
+
     def forward(self, ctx: dict) -> dict:
-        t_outs, grids = self.teacher_outputs(ctx)
+        t_outs, grids = ctx.pop("teacher_outputs", None) or self.teacher_outputs(ctx)
         return distill_losses(ctx["out"], tuple(ctx["feats"].shape[-2:]), t_outs, grids, self.cfg,
                               self.adapters, self.exclude)
 
@@ -448,6 +464,7 @@ def _train_student(args, d, train, test, cs, cache, run) -> dict:
     sources = [FeatureSource(t, train, cache, views, args.cache_dtype, d, progress=not args.no_progress and d.main)
                for t in teachers]
     tf, ef = make_sources(model, args, d, train, test, cache)
+    release_unused_towers([tf, ef] + sources)
     kd = kd_config(args)
     try:
         dist = Distiller(teachers, sources, kd_widths(model), [kd_widths(t) for t in teachers], kd,

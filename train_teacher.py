@@ -76,6 +76,7 @@ from trainer import (
     claim_run_folder,
     init_distributed,
     load_checkpoint,
+    release_unused_towers,
     resume_differences,
     seed_everything,
 )
@@ -531,6 +532,7 @@ def main(argv=None) -> dict:
     with run:
         model = build_model(args, cs, d.device)
         tf, ef = make_sources(model, args, d, train, test, cache)
+        release_unused_towers([tf, ef])
         metric_fn, mkw = metric_for(args, cs)
         tr = Trainer(model, loop_config(args), train, tf, run.path, d, test, ef, metric_fn=metric_fn,
                      eval_kwargs=mkw, ckpt_extra={"role": "teacher"}, class_space=cs)

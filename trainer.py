@@ -26,7 +26,8 @@ The contract (model.LINK follows it; tests/test_train.py's StandIn is a 100-line
   ``cache_key()``, ``preprocess(images)``, ``encode_images(x)`` (the frozen VLM),
   ``forward(feats, detections, sizes, targets=None)`` and ``postprocess(out, detections)``.
   Frozen parameters (requires_grad False) are neither optimised nor checkpointed; a model may
-  say what it stores with ``checkpoint_state_dict()``.
+  say what it stores with ``checkpoint_state_dict()``, and free its frozen image tower with
+  ``release_vlm()`` once every image's features come from the cache (:func:`release_unused_towers`).
 * dataset (inside :class:`Split`): ``filenames``, ``ds[i] -> (PIL image, target dict)`` and
   optionally ``target(i)`` and ``image_path(i)``; a target holds ``size`` (w, h), ``boxes_h``,
   ``boxes_o`` [N, 4] xyxy and whatever the model's loss reads.
@@ -39,7 +40,10 @@ The contract (model.LINK follows it; tests/test_train.py's StandIn is a 100-line
   with its item count, divided by the items of the whole global batch. An ``extra_loss`` that
   is a torch.nn.Module (the student's distillation adapters) has its trainable parameters
   optimised with the model's and its state checkpointed under ``extra_state`` (restored on
-  resume); it is not part of the model's weights, so inference never sees it.
+  resume); it is not part of the model's weights, so inference never sees it. An optional
+  ``extra_loss.prepare(ctx)`` runs before the model's forward (ctx without ``out``): the
+  Distiller runs its frozen teachers there, so their forward temporaries never coincide with
+  the model's saved activations (the step's peak memory).
 
 Design choices written down (LINK.md is silent on them):
 
@@ -787,6 +791,26 @@ class FeatureSource:
         return self._encode([self.split.image(i, v) for i, v in zip(indices, views)])
 
 
+def release_unused_towers(sources: list) -> int:
+    """Free the frozen image tower (``model.release_vlm()``) of every model all of whose
+    FeatureSources read a cache: from then on training and evaluation never run it, and a frozen
+    ViT-L/14 tower is 1.1 GiB of memory per model. A model with a source without cache
+    (``--no-cache``) keeps its tower. Pass every source of the run (None entries are skipped);
+    -> the number of models released."""
+    models = {}
+    for s in sources:
+        if s is not None:
+            models.setdefault(id(s.model), [s.model, True])[1] &= s.cache is not None
+    released = 0
+    for model, cached in models.values():
+        if cached and hasattr(model, "release_vlm"):
+            model.release_vlm()
+            released += 1
+    if released and torch.cuda.is_available():
+        torch.cuda.empty_cache()          # hand the towers' blocks back to the device
+    return released
+
+
 # ----------------------------------------------------------------------------------------------
 # Model state and checkpoints
 # ----------------------------------------------------------------------------------------------
@@ -1220,7 +1244,8 @@ class Trainer:
 
     ``extra_loss(ctx) -> {name: 0-dim tensor | SumLoss}`` (already weighted) is added to the
     model's own ``out["loss"]``; ctx holds model, out, feats, indices, views, dets, sizes,
-    targets, split. An extra_loss that is an nn.Module trains and checkpoints with the model.
+    targets, split (``extra_loss.prepare(ctx)``, if it exists, runs before the model's forward).
+    An extra_loss that is an nn.Module trains and checkpoints with the model.
     ``metric_fn(anno, preds, **eval_kwargs) -> dict`` scores the test split (needed with one).
     """
 
@@ -1435,14 +1460,17 @@ class Trainer:
         views = [view_of(cfg.seed, self.epoch, i, self.train.views.count) for i in local]
         feats = self.feats.get(local, views)                              # [b, C, Gh, Gw]
         dets, sizes, tgts = self._inputs(self.train, local, views, train=True)
+        ctx = dict(model=self.model, feats=feats, indices=local, views=views, dets=dets, sizes=sizes,
+                   targets=tgts, split=self.train)
         with self._autocast():
+            if hasattr(self.extra_loss, "prepare"):   # its own forward work first (the frozen teachers),
+                self.extra_loss.prepare(ctx)          # whose temporaries then never meet the model's graph
             out = self.model(feats, dets, sizes, targets=tgts)
             loss_gt = out["loss"].float()
             parts = {"loss_gt": loss_gt.detach()}
             extra, sums = torch.zeros((), device=self.d.device), {}
             if self.extra_loss is not None:
-                ctx = dict(model=self.model, out=out, feats=feats, indices=local, views=views,
-                           dets=dets, sizes=sizes, targets=tgts, split=self.train)
+                ctx["out"] = out
                 for k, v in self.extra_loss(ctx).items():
                     if isinstance(v, SumLoss):
                         sums[k] = SumLoss(v.total.float(), float(v.count))

@@ -1,7 +1,8 @@
 """Fused sigmoid focal loss on the prior-weighted probability (UPT's interaction loss).
 
-The same definition as model.focal_loss (the reference below is a copy of it, O renamed o for
-the linter, and a test keeps the two equal bit for bit): with p = P * sigmoid(O) the prior-weighted probability,
+The training loss of model.py (LINK's forward calls this op with cfg.impl; the reference below
+is the formula model.py used before, tests/test_memory.py checks the model's loss against a
+frozen copy of it): with p = P * sigmoid(O) the prior-weighted probability,
 
     loss = sum over entries with P > 0 of  -alpha (1-p)^gamma log p        (label > 0)
                                            -(1 - alpha) p^gamma log(1-p)   (label <= 0)
@@ -22,7 +23,7 @@ logaddexp(log(1 - P), -O):
 (l1' in this form is exact where the direct difference sigmoid(-O) - exp(-O - lae) cancels.)
 
 Three implementations (``impl=``):
-- "reference": model.focal_loss, plain differentiable PyTorch; autograd keeps about a dozen
+- "reference": focal_loss_reference, plain differentiable PyTorch; autograd keeps about a dozen
   [N, C] tensors.
 - "torch": row chunks of about 2^19 elements; the forward keeps only references to the inputs
   and the positive count, the backward recomputes per chunk (CPU bench at 32,768 x 600: 1.39x
@@ -250,7 +251,7 @@ def _check(logits, prior, labels):
 
 
 def focal_loss(logits, prior, labels, alpha=0.5, gamma=0.2, impl="auto", *, blocks=None):
-    """Fused focal loss; the definition is focal_loss_reference (= model.focal_loss).
+    """Fused focal loss (model.py's training loss); the definition is focal_loss_reference.
 
     logits: [N, C] raw logits O; prior: [N, C] in [0, 1] (P == 0 skips the entry);
     labels: [N, C] (> 0 = positive; float, bool or integer). Returns the sum over kept entries

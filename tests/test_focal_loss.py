@@ -1,13 +1,13 @@
-"""focal_loss: the reference is model.focal_loss; the lean torch path and the Triton kernels
-(CPU interpreter) against it in fp64, forward and backward, on the extreme cases it handles."""
+"""focal_loss (model.py's training loss): the lean torch path and the Triton kernels (CPU
+interpreter) against the reference in fp64, forward and backward, on the extreme cases it handles.
+tests/test_memory.py checks the model's loss against a frozen copy of the formula it used before."""
 import math
 
 import pytest
 import torch
 from conftest import aot_compile_in_subprocess, logit_case
 
-import model
-from kernels import focal_loss, focal_loss_reference
+from kernels import focal_loss
 from kernels._common import triton_available
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")   # interpreter: log(0), inf * 0 in numpy
@@ -45,19 +45,6 @@ def run(impl, x, prior, labels, seed=1, **kw):
 
 def run_ref64(x, prior, labels, **kw):
     return run("reference", x.double(), prior.double(), labels, **kw)
-
-
-def test_reference_is_model_focal_loss():
-    """kernels' reference and model.focal_loss: the same numbers and gradients, bit for bit,
-    on random and extreme inputs (until model.py calls kernels.focal_loss itself)."""
-    for extreme in (False, True):
-        x, prior, labels = make(extreme=extreme)
-        for a, g in ((0.5, 0.2), (0.25, 2.0)):
-            xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-            la, lb = model.focal_loss(xa, prior, labels, a, g), focal_loss_reference(xb, prior, labels, a, g)
-            la.backward()
-            lb.backward()
-            assert torch.equal(la, lb) and torch.equal(xa.grad, xb.grad)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -106,7 +106,7 @@ class StandIn(torch.nn.Module):
         with torch.no_grad():
             return self.vlm(x)                                           # [B, 4, 4, 4]
 
-    def forward(self, feats, detections, sizes, targets=None):
+    def forward(self, feats, detections, sizes, targets=None, outputs=None):
         latent = self.conn(feats.flatten(2).transpose(1, 2))             # [B, 16, latent]
         pimg, pidx, qs = [], [], []
         for b, (dt, (w, h)) in enumerate(zip(detections, sizes)):
@@ -146,6 +146,8 @@ class StandIn(torch.nn.Module):
                     per[-1] = per[-1] * float("nan")
             out["loss"] = torch.stack(per).sum() / max(num_pos, 1)
             out["num_pos"] = torch.tensor(float(num_pos))
+        if outputs is not None:   # like the real model: only the keys asked for (and the loss)
+            out = {k: v for k, v in out.items() if k in outputs or k in ("loss", "num_pos")}
         return out
 
     def postprocess(self, out, detections, k=None):
@@ -806,9 +808,9 @@ def test_student_hook_in_loop_runs_teachers_on_same_inputs(tmp_path):
     dist = Distiller([teacher], [tr.feats], w, [w])
     orig = teacher.forward
 
-    def spy(feats, dets, sizes, targets=None):
+    def spy(feats, dets, sizes, targets=None, outputs=None):
         calls.append([d["boxes"].clone() for d in dets])
-        return orig(feats, dets, sizes, targets)
+        return orig(feats, dets, sizes, targets, outputs)
     teacher.forward = spy
     tr.extra_loss = dist   # set after construction: the adapters are not trained here
     tr.fit()
