@@ -37,8 +37,10 @@ code can be compared number for number; AdamW's state is allocated there), then:
   the step; towers_mb: those of the VLM image towers among them.
 """
 import argparse
+import atexit
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -80,7 +82,7 @@ def make_batch(class_space, images=8, humans=15, objects=15, gt_pairs=4, size=(6
     return dets, [size] * images, targets
 
 
-class _Batch:
+class FixedBatch:
     """The part of trainer.Split that Trainer.train_step reads, over one fixed batch."""
 
     def __init__(self, dets, sizes, targets, views):
@@ -97,7 +99,7 @@ class _Batch:
         return "bench"
 
 
-class _Features:
+class FixedFeatures:
     """A cached trainer.FeatureSource of ``model``: fixed feature maps [N, C, Gh, Gw]."""
 
     def __init__(self, model, feats):
@@ -150,16 +152,17 @@ def build_step(vlm_at, role, impl):
     teachers = [link(1 + m) for m in range(n_teachers)]
     dets, sizes, targets = make_batch(cs)
     feats = torch.randn(len(dets), C, gh, gw, generator=torch.Generator().manual_seed(2)).to(device)
-    src, t_srcs = _Features(model, feats), [_Features(t, feats) for t in teachers]
+    src, t_srcs = FixedFeatures(model, feats), [FixedFeatures(t, feats) for t in teachers]
     release_unused_towers([src] + t_srcs)           # as train_teacher / train_student do with a cache
     extra = None
     if teachers:   # the student CLI's default distillation (kd_config of its parser's defaults)
         kd = kd_config(student_parser().parse_args(["--teacher", "-", "--kd-impl", impl]))
         extra = Distiller(teachers, t_srcs, kd_widths(model), [kd_widths(t) for t in teachers], kd,
                           seed=1).to(device)
-    out_dir = tempfile.mkdtemp(prefix="bench_train_")
+    out_dir = tempfile.mkdtemp(prefix="bench_train_")     # the Trainer's run folder: nothing is saved
+    atexit.register(shutil.rmtree, out_dir, True)
     loop = LoopConfig(epochs=1, batch_size=len(dets), progress=False)
-    trainer = Trainer(model, loop, _Batch(dets, sizes, targets, Views.of(loop)), src, out_dir, Dist(device=device),
+    trainer = Trainer(model, loop, FixedBatch(dets, sizes, targets, Views.of(loop)), src, out_dir, Dist(device=device),
                       extra_loss=extra)
     models = [model] + teachers
     rec = {"vlm": vlm, "image_size": size, "grid": [int(gh), int(gw)], "C": int(C), "role": role, "impl": impl,

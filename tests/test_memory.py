@@ -18,7 +18,6 @@ What is checked, each against a value computed in the test:
 Peak memory and time are the benchmark's job (bench_train.py), not the tests'.
 """
 import json
-import tempfile
 
 import pytest
 import torch
@@ -300,10 +299,10 @@ def test_release_unused_towers_needs_every_source_cached():
     assert n == 1 and a.vlm is None and b.vlm is not None and c.vlm is not None
 
 
-def _one_step(monkeypatch, prepare: bool):
+def _one_step(monkeypatch, prepare: bool, out_dir):
     """One Trainer.train_step of a tiny student with two tiny teachers -> (log record, the order
     in which the networks ran, the student's weights after the step)."""
-    from bench_train import _Batch, _Features
+    from bench_train import FixedBatch, FixedFeatures
     from train_student import KDConfig, kd_widths
     from trainer import Dist, LoopConfig, Trainer, Views
 
@@ -314,22 +313,22 @@ def _one_step(monkeypatch, prepare: bool):
     for name, m in [("student", student), ("teacher 1", teachers[0]), ("teacher 2", teachers[1])]:
         m.register_forward_pre_hook(lambda mod, a, name=name: order.append(name))
     feats, dets, targets = batch()
-    dist = Distiller(teachers, [_Features(t, feats) for t in teachers], kd_widths(student),
+    dist = Distiller(teachers, [FixedFeatures(t, feats) for t in teachers], kd_widths(student),
                      [kd_widths(t) for t in teachers], KDConfig(temperature=2.0, impl="torch"), seed=3)
     loop = LoopConfig(epochs=1, batch_size=2, progress=False, lr=1e-2)
-    tr = Trainer(student, loop, _Batch(dets, SIZES, targets, Views.of(loop)), _Features(student, feats),
-                 tempfile.mkdtemp(prefix="test_memory_"), Dist(), extra_loss=dist)
+    tr = Trainer(student, loop, FixedBatch(dets, SIZES, targets, Views.of(loop)), FixedFeatures(student, feats),
+                 out_dir, Dist(), extra_loss=dist)
     torch.manual_seed(7)
     rec = tr.train_step([0, 1])
     return rec, order, {k: v.clone() for k, v in student.state_dict().items()}
 
 
-def test_loop_runs_the_teachers_before_the_student(monkeypatch):
-    rec, order, weights = _one_step(monkeypatch, prepare=True)
+def test_loop_runs_the_teachers_before_the_student(monkeypatch, tmp_path):
+    rec, order, weights = _one_step(monkeypatch, True, tmp_path / "a")
     # teachers first: their forward temporaries never meet the student's saved activations
     assert order == ["teacher 1", "teacher 2", "student"]
     with monkeypatch.context() as mp:
-        rec_after, order_after, weights_after = _one_step(mp, prepare=False)
+        rec_after, order_after, weights_after = _one_step(mp, False, tmp_path / "b")
     assert order_after == ["student", "teacher 1", "teacher 2"]
     # the same step either way: losses, gradient norm and the updated weights
     assert set(rec) == set(rec_after) and rec["loss_kd_logit"] > 0 and rec["loss_kd_query"] > 0
