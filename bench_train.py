@@ -42,7 +42,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -176,7 +175,7 @@ def build_step(vlm_at, role, impl):
 def measure_one(vlm_at, role, impl, measure, repeat=3):
     import torch
 
-    from kernels.bench import _cpu_peak_mb  # the benchmark's RSS measurement, one definition
+    from kernels.bench import cpu_peak_mb, cuda_peak_mb  # the kernels benchmark's measurements
 
     rec, step = build_step(vlm_at, role, impl)
     first = step()                                                     # warm-up: AdamW state
@@ -184,15 +183,9 @@ def measure_one(vlm_at, role, impl, measure, repeat=3):
     rec.update({k: v for k, v in first.items() if k.startswith("loss_")})
     cuda = torch.cuda.is_available()
     if cuda:
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        step()
-        torch.cuda.synchronize()
-        rec["peak_mb"] = round((torch.cuda.max_memory_allocated() - base) / MIB, 1)
-        rec["mem_method"] = "cuda-max-allocated"
+        rec["peak_mb"], rec["mem_method"] = round(cuda_peak_mb(step), 1), "cuda-max-allocated"
     elif measure == "memory":
-        peak, method = _cpu_peak_mb(step)
+        peak, method = cpu_peak_mb(step)
         rec["peak_mb"], rec["mem_method"] = round(peak, 1), method
     if cuda or measure == "time":
         wall, cpu = [], []
@@ -213,17 +206,9 @@ def measure_one(vlm_at, role, impl, measure, repeat=3):
 # ----------------------------------------------------------------------------- driver
 
 def _child(args, env, timeout):
-    cmd = [sys.executable, os.path.abspath(__file__)] + args
-    try:
-        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout,
-                             cwd=os.path.dirname(os.path.abspath(__file__)))
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout} s"}
-    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
-    if res.returncode != 0 or not lines:
-        tail = (res.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"error": f"exit {res.returncode}: {tail}"}
-    return json.loads(lines[-1])
+    from kernels.bench import run_child  # kernels imports torch: not at the top (--table needs none)
+    here = os.path.abspath(__file__)
+    return run_child([sys.executable, here] + args, env, timeout, cwd=os.path.dirname(here))
 
 
 def _key(r):
@@ -274,13 +259,13 @@ def _read_jsonl(path):
 
 def _figure(base, measure, cuda, timeout):
     """One figure: memory and / or time, each in its own process (CUDA: both in one)."""
-    env_time = dict(os.environ)
-    env_time.pop("TRITON_INTERPRET", None)
+    from kernels.bench import child_envs
+    env_time, env_mem = child_envs()
     if cuda:
         return _child(base, env_time, timeout)
     rec = {}
     if measure in ("both", "memory"):
-        rec = _child(base + ["--measure", "memory"], dict(env_time, MALLOC_MMAP_THRESHOLD_="65536"), timeout)
+        rec = _child(base + ["--measure", "memory"], env_mem, timeout)
     if measure in ("both", "time") and "error" not in rec:
         t = _child(base + ["--measure", "time"], env_time, timeout)
         if not rec or "error" in t:

@@ -52,7 +52,6 @@ import traceback
 from dataclasses import dataclass, replace
 from typing import Callable
 
-MIB = 1 << 20
 # Relative L2 error against the float64 reference on the same rounded inputs (METHOD: fp32
 # lands far under 1e-3; bf16 operands between 1e-3 and 1e-2).
 TOL = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 1e-2}
@@ -469,7 +468,6 @@ def measure(step, device, quick=False, clear=lambda: None):
     CUDA: triton.testing.do_bench median (CUDA events as fallback), max_memory_allocated. CPU:
     one wall-clock run, which under the Triton interpreter is no speed (is_speed False). clear()
     drops the warm-up's gradients before the baseline (gradients count in the peak)."""
-    import torch
     step()                                                               # warm-up: compiles
     clear()                                                              # gradients of the warm-up
     if device != "cuda":
@@ -477,12 +475,8 @@ def measure(step, device, quick=False, clear=lambda: None):
         step()
         return {"ms": round((time.perf_counter() - t) * 1000, 2), "peak_mib": None, "is_speed": False,
                 "timer": "cpu wall clock, 1 run (code path only)"}
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    step()
-    torch.cuda.synchronize()
-    peak = (torch.cuda.max_memory_allocated() - base) / MIB
+    from kernels.bench import cuda_peak_mb
+    peak = cuda_peak_mb(step)
     warm, rep = (10, 50) if quick else (25, 150)
     try:
         import triton.testing
@@ -784,12 +778,8 @@ def train_row(models, init_state, batch, grid, kind, impl, device, n_time):
         row.update(ms=round((time.perf_counter() - t) * 1000, 1), peak_mib=None, is_speed=False)
         return row
     opt.zero_grad(set_to_none=True)
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    run()
-    torch.cuda.synchronize()
-    row["peak_mib"] = round((torch.cuda.max_memory_allocated() - base) / MIB, 1)
+    from kernels.bench import cuda_peak_mb
+    row["peak_mib"] = round(cuda_peak_mb(run), 1)
     row["ms"] = round(cuda_event_ms(run, n_time), 2)
     row["is_speed"] = True
     return row

@@ -195,7 +195,7 @@ def _trim():
         pass
 
 
-def _cpu_peak_mb(run):
+def cpu_peak_mb(run):
     """Peak RSS added by run() (MiB): VmHWM reset through clear_refs, else RSS sampling."""
     _trim()
     base = _status_kb("VmRSS")
@@ -227,6 +227,18 @@ def _cpu_peak_mb(run):
     return (peak - base) / 1024, method
 
 
+def cuda_peak_mb(run):
+    """Peak CUDA memory added by run() (MiB): max_memory_allocated() after
+    reset_peak_memory_stats(), minus memory_allocated() before (synchronised on both sides)."""
+    import torch
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    run()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / MIB
+
+
 def profiler_peak_mb(run):
     """Peak of live CPU tensor bytes allocated during run() (MiB), from torch.profiler memory
     events: exact at the allocator level (no heap caching, no other threads), but slow."""
@@ -244,7 +256,7 @@ def profiler_peak_mb(run):
 
 def peak_mb(op, impl, method="rss", teachers=1, shape=None):
     """Peak extra memory (MiB) of one forward + backward of op on CPU, beyond the inputs and
-    including the output and the gradients: method "rss" (_cpu_peak_mb; run one op per fresh
+    including the output and the gradients: method "rss" (cpu_peak_mb; run one op per fresh
     process) or "profiler" (profiler_peak_mb). -> (MiB, method used, shape dict)."""
     shape, step, leaves = make_case(op, "cpu", teachers, shape)
     step(impl)                                                          # warm-up (lazy init)
@@ -252,7 +264,7 @@ def peak_mb(op, impl, method="rss", teachers=1, shape=None):
         leaf.grad = None
     if method == "profiler":
         return profiler_peak_mb(lambda: step(impl)), method, shape
-    mb, method = _cpu_peak_mb(lambda: step(impl))
+    mb, method = cpu_peak_mb(lambda: step(impl))
     return mb, method, shape
 
 
@@ -328,23 +340,18 @@ def measure_one(op, impl, measure, repeat=3, teachers=1, shape=None, method="rss
     step(impl)                                                          # warm-up (compiles kernels)
     for leaf in leaves:
         leaf.grad = None
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    step(impl)
-    torch.cuda.synchronize()
-    return {"op": op, "impl": impl, "shape": shape,
-            "peak_mb": round((torch.cuda.max_memory_allocated() - base) / MIB, 1),
+    return {"op": op, "impl": impl, "shape": shape, "peak_mb": round(cuda_peak_mb(lambda: step(impl)), 1),
             "ms": round(triton.testing.do_bench(lambda: step(impl), return_mode="median"), 3),
             "device": torch.cuda.get_device_name(), "mem_method": "cuda-max-allocated"}
 
 
 # ----------------------------------------------------------------------------- driver
 
-def _child(args, env, timeout):
-    cmd = [sys.executable, "-m", "kernels.bench"] + args
+def run_child(cmd, env, timeout, cwd=None):
+    """Run one measurement process (cmd) -> the last JSON line it printed, or {"error": ...}
+    naming the timeout or the exit code and the last line of its stderr. Also bench_train.py's."""
     try:
-        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout} s"}
     lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
@@ -352,6 +359,18 @@ def _child(args, env, timeout):
         tail = (res.stderr.strip().splitlines() or ["no output"])[-1]
         return {"error": f"exit {res.returncode}: {tail}"}
     return json.loads(lines[-1])
+
+
+def child_envs():
+    """(time env, memory env) of the measurement processes: both without TRITON_INTERPRET; the
+    memory one with glibc's fixed mmap threshold, so that RSS follows the live tensors (see Method)."""
+    env_time = dict(os.environ)
+    env_time.pop("TRITON_INTERPRET", None)
+    return env_time, dict(env_time, MALLOC_MMAP_THRESHOLD_="65536")
+
+
+def _child(args, env, timeout):
+    return run_child([sys.executable, "-m", "kernels.bench"] + args, env, timeout)
 
 
 def _parse_set(text):
@@ -390,9 +409,7 @@ def _run_all(args, ops):
     import torch
     cuda = torch.cuda.is_available()
     impls = args.impls.split(",") if args.impls else ["reference", "torch"] + (["triton"] if cuda else [])
-    env_time = dict(os.environ)
-    env_time.pop("TRITON_INTERPRET", None)
-    env_mem = dict(env_time, MALLOC_MMAP_THRESHOLD_="65536")
+    env_time, env_mem = child_envs()
     for op in ops:
         for m in ([int(x) for x in args.teachers.split(",")] if op in KL_OPS else [1]):
             for impl in impls:
