@@ -649,18 +649,29 @@ VCOCO_MUTATIONS = [
     (lambda v, c: c["annotations"][1].__setitem__("bbox", [20, 0, float("nan"), 10]), "annotation 21"),
     (lambda v, c: c["images"][0].__setitem__("width", -5), "fields 'width'/'height' must be positive"),
     (lambda v, c: c["images"].append(dict(c["images"][0])), "image 1 listed twice"),
+    # the two files must agree with each other
+    (lambda v, c: c["annotations"][1].__setitem__("image_id", [1]), "annotation 1: field 'image_id'"),
+    (lambda v, c: c.__setitem__("annotations", 7), "'annotations' (lists)"),
+    (lambda v, c: v[0].update(ann_id=[12], role_object_id=[12, 21]), "ann_id 12 of image 1 is not an annotation"),
+    (lambda v, c: v[0].__setitem__("role_object_id", [12, 21]), "role_object_id[:, 0] must equal ann_id"),
 ]
+
+
+def refused_after_edit(tmp_path, files, names, mutate, argv, needle):
+    """Load the JSON files files[name] for each name, mutate(*their contents), write them back:
+    eval.py's CLI (argv) must refuse them with one line that holds needle."""
+    docs = [json.loads(files[n].read_text()) for n in names]
+    mutate(*docs)
+    for n, doc in zip(names, docs):
+        files[n].write_text(json.dumps(doc))
+    refused(hoi_eval.main, argv, [tmp_path], [needle])
 
 
 @pytest.mark.parametrize("mutate, needle", VCOCO_MUTATIONS, ids=[n for _, n in VCOCO_MUTATIONS])
 def test_eval_vcoco_annotation_checked(tmp_path, mutate, needle):
     f = vcoco_files(tmp_path)
-    v, c = json.loads(f["vsrl"].read_text()), json.loads(f["coco"].read_text())
-    mutate(v, c)
-    f["vsrl"].write_text(json.dumps(v))
-    f["coco"].write_text(json.dumps(c))
-    refused(hoi_eval.main, ["vcoco", "--vsrl", str(f["vsrl"]), "--coco", str(f["coco"]), "--pred", str(f["pred"])],
-            [tmp_path], [needle])
+    refused_after_edit(tmp_path, f, ["vsrl", "coco"], mutate,
+                       ["vcoco", "--vsrl", str(f["vsrl"]), "--coco", str(f["coco"]), "--pred", str(f["pred"])], needle)
 
 
 SWIG_MUTATIONS = [
@@ -681,12 +692,8 @@ SWIG_MUTATIONS = [
 @pytest.mark.parametrize("mutate, needle", SWIG_MUTATIONS, ids=[n for _, n in SWIG_MUTATIONS])
 def test_eval_swig_annotation_and_meta_checked(tmp_path, mutate, needle):
     f = swig_files(tmp_path)
-    a, m = json.loads(f["anno"].read_text()), json.loads(f["meta"].read_text())
-    mutate(a, m)
-    f["anno"].write_text(json.dumps(a))
-    f["meta"].write_text(json.dumps(m))
-    refused(hoi_eval.main, ["swig", "--anno", str(f["anno"]), "--pred", str(f["pred"]), "--meta", str(f["meta"])],
-            [tmp_path], [needle])
+    refused_after_edit(tmp_path, f, ["anno", "meta"], mutate,
+                       ["swig", "--anno", str(f["anno"]), "--pred", str(f["pred"]), "--meta", str(f["meta"])], needle)
 
 
 @pytest.mark.skipif(not SWIG_META.exists(), reason="shared data not found")
@@ -949,23 +956,6 @@ def test_infer_gt_boxes_checked_like_the_dataset(tiny_world, tiny_ckpt, tmp_path
 @pytest.mark.parametrize("name", ["", "a/b", "..", ".hidden"])
 def test_run_name_must_be_a_plain_folder_name(tiny_world, tmp_path, name):
     refused(_teacher_cli, teacher_argv(tiny_world, tmp_path, name), [tmp_path], ["--name"])
-
-
-@pytest.mark.parametrize("which, mutate, needle", [
-    ("coco", lambda v, c: c["annotations"][1].__setitem__("image_id", [1]), "annotation 1: field 'image_id'"),
-    ("coco", lambda v, c: c.__setitem__("annotations", 7), "'annotations' (lists)"),
-    ("vsrl", lambda v, c: v[0].update(ann_id=[12], role_object_id=[12, 21]),
-     "ann_id 12 of image 1 is not an annotation"),
-    ("vsrl", lambda v, c: v[0].__setitem__("role_object_id", [12, 21]), "role_object_id[:, 0] must equal ann_id"),
-])
-def test_eval_vcoco_files_agree_with_each_other(tmp_path, which, mutate, needle):
-    f = vcoco_files(tmp_path)
-    v, c = json.loads(f["vsrl"].read_text()), json.loads(f["coco"].read_text())
-    mutate(v, c)
-    f["vsrl"].write_text(json.dumps(v))
-    f["coco"].write_text(json.dumps(c))
-    refused(hoi_eval.main, ["vcoco", "--vsrl", str(f["vsrl"]), "--coco", str(f["coco"]), "--pred", str(f["pred"])],
-            [tmp_path], [needle])
 
 
 def test_eval_vcoco_without_any_valid_person_scores_zero(tmp_path):
