@@ -1,8 +1,9 @@
 """Fused sigmoid focal loss on the prior-weighted probability (UPT's interaction loss).
 
 The training loss of model.py (LINK's forward calls this op with cfg.impl; the reference below
-is the formula model.py used before, tests/test_memory.py checks the model's loss against a
-frozen copy of it): with p = P * sigmoid(O) the prior-weighted probability,
+is the formula model.py used before: tests/test_memory.py checks the model's loss against it,
+tests/test_focal_loss.py holds it to hand-computed values): with p = P * sigmoid(O) the
+prior-weighted probability,
 
     loss = sum over entries with P > 0 of  -alpha (1-p)^gamma log p        (label > 0)
                                            -(1 - alpha) p^gamma log(1-p)   (label <= 0)

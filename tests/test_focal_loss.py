@@ -1,6 +1,7 @@
 """focal_loss (model.py's training loss): the lean torch path and the Triton kernels (CPU
 interpreter) against the reference in fp64, forward and backward, on the extreme cases it handles.
-tests/test_memory.py checks the model's loss against a frozen copy of the formula it used before."""
+The reference is the formula model.py used before (tests/test_memory.py checks the model's loss
+against it): test_hand_computed_values holds it to numbers computed by hand."""
 import math
 
 import pytest

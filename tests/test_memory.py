@@ -2,8 +2,9 @@
 
 What is checked, each against a value computed in the test:
 - the loss and every gradient equal the ones of the step as it was computed before (the strided
-  token view read by every projection, psi and scores built with graphs, today's focal loss
-  formula, frozen below), to 1e-5 relative;
+  token view read by every projection, psi and scores built with graphs, the focal loss formula
+  model.py used, which is kernels.focal_loss_reference: tests/test_focal_loss.py holds it to
+  hand-computed values), to 1e-5 relative;
 - psi and scores carry no graph, and a forward saves at most one [P, K] tensor besides the loss,
   whose fused op (kernels.focal_loss, cfg.impl) keeps its three inputs only;
 - the token map is saved for backward once, not once per projection that reads it;
@@ -21,12 +22,11 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import train_student
 import train_teacher
 import trainer
-from kernels import psi_transform
+from kernels import focal_loss_reference, psi_transform
 from model import LINK, LINKConfig, register_tiny_vlm
 from train_student import Distiller, KDConfig, distill_losses, kd_widths, teacher_keys
 
@@ -64,26 +64,12 @@ def batch():
 # ----------------------------------------------------------------------------------------------
 # the loss and gradients of the step as it was computed before
 # ----------------------------------------------------------------------------------------------
-def todays_focal_loss(logits, prior, labels, alpha=0.5, gamma=0.2):
-    """model.focal_loss as it was before issue 15 (frozen copy of its formula)."""
-    keep = prior > 0
-    o = torch.where(keep, logits, torch.zeros_like(logits))
-    p = torch.where(keep, prior, torch.ones_like(prior)).to(o.dtype)
-    sp = F.softplus(-o)
-    log_p = torch.log(p) - sp
-    log_1mp = torch.logaddexp(torch.log1p(-p), -o) - sp
-    pos = -alpha * torch.exp(gamma * log_1mp) * log_p
-    neg = -(1 - alpha) * torch.exp(gamma * log_p) * log_1mp
-    loss = torch.where(labels > 0, pos, neg)
-    n_pos = (labels[keep] > 0).sum().clamp(min=1)
-    return torch.where(keep, loss, torch.zeros_like(loss)).sum() / n_pos
-
-
 def todays_step(m, feats, dets, targets, seed):
     """The loss as LINK.forward computed it before issue 15, from the model's own modules: the
     strided token view fed to the connector and to every layer, psi and scores with graphs, the
-    frozen focal loss. The inputs of the encoder and of each decoder layer (boxes, pairs) are
-    captured from a forward of the model itself, so the comparison covers what changed only."""
+    focal loss formula (kernels.focal_loss_reference). The inputs of the encoder and of each
+    decoder layer (boxes, pairs) are captured from a forward of the model itself, so the
+    comparison covers what changed only."""
     enc_in, dec_in = [], []
     hooks = [m.encoder.register_forward_pre_hook(lambda mod, a, kw: enc_in.append((a, kw)), with_kwargs=True)]
     hooks += [layer.register_forward_pre_hook(lambda mod, a, kw: dec_in.append((a, kw)), with_kwargs=True)
@@ -102,7 +88,7 @@ def todays_step(m, feats, dets, targets, seed):
     prior = probe["prior"]
     psi, scores = psi_transform(logits, prior), torch.sigmoid(logits) * prior
     seen_prior = prior.masked_fill(m.classifier.unseen[None, :], 0)
-    loss = todays_focal_loss(logits, seen_prior, probe["labels"], m.cfg.focal_alpha, m.cfg.focal_gamma)
+    loss = focal_loss_reference(logits, seen_prior, probe["labels"], m.cfg.focal_alpha, m.cfg.focal_gamma)
     return loss, psi, scores
 
 
