@@ -133,7 +133,7 @@ def test_empty_and_bad_input():
 
 
 @pytest.mark.skipif(not triton_available(), reason="no triton")
-def test_triton_default_blocks_and_launch_checks():
+def test_triton_default_blocks():
     s, t, prior = make(6, 300, 2, True, seed=6)
     ref_loss, ref_grad = run("reference", s, t, 1.0, prior)
     s2 = s.clone().requires_grad_()
@@ -141,15 +141,6 @@ def test_triton_default_blocks_and_launch_checks():
     (loss * 1.7).backward()
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(s2.grad, ref_grad, rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match="powers of two"):
-        kl_distill(s, t, 1.0, prior, impl="triton", blocks=(3, 16))
-    with pytest.raises(ValueError, match="dtype"):
-        kl_distill(s.double(), t.double(), 1.0, None, impl="triton")
-
-
-def test_auto_is_torch_on_cpu():
-    s, t, prior = make(5, 6, None, True)
-    assert kl_distill(s, t, 1.0, prior).item() == kl_distill(s, t, 1.0, prior, impl="torch").item()
 
 
 @pytest.mark.skipif(not triton_available(), reason="no triton")
