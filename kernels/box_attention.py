@@ -241,21 +241,21 @@ def _bwd_torch(dout, q, k, v, strength, pair_image, boxes, stats, grid_hw, scale
 if triton is not None:
 
     @triton.jit
+    def _load_box(base, pmask):
+        """x1, y1, x2, y2 at base + 0..3 -> 4 [BLOCK_P] fp32 vectors."""
+        x1 = tl.load(base + 0, mask=pmask, other=0.0)
+        y1 = tl.load(base + 1, mask=pmask, other=0.0)
+        x2 = tl.load(base + 2, mask=pmask, other=0.0)
+        y2 = tl.load(base + 3, mask=pmask, other=0.0)
+        return x1, y1, x2, y2
+
+    @triton.jit
     def _load_boxes(BOX, pidx, pmask):
         """12 grown box numbers per pair -> 12 [BLOCK_P] fp32 vectors (hx1..hy2, ox1.., ux1..)."""
         base = BOX + pidx * 12
-        hx1 = tl.load(base + 0, mask=pmask, other=0.0)
-        hy1 = tl.load(base + 1, mask=pmask, other=0.0)
-        hx2 = tl.load(base + 2, mask=pmask, other=0.0)
-        hy2 = tl.load(base + 3, mask=pmask, other=0.0)
-        ox1 = tl.load(base + 4, mask=pmask, other=0.0)
-        oy1 = tl.load(base + 5, mask=pmask, other=0.0)
-        ox2 = tl.load(base + 6, mask=pmask, other=0.0)
-        oy2 = tl.load(base + 7, mask=pmask, other=0.0)
-        ux1 = tl.load(base + 8, mask=pmask, other=0.0)
-        uy1 = tl.load(base + 9, mask=pmask, other=0.0)
-        ux2 = tl.load(base + 10, mask=pmask, other=0.0)
-        uy2 = tl.load(base + 11, mask=pmask, other=0.0)
+        hx1, hy1, hx2, hy2 = _load_box(base, pmask)
+        ox1, oy1, ox2, oy2 = _load_box(base + 4, pmask)
+        ux1, uy1, ux2, uy2 = _load_box(base + 8, pmask)
         return hx1, hy1, hx2, hy2, ox1, oy1, ox2, oy2, ux1, uy1, ux2, uy2
 
     @triton.jit
