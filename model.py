@@ -67,6 +67,9 @@ class LINKConfig:
     tokenizer: str | None = None   # Hugging Face tokenizer folder (SigLIP offline); None = open_clip's
     vlm_seed: int = 0              # seeds a randomly initialised VLM (pretrained=None), so a
                                    # checkpoint without VLM weights rebuilds the same network
+    vlm_config: dict | None = None  # an open_clip model config registered under `vlm` when the
+                                   # VLM is built (an architecture open_clip does not ship, e.g. the
+                                   # synthetic world's VLMs): a checkpoint carries it, rebuilds anywhere
     # widths
     d_model: int = 256             # pair / unary query width D
     d_latent: int = 64             # width of the spatial branch's latent map F^l
@@ -110,25 +113,51 @@ def _class_space(cs) -> types.SimpleNamespace:
 # 2. The frozen VLM: open_clip image tower -> dense feature map
 # ----------------------------------------------------------------------------------------------
 
+def register_vlm_config(name: str, config: dict) -> str:
+    """Register the open_clip model config ``config`` under ``name`` (idempotent); returns name.
+
+    Raises ValueError if open_clip already knows ``name`` with another config (one name, one
+    architecture), or if the name contains "siglip" (open_clip would then pick the Hugging Face
+    SigLIP tokenizer for it).
+    """
+    known = open_clip.get_model_config(name)
+    if known is not None:
+        if known != config:
+            raise ValueError(f"LINKConfig.vlm_config: open_clip already has a model {name!r} with another config")
+        return name
+    if "siglip" in name.lower():
+        raise ValueError(f"LINKConfig.vlm: {name!r}: a registered config's name must not contain 'siglip' "
+                         f"(open_clip would pick the SigLIP tokenizer)")
+    path = os.path.join(tempfile.mkdtemp(prefix="link_vlm_"), f"{name}.json")
+    with open(path, "w") as f:
+        json.dump(config, f)
+    open_clip.add_model_config(path)
+    return name
+
+
+TINY_VLM = {"embed_dim": 64,
+            "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
+            "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
+
+
 def register_tiny_vlm(name: str = "link-tiny", vision_cfg: dict | None = None) -> str:
     """Register a tiny, randomly initialised open_clip config (tests, demo); returns the name.
 
-    Default: ViT width 64, 2 layers, patch 8, 64 px (8 x 8 tokens); text width 64, 2 layers;
-    about 3.3 M parameters, most of them the text token table. vision_cfg overrides the image
-    tower (e.g. {"timm_model_name": "convnext_atto", ...} for a timm tower).
+    Default (TINY_VLM): ViT width 64, 2 layers, patch 8, 64 px (8 x 8 tokens); text width 64,
+    2 layers; about 3.3 M parameters, most of them the text token table. vision_cfg overrides
+    the image tower (e.g. {"timm_model_name": "convnext_atto", ...} for a timm tower).
     """
     if name in open_clip.list_models():
         return name
-    cfg = {"embed_dim": 64,
-           "vision_cfg": vision_cfg or {"image_size": 64, "layers": 2, "width": 64,
-                                        "head_width": 32, "patch_size": 8},
-           "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64,
-                        "heads": 2, "layers": 2}}
-    path = os.path.join(tempfile.mkdtemp(prefix="link_vlm_"), f"{name}.json")
-    with open(path, "w") as f:
-        json.dump(cfg, f)
-    open_clip.add_model_config(path)
-    return name
+    return register_vlm_config(name, dict(TINY_VLM, vision_cfg=vision_cfg or TINY_VLM["vision_cfg"]))
+
+
+def _register(cfg: LINKConfig) -> None:
+    """Make cfg.vlm known to open_clip: its carried config, or the tiny VLM on demand."""
+    if cfg.vlm_config is not None:
+        register_vlm_config(cfg.vlm, cfg.vlm_config)
+    elif cfg.vlm == "link-tiny":
+        register_tiny_vlm()
 
 
 def _weights_source(cfg: LINKConfig) -> tuple[str, str | None]:
@@ -222,8 +251,7 @@ def resolve_vlm_config(cfg: LINKConfig) -> LINKConfig:
     config, and a local file that looks trained with QuickGELU (quick_gelu_evidence) on a GELU
     config is refused unless quick_gelu is set explicitly (False forces GELU).
     """
-    if cfg.vlm == "link-tiny":  # registered on demand, so a tiny checkpoint rebuilds anywhere
-        register_tiny_vlm()
+    _register(cfg)  # on demand, so a checkpoint of a registered VLM rebuilds anywhere
     if ":" in cfg.vlm:
         raise ValueError(f"LINKConfig.vlm: {cfg.vlm!r}: 'hf-hub:' / 'local-dir:' names are not supported; use an "
                          f"open_clip model name and pretrained = a tag or a weights file")
@@ -259,8 +287,7 @@ def build_vlm(cfg: LINKConfig) -> nn.Module:
     checkpoint file, or None (random init under cfg.vlm_seed, used by tests and the demo).
     open_clip interpolates the image position embedding to force_image_size on load.
     """
-    if cfg.vlm == "link-tiny":
-        register_tiny_vlm()
+    _register(cfg)
     pretrained = os.path.expanduser(cfg.pretrained) if cfg.pretrained else None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.vlm_seed)
@@ -1113,5 +1140,5 @@ class LINK(nn.Module):
         return model.to(map_location) if isinstance(map_location, (str, torch.device)) else model
 
 
-__all__ = ["LINKConfig", "LINK", "register_tiny_vlm", "build_vlm", "vlm_dense_features",
+__all__ = ["LINKConfig", "LINK", "register_tiny_vlm", "register_vlm_config", "build_vlm", "vlm_dense_features",
            "focal_loss", "associate", "sine_encoding", "box_encoding"]

@@ -865,6 +865,19 @@ def _rows(state, boxes):
     return a
 
 
+def _scene(state) -> dict:
+    """What one image shows, at image level (the caption's ground truth, captions.py):
+    {"interactions": [class of each event, sorted], "objects": [names of the objects in no
+    interaction, sorted], "persons": number of people in none}. A shake_hand event (two
+    labelled pairs, one per direction) is one interaction."""
+    ents = state["entities"]
+    busy = {i for i_h, i_o, _ in state["pairs"] for i in (i_h, i_o)}
+    events = {(min(i_h, i_o), max(i_h, i_o), c): int(c) for i_h, i_o, c in state["pairs"]}
+    return {"interactions": sorted(events.values()),
+            "objects": sorted(e["name"] for i, e in enumerate(ents) if e["kind"] == "object" and i not in busy),
+            "persons": sum(1 for i, e in enumerate(ents) if e["kind"] == "person" and i not in busy)}
+
+
 def synthetic_class_space() -> ClassSpace:
     """The synthetic world's ClassSpace (rare/unseen left empty: they depend on the files)."""
     return ClassSpace(
@@ -919,7 +932,7 @@ def _make_chunk(task):
         fname = f"synth_{split}_{i:06d}.png"
         _write_png(Path(img_dir) / fname, img)
         d = np.random.default_rng(np.random.SeedSequence([seed, split_id, 2, i]))
-        out.append((fname, _rows(st, boxes), _simulate_detections(st, boxes, S, d)))
+        out.append((fname, _rows(st, boxes), _simulate_detections(st, boxes, S, d), _scene(st)))
     return out
 
 
@@ -951,10 +964,12 @@ def make_synthetic_world(root, n_train=2000, n_test=500, image_size=128, seed=0,
     """Write the synthetic HOI world under ``root`` and return its paths:
 
     {"root", "train_images", "test_images", "train_anno", "test_anno",
-     "train_detections", "test_detections"} (str). Files:
+     "train_detections", "test_detections", "train_scenes", "test_scenes"} (str). Files:
     root/images/{train,test}/synth_{split}_{i:06d}.png, root/instances_{train,test}.json
     (HICO-DET format + ``prompts``, ``zero_shot``, ``name``), root/detections_{split}.json
-    (per-image detection format). Deterministic from ``seed`` (identical bytes, whatever
+    (per-image detection format), root/scenes_{split}.json ({"filenames", "scenes"}: what each
+    image shows at image level, every interaction drawn whether labelled or not, see _scene;
+    the caption pretraining of pretrain_vlm.py reads it). Deterministic from ``seed`` (identical bytes, whatever
     ``workers``: chunks of 250 images have their own random streams).
     workers: processes rendering chunks in parallel (default min(4, cpu count); <= 1: none).
     train_label_drop: fraction in [0, 1) of the TRAIN (pair, class) annotation rows removed
@@ -999,12 +1014,14 @@ def make_synthetic_world(root, n_train=2000, n_test=500, image_size=128, seed=0,
     else:
         chunks = [_make_chunk(t) for t in tasks]
     results = {"train": ([], [], {}), "test": ([], [], {})}
+    scenes = {"train": [], "test": []}
     for t, chunk in zip(tasks, chunks):
         anns, files, dets = results[t[1]]
-        for fname, ann, det in chunk:
+        for fname, ann, det, scene in chunk:
             files.append(fname)
             anns.append(ann)
             dets[fname] = det
+            scenes[t[1]].append(scene)
 
     K = len(SYN_CLASSES)
     if drop > 0:
@@ -1032,6 +1049,9 @@ def make_synthetic_world(root, n_train=2000, n_test=500, image_size=128, seed=0,
         }
         atomic_write_text(paths[f"{split}_anno"], json.dumps(doc, separators=(",", ":")))
         atomic_write_text(paths[f"{split}_detections"], json.dumps(dets, separators=(",", ":")))
+        paths[f"{split}_scenes"] = str(root / f"scenes_{split}.json")
+        atomic_write_text(paths[f"{split}_scenes"], json.dumps({"filenames": files, "scenes": scenes[split]},
+                                                               separators=(",", ":")))
     if verbose:
         print(f"synthetic world: {n_train} + {n_test} images of {S}x{S} in "
               f"{time.time() - t0:.1f} s -> {root}")

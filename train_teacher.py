@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
+import world_vlm
 from common import (
     HeldNotes,
     OneLineParser,
@@ -115,10 +116,12 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--score-thresh", type=unit_float, default=0.2)
     m = p.add_argument_group("model")
     m.add_argument("--vlm", default="tiny",
-                   help="open_clip model name (e.g. ViT-B-16), or 'tiny': the small random VLM "
-                        "model.register_tiny_vlm() registers (demo, tests)")
+                   help="open_clip model name (e.g. ViT-B-16); 'tiny': the small random VLM "
+                        "model.register_tiny_vlm() registers (tests); 'world-clip' / 'world-sig': the "
+                        "synthetic world's pretrained VLMs shipped in weights/ (world_vlm.py, the demo's)")
     m.add_argument("--pretrained", default="",
-                   help="open_clip pretrained tag (e.g. openai) or a weights file; empty = random init")
+                   help="open_clip pretrained tag (e.g. openai) or a weights file; empty = random init "
+                        "(for world-clip / world-sig: empty = the shipped weights, 'random' = random init)")
     m.add_argument("--image-size", type=positive_int,
                    help="VLM input resolution (default: the VLM's own, e.g. 224 for ViT-B-16, 336 for ViT-L-14-336)")
     m.add_argument("--model-opt", action="append", default=[], metavar="KEY=VALUE", type=model_opt,
@@ -240,6 +243,13 @@ def build_model(args, class_space, device):
     """A fresh LINK from the CLI (--vlm/--pretrained/--image-size/--model-opt)."""
     if args.vlm == "tiny":   # the registered tiny random VLM (demo, tests): 64 px, 8x8 tokens
         kw = {"vlm": register_tiny_vlm(), "pretrained": args.pretrained or None, "image_size": 64}
+    elif args.vlm in world_vlm.shipped():   # the synthetic world's pretrained VLMs (weights/)
+        try:
+            kw = world_vlm.world_vlm(args.vlm)
+        except (OSError, ValueError) as e:
+            raise TrainInputError(f"--vlm {args.vlm}: {e}") from None
+        if args.pretrained:     # "random": this architecture with random weights (the control)
+            kw["pretrained"] = None if args.pretrained == "random" else args.pretrained
     else:
         kw = {"vlm": args.vlm, "pretrained": args.pretrained or None}
     if args.image_size:

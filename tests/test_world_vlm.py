@@ -1,0 +1,162 @@
+"""pretrain_vlm.py and world_vlm.py: losses and retrieval against hand-computed values, a tiny
+pretraining run (the loss falls, deterministic from the seed), fp16 checkpoints through the
+real LINKConfig(pretrained=FILE) path, and the shipped world VLMs (checksum, features, text)."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import captions as C
+import pretrain_vlm as P
+import world_vlm as W
+from common import file_sha256
+from model import LINKConfig, build_vlm
+
+TINY = {"embed_dim": 32,
+        "vision_cfg": {"image_size": 64, "patch_size": 16, "width": 32, "layers": 1, "head_width": 16},
+        "text_cfg": {"context_length": 64, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+
+
+def test_clip_loss_by_hand():
+    img = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    txt = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
+    eye = torch.eye(2, dtype=torch.bool)
+    # logits = 2 * [[1, .6], [0, .8]]; rows: images -> captions, columns: captions -> images
+    ce = lambda row, j: -row[j] + math.log(sum(math.exp(v) for v in row))  # noqa: E731
+    L = [[2.0, 1.2], [0.0, 1.6]]
+    i2t = (ce(L[0], 0) + ce(L[1], 1)) / 2
+    t2i = (ce([L[0][0], L[1][0]], 0) + ce([L[0][1], L[1][1]], 1)) / 2
+    got = P.clip_loss(img, txt, torch.tensor(2.0), eye)
+    assert got.item() == pytest.approx((i2t + t2i) / 2, abs=1e-6)
+    # both captions the same text: each row's target is uniform over both columns
+    both = torch.ones(2, 2, dtype=torch.bool)
+    soft = lambda row: -0.5 * sum(row) + math.log(sum(math.exp(v) for v in row))  # noqa: E731
+    want = 0.5 * ((soft(L[0]) + soft(L[1])) / 2 + (soft([2.0, 0.0]) + soft([1.2, 1.6])) / 2)
+    assert P.clip_loss(img, txt, torch.tensor(2.0), both).item() == pytest.approx(want, abs=1e-6)
+
+
+def test_siglip_loss_by_hand():
+    img = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    txt = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
+    pos = torch.tensor([[True, False], [False, True]])
+    ls = lambda x: -math.log1p(math.exp(-x))  # noqa: E731   log sigmoid
+    # logits = 3 * sim - 1: [[2, .8], [-1, 1.4]]; positives on the diagonal
+    want = -(ls(2.0) + ls(-0.8) + ls(1.0) + ls(1.4)) / 2
+    got = P.siglip_loss(img, txt, torch.tensor(3.0), torch.tensor(-1.0), pos)
+    assert got.item() == pytest.approx(want, abs=1e-6)
+
+
+def test_same_text_and_retrieval_ranks():
+    assert P.same_text(["a", "b", "a"]).tolist() == [[True, False, True], [False, True, False],
+                                                     [True, False, True]]
+    sim = torch.tensor([[0.9, 0.1, 0.2, 0.0, 0.0, 0.0, 0.0],    # own (col 0) first
+                        [0.5, 0.4, 0.6, 0.7, 0.8, 0.9, 0.0],    # own (col 1) 6th
+                        [0.3, 0.3, 0.3, 0.1, 0.1, 0.1, 0.1]])   # own (col 2) tied with 2 others: 3rd
+    r = P.retrieval(sim, torch.tensor([0, 1, 2]))
+    assert r == {"top1": pytest.approx(1 / 3), "top5": pytest.approx(2 / 3)}
+
+
+def test_class_ap_by_hand():
+    sim = torch.tensor([[0.9, 0.1], [0.8, 0.7], [0.1, 0.2], [0.5, 0.3]])
+    labels = np.array([[1, 0], [0, 0], [1, 0], [1, 1]], dtype=bool)
+    ap = P.class_ap(sim, labels)
+    # class 0: ranked 0.9(+) 0.8(-) 0.5(+) 0.1(+): precision at the hits 1, 2/3, 3/4 -> all-point AP
+    assert ap[0] == pytest.approx((1 + 3 / 4 + 3 / 4) / 3, abs=1e-6)   # envelope: max precision to the right
+    assert ap[1] == pytest.approx(1 / 2, abs=1e-6)                      # 0.7(-) then 0.3(+)
+
+
+def test_lr_schedule():
+    assert P.lr_at(0, 100, 10, 1.0) == pytest.approx(0.1)
+    assert P.lr_at(9, 100, 10, 1.0) == pytest.approx(1.0)
+    assert P.lr_at(10, 100, 10, 1.0) == pytest.approx(1.0)
+    assert P.lr_at(55, 100, 10, 1.0) == pytest.approx(0.5)
+
+
+@pytest.fixture(scope="module")
+def tiny_world(tmp_path_factory):
+    paths, gts = C.caption_world(tmp_path_factory.mktemp("vlmworld"), 24, seed=5, image_size=64)
+    return P.load_images(paths), gts
+
+
+def _tiny_run(images, gts, seed, kind, steps=6):
+    name = f"test-world-tiny-{kind[:3]}"
+    clip = P.build(name, P.model_config(TINY, kind), seed)
+    tok = P.open_clip.get_tokenizer(name)
+    opt = P.optimiser(clip, 2e-3, 0.1)
+    gen = torch.Generator().manual_seed(seed)
+    batch = [torch.arange(12)] * steps                            # the same 12 images, every step
+    return clip, P.train_steps(clip, tok, images, gts, batch, kind, opt, lambda s: 2e-3, seed, 0, 0, gen)
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_pretraining_step_decreases_loss_and_is_deterministic(tiny_world, kind):
+    images, gts = tiny_world
+    assert images.shape == (24, 3, 64, 64) and images.dtype == torch.uint8
+    _, a = _tiny_run(images, gts, 0, kind)
+    _, b = _tiny_run(images, gts, 0, kind)
+    _, c = _tiny_run(images, gts, 1, kind)
+    assert a == b                                                 # bitwise, same seed
+    assert a != c
+    assert a[-1] < 0.8 * a[0], a                                  # same batch: the loss must fall
+    if kind == "clip":                                            # an untrained model: about log(12)
+        assert abs(a[0] - math.log(12)) < 0.5
+
+
+def test_fp16_checkpoint_loads_through_linkconfig(tiny_world, tmp_path):
+    images, gts = tiny_world
+    clip, _ = _tiny_run(images, gts, 0, "clip", steps=2)
+    path = tmp_path / "tiny.pt"
+    P.save_fp16(clip, path)
+    state = torch.load(path, weights_only=True)
+    assert all(v.dtype == torch.float16 for v in state.values() if v.is_floating_point())
+    loaded = build_vlm(LINKConfig(vlm="test-world-tiny-cli", vlm_config=TINY, pretrained=str(path), image_size=64))
+    for k, v in clip.state_dict().items():
+        want = v.half().float() if v.is_floating_point() else v
+        assert torch.equal(loaded.state_dict()[k].float() if v.is_floating_point() else loaded.state_dict()[k],
+                           want), k
+
+
+def test_arguments_are_checked(tmp_path, capsys):
+    out = tmp_path / "m.pt"
+    out.write_bytes(b"user file")
+    for argv, msg in [(["--out", str(out)], "exists"), (["--out", str(tmp_path / "x_siglip.pt")], "siglip"),
+                      (["--images", "100", "--heldout", "50"], "--batch-size"),
+                      (["--out", str(tmp_path / "m.pth")], "must end in .pt")]:
+        with pytest.raises(SystemExit) as e:
+            P.parse_args(argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error:") and msg in err and err.count("\n") == 1
+    assert out.read_bytes() == b"user file"
+
+
+def test_bad_checksum_is_refused(tmp_path):
+    (tmp_path / "m.pt").write_bytes(b"not the trained weights")
+    doc = {"name": "world-test-bad", "open_clip_config": TINY, "checkpoint": "m.pt", "sha256": "0" * 64,
+           "image_size": 64, "image_mean": [0.5] * 3, "image_std": [0.25] * 3}
+    (tmp_path / "m.json").write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match="m.pt: sha256 differs"):
+        W.world_vlm("world-test-bad", folder=tmp_path)
+    doc["sha256"] = file_sha256(tmp_path / "m.pt")
+    (tmp_path / "m.json").write_text(json.dumps(doc))
+    assert W.world_vlm("world-test-bad", folder=tmp_path) == {
+        "vlm": "world-test-bad", "vlm_config": TINY, "pretrained": str(tmp_path / "m.pt"), "image_size": 64,
+        "image_mean": (0.5,) * 3, "image_std": (0.25,) * 3, "quick_gelu": False}
+    with pytest.raises(ValueError, match="not in"):
+        W.world_vlm("world-nope", folder=tmp_path)
+    (tmp_path / "m.pt").unlink()
+    with pytest.raises(FileNotFoundError, match="m.pt: world VLM checkpoint not found"):
+        W.world_vlm("world-test-bad", folder=tmp_path)
+
+
+def test_a_carried_vlm_config_registers_and_refuses_a_clash():
+    from model import register_vlm_config, resolve_vlm_config
+    cfg = resolve_vlm_config(LINKConfig(vlm="test-carried-cfg", vlm_config=TINY, pretrained=None))
+    assert cfg.image_size == 64 and P.open_clip.get_model_config("test-carried-cfg") == TINY
+    assert register_vlm_config("test-carried-cfg", TINY) == "test-carried-cfg"     # idempotent
+    with pytest.raises(ValueError, match="another config"):
+        register_vlm_config("test-carried-cfg", dict(TINY, embed_dim=16))
+    with pytest.raises(ValueError, match="siglip"):
+        register_vlm_config("my-siglip-x", TINY)
