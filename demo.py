@@ -8,18 +8,35 @@
    world's split, default nf-uc: every label of the unseen classes removed, images left
    without a label dropped) and evaluated on the full test set (Unseen / Seen / Full).
    This is the honest way: models that saw the unseen classes cannot report zero-shot
-   numbers. Both chains run at once, as two processes with one thread each;
-4. evaluates everything with eval.evaluate_hico, computes the chance level (the same
+   numbers;
+4. the control: both teachers again with the same VLM architecture but RANDOM weights
+   (``--pretrained random``), so the table shows what the VLM's pretraining adds;
+5. evaluates everything with eval.evaluate_hico, computes the chance level (the same
    prediction rows with uniformly random scores, mean over 5 draws) and the simulated
    detector's box AP (eval.evaluate_detector: the boxes every HOI row depends on), prints a table,
    writes runs/demo/results.json (atomically) and draws the student's top interactions on a
    test image (runs/demo/detections.png, viz.draw_interactions).
+The six runs go as two chains of three, in parallel (two processes with one thread each):
+teacher -> student -> random-VLM teacher, and random-VLM zero-shot teacher -> zero-shot
+teacher -> zero-shot student (each chain builds one VLM's feature cache first, the other
+finds it ready).
 
-The VLM is the tiny randomly initialised open_clip ViT that model.register_tiny_vlm() adds
-(no weights to download), so the "VLM" knows nothing: every number here measures what
-LINK learns on top of random patch features, and the zero-shot rows carry no language
-knowledge (the unseen classifier rows keep random text embeddings). The frozen features are
-computed once per image and reused by all four runs through the feature cache.
+The VLM (``--vlm``). Default ``world-clip``: a small open_clip model (a ViT reading the
+world's 128-px images in 16-px patches, an 8 x 8 token map, and a text tower) pretrained
+contrastively on image-level captions of the synthetic world by pretrain_vlm.py, as CLIP is
+pretrained on web captions; the captions name every interaction, the zero-shot split's unseen
+ones included (a zero-shot split hides classes from HOI training only, not from the VLM). It
+ships in weights/ as an ordinary open_clip checkpoint with a manifest (world_vlm.py) and is
+loaded through the same local-checkpoint path as a user's real CLIP (LINKConfig(vlm,
+vlm_config, pretrained=FILE)), its SHA-256 checked first: a missing or corrupt checkpoint
+stops the demo with one line naming the file (exit 2) before any training. ``world-sig``:
+the second world VLM (SigLIP loss). ``random``: world-clip's architecture with random
+weights (then the control runs are the main runs and are not repeated). ``tiny``: the tiny
+random open_clip ViT of model.register_tiny_vlm() at 64 px (the demo before the world VLMs).
+The random-VLM rows are there because a random tower already gives LINK usable patch
+features and the verb-object mask already gives zero-shot classes a score: only the gap
+between the pretrained and the random VLM is knowledge the VLM brought. The frozen features
+are computed once per image and VLM and reused by every run through the feature cache.
 
 Sparse labels (``--label-drop``, default 0.4). The world's painter labels every interaction
 it draws, whereas real HOI datasets label sparsely: many real pairs carry no label and are
@@ -35,11 +52,14 @@ drop 0.5: Full -0.17 / +2.84 / +0.55, Rare -1.35 / -0.39 / -0.75; zero-shot Full
 So with sparse labels the student gains a small but consistent margin on Full (and on the
 seen classes in zero-shot), about the size of one seed's noise in absolute mAP (teachers
 range 58-64 over seeds); it does not gain on the unseen classes (the tiny random "VLM" has no
-language knowledge to pass on), and Rare is mixed. It is a plumbing-level demonstration, not
-a reproduction of the paper's gains. ``--seed N`` changes the world and every run.
+language knowledge to pass on), and Rare is mixed. These figures were measured with the tiny
+random VLM (``--vlm tiny``), before the world VLMs existed. ``--seed N`` changes the world
+and every run.
 
 Re-running the demo resumes every run from its checkpoint (finished runs are skipped);
-``--fresh`` starts over. Logs: runs/demo/<run>.out, runs/demo/<run>/log.jsonl, curves.png.
+``--fresh`` starts over. The output folder's recipe.json names the VLM (and its checkpoint's
+SHA-256): runs of another VLM or other weights are never mixed. Logs: runs/demo/<run>.out,
+runs/demo/<run>/log.jsonl, curves.png.
 """
 from __future__ import annotations
 
@@ -58,7 +78,8 @@ from PIL import Image
 
 import eval as hoi_eval
 import synthetic
-from common import ZERO_SHOT_SPLITS, OneLineParser, atomic_write, atomic_write_json, nonneg_int, number
+import world_vlm
+from common import ZERO_SHOT_SPLITS, OneLineParser, atomic_write, atomic_write_json, error_line, nonneg_int, number
 from viz import draw_interactions, hoi_class_names
 
 ROOT = Path(__file__).resolve().parent
@@ -73,14 +94,43 @@ LOOP = ["--epochs", "8", "--batch-size", "8", "--lr", "5e-4", "--warmup-steps", 
         "--schedule", "cosine", "--clip", "1.0", "--weight-decay", "1e-4", "--seed", "0"]
 KD = ["--w-map", "1.0", "--w-query", "1.0", "--w-logit", "1.0", "--temperature", "2.0"]
 
+# --vlm -> (the shipped world VLM it needs, pretrained?): 'random' is world-clip's architecture
+# with random weights; 'tiny' the tiny random VLM of model.register_tiny_vlm (needs no file)
+VLMS = {"world-clip": ("world-clip", True), "world-sig": ("world-sig", True),
+        "random": ("world-clip", False), "tiny": (None, False)}
+RUNS = ("teacher", "student", "zs_teacher", "zs_student")
+CONTROL_RUNS = ("random_teacher", "random_zs_teacher")     # the teachers again on a random VLM
 
-def _common(out: Path, world: Path, threads: int, loop: list) -> list:
+
+def vlm_args(vlm: str, weights: Path, random_weights: bool = False) -> list:
+    """The training CLIs' VLM arguments for the demo's --vlm (random_weights: the control)."""
+    shipped, pretrained = VLMS[vlm]
+    if shipped is None:
+        return ["--vlm", "tiny"]
+    random_weights = random_weights or not pretrained
+    return ["--vlm", shipped, "--weights", str(weights)] + ["--pretrained", "random"] * random_weights
+
+
+def check_vlm(vlm: str, weights: Path) -> dict:
+    """What recipe.json and results.json say about the VLM, after checking the shipped
+    checkpoint (world_vlm.world_vlm: present, SHA-256 as in its manifest). Raises OSError /
+    ValueError naming the file."""
+    shipped, pretrained = VLMS[vlm]
+    if shipped is None:
+        return {"name": vlm, "pretrained": False}
+    world_vlm.world_vlm(shipped, weights)
+    doc = world_vlm.shipped(weights)[shipped]
+    return {"name": vlm, "pretrained": pretrained, "architecture": shipped,
+            "checkpoint": Path(doc["checkpoint"]).name, "sha256": doc["sha256"]}
+
+
+def _common(out: Path, world: Path, threads: int, loop: list, vlm: list) -> list:
     # --keep-empty: the world lists as "empty" the training images whose every label the label
     # drop removed; they still show (unlabelled) interactions, the case dense distillation is
     # for, unlike HICO-DET's empty images (no visible pair), which training leaves out
     args = ["--dataset", "synthetic", "--world", str(world), "--runs", str(out),
-            "--cache", str(out / "cache"), "--vlm", "tiny", "--threads", str(threads),
-            "--no-progress", "--resume", "--keep-empty"] + loop
+            "--cache", str(out / "cache")] + vlm + ["--threads", str(threads),
+                                                    "--no-progress", "--resume", "--keep-empty"] + loop
     for o in MODEL_OPTS:
         args += ["--model-opt", o]
     return args
@@ -143,22 +193,30 @@ def draw_picture(out: Path, world_paths: dict, student_dir: Path) -> str:
     return str(dst)
 
 
-def train_all(out: Path, world: Path, loop: list, zero_shot: str, sequential: bool) -> list:
-    """Teacher -> student on the full labels and on the zero-shot split: two chains of two
-    runs, in parallel unless sequential. Returns the names of the runs that failed."""
-    com = _common(out, world, 1, loop)
+def train_all(out: Path, world: Path, loop: list, zero_shot: str, sequential: bool, vlm: str,
+              weights: Path) -> list:
+    """Teacher -> student on the full labels and on the zero-shot split, and with a pretrained
+    VLM the two teachers again on its random-weight control: two chains, in parallel unless
+    sequential. Returns the names of the runs that failed."""
+    com = _common(out, world, 1, loop, vlm_args(vlm, weights))
     tt, ts = str(ROOT / "train_teacher.py"), str(ROOT / "train_student.py")
     zs = ["--zero-shot", zero_shot]
-    chains = [
-        [("teacher", [tt] + com + ["--name", "teacher"]),
-         ("student", [ts] + com + KD + ["--name", "student", "--teacher", str(out / "teacher" / "last.pt")])],
-        [("zs_teacher", [tt] + com + zs + ["--name", "zs_teacher"]),
-         ("zs_student", [ts] + com + zs + KD + ["--name", "zs_student",
-                                                "--teacher", str(out / "zs_teacher" / "last.pt")])],
-    ]
+    full = [("teacher", [tt] + com + ["--name", "teacher"]),
+            ("student", [ts] + com + KD + ["--name", "student", "--teacher", str(out / "teacher" / "last.pt")])]
+    zero = [("zs_teacher", [tt] + com + zs + ["--name", "zs_teacher"]),
+            ("zs_student", [ts] + com + zs + KD + ["--name", "zs_student",
+                                                   "--teacher", str(out / "zs_teacher" / "last.pt")])]
+    if VLMS[vlm][1]:
+        ctl = _common(out, world, 1, loop, vlm_args(vlm, weights, random_weights=True))
+        # the control runs last in one chain and first in the other: each chain builds one
+        # VLM's feature cache at its start, and neither waits for the other's (a cache lock)
+        full.append(("random_teacher", [tt] + ctl + ["--name", "random_teacher"]))
+        zero.insert(0, ("random_zs_teacher", [tt] + ctl + zs + ["--name", "random_zs_teacher"]))
+    chains = [full, zero]
     status = {}
     parallel = not sequential and (os.cpu_count() or 1) >= 2
-    print(f"training 4 runs ({'2 chains in parallel' if parallel else 'sequentially'}) ...", flush=True)
+    print(f"training {len(full) + len(zero)} runs ({'2 chains in parallel' if parallel else 'sequentially'}) ...",
+          flush=True)
     if parallel:
         threads = [threading.Thread(target=_chain, args=(c, out, status)) for c in chains]
         for t in threads:
@@ -168,7 +226,7 @@ def train_all(out: Path, world: Path, loop: list, zero_shot: str, sequential: bo
     else:
         for c in chains:
             _chain(c, out, status)
-    return [n for n in ("teacher", "student", "zs_teacher", "zs_student") if status.get(n, (1,))[0] != 0]
+    return [n for n, _ in full + zero if status.get(n, (1,))[0] != 0]
 
 
 def detector_ap(world: Path) -> dict:
@@ -189,30 +247,37 @@ KEYS = ("full", "rare", "non_rare")       # the table's columns, full supervisio
 ZS_KEYS = ("full", "seen", "unseen")      # ... and zero-shot
 
 
-def collect_results(out: Path, anno: dict, zero_shot: str) -> dict:
-    """mAP of the four runs, the chance levels and the detector's box AP, rounded to 2 decimals."""
+def collect_results(out: Path, anno: dict, zero_shot: str, control: bool = True) -> dict:
+    """mAP of the runs, the chance levels and the detector's box AP, rounded to 2 decimals.
+    control: the random-VLM teachers ran (random_teacher, random_zs_teacher); their mAP is
+    "random_vlm_teacher" beside "teacher" (None without them)."""
     split = anno["zero_shot"][zero_shot]
     unseen = sorted(split) if isinstance(split, list) else sorted(split["unseen"])
-    res = {k: _metrics(out / k) for k in ("teacher", "student", "zs_teacher", "zs_student")}
+    res = {k: _metrics(out / k) for k in RUNS + (CONTROL_RUNS if control else ())}
     chance = chance_level(anno, _preds(out / "teacher"))
     chance_zs = chance_level(anno, _preds(out / "zs_teacher"), zero_shot=unseen)
 
-    def pick(m, ks):
-        return {k: round(float(m[k]), 2) for k in ks}
+    def pick(run, ks):
+        return {k: round(float(res[run][k]), 2) for k in ks} if run in res else None
 
     return {
-        "teacher": pick(res["teacher"], KEYS), "student": pick(res["student"], KEYS),
-        "chance": pick(chance, KEYS), "detector": detector_ap(out / "world"),
+        "teacher": pick("teacher", KEYS), "student": pick("student", KEYS),
+        "random_vlm_teacher": pick("random_teacher", KEYS),
+        "chance": {k: round(float(chance[k]), 2) for k in KEYS}, "detector": detector_ap(out / "world"),
         "zero_shot": {"split": zero_shot, "unseen_classes": unseen,
-                      "teacher": pick(res["zs_teacher"], ZS_KEYS), "student": pick(res["zs_student"], ZS_KEYS),
-                      "chance": pick(chance_zs, ZS_KEYS)},
+                      "teacher": pick("zs_teacher", ZS_KEYS), "student": pick("zs_student", ZS_KEYS),
+                      "random_vlm_teacher": pick("random_zs_teacher", ZS_KEYS),
+                      "chance": {k: round(float(chance_zs[k]), 2) for k in ZS_KEYS}},
     }
 
 
 def print_table(results: dict) -> None:
+    """The two blocks (full labels, zero-shot): chance, random-VLM teacher (when it ran),
+    teacher, student, student - teacher."""
     line = "-" * 56
+    vlm = results.get("vlm", {}).get("name", "?")
     print("\nHICO-DET-protocol mAP (%) on the synthetic test set "
-          f"({WORLD['n_test']} images, 16 classes)\n{line}")
+          f"({WORLD['n_test']} images, 16 classes), VLM {vlm}\n{line}")
     z = results["zero_shot"]
     for title, r, keys, header in (
             (None, results, KEYS, ("Full", "Rare", "Non-rare")),
@@ -221,9 +286,10 @@ def print_table(results: dict) -> None:
         if title:
             print(f"{line}\n{title}")
         print(f"{'':<26}" + "".join(f"{h:>10}" for h in header))
-        for label, m in (("chance (random scores)", r["chance"]), ("teacher", r["teacher"]),
-                         ("student", r["student"])):
-            print(f"{label:<26}" + "".join(f"{m[k]:10.2f}" for k in keys))
+        for label, m in (("chance (random scores)", r["chance"]), ("teacher, random VLM", r["random_vlm_teacher"]),
+                         ("teacher", r["teacher"]), ("student", r["student"])):
+            if m is not None:
+                print(f"{label:<26}" + "".join(f"{m[k]:10.2f}" for k in keys))
         print(f"{'student - teacher':<26}" + "".join(f"{r['student'][k] - r['teacher'][k]:+10.2f}" for k in keys))
     print(f"{line}\n{detector_line(results['detector'])}\n{line}")
 
@@ -239,8 +305,19 @@ def main(argv=None) -> int:
                    help="zero-shot split of the synthetic world")
     p.add_argument("--fresh", action="store_true", help="delete runs/demo first")
     p.add_argument("--sequential", action="store_true", help="run the two chains one after the other")
+    p.add_argument("--vlm", default="world-clip", choices=list(VLMS),
+                   help="world-clip (default) / world-sig: the world VLMs pretrained by pretrain_vlm.py, shipped "
+                        "in --weights (the two teachers also run on the same architecture with random weights); "
+                        "random: world-clip's architecture, random weights; tiny: the tiny random VLM")
+    p.add_argument("--weights", type=Path, default=world_vlm.WEIGHTS, metavar="DIR",
+                   help="folder of the world VLMs' checkpoints and manifests (default: the repository's weights/)")
     a = p.parse_args(argv)
     t_start = time.time()
+    try:     # before anything is deleted or trained
+        vlm = check_vlm(a.vlm, a.weights.resolve())
+    except (OSError, ValueError) as e:
+        print(f"error: demo.py --vlm {a.vlm}: {error_line(e)}", file=sys.stderr)
+        return 2
     world_cfg = dict(WORLD, seed=a.seed, train_label_drop=a.label_drop)
     loop = list(LOOP)
     loop[loop.index("--seed") + 1] = str(a.seed)
@@ -252,10 +329,10 @@ def main(argv=None) -> int:
             return 2
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    recipe = {"world": world_cfg, "model_opts": MODEL_OPTS, "loop": loop, "kd": KD}
+    recipe = {"world": world_cfg, "vlm": vlm, "model_opts": MODEL_OPTS, "loop": loop, "kd": KD}
     stamp = out / "recipe.json"
     if any(out.iterdir()) and (not stamp.exists() or json.loads(stamp.read_text()) != recipe):
-        print(f"error: {out} holds runs of another recipe (world/seed/label drop/loop/KD); "
+        print(f"error: {out} holds runs of another recipe (world/seed/label drop/VLM and its weights/loop/KD); "
               "rerun with --fresh or another --out", file=sys.stderr)
         return 2
     atomic_write_json(stamp, recipe, indent=1)
@@ -270,15 +347,16 @@ def main(argv=None) -> int:
               f"in {time.time() - t0:.1f} s -> {world}", flush=True)
     wp = {"test_anno": world / "instances_test.json", "test_images": world / "images" / "test"}
 
-    # 2-3. two chains (full supervision, zero-shot), in parallel
-    failed = train_all(out, world, loop, a.zero_shot, a.sequential)
+    # 2-4. two chains (full supervision, zero-shot; the random-VLM teachers), in parallel
+    failed = train_all(out, world, loop, a.zero_shot, a.sequential, a.vlm, a.weights.resolve())
     if failed:
         print(f"error: run(s) {failed} failed; see {out}/<run>.out", file=sys.stderr)
         return 1
 
-    # 4. results
-    results = collect_results(out, json.loads(wp["test_anno"].read_text()), a.zero_shot)
-    results.update({"world": world_cfg, "model_opts": MODEL_OPTS, "loop": loop, "kd": KD, "runtime_s": None})
+    # 5. results
+    results = collect_results(out, json.loads(wp["test_anno"].read_text()), a.zero_shot, control=VLMS[a.vlm][1])
+    results.update({"vlm": vlm, "world": world_cfg, "model_opts": MODEL_OPTS, "loop": loop, "kd": KD,
+                    "runtime_s": None})
     print_table(results)
     pic = draw_picture(out, wp, out / "student")
     print(f"picture of the student's top interactions: {pic}")

@@ -122,6 +122,8 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     m.add_argument("--pretrained", default="",
                    help="open_clip pretrained tag (e.g. openai) or a weights file; empty = random init "
                         "(for world-clip / world-sig: empty = the shipped weights, 'random' = random init)")
+    m.add_argument("--weights", default=str(world_vlm.WEIGHTS), metavar="DIR",
+                   help="folder of the world VLMs' checkpoints and manifests (default: the repository's weights/)")
     m.add_argument("--image-size", type=positive_int,
                    help="VLM input resolution (default: the VLM's own, e.g. 224 for ViT-B-16, 336 for ViT-L-14-336)")
     m.add_argument("--model-opt", action="append", default=[], metavar="KEY=VALUE", type=model_opt,
@@ -243,9 +245,9 @@ def build_model(args, class_space, device):
     """A fresh LINK from the CLI (--vlm/--pretrained/--image-size/--model-opt)."""
     if args.vlm == "tiny":   # the registered tiny random VLM (demo, tests): 64 px, 8x8 tokens
         kw = {"vlm": register_tiny_vlm(), "pretrained": args.pretrained or None, "image_size": 64}
-    elif args.vlm in world_vlm.shipped():   # the synthetic world's pretrained VLMs (weights/)
+    elif args.vlm in world_vlm.shipped(args.weights):   # the synthetic world's pretrained VLMs (--weights)
         try:
-            kw = world_vlm.world_vlm(args.vlm)
+            kw = world_vlm.world_vlm(args.vlm, args.weights)
         except (OSError, ValueError) as e:
             raise TrainInputError(f"--vlm {args.vlm}: {e}") from None
         if args.pretrained:     # "random": this architecture with random weights (the control)
