@@ -332,3 +332,29 @@ def plot_curves(records: Sequence[dict]) -> bytes:
     fig.savefig(buf, format="png", dpi=80)
     plt.close(fig)
     return buf.getvalue()
+
+
+def plot_ablation(panels: Sequence[tuple]) -> bytes:
+    """The ablation's bar chart as PNG bytes: one panel per table, ``(title, keys, bars)`` with
+    bars ``[(row name, {key: mean}, {key: std or None})]``; per row one bar per key (mean, error
+    bar = the standard deviation over seeds; a missing mean draws no bar)."""
+    import matplotlib  # imported here: slow to import, needed once per ablation
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(len(panels), 1, figsize=(11, 3.2 * max(len(panels), 1)), squeeze=False)
+    for ax, (title, keys, bars) in zip(axes[:, 0], panels):
+        width = 0.8 / len(keys)
+        for i, key in enumerate(keys):
+            xs = [j + (i - (len(keys) - 1) / 2) * width for j, b in enumerate(bars) if b[1].get(key) is not None]
+            ys = [b[1][key] for b in bars if b[1].get(key) is not None]
+            es = [b[2].get(key) or 0.0 for b in bars if b[1].get(key) is not None]
+            if ys:
+                ax.bar(xs, ys, width, yerr=es, capsize=2, color=f"C{i}", label=key.replace("_", "-"))
+        ax.set_xticks(range(len(bars)), [b[0] for b in bars], fontsize=8)
+        ax.set(ylabel="mAP (%)", title=title)
+        ax.legend(fontsize=7, ncol=len(keys))
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80)
+    plt.close(fig)
+    return buf.getvalue()

@@ -1,10 +1,10 @@
-"""viz.plot_curves: the training curves the loop writes as runs/NAME/curves.png."""
+"""viz.plot_curves: the training curves the loop writes as runs/NAME/curves.png; viz.plot_ablation."""
 import io
 
 import numpy as np
 from PIL import Image
 
-from viz import plot_curves
+from viz import plot_ablation, plot_curves
 
 
 def test_plot_curves_png_of_the_figure_size_with_both_panels_drawn():
@@ -17,3 +17,13 @@ def test_plot_curves_png_of_the_figure_size_with_both_panels_drawn():
     coloured = lambda a: (a.max(-1).astype(int) - a.min(-1).astype(int)) > 60   # noqa: E731
     assert coloured(img[:, :400]).sum() > 200 and coloured(img[:, 400:]).sum() > 200
     assert coloured(empty).sum() == 0
+
+
+def test_plot_ablation_one_panel_per_table_bars_in_key_colours():
+    bars = [("A1", {"full": 40.0, "rare": None}, {"full": 2.0, "rare": None}),
+            ("A2", {"full": 60.0, "rare": 30.0}, {"full": None, "rare": 1.0})]
+    one = np.asarray(Image.open(io.BytesIO(plot_ablation([("t", ("full", "rare"), bars)]))).convert("RGB"))
+    two = np.asarray(Image.open(io.BytesIO(plot_ablation([("t", ("full", "rare"), bars)] * 2))).convert("RGB"))
+    assert one.shape == (256, 880, 3) and two.shape == (512, 880, 3)      # 11 x 3.2 inches per panel, 80 dpi
+    c0, c1 = (31, 119, 180), (255, 127, 14)                               # matplotlib's C0 (full), C1 (rare)
+    assert (one == c0).all(-1).sum() > 1000 and (one == c1).all(-1).sum() > 300
