@@ -450,28 +450,43 @@ def parse(argv=None):
 
 
 def recipe(a) -> dict:
-    """What the runs in --out were trained with; a folder of another recipe is refused."""
-    vlms, have = {}, world_vlm.shipped()
-    for v in (a.vlm, a.second_vlm):
+    """What the runs in --out are trained with (a folder of another recipe is refused): the
+    world, loop, epochs, KD, the VLM names and the sha256 of each world VLM the rows use (a
+    missing or corrupt checkpoint is refused here, before any run starts)."""
+    used = [a.vlm] + ([a.second_vlm] if any(BY_NAME[n].vlm == "second" for n in a.rows) else [])
+    have = world_vlm.shipped()
+    shas = {}
+    for v in used:
         if v.startswith("world-") or v in have:
-            world_vlm.world_vlm(v)                  # missing or corrupt weights: refused here, not in 51 runs
-            vlms[v] = have[v]["sha256"]
+            world_vlm.world_vlm(v)
+            shas[v] = have[v]["sha256"]
     return {"world": dict(WORLD, n_train=a.n_train, n_test=a.n_test), "model_opts": MODEL_OPTS,
             "loop": LOOP, "epochs": a.epochs, "kd": KD, "vlm": a.vlm, "second_vlm": a.second_vlm,
-            "vlm_sha256": vlms, "zero_shot": ZERO_SHOT}
+            "vlm_sha256": shas, "zero_shot": ZERO_SHOT}
+
+
+def _same_recipe(old: dict, new: dict) -> bool:
+    """Equal but for the VLMs' sha256, which must agree only on the VLMs both used (a run of a
+    subset of the rows, e.g. without A8, does not need the second VLM)."""
+    strip = [{k: v for k, v in r.items() if k != "vlm_sha256"} for r in (old, new)]
+    a, b = old.get("vlm_sha256", {}), new["vlm_sha256"]
+    return strip[0] == strip[1] and all(a[v] == b[v] for v in set(a) & set(b))
 
 
 def prepare_out(out: Path, rec: dict, fresh: bool) -> Optional[str]:
-    """--fresh, then the recipe stamp; -> an error line or None."""
+    """--fresh, then the recipe stamp (merged: the VLMs of every invocation); -> an error line or None."""
     if fresh and out.exists():
         if any(out.iterdir()) and not (out / STAMP).is_file():    # never delete a folder of yours
             return f"{out}: --fresh deletes this folder, which is not an ablation output folder (no {STAMP})"
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     stamp = out / STAMP
-    if any(out.iterdir()) and (not stamp.is_file() or json.loads(stamp.read_text()) != rec):
-        return f"{out} holds runs of another recipe (world / loop / epochs / VLMs); rerun with --fresh or another --out"
-    atomic_write_json(stamp, rec, indent=1)
+    old = json.loads(stamp.read_text()) if stamp.is_file() else None
+    if any(out.iterdir()) and (old is None or not _same_recipe(old, rec)):
+        return (f"{out} holds runs of another recipe (world / loop / epochs / VLMs or their weights); "
+                "rerun with --fresh or another --out")
+    shas = dict((old or {}).get("vlm_sha256", {}), **rec["vlm_sha256"])
+    atomic_write_json(stamp, dict(rec, vlm_sha256=shas), indent=1)
     return None
 
 

@@ -169,15 +169,36 @@ def test_scheduler_failed_teacher_skips_its_students(capsys):
 
 # -- the output folder ---------------------------------------------------------------------------
 def test_fresh_never_deletes_a_foreign_folder(tmp_path):
+    r1, r2 = {"r": 1, "vlm_sha256": {}}, {"r": 2, "vlm_sha256": {}}
     (tmp_path / "mine.txt").write_text("keep")
-    assert "not an ablation output folder" in A.prepare_out(tmp_path, {"r": 1}, fresh=True)
+    assert "not an ablation output folder" in A.prepare_out(tmp_path, r1, fresh=True)
     assert (tmp_path / "mine.txt").read_text() == "keep"
     out = tmp_path / "abl"
-    assert A.prepare_out(out, {"r": 1}, fresh=False) is None
+    assert A.prepare_out(out, r1, fresh=False) is None
     (out / "A1_s0").mkdir()
-    assert "another recipe" in A.prepare_out(out, {"r": 2}, fresh=False)
+    assert "another recipe" in A.prepare_out(out, r2, fresh=False)
     assert (out / "A1_s0").is_dir()
-    assert A.prepare_out(out, {"r": 2}, fresh=True) is None and not (out / "A1_s0").exists()
+    assert A.prepare_out(out, r2, fresh=True) is None and not (out / "A1_s0").exists()
+
+
+def test_recipe_stamp_vlm_weights(tmp_path):
+    """A subset run without the second VLM fits the folder; other weights of a VLM used do not."""
+    base = {"r": 1}
+    assert A.prepare_out(tmp_path, dict(base, vlm_sha256={"world-clip": "aa"}), fresh=False) is None
+    (tmp_path / "A1_s0").mkdir()
+    assert A.prepare_out(tmp_path, dict(base, vlm_sha256={"world-clip": "aa", "world-sig": "bb"}), False) is None
+    assert A.prepare_out(tmp_path, dict(base, vlm_sha256={"world-sig": "bb"}), False) is None
+    assert "another recipe" in A.prepare_out(tmp_path, dict(base, vlm_sha256={"world-sig": "cc"}), False)
+    assert "another recipe" in A.prepare_out(tmp_path, dict(base, vlm_sha256={"world-clip": "ab"}), False)
+    stamp = json.loads((tmp_path / A.STAMP).read_text())
+    assert stamp["vlm_sha256"] == {"world-clip": "aa", "world-sig": "bb"}
+
+
+def test_missing_world_vlm_refused_before_any_run(tmp_path, capsys):
+    assert A.main(["--rows", "A1", "--vlm", "world-nope", "--out", str(tmp_path / "abl")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ablation.py: world VLM 'world-nope'") and err.count("\n") == 1
+    assert not (tmp_path / "abl").exists()
 
 
 # -- end to end ----------------------------------------------------------------------------------
