@@ -371,16 +371,16 @@ def _row_line(n: str, r: dict, keys: tuple) -> str:
     p = r.get("paper")
     line += f"  {p['full']:6.2f}/{p['rare']:6.2f}" if p else f"  {'':>13}"
     c = r.get("change") or {}
-    line += f"  {c['full']['delta']:+6.2f}" if c.get("full") else f"  {'':>6}"
+    line += "  " + "".join(f"{c[k]['delta']:+7.2f}" if c.get(k) else f"{'':>7}" for k in keys)
     line += f"  {direction_text(r['direction']) if n in PAPER else ''}"
     failed = [f"s{sd}: {st}" for sd, st in r["status"].items() if st != "ok"]
     return line + (f"  [{'; '.join(failed)}]" if failed else "")
 
 
 def print_table(res: dict, seeds: list) -> None:
-    rows, line = res["rows"], "-" * 140
+    rows, line = res["rows"], "-" * 150
     print(f"\nHICO-DET-protocol mAP (%) on the synthetic test set, mean +- std over seeds {seeds}; "
-          "paper = LINK.md's HICO-DET Full/Rare; change = Full minus the base row's (Row.base);\n"
+          "paper = LINK.md's HICO-DET Full/Rare; change = each column's mean minus the base row's (Row.base);\n"
           "direction reproduced? = sign of the change vs the paper's (Full, Rare); ~ = within 2 standard errors, "
           "? = one seed (noise unknown)")
     for table, (title, keys) in TABLES.items():
@@ -388,7 +388,8 @@ def print_table(res: dict, seeds: list) -> None:
         if not names:
             continue
         heads = "".join(f"{k.replace('_', '-').capitalize():>14}" for k in keys)
-        print(f"{line}\n{title}\n{'row':<11}{'':<29}{heads}  {'paper F/R':>13}  change  direction reproduced?")
+        print(f"{line}\n{title}\n{'row':<11}{'':<29}{heads}  {'paper F/R':>13}  {'change vs base':^21}"
+              "  direction reproduced?")
         for n in names:
             print(_row_line(n, rows[n], keys))
         ch = res["chance"].get("zero_shot" if table == "zero_shot" else "full")
