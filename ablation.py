@@ -5,7 +5,8 @@ default 0,1,2). The seed is the runs' seed (initial weights, data order; few-sho
 per class); the WORLD is the demo's (demo.WORLD, one fixed world seed), so every row and seed is
 scored on the same test set. Recipe: demo.py's MODEL_OPTS / LOOP / KD, imported, not copied.
 
-Rows (all on --vlm, default world-clip, unless said otherwise):
+Rows (all on --vlm, default world-clip, unless said otherwise; --vlm / --second-vlm / --weights
+are demo.py's, through demo.vlm_args and demo.check_vlm):
   A1 self-attention + plain cross-attention    geometric_encoder=false linking_decoder=false
   A2 + linking decoder                         geometric_encoder=false linking_decoder=true
   A3 geometric encoder + plain cross-attention geometric_encoder=true  linking_decoder=false
@@ -55,7 +56,7 @@ import numpy as np
 import synthetic
 import world_vlm
 from common import OneLineParser, atomic_write, atomic_write_json, positive_int, print_error
-from demo import KD, LOOP, MODEL_OPTS, WORLD, _preds, chance_level
+from demo import KD, LOOP, MODEL_OPTS, VLMS, WORLD, _preds, chance_level, check_vlm, vlm_args
 from viz import plot_ablation
 
 ROOT = Path(__file__).resolve().parent
@@ -127,9 +128,10 @@ TABLES = {"main": ("ablation (Full / Rare / Non-rare mAP)", ("full", "rare", "no
 class Setup:
     out: Path
     world: Path
-    vlm: str = "world-clip"
+    vlm: str = "world-clip"             # a demo.VLMS name
     second_vlm: str = "world-sig"
     epochs: str = LOOP[LOOP.index("--epochs") + 1]
+    weights: Path = world_vlm.WEIGHTS   # the world VLMs' folder (--weights)
 
 
 def run_name(row: str, seed: int) -> str:
@@ -144,11 +146,10 @@ def _model_opts(extra: tuple) -> list:
 
 
 def _vlm_args(row: Row, s: Setup) -> list:
+    """demo.vlm_args of the row's VLM ('random': --vlm's architecture, random weights)."""
     if row.vlm == "second":
-        return ["--vlm", s.second_vlm]
-    if row.vlm == "random" and (s.vlm.startswith("world-") or s.vlm in world_vlm.shipped()):
-        return ["--vlm", s.vlm, "--pretrained", "random"]
-    return ["--vlm", s.vlm]     # a non-world VLM (e.g. tiny) is built random without --pretrained
+        return vlm_args(s.second_vlm, s.weights)
+    return vlm_args(s.vlm, s.weights, random_weights=row.vlm == "random")
 
 
 def command(row: Row, seed: int, s: Setup) -> list:
@@ -437,8 +438,12 @@ def parse(argv=None):
     p.add_argument("--out", default="runs/ablation", help="output folder (default runs/ablation)")
     p.add_argument("--fresh", action="store_true", help="delete --out first (only an ablation output folder)")
     p.add_argument("--epochs", type=positive_int, default=int(Setup.epochs), help="epochs (default the demo's)")
-    p.add_argument("--vlm", default="world-clip", help="the VLM of every row (default world-clip)")
-    p.add_argument("--second-vlm", default="world-sig", help="A8's second teacher's VLM (default world-sig)")
+    p.add_argument("--vlm", default="world-clip", choices=sorted(VLMS), help="the VLM of every row (default "
+                   "world-clip; demo.py's choices)")
+    p.add_argument("--second-vlm", default="world-sig", choices=sorted(VLMS),
+                   help="A8's second teacher's VLM (default world-sig)")
+    p.add_argument("--weights", default=str(world_vlm.WEIGHTS), metavar="DIR",
+                   help="folder of the world VLMs' checkpoints and manifests (default: the repository's weights/)")
     p.add_argument("--n-train", type=positive_int, default=WORLD["n_train"], help="world's train images "
                    "(default the demo's; smaller for tests only)")
     p.add_argument("--n-test", type=positive_int, default=WORLD["n_test"], help="world's test images")
@@ -452,15 +457,10 @@ def parse(argv=None):
 
 def recipe(a) -> dict:
     """What the runs in --out are trained with (a folder of another recipe is refused): the
-    world, loop, epochs, KD, the VLM names and the sha256 of each world VLM the rows use (a
-    missing or corrupt checkpoint is refused here, before any run starts)."""
+    world, loop, epochs, KD, the VLM names, and the checkpoint's sha256 of each world VLM the
+    rows use (demo.check_vlm: a missing or corrupt checkpoint is refused here, before any run)."""
     used = [a.vlm] + ([a.second_vlm] if any(BY_NAME[n].vlm == "second" for n in a.rows) else [])
-    have = world_vlm.shipped()
-    shas = {}
-    for v in used:
-        if v.startswith("world-") or v in have:
-            world_vlm.world_vlm(v)
-            shas[v] = have[v]["sha256"]
+    shas = {v: check_vlm(v, Path(a.weights)).get("sha256") for v in used}
     return {"world": dict(WORLD, n_train=a.n_train, n_test=a.n_test), "model_opts": MODEL_OPTS,
             "loop": LOOP, "epochs": a.epochs, "kd": KD, "vlm": a.vlm, "second_vlm": a.second_vlm,
             "vlm_sha256": shas, "zero_shot": ZERO_SHOT}
@@ -497,7 +497,7 @@ def main(argv=None) -> int:
     out = Path(a.out).resolve()
     try:
         rec = recipe(a)
-    except (ValueError, FileNotFoundError) as e:     # a world VLM missing or corrupt
+    except (ValueError, OSError) as e:     # a world VLM missing or corrupt
         print_error(f"ablation.py: {e}")
         return 2
     err = prepare_out(out, rec, a.fresh)
@@ -507,7 +507,7 @@ def main(argv=None) -> int:
     world = out / "world"
     if not (world / "instances_test.json").exists():
         synthetic.make_synthetic_world(world, **rec["world"])
-    s = Setup(out, world, a.vlm, a.second_vlm, str(a.epochs))
+    s = Setup(out, world, a.vlm, a.second_vlm, str(a.epochs), Path(a.weights).resolve())
     jobs = build_jobs(a.rows, a.seeds, s)
     print(f"ablation: {len(jobs)} runs ({len(a.rows)} rows x seeds {a.seeds}), {a.jobs} at a time -> {out}",
           flush=True)

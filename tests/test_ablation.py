@@ -9,10 +9,13 @@ from pathlib import Path
 import pytest
 
 import ablation as A
+import world_vlm
 
 ROOT = Path(A.__file__).resolve().parent
-S = A.Setup(Path("/o"), Path("/w"))          # world-clip / world-sig, the demo's 8 epochs
+S = A.Setup(Path("/o"), Path("/w"))          # world-clip / world-sig, the demo's 8 epochs, weights/
+W = str(world_vlm.WEIGHTS)
 COMMON = ["--dataset", "synthetic", "--world", "/w", "--runs", "/o", "--cache", "/o/cache"]
+CLIP = ["--vlm", "world-clip", "--weights", str(world_vlm.WEIGHTS)]
 LOOP = ["--threads", "1", "--no-progress", "--resume", "--keep-empty", "--epochs", "8", "--batch-size", "8",
         "--lr", "5e-4", "--warmup-steps", "20", "--schedule", "cosine", "--clip", "1.0", "--weight-decay", "1e-4"]
 OPTS = ["--model-opt", "d_model=64", "--model-opt", "d_latent=32", "--model-opt", "heads=4",
@@ -23,13 +26,13 @@ BOTH = ["--model-opt", "geometric_encoder=true", "--model-opt", "linking_decoder
 # -- rows -> command lines -----------------------------------------------------------------------
 def test_a1_command():
     assert A.command(A.BY_NAME["A1"], 0, S) == [
-        str(ROOT / "train_teacher.py")] + COMMON + ["--vlm", "world-clip"] + LOOP + ["--seed", "0"] + OPTS + [
+        str(ROOT / "train_teacher.py")] + COMMON + CLIP + LOOP + ["--seed", "0"] + OPTS + [
         "--model-opt", "geometric_encoder=false", "--model-opt", "linking_decoder=false", "--name", "A1_s0"]
 
 
 def test_a5_command_logit_kd_only_same_seed_teacher():
     assert A.command(A.BY_NAME["A5"], 2, S) == [
-        str(ROOT / "train_student.py")] + COMMON + ["--vlm", "world-clip"] + LOOP + ["--seed", "2"] + OPTS + BOTH + [
+        str(ROOT / "train_student.py")] + COMMON + CLIP + LOOP + ["--seed", "2"] + OPTS + BOTH + [
         "--w-map", "0", "--w-query", "0", "--w-logit", "1.0", "--temperature", "2.0", "--name", "A5_s2",
         "--teacher", "/o/A4_s2/last.pt"]
 
@@ -40,7 +43,7 @@ def test_a8_two_teachers_and_a4_sig_on_the_second_vlm():
     assert a8[a8.index("--w-map"):a8.index("--name")] == ["--w-map", "1.0", "--w-query", "1.0", "--w-logit", "1.0",
                                                           "--temperature", "2.0"]
     sig = A.command(A.BY_NAME["A4-sig"], 1, A.Setup(Path("/o"), Path("/w"), epochs="1"))
-    assert sig[sig.index("--vlm"):sig.index("--vlm") + 2] == ["--vlm", "world-sig"]
+    assert sig[sig.index("--vlm"):sig.index("--vlm") + 4] == ["--vlm", "world-sig", "--weights", W]
     assert sig[sig.index("--epochs") + 1] == "1"
 
 
@@ -58,7 +61,8 @@ def test_other_rows_options():
     assert opts("ZS-S", 1) == OPTS + BOTH + ["--zero-shot", "nf-uc"] + kd + ["--name", "ZS-S_s1",
                                                                             "--teacher", "/o/ZS-T_s1/last.pt"]
     rnd = A.command(A.BY_NAME["ZS-rand"], 0, S)
-    assert rnd[rnd.index("--vlm"):rnd.index("--vlm") + 4] == ["--vlm", "world-clip", "--pretrained", "random"]
+    assert rnd[rnd.index("--vlm"):rnd.index("--vlm") + 6] == ["--vlm", "world-clip", "--weights", W,
+                                                              "--pretrained", "random"]
     tiny = A.command(A.BY_NAME["ZS-rand"], 0, A.Setup(Path("/o"), Path("/w"), vlm="tiny"))
     assert "--pretrained" not in tiny                  # tiny is random already; 'random' is no open_clip tag
 
@@ -195,10 +199,16 @@ def test_recipe_stamp_vlm_weights(tmp_path):
 
 
 def test_missing_world_vlm_refused_before_any_run(tmp_path, capsys):
-    assert A.main(["--rows", "A1", "--vlm", "world-nope", "--out", str(tmp_path / "abl")]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ablation.py: world VLM 'world-nope'") and err.count("\n") == 1
-    assert not (tmp_path / "abl").exists()
+    (tmp_path / "w").mkdir()
+    # A1 needs only world-clip; A8 also world-sig (its second teacher)
+    for rows, vlm in (("A1", "world-clip"), ("A8", "world-clip"), ("A8", "world-sig")):
+        argv = ["--rows", rows, "--out", str(tmp_path / "abl"), "--weights", str(tmp_path / "w")]
+        if vlm == "world-sig":
+            argv += ["--vlm", "tiny"]
+        assert A.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: ablation.py: world VLM '{vlm}'") and err.count("\n") == 1
+        assert not (tmp_path / "abl").exists()
 
 
 # -- end to end ----------------------------------------------------------------------------------
