@@ -242,8 +242,9 @@ def schedule(jobs: list, run: Callable[[Job], int], max_jobs: int = 2) -> dict:
     return state
 
 
-def subprocess_runner(out: Path) -> Callable[[Job], int]:
-    """run(job) for :func:`schedule`: one training process, one thread, log OUT/<run>.out; a
+def subprocess_runner(out: Path, wall: dict) -> Callable[[Job], int]:
+    """run(job) for :func:`schedule`: one training process, one thread, log appended to
+    OUT/<run>.out (a resumed run keeps its earlier log), its wall time into ``wall[name]``; a
     finished run (metrics.json beside its checkpoint) is not run again."""
     def run(job: Job) -> int:
         rd = out / job.name
@@ -251,11 +252,12 @@ def subprocess_runner(out: Path) -> Callable[[Job], int]:
             print(f"  {job.name:<16} finished before: not run again", flush=True)
             return 0
         t0 = time.time()
-        with open(out / f"{job.name}.out", "w") as log:
+        with open(out / f"{job.name}.out", "a") as log:
             r = subprocess.run([sys.executable] + job.argv, stdout=log, stderr=subprocess.STDOUT,
                                cwd=str(ROOT), env=dict(os.environ, OMP_NUM_THREADS="1"))
         print(f"  {job.name:<16} {'done' if r.returncode == 0 else 'FAILED (exit %d)' % r.returncode}"
               f" in {time.time() - t0:7.1f} s  (log: {out / (job.name + '.out')})", flush=True)
+        wall[job.name] = round(time.time() - t0, 1)
         return r.returncode
     return run
 
@@ -511,9 +513,10 @@ def main(argv=None) -> int:
     jobs = build_jobs(a.rows, a.seeds, s)
     print(f"ablation: {len(jobs)} runs ({len(a.rows)} rows x seeds {a.seeds}), {a.jobs} at a time -> {out}",
           flush=True)
-    state = schedule(jobs, subprocess_runner(out), a.jobs)
+    wall = {}
+    state = schedule(jobs, subprocess_runner(out, wall), a.jobs)
     res = collect(out, world, a.rows, a.seeds, state)
-    res.update(recipe=rec, seeds=a.seeds, runs=state, runtime_s=round(time.time() - t_start, 1))
+    res.update(recipe=rec, seeds=a.seeds, runs=state, run_wall_s=wall, runtime_s=round(time.time() - t_start, 1))
     print_table(res, a.seeds)
     png = draw(res)
     atomic_write(out / "ablation.png", lambda f: f.write(png))

@@ -221,6 +221,7 @@ def test_tiny_end_to_end(tmp_path, capsys):
     assert A.main(["--rows", "A5", "--out", str(out)] + TINY) == 0
     res = json.loads((out / "results.json").read_text())
     assert res["runs"] == {"A4_s0": "ok", "A5_s0": "ok"} and list(res["rows"]) == ["A4", "A5"]
+    assert set(res["run_wall_s"]) == {"A4_s0", "A5_s0"} and 0 < res["run_wall_s"]["A4_s0"] <= res["runtime_s"]
     for n in ("A4", "A5"):
         m = json.loads((out / f"{n}_s0" / "metrics.json").read_text())
         r = res["rows"][n]
@@ -236,12 +237,13 @@ def test_tiny_end_to_end(tmp_path, capsys):
     assert A.main(["--rows", "A5", "--out", str(out)] + TINY) == 0
     assert (out / "A5_s0" / "last.pt").stat().st_mtime_ns == stamp
     assert "finished before" in capsys.readouterr().out
+    assert json.loads((out / "results.json").read_text())["run_wall_s"] == {}
 
 
 def test_a_failed_run_exits_1_and_the_others_print(tmp_path, monkeypatch, capsys):
     out = tmp_path / "abl"
 
-    def runner(out_dir):
+    def runner(out_dir, wall):
         def run(job):
             if job.name == "A1_s0":
                 return 3
