@@ -110,6 +110,8 @@ ROWS = [
     Row("A7-pe", "A7, box_guidance=pe", "box", BOTH + PE, FULL_KD, ("A4-pe",), base="A7"),
     Row("ZS-T", "teacher", "zero_shot", BOTH, ZS),
     Row("ZS-S", "student (A7 KD)", "zero_shot", BOTH, ZS + FULL_KD, ("ZS-T",), base="ZS-T"),
+    Row("ZS-S-softmax", "student, softmax logit KD", "zero_shot", BOTH,
+        ZS + FULL_KD + ("--kd-logit-form", "softmax"), ("ZS-T",), base="ZS-S"),
     Row("ZS-rand", "teacher, random VLM", "zero_shot", BOTH, ZS, vlm="random", base="ZS-T"),
 ] + [Row(f"FS{k}", f"A4, {k} images/class", "few_shot", BOTH, ("--few-shot", str(k)), base="A4")
      for k in (1, 4, 16)]
