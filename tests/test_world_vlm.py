@@ -1,8 +1,10 @@
 """pretrain_vlm.py and world_vlm.py: losses and retrieval against hand-computed values, a tiny
 pretraining run (the loss falls, deterministic from the seed), fp16 checkpoints through the
 real LINKConfig(pretrained=FILE) path, and the shipped world VLMs (checksum, features, text)."""
+import dataclasses
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +14,7 @@ import captions as C
 import pretrain_vlm as P
 import world_vlm as W
 from common import file_sha256
-from model import LINKConfig, build_vlm
+from model import LINKConfig, build_vlm, encode_prompts, vlm_dense_features, vlm_tokenizer
 
 TINY = {"embed_dim": 32,
         "vision_cfg": {"image_size": 64, "patch_size": 16, "width": 32, "layers": 1, "head_width": 16},
@@ -160,3 +162,41 @@ def test_a_carried_vlm_config_registers_and_refuses_a_clash():
         register_vlm_config("test-carried-cfg", dict(TINY, embed_dim=16))
     with pytest.raises(ValueError, match="siglip"):
         register_vlm_config("my-siglip-x", TINY)
+
+
+SHIPPED = sorted(W.shipped())
+
+
+def test_two_different_world_vlms_ship():
+    docs = W.shipped()
+    assert set(docs) == {"world-clip", "world-sig"}
+    assert docs["world-clip"]["loss"] == "clip" and docs["world-sig"]["loss"] == "siglip"
+    assert docs["world-sig"]["open_clip_config"]["init_logit_bias"] == -10.0     # the SigLIP loss's bias
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_checkpoint_through_the_real_path(name):
+    spec = W.world_vlm(name)                                      # checks the sha256
+    doc = W.shipped()[name]
+    ckpt = Path(spec["pretrained"])
+    assert ckpt.stat().st_size == doc["bytes"] <= 10 * 2 ** 20
+    state = torch.load(ckpt, weights_only=True)
+    assert all(v.dtype == torch.float16 for v in state.values() if v.is_floating_point())
+    cfg = LINKConfig(**spec)
+    clip = build_vlm(cfg)                                         # what a user's local CLIP takes
+    x = torch.rand(2, 3, spec["image_size"], spec["image_size"])
+    f = vlm_dense_features(clip.visual, x)
+    assert f.shape == (2, doc["open_clip_config"]["embed_dim"], 8, 8) and torch.isfinite(f).all()
+    e = encode_prompts(clip, vlm_tokenizer(cfg), ["a photo of a person riding a horse",
+                                                  "a photo of a person holding a cup"])
+    assert torch.isfinite(e).all() and (e[0] @ e[1]).item() < 0.99
+    rand = build_vlm(dataclasses.replace(cfg, pretrained=None))   # the trained weights are not random ones
+    assert (vlm_dense_features(rand.visual, x) - f).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_manifest_records_its_training(name):
+    doc = W.shipped()[name]
+    h = doc["heldout"]
+    assert h["class_map"] > h["class_map_chance"] and h["top5"] > h["chance_top5"]
+    assert doc["command"].startswith("python pretrain_vlm.py") and doc["train"]["wall_s"] > 0
