@@ -406,8 +406,11 @@ def print_table(res: dict, seeds: list) -> None:
 def draw(res: dict) -> bytes:
     panels = []
     for table, (title, keys) in TABLES.items():
-        bars = [(n, r["mean"], r["std"]) for n, r in res["rows"].items() if r["table"] == table]
-        if bars:
+        mine = [n for n, r in res["rows"].items() if r["table"] == table]
+        bases = [BY_NAME[n].base for n in mine if BY_NAME[n].base in res["rows"]
+                 and res["rows"][BY_NAME[n].base]["table"] != table]   # what a variant is read against
+        bars = [(n, res["rows"][n]["mean"], res["rows"][n]["std"]) for n in dict.fromkeys(bases + mine)]
+        if mine:
             panels.append((title, keys, bars))
     return plot_ablation(panels)
 
