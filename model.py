@@ -114,18 +114,24 @@ def _class_space(cs) -> types.SimpleNamespace:
 # 2. The frozen VLM: open_clip image tower -> dense feature map
 # ----------------------------------------------------------------------------------------------
 
-def register_vlm_config(name: str, config: dict) -> str:
-    """Register the open_clip model config ``config`` under ``name`` (idempotent); returns name.
+_REGISTERED: set = set()  # names register_vlm_config gave open_clip (never one of open_clip's own)
 
-    Raises ValueError if open_clip already knows ``name`` with another config (one name, one
-    architecture), or if the name contains "siglip" (open_clip would then pick the Hugging Face
+
+def register_vlm_config(name: str, config: dict) -> str:
+    """Register the open_clip model config ``config`` under ``name``; returns name.
+
+    The config a checkpoint carries wins: a name this function registered before with another
+    config is registered again (two checkpoints of one name but different architectures load
+    one after the other in one process; a model, once built, does not read the registry).
+    Raises ValueError for one of open_clip's own names with another config (a checkpoint never
+    shadows ViT-B-16), or a name containing "siglip" (open_clip would then pick the Hugging Face
     SigLIP tokenizer for it).
     """
     known = open_clip.get_model_config(name)
-    if known is not None:
-        if known != config:
-            raise ValueError(f"LINKConfig.vlm_config: open_clip already has a model {name!r} with another config")
+    if known == config:
         return name
+    if known is not None and name not in _REGISTERED:
+        raise ValueError(f"LINKConfig.vlm_config: {name!r} is one of open_clip's own models, with another config")
     if "siglip" in name.lower():
         raise ValueError(f"LINKConfig.vlm: {name!r}: a registered config's name must not contain 'siglip' "
                          f"(open_clip would pick the SigLIP tokenizer)")
@@ -133,6 +139,9 @@ def register_vlm_config(name: str, config: dict) -> str:
     with open(path, "w") as f:
         json.dump(config, f)
     open_clip.add_model_config(path)
+    _REGISTERED.add(name)
+    if open_clip.get_model_config(name) != config:     # open_clip's rescan kept another file's
+        raise RuntimeError(f"open_clip did not take the config registered for {name!r}")
     return name
 
 

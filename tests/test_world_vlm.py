@@ -153,13 +153,18 @@ def test_bad_checksum_is_refused(tmp_path):
         W.world_vlm("world-test-bad", folder=tmp_path)
 
 
-def test_a_carried_vlm_config_registers_and_refuses_a_clash():
+def test_a_carried_vlm_config_registers_replaces_its_own_and_refuses_open_clips():
     from model import register_vlm_config, resolve_vlm_config
     cfg = resolve_vlm_config(LINKConfig(vlm="test-carried-cfg", vlm_config=TINY, pretrained=None))
     assert cfg.image_size == 64 and P.open_clip.get_model_config("test-carried-cfg") == TINY
     assert register_vlm_config("test-carried-cfg", TINY) == "test-carried-cfg"     # idempotent
-    with pytest.raises(ValueError, match="another config"):
-        register_vlm_config("test-carried-cfg", dict(TINY, embed_dim=16))
+    other = dict(TINY, embed_dim=16)                   # a checkpoint of the same name, another architecture
+    built = build_vlm(LINKConfig(vlm="test-carried-cfg", vlm_config=other, pretrained=None, image_size=64))
+    assert built.visual.output_dim == 16 and P.open_clip.get_model_config("test-carried-cfg") == other
+    again = build_vlm(LINKConfig(vlm="test-carried-cfg", vlm_config=TINY, pretrained=None, image_size=64))
+    assert again.visual.output_dim == 32
+    with pytest.raises(ValueError, match="one of open_clip's own"):
+        register_vlm_config("ViT-B-16", TINY)
     with pytest.raises(ValueError, match="siglip"):
         register_vlm_config("my-siglip-x", TINY)
 
