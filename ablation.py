@@ -162,7 +162,9 @@ def command(row: Row, seed: int, s: Setup) -> list:
     script = "train_student.py" if row.teachers else "train_teacher.py"
     argv = [str(ROOT / script), "--dataset", "synthetic", "--world", str(s.world), "--runs", str(s.out),
             "--cache", str(s.out / "cache")] + _vlm_args(row, s)
-    argv += ["--threads", "1", "--no-progress", "--resume", "--keep-empty"] + loop + _model_opts(row.opts)
+    # a random-VLM row draws another random tower per seed, so its spread is over towers too
+    opts = row.opts + ((f"vlm_seed={seed}",) if row.vlm == "random" else ())
+    argv += ["--threads", "1", "--no-progress", "--resume", "--keep-empty"] + loop + _model_opts(opts)
     argv += list(row.args) + ["--name", run_name(row.name, seed)]
     for t in row.teachers:
         argv += ["--teacher", str(s.out / run_name(t, seed) / "last.pt")]

@@ -92,12 +92,18 @@ def caption_world(root, n: int, seed: int, image_size: int = 128, reuse: bool = 
     classes are far less long-tailed than "train": every class >= 30 pairs per 1000 images) and
     return (image paths [n], scenes [n]) from the world's scenes_test.json. reuse: keep a world
     already drawn there with the same seed, image count and size (recorded beside it;
-    make_synthetic_world is deterministic, so it would draw the same bytes)."""
+    make_synthetic_world is deterministic, so it would draw the same bytes). A folder that is
+    neither empty nor marked by caption_world.json (e.g. a user's HOI world) is refused:
+    ValueError naming it."""
     root = Path(root)
     stamp = root / "caption_world.json"
     key = {"seed": int(seed), "n": int(n), "image_size": int(image_size)}
+    if root.is_dir() and any(root.iterdir()) and not stamp.is_file():
+        raise ValueError(f"{root}: not empty and not a caption world (no caption_world.json): drawing here "
+                         f"would overwrite its files; choose an empty or new folder")
     if not (reuse and stamp.is_file() and read_json(stamp) == key and (root / "scenes_test.json").is_file()):
-        stamp.unlink(missing_ok=True)  # a half-drawn world must never look reusable
+        root.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(stamp, {"drawing": key})  # ours from now on, reusable only once drawn
         make_synthetic_world(root, n_train=0, n_test=n, image_size=image_size, seed=seed)
         atomic_write_json(stamp, key)
     doc = read_json(root / "scenes_test.json")

@@ -23,12 +23,16 @@ reference implementations define them; cfg.impl picks the implementation.
 Where LINK.md is silent we follow UPT (Zhang et al., CVPR 2022) and PViC; every such choice
 is marked "Choice:" below.
 """
+import atexit
 import contextlib
 import dataclasses
+import functools
+import hashlib
 import inspect
 import json
 import math
 import os
+import shutil
 import tempfile
 import types
 import zipfile
@@ -69,7 +73,7 @@ class LINKConfig:
                                    # checkpoint without VLM weights rebuilds the same network
     vlm_config: dict | None = None  # an open_clip model config registered under `vlm` when the
                                    # VLM is built (an architecture open_clip does not ship, e.g. the
-                                   # synthetic world's VLMs): a checkpoint carries it, rebuilds anywhere
+                                   # synthetic world's VLMs): a checkpoint carries it, so open_clip need not know it
     # widths
     d_model: int = 256             # pair / unary query width D
     d_latent: int = 64             # width of the spatial branch's latent map F^l
@@ -117,6 +121,14 @@ def _class_space(cs) -> types.SimpleNamespace:
 _REGISTERED: set = set()  # names register_vlm_config gave open_clip (never one of open_clip's own)
 
 
+@functools.lru_cache(maxsize=1)
+def _config_dir() -> str:
+    """This process's folder of registered configs (one file per name), removed at exit."""
+    path = tempfile.mkdtemp(prefix="link_vlm_")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
 def register_vlm_config(name: str, config: dict) -> str:
     """Register the open_clip model config ``config`` under ``name``; returns name.
 
@@ -135,7 +147,7 @@ def register_vlm_config(name: str, config: dict) -> str:
     if "siglip" in name.lower():
         raise ValueError(f"LINKConfig.vlm: {name!r}: a registered config's name must not contain 'siglip' "
                          f"(open_clip would pick the SigLIP tokenizer)")
-    path = os.path.join(tempfile.mkdtemp(prefix="link_vlm_"), f"{name}.json")
+    path = os.path.join(_config_dir(), f"{name}.json")
     with open(path, "w") as f:
         json.dump(config, f)
     open_clip.add_model_config(path)
@@ -261,7 +273,7 @@ def resolve_vlm_config(cfg: LINKConfig) -> LINKConfig:
     config, and a local file that looks trained with QuickGELU (quick_gelu_evidence) on a GELU
     config is refused unless quick_gelu is set explicitly (False forces GELU).
     """
-    _register(cfg)  # on demand, so a checkpoint of a registered VLM rebuilds anywhere
+    _register(cfg)  # on demand: a checkpoint of a registered VLM rebuilds in a fresh process
     if ":" in cfg.vlm:
         raise ValueError(f"LINKConfig.vlm: {cfg.vlm!r}: 'hf-hub:' / 'local-dir:' names are not supported; use an "
                          f"open_clip model name and pretrained = a tag or a weights file")
@@ -303,6 +315,11 @@ def build_vlm(cfg: LINKConfig) -> nn.Module:
         torch.manual_seed(cfg.vlm_seed)
         return open_clip.create_model(cfg.vlm, pretrained=pretrained, force_image_size=cfg.image_size,
                                       force_quick_gelu=bool(cfg.quick_gelu))
+
+
+def _config_id(config: dict) -> str:
+    """A carried open_clip config's identity: SHA-256 (16 hex digits) of its canonical JSON."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def weights_id(cfg: LINKConfig) -> str:
@@ -945,11 +962,13 @@ class LINK(nn.Module):
     def cache_key(self) -> str:
         """Everything that changes what encode_images(preprocess(images)) gives, as
         'name=value' parts joined by '|': the VLM, its weights (a local file by the SHA-256 of
-        its bytes), activation, input size, pixel mean / std, resize filter and dense mode.
+        its bytes), a carried architecture (vlm_config), activation, input size, pixel mean / std,
+        resize filter and dense mode.
         Feature caches are keyed by it and checkpoints store it (from_checkpoint compares)."""
         c = self.cfg
         return "|".join([
-            "features=v2", f"vlm={c.vlm}", f"weights={weights_id(c)}",
+            "features=v2", f"vlm={c.vlm}", *([f"arch={_config_id(c.vlm_config)}"] if c.vlm_config else []),
+            f"weights={weights_id(c)}",
             f"act={'quick_gelu' if c.quick_gelu else 'gelu'}", f"size={c.image_size}",
             "mean=" + ",".join(f"{v:.6g}" for v in c.image_mean), "std=" + ",".join(f"{v:.6g}" for v in c.image_std),
             f"resize={self.interpolation}", f"dense={c.dense}"])

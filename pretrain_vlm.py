@@ -21,7 +21,6 @@ set (chance top-k = k / their number); an image scores if its own caption is in 
 Also: image-level AP of the 16 HOI prompts (LINK's classifier prompts) over held-out images,
 chance = the class's share of images, separately for the classes the zero-shot splits hide.
 """
-import argparse
 import contextlib
 import json
 import math
@@ -39,7 +38,16 @@ import torch.nn.functional as F
 
 import world_vlm
 from captions import SYN_ZERO_SHOT, caption, caption_world, class_phrases
-from common import file_sha256
+from common import (
+    OneLineParser,
+    file_sha256,
+    nonneg_float,
+    nonneg_int,
+    positive_float,
+    positive_int,
+    print_error,
+    unit_float,
+)
 from model import register_vlm_config
 
 WORLD_SEED = 1_000_000  # + --seed: far from the HOI worlds' seeds (demo: 0, 1, 2, ...)
@@ -57,7 +65,7 @@ def load_images(paths: list) -> torch.Tensor:
                         for p in paths])
 
 
-def normalise(x: torch.Tensor, visual) -> torch.Tensor:
+def normalise(x: torch.Tensor) -> torch.Tensor:
     """uint8 [B, 3, S, S] -> float, normalised by the mean / std the manifest records (OpenAI CLIP's)."""
     mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN)[:, None, None]   # the manifest's image_mean / std
     std = torch.tensor(open_clip.OPENAI_DATASET_STD)[:, None, None]
@@ -175,7 +183,7 @@ def train_steps(clip, tokenizer, images, gts, idx_batches, kind, opt, lr_fn, see
         flip = torch.rand(len(idx), generator=gen) < 0.5            # captions have no left / right
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         texts = batch_captions(gts, idx, seed, epoch)
-        loss = contrastive_loss(clip, normalise(x, clip.visual), tokenizer(texts), same_text(texts), kind,
+        loss = contrastive_loss(clip, normalise(x), tokenizer(texts), same_text(texts), kind,
                                 lock_text=step0 + k < lock_text_until)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -222,7 +230,7 @@ def text_warmup(clip, tokenizer, gts: list, steps: int, batch: int, lr: float, s
 def embed(clip, tokenizer, images: torch.Tensor, texts: list, chunk: int = 256):
     """-> image embeddings [N, E], text embeddings [M, E], L2-normalised."""
     clip.eval()
-    img = torch.cat([clip.encode_image(normalise(images[i:i + chunk], clip.visual), normalize=True)
+    img = torch.cat([clip.encode_image(normalise(images[i:i + chunk]), normalize=True)
                      for i in range(0, len(images), chunk)])
     txt = torch.cat([clip.encode_text(tokenizer(texts[i:i + chunk]), normalize=True)
                      for i in range(0, len(texts), chunk)])
@@ -279,6 +287,7 @@ def save_fp16(clip, path: Path) -> None:
     os.close(fd)
     try:
         torch.save(state, tmp)
+        os.chmod(tmp, 0o644)   # mkstemp's 0600 would make a shipped file private
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -315,25 +324,26 @@ def plot_curve(curve: dict, path: Path, title: str) -> None:
 # ----------------------------------------------------------------------------------------------
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = OneLineParser(prog="pretrain_vlm.py", description=__doc__.split("\n")[0])
     p.add_argument("--arch", choices=sorted(world_vlm.ARCHS), default="vit-avg", help="open_clip config (world_vlm.py)")
     p.add_argument("--loss", choices=["clip", "siglip"], default="clip")
     p.add_argument("--out", help="checkpoint file (default weights/world_clip.pt, weights/world_sig.pt for "
                                  "--loss siglip); its stem, '_' -> '-', names the model (world-clip)")
-    p.add_argument("--seed", type=int, default=0, help="model init, data order, captions; world seed 1e6 + S")
-    p.add_argument("--images", type=int, default=12000, help="pretraining images drawn (incl. --heldout)")
-    p.add_argument("--heldout", type=int, default=500, help="last images of the set, for evaluation only")
-    p.add_argument("--epochs", type=int, default=25)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--warmup", type=int, default=100, help="warm-up steps")
-    p.add_argument("--text-warmup", type=int, default=300,
+    p.add_argument("--seed", type=nonneg_int, default=0, help="model init, data order, captions; world seed 1e6 + S")
+    p.add_argument("--images", type=positive_int, default=12000, help="pretraining images drawn (incl. --heldout)")
+    p.add_argument("--heldout", type=positive_int, default=500, help="last images of the set, for evaluation only")
+    p.add_argument("--epochs", type=positive_int, default=18)
+    p.add_argument("--batch-size", type=positive_int, default=128)
+    p.add_argument("--lr", type=positive_float, default=1e-3)
+    p.add_argument("--weight-decay", type=nonneg_float, default=0.1)
+    p.add_argument("--warmup", type=nonneg_int, default=100, help="warm-up steps")
+    p.add_argument("--text-warmup", type=nonneg_int, default=200,
                    help="stage 1: steps of the text tower alone (two captions of one image are positives)")
-    p.add_argument("--locked-text", type=float, default=0.4,
+    p.add_argument("--locked-text", type=unit_float, default=0.15,
                    help="stage 2: fraction of the contrastive steps with the text tower locked")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    p.add_argument("--world", help="folder of the drawn images (default runs/vlm_world/seed<W>_n<N>)")
+    p.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads")
+    p.add_argument("--world", help="folder of the drawn images (default runs/vlm_world/seed<W>_n<N>); an "
+                                   "existing folder must be one this script drew (caption_world.json)")
     p.add_argument("--redraw", action="store_true", help="draw the world again even if --world holds it")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out and its JSON")
     a = p.parse_args(argv)
@@ -341,14 +351,14 @@ def parse_args(argv):
     a.name = a.out.stem.replace("_", "-")
     problems = [(a.images - a.heldout < a.batch_size, f"--images minus --heldout must be >= --batch-size "
                  f"({a.batch_size})"), (a.heldout < 2, "--heldout must be >= 2"),
-                (a.epochs < 1, "--epochs must be >= 1"), (a.out.suffix != ".pt", f"--out {a.out}: must end in .pt"),
+                (a.out.suffix != ".pt", f"--out {a.out}: must end in .pt"),
                 ("siglip" in a.name.lower(), f"--out {a.out}: no 'siglip' in the name (open_clip's tokenizer pick)"),
+                (a.name in open_clip.list_models(), f"--out {a.out}: '{a.name}' is one of open_clip's own models"),
                 (not a.force and (a.out.exists() or a.out.with_suffix(".json").exists()),
                  f"{a.out}: exists (and/or its .json); pass --force to overwrite")]
     for bad, msg in problems:
         if bad:
-            print(f"error: {msg}", file=sys.stderr)
-            sys.exit(2)
+            p.error(msg)
     return a
 
 
@@ -359,7 +369,11 @@ def main(argv=None):
     t0, c0 = time.time(), time.process_time()
     world_seed = WORLD_SEED + a.seed
     root = Path(a.world or f"runs/vlm_world/seed{world_seed}_n{a.images}")
-    paths, gts = caption_world(root, a.images, world_seed, reuse=not a.redraw)
+    try:
+        paths, gts = caption_world(root, a.images, world_seed, reuse=not a.redraw)
+    except ValueError as e:
+        print_error(f"pretrain_vlm.py: --world {e}")
+        sys.exit(2)
     images = load_images(paths)                                     # [N, 3, S, S] uint8
     world_s = time.time() - t0
     S = images.shape[-1]
@@ -393,13 +407,14 @@ def main(argv=None):
     wall, cpu = time.time() - t0, time.process_time() - c0
 
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    save_fp16(clip, a.out)
+    tmp = a.out.with_name("." + a.out.name + ".new")   # --out (and its .json) replaced only at the end
+    save_fp16(clip, tmp)
     from model import LINKConfig, build_vlm  # the path a user's local CLIP checkpoint takes
-    shipped = build_vlm(LINKConfig(vlm=a.name, vlm_config=config, pretrained=str(a.out), image_size=S))
+    shipped = build_vlm(LINKConfig(vlm=a.name, vlm_config=config, pretrained=str(tmp), image_size=S))
     final = evaluate(shipped, tokenizer, held_img, held_gt)
     manifest = {
-        "name": a.name, "checkpoint": a.out.name, "sha256": file_sha256(a.out),
-        "bytes": a.out.stat().st_size, "open_clip_config": config, "image_size": S,
+        "name": a.name, "checkpoint": a.out.name, "sha256": file_sha256(tmp),
+        "bytes": tmp.stat().st_size, "open_clip_config": config, "image_size": S,
         "image_mean": list(open_clip.OPENAI_DATASET_MEAN), "image_std": list(open_clip.OPENAI_DATASET_STD),
         "arch": a.arch, "loss": a.loss, "seed": a.seed,
         "command": "python pretrain_vlm.py " + shlex.join(argv),
@@ -411,6 +426,7 @@ def main(argv=None):
         "versions": {"torch": torch.__version__, "open_clip": open_clip.__version__},
     }
     from eval import write_json_atomic
+    os.replace(tmp, a.out)
     write_json_atomic(manifest, a.out.with_suffix(".json"))
     plot_curve(curve, a.out.with_name(a.out.stem + "_curve.png"), f"{a.name} ({a.arch}, {a.loss} loss)")
     print(f"{a.out}: {manifest['bytes'] / 1e6:.2f} MB, sha256 {manifest['sha256'][:16]}...; training "

@@ -241,11 +241,19 @@ def _typed(kind, v: str):
     return v
 
 
+def _world_names(folder) -> dict:
+    """The world VLMs a --weights folder ships (world_vlm.shipped), a bad manifest in one line."""
+    try:
+        return world_vlm.shipped(folder)
+    except ValueError as e:
+        raise TrainInputError(f"--weights: {e}") from None
+
+
 def build_model(args, class_space, device):
     """A fresh LINK from the CLI (--vlm/--pretrained/--image-size/--model-opt)."""
     if args.vlm == "tiny":   # the registered tiny random VLM (demo, tests): 64 px, 8x8 tokens
         kw = {"vlm": register_tiny_vlm(), "pretrained": args.pretrained or None, "image_size": 64}
-    elif args.vlm in world_vlm.shipped(args.weights):   # the synthetic world's pretrained VLMs (--weights)
+    elif args.vlm.startswith("world-") or args.vlm in _world_names(args.weights):   # the world's VLMs
         try:
             kw = world_vlm.world_vlm(args.vlm, args.weights)
         except (OSError, ValueError) as e:
@@ -429,7 +437,8 @@ def make_sources(model, args, d, train, test, cache):
 #: options by trainer.resume_differences through LoopConfig)
 FREE_OPTIONS = {"runs", "name", "resume", "move_aside", "override", "cache", "threads", "device",
                 "no_progress", "kd_impl", "image_root", "test_image_root", "world", "world_train",
-                "world_test", "world_size", "anno", "detections", "test_anno", "test_detections", "teacher"}
+                "world_test", "world_size", "anno", "detections", "test_anno", "test_detections", "teacher",
+                "weights"}   # --weights: the world VLM itself is compared through the cache key
 
 
 def run_settings(args) -> dict:

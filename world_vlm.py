@@ -9,7 +9,9 @@ ordinary open_clip checkpoint (an fp16 state dict) with a JSON manifest beside i
                            "image_mean", "image_std", "loss", "command", "seed", "heldout", ...}
 
 A user's real CLIP reaches LINK as LINKConfig(vlm=NAME, pretrained=FILE); so do these, with the
-architecture carried in the config (vlm_config), so a checkpoint trained on them rebuilds anywhere:
+architecture carried in the config (vlm_config), so a checkpoint trained on them rebuilds in any
+process without registering anything first (the checkpoint file must still be where
+`pretrained` points, as for any local VLM checkpoint):
 
     LINK(LINKConfig(**world_vlm("world-clip")), class_space)   # checks the sha256 first
     python train_teacher.py --vlm world-clip ...               # the same, from the command line
@@ -47,22 +49,39 @@ ARCHS = {
 }
 
 
-def _manifest(path: Path) -> dict:
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: not a readable world-VLM manifest ({e})") from None
-    for key in ("name", "open_clip_config", "checkpoint", "sha256", "image_size", "image_mean", "image_std"):
-        if key not in doc:
-            raise ValueError(f"{path}: field '{key}' missing")
+def _manifest(path: Path, doc: dict) -> dict:
+    """The manifest ``doc`` read from ``path``, its fields checked (ValueError naming file and field)."""
+    def bad(field, want):
+        raise ValueError(f"{path}: field '{field}' {want}")
+    for key in ("name", "checkpoint", "sha256"):
+        if not isinstance(doc.get(key), str) or not doc[key]:
+            bad(key, "missing or not a non-empty string")
+    cfg = doc["open_clip_config"]
+    if not isinstance(cfg, dict) or not all(isinstance(cfg.get(k), dict) for k in ("vision_cfg", "text_cfg")):
+        bad("open_clip_config", "must be an open_clip model config (with 'vision_cfg' and 'text_cfg')")
+    size = doc.get("image_size")
+    if not (isinstance(size, int) and not isinstance(size, bool) and size > 0):
+        bad("image_size", "must be a positive integer")
+    for key in ("image_mean", "image_std"):
+        v = doc.get(key)
+        if not (isinstance(v, list) and len(v) == 3 and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                            for x in v)):
+            bad(key, "must be a list of 3 numbers")
     return doc
 
 
 def shipped(folder=WEIGHTS) -> dict:
-    """{name: manifest} of the world VLMs in ``folder`` (weights/*.json), "checkpoint" made absolute."""
+    """{name: manifest} of the world VLMs in ``folder``: its *.json files that hold an
+    "open_clip_config" (other JSON files there are not manifests), "checkpoint" made absolute."""
     out = {}
     for path in sorted(Path(folder).glob("*.json")):
-        doc = _manifest(path)
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{path}: not readable JSON ({e})") from None
+        if not isinstance(doc, dict) or "open_clip_config" not in doc:
+            continue
+        doc = _manifest(path, doc)
         doc["checkpoint"] = str(path.parent / doc["checkpoint"])
         out[doc["name"]] = doc
     return out
@@ -70,11 +89,13 @@ def shipped(folder=WEIGHTS) -> dict:
 
 def world_vlm(name: str = "world-clip", folder=WEIGHTS, verify: bool = True) -> dict:
     """The LINKConfig fields of a shipped world VLM: vlm, vlm_config, pretrained (the checkpoint
-    file), image_size, image_mean, image_std, quick_gelu (False: these towers use nn.GELU).
+    file), image_size, image_mean, image_std, quick_gelu (the config's; the shipped ones: GELU).
 
     verify: check the checkpoint's sha256 against its manifest. Raises ValueError naming the
     file on a mismatch or an unknown name, FileNotFoundError when the checkpoint is missing.
     """
+    if not Path(folder).is_dir():
+        raise FileNotFoundError(f"{folder}: world VLM weights folder not found")
     have = shipped(folder)
     if name not in have:
         raise ValueError(f"world VLM {name!r}: not in {folder} (have: {', '.join(sorted(have)) or 'none'})")
@@ -86,4 +107,4 @@ def world_vlm(name: str = "world-clip", folder=WEIGHTS, verify: bool = True) -> 
         raise ValueError(f"{ckpt}: sha256 differs from its manifest's (a corrupt or replaced file)")
     return {"vlm": name, "vlm_config": doc["open_clip_config"], "pretrained": ckpt,
             "image_size": int(doc["image_size"]), "image_mean": tuple(doc["image_mean"]),
-            "image_std": tuple(doc["image_std"]), "quick_gelu": False}
+            "image_std": tuple(doc["image_std"]), "quick_gelu": bool(doc["open_clip_config"].get("quick_gelu", False))}

@@ -63,6 +63,8 @@ def test_other_rows_options():
     rnd = A.command(A.BY_NAME["ZS-rand"], 0, S)
     assert rnd[rnd.index("--vlm"):rnd.index("--vlm") + 6] == ["--vlm", "world-clip", "--weights", W,
                                                               "--pretrained", "random"]
+    assert "vlm_seed=0" in rnd and "vlm_seed=2" in A.command(A.BY_NAME["ZS-rand"], 2, S)   # a tower per seed
+    assert not any(a.startswith("vlm_seed") for a in A.command(A.BY_NAME["ZS-T"], 2, S))
     tiny = A.command(A.BY_NAME["ZS-rand"], 0, A.Setup(Path("/o"), Path("/w"), vlm="tiny"))
     assert "--pretrained" not in tiny                  # tiny is random already; 'random' is no open_clip tag
 

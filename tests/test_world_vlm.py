@@ -125,7 +125,10 @@ def test_arguments_are_checked(tmp_path, capsys):
     out.write_bytes(b"user file")
     for argv, msg in [(["--out", str(out)], "exists"), (["--out", str(tmp_path / "x_siglip.pt")], "siglip"),
                       (["--images", "100", "--heldout", "50"], "--batch-size"),
-                      (["--out", str(tmp_path / "m.pth")], "must end in .pt")]:
+                      (["--out", str(tmp_path / "m.pth")], "must end in .pt"),
+                      (["--out", str(tmp_path / "ViT-B-16.pt")], "one of open_clip's own models"),
+                      (["--batch-size", "0"], "--batch-size"), (["--threads", "0"], "--threads"),
+                      (["--lr", "-1"], "--lr"), (["--locked-text", "1.5"], "--locked-text")]:
         with pytest.raises(SystemExit) as e:
             P.parse_args(argv)
         assert e.value.code == 2
@@ -205,3 +208,72 @@ def test_shipped_manifest_records_its_training(name):
     h = doc["heldout"]
     assert h["class_map"] > h["class_map_chance"] and h["top5"] > h["chance_top5"]
     assert doc["command"].startswith("python pretrain_vlm.py") and doc["train"]["wall_s"] > 0
+
+
+def test_pretraining_never_draws_over_a_folder_it_did_not_draw(tmp_path):
+    user = tmp_path / "my_hoi_world"
+    user.mkdir()
+    (user / "instances_train.json").write_text("my annotations")
+    with pytest.raises(ValueError, match="my_hoi_world: not empty and not a caption world"):
+        C.caption_world(user, 4, seed=1, image_size=64)
+    assert sorted(p.name for p in user.iterdir()) == ["instances_train.json"]
+    assert (user / "instances_train.json").read_text() == "my annotations"
+    ours = tmp_path / "half_drawn"                     # a draw of ours that was interrupted: drawn again
+    ours.mkdir()
+    (ours / "caption_world.json").write_text(json.dumps({"drawing": {"seed": 1, "n": 4, "image_size": 64}}))
+    paths, scenes = C.caption_world(ours, 4, seed=1, image_size=64, reuse=True)
+    assert len(paths) == len(scenes) == 4 and json.loads((ours / "caption_world.json").read_text())["n"] == 4
+
+
+def _manifest_folder(tmp_path, **change):
+    (tmp_path / "m.pt").write_bytes(b"weights")
+    doc = {"name": "world-test-m", "open_clip_config": TINY, "checkpoint": "m.pt",
+           "sha256": file_sha256(tmp_path / "m.pt"), "image_size": 64, "image_mean": [0.5] * 3,
+           "image_std": [0.25] * 3, **change}
+    (tmp_path / "m.json").write_text(json.dumps(doc))
+    return tmp_path
+
+
+@pytest.mark.parametrize("field, value", [("image_mean", 0.5), ("image_std", [1, 2]), ("image_size", "64"),
+                                          ("open_clip_config", {"embed_dim": 8}), ("sha256", None)])
+def test_a_bad_manifest_field_is_named(tmp_path, field, value):
+    folder = _manifest_folder(tmp_path, **{field: value})
+    with pytest.raises(ValueError, match=f"m.json: field '{field}'"):
+        W.world_vlm("world-test-m", folder=folder)
+
+
+def test_other_json_files_are_not_manifests_and_quick_gelu_follows_the_config(tmp_path):
+    folder = _manifest_folder(tmp_path, open_clip_config=dict(TINY, quick_gelu=True))
+    (folder / "notes.json").write_text(json.dumps({"comment": "not a manifest"}))
+    assert set(W.shipped(folder)) == {"world-test-m"}
+    assert W.world_vlm("world-test-m", folder=folder)["quick_gelu"] is True
+    with pytest.raises(FileNotFoundError, match="nowhere: world VLM weights folder not found"):
+        W.world_vlm("world-test-m", folder=tmp_path / "nowhere")
+
+
+def test_the_cache_key_changes_with_the_carried_architecture():
+    from captions import synthetic_class_space
+    from model import LINK
+    small = dict(d_model=64, d_latent=16, heads=4, dec_layers=1, pretrained=None, image_size=64)
+    a = LINK(LINKConfig(vlm="test-arch-key", vlm_config=TINY, **small), synthetic_class_space())
+    other = json.loads(json.dumps(TINY))
+    other["vision_cfg"]["layers"] = 2
+    b = LINK(LINKConfig(vlm="test-arch-key", vlm_config=other, **small), synthetic_class_space())
+    assert a.cache_key() != b.cache_key()                       # same name, same (random) weights id
+    assert a.cache_key().split("|arch=")[0] == b.cache_key().split("|arch=")[0]
+    plain = LINK(LINKConfig(vlm="link-tiny", **small), synthetic_class_space()).cache_key()
+    assert "arch=" not in plain                                 # keys of stock models are unchanged
+
+
+def test_preprocessing_matches_the_pretraining_normalisation():
+    """LINK's preprocess with the manifest's mean / std gives the input pretrain_vlm trained on."""
+    spec = W.world_vlm("world-clip")
+    from captions import synthetic_class_space
+    from model import LINK
+    model = LINK(LINKConfig(**spec, d_model=64, d_latent=16, heads=4, dec_layers=1), synthetic_class_space())
+    from PIL import Image
+    img = torch.randint(0, 256, (1, 3, 128, 128), dtype=torch.uint8)
+    ours = P.normalise(img)
+    theirs = model.preprocess([Image.fromarray(img[0].permute(1, 2, 0).numpy())])   # 128 px: no resize
+    assert torch.allclose(theirs, ours, atol=1e-5)
+
