@@ -118,6 +118,18 @@ if triton is not None:
         return mx + tl.log(1.0 + tl.exp(mn - mx))
 
     @triton.jit
+    def class_tile(X, Pr, rows64, mr, c0, C, inv_T, HAS_PRIOR: tl.constexpr, BLOCK_C: tl.constexpr):
+        """The class tile c0 .. c0 + BLOCK_C of a block of rows (rows64 [BLOCK_N], mask mr):
+        (off, m2, log P, log(1 - P), keep, Psi-logits z, raw logits x, lae) as prior_tile and
+        psi_tile give them: the prologue of every class-tile loop of the two KL ops' kernels."""
+        cols = c0 + tl.arange(0, BLOCK_C)
+        m2 = mr[:, None] & (cols < C)[None, :]
+        off = rows64[:, None] * C + cols[None, :]
+        log_p, log_1mp, keep = prior_tile(Pr, off, m2, HAS_PRIOR)
+        z, x, lae = psi_tile(X, off, m2, log_p, log_1mp, keep, inv_T, HAS_PRIOR)
+        return off, m2, log_p, log_1mp, keep, z, x, lae
+
+    @triton.jit
     def softplus(x):
         """log(1 + exp(x)), exact for |x| large (no overflow)."""
         return tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))

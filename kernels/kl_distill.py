@@ -38,7 +38,7 @@ from kernels._common import acc_dtype, autocast_off, check_launch, resolve_impl,
 from kernels._psi import check_kd, kd_operands, psi_scaled, psi_transform, row_blocks, row_chunks
 
 if triton is not None:
-    from kernels._psi import prior_tile, psi_tile
+    from kernels._psi import class_tile, psi_tile
 
 
 def kl_distill_reference(student, teacher, temperature=1.0, prior=None):
@@ -127,11 +127,8 @@ if triton is not None:
         m = tl.full([BLOCK_N], float("-inf"), tl.float32)
         ssum = tl.zeros([BLOCK_N], tl.float32)
         for c0 in range(0, C, BLOCK_C):
-            cols = c0 + tl.arange(0, BLOCK_C)
-            m2 = mr[:, None] & (cols < C)[None, :]
-            off = rows64[:, None] * C + cols[None, :]
-            log_p, log_1mp, keep = prior_tile(Pr, off, m2, HAS_PRIOR)
-            z, x, lae = psi_tile(X, off, m2, log_p, log_1mp, keep, inv_T, HAS_PRIOR)
+            off, m2, log_p, log_1mp, keep, z, x, lae = class_tile(X, Pr, rows64, mr, c0, C, inv_T,
+                                                                  HAS_PRIOR, BLOCK_C)
             m_new = tl.maximum(m, tl.max(z, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             ssum = ssum * tl.exp(m - m_safe) + tl.sum(tl.exp(z - m_safe[:, None]), axis=1)
@@ -186,11 +183,8 @@ if triton is not None:
         ls = tl.where(valid, ls, 0.0)
         acc = tl.zeros([BLOCK_N], tl.float32)
         for c0 in range(0, C, BLOCK_C):
-            cols = c0 + tl.arange(0, BLOCK_C)
-            m2 = mr[:, None] & (cols < C)[None, :]
-            off = rows64[:, None] * C + cols[None, :]
-            log_p, log_1mp, keep = prior_tile(Pr, off, m2, HAS_PRIOR)
-            zs, x, lae = psi_tile(S, off, m2, log_p, log_1mp, keep, inv_T, HAS_PRIOR)
+            off, m2, log_p, log_1mp, keep, zs, x, lae = class_tile(S, Pr, rows64, mr, c0, C, inv_T,
+                                                                   HAS_PRIOR, BLOCK_C)
             p = _teacher_tile(Tt, StT, rows, mr, off, m2, log_p, log_1mp, keep, N, M, stride_tm,
                               inv_T, HAS_PRIOR, BLOCK_N, BLOCK_C)
             log_p = tl.log(tl.where(p > 0.0, p, 1.0))
@@ -210,11 +204,8 @@ if triton is not None:
         scale = tl.load(G).to(tl.float32) * coef
         ms, ls, valid = _load_stats(StS, rows, mr, N)
         for c0 in range(0, C, BLOCK_C):
-            cols = c0 + tl.arange(0, BLOCK_C)
-            m2 = mr[:, None] & (cols < C)[None, :]
-            off = rows64[:, None] * C + cols[None, :]
-            log_p, log_1mp, keep = prior_tile(Pr, off, m2, HAS_PRIOR)
-            zs, x, lae = psi_tile(S, off, m2, log_p, log_1mp, keep, inv_T, HAS_PRIOR)
+            off, m2, log_p, log_1mp, keep, zs, x, lae = class_tile(S, Pr, rows64, mr, c0, C, inv_T,
+                                                                   HAS_PRIOR, BLOCK_C)
             q = tl.exp((zs - ms[:, None]) - ls[:, None])
             p = _teacher_tile(Tt, StT, rows, mr, off, m2, log_p, log_1mp, keep, N, M, stride_tm,
                               inv_T, HAS_PRIOR, BLOCK_N, BLOCK_C)

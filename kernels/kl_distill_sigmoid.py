@@ -44,7 +44,7 @@ from kernels._common import acc_dtype, autocast_off, check_launch, resolve_impl,
 from kernels._psi import check_kd, kd_operands, psi_scaled, psi_transform, row_blocks, row_chunks
 
 if triton is not None:
-    from kernels._psi import prior_tile, psi_tile, softplus
+    from kernels._psi import class_tile, psi_tile, softplus
 
 REDUCTIONS = ("sum", "none")
 
@@ -151,11 +151,8 @@ if triton is not None:
         rows64 = rows.to(tl.int64)
         acc = tl.zeros([BLOCK_N], tl.float32)
         for c0 in range(0, C, BLOCK_C):
-            cols = c0 + tl.arange(0, BLOCK_C)
-            m2 = mr[:, None] & (cols < C)[None, :]
-            off = rows64[:, None] * C + cols[None, :]
-            log_p, log_1mp, keep = prior_tile(Pr, off, m2, HAS_PRIOR)
-            zs, x, lae = psi_tile(S, off, m2, log_p, log_1mp, keep, inv_T, HAS_PRIOR)
+            off, m2, log_p, log_1mp, keep, zs, x, lae = class_tile(S, Pr, rows64, mr, c0, C, inv_T,
+                                                                   HAS_PRIOR, BLOCK_C)
             p, pbar = _teacher_bern_tile(Tt, off, m2, log_p, log_1mp, keep, M, stride_tm, inv_T,
                                          HAS_PRIOR, BLOCK_N, BLOCK_C)
             zs = tl.where(keep, zs, 0.0)
@@ -173,11 +170,8 @@ if triton is not None:
         rows64 = rows.to(tl.int64)
         scale = tl.load(G + rows, mask=mr, other=0.0) * T
         for c0 in range(0, C, BLOCK_C):
-            cols = c0 + tl.arange(0, BLOCK_C)
-            m2 = mr[:, None] & (cols < C)[None, :]
-            off = rows64[:, None] * C + cols[None, :]
-            log_p, log_1mp, keep = prior_tile(Pr, off, m2, HAS_PRIOR)
-            zs, x, lae = psi_tile(S, off, m2, log_p, log_1mp, keep, inv_T, HAS_PRIOR)
+            off, m2, log_p, log_1mp, keep, zs, x, lae = class_tile(S, Pr, rows64, mr, c0, C, inv_T,
+                                                                   HAS_PRIOR, BLOCK_C)
             p, pbar = _teacher_bern_tile(Tt, off, m2, log_p, log_1mp, keep, M, stride_tm, inv_T,
                                          HAS_PRIOR, BLOCK_N, BLOCK_C)
             zs = tl.where(keep, zs, 0.0)
