@@ -15,7 +15,7 @@ captions are partial (training draws a new one every epoch).
 Ground truth per image: {"interactions": [class index per event], "objects": [names of lone
 objects], "persons": number of people in no interaction}. A shake_hand event (two labelled
 pairs, one per direction) is one phrase. `caption_world` draws a world with
-data.make_synthetic_world and recovers this ground truth for each of its images.
+synthetic.make_synthetic_world and reads this ground truth from its scenes_test.json.
 """
 import functools
 from pathlib import Path
@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from common import atomic_write_json, read_json
+from data import _article
 from synthetic import SYN_ZERO_SHOT, make_synthetic_world, synthetic_class_space
 
 TEMPLATES = ["a photo of {}", "a picture of {}", "an image of {}", "a scene with {}"]
@@ -50,7 +51,7 @@ def _counted(name: str, n: int) -> str:
     """("sports_ball", 2) -> "two sports balls"; ("umbrella", 1) -> "an umbrella"."""
     word = name.replace("_", " ")
     if n == 1:
-        return ("an " if word[0] in "aeiou" else "a ") + word
+        return f"{_article(word)} {word}"
     last = word.split(" ")[-1]
     plural = word[: len(word) - len(last)] + _PLURAL.get(last, last + "s")
     return f"{_NUMBERS[n] if n < len(_NUMBERS) else 'many'} {plural}"

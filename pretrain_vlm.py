@@ -27,7 +27,6 @@ import math
 import os
 import shlex
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -40,6 +39,7 @@ import world_vlm
 from captions import SYN_ZERO_SHOT, caption, caption_world, class_phrases
 from common import (
     OneLineParser,
+    atomic_write,
     file_sha256,
     nonneg_float,
     nonneg_int,
@@ -49,6 +49,7 @@ from common import (
     unit_float,
 )
 from model import register_vlm_config
+from viz import plot_pretraining
 
 WORLD_SEED = 1_000_000  # + --seed: far from the HOI worlds' seeds (demo: 0, 1, 2, ...)
 NAMES = {"clip": "world-clip", "siglip": "world-sig"}  # no "siglip" in a name: see world_vlm
@@ -283,40 +284,7 @@ def evaluate(clip, tokenizer, images: torch.Tensor, gts: list) -> dict:
 def save_fp16(clip, path: Path) -> None:
     """The open_clip state dict with floating tensors in fp16, written atomically."""
     state = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in clip.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.chmod(tmp, 0o644)   # mkstemp's 0600 would make a shipped file private
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def plot_curve(curve: dict, path: Path, title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
-    loss = np.array(curve["loss"])
-    w = max(1, len(loss) // 50)
-    ax[0].plot(loss, lw=0.5, alpha=0.4, label="step")
-    ax[0].plot(np.arange(w - 1, len(loss)), np.convolve(loss, np.ones(w) / w, "valid"), label=f"mean of {w}")
-    ax[0].set(xlabel="step", ylabel="training loss", title=title)
-    ax[0].legend()
-    ep = [e["epoch"] for e in curve["heldout"]]
-    for key in ("top1", "top5", "class_map"):
-        ax[1].plot(ep, [e[key] for e in curve["heldout"]], marker="o", label=key)
-    ax[1].axhline(curve["heldout"][-1]["chance_top1"], ls=":", c="grey", label="chance top1")
-    ax[1].set(xlabel="epoch", ylabel="held-out", ylim=(0, 1), title="held-out retrieval / prompt mAP")
-    ax[1].legend(fontsize=8)
-    fig.tight_layout()
-    tmp = path.with_name("." + path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -428,7 +396,8 @@ def main(argv=None):
     from eval import write_json_atomic
     os.replace(tmp, a.out)
     write_json_atomic(manifest, a.out.with_suffix(".json"))
-    plot_curve(curve, a.out.with_name(a.out.stem + "_curve.png"), f"{a.name} ({a.arch}, {a.loss} loss)")
+    png = plot_pretraining(curve, f"{a.name} ({a.arch}, {a.loss} loss)")
+    atomic_write(a.out.with_name(a.out.stem + "_curve.png"), lambda f: f.write(png))
     print(f"{a.out}: {manifest['bytes'] / 1e6:.2f} MB, sha256 {manifest['sha256'][:16]}...; training "
           f"{wall / 60:.1f} min wall, {cpu / 60:.1f} min CPU; held-out (fp16 file) top1 {final['top1']:.3f} "
           f"top5 {final['top5']:.3f} among {final['captions']} captions (chance {final['chance_top1']:.4f} / "

@@ -358,3 +358,31 @@ def plot_ablation(panels: Sequence[tuple]) -> bytes:
     fig.savefig(buf, format="png", dpi=80)
     plt.close(fig)
     return buf.getvalue()
+
+
+def plot_pretraining(curve: dict, title: str) -> bytes:
+    """pretrain_vlm.py's curves as PNG bytes: the contrastive loss per step (and its running
+    mean) and the held-out retrieval top-1 / top-5 and prompt mAP per epoch, from the
+    manifest's "curve" ({"loss": [...], "heldout": [{"epoch", "top1", "top5", "class_map",
+    "chance_top1"}, ...]})."""
+    import matplotlib  # imported here: slow to import, needed once per pretraining
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
+    loss = np.array(curve["loss"])
+    w = max(1, len(loss) // 50)
+    ax[0].plot(loss, lw=0.5, alpha=0.4, label="step")
+    ax[0].plot(np.arange(w - 1, len(loss)), np.convolve(loss, np.ones(w) / w, "valid"), label=f"mean of {w}")
+    ax[0].set(xlabel="step", ylabel="training loss", title=title)
+    ax[0].legend()
+    ep = [e["epoch"] for e in curve["heldout"]]
+    for key in ("top1", "top5", "class_map"):
+        ax[1].plot(ep, [e[key] for e in curve["heldout"]], marker="o", label=key)
+    ax[1].axhline(curve["heldout"][-1]["chance_top1"], ls=":", c="grey", label="chance top1")
+    ax[1].set(xlabel="epoch", ylabel="held-out", ylim=(0, 1), title="held-out retrieval / prompt mAP")
+    ax[1].legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return buf.getvalue()

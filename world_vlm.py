@@ -19,11 +19,10 @@ process without registering anything first (the checkpoint file must still be wh
 Names must not contain "siglip" (open_clip would pick the Hugging Face SigLIP tokenizer); these
 models use open_clip's own CLIP tokenizer, which needs no download.
 """
-import json
 import os
 from pathlib import Path
 
-from common import file_sha256
+from common import file_sha256, read_json
 
 WEIGHTS = Path(__file__).resolve().parent / "weights"
 
@@ -75,10 +74,7 @@ def shipped(folder=WEIGHTS) -> dict:
     "open_clip_config" (other JSON files there are not manifests), "checkpoint" made absolute."""
     out = {}
     for path in sorted(Path(folder).glob("*.json")):
-        try:
-            doc = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            raise ValueError(f"{path}: not readable JSON ({e})") from None
+        doc = read_json(path, "world VLM manifest", allow_bool=True)
         if not isinstance(doc, dict) or "open_clip_config" not in doc:
             continue
         doc = _manifest(path, doc)
