@@ -114,7 +114,7 @@ from common import (
     refuse_outputs_over_inputs,
     unit_float,
 )
-from model import LINK, register_tiny_vlm
+from model import LINK
 from trainer import BUILD_ERRORS, build_error_reason, nonfinite_cause, nonfinite_images
 from viz import draw_interactions, hoi_class_names, to_rgb, unique_pairs
 
@@ -514,8 +514,9 @@ def convert_detr_outputs(logits, boxes, sizes, activation: str = "softmax", labe
 def read_checkpoint_meta(checkpoint):
     """(config dict, class space dict) of a LINK checkpoint, without building the model.
 
-    A checkpoint made with model.register_tiny_vlm's default tiny VLM ("link-tiny", not a stock
-    open_clip name) gets it registered here, so that the checkpoint alone rebuilds the model."""
+    The default tiny VLM ("link-tiny") and a VLM whose config the checkpoint carries
+    (LINKConfig.vlm_config) register themselves when the model is built; a custom tiny VLM
+    name that open_clip does not know is refused here, naming the field."""
     path = Path(checkpoint)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found")
@@ -529,12 +530,10 @@ def read_checkpoint_meta(checkpoint):
     if not isinstance(ck, dict) or "class_space" not in ck or not isinstance(ck.get("config"), dict):
         raise InferError(f"{path}: checkpoint has no field 'config' / 'class_space' (not a LINK checkpoint)")
     vlm = ck["config"].get("vlm")
-    if isinstance(vlm, str) and vlm.startswith("link-tiny"):
-        if vlm not in open_clip.list_models():
-            if vlm != "link-tiny":
-                raise InferError(f"{path}: field 'config.vlm' is {vlm!r}, a custom tiny VLM; register it "
-                                 f"(model.register_tiny_vlm) before loading")
-            register_tiny_vlm(vlm)
+    if isinstance(vlm, str) and vlm.startswith("link-tiny") and vlm != "link-tiny" \
+            and not ck["config"].get("vlm_config") and vlm not in open_clip.list_models():
+        raise InferError(f"{path}: field 'config.vlm' is {vlm!r}, a custom tiny VLM; register it "
+                         f"(model.register_tiny_vlm) before loading")
     cs = ck["class_space"]
     cs = dict(cs) if isinstance(cs, dict) else dict(vars(cs))
     for key in ("prompts", "object_names", "hoi_object", "hoi_verb", "verb_names", "person_label"):

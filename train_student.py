@@ -58,7 +58,7 @@ from torch import nn
 
 from common import OneLineParser, file_digest, nonneg_float, positive_float
 from kernels import kl_distill, kl_distill_sigmoid
-from model import LINK, register_tiny_vlm
+from model import LINK
 from train_teacher import (
     add_common_args,
     build_model,
@@ -348,9 +348,7 @@ class Distiller(nn.Module):
 
 def load_teacher(path, device):
     ck = load_checkpoint(path, map_location="cpu")      # clear errors before building anything
-    if ck["config"].get("vlm") == "link-tiny":
-        register_tiny_vlm()
-    try:
+    try:                            # (the tiny VLM and a carried vlm_config register themselves)
         t = LINK.from_checkpoint(str(path), map_location=device)
     except BUILD_ERRORS as e:       # a checkpoint that does not rebuild: one line naming it
         raise CheckpointError(f"teacher {path}: {build_error_reason(e)}") from None
