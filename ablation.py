@@ -42,7 +42,6 @@ import json
 import math
 import os
 import queue
-import shutil
 import subprocess
 import sys
 import threading
@@ -56,7 +55,7 @@ import numpy as np
 import synthetic
 import world_vlm
 from common import OneLineParser, atomic_write, atomic_write_json, positive_int, print_error
-from demo import KD, LOOP, MODEL_OPTS, VLMS, WORLD, _preds, chance_level, check_vlm, vlm_args
+from demo import KD, LOOP, MODEL_OPTS, VLMS, WORLD, _preds, chance_level, check_vlm, claim_output_folder, vlm_args
 from viz import plot_ablation
 
 ROOT = Path(__file__).resolve().parent
@@ -485,18 +484,13 @@ def _same_recipe(old: dict, new: dict) -> bool:
 
 def prepare_out(out: Path, rec: dict, fresh: bool) -> Optional[str]:
     """--fresh, then the recipe stamp (merged: the VLMs of every invocation); -> an error line or None."""
-    if fresh and out.exists():
-        if any(out.iterdir()) and not (out / STAMP).is_file():    # never delete a folder of yours
-            return f"{out}: --fresh deletes this folder, which is not an ablation output folder (no {STAMP})"
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    stamp = out / STAMP
-    old = json.loads(stamp.read_text()) if stamp.is_file() else None
-    if any(out.iterdir()) and (old is None or not _same_recipe(old, rec)):
-        return (f"{out} holds runs of another recipe (world / loop / epochs / VLMs or their weights); "
-                "rerun with --fresh or another --out")
+    try:
+        old = claim_output_folder(out, STAMP, "an ablation", rec, fresh, same=_same_recipe,
+                                  what_differs="world / loop / epochs / VLMs or their weights")
+    except ValueError as e:
+        return str(e)
     shas = dict((old or {}).get("vlm_sha256", {}), **rec["vlm_sha256"])
-    atomic_write_json(stamp, dict(rec, vlm_sha256=shas), indent=1)
+    atomic_write_json(out / STAMP, dict(rec, vlm_sha256=shas), indent=1)
     return None
 
 

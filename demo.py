@@ -79,7 +79,16 @@ from PIL import Image
 import eval as hoi_eval
 import synthetic
 import world_vlm
-from common import ZERO_SHOT_SPLITS, OneLineParser, atomic_write, atomic_write_json, error_line, nonneg_int, number
+from common import (
+    ZERO_SHOT_SPLITS,
+    OneLineParser,
+    atomic_write,
+    atomic_write_json,
+    error_line,
+    nonneg_int,
+    number,
+    read_json,
+)
 from viz import draw_interactions, hoi_class_names
 
 ROOT = Path(__file__).resolve().parent
@@ -122,6 +131,24 @@ def check_vlm(vlm: str, weights: Path) -> dict:
     doc = world_vlm.shipped(weights)[shipped]
     return {"name": vlm, "pretrained": pretrained, "architecture": shipped,
             "checkpoint": Path(doc["checkpoint"]).name, "sha256": doc["sha256"]}
+
+
+def claim_output_folder(out: Path, stamp: str, kind: str, recipe: dict, fresh: bool, what_differs: str,
+                        same=lambda old, new: old == new) -> dict | None:
+    """The output folder of a demo / ablation run, made ready for ``recipe``: --fresh deletes it,
+    but only if it is one of ours (it holds ``stamp``, the recipe file); a folder with runs of
+    another recipe (not ``same(old, new)``) is refused. Returns the recipe found there (None for
+    a new folder); the caller writes the stamp. Raises ValueError, one line, naming the folder."""
+    if fresh and out.exists():
+        if any(out.iterdir()) and not (out / stamp).is_file():   # never delete a folder of yours
+            raise ValueError(f"{out}: --fresh deletes this folder, which is not {kind} output folder (it has "
+                             f"no {stamp}); choose another --out")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    old = read_json(out / stamp, f"{kind} recipe", allow_bool=True) if (out / stamp).is_file() else None
+    if any(out.iterdir()) and (old is None or not same(old, recipe)):
+        raise ValueError(f"{out} holds runs of another recipe ({what_differs}); rerun with --fresh or another --out")
+    return old
 
 
 def _common(out: Path, world: Path, threads: int, loop: list, vlm: list) -> list:
@@ -322,20 +349,14 @@ def main(argv=None) -> int:
     loop = list(LOOP)
     loop[loop.index("--seed") + 1] = str(a.seed)
     out = Path(a.out or ("runs/demo" if a.seed == 0 else f"runs/demo_seed{a.seed}")).resolve()
-    if a.fresh and out.exists():
-        if any(out.iterdir()) and not (out / "recipe.json").is_file():   # never delete a folder of yours
-            print(f"error: {out}: --fresh deletes this folder, which is not a demo output folder (it has no "
-                  f"recipe.json); choose another --out", file=sys.stderr)
-            return 2
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
     recipe = {"world": world_cfg, "vlm": vlm, "model_opts": MODEL_OPTS, "loop": loop, "kd": KD}
-    stamp = out / "recipe.json"
-    if any(out.iterdir()) and (not stamp.exists() or json.loads(stamp.read_text()) != recipe):
-        print(f"error: {out} holds runs of another recipe (world/seed/label drop/VLM and its weights/loop/KD); "
-              "rerun with --fresh or another --out", file=sys.stderr)
+    try:
+        claim_output_folder(out, "recipe.json", "a demo", recipe, a.fresh,
+                            what_differs="world/seed/label drop/VLM and its weights/loop/KD")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
-    atomic_write_json(stamp, recipe, indent=1)
+    atomic_write_json(out / "recipe.json", recipe, indent=1)
 
     # 1. the world
     world = out / "world"
