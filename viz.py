@@ -303,13 +303,30 @@ def draw_interactions(image: Image.Image, rows: np.ndarray, class_names: Sequenc
     return canvas
 
 
+def _pyplot():
+    """matplotlib.pyplot on the Agg backend, imported on first use (slow to import, needed once
+    per figure the training loop, the ablation or the pretraining writes)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _png(fig, dpi: int) -> bytes:
+    """A finished figure as PNG bytes (tight layout); the figure is closed."""
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    return buf.getvalue()
+
+
 def plot_curves(records: Sequence[dict]) -> bytes:
     """Training curves as PNG bytes: the losses per step (log scale) and the mAPs per evaluated
     epoch, from log.jsonl records ({"kind": "train", "step", "loss*"} / {"kind": "eval",
     "epoch", "full", "rare", ...})."""
-    import matplotlib  # imported here: slow to import, needed once per epoch
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
     tr = [r for r in records if r.get("kind") == "train"]
     ev = [r for r in records if r.get("kind") == "eval"]
     fig, ax = plt.subplots(1, 2, figsize=(10, 4))
@@ -327,20 +344,14 @@ def plot_curves(records: Sequence[dict]) -> bytes:
     ax[1].set(xlabel="epoch", ylabel="mAP", title="evaluation")
     if ev:
         ax[1].legend(fontsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80)
-    plt.close(fig)
-    return buf.getvalue()
+    return _png(fig, dpi=80)
 
 
 def plot_ablation(panels: Sequence[tuple]) -> bytes:
     """The ablation's bar chart as PNG bytes: one panel per table, ``(title, keys, bars)`` with
     bars ``[(row name, {key: mean}, {key: std or None})]``; per row one bar per key (mean, error
     bar = the standard deviation over seeds; a missing mean draws no bar)."""
-    import matplotlib  # imported here: slow to import, needed once per ablation
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
     fig, axes = plt.subplots(len(panels), 1, figsize=(11, 3.2 * max(len(panels), 1)), squeeze=False)
     for ax, (title, keys, bars) in zip(axes[:, 0], panels):
         width = 0.8 / len(keys)
@@ -353,11 +364,7 @@ def plot_ablation(panels: Sequence[tuple]) -> bytes:
         ax.set_xticks(range(len(bars)), [b[0] for b in bars], fontsize=8)
         ax.set(ylabel="mAP (%)", title=title)
         ax.legend(fontsize=7, ncol=len(keys))
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80)
-    plt.close(fig)
-    return buf.getvalue()
+    return _png(fig, dpi=80)
 
 
 def plot_pretraining(curve: dict, title: str) -> bytes:
@@ -365,9 +372,7 @@ def plot_pretraining(curve: dict, title: str) -> bytes:
     mean) and the held-out retrieval top-1 / top-5 and prompt mAP per epoch, from the
     manifest's "curve" ({"loss": [...], "heldout": [{"epoch", "top1", "top5", "class_map",
     "chance_top1"}, ...]})."""
-    import matplotlib  # imported here: slow to import, needed once per pretraining
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
     loss = np.array(curve["loss"])
     w = max(1, len(loss) // 50)
@@ -381,8 +386,4 @@ def plot_pretraining(curve: dict, title: str) -> bytes:
     ax[1].axhline(curve["heldout"][-1]["chance_top1"], ls=":", c="grey", label="chance top1")
     ax[1].set(xlabel="epoch", ylabel="held-out", ylim=(0, 1), title="held-out retrieval / prompt mAP")
     ax[1].legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
-    return buf.getvalue()
+    return _png(fig, dpi=90)
