@@ -15,7 +15,8 @@ import time
 
 import torch
 
-from model import LINK, LINKConfig, register_tiny_vlm
+from model import LINK, LINKConfig
+from vlm import register_tiny_vlm
 
 
 def toy_batch(B, n_h, n_o, size=64, K_objects=4, seed=0):

@@ -115,7 +115,7 @@ from common import (
     unit_float,
 )
 from model import LINK
-from trainer import BUILD_ERRORS, build_error_reason, nonfinite_cause, nonfinite_images
+from trainer import BUILD_ERRORS, build_error_reason, load_checkpoint, nonfinite_cause, nonfinite_images
 from viz import draw_interactions, hoi_class_names, to_rgb, unique_pairs
 
 # ==============================================================================================
@@ -533,7 +533,7 @@ def read_checkpoint_meta(checkpoint):
     if isinstance(vlm, str) and vlm.startswith("link-tiny") and vlm != "link-tiny" \
             and not ck["config"].get("vlm_config") and vlm not in open_clip.list_models():
         raise InferError(f"{path}: field 'config.vlm' is {vlm!r}, a custom tiny VLM; register it "
-                         f"(model.register_tiny_vlm) before loading")
+                         f"(vlm.register_tiny_vlm) before loading")
     cs = ck["class_space"]
     cs = dict(cs) if isinstance(cs, dict) else dict(vars(cs))
     for key in ("prompts", "object_names", "hoi_object", "hoi_verb", "verb_names", "person_label"):
@@ -550,7 +550,7 @@ def load_model(checkpoint, device="cpu"):
     """LINK.from_checkpoint(checkpoint) -> (model in eval mode, class space dict)."""
     _, cs = read_checkpoint_meta(checkpoint)
     try:
-        model = LINK.from_checkpoint(Path(checkpoint), map_location=device)
+        model = LINK.from_checkpoint(load_checkpoint(checkpoint), device=device)
     except FileNotFoundError:
         raise
     except BUILD_ERRORS as e:        # one line naming the checkpoint, not torch's paragraphs

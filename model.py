@@ -2,16 +2,17 @@
 
 Read top to bottom:
 
-  1. LINKConfig               every hyper-parameter, plain types (stored in checkpoints)
-  2. the frozen VLM           open_clip image tower -> dense feature map F [B, C, Gh, Gw]
-  3. the geometric encoder    ROI-Align unary queries + box sine PE -> self-attention ->
+  1. LINKConfig               every hyper-parameter, plain types (stored in checkpoints); the
+                              frozen VLM's fields and the VLM itself (FrozenVLM: dense feature
+                              map F [B, C, Gh, Gw], text embeddings) live in vlm.py
+  2. the geometric encoder    ROI-Align unary queries + box sine PE -> self-attention ->
                               human-other pair queries fused with the pair's spatial features
-  4. the linking decoder      per layer: box-guided attention on a low-width latent map
+  3. the linking decoder      per layer: box-guided attention on a low-width latent map
                               (spatial branch) + attention on F (semantic branch); guided by
                               an in-box bias and / or box and token PEs (cfg.box_guidance)
-  5. the classifier           FFN whose last layer is the VLM's text embedding of each prompt
-  6. scores and loss          UPT prior (s_h s_o)^lambda, Psi, focal loss, label association
-  7. LINK                     forward(), postprocess(), from_checkpoint(), cache_key()
+  4. the classifier           FFN whose last layer is the VLM's text embedding of each prompt
+  5. scores and loss          UPT prior (s_h s_o)^lambda, Psi, focal loss, label association
+  6. LINK                     forward(), postprocess(), from_checkpoint(), cache_key()
 
 Shapes: B images, N detections in the batch (all images concatenated), P pairs in the batch,
 K interaction classes, D = cfg.d_model, C = VLM feature width, T = Gh * Gw tokens,
@@ -23,57 +24,31 @@ reference implementations define them; cfg.impl picks the implementation.
 Where LINK.md is silent we follow UPT (Zhang et al., CVPR 2022) and PViC; every such choice
 is marked "Choice:" below.
 """
-import atexit
-import contextlib
-import dataclasses
-import functools
-import hashlib
-import inspect
-import json
 import math
-import os
-import shutil
-import tempfile
 import types
-import zipfile
 from dataclasses import dataclass, fields
 from typing import NamedTuple
 
 import numpy as np
-import open_clip
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
-from open_clip.pretrained import get_pretrained_cfg, list_pretrained_tags_by_model
 from torchvision.ops import box_iou, roi_align
 
-from common import file_sha256, key_difference
+from common import key_difference
 from kernels import box_attention, box_bias, focal_loss, pair_enum, psi_transform
 from kernels.box_attention import grow_boxes, token_centres
+from vlm import FrozenVLM, VLMConfig
 
 # ----------------------------------------------------------------------------------------------
 # 1. Config
 # ----------------------------------------------------------------------------------------------
 
 @dataclass
-class LINKConfig:
-    # frozen VLM (any open_clip model name; pretrained = tag, local checkpoint path, or None).
-    # None = "what the weights were trained with", filled in by resolve_vlm_config (section 2)
-    # so that a checkpoint states the value it used.
-    vlm: str = "ViT-B-16"
-    pretrained: str | None = "openai"
-    image_size: int | None = None  # VLM input S (position embedding interpolated); None = the tower's own
-    quick_gelu: bool | None = None  # activation; None = the tag's (OpenAI: QuickGELU) or the architecture's
-    image_mean: tuple | None = None  # pixel mean / std; None = the tag's (open_clip's preprocess config)
-    image_std: tuple | None = None
-    dense: str = "tokens"          # dense map F: "tokens" | "maskclip" (vlm_dense_features)
-    tokenizer: str | None = None   # Hugging Face tokenizer folder (SigLIP offline); None = open_clip's
-    vlm_seed: int = 0              # seeds a randomly initialised VLM (pretrained=None), so a
-                                   # checkpoint without VLM weights rebuilds the same network
-    vlm_config: dict | None = None  # an open_clip model config registered under `vlm` when the
-                                   # VLM is built (an architecture open_clip does not ship, e.g. the
-                                   # synthetic world's VLMs): a checkpoint carries it, so open_clip need not know it
+class LINKConfig(VLMConfig):
+    # the frozen VLM's fields come first, from vlm.VLMConfig (vlm, pretrained, image_size,
+    # quick_gelu, image_mean, image_std, dense, tokenizer, vlm_seed, vlm_config)
     # widths
     d_model: int = 256             # pair / unary query width D
     d_latent: int = 64             # width of the spatial branch's latent map F^l
@@ -115,341 +90,7 @@ def _class_space(cs) -> types.SimpleNamespace:
 
 
 # ----------------------------------------------------------------------------------------------
-# 2. The frozen VLM: open_clip image tower -> dense feature map
-# ----------------------------------------------------------------------------------------------
-
-_REGISTERED: set = set()  # names register_vlm_config gave open_clip (never one of open_clip's own)
-
-
-@functools.lru_cache(maxsize=1)
-def _config_dir() -> str:
-    """This process's folder of registered configs (one file per name), removed at exit."""
-    path = tempfile.mkdtemp(prefix="link_vlm_")
-    atexit.register(shutil.rmtree, path, ignore_errors=True)
-    return path
-
-
-def register_vlm_config(name: str, config: dict) -> str:
-    """Register the open_clip model config ``config`` under ``name``; returns name.
-
-    The config a checkpoint carries wins: a name this function registered before with another
-    config is registered again (two checkpoints of one name but different architectures load
-    one after the other in one process; a model, once built, does not read the registry).
-    Raises ValueError for one of open_clip's own names with another config (a checkpoint never
-    shadows ViT-B-16), or a name containing "siglip" (open_clip would then pick the Hugging Face
-    SigLIP tokenizer for it).
-    """
-    known = open_clip.get_model_config(name)
-    if known == config:
-        return name
-    if known is not None and name not in _REGISTERED:
-        raise ValueError(f"LINKConfig.vlm_config: {name!r} is one of open_clip's own models, with another config")
-    if "siglip" in name.lower():
-        raise ValueError(f"LINKConfig.vlm: {name!r}: a registered config's name must not contain 'siglip' "
-                         f"(open_clip would pick the SigLIP tokenizer)")
-    path = os.path.join(_config_dir(), f"{name}.json")
-    with open(path, "w") as f:
-        json.dump(config, f)
-    open_clip.add_model_config(path)
-    _REGISTERED.add(name)
-    if open_clip.get_model_config(name) != config:     # open_clip's rescan kept another file's
-        raise RuntimeError(f"open_clip did not take the config registered for {name!r}")
-    return name
-
-
-TINY_VLM = {"embed_dim": 64,
-            "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
-            "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
-
-
-def register_tiny_vlm(name: str = "link-tiny", vision_cfg: dict | None = None) -> str:
-    """Register a tiny, randomly initialised open_clip config (tests, demo); returns the name.
-
-    Default (TINY_VLM): ViT width 64, 2 layers, patch 8, 64 px (8 x 8 tokens); text width 64,
-    2 layers; about 3.3 M parameters, most of them the text token table. vision_cfg overrides
-    the image tower (e.g. {"timm_model_name": "convnext_atto", ...} for a timm tower).
-    """
-    if name in open_clip.list_models():
-        return name
-    return register_vlm_config(name, dict(TINY_VLM, vision_cfg=vision_cfg or TINY_VLM["vision_cfg"]))
-
-
-def _register(cfg: LINKConfig) -> None:
-    """Make cfg.vlm known to open_clip: its carried config, or the tiny VLM on demand."""
-    if cfg.vlm_config is not None:
-        register_vlm_config(cfg.vlm, cfg.vlm_config)
-    elif cfg.vlm == "link-tiny":
-        register_tiny_vlm()
-
-
-def _weights_source(cfg: LINKConfig) -> tuple[str, str | None]:
-    """-> ("tag", tag) | ("file", absolute path) | ("random", None) for cfg.pretrained."""
-    p = cfg.pretrained
-    if not p:
-        return "random", None
-    if get_pretrained_cfg(cfg.vlm, p):  # a tag first, as open_clip.create_model decides
-        return "tag", p
-    if os.path.isfile(os.path.expanduser(p)):
-        return "file", os.path.abspath(os.path.expanduser(p))
-    if os.path.sep in p or os.path.splitext(p)[1] in (".pt", ".pth", ".bin", ".safetensors", ".npz"):
-        raise FileNotFoundError(f"{p}: VLM checkpoint not found (config field 'pretrained')")
-    tags = list_pretrained_tags_by_model(cfg.vlm)
-    raise ValueError(f"LINKConfig.pretrained: {p!r} is neither a file nor an open_clip tag of {cfg.vlm} "
-                     f"(tags: {', '.join(tags[:8]) or 'none'}{', ...' if len(tags) > 8 else ''})")
-
-
-def quick_gelu_evidence(path: str) -> str | None:
-    """Why the weights file ``path`` looks trained with QuickGELU, or None.
-
-    Recognised (documented in the README): (1) its SHA-256 is the checksum open_clip publishes
-    for a QuickGELU tag (OpenAI's releases name theirs in the URL, open_clip's own QuickGELU
-    releases end their file names with its first 8 hex digits); (2) it lies in the Hugging
-    Face cache folder of a QuickGELU tag's repository (where open_clip downloads it, e.g.
-    models--timm--vit_base_patch16_clip_224.openai); (3) it is a TorchScript archive, the
-    format of OpenAI's own CLIP releases, all trained with QuickGELU. Other files (a fine-tune
-    saved as a state dict, a renamed copy) are not recognised: set quick_gelu yourself.
-    """
-    sha, where = file_sha256(path), path + "|" + os.path.realpath(path)
-    for model_name, tag in open_clip.list_pretrained():
-        t = get_pretrained_cfg(model_name, tag)
-        if not t.get("quick_gelu"):
-            continue
-        url, hub = t.get("url", ""), t.get("hf_hub", "").strip("/")
-        published = (url.split("/")[-2] if "openaipublic" in url else
-                     os.path.splitext(os.path.basename(url))[0].split("-")[-1] if "mlfoundations" in url else "")
-        if len(published) >= 8 and sha.startswith(published):
-            return f"its SHA-256 is that of open_clip's {model_name} '{tag}' weights"
-        if hub and "models--" + hub.replace("/", "--") in where:
-            return f"it lies in the Hugging Face cache of {hub} (open_clip's {model_name} '{tag}')"
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as z:
-            if any(n.endswith("/constants.pkl") or "/code/" in n for n in z.namelist()):
-                return "it is a TorchScript archive, the format of OpenAI's CLIP releases"
-    return None
-
-
-def _rgb_triple(v, name: str) -> tuple:
-    """A config's pixel mean / std -> 3 floats (one number, 3 numbers, or "a,b,c")."""
-    try:
-        t = tuple(float(x) for x in (v.split(",") if isinstance(v, str) else
-                                     v if isinstance(v, (list, tuple)) else [v]))
-    except (TypeError, ValueError):
-        t = ()
-    t = t * 3 if len(t) == 1 else t
-    if len(t) != 3 or not all(math.isfinite(x) for x in t) or (name == "image_std" and min(t) <= 0):
-        raise ValueError(f"LINKConfig.{name} must be 3 finite numbers{' > 0' * (name == 'image_std')}, got {v!r}")
-    return t
-
-
-def _pixel_stats(cfg: LINKConfig, source: str, tag_cfg: dict) -> tuple[tuple, tuple]:
-    """(mean, std) the weights were trained with: the config fields, else open_clip's
-    preprocess config of the tag; for a local file the one every tag of this architecture
-    shares (e.g. 0.5 for SigLIP), else an error asking for the fields; random weights (no
-    statistics to match) take what the tags share or OpenAI's."""
-    if cfg.image_mean is not None or cfg.image_std is not None:
-        if cfg.image_mean is None or cfg.image_std is None:
-            raise ValueError("LINKConfig: set both image_mean and image_std, or neither")
-        return _rgb_triple(cfg.image_mean, "image_mean"), _rgb_triple(cfg.image_std, "image_std")
-    default = (tuple(open_clip.OPENAI_DATASET_MEAN), tuple(open_clip.OPENAI_DATASET_STD))
-    if source == "tag":
-        return tuple(tag_cfg.get("mean", default[0])), tuple(tag_cfg.get("std", default[1]))
-    known = {(tuple(t.get("mean", default[0])), tuple(t.get("std", default[1])))
-             for t in (get_pretrained_cfg(cfg.vlm, tag) for tag in list_pretrained_tags_by_model(cfg.vlm))}
-    if len(known) == 1:
-        return known.pop()
-    if source == "random":
-        return default
-    raise ValueError(f"{cfg.pretrained}: its pixel mean/std are unknown (the open_clip tags of {cfg.vlm} "
-                     f"{'disagree' if known else 'are none'}): set LINKConfig.image_mean and image_std "
-                     f"(e.g. --model-opt image_mean=0.5,0.5,0.5 --model-opt image_std=0.5,0.5,0.5)")
-
-
-def resolve_vlm_config(cfg: LINKConfig) -> LINKConfig:
-    """cfg with the VLM fields left at None filled in from the weights, so that a checkpoint
-    states them: image_size (the tower's own input size), quick_gelu, image_mean, image_std.
-
-    quick_gelu: a tag's open_clip pretrained config says (True for OpenAI's weights; open_clip
-    itself only warns on a mismatch); a local file or random weights take the architecture's
-    config, and a local file that looks trained with QuickGELU (quick_gelu_evidence) on a GELU
-    config is refused unless quick_gelu is set explicitly (False forces GELU).
-    """
-    _register(cfg)  # on demand: a checkpoint of a registered VLM rebuilds in a fresh process
-    if ":" in cfg.vlm:
-        raise ValueError(f"LINKConfig.vlm: {cfg.vlm!r}: 'hf-hub:' / 'local-dir:' names are not supported; use an "
-                         f"open_clip model name and pretrained = a tag or a weights file")
-    model_cfg = open_clip.get_model_config(cfg.vlm)
-    if model_cfg is None:
-        raise ValueError(f"LINKConfig.vlm: {cfg.vlm!r} is not an open_clip model name "
-                         f"(open_clip.list_models() lists the {len(open_clip.list_models())} known ones)")
-    source, where = _weights_source(cfg)
-    tag_cfg = get_pretrained_cfg(cfg.vlm, where) if source == "tag" else {}
-    size = cfg.image_size or model_cfg["vision_cfg"].get("image_size", 224)
-    if isinstance(size, (list, tuple)):
-        if len(set(size)) != 1:
-            raise ValueError(f"LINKConfig.image_size: {cfg.vlm} takes {tuple(size)} inputs; set a square image_size")
-        size = size[0]
-    if not (isinstance(size, int) and size > 0):
-        raise ValueError(f"LINKConfig.image_size must be a positive integer, got {size!r}")
-    quick = cfg.quick_gelu
-    if quick is None:
-        quick = bool(tag_cfg.get("quick_gelu", model_cfg.get("quick_gelu", False)))
-        why = quick_gelu_evidence(where) if source == "file" and not quick else None
-        if why:
-            raise ValueError(f"{where}: {why}, i.e. trained with QuickGELU, but {cfg.vlm} builds GELU: set "
-                             f"quick_gelu=true (--model-opt quick_gelu=true), or quick_gelu=false to force GELU")
-    mean, std = _pixel_stats(cfg, source, tag_cfg)
-    return dataclasses.replace(cfg, image_size=int(size), quick_gelu=bool(quick), image_mean=mean, image_std=std)
-
-
-def build_vlm(cfg: LINKConfig) -> nn.Module:
-    """The full open_clip model (both towers) of a resolved config (resolve_vlm_config) at
-    cfg.image_size, with the activation cfg.quick_gelu and the weights cfg.pretrained.
-
-    pretrained is a tag known to open_clip (downloaded once into its cache), a local
-    checkpoint file, or None (random init under cfg.vlm_seed, used by tests and the demo).
-    open_clip interpolates the image position embedding to force_image_size on load.
-    """
-    _register(cfg)
-    pretrained = os.path.expanduser(cfg.pretrained) if cfg.pretrained else None
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.vlm_seed)
-        return open_clip.create_model(cfg.vlm, pretrained=pretrained, force_image_size=cfg.image_size,
-                                      force_quick_gelu=bool(cfg.quick_gelu))
-
-
-def _config_id(config: dict) -> str:
-    """A carried open_clip config's identity: SHA-256 (16 hex digits) of its canonical JSON."""
-    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def weights_id(cfg: LINKConfig) -> str:
-    """What the VLM weights are: 'tag:NAME', 'sha256:HEX' of a local file's bytes (path and
-    mtime do not matter: a file rewritten in place is another VLM), or 'random:seedN'."""
-    source, where = _weights_source(cfg)
-    return {"tag": lambda: f"tag:{where}", "file": lambda: f"sha256:{file_sha256(where)}",
-            "random": lambda: f"random:seed{cfg.vlm_seed}"}[source]()
-
-
-@contextlib.contextmanager
-def _last_block_attends_to_itself(visual: nn.Module):
-    """Within the block, the tower's last transformer block runs with a diagonal attention mask:
-    each token attends only to itself, so the block's attention output for a token is
-    out_proj(value(token)), MaskCLIP's value path (Zhou et al., ECCV 2022)."""
-    blocks = (visual.transformer.resblocks if isinstance(visual, open_clip.transformer.VisionTransformer)
-              else getattr(getattr(visual, "trunk", None), "blocks", None))
-    last = blocks[-1] if blocks is not None and len(blocks) else None
-    if last is None or "attn_mask" not in inspect.signature(last.forward).parameters:
-        raise ValueError(f"LINKConfig.dense='maskclip' needs a ViT tower whose blocks take an attention mask "
-                         f"(open_clip and timm ViTs); {type(visual).__name__} has none")
-
-    token_dim = 0 if getattr(getattr(visual, "transformer", None), "batch_first", True) is False else 1
-
-    def diagonal_mask(module, args, kwargs):
-        n = args[0].shape[token_dim]
-        mask = torch.full((n, n), float("-inf"), device=args[0].device, dtype=args[0].dtype)
-        return args, {**kwargs, "attn_mask": mask.fill_diagonal_(0.0)}
-
-    handle = last.register_forward_pre_hook(diagonal_mask, with_kwargs=True)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
-def vlm_dense_features(visual: nn.Module, images: torch.Tensor, dense: str = "tokens") -> torch.Tensor:
-    """The dense map F of an open_clip image tower: images [B, 3, S, S] -> [B, C, Gh, Gw].
-
-    What F is, per tower (README "Model" has the table):
-    - open_clip ViT (OpenAI / LAION CLIP): the last layer's patch tokens (class token dropped)
-      after ln_post and @ proj, i.e. projected into the image-text space (C = embed_dim). This
-      is NOT MaskCLIP: in the last block those tokens went through query-key attention, which
-      mixes in global context and localises poorly.
-    - timm ViT with an attention-pool head (SigLIP, SigLIP2): the trunk's tokens after its final
-      norm, then the pool head applied to each token on its own: a one-token attention is the
-      identity, so a token goes through the head's value and output projections and its residual
-      MLP, what it contributes to the image embedding (MaskCLIP's reading of a pooling head):
-      the image-text space (C = embed_dim).
-    - other timm towers (EVA, ConvNeXt, ...): the trunk's tokens / map after its norm, then its
-      per-token linear head and open_clip's linear / MLP projection: the image-text space; an
-      open_clip attention-pool head ('abs_attn', 'rot_attn') is skipped: the trunk's space.
-    dense="maskclip" (ViT towers): the last block's attention is replaced by each token's own
-    value path (_last_block_attends_to_itself), MaskCLIP's dense CLIP features; the rest as above.
-    """
-    if dense not in ("tokens", "maskclip"):
-        raise ValueError(f"LINKConfig.dense must be 'tokens' or 'maskclip', got {dense!r}")
-    with _last_block_attends_to_itself(visual) if dense == "maskclip" else contextlib.nullcontext():
-        if isinstance(visual, open_clip.transformer.VisionTransformer):
-            return _vit_map(visual, images)
-        return _timm_map(visual, images)
-
-
-def _vit_map(visual, images: torch.Tensor) -> torch.Tensor:
-    """open_clip ViT: patch tokens after ln_post and proj -> [B, C, Gh, Gw]."""
-    if visual.attn_pool is not None:
-        raise ValueError("VLM: attention-pooled ViT towers (CoCa) have no patch tokens to use")
-    visual.output_tokens = True
-    _, x = visual(images)                                         # [B, T, width], CLS dropped
-    if visual.pool_type == "none":                                # then open_clip kept the CLS
-        x = x[:, 1:]
-    if visual.final_ln_after_pool:                                # then open_clip skipped ln_post
-        x = visual.ln_post(x)
-    if visual.proj is not None:
-        x = x @ visual.proj                                       # [B, T, C]
-    gh, gw = visual.grid_size
-    return rearrange(x, "b (gh gw) c -> b c gh gw", gh=gh, gw=gw)
-
-
-def _timm_map(visual, images: torch.Tensor) -> torch.Tensor:
-    """timm tower (TimmModel): trunk tokens / map -> per-token head(s) -> [B, C, Gh, Gw]."""
-    trunk = getattr(visual, "trunk", None)
-    if trunk is None:
-        raise ValueError(f"VLM: unsupported image tower {type(visual).__name__}")
-    B = images.shape[0]
-    x = trunk.forward_features(images)
-    if x.dim() == 3:                                              # ViT-like: [B, prefix + T, C]
-        x = x[:, getattr(trunk, "num_prefix_tokens", 0):]
-        gh, gw = getattr(trunk.patch_embed, "grid_size", None) or (int(math.isqrt(x.shape[1])),) * 2
-        pool = getattr(trunk, "attn_pool", None)
-        if pool is not None:                                      # SigLIP: the head, token by token
-            x = pool(x.reshape(B * gh * gw, 1, -1))
-        x = x.reshape(B, gh, gw, -1)
-        if isinstance(getattr(trunk, "fc_norm", None), nn.LayerNorm):
-            x = trunk.fc_norm(x)                                  # avg-pool ViTs normalise here
-    else:                                                         # conv: [B, C, H, W]
-        norm = getattr(getattr(trunk, "head", None), "norm", None)
-        x = (norm(x) if isinstance(norm, nn.Module) else x).permute(0, 2, 3, 1)
-    head = getattr(trunk, "head", None)
-    fc = head if isinstance(head, nn.Linear) else getattr(head, "fc", None)
-    if isinstance(fc, nn.Linear) and fc.in_features == x.shape[-1]:
-        x = fc(x)                                                 # timm classifier used as proj
-    proj = getattr(visual, "head", None)
-    if isinstance(proj, nn.Sequential) and "pool" not in proj._modules and len(proj) > 0:
-        x = proj(x)                                               # open_clip linear / mlp proj
-    return x.permute(0, 3, 1, 2)
-
-
-def vlm_tokenizer(cfg: LINKConfig):
-    """open_clip's tokenizer of cfg.vlm; with cfg.tokenizer, the Hugging Face tokenizer in that
-    folder (or hub name) in place of the one the config names (SigLIP's, offline). One-line
-    errors: a Hugging Face tokenizer that cannot be loaded says which and how to point at it."""
-    text_cfg = (open_clip.get_model_config(cfg.vlm) or {}).get("text_cfg", {})
-    source = cfg.tokenizer or text_cfg.get("hf_tokenizer_name")
-    if cfg.tokenizer and not text_cfg.get("hf_tokenizer_name"):
-        raise ValueError(f"LINKConfig.tokenizer: {cfg.vlm} uses open_clip's own BPE tokenizer; leave it unset")
-    try:
-        if not cfg.tokenizer:
-            return open_clip.get_tokenizer(cfg.vlm)
-        return open_clip.tokenizer.HFTokenizer(
-            cfg.tokenizer, context_length=text_cfg.get("context_length", 77),
-            tokenizer_mode=text_cfg.get("tokenizer_mode"), **text_cfg.get("tokenizer_kwargs", {}))
-    except Exception as e:  # noqa: BLE001 - transformers raises many kinds; one line for all
-        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-        raise ValueError(f"VLM {cfg.vlm}: its tokenizer {source!r} could not be loaded ({type(e).__name__}: {msg}); "
-                         f"set LINKConfig.tokenizer to a local folder holding its files") from None
-
-
-# ----------------------------------------------------------------------------------------------
-# 3. Geometric encoder
+# 2. Geometric encoder
 # ----------------------------------------------------------------------------------------------
 
 def sine_encoding(x: torch.Tensor, dim: int, temperature: float = 20.0) -> torch.Tensor:
@@ -558,7 +199,7 @@ class GeometricEncoder(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# 4. Linking decoder
+# 3. Linking decoder
 # ----------------------------------------------------------------------------------------------
 
 def pair_boxes(boxes_h: torch.Tensor, boxes_o: torch.Tensor, grid_hw) -> torch.Tensor:
@@ -718,7 +359,7 @@ class LinkingLayer(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# 5. Classifier initialised from the VLM's text embeddings
+# 4. Classifier initialised from the VLM's text embeddings
 # ----------------------------------------------------------------------------------------------
 
 class TextClassifier(nn.Module):
@@ -754,19 +395,8 @@ class TextClassifier(nn.Module):
         return h @ self.rows().t() * self.logit_scale.exp().clamp(max=100) + self.logit_bias
 
 
-@torch.no_grad()
-def encode_prompts(clip: nn.Module, tokenizer, prompts: list[str], chunk: int = 256) -> torch.Tensor:
-    """Text embeddings of the K prompts from the VLM's text tower -> [K, E], L2-normalised.
-    tokenizer: list of str -> Long[n, context] (vlm_tokenizer)."""
-    clip.eval()
-    dev = next(clip.parameters()).device
-    out = [clip.encode_text(tokenizer(prompts[i:i + chunk]).to(dev), normalize=True)
-           for i in range(0, len(prompts), chunk)]
-    return torch.cat(out).float()
-
-
 # ----------------------------------------------------------------------------------------------
-# 6. Scores, label association and loss
+# 5. Scores, label association and loss
 # ----------------------------------------------------------------------------------------------
 
 def associate(boxes_h, boxes_o, target, num_classes, thresh=0.5) -> torch.Tensor:
@@ -799,7 +429,7 @@ def associate(boxes_h, boxes_o, target, num_classes, thresh=0.5) -> torch.Tensor
 
 
 # ----------------------------------------------------------------------------------------------
-# 7. LINK
+# 6. LINK
 # ----------------------------------------------------------------------------------------------
 
 class Pairs(NamedTuple):
@@ -881,25 +511,17 @@ class LINK(nn.Module):
         """text_embed [K, E]: cached prompt embeddings (from a checkpoint); None = encode them."""
         super().__init__()
         _check_config(cfg)
-        self.cfg = cfg = resolve_vlm_config(cfg)  # None fields -> what the weights were trained with
         self.class_space = class_space            # as given (dataclass or dict), for checkpoints
         cs = self.classes = _class_space(class_space)
         K = len(cs.prompts)
-        clip = build_vlm(cfg)
+        self.vlm = FrozenVLM(cfg)                 # where the weights come from is vlm.py's business
+        self.cfg = cfg = self.vlm.cfg             # None fields -> what the weights were trained with
         if text_embed is None:  # once per model (minutes for 600 prompts on a CPU; a GPU if any)
-            dev = "cuda" if torch.cuda.is_available() else "cpu"
-            text_embed = encode_prompts(clip.to(dev), vlm_tokenizer(cfg), cs.prompts).cpu()
-            clip = clip.cpu()
+            text_embed = self.vlm.encode_text(cs.prompts)
+        self.vlm.release_text()                   # only the image tower is kept
         if text_embed.shape[0] != K:
             raise ValueError(f"text_embed has {text_embed.shape[0]} rows, class space has {K} classes")
-        # Only the image tower is kept (the text tower's job ends with the embeddings above).
-        self.vlm = clip.visual.requires_grad_(False).eval()
-        self.image_mean, self.image_std = cfg.image_mean, cfg.image_std
-        self.interpolation = getattr(self.vlm, "preprocess_cfg", {}).get("interpolation", "bicubic")
-        with torch.no_grad():  # probe the feature width C and the grid once
-            probe = vlm_dense_features(self.vlm, torch.zeros(1, 3, cfg.image_size, cfg.image_size), cfg.dense)
-        c_vlm, self.grid = probe.shape[1], tuple(probe.shape[2:])
-        self.vlm_width = c_vlm
+        c_vlm = self.vlm.width
         if c_vlm % cfg.heads:
             raise ValueError(f"LINKConfig.heads ({cfg.heads}) must divide the VLM width {c_vlm}")
         # allowed[k, o]: class k may take object label o (verb-object masking)
@@ -920,65 +542,31 @@ class LINK(nn.Module):
         strengths [Hd, 3], whose 0 is "ignore the box", not a prior."""
         return {n for n, _ in self.named_parameters() if n.endswith(".strength")}
 
-    # -- the frozen VLM ------------------------------------------------------------------------
-
-    def train(self, mode: bool = True):
-        """The VLM stays in eval mode (frozen, no dropout / batch-norm updates)."""
-        super().train(mode)
-        if self.vlm is not None:
-            self.vlm.eval()
-        return self
+    # -- the frozen VLM (vlm.FrozenVLM): the contract trainer.py relies on ------------------------
 
     def release_vlm(self) -> None:
-        """Free the frozen image tower (329 MiB for ViT-B/16, 1,161 MiB for ViT-L/14) when every
-        image's features come from a feature cache: training and evaluation then never run it.
-        The text embeddings stay (a classifier buffer); preprocess, cache_key, forward and
-        checkpoints work as before; encode_images refuses. LINK.from_checkpoint rebuilds it."""
-        self.vlm = None
+        """Free the frozen image tower when every image's features come from a feature cache:
+        training and evaluation then never run it. The text embeddings stay (a classifier
+        buffer); preprocess, cache_key, forward and checkpoints work as before; encode_images
+        refuses. LINK.from_checkpoint rebuilds it."""
+        self.vlm.release()
 
     def preprocess(self, images) -> torch.Tensor:
-        """list of PIL images -> [B, 3, S, S]: squash resize to S x S, VLM mean / std."""
-        from PIL import Image
-        S = self.cfg.image_size
-        resample = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}.get(self.interpolation, Image.BICUBIC)
-        out = []
-        for im in images:
-            a = np.asarray(im.convert("RGB").resize((S, S), resample), dtype=np.float32) / 255.0
-            out.append(torch.from_numpy(a).permute(2, 0, 1))
-        x = torch.stack(out) if out else torch.zeros(0, 3, S, S)
-        mean, std = torch.tensor(self.image_mean)[:, None, None], torch.tensor(self.image_std)[:, None, None]
-        return (x - mean) / std
+        """list of PIL images -> [B, 3, S, S] (FrozenVLM.preprocess)."""
+        return self.vlm.preprocess(images)
 
-    @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """[B, 3, S, S] normalised -> dense VLM features [B, C, Gh, Gw] (float32, no grad)."""
-        if self.vlm is None:
-            raise RuntimeError("encode_images: the VLM image tower was released (release_vlm: features come "
-                               "from the cache); LINK.from_checkpoint rebuilds a model with it")
-        self.vlm.eval()
-        dev = next(self.vlm.parameters()).device
-        return vlm_dense_features(self.vlm, images.to(dev), self.cfg.dense).float()
+        return self.vlm(images)
 
     def cache_key(self) -> str:
-        """Everything that changes what encode_images(preprocess(images)) gives, as
-        'name=value' parts joined by '|': the VLM, its weights (a local file by the SHA-256 of
-        its bytes), a carried architecture (vlm_config), activation, input size, pixel mean / std,
-        resize filter and dense mode.
-        Feature caches are keyed by it and checkpoints store it (from_checkpoint compares)."""
-        c = self.cfg
-        return "|".join([
-            "features=v2", f"vlm={c.vlm}", *([f"arch={_config_id(c.vlm_config)}"] if c.vlm_config else []),
-            f"weights={weights_id(c)}",
-            f"act={'quick_gelu' if c.quick_gelu else 'gelu'}", f"size={c.image_size}",
-            "mean=" + ",".join(f"{v:.6g}" for v in c.image_mean), "std=" + ",".join(f"{v:.6g}" for v in c.image_std),
-            f"resize={self.interpolation}", f"dense={c.dense}"])
+        """What the features are (FrozenVLM.cache_key): feature caches are keyed by it and
+        checkpoints store it (from_checkpoint compares)."""
+        return self.vlm.cache_key()
 
     def describe_vlm(self) -> str:
         """One line for the run's log: VLM, weights, activation, input size and token grid."""
-        c, (gh, gw) = self.cfg, self.grid
-        return (f"VLM {c.vlm} ({c.pretrained or f'random, seed {c.vlm_seed}'}; "
-                f"{'QuickGELU' if c.quick_gelu else 'GELU'}; mean {c.image_mean} std {c.image_std}) "
-                f"at {c.image_size} px: dense map '{c.dense}' of {gh} x {gw} tokens, width {self.vlm_width}")
+        return self.vlm.describe()
 
     # -- detections -> boxes and pairs ---------------------------------------------------------
 
@@ -1142,32 +730,28 @@ class LINK(nn.Module):
         return {k: v for k, v in self.state_dict().items() if not k.startswith("vlm.")}
 
     @classmethod
-    def from_checkpoint(cls, path, map_location="cpu") -> "LINK":
-        """Rebuild a model from a train_teacher.py checkpoint (config, class_space, model)."""
-        path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: checkpoint not found")
-        ck = torch.load(path, map_location=map_location, weights_only=False)  # our own files
+    def from_checkpoint(cls, ck: dict, device="cpu") -> "LINK":
+        """Rebuild a model from a loaded train_teacher.py checkpoint {config, class_space, model,
+        cache_key} (trainer.load_checkpoint reads the file), on ``device``."""
         for key in ("config", "class_space", "model"):
             if not isinstance(ck, dict) or key not in ck:
-                raise ValueError(f"{path}: checkpoint has no field '{key}'")
+                raise ValueError(f"checkpoint has no field '{key}'")
         known = {f.name for f in fields(LINKConfig)}
         unknown = set(ck["config"]) - known
         if unknown:
-            raise ValueError(f"{path}: field 'config' has unknown keys {sorted(unknown)}")
+            raise ValueError(f"field 'config' has unknown keys {sorted(unknown)}")
         state = ck["model"]
         model = cls(LINKConfig(**ck["config"]), ck["class_space"],
                     text_embed=state.get("classifier.text_embed"))
         if ck.get("cache_key") not in (None, model.cache_key()):  # e.g. weights rewritten in place
-            raise ValueError(f"{path}: the frozen VLM differs from the one this checkpoint was trained with "
+            raise ValueError(f"the frozen VLM differs from the one this checkpoint was trained with "
                              f"({key_difference(ck['cache_key'], model.cache_key())})")
         missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [m for m in missing if not m.startswith("vlm.")]
         if missing or unexpected:
-            raise ValueError(f"{path}: field 'model' does not match the config "
+            raise ValueError(f"field 'model' does not match the config "
                              f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
-        return model.to(map_location) if isinstance(map_location, (str, torch.device)) else model
+        return model.to(device)
 
 
-__all__ = ["LINKConfig", "LINK", "register_tiny_vlm", "register_vlm_config", "build_vlm", "vlm_dense_features",
-           "focal_loss", "associate", "sine_encoding", "box_encoding"]
+__all__ = ["LINKConfig", "LINK", "focal_loss", "associate", "sine_encoding", "box_encoding"]

@@ -48,8 +48,8 @@ from common import (
     print_error,
     unit_float,
 )
-from model import register_vlm_config
 from viz import plot_pretraining
+from vlm import FrozenVLM, VLMConfig, register_vlm_config
 
 WORLD_SEED = 1_000_000  # + --seed: far from the HOI worlds' seeds (demo: 0, 1, 2, ...)
 NAMES = {"clip": "world-clip", "siglip": "world-sig"}  # no "siglip" in a name: see world_vlm
@@ -377,8 +377,10 @@ def main(argv=None):
     a.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = a.out.with_name("." + a.out.name + ".new")   # --out (and its .json) replaced only at the end
     save_fp16(clip, tmp)
-    from model import LINKConfig, build_vlm  # the path a user's local CLIP checkpoint takes
-    shipped = build_vlm(LINKConfig(vlm=a.name, vlm_config=config, pretrained=str(tmp), image_size=S))
+    # the path a user's local CLIP checkpoint takes (with the manifest's mean / std)
+    shipped = FrozenVLM(VLMConfig(vlm=a.name, vlm_config=config, pretrained=str(tmp), image_size=S,
+                                  image_mean=open_clip.OPENAI_DATASET_MEAN,
+                                  image_std=open_clip.OPENAI_DATASET_STD)).clip
     final = evaluate(shipped, tokenizer, held_img, held_gt)
     manifest = {
         "name": a.name, "checkpoint": a.out.name, "sha256": file_sha256(tmp),

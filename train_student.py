@@ -349,7 +349,7 @@ class Distiller(nn.Module):
 def load_teacher(path, device):
     ck = load_checkpoint(path, map_location="cpu")      # clear errors before building anything
     try:                            # (the tiny VLM and a carried vlm_config register themselves)
-        t = LINK.from_checkpoint(str(path), map_location=device)
+        t = LINK.from_checkpoint(ck, device=device)
     except BUILD_ERRORS as e:       # a checkpoint that does not rebuild: one line naming it
         raise CheckpointError(f"teacher {path}: {build_error_reason(e)}") from None
     return t.to(device), ck

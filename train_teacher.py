@@ -58,7 +58,7 @@ from common import (
 )
 from data import VCOCO, HICODet, SWiGHOI, gt_detections, load_detections, select_boxes
 from eval import evaluate_hico, evaluate_swig
-from model import LINK, LINKConfig, register_tiny_vlm
+from model import LINK, LINKConfig
 from synthetic import make_synthetic_world
 from trainer import (
     BUILD_ERRORS,
@@ -81,6 +81,7 @@ from trainer import (
     resume_differences,
     seed_everything,
 )
+from vlm import register_tiny_vlm
 
 
 # ----------------------------------------------------------------------------------------------
@@ -117,7 +118,7 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     m = p.add_argument_group("model")
     m.add_argument("--vlm", default="tiny",
                    help="open_clip model name (e.g. ViT-B-16); 'tiny': the small random VLM "
-                        "model.register_tiny_vlm() registers (tests); 'world-clip' / 'world-sig': the "
+                        "vlm.register_tiny_vlm() registers (tests); 'world-clip' / 'world-sig': the "
                         "synthetic world's pretrained VLMs shipped in weights/ (world_vlm.py, the demo's)")
     m.add_argument("--pretrained", default="",
                    help="open_clip pretrained tag (e.g. openai) or a weights file; empty = random init "

@@ -12,7 +12,8 @@ import eval as hoi_eval
 import synthetic
 import train_teacher
 from common import file_sha256
-from model import LINKConfig, build_vlm
+from model import LINKConfig
+from vlm import FrozenVLM
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +125,7 @@ TINY = {"embed_dim": 32,
 def weights(tmp_path_factory):
     """A weights folder as pretrain_vlm.py writes it, with a tiny random 'world-clip' (64 px)."""
     folder = tmp_path_factory.mktemp("weights")
-    vlm = build_vlm(LINKConfig(vlm="test-demo-world-clip", vlm_config=TINY, pretrained=None, image_size=64))
+    vlm = FrozenVLM(LINKConfig(vlm="test-demo-world-clip", vlm_config=TINY, pretrained=None, image_size=64)).clip
     torch.save({k: v.half() if v.is_floating_point() else v for k, v in vlm.state_dict().items()},
                folder / "world_clip.pt")
     doc = {"name": "world-clip", "open_clip_config": TINY, "checkpoint": "world_clip.pt",

@@ -16,8 +16,9 @@ import synthetic
 import viz
 from data import COCO80_TO_COCO91, gt_detections
 from kernels import box_attention
-from model import LINK, LINKConfig, register_tiny_vlm
+from model import LINK, LINKConfig
 from viz import HUMAN_COLOUR, LINK_COLOUR, OBJECT_COLOUR, draw_interactions
+from vlm import register_tiny_vlm
 
 TINY = register_tiny_vlm()
 

@@ -27,8 +27,9 @@ import train_student
 import train_teacher
 import trainer
 from kernels import focal_loss_reference, psi_transform
-from model import LINK, LINKConfig, register_tiny_vlm
+from model import LINK, LINKConfig
 from train_student import Distiller, KDConfig, distill_losses, kd_widths, teacher_keys
+from vlm import register_tiny_vlm
 
 TINY = register_tiny_vlm()
 OBJECTS = ["person", "cup", "dog", "bicycle"]
@@ -253,13 +254,13 @@ def test_towers_released_with_cache_kept_without(tmp_path, monkeypatch):
             "--batch-size", "4", "--no-progress", "--threads", "1", "--model-opt", "d_model=32",
             "--model-opt", "d_latent=16", "--model-opt", "heads=2", "--model-opt", "ffn_mult=1"]
     metrics = train_teacher.main(base + ["--name", "t"])
-    assert len(released) == 1 and released[0].vlm is None and 0 <= metrics["full"] <= 100
+    assert len(released) == 1 and released[0].vlm.visual is None and 0 <= metrics["full"] <= 100
     with pytest.raises(RuntimeError, match="image tower was released"):
         released[0].encode_images(torch.zeros(1, 3, 64, 64))
     # the checkpoint alone rebuilds a model with its tower, whose features match the cache's
     ck = tmp_path / "runs" / "t" / "last.pt"
-    rebuilt = LINK.from_checkpoint(ck)
-    assert rebuilt.vlm is not None and rebuilt.encode_images(torch.zeros(1, 3, 64, 64)).shape == (1, 64, 8, 8)
+    rebuilt = LINK.from_checkpoint(trainer.load_checkpoint(ck))
+    assert rebuilt.vlm.visual is not None and rebuilt.encode_images(torch.zeros(1, 3, 64, 64)).shape == (1, 64, 8, 8)
     assert rebuilt.classifier.text_embed.shape == (16, 64)                       # text embeddings kept
     # a student releases its own tower and its teacher's; --no-cache keeps them all
     train_student.main(base + ["--name", "s", "--teacher", str(ck)])

@@ -1,4 +1,5 @@
-"""Tests for model.py on the tiny random VLM (no network, no downloaded weights)."""
+"""Tests for model.py, the network, on the tiny random VLM (no network, no downloaded weights);
+the frozen VLM itself (vlm.py) is tested in tests/test_vlm.py."""
 import math
 
 import numpy as np
@@ -7,11 +8,13 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
 
 import model
+import trainer
+import vlm
 from kernels import box_attention, box_bias
-from model import LINK, LINKConfig, associate, build_vlm, focal_loss, register_tiny_vlm
+from model import LINK, LINKConfig, associate, focal_loss
+from vlm import FrozenVLM, register_tiny_vlm
 
 TINY = register_tiny_vlm()
 OBJECTS = ["person", "cup", "dog", "bicycle"]
@@ -155,7 +158,7 @@ def test_box_bias_steers_attention():
 
 
 def test_classifier_rows_are_text_embeddings_at_init(net):
-    clip = build_vlm(net.cfg)
+    clip = FrozenVLM(net.cfg).clip
     tok = open_clip.get_tokenizer(TINY)
     with torch.no_grad():
         text = F.normalize(clip.encode_text(tok(CLASSES["prompts"])), dim=1)
@@ -278,30 +281,19 @@ def test_unseen_rows_unchanged_after_optimiser_step(feats):
     assert (after[seen] - before[seen]).abs().sum(1).min() > 0    # seen rows trained
 
 
-def test_preprocess(net):
-    ims = [Image.new("RGB", (40, 30), (255, 0, 128)), Image.new("L", (10, 90), 0)]
-    x = net.preprocess(ims)
-    mean, std = torch.tensor(net.image_mean), torch.tensor(net.image_std)
-    assert x.shape == (2, 3, 64, 64)
-    assert torch.allclose(x[0, :, 5, 5], (torch.tensor([1.0, 0.0, 128 / 255]) - mean) / std, atol=1e-6)
-    assert torch.allclose(x[1, :, 5, 5], -mean / std, atol=1e-6)
-    assert net.image_mean == tuple(open_clip.OPENAI_DATASET_MEAN)
-
-
 def test_checkpoint_roundtrip(net, feats, tmp_path, monkeypatch):
     path = tmp_path / "ck.pt"
     from dataclasses import asdict
     torch.save({"config": asdict(net.cfg), "class_space": CLASSES, "model": net.checkpoint_state_dict(),
                 "version": 1}, path)
-    monkeypatch.setattr(model, "encode_prompts", lambda *a, **k: pytest.fail("text tower re-run"))
-    m2 = LINK.from_checkpoint(path).eval()
+    monkeypatch.setattr(vlm.FrozenVLM, "encode_text", lambda *a, **k: pytest.fail("text tower re-run"))
+    m2 = LINK.from_checkpoint(trainer.load_checkpoint(path)).eval()
     a, b = net(feats, DETS, SIZES), m2(feats, DETS, SIZES)
     assert torch.equal(a["logits"], b["logits"])
-    with pytest.raises(FileNotFoundError):
-        LINK.from_checkpoint(tmp_path / "nope.pt")
-    torch.save({"config": asdict(net.cfg)}, tmp_path / "bad.pt")
+    with pytest.raises(trainer.CheckpointError, match="not found"):   # the file reader is trainer's
+        trainer.load_checkpoint(tmp_path / "nope.pt")
     with pytest.raises(ValueError, match="class_space"):
-        LINK.from_checkpoint(tmp_path / "bad.pt")
+        LINK.from_checkpoint({"config": asdict(net.cfg)})
 
 
 def test_ablation_switches(feats):

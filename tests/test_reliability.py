@@ -29,7 +29,8 @@ import synthetic
 import train_teacher
 import trainer
 from common import data_root
-from model import LINK, LINKConfig, register_tiny_vlm
+from model import LINK, LINKConfig
+from vlm import register_tiny_vlm
 
 TINY = register_tiny_vlm()
 SWIG_META = data_root() / "swig_hoi" / "derived" / "swig_v1_meta.json"

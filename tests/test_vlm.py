@@ -1,11 +1,14 @@
-"""Tests of the frozen VLM (model.py section 2): the activation, input size and pixel statistics
-the weights were trained for, the dense map of each tower (tokens, MaskCLIP, SigLIP's pool head),
-SigLIP's Hugging Face tokenizer from a local folder, and the identity of features (cache key,
-feature cache, checkpoints, infer.py). No network: downloads are faked, weights are random."""
+"""Tests of the frozen VLM (vlm.py): the activation, input size and pixel statistics the weights
+were trained for (one rule; a local file's activation is never guessed), preprocessing, the dense
+map of each tower (tokens, MaskCLIP, SigLIP's pool head), SigLIP's Hugging Face tokenizer from a
+local folder, and the identity of features (cache key, feature cache, checkpoints, infer.py).
+No network: downloads are faked, weights are random."""
 import io
 import json
 import os
+import re
 import sys
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -17,11 +20,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 import infer
-import model
 import synthetic
 import train_teacher
 import trainer
-from model import LINK, LINKConfig, build_vlm, register_tiny_vlm, resolve_vlm_config, vlm_dense_features
+from common import file_sha256
+from model import LINK, LINKConfig
+from vlm import TINY_VLM, FrozenVLM, dense_features, register_tiny_vlm, resolve_vlm_config, weights_id
 
 TINY = register_tiny_vlm()
 CLASSES = dict(name="toy", prompts=["a photo of a person riding a bicycle", "a photo of a person holding a cup"],
@@ -79,11 +83,11 @@ def test_openai_tag_builds_quick_gelu(monkeypatch):
     net = LINK(LINKConfig(vlm="ViT-B-16", pretrained="openai", image_size=32, d_model=64, d_latent=32, heads=4,
                           enc_layers=1, dec_layers=1), CLASSES)
     assert loads == ["/nonexistent/fake.pt"] and len(built) == 1
-    assert net.cfg.quick_gelu is True and net.grid == (2, 2)
+    assert net.cfg.quick_gelu is True and net.vlm.grid == (2, 2)
     assert (net.cfg.image_mean, net.cfg.image_std) == OPENAI
     for tower in (built[0].visual, built[0]):               # image tower, text tower
         assert all(isinstance(b.mlp.gelu, open_clip.transformer.QuickGELU) for b in tower.transformer.resblocks)
-    assert net.vlm is built[0].visual
+    assert net.vlm.visual is built[0].visual
     assert "act=quick_gelu" in net.cache_key() and "weights=tag:openai" in net.cache_key()
 
 
@@ -111,7 +115,8 @@ def test_local_file_pixel_statistics(tmp_path):
     for vlm, why in (("ViT-L-14", "disagree"), (TINY, "are none")):
         with pytest.raises(ValueError, match=f"{why}.*image_mean and image_std"):
             resolve_vlm_config(LINKConfig(vlm=vlm, pretrained=str(f)))
-    c = resolve_vlm_config(LINKConfig(vlm="ViT-L-14", pretrained=str(f), image_mean="0.5,0.4,0.3", image_std=0.25))
+    c = resolve_vlm_config(LINKConfig(vlm="ViT-L-14", pretrained=str(f), image_mean="0.5,0.4,0.3", image_std=0.25,
+                                      quick_gelu=True))                   # (its tags disagree on it too)
     assert (c.image_mean, c.image_std) == ((0.5, 0.4, 0.3), (0.25, 0.25, 0.25))
     assert (resolve_vlm_config(tiny_cfg()).image_mean, resolve_vlm_config(tiny_cfg()).image_std) == OPENAI
     for bad, msg in ((dict(image_mean=(0.5, 0.5), image_std=0.5), "image_mean must be 3 finite numbers"),
@@ -121,30 +126,64 @@ def test_local_file_pixel_statistics(tmp_path):
             resolve_vlm_config(LINKConfig(vlm="ViT-L-14", pretrained=str(f), **bad))
 
 
+FLAG = "set LINKConfig.quick_gelu (--model-opt quick_gelu=true or quick_gelu=false)"
+
+
 @pytest.mark.filterwarnings("ignore:`torch.jit")
-def test_openai_style_local_file_refused_on_gelu(tmp_path, monkeypatch):
-    """The three signs of QuickGELU weights on a GELU config; quick_gelu set explicitly wins."""
-    kw = dict(image_mean=0.5, image_std=0.5)
-    script = tmp_path / "ViT-B-16.pt"                       # (3) a TorchScript archive
+def test_local_file_activation_is_refused_when_nothing_says(tmp_path):
+    """A local file on an architecture whose open_clip tags disagree (ViT-B-16: OpenAI's QuickGELU,
+    LAION's GELU) and whose config names no activation: refused in one line naming the flag,
+    whatever the file looks like (its contents are never read to guess): a TorchScript archive
+    (OpenAI's format), a file in the Hugging Face cache of a QuickGELU tag, a renamed copy."""
+    script = tmp_path / "ViT-B-16.pt"
     torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(script))
-    with pytest.raises(ValueError, match="TorchScript archive.*quick_gelu=true"):
-        resolve_vlm_config(tiny_cfg(pretrained=str(script), **kw))
-    assert resolve_vlm_config(tiny_cfg(pretrained=str(script), quick_gelu=False, **kw)).quick_gelu is False
-    assert resolve_vlm_config(tiny_cfg(pretrained=str(script), quick_gelu=True, **kw)).quick_gelu is True
     hub = tmp_path / "models--timm--vit_base_patch16_clip_224.openai" / "snapshots" / "abc"
-    hub.mkdir(parents=True)                                   # (2) open_clip's HF download folder
+    hub.mkdir(parents=True)
     (hub / "open_clip_pytorch_model.bin").write_bytes(b"weights")
-    with pytest.raises(ValueError, match="Hugging Face cache of timm/vit_base_patch16_clip_224.openai"):
-        resolve_vlm_config(LINKConfig(vlm="ViT-B-16", pretrained=str(hub / "open_clip_pytorch_model.bin")))
-    plain = tmp_path / "renamed.bin"                          # (1) a published checksum
+    plain = tmp_path / "renamed.bin"
     plain.write_bytes(b"weights")
-    assert resolve_vlm_config(LINKConfig(vlm="ViT-B-16", pretrained=str(plain))).quick_gelu is False
-    sha = model.file_sha256(plain)
-    monkeypatch.setitem(open_clip.pretrained._PRETRAINED, "ViT-B-16", {
-        **open_clip.pretrained._PRETRAINED["ViT-B-16"],
-        "fake": {"url": f"https://openaipublic.azureedge.net/clip/models/{sha}/ViT-B-16.pt", "quick_gelu": True}})
-    with pytest.raises(ValueError, match="SHA-256 is that of open_clip's ViT-B-16 'fake' weights"):
-        resolve_vlm_config(LINKConfig(vlm="ViT-B-16", pretrained=str(plain)))
+    for f in (script, hub / "open_clip_pytorch_model.bin", plain):
+        with pytest.raises(ValueError) as e:
+            resolve_vlm_config(LINKConfig(vlm="ViT-B-16", pretrained=str(f)))
+        msg = str(e.value)
+        assert "\n" not in msg and msg.startswith(f"{f}: its activation") and msg.endswith(FLAG), msg
+        assert "tags of ViT-B-16 disagree" in msg
+
+
+def test_local_file_activation_comes_from_the_flag_the_config_or_the_tags(tmp_path):
+    """The flag decides (either way); else the architecture's config where it names one (the
+    '-quickgelu' models); a config LINK registered decides always (its key, else GELU: what
+    open_clip builds from it); else what every tag of the architecture shares. A tag decides
+    for itself even where a file of that name exists (test_a_tag_wins_over_a_file_of_that_name)."""
+    f = tmp_path / "weights.bin"
+    f.write_bytes(b"not read beyond hashing")
+    kw = dict(pretrained=str(f), image_mean=0.5, image_std=0.5)
+    for q in (True, False):
+        assert resolve_vlm_config(LINKConfig(vlm="ViT-B-16", quick_gelu=q, **kw)).quick_gelu is q
+        assert resolve_vlm_config(LINKConfig(vlm="ViT-B-16-SigLIP2", quick_gelu=q, **kw)).quick_gelu is q
+    assert resolve_vlm_config(LINKConfig(vlm="ViT-B-16-quickgelu", **kw)).quick_gelu is True     # config
+    carried = dict(TINY_VLM, quick_gelu=True)
+    assert resolve_vlm_config(LINKConfig(vlm="test-act-carried", vlm_config=carried, **kw)).quick_gelu is True
+    assert resolve_vlm_config(LINKConfig(vlm="test-act-gelu", vlm_config=TINY_VLM, **kw)).quick_gelu is False
+    assert resolve_vlm_config(tiny_cfg(**kw)).quick_gelu is False                 # the tiny VLM: GELU
+    assert resolve_vlm_config(LINKConfig(vlm="ViT-L-14-336", **kw)).quick_gelu is True  # its one tag: OpenAI's
+    assert resolve_vlm_config(LINKConfig(vlm="ViT-B-16-SigLIP2", **kw)).quick_gelu is False   # all GELU
+    with pytest.raises(ValueError, match=r"activation .* unknown .*" + re.escape(FLAG)):
+        resolve_vlm_config(LINKConfig(vlm="ViT-L-14", **kw))                     # OpenAI's and LAION's
+
+
+def test_frozen_vlm_resolves_what_it_builds(monkeypatch):
+    """There is no way to build the VLM of an unresolved config other than LINK's: FrozenVLM
+    resolves the config itself (ViT-B-16 + openai: QuickGELU in both towers; open_clip alone
+    would build GELU)."""
+    fake_download(monkeypatch)
+    v = FrozenVLM(LINKConfig(vlm="ViT-B-16", pretrained="openai", image_size=32))
+    assert v.cfg.quick_gelu is True and v.grid == (2, 2) and v.width == 512
+    for tower in (v.visual, v.clip):
+        assert all(isinstance(b.mlp.gelu, open_clip.transformer.QuickGELU) for b in tower.transformer.resblocks)
+    import model
+    import vlm as vlm_py
+    assert not any(hasattr(m, n) for m in (model, vlm_py) for n in ("build_vlm", "quick_gelu_evidence"))
 
 
 def test_a_tag_wins_over_a_file_of_that_name(tmp_path, monkeypatch):
@@ -152,7 +191,7 @@ def test_a_tag_wins_over_a_file_of_that_name(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     Path("openai").write_bytes(b"something else")
     assert resolve_vlm_config(LINKConfig(vlm="ViT-B-16", pretrained="openai")).quick_gelu is True
-    assert model.weights_id(LINKConfig(vlm="ViT-B-16", pretrained="openai")) == "tag:openai"
+    assert weights_id(LINKConfig(vlm="ViT-B-16", pretrained="openai")) == "tag:openai"
 
 
 def test_tag_goes_through_open_clip_lookup(tmp_path, monkeypatch):
@@ -170,8 +209,8 @@ def test_tag_goes_through_open_clip_lookup(tmp_path, monkeypatch):
     monkeypatch.setattr(open_clip.factory, "download_pretrained", lambda cfg, **kw: downloads.append(cfg) or str(path))
     m = LINK(tiny_cfg(pretrained="fake_tag", image_size=96), CLASSES)
     assert len(downloads) == 1 and downloads[0]["url"] == "https://example.invalid/tiny.pt"
-    assert torch.equal(m.vlm.positional_embedding, clip.visual.positional_embedding)
-    assert m.image_mean == (0.5, 0.5, 0.5) and m.image_std == (0.25, 0.25, 0.25)
+    assert torch.equal(m.vlm.visual.positional_embedding, clip.visual.positional_embedding)
+    assert m.cfg.image_mean == (0.5, 0.5, 0.5) and m.cfg.image_std == (0.25, 0.25, 0.25)
     assert m.encode_images(torch.zeros(1, 3, 96, 96)).shape == (1, 64, 12, 12)
     assert m.cache_key() == (f"features=v2|vlm={TINY}|weights=tag:fake_tag|act=gelu|size=96|mean=0.5,0.5,0.5|"
                              f"std=0.25,0.25,0.25|resize=bicubic|dense=tokens")
@@ -183,10 +222,10 @@ def test_local_checkpoint_loaded(tmp_path):
     path = tiny_weights(tmp_path / "tiny_clip.pt")
     m = LINK(tiny_cfg(pretrained=str(path), image_mean=0.5, image_std=0.5), CLASSES)
     want = {k[len("visual."):]: v for k, v in torch.load(path).items() if k.startswith("visual.")}
-    got = m.vlm.state_dict()
+    got = m.vlm.visual.state_dict()
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
-    assert not torch.equal(LINK(tiny_cfg(), CLASSES).vlm.conv1.weight, got["conv1.weight"])
-    assert f"weights=sha256:{model.file_sha256(path)}" in m.cache_key()
+    assert not torch.equal(LINK(tiny_cfg(), CLASSES).vlm.visual.conv1.weight, got["conv1.weight"])
+    assert f"weights=sha256:{file_sha256(path)}" in m.cache_key()
     with pytest.raises(FileNotFoundError, match="pretrained"):
         LINK(tiny_cfg(pretrained=str(tmp_path / "missing.pt")), CLASSES)
 
@@ -198,10 +237,21 @@ def test_image_size_defaults_to_the_tower_and_grid_is_logged(capsys):
     args = train_teacher.teacher_parser().parse_args(["--vlm", big, "--model-opt", "d_model=64",
                                                       "--model-opt", "d_latent=32", "--model-opt", "heads=4"])
     m = train_teacher.build_model(args, CLASSES, "cpu")
-    assert m.cfg.image_size == 96 and m.grid == (12, 12)
+    assert m.cfg.image_size == 96 and m.vlm.grid == (12, 12)
     err = capsys.readouterr().err
     assert f"VLM {big} (random, seed 0; GELU;" in err
     assert "at 96 px: dense map 'tokens' of 12 x 12 tokens, width 64" in err
+
+
+def test_preprocess():
+    net = LINK(tiny_cfg(), CLASSES)
+    ims = [Image.new("RGB", (40, 30), (255, 0, 128)), Image.new("L", (10, 90), 0)]
+    x = net.preprocess(ims)
+    mean, std = torch.tensor(net.cfg.image_mean), torch.tensor(net.cfg.image_std)
+    assert x.shape == (2, 3, 64, 64)
+    assert torch.allclose(x[0, :, 5, 5], (torch.tensor([1.0, 0.0, 128 / 255]) - mean) / std, atol=1e-6)
+    assert torch.allclose(x[1, :, 5, 5], -mean / std, atol=1e-6)
+    assert net.cfg.image_mean == tuple(open_clip.OPENAI_DATASET_MEAN)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,7 +262,7 @@ def test_vit_dense_tokens_and_maskclip():
     """tokens = open_clip's own output tokens @ proj; maskclip = the last block with each token's
     attention replaced by its value path, computed here by hand from the block's weights."""
     net = LINK(tiny_cfg(dense="maskclip"), CLASSES)
-    v = net.vlm
+    v = net.vlm.visual
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         v.output_tokens = True
@@ -225,13 +275,13 @@ def test_vit_dense_tokens_and_maskclip():
         h = h + last.attn.out_proj(value)
         h = h + last.mlp(last.ln_2(h))
         ref_mask = (v.ln_post(h)[:, 1:] @ v.proj).reshape(2, 8, 8, -1).permute(0, 3, 1, 2)
-        tokens, maskclip = vlm_dense_features(v, x, "tokens"), net.encode_images(x)
+        tokens, maskclip = dense_features(v, x, "tokens"), net.encode_images(x)
     assert torch.allclose(tokens, ref_tokens, atol=1e-5)
     assert torch.allclose(maskclip, ref_mask, atol=1e-5)
     assert (maskclip - tokens).abs().max() > 1e-2
     assert "dense=maskclip" in net.cache_key() and "dense=tokens" in LINK(tiny_cfg(), CLASSES).cache_key()
     with pytest.raises(ValueError, match="'tokens' or 'maskclip'"):
-        vlm_dense_features(v, x, "mask")
+        dense_features(v, x, "mask")
 
 
 def register_tiny_siglip() -> str:
@@ -246,7 +296,7 @@ def register_tiny_siglip() -> str:
                             "tokenizer_kwargs": {"clean": "canonicalize"}, "width": 64, "heads": 2, "layers": 1,
                             "no_causal_mask": True, "proj_bias": True, "pool_type": "last",
                             "norm_kwargs": {"eps": 1e-6}}}
-        path = Path(model.tempfile.mkdtemp(prefix="link_vlm_")) / f"{name}.json"
+        path = Path(tempfile.mkdtemp(prefix="link_vlm_")) / f"{name}.json"
         path.write_text(json.dumps(cfg))
         open_clip.add_model_config(path)
     return name
@@ -281,7 +331,7 @@ def test_siglip_text_tower_from_local_tokenizer(tmp_path):
         ids[i, :len(row)] = torch.tensor(row)
     assert (ids[:, :8] > 2).all() and (ids[:, 8] == 1).all()  # 8 known words per prompt, then </s>
     with torch.no_grad():
-        want = build_vlm(net.cfg).encode_text(ids, normalize=True)
+        want = FrozenVLM(net.cfg).clip.encode_text(ids, normalize=True)
     assert torch.allclose(net.classifier.text_embed, want, atol=1e-6)
     with pytest.raises(ValueError, match=r"tokenizer '.*missing' could not be loaded .*LINKConfig.tokenizer"):
         LINK(tiny_cfg(vlm=name, tokenizer=str(tmp_path / "missing")), CLASSES)
@@ -294,12 +344,12 @@ def test_siglip_dense_map_goes_through_the_pool_head():
     for an image whose tokens are all equal, that IS the pooled image embedding; maskclip also
     replaces the trunk's last attention by the value path (checked by hand)."""
     net = LINK(tiny_cfg(vlm=register_tiny_siglip(), dense="maskclip"), CLASSES, text_embed=torch.randn(2, 64))
-    trunk, pool = net.vlm.trunk, net.vlm.trunk.attn_pool
+    trunk, pool = net.vlm.visual.trunk, net.vlm.visual.trunk.attn_pool
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         tok = trunk.forward_features(x)[:, 1:]                               # [2, 16, 64]
         ref = torch.stack([pool(t[:, None]) for t in tok]).view(2, 4, 4, -1).permute(0, 3, 1, 2)
-        got = vlm_dense_features(net.vlm, x, "tokens")
+        got = dense_features(net.vlm.visual, x, "tokens")
         same = tok[:1, :1].expand(1, 16, 64)                                  # 16 equal tokens
         assert torch.allclose(pool(same), pool(tok[0, :1][None]), atol=1e-5)
         h = trunk.norm_pre(trunk.patch_drop(trunk._pos_embed(trunk.patch_embed(x))))
@@ -380,14 +430,14 @@ def test_feature_cache_detects_image_rewritten_with_size_and_mtime_kept(tmp_path
     c, n = build_cache(tmp_path / "cache", paths)
     assert c.rebuilt and n == 2
     idx = json.loads(c.index_path.read_text())
-    assert idx["version"] == 2 and idx["images"][0][-1] == model.file_sha256(paths[0])
+    assert idx["version"] == 2 and idx["images"][0][-1] == file_sha256(paths[0])
     monkeypatch.setattr(trainer, "file_sha256", lambda p: pytest.fail("re-hashed an untouched image"))
     c, n = build_cache(tmp_path / "cache", paths)
     assert not c.rebuilt and n == 0                     # untouched: stat only, no hashing
     monkeypatch.undo()
     os.chmod(paths[1], 0o644)                           # ctime moves, bytes do not: hash, reuse
     hashed = []
-    monkeypatch.setattr(trainer, "file_sha256", lambda p: hashed.append(p) or model.file_sha256(p))
+    monkeypatch.setattr(trainer, "file_sha256", lambda p: hashed.append(p) or file_sha256(p))
     c, n = build_cache(tmp_path / "cache", paths)
     assert not c.rebuilt and n == 0 and hashed == [paths[1]]
     c, n = build_cache(tmp_path / "cache", paths)      # the index took the new stamp: no re-hash
@@ -420,12 +470,12 @@ def test_checkpoint_refuses_a_changed_vlm(tmp_path):
     weights = tiny_weights(tmp_path / "w.pt")
     net = LINK(tiny_cfg(pretrained=str(weights), image_mean=0.5, image_std=0.5), CLASSES)
     ck = save_checkpoint(net, tmp_path / "ck.pt")
-    assert LINK.from_checkpoint(ck).cache_key() == net.cache_key()
+    assert LINK.from_checkpoint(trainer.load_checkpoint(ck)).cache_key() == net.cache_key()
     stored = torch.load(ck, weights_only=False)
     trainer.check_checkpoint_matches(stored, net, ck, class_space=CLASSES)          # same VLM: fine
     rewrite_in_place(weights)
-    with pytest.raises(ValueError, match=r"ck.pt: the frozen VLM differs .*\(weights sha256:"):
-        LINK.from_checkpoint(ck)
+    with pytest.raises(ValueError, match=r"the frozen VLM differs .*\(weights sha256:"):
+        LINK.from_checkpoint(trainer.load_checkpoint(ck))
     with pytest.raises(infer.InferError, match="frozen VLM differs"):
         infer.load_model(ck)
     moved = LINK(tiny_cfg(pretrained=str(weights), image_mean=0.5, image_std=0.5), CLASSES)

@@ -14,7 +14,8 @@ import captions as C
 import pretrain_vlm as P
 import world_vlm as W
 from common import file_sha256
-from model import LINKConfig, build_vlm, encode_prompts, vlm_dense_features, vlm_tokenizer
+from model import LINKConfig
+from vlm import FrozenVLM, dense_features
 
 TINY = {"embed_dim": 32,
         "vision_cfg": {"image_size": 64, "patch_size": 16, "width": 32, "layers": 1, "head_width": 16},
@@ -113,7 +114,8 @@ def test_fp16_checkpoint_loads_through_linkconfig(tiny_world, tmp_path):
     P.save_fp16(clip, path)
     state = torch.load(path, weights_only=True)
     assert all(v.dtype == torch.float16 for v in state.values() if v.is_floating_point())
-    loaded = build_vlm(LINKConfig(vlm="test-world-tiny-cli", vlm_config=TINY, pretrained=str(path), image_size=64))
+    loaded = FrozenVLM(LINKConfig(vlm="test-world-tiny-cli", vlm_config=TINY, pretrained=str(path), image_size=64,
+                                  image_mean=0.5, image_std=0.5)).clip
     for k, v in clip.state_dict().items():
         want = v.half().float() if v.is_floating_point() else v
         assert torch.equal(loaded.state_dict()[k].float() if v.is_floating_point() else loaded.state_dict()[k],
@@ -157,14 +159,14 @@ def test_bad_checksum_is_refused(tmp_path):
 
 
 def test_a_carried_vlm_config_registers_replaces_its_own_and_refuses_open_clips():
-    from model import register_vlm_config, resolve_vlm_config
+    from vlm import register_vlm_config, resolve_vlm_config
     cfg = resolve_vlm_config(LINKConfig(vlm="test-carried-cfg", vlm_config=TINY, pretrained=None))
     assert cfg.image_size == 64 and P.open_clip.get_model_config("test-carried-cfg") == TINY
     assert register_vlm_config("test-carried-cfg", TINY) == "test-carried-cfg"     # idempotent
     other = dict(TINY, embed_dim=16)                   # a checkpoint of the same name, another architecture
-    built = build_vlm(LINKConfig(vlm="test-carried-cfg", vlm_config=other, pretrained=None, image_size=64))
+    built = FrozenVLM(LINKConfig(vlm="test-carried-cfg", vlm_config=other, pretrained=None, image_size=64)).clip
     assert built.visual.output_dim == 16 and P.open_clip.get_model_config("test-carried-cfg") == other
-    again = build_vlm(LINKConfig(vlm="test-carried-cfg", vlm_config=TINY, pretrained=None, image_size=64))
+    again = FrozenVLM(LINKConfig(vlm="test-carried-cfg", vlm_config=TINY, pretrained=None, image_size=64)).clip
     assert again.visual.output_dim == 32
     with pytest.raises(ValueError, match="one of open_clip's own"):
         register_vlm_config("ViT-B-16", TINY)
@@ -191,15 +193,14 @@ def test_shipped_checkpoint_through_the_real_path(name):
     state = torch.load(ckpt, weights_only=True)
     assert all(v.dtype == torch.float16 for v in state.values() if v.is_floating_point())
     cfg = LINKConfig(**spec)
-    clip = build_vlm(cfg)                                         # what a user's local CLIP takes
+    vlm = FrozenVLM(cfg)                                          # what a user's local CLIP takes
     x = torch.rand(2, 3, spec["image_size"], spec["image_size"])
-    f = vlm_dense_features(clip.visual, x)
+    f = dense_features(vlm.visual, x)
     assert f.shape == (2, doc["open_clip_config"]["embed_dim"], 8, 8) and torch.isfinite(f).all()
-    e = encode_prompts(clip, vlm_tokenizer(cfg), ["a photo of a person riding a horse",
-                                                  "a photo of a person holding a cup"])
+    e = vlm.encode_text(["a photo of a person riding a horse", "a photo of a person holding a cup"])
     assert torch.isfinite(e).all() and (e[0] @ e[1]).item() < 0.99
-    rand = build_vlm(dataclasses.replace(cfg, pretrained=None))   # the trained weights are not random ones
-    assert (vlm_dense_features(rand.visual, x) - f).abs().max() > 0.1
+    rand = FrozenVLM(dataclasses.replace(cfg, pretrained=None))   # the trained weights are not random ones
+    assert (dense_features(rand.visual, x) - f).abs().max() > 0.1
 
 
 @pytest.mark.parametrize("name", SHIPPED)
