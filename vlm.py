@@ -37,8 +37,8 @@ class VLMConfig:
     vlm: str = "ViT-B-16"
     pretrained: str | None = "openai"
     image_size: int | None = None  # VLM input S (position embedding interpolated); None = the tower's own
-    quick_gelu: bool | None = None  # activation; None = the tag's (OpenAI: QuickGELU) or the architecture's
-    image_mean: tuple | None = None  # pixel mean / std; None = the tag's (open_clip's preprocess config)
+    quick_gelu: bool | None = None  # activation; None = the tag's (OpenAI: QuickGELU), the config's, ...
+    image_mean: tuple | None = None  # pixel mean / std; None = the tag's (open_clip's preprocess config), ...
     image_std: tuple | None = None
     dense: str = "tokens"          # dense map F: "tokens" | "maskclip" (dense_features)
     tokenizer: str | None = None   # Hugging Face tokenizer folder (SigLIP offline); None = open_clip's
@@ -178,7 +178,7 @@ def resolve_vlm_config(cfg: VLMConfig) -> VLMConfig:
         raise ValueError(f"{cfg.pretrained}: its {what} unknown (the open_clip tags of {cfg.vlm} "
                          f"{'disagree' if shared else 'are none'}): set {flag}")
 
-    size = rule("input size is", cfg.image_size, lambda t: None, model_cfg["vision_cfg"].get("image_size", 224),
+    size = rule("input size is", cfg.image_size or None, lambda t: None, model_cfg["vision_cfg"].get("image_size", 224),
                 224, "LINKConfig.image_size")
     if isinstance(size, (list, tuple)):
         if len(set(size)) != 1:
