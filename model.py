@@ -51,6 +51,7 @@ from torchvision.ops import box_iou, roi_align
 from common import file_sha256, key_difference
 from kernels import box_attention, box_bias, focal_loss, pair_enum, psi_transform
 from kernels.box_attention import grow_boxes, token_centres
+from runs import load_checkpoint
 
 # ----------------------------------------------------------------------------------------------
 # 1. Config
@@ -1145,12 +1146,7 @@ class LINK(nn.Module):
     def from_checkpoint(cls, path, map_location="cpu") -> "LINK":
         """Rebuild a model from a train_teacher.py checkpoint (config, class_space, model)."""
         path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: checkpoint not found")
-        ck = torch.load(path, map_location=map_location, weights_only=False)  # our own files
-        for key in ("config", "class_space", "model"):
-            if not isinstance(ck, dict) or key not in ck:
-                raise ValueError(f"{path}: checkpoint has no field '{key}'")
+        ck = load_checkpoint(path, map_location)   # runs.py: the one reader (missing, corrupt, foreign)
         known = {f.name for f in fields(LINKConfig)}
         unknown = set(ck["config"]) - known
         if unknown:

@@ -56,9 +56,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cache import FeatureSource, release_unused_towers
 from common import OneLineParser, file_digest, nonneg_float, positive_float
 from kernels import kl_distill, kl_distill_sigmoid
 from model import LINK
+from runs import BUILD_ERRORS, CheckpointError, TrainInputError, build_error_reason, load_checkpoint, plain_dict
 from train_teacher import (
     add_common_args,
     build_model,
@@ -69,19 +71,7 @@ from train_teacher import (
     run_cli,
     setup_run,
 )
-from trainer import (
-    BUILD_ERRORS,
-    CheckpointError,
-    FeatureSource,
-    SumLoss,
-    Trainer,
-    TrainInputError,
-    build_error_reason,
-    load_checkpoint,
-    plain_dict,
-    release_unused_towers,
-    seed_everything,
-)
+from trainer import SumLoss, Trainer, seed_everything
 
 
 class PairAlignmentError(AssertionError):

@@ -38,6 +38,7 @@ import torch
 import torch.distributed as tdist
 
 import world_vlm
+from cache import FeatureSource, release_unused_towers
 from common import (
     HeldNotes,
     OneLineParser,
@@ -56,31 +57,21 @@ from common import (
     release_notes,
     unit_float,
 )
-from data import VCOCO, HICODet, SWiGHOI, gt_detections, load_detections, select_boxes
+from data import VCOCO, HICODet, Split, SWiGHOI, Views, gt_detections, load_detections, select_boxes
 from eval import evaluate_hico, evaluate_swig
 from model import LINK, LINKConfig, register_tiny_vlm
-from synthetic import make_synthetic_world
-from trainer import (
+from runs import (
     BUILD_ERRORS,
     RUN_OUTPUTS,
-    Dist,
-    FeatureSource,
-    LoopConfig,
-    NonFiniteLossError,
     RunFolder,
-    Split,
-    Trainer,
     TrainInputError,
-    Views,
-    barrier,
     build_error_reason,
     claim_run_folder,
-    init_distributed,
     load_checkpoint,
-    release_unused_towers,
     resume_differences,
-    seed_everything,
 )
+from synthetic import make_synthetic_world
+from trainer import Dist, LoopConfig, NonFiniteLossError, Trainer, init_distributed, seed_everything
 
 
 # ----------------------------------------------------------------------------------------------
@@ -285,7 +276,7 @@ def _synthetic_paths(args, d: Optional[Dist] = None) -> dict:
         note(f"note: generating the synthetic world in {root}")
         make_synthetic_world(root, n_train=args.world_train, n_test=args.world_test,
                              image_size=args.world_size, seed=args.seed)
-    barrier(d)
+    d.barrier()
     return {"root": root, "train_images": root / "images" / "train", "test_images": root / "images" / "test",
             "train_anno": anno, "test_anno": root / "instances_test.json",
             "train_detections": root / "detections_train.json",
@@ -494,7 +485,7 @@ def fit_and_finish(trainer: Trainer, args, run: Optional[RunFolder] = None) -> d
         release_notes()                 # the command's input is valid: training starts
         if run is not None and trainer.d.main:
             run.prepare()
-        barrier(trainer.d)
+        trainer.d.barrier()
         trainer.fit()
     metrics = finish(trainer, args.name)   # (nothing to train: evaluated here, notes still held)
     release_notes()

@@ -23,9 +23,9 @@ import json
 import pytest
 import torch
 
+import cache
 import train_student
 import train_teacher
-import trainer
 from kernels import focal_loss_reference, psi_transform
 from model import LINK, LINKConfig, register_tiny_vlm
 from train_student import Distiller, KDConfig, distill_losses, kd_widths, teacher_keys
@@ -281,7 +281,7 @@ def test_release_unused_towers_needs_every_source_cached():
         def __init__(self, model, cache):
             self.model, self.cache = model, cache
     a, b, c = M(), M(), M()
-    n = trainer.release_unused_towers([S(a, "cache"), S(a, "cache"), S(b, "cache"), S(b, None), None, S(c, None)])
+    n = cache.release_unused_towers([S(a, "cache"), S(a, "cache"), S(b, "cache"), S(b, None), None, S(c, None)])
     assert n == 1 and a.vlm is None and b.vlm is not None and c.vlm is not None
 
 
@@ -289,8 +289,9 @@ def _one_step(monkeypatch, prepare: bool, out_dir):
     """One Trainer.train_step of a tiny student with two tiny teachers -> (log record, the order
     in which the networks ran, the student's weights after the step)."""
     from bench_train import FixedBatch, FixedFeatures
+    from data import Views
     from train_student import KDConfig, kd_widths
-    from trainer import Dist, LoopConfig, Trainer, Views
+    from trainer import Dist, LoopConfig, Trainer
 
     if not prepare:
         monkeypatch.delattr(Distiller, "prepare")
