@@ -1,18 +1,13 @@
-"""The run folder and its checkpoint: one checkpoint reader and writer, resume checks.
+"""The run folder and its checkpoint: the one checkpoint reader and writer, resume checks.
 
-* :class:`RunFolder` / :func:`claim_run_folder`: ``runs/NAME`` locked by one training process;
-  a name holding a run is refused unless resumed or moved aside (nothing is ever overwritten).
-* :func:`load_checkpoint`: THE reader of a LINK checkpoint (the loop's resume, the teachers of a
-  student, infer.py, demo.py, model.LINK.from_checkpoint), one-line errors naming the file;
-  :func:`atomic_torch_save` the writer (a crash leaves the old checkpoint or the new one).
-* :func:`trainable_state`: what a checkpoint stores of a model (not its frozen VLM).
-* :func:`resume_differences`: a resume continues the same run; a setting that differs is refused
-  unless ``--override`` names it (:data:`RESUME_HINTS` says why for the common ones).
-* :class:`TrainInputError` / :class:`CheckpointError`: bad input; the CLIs exit 2.
-
-A checkpoint is a dict: version (CKPT_VERSION), config and class_space (plain dicts), model
-(trainable_state), and what the loop and the command add (optimizer, scheduler, scaler, rng,
-epoch, step, order, loop, settings, role, ...). Nothing here imports model.py or trainer.py.
+:class:`RunFolder` (:func:`claim_run_folder`) locks ``runs/NAME`` for one training process and
+refuses a name that holds a run unless it is resumed or moved aside: nothing is ever
+overwritten. :func:`load_checkpoint` is THE reader of a LINK checkpoint (resume, teachers,
+infer.py, demo.py, LINK.from_checkpoint) with one-line errors, :func:`atomic_torch_save` the
+writer. :func:`resume_differences`: a resume continues the same run; a setting that differs is
+refused unless ``--override`` names it. A checkpoint is a dict: version, config, class_space,
+model (:func:`trainable_state`) and what the loop and the command add (optimizer, scheduler,
+scaler, rng, epoch, step, order, loop, settings, role, ...).
 """
 from __future__ import annotations
 
@@ -25,13 +20,14 @@ import pickle
 import re
 import sys
 import time
+import zipfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from common import atomic_write, key_difference
+from common import atomic_write, atomic_write_bytes, key_difference
 
 CKPT_VERSION = 1
 
@@ -84,9 +80,9 @@ BUILD_ERRORS = (ValueError, KeyError, IndexError, TypeError, RuntimeError, EOFEr
 
 
 def build_error_reason(e: BaseException) -> str:
-    """The useful line of a library's error (one line): torch's size-mismatch list as 'size
-    mismatch for W: [a, b] in the checkpoint, [c, d] in the model (and N more)', torch.load's
-    weights_only refusal as its own reason without the advice paragraphs, else the first line."""
+    """The useful line of a library's error: torch's size-mismatch list as 'size mismatch for W: [a, b]
+    in the checkpoint, [c, d] in the model (and N more)', torch.load's weights_only refusal as its
+    reason without the advice paragraphs, else the first line."""
     text = str(e)
     sizes = re.findall(r"size mismatch for (\S+): copying a param with shape torch\.Size\(\[(.*?)\]\) from "
                        r"checkpoint, the shape in current model is torch\.Size\(\[(.*?)\]\)", text)
@@ -108,13 +104,8 @@ def load_checkpoint(path, map_location="cpu", mmap: bool = False) -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointNotFound(f"{path}: checkpoint not found")
-    try:
-        try:
-            ck = torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)   # our own files
-        except RuntimeError:
-            if not mmap:
-                raise
-            ck = torch.load(path, map_location=map_location, weights_only=False)   # not a zip file: read whole
+    try:   # our own files; only a zip-format file can be memory-mapped
+        ck = torch.load(path, map_location=map_location, weights_only=False, mmap=mmap and zipfile.is_zipfile(path))
     except Exception as e:  # truncated zip, garbage bytes, ...
         raise CheckpointError(f"{path}: checkpoint is truncated or corrupt "
                               f"({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
@@ -130,14 +121,12 @@ def load_checkpoint(path, map_location="cpu", mmap: bool = False) -> dict:
 def check_checkpoint_matches(ck: dict, model, path, fingerprint: Optional[str] = None,
                              class_space=None) -> None:
     """Refuse a checkpoint whose config / class space / training images differ from the run's."""
-    cfg = plain_dict(model.cfg)
-    cs = plain_dict(class_space if class_space is not None else model.class_space)
-    if ck["config"] != cfg:
-        diff = sorted(k for k in set(cfg) | set(ck["config"]) if cfg.get(k) != ck["config"].get(k))
-        raise CheckpointError(f"checkpoint {path} has a different model config (fields: {diff[:6]})")
-    if ck["class_space"] != cs:
-        diff = sorted(k for k in set(cs) | set(ck["class_space"]) if cs.get(k) != ck["class_space"].get(k))
-        raise CheckpointError(f"checkpoint {path} has a different class space (fields: {diff[:6]})")
+    cs = class_space if class_space is not None else model.class_space
+    for key, now, what in (("config", plain_dict(model.cfg), "model config"),
+                           ("class_space", plain_dict(cs), "class space")):
+        if ck[key] != now:
+            diff = sorted(k for k in set(now) | set(ck[key]) if now.get(k) != ck[key].get(k))
+            raise CheckpointError(f"checkpoint {path} has a different {what} (fields: {diff[:6]})")
     if ck.get("cache_key") not in (None, model.cache_key()):
         raise CheckpointError(f"checkpoint {path} was trained on other frozen-VLM features (field: cache_key; "
                               f"{key_difference(ck['cache_key'], model.cache_key())})")
@@ -149,28 +138,21 @@ def check_checkpoint_matches(ck: dict, model, path, fingerprint: Optional[str] =
 # ----------------------------------------------------------------------------------------------
 # The run folder: one run per folder, one process at a time
 # ----------------------------------------------------------------------------------------------
-#: what a run writes into runs/NAME (the Trainer and train_teacher.finish)
+#: what a run writes into runs/NAME (the Trainer)
 RUN_OUTPUTS = ("last.pt", "log.jsonl", "metrics.json", "predictions_test.json", "curves.png")
 
 
 class RunFolder:
-    """``runs/NAME`` claimed by one training process.
-
-    The lock is an exclusive ``flock`` on the folder itself (no lock file is written), taken
-    without waiting and held until :meth:`release` or the end of the process (a killed process
-    releases it). Claiming refuses: another live process on the same name (its pid named, from
-    /proc/locks where available); a folder holding a run (any of RUN_OUTPUTS) unless the run is
-    resumed from its own checkpoint, or moved aside first (``move_aside``: renamed to
-    ``NAME.old-YYYYmmdd-HHMMSS``, whole); a ``resume`` checkpoint from elsewhere into a folder
-    that holds another run. A run killed before its first checkpoint left only a log (and
-    curves): ``--resume`` starts it again and removes them, so that a log holds one run. A
-    folder this claim created is removed again by release() if it stayed empty.
-    """
+    """``runs/NAME`` claimed by one training process: an exclusive ``flock`` on the folder itself,
+    taken without waiting, held until :meth:`release` or the process ends. Claiming refuses another
+    live process on the name (its pid named), a folder holding a run (any of RUN_OUTPUTS) unless
+    it is resumed from its own checkpoint or moved aside whole (``NAME.old-YYYYmmdd-HHMMSS``), and
+    a resume from elsewhere into a folder holding another run. A run killed before its first
+    checkpoint left only a log: ``--resume`` starts it again without it. A folder this claim
+    created is removed again by release() if it stayed empty."""
 
     def __init__(self, path):
-        self.path = Path(path)
-        self._fd = None
-        self._created = False
+        self.path, self._fd, self._created = Path(path), None, False
         self.pending: Optional[str] = None     # "move_aside" | "restart": done by prepare()
 
     def existing(self) -> list:
@@ -241,11 +223,9 @@ class RunFolder:
     def _move_aside(self) -> None:
         """Rename the locked folder (the lock goes with it), lock a new empty one, let go of the old."""
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        dest = self.path.with_name(f"{self.path.name}.old-{stamp}")
-        k = 2
+        dest, k = self.path.with_name(f"{self.path.name}.old-{stamp}"), 2
         while dest.exists():
-            dest = self.path.with_name(f"{self.path.name}.old-{stamp}-{k}")
-            k += 1
+            dest, k = self.path.with_name(f"{self.path.name}.old-{stamp}-{k}"), k + 1
         os.rename(self.path, dest)
         old = self._fd
         self._fd = None
@@ -290,6 +270,16 @@ def _same_file(a, b) -> bool:
         return os.path.abspath(a) == os.path.abspath(b)
 
 
+def resume_path(resume: Optional[str], folder: Path) -> Optional[Path]:
+    """The checkpoint --resume names (None: no --resume, or --resume alone and none yet)."""
+    path = None if not resume else folder / "last.pt" if resume == "auto" else Path(resume)
+    if path is not None and not path.exists():
+        if resume != "auto":
+            raise TrainInputError(f"--resume {path}: checkpoint not found")
+        path = None
+    return path
+
+
 def claim_run_folder(path, resume: Optional[str], move_aside: bool, d=None) -> RunFolder:
     """RunFolder(path).claim(...) on rank 0 of ``d`` (a trainer.Dist; None: one process); under
     torchrun every rank gets rank 0's refusal (the same one-line error) instead of waiting at the
@@ -309,8 +299,7 @@ def claim_run_folder(path, resume: Optional[str], move_aside: bool, d=None) -> R
 # ----------------------------------------------------------------------------------------------
 # Resume: the same run
 # ----------------------------------------------------------------------------------------------
-#: LoopConfig fields that may change on resume: they change when things are saved or shown,
-#: not what is trained
+#: LoopConfig fields that may change on resume: when things are saved or shown, not what is trained
 LOOP_FREE = ("progress", "ckpt_every", "eval_every")
 
 #: why a setting is compared, for the messages of the ones users change most
@@ -333,6 +322,16 @@ def read_log_lines(path) -> list:
     return out
 
 
+def trim_log(path, step: int) -> None:
+    """Drop the lines of a log.jsonl written after ``step`` (a resumed run redoes them) and torn
+    lines; an unchanged log is left untouched."""
+    if Path(path).exists():
+        lines = read_log_lines(path)
+        keep = [line for line, rec in lines if rec is not None and rec.get("step", 0) <= step]
+        if len(keep) != len(lines):
+            atomic_write_bytes(path, ("\n".join(keep) + ("\n" if keep else "")).encode())
+
+
 def _plain(x):
     if isinstance(x, (list, tuple)):
         return [_plain(v) for v in x]
@@ -342,9 +341,8 @@ def _plain(x):
 
 
 def setting_differences(stored: dict, now: dict, prefix: str = "") -> list:
-    """[(name, stored value, current value)] for every setting present in both that differs;
-    nested dicts by dotted name (files.anno). Settings only one side has (a checkpoint from an
-    older version) are not compared."""
+    """[(name, stored value, current value)] for every setting present in both that differs (nested
+    dicts by dotted name: files.anno); a setting only one side has (an older version) is not compared."""
     out = []
     for k in sorted(set(stored) & set(now)):
         a, b = _plain(stored[k]), _plain(now[k])
@@ -370,12 +368,10 @@ def _option(name: str) -> str:
 
 
 def resume_differences(ck: dict, path, loop: dict, extra: dict, overrides=()) -> list:
-    """The settings a resume changes: [(name, checkpoint value, this run's value)], all of them
-    named in ``overrides``; raises CheckpointError for another role (a teacher never resumes
-    from a student checkpoint or the reverse), an override naming no setting, or a setting that
-    differs without an override. Compared: every LoopConfig field but LOOP_FREE (checkpoint
-    ``loop``) and every entry of the run's ``settings`` (ckpt_extra, written by the CLI: its
-    options and the content hashes of its data and teacher files)."""
+    """The settings a resume changes: [(name, checkpoint value, this run's value)], all named in
+    ``overrides``; CheckpointError for another role (teacher / student), an override naming no
+    setting, or a setting that differs without one. Compared: every LoopConfig field but LOOP_FREE
+    (checkpoint ``loop``) and the run's ``settings`` (the CLI's options and file content hashes)."""
     role_now, role_ck = extra.get("role"), ck.get("role")
     if role_now and role_ck and role_now != role_ck:
         raise CheckpointError(f"checkpoint {path} is a {role_ck} checkpoint and this is a {role_now} run: "

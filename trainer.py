@@ -1,29 +1,23 @@
 """The model-agnostic training loop of LINK, shared by the teacher and the student.
 
 :class:`Trainer`: AdamW with parameter groups (:func:`param_groups`), warm-up + cosine / step
-schedule (:class:`WarmupSchedule`), gradient clipping (after unscaling under fp16 AMP), bf16/fp16
-autocast on GPU and fp32 on CPU, atomic checkpoints and exact resume (model, optimiser,
-scheduler, scaler, RNG states, data order, epoch, step; runs.py reads and checks them), torchrun
-data parallel (:class:`Dist`: one flat gradient all-reduce, gloo on CPU / nccl on GPU), an
-evaluation that covers every image exactly once, runs/NAME/log.jsonl and a PNG of the curves.
+schedule, gradient clipping (after unscaling under fp16 AMP), bf16/fp16 autocast on GPU and fp32
+on CPU, atomic checkpoints and exact resume (runs.py reads and checks them), torchrun data
+parallel (:class:`Dist`: one flat gradient all-reduce, gloo on CPU / nccl on GPU) weighted so
+that the averaged gradient is one process's on the global batch, an evaluation that covers
+every image exactly once, runs/NAME/log.jsonl and a PNG of the curves; the commands' loop
+options (:func:`add_loop_args`) and error contract (:func:`run_cli`).
 
 The contract: the model is a :class:`LoopModel` (model.LINK follows it; tests/test_trainer.py's
-StandIn is a 100-line example); a split is a data.Split, its features a cache.FeatureSource.
-``metric_fn(anno, {filename: ndarray[N, 10]}, **eval_kwargs) -> dict`` (full, rare, non_rare,
-unseen, seen are kept). ``extra_loss(ctx) -> {name: 0-dim tensor | SumLoss}`` (already weighted)
-is added to the model's loss; ctx holds model, out, feats, indices, views, dets, sizes, targets,
-split; an optional ``extra_loss.prepare(ctx)`` runs before the model's forward (ctx without
-``out``). An extra_loss that is an nn.Module (the student's adapters) trains and checkpoints
-(``extra_state``) with the model; inference never sees it.
-
-Data parallel: a global batch of B images is split rank r <- batch[r::W]; the losses are
-weighted so that the averaged gradient is the gradient one process computes on the global batch
-(per-image means by n_local * W / n_global, a loss normalised by its positives by
-W * max(pos_local, 1) / max(pos_global, 1), a :class:`SumLoss` by W / max(items_global, 1)).
+StandIn is a 100-line example), a split a data.Split, its features a cache.FeatureSource;
+``metric_fn(anno, {filename: ndarray[N, 10]}, **eval_kwargs) -> dict``; ``extra_loss(ctx) ->
+{name: 0-dim tensor | SumLoss}`` is added to the model's loss (see :class:`Trainer`).
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
+import dataclasses
 import datetime
 import json
 import math
@@ -41,7 +35,21 @@ import torch.distributed as tdist
 from tqdm import tqdm
 
 from cache import FeatureSource
-from common import atomic_write_bytes, clean_stale_temps, note, write_error
+from common import (
+    HeldNotes,
+    atomic_write_bytes,
+    atomic_write_json,
+    clean_stale_temps,
+    finite_float,
+    nonneg_float,
+    nonneg_int,
+    note,
+    number,
+    positive_float,
+    positive_int,
+    print_error,
+    write_error,
+)
 from data import Split, Views, epoch_order, view_of
 from runs import (
     CKPT_VERSION,
@@ -55,6 +63,7 @@ from runs import (
     read_log_lines,
     resume_differences,
     trainable_state,
+    trim_log,
 )
 from viz import plot_curves
 
@@ -84,13 +93,11 @@ class LoopModel(Protocol):
     def postprocess(self, out: dict, detections: list[dict]) -> list:
         """-> per image an array [N, 10]: hoi, score, human box xyxy, object box xyxy."""
 
-    # optional: def no_weight_decay(self) -> set[str], names of matrices AdamW must not decay
-    # (see param_groups; timm's convention)
-
+    # optional: no_weight_decay() -> set[str], names AdamW must not decay (param_groups; timm's)
 
 
 # ----------------------------------------------------------------------------------------------
-# Errors
+# Errors and RNG state
 # ----------------------------------------------------------------------------------------------
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or inf; the message names the step and the images."""
@@ -102,9 +109,8 @@ class NonFiniteOutputError(TrainInputError):
 
 
 def nonfinite_images(out: dict, rows: list) -> list:
-    """Batch positions of the images with a NaN / inf score: in the model output's ``scores``
-    [P, ...] (pairs of image ``pair_image`` [P]), which postprocess may filter (``score > 0`` is
-    False for NaN), or in the prediction rows [N, 10] themselves."""
+    """Batch positions of the images with a NaN / inf score: in the output's ``scores`` [P, ...]
+    (of image ``pair_image`` [P]; postprocess may drop NaN: ``score > 0`` is False) or in rows."""
     bad = {b for b, r in enumerate(rows) if not np.isfinite(r).all()}
     s, img = out.get("scores"), out.get("pair_image")
     if torch.is_tensor(s) and s.is_floating_point() and s.numel() and torch.is_tensor(img):
@@ -128,9 +134,6 @@ def nonfinite_cause(model: torch.nn.Module, feats: Optional[torch.Tensor], names
     return "features and weights are finite: the model's output overflowed"
 
 
-# ----------------------------------------------------------------------------------------------
-# RNG
-# ----------------------------------------------------------------------------------------------
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2 ** 32))
@@ -262,7 +265,6 @@ class WarmupSchedule:
         return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
 
 
-
 # ----------------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------------
@@ -287,6 +289,46 @@ class LoopConfig:
     progress: bool = True
 
 
+#: what the loop's options accept (checked when the command line is parsed), and their help
+LOOP_TYPES = {"epochs": positive_int, "batch_size": positive_int, "lr": positive_float,
+              "weight_decay": nonneg_float, "warmup_steps": nonneg_int, "gamma": positive_float,
+              "clip": finite_float, "seed": nonneg_int, "ckpt_every": nonneg_int, "eval_every": nonneg_int}
+LOOP_HELP = {"epochs": "epochs", "batch_size": "GLOBAL batch (images per step over all ranks)",
+             "lr": "AdamW learning rate", "weight_decay": "AdamW weight decay, on weight matrices only",
+             "warmup_steps": "linear warm-up steps", "gamma": "step-schedule decay factor",
+             "clip": "max gradient norm (after unscaling; <= 0: off)", "seed": "seed (init, data order, flips)",
+             "ckpt_every": "also checkpoint every N steps (0: each epoch)",
+             "eval_every": "evaluate every N epochs (0: after the last only)"}
+
+
+def add_loop_args(p: argparse.ArgumentParser):
+    """The command line's "training" group: an option per LoopConfig field -> the group."""
+    t = p.add_argument_group("training")
+    choices = {"schedule": ["cosine", "step", "constant"], "amp": ["auto", "none", "bf16", "fp16"]}
+    for f in dataclasses.fields(LoopConfig):
+        if f.name in ("progress", "flip", "crop_scales", "deterministic", "milestones"):
+            continue
+        t.add_argument("--" + f.name.replace("_", "-"), type=LOOP_TYPES.get(f.name, type(f.default)),
+                       default=f.default, choices=choices.get(f.name),
+                       help=LOOP_HELP.get(f.name, f.name) + f" (default {f.default})")
+    t.add_argument("--milestones", type=positive_int, nargs="*", default=[], help="epochs (step schedule)")
+    t.add_argument("--flip", action="store_true", help="horizontal flips (cache stores both views)")
+    t.add_argument("--crop-scales", type=number(float, lo=0, hi=1, lo_open=True, hi_open=True, what="in (0, 1)"),
+                   nargs="*", default=[], metavar="S",
+                   help="crop views: one crop of S x the image's width and height per S in (0, 1), at a "
+                        "fixed hashed position per image, each cached (and mirrored with --flip)")
+    t.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms")
+    t.add_argument("--no-progress", action="store_true")
+    return t
+
+
+def loop_config(args) -> LoopConfig:
+    """The LoopConfig of a command line parsed with add_loop_args."""
+    kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(LoopConfig)
+          if f.name != "progress" and hasattr(args, f.name)}
+    return LoopConfig(progress=not args.no_progress, **kw)
+
+
 def resolve_amp(amp: str, device: torch.device) -> Optional[torch.dtype]:
     if device.type != "cuda":         # (fit() notes an --amp bf16/fp16 ignored on CPU)
         return None
@@ -296,9 +338,8 @@ def resolve_amp(amp: str, device: torch.device) -> Optional[torch.dtype]:
 
 
 class SumLoss(NamedTuple):
-    """An ``extra_loss`` term given as this rank's sum over items (pairs, tokens) and the
-    number of items summed. The loop divides by the items of the whole global batch (summed
-    over ranks each step, like the positives), so N ranks give one process's per-item mean."""
+    """An ``extra_loss`` term as this rank's sum over items (pairs, tokens) and their count; the
+    loop divides by the items of the global batch, so N ranks give one process's per-item mean."""
     total: torch.Tensor     # 0-dim, with its graph, already weighted
     count: float            # items summed over on this rank
 
@@ -308,10 +349,8 @@ class SumLoss(NamedTuple):
 
 
 class _StepLosses(NamedTuple):
-    """The local batch's losses of one step: the model's loss and the per-image-mean extra
-    terms as 0-dim float tensors with their graphs, the :class:`SumLoss` extra terms, the
-    per-image-mean parts detached for the log, and the model's ``num_pos`` (None when its loss
-    is not normalised by positives)."""
+    """The local batch's losses of one step (0-dim, with their graphs): the model's, the per-image
+    mean extra terms, the SumLoss terms; the parts detached for the log; the model's num_pos."""
     gt: torch.Tensor
     extra: torch.Tensor
     sums: dict
@@ -345,13 +384,14 @@ def param_groups(model, params, weight_decay: float, extra=None) -> list[dict]:
 
 
 class Trainer:
-    """The shared loop over a :class:`LoopModel` (see the module docstring for the contract).
+    """The shared loop over a :class:`LoopModel`.
 
     ``extra_loss(ctx) -> {name: 0-dim tensor | SumLoss}`` (already weighted) is added to the
-    model's own ``out["loss"]``; ctx holds model, out, feats, indices, views, dets, sizes,
-    targets, split (``extra_loss.prepare(ctx)``, if it exists, runs before the model's forward).
-    An extra_loss that is an nn.Module trains and checkpoints with the model.
-    ``metric_fn(anno, preds, **eval_kwargs) -> dict`` scores the test split (needed with one).
+    model's ``out["loss"]``; ctx holds model, out, feats, indices, views, dets, sizes, targets,
+    split; ``extra_loss.prepare(ctx)``, if it exists, runs before the model's forward (ctx without
+    out). An extra_loss that is an nn.Module (the student's adapters) trains and checkpoints
+    (``extra_state``) with the model; inference never sees it. ``metric_fn(anno, preds,
+    **eval_kwargs) -> dict`` scores the test split (full, rare, non_rare, unseen, seen are kept).
     """
 
     def __init__(self, model, cfg: LoopConfig, train: Split, feats: FeatureSource, out_dir,
@@ -440,12 +480,12 @@ class Trainer:
         rngs = ck["rng"]
         set_rng_state(rngs[self.d.rank % len(rngs)])
         if self.d.main:   # drop log lines written after the checkpoint (they will be redone)
-            log = self.out / "log.jsonl"
-            if log.exists():
-                lines = read_log_lines(log)
-                keep = [line for line, rec in lines if rec is not None and rec.get("step", 0) <= self.step]
-                if len(keep) != len(lines):       # (an unchanged log is left untouched)
-                    atomic_write_bytes(log, ("\n".join(keep) + ("\n" if keep else "")).encode())
+            trim_log(self.out / "log.jsonl", self.step)
+        self._log_overrides(ck, changed)
+        note(f"resumed from {path}: epoch {self.epoch}, step {self.step}")
+
+    def _log_overrides(self, ck: dict, changed: list) -> None:
+        """The settings a resume changes, logged and kept in the checkpoint (``overrides``)."""
         self.ckpt_extra["overrides"] = list(ck.get("overrides", []))
         for name, old, now in changed:
             rec = {"setting": name, "checkpoint": old, "now": now, "epoch": self.epoch, "step": self.step}
@@ -453,7 +493,6 @@ class Trainer:
             self.log({"kind": "override", **rec})
             if self.d.main:
                 note(f"note: --override {name}: {old!r} in the checkpoint, {now!r} from step {self.step} on")
-        note(f"resumed from {path}: epoch {self.epoch}, step {self.step}")
 
     def _load_optimisation_state(self, ck: dict, path) -> None:
         """Optimiser, scheduler and scaler state from the checkpoint; then THIS run's
@@ -770,3 +809,38 @@ class Trainer:
         if self.d.main:
             print(f"epoch {self.epoch}: " + ", ".join(f"{k} {v:.2f}" for k, v in m.items()
                                                        if isinstance(v, float)), file=sys.stderr)
+
+    def finish(self, name: str) -> dict:
+        """Write the final predictions, metrics and curves of a run (rank 0). A resumed run with
+        nothing left to train (killed after its last checkpoint, before these files) evaluates the
+        checkpoint's weights first, so that every run ends with all of its outputs."""
+        if self.epochs_trained == 0:             # nothing left to train in this session
+            if self.test is not None:
+                self.evaluate()                  # every rank: the evaluation is distributed
+            self.plot()
+        if self.d.main:
+            if self.last_predictions is not None:
+                atomic_write_json(self.out / "predictions_test.json",
+                                  {k: np.asarray(v).tolist() for k, v in self.last_predictions.items()})
+            atomic_write_json(self.out / "metrics.json", self.last_metrics, indent=1)
+            print(json.dumps({"run": name, **self.last_metrics}))
+        return self.last_metrics
+
+
+def run_cli(main_fn) -> None:
+    """main_fn() with the training commands' error contract: bad input (and a file that cannot be
+    read or written) -> one ``error:`` line, exit 2; a non-finite loss -> exit 3. Notes of the
+    set-up are held until the input is valid (common.HeldNotes): a refused command prints its
+    error line alone."""
+    try:
+        with HeldNotes():
+            main_fn()
+    except (TrainInputError, FileNotFoundError, ValueError, KeyError, OSError) as e:
+        print_error(e)
+        sys.exit(2)
+    except NonFiniteLossError as e:
+        print_error(e)
+        sys.exit(3)
+    finally:
+        if tdist.is_initialized():
+            tdist.destroy_process_group()

@@ -8,7 +8,7 @@ import pytest
 import torch
 from test_trainer import make_trainer
 
-from runs import CheckpointError, load_checkpoint
+from runs import RUN_OUTPUTS, CheckpointError, TrainInputError, claim_run_folder, load_checkpoint, resume_path
 
 
 def test_corrupt_or_mismatched_checkpoint_refused(tmp_path):
@@ -54,3 +54,34 @@ def test_checkpoint_contents(tmp_path):
     assert ck["epoch"] == 1 and ck["step"] == 2 and ck["config"]["width"] == 8
     assert not any(k.startswith("vlm.") for k in ck["model"])         # frozen VLM not stored
     assert (tmp_path / "run" / "curves.png").stat().st_size > 0
+
+
+def test_finished_run_name_is_never_reused_without_resume_or_move_aside(tmp_path):
+    """A folder holding a finished run: a new run under its name is refused (nothing moved or
+    removed); --resume from elsewhere is refused too; --move-aside keeps the old run whole as
+    NAME.old-<time> and hands a new, empty folder to the new run."""
+    run = tmp_path / "runs" / "t"
+    run.mkdir(parents=True)
+    files = {n: f"{n} of the finished run".encode() for n in RUN_OUTPUTS}
+    for n, b in files.items():
+        (run / n).write_bytes(b)
+    with pytest.raises(TrainInputError, match=r"t: holds a run already \(last.pt, log.jsonl"):
+        claim_run_folder(run, None, False)
+    with pytest.raises(TrainInputError, match="would mix two runs"):
+        claim_run_folder(run, str(tmp_path / "other.pt"), False)
+    assert {n: (run / n).read_bytes() for n in RUN_OUTPUTS} == files
+    with claim_run_folder(run, None, True) as folder:
+        assert {n: (run / n).read_bytes() for n in RUN_OUTPUTS} == files      # moved only by prepare()
+        folder.prepare()
+        assert list(run.iterdir()) == []
+    old = [p for p in run.parent.iterdir() if p.name.startswith("t.old-")]
+    assert len(old) == 1 and {n: (old[0] / n).read_bytes() for n in RUN_OUTPUTS} == files
+
+
+def test_resume_path(tmp_path):
+    """--resume alone: runs/NAME/last.pt when it exists, else a fresh start; --resume FILE must exist."""
+    assert resume_path(None, tmp_path) is None and resume_path("auto", tmp_path) is None
+    (tmp_path / "last.pt").write_bytes(b"x")
+    assert resume_path("auto", tmp_path) == tmp_path / "last.pt"
+    with pytest.raises(TrainInputError, match="--resume .*nope.pt: checkpoint not found"):
+        resume_path(str(tmp_path / "nope.pt"), tmp_path)
