@@ -1256,7 +1256,9 @@ TARGET_ROW_FIELDS = ("boxes_h", "boxes_o", "object", "hoi", "verb")
 class Split:
     """A dataset split as the loop sees it.
 
-    dataset: a dataset of this file (trainer.py's contract); dets_file: {filename: dets}
+    dataset: ``filenames``, ``ds[i] -> (PIL image, target)``, optionally ``target(i)`` and
+    ``image_path(i)`` (a dataset of this file); a target holds ``size`` (w, h), ``boxes_h``,
+    ``boxes_o`` [N, 4] xyxy and what the model's loss reads. dets_file: {filename: dets}
     (detector output, before ``select``); image_root: folder of the image files; anno: the raw
     annotation handed to the metric; select: callable(dets) -> dets (data.select_boxes with the
     class space's person label); gt_dets: callable(target) -> dets (data.gt_detections).

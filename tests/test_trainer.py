@@ -605,7 +605,7 @@ def test_crop_window_and_view_of():
 def test_views_resume_exact_and_mismatches_refused(tmp_path):
     """Training on 6 views (flip x whole, 0.5 and 0.75 crops): a run stopped after 3 steps and
     resumed ends with the uninterrupted run's weights, bit for bit; a checkpoint of other views
-    (trainer.resume_differences; crops change with --override only at an epoch boundary), or a
+    (runs.resume_differences; crops change with --override only at an epoch boundary), or a
     loop config whose views differ from the split's, is refused."""
     kw = dict(n=8, epochs=2, bs=4, flip=True, crop_scales=(0.5, 0.75))
     ref = make_trainer(tmp_path / "ref", **kw)
