@@ -20,7 +20,7 @@ Roles: "teacher" (the model alone), "student1" / "student2" (a student with one 
 teachers of the same VLM and config, other seeds). Seeded random feature maps of the VLM's
 real width and grid replace the VLM, as a feature cache does in training (no weights are
 downloaded: the towers are built with random weights, then freed by
-trainer.release_unused_towers as in a cached training run).
+cache.release_unused_towers as in a cached training run).
 VLMs: ViT-B-16 at 224 (14 x 14 tokens) and 448 (28 x 28), ViT-L-14 at 336 (24 x 24);
 C = the tower's embed_dim (512 / 768), the width model.vlm_dense_features gives.
 
@@ -82,7 +82,7 @@ def make_batch(class_space, images=8, humans=15, objects=15, gt_pairs=4, size=(6
 
 
 class FixedBatch:
-    """The part of trainer.Split that Trainer.train_step reads, over one fixed batch."""
+    """The part of data.Split that Trainer.train_step reads, over one fixed batch."""
 
     def __init__(self, dets, sizes, targets, views):
         self.dets, self.sizes, self.targets, self.views = dets, sizes, targets, views
@@ -99,7 +99,7 @@ class FixedBatch:
 
 
 class FixedFeatures:
-    """A cached trainer.FeatureSource of ``model``: fixed feature maps [N, C, Gh, Gw]."""
+    """A cached cache.FeatureSource of ``model``: fixed feature maps [N, C, Gh, Gw]."""
 
     def __init__(self, model, feats):
         self.model, self.feats = model, feats
@@ -127,11 +127,12 @@ def build_step(vlm_at, role, impl):
     import open_clip
     import torch
 
+    from cache import release_unused_towers
     from common import data_root
-    from data import HICODet
+    from data import HICODet, Views
     from model import LINK, LINKConfig
     from train_student import Distiller, kd_config, kd_widths, student_parser
-    from trainer import Dist, LoopConfig, Trainer, Views, release_unused_towers
+    from trainer import Dist, LoopConfig, Trainer
 
     vlm, size = vlm_at.split("@")
     size = int(size)

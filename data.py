@@ -20,16 +20,17 @@ Public API (see the README section "Data" for the formats):
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from common import (
     BOX_FRAMES,
@@ -45,6 +46,7 @@ from common import (
     swig_meta_tables,
 )
 from eval import _iou_continuous, _iou_inclusive  # the protocols' IoU of each box frame
+from runs import TrainInputError
 
 __all__ = [
     "ClassSpace", "HICODet", "VCOCO", "SWiGHOI", "collate", "load_detections",
@@ -1121,3 +1123,225 @@ def select_boxes(dets: dict, person_label: int = 0, nms: float = 0.5, score_thre
     if return_index:
         return out, idx
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Splits and views: a dataset split as the training loop sees it (trainer.Trainer, cache.py)
+# ----------------------------------------------------------------------------------------------
+# Views (augmentation with a frozen, cached VLM): a ViT is neither flip- nor scale-equivariant,
+# so each view is encoded on its own and cached ([N, V, C, Gh, Gw]): the whole image, one crop per
+# ``crop_scales`` entry at a fixed, hashed position per image (crop_window), each also mirrored
+# with ``flip``. Each epoch trains every image on one view drawn by view_of from (seed, epoch,
+# index). Boxes follow the view in the split's box frame (view_boxes); detections are mapped into
+# the view before ``select``. Any other image augmentation must bypass the cache.
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The data order of an epoch: a permutation of range(n), a pure function of (seed, epoch)."""
+    g = torch.Generator().manual_seed(int(seed) * 100003 + int(epoch))
+    return torch.randperm(n, generator=g).tolist()
+
+
+def view_of(seed: int, epoch: int, index: int, n_views: int) -> int:
+    """The view (see :class:`Views`) an image is trained on in an epoch, uniform over
+    range(n_views); a pure function of (seed, epoch, index), so a resumed run sees the same
+    views. With 2 views (flip only) the same choice as before crop views existed."""
+    if isinstance(n_views, bool) or n_views < 1:
+        raise TypeError(f"view_of: n_views must be a positive int, got {n_views!r}")
+    if n_views == 1:
+        return 0
+    h = hashlib.blake2b(f"{seed}:{epoch}:{index}".encode(), digest_size=4).digest()
+    return int.from_bytes(h, "little") % n_views
+
+
+#: version of crop_window's placement rule (part of the feature-cache key of crop views)
+CROP_RULE = "blake2b-v1"
+
+
+def crop_window(filename: str, k: int, scale: float, w: int, h: int) -> tuple[int, int, int, int]:
+    """(x0, y0, cw, ch): the k-th crop window of an image of w x h pixels, ``scale`` of its width
+    and height: cw = floor(scale * w + 0.5) (at least 1), ch likewise; its top-left pixel
+    offset (x0, y0) is drawn uniformly from [0, w - cw] x [0, h - ch] by a hash of (file name,
+    k, scale): fixed per image, so that the cache holds it once, and independent of the seed."""
+    cw = min(int(w), max(1, math.floor(scale * w + 0.5)))
+    ch = min(int(h), max(1, math.floor(scale * h + 0.5)))
+    dg = hashlib.blake2b(f"{filename}|{k}|{scale!r}".encode(), digest_size=8).digest()
+    ux, uy = (int.from_bytes(dg[a:a + 4], "little") / 2 ** 32 for a in (0, 4))
+    return int(ux * (w - cw + 1)), int(uy * (h - ch + 1)), cw, ch
+
+
+@dataclass(frozen=True)
+class Views:
+    """The views of each training image (README "Augmentation"), each encoded once into the
+    feature cache: window 0 is the whole image, window k >= 1 the crop ``crop_scales[k - 1]``
+    of its width and height (:func:`crop_window`; squashed to the VLM's input it is a zoom by
+    1 / scale); with ``flip`` every window also comes mirrored. View v = window * F + m (F = 2
+    with flip, else 1; m = 1: mirrored): view 0 is the image itself (evaluation's only view)
+    and flip alone keeps the layout [original, mirrored]."""
+    flip: bool = False
+    crop_scales: tuple = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "flip", bool(self.flip))
+        object.__setattr__(self, "crop_scales", tuple(float(s) for s in self.crop_scales))
+        bad = [s for s in self.crop_scales if not 0 < s < 1]
+        if bad:
+            raise TrainInputError(f"crop scales must lie strictly between 0 and 1 (the whole image is always "
+                                  f"a view), got {bad[0]}")
+
+    @classmethod
+    def of(cls, cfg) -> "Views":
+        """The views a LoopConfig (or its checkpointed dict) asks for."""
+        get = cfg.get if isinstance(cfg, dict) else (lambda k, dflt: getattr(cfg, k, dflt))
+        return cls(get("flip", False), tuple(get("crop_scales", ()) or ()))
+
+    @property
+    def count(self) -> int:
+        return (1 + len(self.crop_scales)) * (2 if self.flip else 1)
+
+    def parts(self, v: int) -> tuple[int, bool]:
+        """(window, mirrored) of view v."""
+        if not 0 <= v < self.count:
+            raise IndexError(f"view {v} out of range for {self.count} views")
+        f = 2 if self.flip else 1
+        return v // f, bool(v % f)
+
+    def key(self) -> str:
+        """What the views add to the feature-cache key: nothing for the whole image and its
+        mirror (the cache's view count names them), else the crop scales and placement rule."""
+        if not self.crop_scales:
+            return ""
+        return "|crops=" + ",".join(repr(s) for s in self.crop_scales) + "@" + CROP_RULE
+
+    def window(self, v: int, filename: str, w: int, h: int) -> tuple[int, int, int, int]:
+        """(x0, y0, cw, ch) of view v's window in image ``filename`` of w x h pixels."""
+        k, _ = self.parts(v)
+        if k == 0:
+            return 0, 0, int(w), int(h)
+        return crop_window(filename, k, self.crop_scales[k - 1], w, h)
+
+
+
+def view_boxes(boxes: torch.Tensor, size: tuple, window: tuple, mirrored: bool,
+               offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, 4] xyxy boxes of an image of ``size`` (w, h) -> (the boxes in the view, Bool[N] kept).
+
+    ``offset`` is the box frame's o (common.BOX_FRAMES: 0 continuous, 1 hico1): the image spans
+    [o, w] and a width is x2 - x1 + o. Crop to window (x0, y0, cw, ch): x' = x - x0, y' = y - y0,
+    clamped to [o, cw] x [o, ch]; a box is kept when its overlap with the window has a positive
+    width and height in the frame's convention (min(x2, x0 + cw) - max(x1, x0 + o) + o > 0),
+    as DETR's crops keep any box with a positive area left. Mirror: x' = cw + o - x, i.e.
+    w - x for continuous boxes and w + 1 - x for 1-based inclusive pixel indices. The whole
+    image's window is no crop (boxes unchanged, all kept)."""
+    b = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+    x0, y0, cw, ch = window
+    keep = torch.ones(len(b), dtype=torch.bool)
+    if (x0, y0, cw, ch) != (0, 0, int(size[0]), int(size[1])):
+        lo = torch.tensor([x0 + offset, y0 + offset], dtype=torch.float32)
+        hi = torch.tensor([x0 + cw, y0 + ch], dtype=torch.float32)
+        overlap = torch.minimum(b[:, 2:], hi) - torch.maximum(b[:, :2], lo) + offset      # [N, 2]
+        keep = (overlap > 0).all(1)
+        shift = torch.tensor([x0, y0, x0, y0], dtype=torch.float32)
+        high = torch.tensor([cw, ch, cw, ch], dtype=torch.float32)
+        b = torch.minimum(torch.clamp(b - shift, min=float(offset)), high)
+    if mirrored:
+        b = b.clone()
+        b[:, 0], b[:, 2] = cw + offset - b[:, 2], cw + offset - b[:, 0]
+    return b, keep
+
+
+
+#: the per-row fields of a target (rows dropped with their boxes when a crop leaves them out)
+TARGET_ROW_FIELDS = ("boxes_h", "boxes_o", "object", "hoi", "verb")
+
+
+class Split:
+    """A dataset split as the loop sees it.
+
+    dataset: ``filenames``, ``ds[i] -> (PIL image, target)``, optionally ``target(i)`` and
+    ``image_path(i)`` (a dataset of this file); a target holds ``size`` (w, h), ``boxes_h``,
+    ``boxes_o`` [N, 4] xyxy and what the model's loss reads. dets_file: {filename: dets}
+    (detector output, before ``select``); image_root: folder of the image files; anno: the raw
+    annotation handed to the metric; select: callable(dets) -> dets (data.select_boxes with the
+    class space's person label); gt_dets: callable(target) -> dets (data.gt_detections).
+    views: the training views (:class:`Views`; evaluation uses view 0 only). frame: the boxes'
+    frame (common.BOX_FRAMES; default the dataset's ``box_frame``, else continuous), which the
+    views' mirror and crop follow. append_gt: add the GT boxes to the detector's in training
+    (SCG's practice; UPT trains on the detector's boxes alone, the default).
+    """
+
+    def __init__(self, dataset, dets_file: dict, image_root, anno: Optional[dict], select: Callable,
+                 gt_dets: Callable, name: str = "split", views: Optional[Views] = None,
+                 frame: Optional[str] = None, append_gt: bool = False):
+        self.ds, self.dets_file, self.anno, self.name = dataset, dets_file, anno, name
+        self.select, self.gt_dets = select, gt_dets
+        self.views = views if views is not None else Views()
+        self.frame = frame or getattr(dataset, "box_frame", "continuous")
+        if self.frame not in BOX_FRAMES:
+            raise TrainInputError(f"split {name}: box frame {self.frame!r} is not one of {sorted(BOX_FRAMES)}")
+        self.append_gt = bool(append_gt)
+        self.filenames = list(dataset.filenames)
+        self.image_root = Path(image_root)
+        if hasattr(dataset, "image_path"):
+            self.image_paths = [Path(dataset.image_path(i)) for i in range(len(self.filenames))]
+        else:
+            self.image_paths = [self.image_root / f for f in self.filenames]
+        self._targets = {}
+
+    def __len__(self):
+        return len(self.filenames)
+
+    def target(self, i: int) -> dict:
+        if i not in self._targets:
+            if hasattr(self.ds, "target"):
+                self._targets[i] = self.ds.target(i)
+            else:
+                self._targets[i] = self.ds[i][1]
+        return self._targets[i]
+
+    def image(self, i: int, view: int = 0):
+        """The PIL image of view ``view`` of image i: its window cropped, then mirrored."""
+        img, tgt = self.ds[i]
+        self._targets.setdefault(i, tgt)
+        if view == 0:
+            return img
+        w, h = tgt["size"]
+        x0, y0, cw, ch = self.views.window(view, self.filenames[i], w, h)
+        if (x0, y0, cw, ch) != (0, 0, w, h):
+            img = img.crop((x0, y0, x0 + cw, y0 + ch))
+        return ImageOps.mirror(img) if self.views.parts(view)[1] else img
+
+    def item(self, i: int, view: int, train: bool):
+        """-> (detections, size (w, h), target) for image i in the given view (its window's
+        size; boxes mapped by view_boxes, boxes and GT rows outside the window dropped), the
+        detections selected by ``select`` in the view. With append_gt, training adds the GT
+        boxes to the detector's first (SCG's practice; docs/training.md)."""
+        tgt = self.target(i)
+        dets = self.dets_file.get(self.filenames[i], _empty_dets())
+        if train and self.append_gt:
+            g = self.gt_dets(tgt)
+            dets = {"boxes": torch.cat([g["boxes"].float(), dets["boxes"].float().reshape(-1, 4)]),
+                    "scores": torch.cat([g["scores"].float(), dets["scores"].float().reshape(-1)]),
+                    "labels": torch.cat([g["labels"].long(), dets["labels"].long().reshape(-1)])}
+        size = tuple(tgt["size"])
+        if view != 0:
+            dets, tgt, size = self._in_view(i, view, dets, tgt)
+        return self.select(dets), size, tgt
+
+    def _in_view(self, i: int, view: int, dets: dict, tgt: dict) -> tuple[dict, dict, tuple]:
+        """Detections and target of image i mapped into view ``view`` -> (dets, target, size)."""
+        w, h = tgt["size"]
+        win = self.views.window(view, self.filenames[i], w, h)
+        mirrored, o = self.views.parts(view)[1], BOX_FRAMES[self.frame]
+        boxes, kd = view_boxes(dets["boxes"], (w, h), win, mirrored, o)
+        dets = {"boxes": boxes[kd], "scores": torch.as_tensor(dets["scores"]).reshape(-1)[kd],
+                "labels": torch.as_tensor(dets["labels"]).reshape(-1)[kd]}
+        bh, kh = view_boxes(tgt["boxes_h"], (w, h), win, mirrored, o)
+        bo, ko = view_boxes(tgt["boxes_o"], (w, h), win, mirrored, o)
+        rows = kh & ko                                 # a GT pair needs both boxes in the window
+        new = dict(tgt, size=(win[2], win[3]), boxes_h=bh[rows], boxes_o=bo[rows])
+        for k in TARGET_ROW_FIELDS[2:]:
+            if k in tgt:
+                new[k] = torch.as_tensor(tgt[k])[rows]
+        return dets, new, (win[2], win[3])
+
+    def fingerprint(self) -> str:
+        return hashlib.sha1("\n".join(self.filenames).encode()).hexdigest()[:16]

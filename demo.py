@@ -73,7 +73,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 import eval as hoi_eval
@@ -89,6 +88,7 @@ from common import (
     number,
     read_json,
 )
+from runs import load_checkpoint
 from viz import draw_interactions, hoi_class_names
 
 ROOT = Path(__file__).resolve().parent
@@ -206,7 +206,7 @@ def _preds(run_dir: Path) -> dict:
 def draw_picture(out: Path, world_paths: dict, student_dir: Path) -> str:
     """The student's top interactions on the test image with the most GT pairs among the first 50."""
     anno = json.loads(Path(world_paths["test_anno"]).read_text())
-    ck = torch.load(student_dir / "last.pt", map_location="cpu", weights_only=False)
+    ck = load_checkpoint(student_dir / "last.pt")
     names = hoi_class_names(ck["class_space"])
     npairs = [len(a["hoi"]) for a in anno["annotation"][:50]]
     j = int(np.argmax(npairs))

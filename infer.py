@@ -115,7 +115,8 @@ from common import (
     unit_float,
 )
 from model import LINK
-from trainer import BUILD_ERRORS, build_error_reason, load_checkpoint, nonfinite_cause, nonfinite_images
+from runs import BUILD_ERRORS, CheckpointError, CheckpointNotFound, build_error_reason, load_checkpoint
+from trainer import nonfinite_cause, nonfinite_images
 from viz import draw_interactions, hoi_class_names, to_rgb, unique_pairs
 
 # ==============================================================================================
@@ -518,17 +519,14 @@ def read_checkpoint_meta(checkpoint):
     (LINKConfig.vlm_config) register themselves when the model is built; a custom tiny VLM
     name that open_clip does not know is refused here, naming the field."""
     path = Path(checkpoint)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: checkpoint not found")
     try:
-        try:
-            ck = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-        except RuntimeError:  # not a zip-format file: mmap is impossible, read it whole
-            ck = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - whatever torch raises for a bad file
-        raise InferError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(ck, dict) or "class_space" not in ck or not isinstance(ck.get("config"), dict):
-        raise InferError(f"{path}: checkpoint has no field 'config' / 'class_space' (not a LINK checkpoint)")
+        ck = load_checkpoint(path, mmap=True)      # runs.py's reader; memory-mapped: the settings only
+    except CheckpointNotFound:
+        raise
+    except CheckpointError as e:
+        raise InferError(str(e)) from None
+    if not isinstance(ck["config"], dict):
+        raise InferError(f"{path}: checkpoint field 'config' is not a dict (not a LINK checkpoint)")
     vlm = ck["config"].get("vlm")
     if isinstance(vlm, str) and vlm.startswith("link-tiny") and vlm != "link-tiny" \
             and not ck["config"].get("vlm_config") and vlm not in open_clip.list_models():

@@ -732,7 +732,7 @@ class LINK(nn.Module):
     @classmethod
     def from_checkpoint(cls, ck: dict, device="cpu") -> "LINK":
         """Rebuild a model from a loaded train_teacher.py checkpoint {config, class_space, model,
-        cache_key} (trainer.load_checkpoint reads the file), on ``device``."""
+        cache_key} (runs.load_checkpoint reads the file), on ``device``."""
         for key in ("config", "class_space", "model"):
             if not isinstance(ck, dict) or key not in ck:
                 raise ValueError(f"checkpoint has no field '{key}'")

@@ -1,49 +1,26 @@
 """Stage 2 of LINK: a student trained from scratch on ground truth plus dense distillation from
 one or several frozen teachers on ALL enumerated pairs.
 
-The training loop is trainer.Trainer and the run set-up train_teacher.py's; this file only adds
+The loop is trainer.Trainer and the run set-up train_teacher.py's; this file adds
 :class:`Distiller` (the ``extra_loss`` hook, with its per-teacher :class:`Adapters`) and the CLI.
+Every teacher gets the student's exact detections, in the same order, on its own frozen VLM's
+features of the same images and views, so pairs align one to one (checked every step:
+PairAlignmentError). KD(f_s, f_t) = T^2 * KL(sigma(f_t / T) || sigma(f_s / T)):
 
-Each step, every teacher is fed the exact same detections, in the same order, as the student
-(the loop builds them once and passes the same list), on its own frozen VLM's features of the
-same images and views (its own feature cache, shared with the teacher's own training when the
-cache key matches). Because the boxes are identical, pairs align one to one; this is checked
-every step (same pair_image and pair_idx), a mismatch raises PairAlignmentError.
+* map level:   latent maps [B, Gh*Gw, d], softmax over the channels of each token
+               (--kd-map-axis positions: over the positions of each channel); a teacher on
+               another grid is resized bilinearly to the student's.
+* query level: every pair's query after the encoder and each decoder layer, softmax over the
+               channels; layers matched by relative depth (:func:`query_layer_map`).
+* logit level: on Psi(O) = logit(P * sigmoid(O)), P the detection prior, one Bernoulli KL per
+               allowed class (kernels.kl_distill_sigmoid; --kd-logit-form softmax: the
+               ablation); impossible classes and, zero-shot, the unseen ones (unless
+               --kd-unseen) are masked out.
 
-KD(f_s, f_t) = T^2 * KL(sigma(f_t / T) || sigma(f_s / T)), rows = tokens / pairs:
-
-* map level:   student latent_map [B, Gh*Gw, d] vs each teacher's, sigma = softmax token-wise
-               over the channels (--kd-map-axis channels), or channel-wise over the positions
-               (--kd-map-axis positions: channel-wise distillation, per image the mean over
-               channels). A teacher whose VLM has another grid is bilinearly resized to the
-               student's grid first.
-* query level: every pair's query after the encoder and after each decoder layer, pair-wise,
-               sigma = softmax over the D channels; layers matched one to one (by relative depth when the
-               teacher has another count, :func:`query_layer_map`), averaged over layers.
-* logit level: on Psi(O) = logit(P * sigmoid(O)) with P the student's detection prior [P, K]
-               (equal to the teachers' since the boxes are the same), so sigmoid(Psi) is the
-               final interaction score; impossible classes (P == 0) are masked out. sigma =
-               sigmoid: one Bernoulli KL per allowed class, summed over the pair's classes
-               (kernels.kl_distill_sigmoid). HOI classification is multi-label, and only this
-               form tells the student that an unlabelled pair IS interacting (or is not): a
-               softmax over a pair's classes cancels P (constant within a pair) and every
-               common shift of the pair's logits (--kd-logit-form softmax, the ablation).
-               Zero-shot: the unseen classes are masked out too (PROTOCOLS.md: unseen
-               classifier rows are never supervised; the teacher's unseen outputs were never
-               trained either), unless --kd-unseen.
-
-Several teachers. Class k means the same for every teacher, so the logit level distils the
-mean of their probabilities. Channel c does not: at the map and query levels each teacher has
-its own KL, through its own learned linear adapter (student channels -> that teacher's
-channels, :class:`Adapters`; this also lets teachers have another d_model / d_latent), and the
-losses are averaged over teachers. The student starts from its own initialisation, so even one
-teacher's channels are not the student's: adapters are on by default (--kd-adapter none for
-the plain KL of equal widths).
-
-Normalisation: each term is a mean per item, the map level per token, the query and logit
-levels per pair (all enumerated pairs of the batch); :class:`trainer.SumLoss` hands the loop
-the sum and the item count, and the loop divides by the count over all data-parallel ranks.
-
+Several teachers: the logit level distils the mean of their probabilities; at the map and query
+levels each teacher has its own KL through its own learned linear adapter (student channels ->
+that teacher's, :class:`Adapters`), averaged over teachers. Each term is a per-item mean
+(:class:`trainer.SumLoss`: tokens, pairs; normalised over all data-parallel ranks).
 loss = loss_gt + w_map * KD_map + w_query * KD_query + w_logit * KD_logit.
 """
 from __future__ import annotations
@@ -56,32 +33,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cache import FeatureSource, release_unused_towers
 from common import OneLineParser, file_digest, nonneg_float, positive_float
 from kernels import kl_distill, kl_distill_sigmoid
 from model import LINK
-from train_teacher import (
-    add_common_args,
-    build_model,
-    fit_and_finish,
-    loop_config,
-    make_sources,
-    metric_for,
-    run_cli,
-    setup_run,
-)
-from trainer import (
-    BUILD_ERRORS,
-    CheckpointError,
-    FeatureSource,
-    SumLoss,
-    Trainer,
-    TrainInputError,
-    build_error_reason,
-    load_checkpoint,
-    plain_dict,
-    release_unused_towers,
-    seed_everything,
-)
+from runs import BUILD_ERRORS, CheckpointError, TrainInputError, build_error_reason, load_checkpoint, plain_dict
+from train_teacher import add_common_args, build_model, fit_and_finish, make_sources, metric_for, setup_run
+from trainer import SumLoss, Trainer, loop_config, run_cli, seed_everything
 
 
 class PairAlignmentError(AssertionError):

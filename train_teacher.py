@@ -1,10 +1,8 @@
 """Stage 1 of LINK: the teacher, trained on ground truth only; and the run set-up the teacher
-and the student share (arguments, model, dataset splits, metric, finishing a run).
+and the student share (arguments, model, dataset splits, metric, resuming and finishing a run).
 
-The loop itself is trainer.py (model-agnostic); train_student.py reuses this file's set-up and
-only adds the distillation terms through the ``extra_loss`` hook of trainer.Trainer.
-
-Usage (see README "Training"):
+The loop is trainer.py's; train_student.py reuses this set-up and adds the distillation terms
+through the ``extra_loss`` hook of trainer.Trainer. Usage (see docs/training.md):
 
     python train_teacher.py --dataset synthetic --world runs/demo/world --name teacher
     python train_teacher.py --dataset hicodet --image-root IMG/train2015 --anno instances_train2015.json \
@@ -13,74 +11,52 @@ Usage (see README "Training"):
     torchrun --nproc_per_node 2 train_teacher.py ...        # data parallel (gloo on CPU, nccl on GPU)
     python train_teacher.py ... --resume                     # continue runs/NAME/last.pt exactly
 
-``--flip`` and ``--crop-scales S ...`` add views of each image (mirrored, cropped) to the feature
-cache (trainer.Views); any other image augmentation must bypass it (``--no-cache``).
-``--cache-dtype float32`` for bit-exact reuse of the encoder's output (float16 by default). The
-design choices of the loop (GT boxes in training with ``--append-gt`` only, the data-parallel
-loss weights) are written down in trainer.py; the training-set rules (zero-shot ``--zero-shot-rule
-pair|label``, HICO-DET's empty images left out unless ``--keep-empty``, the detections' box frame
-``--det-frame hico1|continuous``) in data.py and the README's Data section.
+``--flip`` / ``--crop-scales S ...`` add cached views of each image (data.Views); any other image
+augmentation must bypass the cache (``--no-cache``). The training-set rules (``--zero-shot-rule``,
+``--keep-empty``, ``--det-frame``, ``--append-gt``) are data.py's.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
-import sys
 import typing
 from functools import partial
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
-import torch.distributed as tdist
 
 import world_vlm
+from cache import FeatureSource, release_unused_towers
 from common import (
-    HeldNotes,
     OneLineParser,
-    atomic_write_json,
     file_digest,
-    finite_float,
-    nonneg_float,
     nonneg_int,
     note,
     number,
-    positive_float,
     positive_int,
-    print_error,
     read_json,
     refuse_outputs_over_inputs,
     release_notes,
     unit_float,
 )
-from data import VCOCO, HICODet, SWiGHOI, gt_detections, load_detections, select_boxes
+from data import VCOCO, HICODet, Split, SWiGHOI, Views, gt_detections, load_detections, select_boxes
 from eval import evaluate_hico, evaluate_swig
 from model import LINK, LINKConfig
-from synthetic import make_synthetic_world
-from trainer import (
+from runs import (
     BUILD_ERRORS,
     RUN_OUTPUTS,
-    Dist,
-    FeatureSource,
-    LoopConfig,
-    NonFiniteLossError,
     RunFolder,
-    Split,
-    Trainer,
     TrainInputError,
-    Views,
-    barrier,
     build_error_reason,
     claim_run_folder,
-    init_distributed,
     load_checkpoint,
-    release_unused_towers,
     resume_differences,
-    seed_everything,
+    resume_path,
 )
+from synthetic import make_synthetic_world
+from trainer import Dist, LoopConfig, Trainer, add_loop_args, init_distributed, loop_config, run_cli, seed_everything
 from vlm import register_tiny_vlm
 
 
@@ -129,28 +105,7 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
                    help="VLM input resolution (default: the VLM's own, e.g. 224 for ViT-B-16, 336 for ViT-L-14-336)")
     m.add_argument("--model-opt", action="append", default=[], metavar="KEY=VALUE", type=model_opt,
                    help="any other LINKConfig field (repeatable), typed and range-checked by its field")
-    t = p.add_argument_group("training")
-    helps = {"epochs": "epochs", "batch_size": "GLOBAL batch (images per step over all ranks)",
-             "lr": "AdamW learning rate", "weight_decay": "AdamW weight decay, on weight matrices only",
-             "warmup_steps": "linear warm-up steps", "gamma": "step-schedule decay factor",
-             "clip": "max gradient norm (after unscaling; <= 0: off)", "seed": "seed (init, data order, flips)",
-             "ckpt_every": "also checkpoint every N steps (0: each epoch)",
-             "eval_every": "evaluate every N epochs (0: after the last only)"}
-    choices = {"schedule": ["cosine", "step", "constant"], "amp": ["auto", "none", "bf16", "fp16"]}
-    for f in dataclasses.fields(LoopConfig):
-        if f.name in ("progress", "flip", "crop_scales", "deterministic", "milestones"):
-            continue
-        default = f.default
-        t.add_argument("--" + f.name.replace("_", "-"), type=LOOP_TYPES.get(f.name, type(default)), default=default,
-                       choices=choices.get(f.name), help=helps.get(f.name, f.name) + f" (default {default})")
-    t.add_argument("--milestones", type=positive_int, nargs="*", default=[], help="epochs (step schedule)")
-    t.add_argument("--flip", action="store_true", help="horizontal flips (cache stores both views)")
-    t.add_argument("--crop-scales", type=number(float, lo=0, hi=1, lo_open=True, hi_open=True, what="in (0, 1)"),
-                   nargs="*", default=[], metavar="S",
-                   help="crop views: one crop of S x the image's width and height per S in (0, 1), at a "
-                        "fixed hashed position per image, each cached (and mirrored with --flip)")
-    t.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms")
-    t.add_argument("--no-progress", action="store_true")
+    t = add_loop_args(p)
     t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     t.add_argument("--name", default="teacher", type=run_name, help="run folder runs/NAME")
     t.add_argument("--runs", default="runs")
@@ -168,20 +123,9 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--threads", type=nonneg_int, default=0, help="torch CPU threads (0: default)")
 
 
-def loop_config(args) -> LoopConfig:
-    kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(LoopConfig)
-          if f.name != "progress" and hasattr(args, f.name)}
-    return LoopConfig(progress=not args.no_progress, **kw)
-
-
 # ----------------------------------------------------------------------------------------------
 # Model, splits, metric
 # ----------------------------------------------------------------------------------------------
-#: what the loop's options accept (checked when the command line is parsed)
-LOOP_TYPES = {"epochs": positive_int, "batch_size": positive_int, "lr": positive_float,
-              "weight_decay": nonneg_float, "warmup_steps": nonneg_int, "gamma": positive_float,
-              "clip": finite_float, "seed": nonneg_int, "ckpt_every": nonneg_int, "eval_every": nonneg_int}
-
 #: LINKConfig fields that take a count or a size (>= 1) or a fraction, for --model-opt
 _OPT_RANGES = {"image_size": (1, None), "d_model": (8, None), "d_latent": (1, None), "heads": (1, None),
                "enc_layers": (0, None), "dec_layers": (0, None), "ffn_mult": (1, None), "roi_size": (1, None),
@@ -229,16 +173,11 @@ def _typed(kind, v: str):
         return v.strip().lower() in ("true", "1")
     if kind is int:
         return int(v)
-    if kind is float:
-        x = float(v)
-        if not math.isfinite(x):
-            raise ValueError(v)
-        return x
-    if kind is tuple:
-        xs = tuple(float(x) for x in v.split(","))
+    if kind in (float, tuple):
+        xs = tuple(float(x) for x in v.split(",")) if kind is tuple else (float(v),)
         if not all(math.isfinite(x) for x in xs):
             raise ValueError(v)
-        return xs
+        return xs if kind is tuple else xs[0]
     return v
 
 
@@ -286,7 +225,7 @@ def _synthetic_paths(args, d: Optional[Dist] = None) -> dict:
         note(f"note: generating the synthetic world in {root}")
         make_synthetic_world(root, n_train=args.world_train, n_test=args.world_test,
                              image_size=args.world_size, seed=args.seed)
-    barrier(d)
+    d.barrier()
     return {"root": root, "train_images": root / "images" / "train", "test_images": root / "images" / "test",
             "train_anno": anno, "test_anno": root / "instances_test.json",
             "train_detections": root / "detections_train.json",
@@ -366,20 +305,15 @@ def _build_split(args, which: str, image_root, anno, dets_path, cs):
                  append_gt=train and args.append_gt), cs
 
 
-def eval_kwargs_for(cs) -> dict:
-    return {"zero_shot": list(cs.unseen)} if getattr(cs, "unseen", None) else {}
-
-
 def metric_for(args, cs):
-    """(metric_fn, kwargs) of the dataset: HICO-DET protocol (hicodet, synthetic), the SWiG-HOI
-    protocol (swig), none for V-COCO: the official evaluator needs vcoco_test.json + COCO
-    annotations and role-format predictions, so V-COCO runs only write predictions_test.json
-    (HICO-style rows) and evaluate with eval.py's V-COCO CLI afterwards."""
+    """(metric_fn, kwargs) of the dataset: HICO-DET's protocol (hicodet, synthetic), SWiG-HOI's
+    (swig), none for V-COCO (its evaluator needs role-format predictions and COCO annotations:
+    V-COCO runs write predictions_test.json, scored afterwards with eval.py's V-COCO CLI)."""
     if args.dataset == "swig":
         return (lambda anno, preds: evaluate_swig(anno, preds)), {}
     if args.dataset == "vcoco":
         return (lambda anno, preds: {}), {}
-    return evaluate_hico, eval_kwargs_for(cs)
+    return evaluate_hico, ({"zero_shot": list(cs.unseen)} if getattr(cs, "unseen", None) else {})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -434,8 +368,7 @@ def make_sources(model, args, d, train, test, cache):
 
 
 #: options that may change on --resume: where things are and how the process runs, not what is
-#: trained (the data and teacher files are compared by content, see run_settings; the loop's
-#: options by trainer.resume_differences through LoopConfig)
+#: trained (data and teacher files are compared by content, see run_settings; LoopConfig by runs.py)
 FREE_OPTIONS = {"runs", "name", "resume", "move_aside", "override", "cache", "threads", "device",
                 "no_progress", "kd_impl", "image_root", "test_image_root", "world", "world_train",
                 "world_test", "world_size", "anno", "detections", "test_anno", "test_detections", "teacher",
@@ -443,7 +376,7 @@ FREE_OPTIONS = {"runs", "name", "resume", "move_aside", "override", "cache", "th
 
 
 def run_settings(args) -> dict:
-    """What a resume must find unchanged (trainer.resume_differences): every option of the
+    """What a resume must find unchanged (runs.resume_differences): every option of the
     command line that is neither free (FREE_OPTIONS) nor a LoopConfig field (compared by the
     loop), and under "files" the content hashes of the data files and teacher checkpoints."""
     loop = {f.name for f in dataclasses.fields(LoopConfig)}
@@ -458,24 +391,12 @@ def run_settings(args) -> dict:
     return out
 
 
-def _resume_path(args, folder: Path) -> Optional[Path]:
-    """The checkpoint --resume names (None: no --resume, or --resume alone and none yet)."""
-    if not args.resume:
-        return None
-    path = folder / "last.pt" if args.resume == "auto" else Path(args.resume)
-    if path.exists():
-        return path
-    if args.resume != "auto":
-        raise TrainInputError(f"--resume {path}: checkpoint not found")
-    return None
-
-
 def check_resume(args, folder: Path, role: str) -> None:
-    """Refuse early (before data and caches) a resume that would not continue the same run:
-    trainer.resume_differences on the checkpoint, this command's loop and settings."""
+    """Refuse early (before data and caches) a resume that would not continue the same run
+    (runs.resume_differences on the checkpoint, this command's loop and settings)."""
     if args.override and not args.resume:
         raise TrainInputError("--override changes a resumed run's settings: it needs --resume")
-    path = _resume_path(args, folder)
+    path = resume_path(args.resume, folder)
     if path is not None:
         resume_differences(load_checkpoint(path), path, dataclasses.asdict(loop_config(args)),
                            {"role": role, "settings": run_settings(args)}, args.override)
@@ -486,7 +407,7 @@ def fit_and_finish(trainer: Trainer, args, run: Optional[RunFolder] = None) -> d
     compared, ``--override`` applied), show the held notes, prepare the run folder (see
     RunFolder.prepare), train, finish."""
     trainer.ckpt_extra["settings"] = run_settings(args)
-    path = _resume_path(args, trainer.out)
+    path = resume_path(args.resume, trainer.out)
     if path is not None:
         trainer.resume(path, args.override)
     elif args.resume:
@@ -495,48 +416,11 @@ def fit_and_finish(trainer: Trainer, args, run: Optional[RunFolder] = None) -> d
         release_notes()                 # the command's input is valid: training starts
         if run is not None and trainer.d.main:
             run.prepare()
-        barrier(trainer.d)
+        trainer.d.barrier()
         trainer.fit()
-    metrics = finish(trainer, args.name)   # (nothing to train: evaluated here, notes still held)
+    metrics = trainer.finish(args.name)   # (nothing to train: evaluated here, notes still held)
     release_notes()
     return metrics
-
-
-def finish(trainer: Trainer, name: str) -> dict:
-    """Write the final predictions, metrics and curves of a run (rank 0). A resumed run with
-    nothing left to train (killed after its last checkpoint, before these files) evaluates the
-    checkpoint's weights first, so that every run ends with all of its outputs."""
-    if trainer.epochs_trained == 0:             # nothing left to train in this session
-        if trainer.test is not None:
-            trainer.evaluate()                  # every rank: the evaluation is distributed
-        trainer.plot()
-    if trainer.d.main:
-        preds = trainer.last_predictions
-        if preds is not None:
-            atomic_write_json(trainer.out / "predictions_test.json",
-                              {k: np.asarray(v).tolist() for k, v in preds.items()})
-        atomic_write_json(trainer.out / "metrics.json", trainer.last_metrics, indent=1)
-        print(json.dumps({"run": name, **trainer.last_metrics}))
-    return trainer.last_metrics
-
-
-def run_cli(main_fn) -> None:
-    """main_fn() with the CLI's error contract: bad input (and a file that cannot be read or
-    written) -> one ``error:`` line, exit 2; a non-finite loss -> exit 3. Notes and warnings of
-    the set-up are held until the input is valid (common.HeldNotes), so that a refused command
-    prints its error line alone."""
-    try:
-        with HeldNotes():
-            main_fn()
-    except (TrainInputError, FileNotFoundError, ValueError, KeyError, OSError) as e:
-        print_error(e)
-        sys.exit(2)
-    except NonFiniteLossError as e:
-        print_error(e)
-        sys.exit(3)
-    finally:
-        if tdist.is_initialized():
-            tdist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------------------------

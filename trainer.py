@@ -1,98 +1,30 @@
 """The model-agnostic training loop of LINK, shared by the teacher and the student.
 
-train_teacher.py (teacher CLI, run set-up: arguments, model, splits, metric) and train_student.py
-(adds the distillation through the ``extra_loss`` hook) both drive :class:`Trainer`. Nothing
-here imports model.py, data.py or eval.py; what the loop needs from them is the contract below.
+:class:`Trainer`: AdamW with parameter groups (:func:`param_groups`), warm-up + cosine / step
+schedule, gradient clipping (after unscaling under fp16 AMP), bf16/fp16 autocast on GPU and fp32
+on CPU, atomic checkpoints and exact resume (runs.py reads and checks them), torchrun data
+parallel (:class:`Dist`: one flat gradient all-reduce, gloo on CPU / nccl on GPU) weighted so
+that the averaged gradient is one process's on the global batch, an evaluation that covers
+every image exactly once, runs/NAME/log.jsonl and a PNG of the curves; the commands' loop
+options (:func:`add_loop_args`) and error contract (:func:`run_cli`).
 
-* :class:`Split`          one dataset split: targets, detections (file -> select; GT boxes
-                          appended while training only on request), image paths, the raw
-                          annotation, its box frame and training :class:`Views`.
-* :class:`FeatureCache`   frozen-VLM feature maps computed once per (image, VLM, view), stored as
-                          one memory-mapped file plus an index JSON per cache key; stale caches
-                          (other key, other image list, image mtime/size changed) are rebuilt.
-* :class:`FeatureSource`  the features of a split for one model: the cache or on-the-fly encoding.
-* :class:`Trainer`        AdamW, warm-up + cosine/step schedule, gradient clipping (after
-                          unscaling under fp16 AMP), bf16/fp16 autocast on GPU, plain fp32 on CPU,
-                          atomic checkpoints, full resume (model, optimiser, scheduler, scaler,
-                          RNG states, data order, epoch, step), torchrun data parallel (explicit
-                          gradient all-reduce, gloo on CPU / nccl on GPU), distributed evaluation
-                          that covers every image exactly once, tqdm, runs/NAME/log.jsonl and a PNG
-                          of the curves, the metric after each evaluated epoch.
-
-The contract (model.LINK follows it; tests/test_train.py's StandIn is a 100-line example):
-
-* model, see :class:`LoopModel`: a torch.nn.Module with ``cfg`` (a dataclass) and
-  ``class_space`` (a dataclass or dict), both stored in checkpoints and compared on resume;
-  ``cache_key()``, ``preprocess(images)``, ``encode_images(x)`` (the frozen VLM),
-  ``forward(feats, detections, sizes, targets=None)`` and ``postprocess(out, detections)``.
-  Frozen parameters (requires_grad False) are neither optimised nor checkpointed; a model may
-  say what it stores with ``checkpoint_state_dict()``, and free its frozen image tower with
-  ``release_vlm()`` once every image's features come from the cache (:func:`release_unused_towers`).
-* dataset (inside :class:`Split`): ``filenames``, ``ds[i] -> (PIL image, target dict)`` and
-  optionally ``target(i)`` and ``image_path(i)``; a target holds ``size`` (w, h), ``boxes_h``,
-  ``boxes_o`` [N, 4] xyxy and whatever the model's loss reads.
-* ``metric_fn(anno, predictions, **eval_kwargs) -> dict``: predictions are
-  {filename: ndarray[N, 10]} (hoi, score, human box, object box); the keys full, rare,
-  non_rare, unseen, seen are logged and kept.
-* ``extra_loss(ctx) -> {name: 0-dim tensor | SumLoss}`` (already weighted), added to the
-  model's loss; ``ctx`` holds model, out, feats, indices, views, dets, sizes, targets, split.
-  A plain tensor is a per-image mean; a :class:`SumLoss` is a sum over items (pairs, tokens)
-  with its item count, divided by the items of the whole global batch. An ``extra_loss`` that
-  is a torch.nn.Module (the student's distillation adapters) has its trainable parameters
-  optimised with the model's and its state checkpointed under ``extra_state`` (restored on
-  resume); it is not part of the model's weights, so inference never sees it. An optional
-  ``extra_loss.prepare(ctx)`` runs before the model's forward (ctx without ``out``): the
-  Distiller runs its frozen teachers there, so their forward temporaries never coincide with
-  the model's saved activations (the step's peak memory).
-
-Design choices written down (LINK.md is silent on them):
-
-* GT boxes in training: off by default, as UPT and PViC train on the detector's boxes alone (the
-  candidates then look in training as they will at test time). ``Split(append_gt=True)``
-  (``--append-gt``) is SCG's practice: the ground-truth boxes of the image (score 1.0) are
-  concatenated to the detector's boxes BEFORE the split's ``select`` (data.select_boxes), so they
-  survive NMS and the 3..15 caps and duplicate detections of the same object (IoU > 0.5, same
-  label) are suppressed; every training image then has its labelled pairs among the candidates.
-  Evaluation never sees GT boxes.
-* Data parallel: gradients are averaged by one flat all-reduce per step instead of DDP's
-  bucket hooks, because the number of pairs per image varies and some parameters get no
-  gradient in some steps (DDP would need find_unused_parameters). A global batch of B images is
-  split rank r <- batch[r::W]; per-image-mean losses (distillation) are weighted by
-  n_local * W / n_global, a loss normalised by its positives (the model's focal loss,
-  which reports ``num_pos``) by W * max(pos_local, 1) / max(pos_global, 1), and a
-  :class:`SumLoss` (per-pair / per-token distillation) by W / max(items_global, 1), the
-  positives and items being summed over ranks each step, so that the averaged gradient is
-  exactly the gradient one process computes on the global batch (up to float summation order).
-* Views (augmentation with a frozen, cached VLM): a ViT is neither flip- nor scale-equivariant,
-  so each view is encoded on its own and the cache stores all of them ([N, V, C, Gh, Gw]; the
-  view count and the crop scales are part of the cache key): the whole image, one crop per
-  ``crop_scales`` entry at a fixed, hashed position per image (:func:`crop_window`), each also
-  mirrored with ``flip``. Each epoch trains every image on one view drawn by :func:`view_of`
-  from (seed, epoch, index). Boxes follow the view in the split's box frame (:func:`view_boxes`:
-  mirror x -> w - x in the continuous frame, w + 1 - x for HICO-DET's 1-based inclusive boxes).
-  The detections are mapped into the view before ``select``. Any other image augmentation must
-  bypass the cache.
-* Cache dtype float16 by default (half the disk; CLIP-like features are far below fp16's
-  range); float32 for bit-exact reuse of the encoder's output.
+The contract: the model is a :class:`LoopModel` (model.LINK follows it; tests/test_trainer.py's
+StandIn is a 100-line example), a split a data.Split, its features a cache.FeatureSource;
+``metric_fn(anno, {filename: ndarray[N, 10]}, **eval_kwargs) -> dict``; ``extra_loss(ctx) ->
+{name: 0-dim tensor | SumLoss}`` is added to the model's loss (see :class:`Trainer`).
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import datetime
-import errno
-import fcntl
-import hashlib
 import json
 import math
 import os
-import pickle
 import random
-import re
-import shutil
 import sys
 import time
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Optional, Protocol
@@ -100,25 +32,40 @@ from typing import Any, Callable, NamedTuple, Optional, Protocol
 import numpy as np
 import torch
 import torch.distributed as tdist
-from PIL import ImageOps
 from tqdm import tqdm
 
+from cache import FeatureSource
 from common import (
-    BOX_FRAMES,
-    WriteError,
-    atomic_write,
+    HeldNotes,
     atomic_write_bytes,
     atomic_write_json,
     clean_stale_temps,
-    file_sha256,
-    file_stamp,
-    key_difference,
+    finite_float,
+    nonneg_float,
+    nonneg_int,
     note,
+    number,
+    positive_float,
+    positive_int,
+    print_error,
     write_error,
 )
+from data import Split, Views, epoch_order, view_of
+from runs import (
+    CKPT_VERSION,
+    CheckpointError,
+    TrainInputError,
+    atomic_torch_save,
+    check_checkpoint_matches,
+    load_checkpoint,
+    load_trainable_state,
+    plain_dict,
+    read_log_lines,
+    resume_differences,
+    trainable_state,
+    trim_log,
+)
 from viz import plot_curves
-
-CKPT_VERSION = 1
 
 
 class LoopModel(Protocol):
@@ -146,21 +93,12 @@ class LoopModel(Protocol):
     def postprocess(self, out: dict, detections: list[dict]) -> list:
         """-> per image an array [N, 10]: hoi, score, human box xyxy, object box xyxy."""
 
-    # optional: def no_weight_decay(self) -> set[str], names of matrices AdamW must not decay
-    # (see param_groups; timm's convention)
+    # optional: no_weight_decay() -> set[str], names AdamW must not decay (param_groups; timm's)
 
 
 # ----------------------------------------------------------------------------------------------
-# Errors
+# Errors and RNG state
 # ----------------------------------------------------------------------------------------------
-class TrainInputError(ValueError):
-    """Bad input (file, image, field named in the message). CLIs exit 2."""
-
-
-class CheckpointError(TrainInputError):
-    """A checkpoint that is truncated, corrupt or does not match the run."""
-
-
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or inf; the message names the step and the images."""
 
@@ -171,9 +109,8 @@ class NonFiniteOutputError(TrainInputError):
 
 
 def nonfinite_images(out: dict, rows: list) -> list:
-    """Batch positions of the images with a NaN / inf score: in the model output's ``scores``
-    [P, ...] (pairs of image ``pair_image`` [P]), which postprocess may filter (``score > 0`` is
-    False for NaN), or in the prediction rows [N, 10] themselves."""
+    """Batch positions of the images with a NaN / inf score: in the output's ``scores`` [P, ...]
+    (of image ``pair_image`` [P]; postprocess may drop NaN: ``score > 0`` is False) or in rows."""
     bad = {b for b, r in enumerate(rows) if not np.isfinite(r).all()}
     s, img = out.get("scores"), out.get("pair_image")
     if torch.is_tensor(s) and s.is_floating_point() and s.numel() and torch.is_tensor(img):
@@ -197,9 +134,6 @@ def nonfinite_cause(model: torch.nn.Module, feats: Optional[torch.Tensor], names
     return "features and weights are finite: the model's output overflowed"
 
 
-# ----------------------------------------------------------------------------------------------
-# RNG
-# ----------------------------------------------------------------------------------------------
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2 ** 32))
@@ -228,6 +162,8 @@ def set_rng_state(st: dict) -> None:
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class Dist:
+    """This process's place under torchrun (one process: rank 0 of 1, every method a no-op), with
+    the collectives the loop and the rooms below it (cache.py, runs.py) call."""
     rank: int = 0
     world: int = 1
     local_rank: int = 0
@@ -240,6 +176,48 @@ class Dist:
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            tdist.barrier()
+
+    def all_gather(self, obj) -> list:
+        """[obj of rank 0, obj of rank 1, ...] on every rank (any picklable object)."""
+        if not self.enabled:
+            return [obj]
+        out = [None] * self.world
+        tdist.all_gather_object(out, obj)
+        return out
+
+    def allreduce_grads(self, params: list[torch.nn.Parameter]) -> None:
+        """Average gradients over ranks with one flat all-reduce (None grads count as zeros)."""
+        if not self.enabled or not params:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        has = torch.tensor([float(p.grad is not None) for p in params], device=grads[0].device)
+        flat = torch.cat([g.reshape(-1).float() for g in grads] + [has])
+        tdist.all_reduce(flat)
+        has = flat[-len(params):]
+        flat = flat[:-len(params)] / self.world
+        off = 0
+        for p, h in zip(params, has.tolist()):
+            n = p.numel()
+            # a parameter no rank produced a gradient for stays None (AdamW then skips it, exactly
+            # as in a single process; a zero gradient would still apply weight decay)
+            p.grad = flat[off:off + n].view_as(p).to(p.dtype).clone() if h > 0 else None
+            off += n
+
+    def broadcast(self, module: torch.nn.Module) -> None:
+        """Rank 0's parameters and buffers to every rank."""
+        if self.enabled:
+            with torch.no_grad():
+                for t in list(module.parameters()) + list(module.buffers()):
+                    tdist.broadcast(t.data, 0)
+
+    def shard(self, n: int) -> list[int]:
+        """Evaluation sharding that neither drops nor duplicates: rank r gets r, r+W, r+2W, ...
+        (ranks may get one image fewer; nothing is padded)."""
+        return list(range(self.rank, n, self.world))
 
 
 def init_distributed(device: str = "auto") -> Dist:
@@ -259,53 +237,9 @@ def init_distributed(device: str = "auto") -> Dist:
     return Dist(rank, world, local, dev)
 
 
-def barrier(d: Dist) -> None:
-    if d.enabled:
-        tdist.barrier()
-
-
-def all_gather_objects(obj, d: Dist) -> list:
-    if not d.enabled:
-        return [obj]
-    out = [None] * d.world
-    tdist.all_gather_object(out, obj)
-    return out
-
-
-def allreduce_grads(params: list[torch.nn.Parameter], d: Dist) -> None:
-    """Average gradients over ranks with one flat all-reduce (None grads count as zeros)."""
-    if not d.enabled or not params:
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    has = torch.tensor([float(p.grad is not None) for p in params], device=grads[0].device)
-    flat = torch.cat([g.reshape(-1).float() for g in grads] + [has])
-    tdist.all_reduce(flat)
-    has = flat[-len(params):]
-    flat = flat[:-len(params)] / d.world
-    off = 0
-    for p, h in zip(params, has.tolist()):
-        n = p.numel()
-        # a parameter no rank produced a gradient for stays None (AdamW then skips it, exactly
-        # as in a single process; a zero gradient would still apply weight decay)
-        p.grad = flat[off:off + n].view_as(p).to(p.dtype).clone() if h > 0 else None
-        off += n
-
-
-def broadcast_params(module: torch.nn.Module, d: Dist) -> None:
-    if d.enabled:
-        with torch.no_grad():
-            for t in list(module.parameters()) + list(module.buffers()):
-                tdist.broadcast(t.data, 0)
-
-
-def eval_shard(n: int, rank: int, world: int) -> list[int]:
-    """Evaluation sharding that neither drops nor duplicates: rank r gets r, r+W, r+2W, ...
-    (ranks may get one image fewer; nothing is padded)."""
-    return list(range(rank, n, world))
-
 
 # ----------------------------------------------------------------------------------------------
-# Schedule and data order
+# Schedule
 # ----------------------------------------------------------------------------------------------
 class WarmupSchedule:
     """Multiplier of the base lr at optimiser step s: linear warm-up over ``warmup`` steps then
@@ -329,833 +263,6 @@ class WarmupSchedule:
         span = max(self.total - self.warmup, 1)
         t = min(max(s - self.warmup, 0) / span, 1.0)
         return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
-
-
-def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    """The data order of an epoch: a permutation of range(n), a pure function of (seed, epoch)."""
-    g = torch.Generator().manual_seed(int(seed) * 100003 + int(epoch))
-    return torch.randperm(n, generator=g).tolist()
-
-
-def view_of(seed: int, epoch: int, index: int, n_views: int) -> int:
-    """The view (see :class:`Views`) an image is trained on in an epoch, uniform over
-    range(n_views); a pure function of (seed, epoch, index), so a resumed run sees the same
-    views. With 2 views (flip only) the same choice as before crop views existed."""
-    if isinstance(n_views, bool) or n_views < 1:
-        raise TypeError(f"view_of: n_views must be a positive int, got {n_views!r}")
-    if n_views == 1:
-        return 0
-    h = hashlib.blake2b(f"{seed}:{epoch}:{index}".encode(), digest_size=4).digest()
-    return int.from_bytes(h, "little") % n_views
-
-
-#: version of crop_window's placement rule (part of the feature-cache key of crop views)
-CROP_RULE = "blake2b-v1"
-
-
-def crop_window(filename: str, k: int, scale: float, w: int, h: int) -> tuple[int, int, int, int]:
-    """(x0, y0, cw, ch): the k-th crop window of an image of w x h pixels, ``scale`` of its width
-    and height: cw = floor(scale * w + 0.5) (at least 1), ch likewise; its top-left pixel
-    offset (x0, y0) is drawn uniformly from [0, w - cw] x [0, h - ch] by a hash of (file name,
-    k, scale): fixed per image, so that the cache holds it once, and independent of the seed."""
-    cw = min(int(w), max(1, math.floor(scale * w + 0.5)))
-    ch = min(int(h), max(1, math.floor(scale * h + 0.5)))
-    dg = hashlib.blake2b(f"{filename}|{k}|{scale!r}".encode(), digest_size=8).digest()
-    ux, uy = (int.from_bytes(dg[a:a + 4], "little") / 2 ** 32 for a in (0, 4))
-    return int(ux * (w - cw + 1)), int(uy * (h - ch + 1)), cw, ch
-
-
-@dataclass(frozen=True)
-class Views:
-    """The views of each training image (README "Augmentation"), each encoded once into the
-    feature cache: window 0 is the whole image, window k >= 1 the crop ``crop_scales[k - 1]``
-    of its width and height (:func:`crop_window`; squashed to the VLM's input it is a zoom by
-    1 / scale); with ``flip`` every window also comes mirrored. View v = window * F + m (F = 2
-    with flip, else 1; m = 1: mirrored): view 0 is the image itself (evaluation's only view)
-    and flip alone keeps the layout [original, mirrored]."""
-    flip: bool = False
-    crop_scales: tuple = ()
-
-    def __post_init__(self):
-        object.__setattr__(self, "flip", bool(self.flip))
-        object.__setattr__(self, "crop_scales", tuple(float(s) for s in self.crop_scales))
-        bad = [s for s in self.crop_scales if not 0 < s < 1]
-        if bad:
-            raise TrainInputError(f"crop scales must lie strictly between 0 and 1 (the whole image is always "
-                                  f"a view), got {bad[0]}")
-
-    @classmethod
-    def of(cls, cfg) -> "Views":
-        """The views a LoopConfig (or its checkpointed dict) asks for."""
-        get = cfg.get if isinstance(cfg, dict) else (lambda k, dflt: getattr(cfg, k, dflt))
-        return cls(get("flip", False), tuple(get("crop_scales", ()) or ()))
-
-    @property
-    def count(self) -> int:
-        return (1 + len(self.crop_scales)) * (2 if self.flip else 1)
-
-    def parts(self, v: int) -> tuple[int, bool]:
-        """(window, mirrored) of view v."""
-        if not 0 <= v < self.count:
-            raise IndexError(f"view {v} out of range for {self.count} views")
-        f = 2 if self.flip else 1
-        return v // f, bool(v % f)
-
-    def key(self) -> str:
-        """What the views add to the feature-cache key: nothing for the whole image and its
-        mirror (the cache's view count names them), else the crop scales and placement rule."""
-        if not self.crop_scales:
-            return ""
-        return "|crops=" + ",".join(repr(s) for s in self.crop_scales) + "@" + CROP_RULE
-
-    def window(self, v: int, filename: str, w: int, h: int) -> tuple[int, int, int, int]:
-        """(x0, y0, cw, ch) of view v's window in image ``filename`` of w x h pixels."""
-        k, _ = self.parts(v)
-        if k == 0:
-            return 0, 0, int(w), int(h)
-        return crop_window(filename, k, self.crop_scales[k - 1], w, h)
-
-
-# ----------------------------------------------------------------------------------------------
-# Feature cache
-# ----------------------------------------------------------------------------------------------
-def _image_stamp(path: Path) -> list:
-    """[size, mtime_ns, ctime_ns, inode] of an image file (common.file_stamp)."""
-    try:
-        return list(file_stamp(path))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"image file {path} not found (field: filename)") from None
-
-
-def _same_image(path: Path, stamp: list, sha256: str) -> bool:
-    """Are the image's bytes those the cache was built from? size or mtime changed: no; ctime
-    and inode unchanged: yes (a write would have moved ctime); otherwise (a copied or touched
-    dataset, or a writer that restored size and mtime) the SHA-256 of the whole file decides."""
-    try:
-        now = _image_stamp(path)
-    except FileNotFoundError:
-        return False
-    if now[:2] != stamp[:2]:
-        return False
-    return now[2:] == stamp[2:] or file_sha256(path) == sha256
-
-
-class FeatureCache:
-    """Frozen-VLM feature maps of a list of images, memory-mapped from disk.
-
-    Layout: ``root/<hash of key and image list>/index.json`` and ``feats-<token>.bin`` holding
-    a C-order array [N, V, C, Gh, Gw] (V = 1 view, or 2 with flips: original, mirrored).
-    index.json = {"version", "key", "views", "dtype", "shape": [C, Gh, Gw], "data": file name,
-    "images": [[path, size, mtime_ns, ctime_ns, inode, sha256], ...]}. The index is written last
-    and atomically, and it names its data file, so a crash at any point leaves either the old
-    valid cache or none. The cache is used only when the key (the model's cache_key: VLM, weights
-    content, activation, input size, pixel statistics, dense mode), the image list and every
-    image's bytes match (_same_image: size, mtime, then ctime + inode or the SHA-256 of the whole
-    file); otherwise it is rebuilt (``self.rebuilt`` tells which happened). Indexes of an older
-    version are never reused.
-    """
-
-    def __init__(self, root, key: str, image_paths: list, views: int = 1, dtype: str = "float16"):
-        if dtype not in ("float16", "float32"):
-            raise TrainInputError(f"cache dtype must be float16 or float32, got {dtype!r}")
-        self.key = f"{key}|views={views}|dtype={dtype}"
-        self.paths = [str(Path(p)) for p in image_paths]
-        self.views, self.dtype = int(views), dtype
-        h = hashlib.sha1((self.key + "\n" + "\n".join(self.paths)).encode()).hexdigest()[:16]
-        self.dir = Path(root) / h
-        self.index_path = self.dir / "index.json"
-        self.mm = None
-        self.rebuilt = False
-        self._restamp = None
-
-    def _read_index(self):
-        try:
-            return json.loads(self.index_path.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return None
-
-    def is_valid(self) -> bool:
-        idx = self._read_index()
-        if not idx or idx.get("version") != 2 or idx.get("key") != self.key:
-            return False
-        imgs = idx.get("images", [])
-        if [i[0] for i in imgs] != self.paths:
-            return False
-        if not all(_same_image(Path(p), stamp, sha) for p, *stamp, sha in imgs):
-            return False
-        fresh = [[p] + _image_stamp(Path(p)) + [sha] for p, *_, sha in imgs]
-        self._restamp = fresh if fresh != imgs else None   # same bytes, new ctime / inode
-        data = self.dir / idx["data"]
-        n = len(self.paths) * self.views * int(np.prod(idx["shape"])) * np.dtype(self.dtype).itemsize
-        return data.exists() and data.stat().st_size == n
-
-    def open(self) -> None:
-        idx = self._read_index()
-        self.shape = tuple(idx["shape"])
-        self.mm = np.memmap(self.dir / idx["data"], dtype=self.dtype, mode="r",
-                            shape=(len(self.paths), self.views) + self.shape)
-
-    def ensure(self, encode: Callable, load: Callable, batch_size: int = 16,
-               d: Optional[Dist] = None, progress: bool = True) -> "FeatureCache":
-        """Use the cache if valid, else build it. ``load(i, view) -> PIL image``,
-        ``encode(list[PIL]) -> FloatTensor[B, C, Gh, Gw]``. Rank 0 builds, the others wait."""
-        d = d or Dist()
-        if d.main:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            # an exclusive lock: two runs sharing the cache folder (e.g. demo.py's parallel
-            # chains) never build the same cache at once; the second one finds it valid
-            with open(self.dir / ".lock", "a+") as lk:
-                fcntl.flock(lk, fcntl.LOCK_EX)
-                try:
-                    sweep_cache_folder(self.dir)          # what killed builds left here
-                    sweep_stale_caches(self.dir.parent, skip=self.dir)
-                    if not self.is_valid():
-                        self._build(encode, load, batch_size, progress)
-                        self.rebuilt = True
-                    elif self._restamp:     # a copied / touched dataset: hash it once, not every run
-                        atomic_write_json(self.index_path, {**self._read_index(), "images": self._restamp})
-                except OSError as e:                     # a full disk, a read-only folder, ...
-                    raise e if isinstance(e, WriteError) else write_error(self.dir, e) from None
-                finally:
-                    fcntl.flock(lk, fcntl.LOCK_UN)
-        barrier(d)
-        if not self.is_valid():
-            raise TrainInputError(f"feature cache {self.dir} could not be built")
-        self.open()
-        return self
-
-    def _build(self, encode, load, batch_size, progress) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        stamps = [[p] + _image_stamp(Path(p)) + [file_sha256(p)] for p in self.paths]   # before encoding
-        token = uuid.uuid4().hex[:12]
-        data_name = f"feats-{token}.bin"
-        tmp = self.dir / f".{data_name}.tmp"
-        n = len(self.paths)
-        mm, shape = None, None
-        jobs = [(i, v) for i in range(n) for v in range(self.views)]
-        bar = tqdm(total=len(jobs), desc=f"cache {self.dir.name}", disable=not progress,
-                   leave=False, file=sys.stderr)
-        try:
-            for s in range(0, len(jobs), batch_size):
-                chunk = jobs[s:s + batch_size]
-                with torch.no_grad():
-                    f = encode([load(i, v) for i, v in chunk])          # [b, C, Gh, Gw]
-                f = f.detach().float().cpu().numpy()
-                if mm is None:
-                    shape = tuple(int(x) for x in f.shape[1:])
-                    reserve_file(tmp, n * self.views * math.prod(shape) * np.dtype(self.dtype).itemsize,
-                                 f"{n} images x {self.views} view(s) x {list(shape)} {self.dtype}")
-                    mm = np.memmap(tmp, dtype=self.dtype, mode="r+", shape=(n, self.views) + shape)
-                for (i, v), fi in zip(chunk, f):
-                    mm[i, v] = fi
-                bar.update(len(chunk))
-            bar.close()
-            if mm is None:
-                raise TrainInputError("feature cache: no images to encode")
-            mm.flush()
-            del mm
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.dir / data_name)
-            atomic_write_json(self.index_path, {"version": 2, "key": self.key, "views": self.views,
-                                                "dtype": self.dtype, "shape": list(shape),
-                                                "data": data_name, "images": stamps})
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-        for old in self.dir.glob("feats-*.bin"):          # data files no index names any more
-            if old.name != data_name:
-                with contextlib.suppress(OSError):
-                    old.unlink()
-
-    def get(self, indices: list[int], views: list[int]) -> torch.Tensor:
-        """-> FloatTensor[B, C, Gh, Gw] (float32 copy of the memory-mapped rows)."""
-        arr = np.stack([np.asarray(self.mm[i, v]) for i, v in zip(indices, views)])
-        return torch.from_numpy(arr.astype(np.float32))
-
-
-def reserve_file(path: Path, nbytes: int, what: str) -> None:
-    """Create ``path`` with ``nbytes`` allocated on disk before anything is written through a
-    memory map: a memory-mapped write to a sparse file on a full disk kills the process with
-    SIGBUS and no message. The free space is checked first (one-line TrainInputError naming
-    the folder and the sizes); file systems without posix_fallocate get a sparse file, guarded
-    by the free-space check only."""
-    def too_big() -> TrainInputError:
-        gib, free = 1024 ** 3, shutil.disk_usage(path.parent).free
-        return TrainInputError(f"feature cache {path.parent}: needs {nbytes / gib:.2f} GiB ({what}) but only "
-                               f"{free / gib:.2f} GiB are free on that disk: free some space, put --cache on "
-                               f"another disk, or pass --no-cache")
-    if nbytes > shutil.disk_usage(path.parent).free:
-        raise too_big()
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        try:
-            os.posix_fallocate(fd, 0, max(nbytes, 1))
-        except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise too_big() from None
-            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-                raise
-            os.ftruncate(fd, nbytes)
-    finally:
-        os.close(fd)
-
-
-def sweep_cache_folder(folder: Path) -> None:
-    """Remove what killed builds left in a cache folder whose lock the caller holds: temp files
-    (a dataset-sized ``.feats-*.bin.tmp`` per interrupted build) and data files that its index
-    does not name (a build killed between its data file and its index)."""
-    try:
-        named = json.loads((folder / "index.json").read_text()).get("data")
-    except (OSError, ValueError, AttributeError):
-        named = None
-    for p in list(folder.glob(".*.tmp")) + [p for p in folder.glob("feats-*.bin") if p.name != named]:
-        with contextlib.suppress(OSError):
-            p.unlink()
-
-
-def sweep_stale_caches(root: Path, skip: Optional[Path] = None) -> None:
-    """sweep_cache_folder on every other cache folder of ``root`` whose lock is free right now;
-    a folder whose builder is running (lock held) is left alone."""
-    for lock in root.glob("*/.lock"):
-        if skip is not None and lock.parent == skip:
-            continue
-        with contextlib.suppress(OSError), open(lock, "a+") as lk:
-            try:
-                fcntl.flock(lk, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                continue                          # a build in progress
-            try:
-                sweep_cache_folder(lock.parent)
-            finally:
-                fcntl.flock(lk, fcntl.LOCK_UN)
-
-
-# ----------------------------------------------------------------------------------------------
-# Data
-# ----------------------------------------------------------------------------------------------
-def view_boxes(boxes: torch.Tensor, size: tuple, window: tuple, mirrored: bool,
-               offset: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """[N, 4] xyxy boxes of an image of ``size`` (w, h) -> (the boxes in the view, Bool[N] kept).
-
-    ``offset`` is the box frame's o (common.BOX_FRAMES: 0 continuous, 1 hico1): the image spans
-    [o, w] and a width is x2 - x1 + o. Crop to window (x0, y0, cw, ch): x' = x - x0, y' = y - y0,
-    clamped to [o, cw] x [o, ch]; a box is kept when its overlap with the window has a positive
-    width and height in the frame's convention (min(x2, x0 + cw) - max(x1, x0 + o) + o > 0),
-    as DETR's crops keep any box with a positive area left. Mirror: x' = cw + o - x, i.e.
-    w - x for continuous boxes and w + 1 - x for 1-based inclusive pixel indices. The whole
-    image's window is no crop (boxes unchanged, all kept)."""
-    b = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
-    x0, y0, cw, ch = window
-    keep = torch.ones(len(b), dtype=torch.bool)
-    if (x0, y0, cw, ch) != (0, 0, int(size[0]), int(size[1])):
-        lo = torch.tensor([x0 + offset, y0 + offset], dtype=torch.float32)
-        hi = torch.tensor([x0 + cw, y0 + ch], dtype=torch.float32)
-        overlap = torch.minimum(b[:, 2:], hi) - torch.maximum(b[:, :2], lo) + offset      # [N, 2]
-        keep = (overlap > 0).all(1)
-        shift = torch.tensor([x0, y0, x0, y0], dtype=torch.float32)
-        high = torch.tensor([cw, ch, cw, ch], dtype=torch.float32)
-        b = torch.minimum(torch.clamp(b - shift, min=float(offset)), high)
-    if mirrored:
-        b = b.clone()
-        b[:, 0], b[:, 2] = cw + offset - b[:, 2], cw + offset - b[:, 0]
-    return b, keep
-
-
-def _empty_dets() -> dict:
-    return {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long)}
-
-
-#: the per-row fields of a target (rows dropped with their boxes when a crop leaves them out)
-TARGET_ROW_FIELDS = ("boxes_h", "boxes_o", "object", "hoi", "verb")
-
-
-class Split:
-    """A dataset split as the loop sees it.
-
-    dataset: see the module docstring (a data.py dataset); dets_file: {filename: dets}
-    (detector output, before ``select``); image_root: folder of the image files; anno: the raw
-    annotation handed to the metric; select: callable(dets) -> dets (data.select_boxes with the
-    class space's person label); gt_dets: callable(target) -> dets (data.gt_detections).
-    views: the training views (:class:`Views`; evaluation uses view 0 only). frame: the boxes'
-    frame (common.BOX_FRAMES; default the dataset's ``box_frame``, else continuous), which the
-    views' mirror and crop follow. append_gt: add the GT boxes to the detector's in training
-    (SCG's practice; UPT trains on the detector's boxes alone, the default).
-    """
-
-    def __init__(self, dataset, dets_file: dict, image_root, anno: Optional[dict], select: Callable,
-                 gt_dets: Callable, name: str = "split", views: Optional[Views] = None,
-                 frame: Optional[str] = None, append_gt: bool = False):
-        self.ds, self.dets_file, self.anno, self.name = dataset, dets_file, anno, name
-        self.select, self.gt_dets = select, gt_dets
-        self.views = views if views is not None else Views()
-        self.frame = frame or getattr(dataset, "box_frame", "continuous")
-        if self.frame not in BOX_FRAMES:
-            raise TrainInputError(f"split {name}: box frame {self.frame!r} is not one of {sorted(BOX_FRAMES)}")
-        self.append_gt = bool(append_gt)
-        self.filenames = list(dataset.filenames)
-        self.image_root = Path(image_root)
-        if hasattr(dataset, "image_path"):
-            self.image_paths = [Path(dataset.image_path(i)) for i in range(len(self.filenames))]
-        else:
-            self.image_paths = [self.image_root / f for f in self.filenames]
-        self._targets = {}
-
-    def __len__(self):
-        return len(self.filenames)
-
-    def target(self, i: int) -> dict:
-        if i not in self._targets:
-            if hasattr(self.ds, "target"):
-                self._targets[i] = self.ds.target(i)
-            else:
-                self._targets[i] = self.ds[i][1]
-        return self._targets[i]
-
-    def image(self, i: int, view: int = 0):
-        """The PIL image of view ``view`` of image i: its window cropped, then mirrored."""
-        img, tgt = self.ds[i]
-        self._targets.setdefault(i, tgt)
-        if view == 0:
-            return img
-        w, h = tgt["size"]
-        x0, y0, cw, ch = self.views.window(view, self.filenames[i], w, h)
-        if (x0, y0, cw, ch) != (0, 0, w, h):
-            img = img.crop((x0, y0, x0 + cw, y0 + ch))
-        return ImageOps.mirror(img) if self.views.parts(view)[1] else img
-
-    def item(self, i: int, view: int, train: bool):
-        """-> (detections, size (w, h), target) for image i in the given view (its window's
-        size; boxes mapped by view_boxes, boxes and GT rows outside the window dropped), the
-        detections selected by ``select`` in the view. With append_gt, training adds the GT
-        boxes to the detector's first (see module docstring)."""
-        tgt = self.target(i)
-        dets = self.dets_file.get(self.filenames[i], _empty_dets())
-        if train and self.append_gt:
-            g = self.gt_dets(tgt)
-            dets = {"boxes": torch.cat([g["boxes"].float(), dets["boxes"].float().reshape(-1, 4)]),
-                    "scores": torch.cat([g["scores"].float(), dets["scores"].float().reshape(-1)]),
-                    "labels": torch.cat([g["labels"].long(), dets["labels"].long().reshape(-1)])}
-        size = tuple(tgt["size"])
-        if view != 0:
-            dets, tgt, size = self._in_view(i, view, dets, tgt)
-        return self.select(dets), size, tgt
-
-    def _in_view(self, i: int, view: int, dets: dict, tgt: dict) -> tuple[dict, dict, tuple]:
-        """Detections and target of image i mapped into view ``view`` -> (dets, target, size)."""
-        w, h = tgt["size"]
-        win = self.views.window(view, self.filenames[i], w, h)
-        mirrored, o = self.views.parts(view)[1], BOX_FRAMES[self.frame]
-        boxes, kd = view_boxes(dets["boxes"], (w, h), win, mirrored, o)
-        dets = {"boxes": boxes[kd], "scores": torch.as_tensor(dets["scores"]).reshape(-1)[kd],
-                "labels": torch.as_tensor(dets["labels"]).reshape(-1)[kd]}
-        bh, kh = view_boxes(tgt["boxes_h"], (w, h), win, mirrored, o)
-        bo, ko = view_boxes(tgt["boxes_o"], (w, h), win, mirrored, o)
-        rows = kh & ko                                 # a GT pair needs both boxes in the window
-        new = dict(tgt, size=(win[2], win[3]), boxes_h=bh[rows], boxes_o=bo[rows])
-        for k in TARGET_ROW_FIELDS[2:]:
-            if k in tgt:
-                new[k] = torch.as_tensor(tgt[k])[rows]
-        return dets, new, (win[2], win[3])
-
-    def fingerprint(self) -> str:
-        return hashlib.sha1("\n".join(self.filenames).encode()).hexdigest()[:16]
-
-
-class FeatureSource:
-    """Features of a split for one frozen VLM: the cache, or on-the-fly encoding (no cache)."""
-
-    def __init__(self, model, split: Split, cache_root=None, views: Optional[int] = None, dtype: str = "float16",
-                 d: Optional[Dist] = None, batch_size: int = 16, progress: bool = True):
-        """views: the split's view count (split.views.count, the default); another number is
-        refused rather than caching views the split does not produce."""
-        if views is not None and views != split.views.count:
-            raise TrainInputError(f"feature source of split {split.name}: {views} views asked, the split has "
-                                  f"{split.views.count} ({split.views})")
-        self.model, self.split, self.views = model, split, split.views.count
-        self.device = d.device if d else torch.device("cpu")
-        self.cache = None
-        if cache_root is not None:
-            self.cache = FeatureCache(cache_root, model.cache_key() + split.views.key(), split.image_paths,
-                                      self.views, dtype)
-            self.cache.ensure(self._encode, split.image, batch_size, d, progress)
-
-    def _encode(self, images) -> torch.Tensor:
-        x = self.model.preprocess(images).to(self.device)          # [B, 3, S, S]
-        with torch.no_grad():
-            return self.model.encode_images(x)                       # [B, C, Gh, Gw]
-
-    def get(self, indices: list[int], views: list[int]) -> torch.Tensor:
-        if self.cache is not None:
-            return self.cache.get(indices, views).to(self.device)
-        return self._encode([self.split.image(i, v) for i, v in zip(indices, views)])
-
-
-def release_unused_towers(sources: list) -> int:
-    """Free the frozen image tower (``model.release_vlm()``) of every model all of whose
-    FeatureSources read a cache: from then on training and evaluation never run it, and a frozen
-    ViT-L/14 tower is 1.1 GiB of memory per model. A model with a source without cache
-    (``--no-cache``) keeps its tower. Pass every source of the run (None entries are skipped);
-    -> the number of models released."""
-    models = {}
-    for s in sources:
-        if s is not None:
-            models.setdefault(id(s.model), [s.model, True])[1] &= s.cache is not None
-    released = 0
-    for model, cached in models.values():
-        if cached and hasattr(model, "release_vlm"):
-            model.release_vlm()
-            released += 1
-    if released and torch.cuda.is_available():
-        torch.cuda.empty_cache()          # hand the towers' blocks back to the device
-    return released
-
-
-# ----------------------------------------------------------------------------------------------
-# Model state and checkpoints
-# ----------------------------------------------------------------------------------------------
-def trainable_state(model: torch.nn.Module) -> dict:
-    """state_dict without the frozen VLM (model.checkpoint_state_dict() if it has one, else the
-    state_dict minus the parameters that do not require grad)."""
-    if hasattr(model, "checkpoint_state_dict"):
-        return model.checkpoint_state_dict()
-    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
-    return {k: v for k, v in model.state_dict().items() if k not in frozen}
-
-
-def load_trainable_state(model: torch.nn.Module, state: dict) -> None:
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    trainable = set(trainable_state(model))
-    miss = [k for k in missing if k in trainable]
-    if miss or unexpected:
-        raise CheckpointError(f"checkpoint weights do not fit the model: missing {miss[:5]}, "
-                              f"unexpected {list(unexpected)[:5]}")
-
-
-def plain_dict(x) -> dict:
-    """A dataclass or mapping as a plain dict (how configs and class spaces are checkpointed)."""
-    return asdict(x) if dataclasses.is_dataclass(x) else dict(x)
-
-
-def atomic_torch_save(obj, path) -> None:
-    """torch.save through common.atomic_write: a crash leaves the old checkpoint or the new one."""
-    atomic_write(path, lambda f: torch.save(obj, f))
-
-
-#: what building a model from a file can raise when the file is not what it should be
-BUILD_ERRORS = (ValueError, KeyError, IndexError, TypeError, RuntimeError, EOFError, pickle.UnpicklingError)
-
-
-def build_error_reason(e: BaseException) -> str:
-    """The useful line of a library's error (one line): torch's size-mismatch list as 'size
-    mismatch for W: [a, b] in the checkpoint, [c, d] in the model (and N more)', torch.load's
-    weights_only refusal as its own reason without the advice paragraphs, else the first line."""
-    text = str(e)
-    sizes = re.findall(r"size mismatch for (\S+): copying a param with shape torch\.Size\(\[(.*?)\]\) from "
-                       r"checkpoint, the shape in current model is torch\.Size\(\[(.*?)\]\)", text)
-    if sizes:
-        n, a, b = sizes[0]
-        more = f" (and {len(sizes) - 1} more)" if len(sizes) > 1 else ""
-        return f"size mismatch for {n}: [{a}] in the checkpoint, [{b}] in the model{more}"
-    lines = [line.strip() for line in text.splitlines() if line.strip()] or [type(e).__name__]
-    if lines[0].startswith("Weights only load failed"):
-        m = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\s*\n|$)", text, re.S)
-        why = " ".join(m.group(1).split()).split(". Please use")[0] if m else "not a plain tensor file"
-        return f"torch.load with weights_only=True refuses it ({why})"
-    return lines[0] if isinstance(e, ValueError) else f"{type(e).__name__}: {lines[0]}"
-
-
-def load_checkpoint(path, map_location="cpu") -> dict:
-    """torch.load with clear errors for missing, truncated or foreign files."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint {path} not found")
-    try:
-        ck = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:  # truncated zip, garbage bytes, ...
-        raise CheckpointError(f"checkpoint {path} is truncated or corrupt "
-                              f"({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
-    if not isinstance(ck, dict) or ck.get("version") != CKPT_VERSION or "model" not in ck:
-        raise CheckpointError(f"checkpoint {path} is not a LINK checkpoint of version {CKPT_VERSION} "
-                              f"(field: version)")
-    for k in ("config", "class_space"):
-        if k not in ck:
-            raise CheckpointError(f"checkpoint {path} lacks the field {k!r}")
-    return ck
-
-
-def check_checkpoint_matches(ck: dict, model, path, fingerprint: Optional[str] = None,
-                             class_space=None) -> None:
-    """Refuse a checkpoint whose config / class space / training images differ from the run's."""
-    cfg = plain_dict(model.cfg)
-    cs = plain_dict(class_space if class_space is not None else model.class_space)
-    if ck["config"] != cfg:
-        diff = sorted(k for k in set(cfg) | set(ck["config"]) if cfg.get(k) != ck["config"].get(k))
-        raise CheckpointError(f"checkpoint {path} has a different model config (fields: {diff[:6]})")
-    if ck["class_space"] != cs:
-        diff = sorted(k for k in set(cs) | set(ck["class_space"]) if cs.get(k) != ck["class_space"].get(k))
-        raise CheckpointError(f"checkpoint {path} has a different class space (fields: {diff[:6]})")
-    if ck.get("cache_key") not in (None, model.cache_key()):
-        raise CheckpointError(f"checkpoint {path} was trained on other frozen-VLM features (field: cache_key; "
-                              f"{key_difference(ck['cache_key'], model.cache_key())})")
-    if fingerprint is not None and ck.get("data_fingerprint") not in (None, fingerprint):
-        raise CheckpointError(f"checkpoint {path} was trained on a different image list "
-                              f"(field: data_fingerprint)")
-
-
-# ----------------------------------------------------------------------------------------------
-# The run folder: one run per folder, one process at a time
-# ----------------------------------------------------------------------------------------------
-#: what a run writes into runs/NAME (the Trainer and train_teacher.finish)
-RUN_OUTPUTS = ("last.pt", "log.jsonl", "metrics.json", "predictions_test.json", "curves.png")
-
-
-class RunFolder:
-    """``runs/NAME`` claimed by one training process.
-
-    The lock is an exclusive ``flock`` on the folder itself (no lock file is written), taken
-    without waiting and held until :meth:`release` or the end of the process (a killed process
-    releases it). Claiming refuses: another live process on the same name (its pid named, from
-    /proc/locks where available); a folder holding a run (any of RUN_OUTPUTS) unless the run is
-    resumed from its own checkpoint, or moved aside first (``move_aside``: renamed to
-    ``NAME.old-YYYYmmdd-HHMMSS``, whole); a ``resume`` checkpoint from elsewhere into a folder
-    that holds another run. A run killed before its first checkpoint left only a log (and
-    curves): ``--resume`` starts it again and removes them, so that a log holds one run. A
-    folder this claim created is removed again by release() if it stayed empty.
-    """
-
-    def __init__(self, path):
-        self.path = Path(path)
-        self._fd = None
-        self._created = False
-        self.pending: Optional[str] = None     # "move_aside" | "restart": done by prepare()
-
-    def existing(self) -> list:
-        return [n for n in RUN_OUTPUTS if (self.path / n).exists()]
-
-    def claim(self, resume: Optional[str] = None, move_aside: bool = False) -> "RunFolder":
-        """Lock and check the folder (rank 0's job); raises TrainInputError naming the folder."""
-        if resume and move_aside:
-            raise TrainInputError("--resume and --move-aside exclude each other: resume the run in "
-                                  f"{self.path}, or move it aside and start a new one")
-        self._acquire()
-        try:
-            self._check(resume, move_aside)
-        except BaseException:
-            self.release()
-            raise
-        return self
-
-    def _acquire(self) -> None:
-        self._created = not self.path.exists()
-        self.path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = _flock_holder(fd)
-            os.close(fd)
-            raise TrainInputError(f"{self.path}: another training process (pid {holder}) is using this "
-                                  f"run name; wait for it to finish or choose another --name") from None
-        self._fd = fd
-
-    def _check(self, resume: Optional[str], move_aside: bool) -> None:
-        have = self.existing()
-        if move_aside:
-            self.pending = "move_aside" if any(self.path.iterdir()) else None
-            return
-        if not have:
-            return
-        listing = ", ".join(have)
-        if not resume:
-            raise TrainInputError(f"{self.path}: holds a run already ({listing}); pass --resume to continue "
-                                  f"it, --move-aside to keep it as {self.path.name}.old-<time>, or choose "
-                                  f"another --name")
-        own = self.path / "last.pt"
-        if resume != "auto" and not _same_file(resume, own):
-            raise TrainInputError(f"{self.path}: holds a run already ({listing}); resuming from {resume} here "
-                                  f"would mix two runs: pass --move-aside or choose another --name")
-        if not own.exists():
-            if {"metrics.json", "predictions_test.json"} & set(have):
-                raise TrainInputError(f"{self.path}: holds the outputs of a run ({listing}) but no checkpoint "
-                                      f"last.pt to resume; pass --move-aside or choose another --name")
-            self.pending = "restart"   # killed before its first checkpoint: start it again
-
-    def prepare(self) -> None:
-        """Do what claim() decided once the run is about to train (the command's input is
-        valid by then, so a refused command moves or removes nothing): move the old run aside,
-        or remove the log of a run that never reached its first checkpoint."""
-        if self.pending == "move_aside":
-            self._move_aside()
-        elif self.pending == "restart":
-            have = self.existing()
-            for n in have:
-                (self.path / n).unlink()
-            print(f"note: {self.path} has no checkpoint (the run stopped before its first one): "
-                  f"starting it again, its log ({', '.join(have)}) removed", file=sys.stderr)
-        self.pending = None
-
-    def _move_aside(self) -> None:
-        """Rename the locked folder (the lock goes with it), lock a new empty one, let go of the old."""
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        dest = self.path.with_name(f"{self.path.name}.old-{stamp}")
-        k = 2
-        while dest.exists():
-            dest = self.path.with_name(f"{self.path.name}.old-{stamp}-{k}")
-            k += 1
-        os.rename(self.path, dest)
-        old = self._fd
-        self._fd = None
-        try:
-            self._acquire()
-            self._created = False
-        finally:
-            os.close(old)
-        print(f"note: the previous run in {self.path} was moved to {dest}", file=sys.stderr)
-
-    def release(self) -> None:
-        if self._fd is not None:
-            if self._created:
-                with contextlib.suppress(OSError):    # only if empty: a refused run leaves nothing
-                    self.path.rmdir()
-            os.close(self._fd)
-            self._fd = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.release()
-
-
-def _flock_holder(fd: int) -> str:
-    """The pid holding a flock on the file open as ``fd`` (Linux /proc/locks), else '?'."""
-    st = os.fstat(fd)
-    ident = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/locks").read_text().splitlines():
-            f = line.split()
-            if len(f) >= 6 and f[1] == "FLOCK" and f[5] == ident:
-                return f[4]
-    return "?"
-
-
-def _same_file(a, b) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return os.path.abspath(a) == os.path.abspath(b)
-
-
-def claim_run_folder(path, resume: Optional[str], move_aside: bool, d: Optional[Dist] = None) -> RunFolder:
-    """RunFolder(path).claim(...) on rank 0; under torchrun every rank gets rank 0's refusal
-    (the same one-line error) instead of waiting at the next barrier."""
-    d = d or Dist()
-    run, err = RunFolder(path), None
-    if d.main:
-        try:
-            run.claim(resume, move_aside)
-        except TrainInputError as e:
-            err = str(e)
-    err = all_gather_objects(err, d)[0]
-    if err is not None:
-        raise TrainInputError(err)
-    return run
-
-
-# ----------------------------------------------------------------------------------------------
-# Resume: the same run
-# ----------------------------------------------------------------------------------------------
-#: LoopConfig fields that may change on resume: they change when things are saved or shown,
-#: not what is trained
-LOOP_FREE = ("progress", "ckpt_every", "eval_every")
-
-#: why a setting is compared, for the messages of the ones users change most
-RESUME_HINTS = {"epochs": "the learning-rate schedule spans the planned epochs; --override epochs "
-                          "continues on the schedule of a run planned for the new number"}
-
-
-def read_log_lines(path) -> list:
-    """[(line, record or None)] of a log.jsonl; a line that does not parse (a torn last line of a
-    killed writer) gets None instead of stopping the reader."""
-    out = []
-    for line in Path(path).read_text(errors="replace").splitlines():
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            rec = None
-        out.append((line, rec if isinstance(rec, dict) else None))
-    return out
-
-
-def _plain(x):
-    if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
-    if isinstance(x, dict):
-        return {k: _plain(v) for k, v in x.items()}
-    return x
-
-
-def setting_differences(stored: dict, now: dict, prefix: str = "") -> list:
-    """[(name, stored value, current value)] for every setting present in both that differs;
-    nested dicts by dotted name (files.anno). Settings only one side has (a checkpoint from an
-    older version) are not compared."""
-    out = []
-    for k in sorted(set(stored) & set(now)):
-        a, b = _plain(stored[k]), _plain(now[k])
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += setting_differences(a, b, f"{prefix}{k}.")
-        elif a != b:
-            out.append((prefix + k, a, b))
-    return out
-
-
-def _setting_names(d: dict, prefix: str = "") -> set:
-    names = set()
-    for k, v in d.items():
-        names |= _setting_names(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k}
-    return names
-
-
-def _option(name: str) -> str:
-    """files.test_anno -> --test-anno (file content); lr -> --lr."""
-    base = name.split(".")[-1]
-    opt = "--" + base.replace("_", "-")
-    return f"{opt} (file content)" if name.startswith("files.") else opt
-
-
-def resume_differences(ck: dict, path, loop: dict, extra: dict, overrides=()) -> list:
-    """The settings a resume changes: [(name, checkpoint value, this run's value)], all of them
-    named in ``overrides``; raises CheckpointError for another role (a teacher never resumes
-    from a student checkpoint or the reverse), an override naming no setting, or a setting that
-    differs without an override. Compared: every LoopConfig field but LOOP_FREE (checkpoint
-    ``loop``) and every entry of the run's ``settings`` (ckpt_extra, written by the CLI: its
-    options and the content hashes of its data and teacher files)."""
-    role_now, role_ck = extra.get("role"), ck.get("role")
-    if role_now and role_ck and role_now != role_ck:
-        raise CheckpointError(f"checkpoint {path} is a {role_ck} checkpoint and this is a {role_now} run: "
-                              f"a {role_now} never resumes from a {role_ck} checkpoint")
-    now = {"loop": {k: v for k, v in loop.items() if k not in LOOP_FREE}}
-    stored = {"loop": {k: v for k, v in (ck.get("loop") or {}).items() if k not in LOOP_FREE}}
-    if isinstance(extra.get("settings"), dict) and isinstance(ck.get("settings"), dict):
-        now["settings"], stored["settings"] = extra["settings"], ck["settings"]
-    diffs = [(n.split(".", 1)[1], a, b) for n, a, b in setting_differences(stored, now)]
-    known = {n.split(".", 1)[1] for n in _setting_names(now)}
-    want = {o.strip().lstrip("-").replace("-", "_") for o in overrides}
-    for o in sorted(want):
-        if not any(o in (k, k.split(".")[-1]) for k in known):
-            raise CheckpointError(f"--override {o}: no such setting (settings: {', '.join(sorted(known))})")
-    refused = [d for d in diffs if not ({d[0], d[0].split(".")[-1]} & want)]
-    if refused:
-        what = "; ".join(f"{_option(n)}: {a!r} in the checkpoint, {b!r} now" for n, a, b in refused[:4])
-        more = f" and {len(refused) - 4} more" if len(refused) > 4 else ""
-        hint = "".join(f" ({RESUME_HINTS[n]})" for n, _, _ in refused[:4] if n in RESUME_HINTS)
-        names = " ".join(f"--override {n.split('.')[-1]}" for n, _, _ in refused[:4])
-        raise CheckpointError(f"checkpoint {path}: resuming would not continue the same run: {what}{more}{hint}; "
-                              f"use the checkpoint's values, or change them from here with {names} (logged)")
-    return diffs
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1182,6 +289,46 @@ class LoopConfig:
     progress: bool = True
 
 
+#: what the loop's options accept (checked when the command line is parsed), and their help
+LOOP_TYPES = {"epochs": positive_int, "batch_size": positive_int, "lr": positive_float,
+              "weight_decay": nonneg_float, "warmup_steps": nonneg_int, "gamma": positive_float,
+              "clip": finite_float, "seed": nonneg_int, "ckpt_every": nonneg_int, "eval_every": nonneg_int}
+LOOP_HELP = {"epochs": "epochs", "batch_size": "GLOBAL batch (images per step over all ranks)",
+             "lr": "AdamW learning rate", "weight_decay": "AdamW weight decay, on weight matrices only",
+             "warmup_steps": "linear warm-up steps", "gamma": "step-schedule decay factor",
+             "clip": "max gradient norm (after unscaling; <= 0: off)", "seed": "seed (init, data order, flips)",
+             "ckpt_every": "also checkpoint every N steps (0: each epoch)",
+             "eval_every": "evaluate every N epochs (0: after the last only)"}
+
+
+def add_loop_args(p: argparse.ArgumentParser):
+    """The command line's "training" group: an option per LoopConfig field -> the group."""
+    t = p.add_argument_group("training")
+    choices = {"schedule": ["cosine", "step", "constant"], "amp": ["auto", "none", "bf16", "fp16"]}
+    for f in dataclasses.fields(LoopConfig):
+        if f.name in ("progress", "flip", "crop_scales", "deterministic", "milestones"):
+            continue
+        t.add_argument("--" + f.name.replace("_", "-"), type=LOOP_TYPES.get(f.name, type(f.default)),
+                       default=f.default, choices=choices.get(f.name),
+                       help=LOOP_HELP.get(f.name, f.name) + f" (default {f.default})")
+    t.add_argument("--milestones", type=positive_int, nargs="*", default=[], help="epochs (step schedule)")
+    t.add_argument("--flip", action="store_true", help="horizontal flips (cache stores both views)")
+    t.add_argument("--crop-scales", type=number(float, lo=0, hi=1, lo_open=True, hi_open=True, what="in (0, 1)"),
+                   nargs="*", default=[], metavar="S",
+                   help="crop views: one crop of S x the image's width and height per S in (0, 1), at a "
+                        "fixed hashed position per image, each cached (and mirrored with --flip)")
+    t.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms")
+    t.add_argument("--no-progress", action="store_true")
+    return t
+
+
+def loop_config(args) -> LoopConfig:
+    """The LoopConfig of a command line parsed with add_loop_args."""
+    kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(LoopConfig)
+          if f.name != "progress" and hasattr(args, f.name)}
+    return LoopConfig(progress=not args.no_progress, **kw)
+
+
 def resolve_amp(amp: str, device: torch.device) -> Optional[torch.dtype]:
     if device.type != "cuda":         # (fit() notes an --amp bf16/fp16 ignored on CPU)
         return None
@@ -1191,9 +338,8 @@ def resolve_amp(amp: str, device: torch.device) -> Optional[torch.dtype]:
 
 
 class SumLoss(NamedTuple):
-    """An ``extra_loss`` term given as this rank's sum over items (pairs, tokens) and the
-    number of items summed. The loop divides by the items of the whole global batch (summed
-    over ranks each step, like the positives), so N ranks give one process's per-item mean."""
+    """An ``extra_loss`` term as this rank's sum over items (pairs, tokens) and their count; the
+    loop divides by the items of the global batch, so N ranks give one process's per-item mean."""
     total: torch.Tensor     # 0-dim, with its graph, already weighted
     count: float            # items summed over on this rank
 
@@ -1203,10 +349,8 @@ class SumLoss(NamedTuple):
 
 
 class _StepLosses(NamedTuple):
-    """The local batch's losses of one step: the model's loss and the per-image-mean extra
-    terms as 0-dim float tensors with their graphs, the :class:`SumLoss` extra terms, the
-    per-image-mean parts detached for the log, and the model's ``num_pos`` (None when its loss
-    is not normalised by positives)."""
+    """The local batch's losses of one step (0-dim, with their graphs): the model's, the per-image
+    mean extra terms, the SumLoss terms; the parts detached for the log; the model's num_pos."""
     gt: torch.Tensor
     extra: torch.Tensor
     sums: dict
@@ -1240,13 +384,14 @@ def param_groups(model, params, weight_decay: float, extra=None) -> list[dict]:
 
 
 class Trainer:
-    """The shared loop over a :class:`LoopModel` (see the module docstring for the contract).
+    """The shared loop over a :class:`LoopModel`.
 
     ``extra_loss(ctx) -> {name: 0-dim tensor | SumLoss}`` (already weighted) is added to the
-    model's own ``out["loss"]``; ctx holds model, out, feats, indices, views, dets, sizes,
-    targets, split (``extra_loss.prepare(ctx)``, if it exists, runs before the model's forward).
-    An extra_loss that is an nn.Module trains and checkpoints with the model.
-    ``metric_fn(anno, preds, **eval_kwargs) -> dict`` scores the test split (needed with one).
+    model's ``out["loss"]``; ctx holds model, out, feats, indices, views, dets, sizes, targets,
+    split; ``extra_loss.prepare(ctx)``, if it exists, runs before the model's forward (ctx without
+    out). An extra_loss that is an nn.Module (the student's adapters) trains and checkpoints
+    (``extra_state``) with the model; inference never sees it. ``metric_fn(anno, preds,
+    **eval_kwargs) -> dict`` scores the test split (full, rare, non_rare, unseen, seen are kept).
     """
 
     def __init__(self, model, cfg: LoopConfig, train: Split, feats: FeatureSource, out_dir,
@@ -1307,10 +452,10 @@ class Trainer:
                 **({"extra_state": trainable_state(self.extra_module)} if self.extra_module is not None else {})}
 
     def save(self) -> None:
-        rngs = all_gather_objects(rng_state(), self.d)        # every rank's RNG
+        rngs = self.d.all_gather(rng_state())        # every rank's RNG
         if self.d.main:
             atomic_torch_save(self.state(rngs), self.ckpt_path)
-        barrier(self.d)
+        self.d.barrier()
 
     def resume(self, path, overrides=()) -> None:
         """Continue the run of checkpoint ``path`` exactly: refused (CheckpointError naming the
@@ -1335,12 +480,12 @@ class Trainer:
         rngs = ck["rng"]
         set_rng_state(rngs[self.d.rank % len(rngs)])
         if self.d.main:   # drop log lines written after the checkpoint (they will be redone)
-            log = self.out / "log.jsonl"
-            if log.exists():
-                lines = read_log_lines(log)
-                keep = [line for line, rec in lines if rec is not None and rec.get("step", 0) <= self.step]
-                if len(keep) != len(lines):       # (an unchanged log is left untouched)
-                    atomic_write_bytes(log, ("\n".join(keep) + ("\n" if keep else "")).encode())
+            trim_log(self.out / "log.jsonl", self.step)
+        self._log_overrides(ck, changed)
+        note(f"resumed from {path}: epoch {self.epoch}, step {self.step}")
+
+    def _log_overrides(self, ck: dict, changed: list) -> None:
+        """The settings a resume changes, logged and kept in the checkpoint (``overrides``)."""
         self.ckpt_extra["overrides"] = list(ck.get("overrides", []))
         for name, old, now in changed:
             rec = {"setting": name, "checkpoint": old, "now": now, "epoch": self.epoch, "step": self.step}
@@ -1348,7 +493,6 @@ class Trainer:
             self.log({"kind": "override", **rec})
             if self.d.main:
                 note(f"note: --override {name}: {old!r} in the checkpoint, {now!r} from step {self.step} on")
-        note(f"resumed from {path}: epoch {self.epoch}, step {self.step}")
 
     def _load_optimisation_state(self, ck: dict, path) -> None:
         """Optimiser, scheduler and scaler state from the checkpoint; then THIS run's
@@ -1486,7 +630,7 @@ class Trainer:
         if not self.d.enabled:
             return local
         total: dict = {}
-        for counts in all_gather_objects(local, self.d):
+        for counts in self.d.all_gather(local):
             for k, n in counts.items():
                 total[k] = total.get(k, 0.0) + n
         return total
@@ -1504,7 +648,7 @@ class Trainer:
             tdist.all_reduce(sync)
         bad, pos_total, pos_ranks = sync.tolist()
         if bad > 0:
-            names = all_gather_objects((d.rank, float(loss_val), [self.train.filenames[i] for i in local]), d)
+            names = d.all_gather((d.rank, float(loss_val), [self.train.filenames[i] for i in local]))
             culprits = [f"rank {r}: loss {v} on {fs}" for r, v, fs in names if not math.isfinite(v)]
             raise NonFiniteLossError(f"non-finite loss at epoch {self.epoch} step {self.step} "
                                      f"(images: {'; '.join(culprits)})")
@@ -1527,7 +671,7 @@ class Trainer:
     def _optimiser_step(self) -> Optional[float]:
         """Average the gradients over ranks, unscale, clip, step; -> the gradient norm before
         clipping (None without clipping)."""
-        allreduce_grads(self.params, self.d)
+        self.d.allreduce_grads(self.params)
         self.scaler.unscale_(self.opt)
         gnorm = None
         if self.cfg.clip and self.cfg.clip > 0:
@@ -1557,7 +701,7 @@ class Trainer:
             stats = torch.stack([sum(shares.values())] + [shares[k] for k in sorted(shares)])
         else:
             stats = torch.zeros(1, device=d.device)
-        all_names = all_gather_objects(names, d)
+        all_names = d.all_gather(names)
         if d.enabled and all(n == all_names[0] for n in all_names):
             tdist.all_reduce(stats)
         return {k: float(v) for k, v in zip(names, stats.tolist())} if shares else {}
@@ -1569,7 +713,7 @@ class Trainer:
         {filename: ndarray[N, 10]}."""
         d = self.d
         bs = batch_size or max(1, self.cfg.batch_size // d.world)
-        mine = eval_shard(len(split), d.rank, d.world)
+        mine = d.shard(len(split))
         self.model.eval()
         rows, bad = {}, []
         for s in range(0, len(mine), bs):
@@ -1585,13 +729,13 @@ class Trainer:
                 bad.append((split.filenames[idx[b]],
                             nonfinite_cause(self.model, f, [split.filenames[i] for i in idx])))
             rows.update(zip(idx, batch_rows))
-        bad = [x for part in all_gather_objects(bad, d) for x in part]
+        bad = [x for part in d.all_gather(bad) for x in part]
         if bad:
             names = ", ".join(n for n, _ in bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
             raise NonFiniteOutputError(f"non-finite scores at evaluation (epoch {self.epoch}, split {split.name}) "
                                        f"for {len(bad)} image(s): {names} ({bad[0][1]})")
         merged = {}
-        for part in all_gather_objects(rows, d):
+        for part in d.all_gather(rows):
             for i, r in part.items():
                 if i in merged:
                     raise RuntimeError(f"image {split.filenames[i]} evaluated twice")
@@ -1605,7 +749,7 @@ class Trainer:
             return {}
         preds = self.predict(self.test, self.test_feats)
         m = self.metric_fn(self.test.anno, preds, **self.eval_kwargs) if self.d.main else {}
-        m = all_gather_objects(m, self.d)[0]
+        m = self.d.all_gather(m)[0]
         keep = {k: (float(v) if isinstance(v, (int, float, np.floating)) else v)
                 for k, v in m.items() if k in ("full", "rare", "non_rare", "unseen", "seen")}
         self.last_metrics = keep
@@ -1619,9 +763,9 @@ class Trainer:
         if cfg.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")   # needed by cuBLAS
             torch.use_deterministic_algorithms(True)
-        broadcast_params(self.model, self.d)
+        self.d.broadcast(self.model)
         if self.extra_module is not None:
-            broadcast_params(self.extra_module, self.d)
+            self.d.broadcast(self.extra_module)
         if self.d.device.type != "cuda" and cfg.amp in ("bf16", "fp16") and self.d.main:
             print(f"note: --amp {cfg.amp} ignored on CPU (plain fp32)", file=sys.stderr)
         while self.epoch < cfg.epochs:
@@ -1665,3 +809,38 @@ class Trainer:
         if self.d.main:
             print(f"epoch {self.epoch}: " + ", ".join(f"{k} {v:.2f}" for k, v in m.items()
                                                        if isinstance(v, float)), file=sys.stderr)
+
+    def finish(self, name: str) -> dict:
+        """Write the final predictions, metrics and curves of a run (rank 0). A resumed run with
+        nothing left to train (killed after its last checkpoint, before these files) evaluates the
+        checkpoint's weights first, so that every run ends with all of its outputs."""
+        if self.epochs_trained == 0:             # nothing left to train in this session
+            if self.test is not None:
+                self.evaluate()                  # every rank: the evaluation is distributed
+            self.plot()
+        if self.d.main:
+            if self.last_predictions is not None:
+                atomic_write_json(self.out / "predictions_test.json",
+                                  {k: np.asarray(v).tolist() for k, v in self.last_predictions.items()})
+            atomic_write_json(self.out / "metrics.json", self.last_metrics, indent=1)
+            print(json.dumps({"run": name, **self.last_metrics}))
+        return self.last_metrics
+
+
+def run_cli(main_fn) -> None:
+    """main_fn() with the training commands' error contract: bad input (and a file that cannot be
+    read or written) -> one ``error:`` line, exit 2; a non-finite loss -> exit 3. Notes of the
+    set-up are held until the input is valid (common.HeldNotes): a refused command prints its
+    error line alone."""
+    try:
+        with HeldNotes():
+            main_fn()
+    except (TrainInputError, FileNotFoundError, ValueError, KeyError, OSError) as e:
+        print_error(e)
+        sys.exit(2)
+    except NonFiniteLossError as e:
+        print_error(e)
+        sys.exit(3)
+    finally:
+        if tdist.is_initialized():
+            tdist.destroy_process_group()

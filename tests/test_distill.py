@@ -1,24 +1,29 @@
 """Tests of the distillation (train_student.py): per-teacher adapters at the map and query levels,
 teachers of other widths and layer counts, the student's own initialisation seed, and the
 adapters' place in checkpoints. The data-parallel normalisation of the distillation terms is
-tested by the 2-process gloo test in test_train.py."""
+tested by the 2-process gloo test in test_trainer.py."""
 from __future__ import annotations
+
+import json
+import math
 
 import pytest
 import torch
-from test_train import StandIn, TinyCfg, TinyCS, make_trainer, standin_widths
+from test_trainer import StandIn, TinyCfg, TinyCS, make_trainer, standin_widths, tiny_split
 
+import train_student
+from runs import CheckpointError, load_checkpoint
 from train_student import (
     Adapters,
     Distiller,
     KDConfig,
+    PairAlignmentError,
     Widths,
     distill_losses,
     query_layer_map,
     resolve_init_seed,
     student_parser,
 )
-from trainer import CheckpointError, load_checkpoint
 
 B, GRID, D_LAT, D_Q, P, K = 2, (4, 4), 6, 8, 5, 3
 
@@ -270,3 +275,106 @@ def test_logit_kd_sigmoid_is_per_pair_and_validated():
     assert float(a.total) > 0.1
     with pytest.raises(ValueError, match=r"logit_form \(--kd-logit-form\) must be one of"):
         KDConfig(logit_form="softmax2")
+
+
+def test_distillation_zero_for_identical_positive_otherwise_and_alignment(tmp_path):
+    torch.manual_seed(0)
+    cs = TinyCS()
+    s = StandIn(TinyCfg(dropout=0.0), cs)
+    t = StandIn(TinyCfg(dropout=0.0), cs)
+    t.load_state_dict(s.state_dict())
+    sp = tiny_split(tmp_path / "d", 3)
+    feats = s.encode_images(s.preprocess([sp.image(i) for i in range(3)]))
+    dets = [sp.item(i, 0, True)[0] for i in range(3)]
+    sizes = [(16, 16)] * 3
+    so, to = s(feats, dets, sizes), t(feats, dets, sizes)
+    z = distill_losses(so, (4, 4), [to, to], [(4, 4), (4, 4)], KDConfig(temperature=2.0))
+    assert set(z) == {"loss_kd_map", "loss_kd_query", "loss_kd_logit"}
+    for v in z.values():
+        assert abs(float(v.mean().detach())) < 1e-6
+    # items: tokens for the map level (3 images x 16), pairs for the others
+    n_pairs = so["logits"].shape[0]
+    assert z["loss_kd_map"].count == 48 and z["loss_kd_query"].count == z["loss_kd_logit"].count == n_pairs
+    with torch.no_grad():
+        for p in t.parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn_like(p))
+    to2 = t(feats, dets, sizes)
+    pos = distill_losses(so, (4, 4), [to2], [(4, 4)])
+    for k, v in pos.items():
+        assert float(v.mean().detach()) > 1e-4, k
+    # weights scale the terms; the gradient reaches the student only
+    w = distill_losses(so, (4, 4), [to2], [(4, 4)], KDConfig(w_map=2.0, w_query=0.0, w_logit=0.5))
+    assert float(w["loss_kd_map"].mean().detach()) == pytest.approx(2 * float(pos["loss_kd_map"].mean().detach()),
+                                                                    rel=1e-6)
+    assert "loss_kd_query" not in w
+    # excluded classes (zero-shot unseen) leave the logit KD: all excluded -> 0, some -> changed
+    logit_only = KDConfig(w_map=0, w_query=0)
+    allx = distill_losses(so, (4, 4), [to2], [(4, 4)], logit_only, exclude_classes=[0, 1, 2])
+    assert float(allx["loss_kd_logit"].mean().detach()) == 0.0
+    part = distill_losses(so, (4, 4), [to2], [(4, 4)], logit_only, exclude_classes=[2])
+    assert float(part["loss_kd_logit"].mean().detach()) != pytest.approx(float(pos["loss_kd_logit"].mean().detach()))
+    sum(v.total for v in w.values()).backward()
+    assert s.cls.weight.grad is not None and t.cls.weight.grad is None
+    # a teacher fed other detections (other order) is refused
+    dets_rev = [{k: v.flip(0) for k, v in d.items()} for d in dets]
+    to3 = t(feats, dets_rev, sizes)
+    with pytest.raises(PairAlignmentError, match="pair_idx|pair_image"):
+        distill_losses(so, (4, 4), [to3], [(4, 4)])
+    # a teacher on another grid is resized to the student's grid
+    big = torch.nn.functional.interpolate(to["latent_map"].transpose(1, 2).reshape(1 * 3, 6, 4, 4),
+                                          size=(8, 8), mode="bilinear", align_corners=False)
+    to_big = dict(to, latent_map=big.reshape(3, 6, 64).transpose(1, 2))
+    r = distill_losses(so, (4, 4), [to_big], [(8, 8)], KDConfig(w_query=0, w_logit=0))
+    assert torch.isfinite(r["loss_kd_map"].total)
+
+
+def test_student_hook_in_loop_runs_teachers_on_same_inputs(tmp_path):
+    tr = make_trainer(tmp_path, n=4, epochs=1, bs=2, dropout=0.0)
+    teacher = StandIn(TinyCfg(dropout=0.0), TinyCS())
+    calls = []
+    w = standin_widths(TinyCfg())
+    dist = Distiller([teacher], [tr.feats], w, [w])
+    orig = teacher.forward
+
+    def spy(feats, dets, sizes, targets=None, outputs=None):
+        calls.append([d["boxes"].clone() for d in dets])
+        return orig(feats, dets, sizes, targets, outputs)
+    teacher.forward = spy
+    tr.extra_loss = dist   # set after construction: the adapters are not trained here
+    tr.fit()
+    assert len(calls) == 2
+    rec = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    tr_rec = [r for r in rec if r["kind"] == "train"]
+    assert all(r["loss_kd_logit"] > 0 and r["loss_kd_map"] >= 0 for r in tr_rec)
+    assert all(abs(r["loss"] - (r["loss_gt"] + r["loss_kd_map"] + r["loss_kd_query"] + r["loss_kd_logit"])) < 1e-5
+               for r in tr_rec)
+
+
+def test_map_kd_axis_channels_or_positions():
+    """--kd-map-axis: the map level's softmax over the channels of each token, or over the
+    positions of each channel (channel-wise distillation). Hand case, T = 1, 2 images of 2
+    tokens x 2 channels, teacher map 0: a student shifted by +1 on token 0 (every channel) has
+    the teacher's channel distribution at every token (KL 0 over channels), while over
+    positions each channel puts e / (e + 1) on token 0 instead of 1/2:
+    KL = log((e + 1) / 2) - 1/2 per channel; per image the mean over channels. A student
+    shifted by +1 on channel 0 (every token) is the mirror case."""
+    tm = torch.zeros(2, 2, 2)                                   # [B, T, d]
+    token_shift = torch.tensor([[1.0, 1.0], [0.0, 0.0]]).expand(2, 2, 2)
+    channel_shift = torch.tensor([[1.0, 0.0], [1.0, 0.0]]).expand(2, 2, 2)
+    meta = {"pair_image": torch.zeros(0, dtype=torch.long), "pair_idx": torch.zeros(0, 2, dtype=torch.long)}
+    kl = math.log((math.e + 1) / 2) - 0.5                        # 0.1201
+    kl_ch = 0.5 * math.log(0.5 * (math.e + 1) / math.e) + 0.5 * math.log(0.5 * (math.e + 1))
+    assert kl == pytest.approx(kl_ch)
+    for axis, sm, want, count in (("channels", token_shift, 0.0, 4), ("positions", token_shift, kl, 2),
+                                  ("channels", channel_shift, kl, 4), ("positions", channel_shift, 0.0, 2)):
+        r = distill_losses(dict(meta, latent_map=sm), (1, 2), [dict(meta, latent_map=tm)], [(1, 2)],
+                           KDConfig(w_query=0, w_logit=0, map_axis=axis, impl="reference"))["loss_kd_map"]
+        assert r.count == count, axis
+        assert float(r.mean()) == pytest.approx(want, abs=1e-6), (axis, sm[0])
+    with pytest.raises(ValueError, match="map_axis"):
+        KDConfig(map_axis="tokens")
+    args = train_student.student_parser().parse_args(["--teacher", "t.pt", "--kd-map-axis", "positions"])
+    assert train_student.kd_config(args).map_axis == "positions"
+    assert train_student.kd_config(train_student.student_parser().parse_args(["--teacher", "t.pt"])).map_axis \
+        == "channels"

@@ -23,9 +23,10 @@ import json
 import pytest
 import torch
 
+import cache
+import runs
 import train_student
 import train_teacher
-import trainer
 from kernels import focal_loss_reference, psi_transform
 from model import LINK, LINKConfig
 from train_student import Distiller, KDConfig, distill_losses, kd_widths, teacher_keys
@@ -259,7 +260,7 @@ def test_towers_released_with_cache_kept_without(tmp_path, monkeypatch):
         released[0].encode_images(torch.zeros(1, 3, 64, 64))
     # the checkpoint alone rebuilds a model with its tower, whose features match the cache's
     ck = tmp_path / "runs" / "t" / "last.pt"
-    rebuilt = LINK.from_checkpoint(trainer.load_checkpoint(ck))
+    rebuilt = LINK.from_checkpoint(runs.load_checkpoint(ck))
     assert rebuilt.vlm.visual is not None and rebuilt.encode_images(torch.zeros(1, 3, 64, 64)).shape == (1, 64, 8, 8)
     assert rebuilt.classifier.text_embed.shape == (16, 64)                       # text embeddings kept
     # a student releases its own tower and its teacher's; --no-cache keeps them all
@@ -282,7 +283,7 @@ def test_release_unused_towers_needs_every_source_cached():
         def __init__(self, model, cache):
             self.model, self.cache = model, cache
     a, b, c = M(), M(), M()
-    n = trainer.release_unused_towers([S(a, "cache"), S(a, "cache"), S(b, "cache"), S(b, None), None, S(c, None)])
+    n = cache.release_unused_towers([S(a, "cache"), S(a, "cache"), S(b, "cache"), S(b, None), None, S(c, None)])
     assert n == 1 and a.vlm is None and b.vlm is not None and c.vlm is not None
 
 
@@ -290,8 +291,9 @@ def _one_step(monkeypatch, prepare: bool, out_dir):
     """One Trainer.train_step of a tiny student with two tiny teachers -> (log record, the order
     in which the networks ran, the student's weights after the step)."""
     from bench_train import FixedBatch, FixedFeatures
+    from data import Views
     from train_student import KDConfig, kd_widths
-    from trainer import Dist, LoopConfig, Trainer, Views
+    from trainer import Dist, LoopConfig, Trainer
 
     if not prepare:
         monkeypatch.delattr(Distiller, "prepare")

@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import model
-import trainer
+import runs
 import vlm
 from kernels import box_attention, box_bias
 from model import LINK, LINKConfig, associate, focal_loss
@@ -287,11 +287,11 @@ def test_checkpoint_roundtrip(net, feats, tmp_path, monkeypatch):
     torch.save({"config": asdict(net.cfg), "class_space": CLASSES, "model": net.checkpoint_state_dict(),
                 "version": 1}, path)
     monkeypatch.setattr(vlm.FrozenVLM, "encode_text", lambda *a, **k: pytest.fail("text tower re-run"))
-    m2 = LINK.from_checkpoint(trainer.load_checkpoint(path)).eval()
+    m2 = LINK.from_checkpoint(runs.load_checkpoint(path)).eval()
     a, b = net(feats, DETS, SIZES), m2(feats, DETS, SIZES)
     assert torch.equal(a["logits"], b["logits"])
-    with pytest.raises(trainer.CheckpointError, match="not found"):   # the file reader is trainer's
-        trainer.load_checkpoint(tmp_path / "nope.pt")
+    with pytest.raises(runs.CheckpointError, match="not found"):   # the file reader is runs.py
+        runs.load_checkpoint(tmp_path / "nope.pt")
     with pytest.raises(ValueError, match="class_space"):
         LINK.from_checkpoint({"config": asdict(net.cfg)})
 

@@ -22,9 +22,11 @@ import pytest
 import torch
 from clicheck import refused, run_main
 
+import cache
 import common
 import eval as hoi_eval
 import infer
+import runs
 import synthetic
 import train_teacher
 import trainer
@@ -234,7 +236,7 @@ def finished_run(tiny_world, tmp_path_factory):
     code, out, err = _train_cli(teacher_argv(tiny_world, tmp))
     assert code == 0, err
     run = tmp / "runs" / "t"
-    return tmp, run, {n: (run / n).read_bytes() for n in trainer.RUN_OUTPUTS}
+    return tmp, run, {n: (run / n).read_bytes() for n in runs.RUN_OUTPUTS}
 
 
 def test_run_name_in_use_is_refused_then_moved_aside(tiny_world, finished_run, tmp_path):
@@ -255,7 +257,7 @@ def test_run_name_in_use_is_refused_then_moved_aside(tiny_world, finished_run, t
     code, _, err = _train_cli(argv + ["--move-aside"])
     assert code == 0, err
     old = [p for p in (tmp / "runs").iterdir() if p.name.startswith("t.old-")]
-    assert len(old) == 1 and {n: (old[0] / n).read_bytes() for n in trainer.RUN_OUTPUTS} == files
+    assert len(old) == 1 and {n: (old[0] / n).read_bytes() for n in runs.RUN_OUTPUTS} == files
     recs = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs if r["kind"] == "train"] == [1, 2]        # one run in the log
 
@@ -334,7 +336,7 @@ def test_cache_sweeps_what_killed_builds_left_but_not_a_running_build(tmp_path):
     try:
         img = tmp_path / "a.png"
         img.write_bytes(b"png")
-        c = trainer.FeatureCache(root, "key", [img], 1, "float32")
+        c = cache.FeatureCache(root, "key", [img], 1, "float32")
         (c.dir).mkdir(parents=True)
         (c.dir / ".feats-own.bin.tmp").write_bytes(b"o" * 100)
         c.ensure(_encode, lambda i, v: None, progress=False)
@@ -349,20 +351,20 @@ def test_cache_sweeps_what_killed_builds_left_but_not_a_running_build(tmp_path):
 def test_cache_build_checks_space_before_allocating(tmp_path, monkeypatch):
     img = tmp_path / "a.png"
     img.write_bytes(b"png")
-    c = trainer.FeatureCache(tmp_path / "cache", "key", [img] * 3, 2, "float16")
-    real = trainer.shutil.disk_usage
-    monkeypatch.setattr(trainer.shutil, "disk_usage", lambda p: real(p)._replace(free=10))
-    with pytest.raises(trainer.TrainInputError) as e:
+    c = cache.FeatureCache(tmp_path / "cache", "key", [img] * 3, 2, "float16")
+    real = cache.shutil.disk_usage
+    monkeypatch.setattr(cache.shutil, "disk_usage", lambda p: real(p)._replace(free=10))
+    with pytest.raises(runs.TrainInputError) as e:
         c.ensure(_encode, lambda i, v: None, progress=False)
     msg = str(e.value)
     assert "\n" not in msg and str(c.dir) in msg and "needs 0.00 GiB (3 images x 2 view(s) x [2, 2, 2] float16)" in msg
     assert [x.name for x in c.dir.iterdir()] == [".lock"]            # nothing allocated, no temp left
-    monkeypatch.setattr(trainer.shutil, "disk_usage", real)
+    monkeypatch.setattr(cache.shutil, "disk_usage", real)
 
     def no_space(fd, off, n):
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(trainer.os, "posix_fallocate", no_space)
-    with pytest.raises(trainer.TrainInputError, match="free on that disk"):
+    monkeypatch.setattr(cache.os, "posix_fallocate", no_space)
+    with pytest.raises(runs.TrainInputError, match="free on that disk"):
         c.ensure(_encode, lambda i, v: None, progress=False)
     assert [x.name for x in c.dir.iterdir()] == [".lock"]
 
@@ -373,10 +375,10 @@ def test_full_disk_is_one_line_naming_the_file(tmp_path):
     code = f"""
 import resource, signal, sys, torch
 sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
-import common, trainer
+import common, runs
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))
-for f in (lambda: trainer.atomic_torch_save({{"w": torch.zeros(100000)}}, sys.argv[1] + "/last.pt"),
+for f in (lambda: runs.atomic_torch_save({{"w": torch.zeros(100000)}}, sys.argv[1] + "/last.pt"),
           lambda: common.atomic_write_json(sys.argv[1] + "/r.json", list(range(100000)))):
     try:
         f()
@@ -411,7 +413,7 @@ def test_outputs_get_the_permissions_of_a_plain_write(tiny_world, finished_run, 
     _, run, _ = finished_run
     umask = os.umask(0)
     os.umask(umask)
-    for n in trainer.RUN_OUTPUTS:
+    for n in runs.RUN_OUTPUTS:
         assert stat.S_IMODE((run / n).stat().st_mode) == 0o666 & ~umask, n
     f = hico_files(tmp_path)
     assert hoi_eval.main(["hico", "--anno", str(f["anno"]), "--pred", str(f["pred"]),
@@ -486,7 +488,7 @@ def test_override_extends_training_on_the_longer_schedule_and_is_logged(tiny_wor
     sched = trainer.WarmupSchedule(total=4, warmup=0, kind="cosine")
     assert lrs[3] == pytest.approx(1e-3 * sched(3), rel=1e-12) and lrs[3] > 0
     assert lrs[4] == pytest.approx(1e-3 * sched(4), rel=1e-12)
-    ck = trainer.load_checkpoint(run / "last.pt")
+    ck = runs.load_checkpoint(run / "last.pt")
     assert ck["epoch"] == 2 and ck["loop"]["epochs"] == 2 and ck["overrides"][0]["setting"] == "epochs"
     # the next resume compares with the new value: no override needed any more
     code, _, err = _train_cli(teacher_argv(tiny_world, tmp_path, "t", "--resume", "--epochs", "2"))
@@ -548,7 +550,7 @@ def test_teacher_and_student_never_resume_each_other(tiny_world, finished_run, t
 def test_read_log_lines_tolerates_a_torn_line(tmp_path):
     log = tmp_path / "log.jsonl"
     log.write_text('{"step": 1}\n\n{"step": 2}\n{"step": 3, "lo')
-    assert trainer.read_log_lines(log) == [('{"step": 1}', {"step": 1}), ('{"step": 2}', {"step": 2}),
+    assert runs.read_log_lines(log) == [('{"step": 1}', {"step": 1}), ('{"step": 2}', {"step": 2}),
                                             ('{"step": 3, "lo', None)]
 
 

@@ -19,7 +19,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import cache
+import data
 import infer
+import runs
 import synthetic
 import train_teacher
 import trainer
@@ -420,7 +423,7 @@ def build_cache(root, paths, key="k"):
         encoded.extend(images)
         return torch.stack([torch.from_numpy(np.asarray(im, dtype=np.float32)[:2, :2].T.copy()) for im in images])
 
-    c = trainer.FeatureCache(root, key, paths).ensure(encode, lambda i, v: Image.open(paths[i]).convert("RGB"),
+    c = cache.FeatureCache(root, key, paths).ensure(encode, lambda i, v: Image.open(paths[i]).convert("RGB"),
                                                      progress=False)
     return c, len(encoded)
 
@@ -431,13 +434,13 @@ def test_feature_cache_detects_image_rewritten_with_size_and_mtime_kept(tmp_path
     assert c.rebuilt and n == 2
     idx = json.loads(c.index_path.read_text())
     assert idx["version"] == 2 and idx["images"][0][-1] == file_sha256(paths[0])
-    monkeypatch.setattr(trainer, "file_sha256", lambda p: pytest.fail("re-hashed an untouched image"))
+    monkeypatch.setattr(cache, "file_sha256", lambda p: pytest.fail("re-hashed an untouched image"))
     c, n = build_cache(tmp_path / "cache", paths)
     assert not c.rebuilt and n == 0                     # untouched: stat only, no hashing
     monkeypatch.undo()
     os.chmod(paths[1], 0o644)                           # ctime moves, bytes do not: hash, reuse
     hashed = []
-    monkeypatch.setattr(trainer, "file_sha256", lambda p: hashed.append(p) or file_sha256(p))
+    monkeypatch.setattr(cache, "file_sha256", lambda p: hashed.append(p) or file_sha256(p))
     c, n = build_cache(tmp_path / "cache", paths)
     assert not c.rebuilt and n == 0 and hashed == [paths[1]]
     c, n = build_cache(tmp_path / "cache", paths)      # the index took the new stamp: no re-hash
@@ -470,17 +473,17 @@ def test_checkpoint_refuses_a_changed_vlm(tmp_path):
     weights = tiny_weights(tmp_path / "w.pt")
     net = LINK(tiny_cfg(pretrained=str(weights), image_mean=0.5, image_std=0.5), CLASSES)
     ck = save_checkpoint(net, tmp_path / "ck.pt")
-    assert LINK.from_checkpoint(trainer.load_checkpoint(ck)).cache_key() == net.cache_key()
+    assert LINK.from_checkpoint(runs.load_checkpoint(ck)).cache_key() == net.cache_key()
     stored = torch.load(ck, weights_only=False)
-    trainer.check_checkpoint_matches(stored, net, ck, class_space=CLASSES)          # same VLM: fine
+    runs.check_checkpoint_matches(stored, net, ck, class_space=CLASSES)          # same VLM: fine
     rewrite_in_place(weights)
     with pytest.raises(ValueError, match=r"the frozen VLM differs .*\(weights sha256:"):
-        LINK.from_checkpoint(trainer.load_checkpoint(ck))
+        LINK.from_checkpoint(runs.load_checkpoint(ck))
     with pytest.raises(infer.InferError, match="frozen VLM differs"):
         infer.load_model(ck)
     moved = LINK(tiny_cfg(pretrained=str(weights), image_mean=0.5, image_std=0.5), CLASSES)
-    with pytest.raises(trainer.CheckpointError, match="other frozen-VLM features .field: cache_key; weights"):
-        trainer.check_checkpoint_matches(stored, moved, ck, class_space=CLASSES)
+    with pytest.raises(runs.CheckpointError, match="other frozen-VLM features .field: cache_key; weights"):
+        runs.check_checkpoint_matches(stored, moved, ck, class_space=CLASSES)
 
 
 def test_trainer_stores_the_cache_key(tmp_path):
@@ -489,7 +492,7 @@ def test_trainer_stores_the_cache_key(tmp_path):
     class OneImage:
         filenames = ["a.png"]
 
-    split = trainer.Split(OneImage(), {}, tmp_path, None, select=lambda d: d, gt_dets=lambda t: t)
+    split = data.Split(OneImage(), {}, tmp_path, None, select=lambda d: d, gt_dets=lambda t: t)
     t = trainer.Trainer(net, trainer.LoopConfig(progress=False), split, None, tmp_path / "run", class_space=CLASSES)
     assert t.state(rngs=[None])["cache_key"] == net.cache_key()
 

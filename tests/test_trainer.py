@@ -1,10 +1,11 @@
-"""Tests of the shared training loop (trainer.py), the run set-up (train_teacher.py) and the
-distillation (train_student.py).
+"""Tests of the shared training loop (trainer.py) and of the splits and views it trains on
+(data.Split, data.Views).
 
 Most tests use a tiny stand-in model that follows model.py's contract (encode_images,
 preprocess, cache_key, forward -> pair outputs + loss, postprocess) on a tiny dataset of PNG
-files, so that the loop is tested on its own. Subprocess tests run this file as a script
-(``python tests/test_train.py child ...``) to kill -9 it or to run it under torchrun; the child
+files, so that the loop is tested on its own; test_runs.py, test_cache.py, test_distill.py and
+test_cli.py reuse these helpers. Subprocess tests run this file as a script
+(``python tests/test_trainer.py child ...``) to kill -9 it or to run it under torchrun; the child
 can slow one checkpoint write down (``--slow-ckpt-write``) so that it is killed mid-write.
 """
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import math
 import os
 import signal
 import subprocess
@@ -30,37 +30,25 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import train_student  # noqa: E402
-import train_teacher  # noqa: E402
 import trainer  # noqa: E402
+from cache import FeatureSource  # noqa: E402
 from common import atomic_write  # noqa: E402
-from model import LINK  # noqa: E402
-from train_student import Distiller, KDConfig, PairAlignmentError, Widths, distill_losses  # noqa: E402
+from data import Split, Views, view_boxes, view_of  # noqa: E402
+from runs import CheckpointError, TrainInputError, load_checkpoint, trainable_state  # noqa: E402
+from train_student import Distiller, KDConfig, Widths  # noqa: E402
 from trainer import (  # noqa: E402
-    CheckpointError,
     Dist,
-    FeatureCache,
-    FeatureSource,
     LoopConfig,
     NonFiniteLossError,
-    Split,
     Trainer,
-    TrainInputError,
-    Views,
     WarmupSchedule,
-    barrier,
-    eval_shard,
     init_distributed,
-    load_checkpoint,
-    trainable_state,
-    view_boxes,
-    view_of,
 )
-
 
 # ----------------------------------------------------------------------------------------------
 # stand-in model and data
 # ----------------------------------------------------------------------------------------------
+
 @dataclass
 class TinyCfg:
     vlm: str = "standin"
@@ -315,12 +303,12 @@ def child(argv):
         torch.save(trainable_state(tr.model), Path(a.tmp) / "final_weights.pt")
         if a.kd:
             torch.save(trainable_state(tr.extra_module), Path(a.tmp) / "final_adapters.pt")
-    barrier(d)
+    d.barrier()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
 
-def _run_child(tmp, *extra, env=None, wait=True):
+def run_child(tmp, *extra, env=None, wait=True):
     e = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
     cmd = [sys.executable, str(Path(__file__).resolve()), "child", str(tmp), *extra]
     p = subprocess.Popen(cmd, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -330,11 +318,11 @@ def _run_child(tmp, *extra, env=None, wait=True):
     return p
 
 
-def _weights(tmp):
+def final_weights(tmp):
     return torch.load(Path(tmp) / "final_weights.pt")
 
 
-def _assert_same(a, b, atol=0.0):
+def assert_same(a, b, atol=0.0):
     assert a.keys() == b.keys()
     for k in a:
         if atol == 0:
@@ -344,7 +332,7 @@ def _assert_same(a, b, atol=0.0):
 
 
 # ----------------------------------------------------------------------------------------------
-# tests
+# the loop
 # ----------------------------------------------------------------------------------------------
 def test_schedule_warmup_cosine_and_step():
     s = WarmupSchedule(total=10, warmup=2, kind="cosine")
@@ -355,7 +343,7 @@ def test_schedule_warmup_cosine_and_step():
     assert [st(i) for i in (0, 3, 4, 7, 8)] == pytest.approx([1, 1, 0.1, 0.1, 0.01])
 
 
-def _child_inprocess(tmp, *extra):
+def child_inprocess(tmp, *extra):
     """The same run as _run_child, in this process with one thread (as the children use)."""
     n = torch.get_num_threads()
     try:
@@ -366,9 +354,9 @@ def _child_inprocess(tmp, *extra):
 
 def test_kill_during_training_and_during_checkpoint_write_then_resume_exact(tmp_path):
     ref, killed = tmp_path / "ref", tmp_path / "killed"
-    _child_inprocess(ref, "--epochs", "2")            # uninterrupted: 2 epochs x 3 steps
+    child_inprocess(ref, "--epochs", "2")            # uninterrupted: 2 epochs x 3 steps
     # 1) kill -9 in the middle of training (after 3 logged steps)
-    p = _run_child(killed, "--epochs", "2", "--step-sleep", "0.3", wait=False)
+    p = run_child(killed, "--epochs", "2", "--step-sleep", "0.3", wait=False)
     log = killed / "run" / "log.jsonl"
     t0 = time.time()
     while time.time() - t0 < 60:
@@ -380,7 +368,7 @@ def test_kill_during_training_and_during_checkpoint_write_then_resume_exact(tmp_
     assert p.returncode == -signal.SIGKILL
     assert not (killed / "final_weights.pt").exists()
     # 2) resume, and kill -9 while its 2nd checkpoint is half written
-    p = _run_child(killed, "--epochs", "2", "--resume", "--slow-ckpt-write", "30@2", wait=False)
+    p = run_child(killed, "--epochs", "2", "--resume", "--slow-ckpt-write", "30@2", wait=False)
     t0 = time.time()
     buf = ""
     while "[slow-write]" not in buf and time.time() - t0 < 60:
@@ -392,9 +380,9 @@ def test_kill_during_training_and_during_checkpoint_write_then_resume_exact(tmp_
     p.wait()
     load_checkpoint(killed / "run" / "last.pt")          # the previous checkpoint is intact
     # 3) resume to the end: the same weights, bit for bit
-    _run_child(killed, "--epochs", "2", "--resume")
+    run_child(killed, "--epochs", "2", "--resume")
     assert not list((killed / "run").glob(".*.tmp"))        # the stale temp was cleaned up
-    _assert_same(_weights(ref), _weights(killed))
+    assert_same(final_weights(ref), final_weights(killed))
     # the resumed log has every step exactly once
     steps = [json.loads(line)["step"] for line in log.read_text().splitlines() if '"train"' in line]
     assert steps == list(range(1, 7))
@@ -409,7 +397,7 @@ def test_two_process_gloo_matches_one_process_and_eval_covers_each_image_once(tm
     one, two = tmp_path / "one", tmp_path / "two"
     TinyDS(two / "data", 9), TinyDS(two / "data_test", 5, seed=1)   # image files written once, here
     args = ["--dropout", "0", "--epochs", "2", "--images", "9", "--test-images", "5", "--kd"]
-    _child_inprocess(one, *args)
+    child_inprocess(one, *args)
     e = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1")
     import socket
     with socket.socket() as sk:                       # a free port (other runs may hold 29500)
@@ -422,11 +410,11 @@ def test_two_process_gloo_matches_one_process_and_eval_covers_each_image_once(tm
     assert r.returncode == 0, "\n".join(errors)[-3000:]
     # same global batch (4 images; the last batch of 9 has 1 image, so one rank idles):
     # the averaged gradients equal the 1-process gradient up to float summation order
-    _assert_same(_weights(one), _weights(two), atol=1e-6)
+    assert_same(final_weights(one), final_weights(two), atol=1e-6)
     adapters = [torch.load(Path(t) / "final_adapters.pt") for t in (one, two)]
     assert set(adapters[0]) == {"adapters.map.0.weight", "adapters.map.0.bias",
                                 "adapters.query.0.weight", "adapters.query.0.bias"}
-    _assert_same(adapters[0], adapters[1], atol=1e-6)
+    assert_same(adapters[0], adapters[1], atol=1e-6)
     ev = [json.loads((two / f"evaluated_rank{r}.json").read_text()) for r in (0, 1)]
     # 2 evaluations (one per epoch) over 5 images: each image once per evaluation, split 3 + 2
     assert sorted(ev[0] + ev[1]) == sorted(list(range(5)) * 2)
@@ -444,7 +432,7 @@ def test_two_process_gloo_matches_one_process_and_eval_covers_each_image_once(tm
 
 
 def test_eval_shard_odd():
-    shards = [eval_shard(7, r, 3) for r in range(3)]
+    shards = [Dist(rank=r, world=3).shard(7) for r in range(3)]
     assert sorted(sum(shards, [])) == list(range(7))
     assert [len(s) for s in shards] == [3, 2, 2]
 
@@ -457,94 +445,22 @@ def test_nan_loss_names_step_and_images(tmp_path):
     assert "img005.png" in msg and "step" in msg and "epoch 0" in msg
 
 
-def test_corrupt_or_mismatched_checkpoint_refused(tmp_path):
-    tr = make_trainer(tmp_path, n=4, epochs=1, bs=4)
-    tr.fit()
-    ck = tr.ckpt_path
-    data = ck.read_bytes()
-    bad = tmp_path / "trunc.pt"
-    bad.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="truncated or corrupt"):
-        load_checkpoint(bad)
-    garbage = tmp_path / "garbage.pt"
-    garbage.write_bytes(b"not a checkpoint at all")
-    with pytest.raises(CheckpointError, match="truncated or corrupt"):
-        tr.resume(garbage)
-    with pytest.raises(CheckpointError, match="not found"):
-        load_checkpoint(tmp_path / "missing.pt")
-    obj = torch.load(ck, weights_only=False)
-    obj2 = dict(obj, config=dict(obj["config"], width=16))
-    torch.save(obj2, tmp_path / "cfg.pt")
-    with pytest.raises(CheckpointError, match=r"different model config.*width"):
-        make_trainer(tmp_path / "b", n=4).resume(tmp_path / "cfg.pt")
-    obj3 = dict(obj, class_space=dict(obj["class_space"], prompts=["x", "y", "z"]))
-    torch.save(obj3, tmp_path / "cs.pt")
-    with pytest.raises(CheckpointError, match=r"different class space.*prompts"):
-        make_trainer(tmp_path / "c", n=4).resume(tmp_path / "cs.pt")
-    obj4 = dict(obj, version=99)
-    torch.save(obj4, tmp_path / "v.pt")
-    with pytest.raises(CheckpointError, match="version"):
-        load_checkpoint(tmp_path / "v.pt")
-    # a different image list is refused too
-    with pytest.raises(CheckpointError, match="image list"):
-        make_trainer(tmp_path / "d", n=5).resume(ck)
+def test_optimiser_decays_matrices_only(tmp_path):
+    """The Trainer's AdamW: weight decay on the stand-in's weight matrices and the distillation
+    adapters' (an nn.Module extra_loss), none on their biases (trainer.param_groups; LINK's own
+    names are checked in tests/test_model.py)."""
+    mats = ["proj", "conn", "layers.0", "layers.1", "cls"]
+    for kd, adapters in ((False, []), (True, ["extra_loss.adapters.map.0", "extra_loss.adapters.query.0"])):
+        tr = make_trainer(tmp_path / str(kd), n=4, epochs=1, bs=2, kd=kd)
+        decay, rest = tr.opt.param_groups
+        assert decay["weight_decay"] == LoopConfig().weight_decay and rest["weight_decay"] == 0.0
+        assert sorted(decay["param_names"]) == sorted(f"{m}.weight" for m in mats + adapters)
+        assert sorted(rest["param_names"]) == sorted(f"{m}.bias" for m in mats + adapters)
 
 
-def test_checkpoint_contents(tmp_path):
-    tr = make_trainer(tmp_path, n=4, epochs=1, bs=2)
-    tr.fit()
-    ck = load_checkpoint(tr.ckpt_path)
-    for k in ("config", "class_space", "model", "optimizer", "scheduler", "scaler", "rng", "epoch",
-              "step", "version", "order"):
-        assert k in ck
-    assert ck["epoch"] == 1 and ck["step"] == 2 and ck["config"]["width"] == 8
-    assert not any(k.startswith("vlm.") for k in ck["model"])         # frozen VLM not stored
-    assert (tmp_path / "run" / "curves.png").stat().st_size > 0
-
-
-def test_feature_cache_reused_and_rebuilt(tmp_path):
-    model = StandIn(TinyCfg(), TinyCS())
-    ds = TinyDS(tmp_path / "imgs", 5)
-    paths = [ds.image_path(i) for i in range(5)]
-    calls = []
-
-    def enc(images):
-        calls.append(len(images))
-        return model.encode_images(model.preprocess(images))
-
-    def load(i, v):
-        return ds[i][0]
-
-    c1 = FeatureCache(tmp_path / "c", "key-A", paths, 1, "float32").ensure(enc, load, 2, progress=False)
-    assert c1.rebuilt and sum(calls) == 5
-    want = model.encode_images(model.preprocess([ds[3][0]]))
-    torch.testing.assert_close(c1.get([3], [0]), want, rtol=0, atol=0)
-    calls.clear()
-    c2 = FeatureCache(tmp_path / "c", "key-A", paths, 1, "float32").ensure(enc, load, 2, progress=False)
-    assert not c2.rebuilt and calls == []                               # valid: reused
-    c3 = FeatureCache(tmp_path / "c", "key-B", paths, 1, "float32").ensure(enc, load, 2, progress=False)
-    assert c3.rebuilt and sum(calls) == 5                               # other key: rebuilt
-    calls.clear()
-    c4 = FeatureCache(tmp_path / "c", "key-A", paths[:4], 1, "float32").ensure(enc, load, 2, progress=False)
-    assert c4.rebuilt and sum(calls) == 4                               # other image list
-    calls.clear()
-    # modify an image (content and mtime): the key-A cache is stale and rebuilt
-    Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(paths[3])
-    st = paths[3].stat()
-    os.utime(paths[3], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-    c5 = FeatureCache(tmp_path / "c", "key-A", paths, 1, "float32")
-    assert not c5.is_valid()
-    c5.ensure(enc, load, 2, progress=False)
-    assert c5.rebuilt and sum(calls) == 5
-    torch.testing.assert_close(c5.get([3], [0]), model.encode_images(model.preprocess([ds[3][0]])))
-    assert len(list(c5.dir.glob("feats-*.bin"))) == 1                  # the old data file removed
-    # flips: both views stored, view 1 = the mirrored image
-    cf = FeatureCache(tmp_path / "c", "key-A", paths, 2, "float32").ensure(
-        enc, lambda i, v: ds[i][0].transpose(Image.FLIP_LEFT_RIGHT) if v else ds[i][0], 4, progress=False)
-    mir = model.encode_images(model.preprocess([ds[1][0].transpose(Image.FLIP_LEFT_RIGHT)]))
-    torch.testing.assert_close(cf.get([1], [1]), mir, rtol=0, atol=0)
-
-
+# ----------------------------------------------------------------------------------------------
+# splits and views (data.py)
+# ----------------------------------------------------------------------------------------------
 def test_flip_augmentation_mirrors_boxes_and_gt_boxes_only_on_request(tmp_path):
     sp = tiny_split(tmp_path / "d", 2, views=Views(flip=True))
     dets0, size, t0 = sp.item(0, 0, train=True)
@@ -660,7 +576,7 @@ def test_views_images_and_boxes_agree_pixel_for_pixel(tmp_path, frame):
 
 
 def test_crop_window_and_view_of():
-    from trainer import crop_window
+    from data import crop_window
     xs = []
     for j in range(2000):
         x0, y0, cw, ch = crop_window(f"f{j}.png", 1, 0.5, 16, 12)
@@ -686,38 +602,10 @@ def test_crop_window_and_view_of():
         Views(crop_scales=(1.0,))
 
 
-def test_feature_cache_holds_each_view_once(tmp_path):
-    """4 views (whole and a 0.5 crop, each mirrored) of 3 images: each (image, view) encoded
-    exactly once, the cached map of each equals encoding that view's image; reused as long as
-    the crop scales stay, rebuilt when they change."""
-    model = StandIn(TinyCfg(), TinyCS())
-    sp = tiny_split(tmp_path / "d", 3, views=Views(flip=True, crop_scales=(0.5,)))
-    loads = []
-    orig = sp.image
-    sp.image = lambda i, v=0: (loads.append((i, v)), orig(i, v))[1]
-    src = FeatureSource(model, sp, tmp_path / "cache", dtype="float32", progress=False)
-    assert src.views == 4 and sorted(loads) == [(i, v) for i in range(3) for v in range(4)]
-    data = list(src.cache.dir.glob("feats-*.bin"))
-    assert len(data) == 1 and data[0].stat().st_size == 3 * 4 * 4 * 4 * 4 * 4     # N x V x C x 4 x 4 fp32
-    for i in range(3):
-        for v in range(4):
-            want = model.encode_images(model.preprocess([orig(i, v)]))
-            torch.testing.assert_close(src.get([i], [v]), want, rtol=0, atol=0)
-    assert orig(0, 2).size == (8, 8) and orig(0, 1).size == (16, 16)
-    loads.clear()
-    FeatureSource(model, sp, tmp_path / "cache", dtype="float32", progress=False)
-    assert loads == []                                                            # reused
-    sp.views = Views(flip=True, crop_scales=(0.75,))
-    FeatureSource(model, sp, tmp_path / "cache", dtype="float32", progress=False)
-    assert len(loads) == 12                                                       # other crops: rebuilt
-    with pytest.raises(TrainInputError, match="2 views asked"):
-        FeatureSource(model, sp, None, 2)
-
-
 def test_views_resume_exact_and_mismatches_refused(tmp_path):
     """Training on 6 views (flip x whole, 0.5 and 0.75 crops): a run stopped after 3 steps and
     resumed ends with the uninterrupted run's weights, bit for bit; a checkpoint of other views
-    (trainer.resume_differences; crops change with --override only at an epoch boundary), or a
+    (runs.resume_differences; crops change with --override only at an epoch boundary), or a
     loop config whose views differ from the split's, is refused."""
     kw = dict(n=8, epochs=2, bs=4, flip=True, crop_scales=(0.5, 0.75))
     ref = make_trainer(tmp_path / "ref", **kw)
@@ -743,212 +631,10 @@ def test_views_resume_exact_and_mismatches_refused(tmp_path):
     resumed.resume(resumed.ckpt_path)
     assert resumed.step == 3
     resumed.fit()
-    _assert_same(trainable_state(ref.model), trainable_state(resumed.model))
+    assert_same(trainable_state(ref.model), trainable_state(resumed.model))
     with pytest.raises(TrainInputError, match="differ from the training split"):
         Trainer(other.model, LoopConfig(crop_scales=[0.5]), other.train, other.feats, tmp_path / "x")
 
 
-def test_distillation_zero_for_identical_positive_otherwise_and_alignment(tmp_path):
-    torch.manual_seed(0)
-    cs = TinyCS()
-    s = StandIn(TinyCfg(dropout=0.0), cs)
-    t = StandIn(TinyCfg(dropout=0.0), cs)
-    t.load_state_dict(s.state_dict())
-    sp = tiny_split(tmp_path / "d", 3)
-    feats = s.encode_images(s.preprocess([sp.image(i) for i in range(3)]))
-    dets = [sp.item(i, 0, True)[0] for i in range(3)]
-    sizes = [(16, 16)] * 3
-    so, to = s(feats, dets, sizes), t(feats, dets, sizes)
-    z = distill_losses(so, (4, 4), [to, to], [(4, 4), (4, 4)], KDConfig(temperature=2.0))
-    assert set(z) == {"loss_kd_map", "loss_kd_query", "loss_kd_logit"}
-    for v in z.values():
-        assert abs(float(v.mean().detach())) < 1e-6
-    # items: tokens for the map level (3 images x 16), pairs for the others
-    n_pairs = so["logits"].shape[0]
-    assert z["loss_kd_map"].count == 48 and z["loss_kd_query"].count == z["loss_kd_logit"].count == n_pairs
-    with torch.no_grad():
-        for p in t.parameters():
-            if p.requires_grad:
-                p.add_(0.3 * torch.randn_like(p))
-    to2 = t(feats, dets, sizes)
-    pos = distill_losses(so, (4, 4), [to2], [(4, 4)])
-    for k, v in pos.items():
-        assert float(v.mean().detach()) > 1e-4, k
-    # weights scale the terms; the gradient reaches the student only
-    w = distill_losses(so, (4, 4), [to2], [(4, 4)], KDConfig(w_map=2.0, w_query=0.0, w_logit=0.5))
-    assert float(w["loss_kd_map"].mean().detach()) == pytest.approx(2 * float(pos["loss_kd_map"].mean().detach()),
-                                                                    rel=1e-6)
-    assert "loss_kd_query" not in w
-    # excluded classes (zero-shot unseen) leave the logit KD: all excluded -> 0, some -> changed
-    logit_only = KDConfig(w_map=0, w_query=0)
-    allx = distill_losses(so, (4, 4), [to2], [(4, 4)], logit_only, exclude_classes=[0, 1, 2])
-    assert float(allx["loss_kd_logit"].mean().detach()) == 0.0
-    part = distill_losses(so, (4, 4), [to2], [(4, 4)], logit_only, exclude_classes=[2])
-    assert float(part["loss_kd_logit"].mean().detach()) != pytest.approx(float(pos["loss_kd_logit"].mean().detach()))
-    sum(v.total for v in w.values()).backward()
-    assert s.cls.weight.grad is not None and t.cls.weight.grad is None
-    # a teacher fed other detections (other order) is refused
-    dets_rev = [{k: v.flip(0) for k, v in d.items()} for d in dets]
-    to3 = t(feats, dets_rev, sizes)
-    with pytest.raises(PairAlignmentError, match="pair_idx|pair_image"):
-        distill_losses(so, (4, 4), [to3], [(4, 4)])
-    # a teacher on another grid is resized to the student's grid
-    big = torch.nn.functional.interpolate(to["latent_map"].transpose(1, 2).reshape(1 * 3, 6, 4, 4),
-                                          size=(8, 8), mode="bilinear", align_corners=False)
-    to_big = dict(to, latent_map=big.reshape(3, 6, 64).transpose(1, 2))
-    r = distill_losses(so, (4, 4), [to_big], [(8, 8)], KDConfig(w_query=0, w_logit=0))
-    assert torch.isfinite(r["loss_kd_map"].total)
-
-
-def test_student_hook_in_loop_runs_teachers_on_same_inputs(tmp_path):
-    tr = make_trainer(tmp_path, n=4, epochs=1, bs=2, dropout=0.0)
-    teacher = StandIn(TinyCfg(dropout=0.0), TinyCS())
-    calls = []
-    w = standin_widths(TinyCfg())
-    dist = Distiller([teacher], [tr.feats], w, [w])
-    orig = teacher.forward
-
-    def spy(feats, dets, sizes, targets=None, outputs=None):
-        calls.append([d["boxes"].clone() for d in dets])
-        return orig(feats, dets, sizes, targets, outputs)
-    teacher.forward = spy
-    tr.extra_loss = dist   # set after construction: the adapters are not trained here
-    tr.fit()
-    assert len(calls) == 2
-    rec = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
-    tr_rec = [r for r in rec if r["kind"] == "train"]
-    assert all(r["loss_kd_logit"] > 0 and r["loss_kd_map"] >= 0 for r in tr_rec)
-    assert all(abs(r["loss"] - (r["loss_gt"] + r["loss_kd_map"] + r["loss_kd_query"] + r["loss_kd_logit"])) < 1e-5
-               for r in tr_rec)
-
-
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "child":
     child(sys.argv[2:])
-
-
-# ----------------------------------------------------------------------------------------------
-# end to end with the real LINK model and the synthetic world (tiny)
-# ----------------------------------------------------------------------------------------------
-def test_teacher_and_student_cli_end_to_end_real_model(tmp_path, capsys, monkeypatch):
-    pytest.importorskip("open_clip")
-    base = ["--world", str(tmp_path / "world"), "--world-train", "16", "--world-test", "6",
-            "--world-size", "64", "--runs", str(tmp_path / "runs"), "--cache", str(tmp_path / "cache"),
-            "--epochs", "1", "--batch-size", "8", "--lr", "1e-3", "--no-progress", "--threads", "1",
-            "--model-opt", "d_model=32", "--model-opt", "d_latent=16", "--model-opt", "heads=2",
-            "--model-opt", "ffn_mult=1", "--model-opt", "impl=reference"]
-    mt = train_teacher.main(base + ["--name", "t"])
-    assert set(mt) >= {"full", "rare", "non_rare"} and 0 <= mt["full"] <= 100
-    tck = tmp_path / "runs" / "t" / "last.pt"
-    teacher = LINK.from_checkpoint(load_checkpoint(tck))           # the model helper's reader
-    assert teacher.cfg.d_model == 32
-    ms = train_student.main(base + ["--name", "s", "--teacher", str(tck), "--teacher", str(tck), "--temperature", "2"])
-    assert 0 <= ms["full"] <= 100
-    recs = [json.loads(line) for line in (tmp_path / "runs" / "s" / "log.jsonl").read_text().splitlines()]
-    tr = [r for r in recs if r["kind"] == "train"]
-    assert tr and all(r["loss_kd_logit"] > 0 and r["loss_kd_map"] > 0 and r["loss_kd_query"] > 0 for r in tr)
-    ck = load_checkpoint(tmp_path / "runs" / "s" / "last.pt")
-    assert ck["role"] == "student" and len(ck["teachers"]) == 2 and ck["init_seed"] == 1
-    # the adapters (2 teachers x map and query) are in the student's checkpoint, not in its
-    # weights: LINK.from_checkpoint rebuilds the student for inference without them
-    assert sorted(ck["extra_state"]) == sorted(f"adapters.{lvl}.{m}.{p}" for lvl in ("map", "query")
-                                               for m in (0, 1) for p in ("weight", "bias"))
-    assert ck["extra_state"]["adapters.map.1.weight"].shape == (16, 16)
-    assert not any("adapter" in k for k in ck["model"])
-    LINK.from_checkpoint(load_checkpoint(tmp_path / "runs" / "s" / "last.pt"))
-    # with every KD weight 0 and --init-seed same, the student reproduces the teacher exactly
-    # (the student is built from the same initial weights; the teachers' forward draws no RNG)
-    train_student.main(base + ["--name", "s0", "--teacher", str(tck), "--init-seed", "same",
-                               "--w-map", "0", "--w-query", "0", "--w-logit", "0"])
-    w_t = load_checkpoint(tck)["model"]
-    w_s = load_checkpoint(tmp_path / "runs" / "s0" / "last.pt")["model"]
-    _assert_same(w_t, w_s)
-    # real model: KD against an identical copy is zero
-    sp, _, cs = train_teacher.build_splits(train_teacher.teacher_parser().parse_args(base))
-    # the recipe's defaults: no views, no GT boxes appended, the world's continuous frame;
-    # the flags set them, on the training split only; --det-frame hico1 converts the
-    # detection files into the world's frame when read (x1 - 1, y1 - 1)
-    assert sp.views == Views() and not sp.append_gt and sp.frame == "continuous"
-    flags = ["--flip", "--crop-scales", "0.5", "0.8", "--append-gt", "--det-frame", "hico1"]
-    sp2, te2, _ = train_teacher.build_splits(train_teacher.teacher_parser().parse_args(base + flags))
-    assert sp2.views == Views(True, (0.5, 0.8)) and sp2.append_gt and sp2.views.count == 6
-    assert te2.views == Views() and not te2.append_gt
-    f0 = next(f for f in sp.filenames if len(sp.dets_file[f]["boxes"]))
-    b1, b2 = sp.dets_file[f0]["boxes"], sp2.dets_file[f0]["boxes"]
-    torch.testing.assert_close(b2, torch.cat([b1[:, :2] - 1, b1[:, 2:]], 1))
-    # a teacher trained on crop views of the real model (sizes of the crops, boxes in them)
-    mv = train_teacher.main(base + ["--name", "tv", "--flip", "--crop-scales", "0.6"])
-    assert 0 <= mv["full"] <= 100
-    assert load_checkpoint(tmp_path / "runs" / "tv" / "last.pt")["loop"]["crop_scales"] == [0.6]
-    f = torch.randn(2, 64, 8, 8)
-    dets = [sp.item(i, 0, True)[0] for i in range(2)]
-    sizes = [sp.target(i)["size"] for i in range(2)]
-    teacher.eval()
-    with torch.no_grad():
-        o1, o2 = teacher(f, dets, sizes), teacher(f, dets, sizes)
-    z = distill_losses(o1, (8, 8), [o2], [(8, 8)])
-    assert all(abs(float(v.mean())) < 1e-6 for v in z.values())
-    # initial weights: the student's own by default (init seed 1 for the teacher's seed 0),
-    # the teacher's with --init-seed same (runs stopped before training)
-    with monkeypatch.context() as mp:
-        for mod in (train_teacher, train_student):
-            mp.setattr(mod, "fit_and_finish", lambda tr, resume, name: trainable_state(tr.model))
-        init_t = train_teacher.main(base + ["--name", "ti"])
-        init_same = train_student.main(base + ["--name", "si", "--teacher", str(tck), "--init-seed", "same"])
-        init_own = train_student.main(base + ["--name", "si", "--teacher", str(tck)])
-        init_t1 = train_teacher.main(base + ["--name", "ti", "--seed", "1"])
-    _assert_same(init_t, init_same)
-    drawn = [k for k, v in init_t.items() if k.endswith(".weight") and v.dim() == 2 and k != "classifier.weight"]
-    assert len(drawn) > 10 and all(not torch.equal(init_own[k], init_t[k]) for k in drawn)
-    _assert_same(init_own, init_t1)          # the student's init seed 1 = a teacher's --seed 1
-    # a truncated teacher checkpoint is refused with a clear message (CLI: exit 2)
-    bad = tmp_path / "bad.pt"
-    bad.write_bytes(tck.read_bytes()[:1000])
-    with pytest.raises(CheckpointError, match="truncated or corrupt"):
-        train_student.main(base + ["--name", "s2", "--teacher", str(bad)])
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        train_teacher.run_cli(lambda: train_student.main(base + ["--name", "s3", "--teacher", str(bad)]))
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and "error: checkpoint" in err and "bad.pt" in err
-
-
-def test_optimiser_decays_matrices_only(tmp_path):
-    """The Trainer's AdamW: weight decay on the stand-in's weight matrices and the distillation
-    adapters' (an nn.Module extra_loss), none on their biases (trainer.param_groups; LINK's own
-    names are checked in tests/test_model.py)."""
-    mats = ["proj", "conn", "layers.0", "layers.1", "cls"]
-    for kd, adapters in ((False, []), (True, ["extra_loss.adapters.map.0", "extra_loss.adapters.query.0"])):
-        tr = make_trainer(tmp_path / str(kd), n=4, epochs=1, bs=2, kd=kd)
-        decay, rest = tr.opt.param_groups
-        assert decay["weight_decay"] == LoopConfig().weight_decay and rest["weight_decay"] == 0.0
-        assert sorted(decay["param_names"]) == sorted(f"{m}.weight" for m in mats + adapters)
-        assert sorted(rest["param_names"]) == sorted(f"{m}.bias" for m in mats + adapters)
-
-
-def test_map_kd_axis_channels_or_positions():
-    """--kd-map-axis: the map level's softmax over the channels of each token, or over the
-    positions of each channel (channel-wise distillation). Hand case, T = 1, 2 images of 2
-    tokens x 2 channels, teacher map 0: a student shifted by +1 on token 0 (every channel) has
-    the teacher's channel distribution at every token (KL 0 over channels), while over
-    positions each channel puts e / (e + 1) on token 0 instead of 1/2:
-    KL = log((e + 1) / 2) - 1/2 per channel; per image the mean over channels. A student
-    shifted by +1 on channel 0 (every token) is the mirror case."""
-    tm = torch.zeros(2, 2, 2)                                   # [B, T, d]
-    token_shift = torch.tensor([[1.0, 1.0], [0.0, 0.0]]).expand(2, 2, 2)
-    channel_shift = torch.tensor([[1.0, 0.0], [1.0, 0.0]]).expand(2, 2, 2)
-    meta = {"pair_image": torch.zeros(0, dtype=torch.long), "pair_idx": torch.zeros(0, 2, dtype=torch.long)}
-    kl = math.log((math.e + 1) / 2) - 0.5                        # 0.1201
-    kl_ch = 0.5 * math.log(0.5 * (math.e + 1) / math.e) + 0.5 * math.log(0.5 * (math.e + 1))
-    assert kl == pytest.approx(kl_ch)
-    for axis, sm, want, count in (("channels", token_shift, 0.0, 4), ("positions", token_shift, kl, 2),
-                                  ("channels", channel_shift, kl, 4), ("positions", channel_shift, 0.0, 2)):
-        r = distill_losses(dict(meta, latent_map=sm), (1, 2), [dict(meta, latent_map=tm)], [(1, 2)],
-                           KDConfig(w_query=0, w_logit=0, map_axis=axis, impl="reference"))["loss_kd_map"]
-        assert r.count == count, axis
-        assert float(r.mean()) == pytest.approx(want, abs=1e-6), (axis, sm[0])
-    with pytest.raises(ValueError, match="map_axis"):
-        KDConfig(map_axis="tokens")
-    args = train_student.student_parser().parse_args(["--teacher", "t.pt", "--kd-map-axis", "positions"])
-    assert train_student.kd_config(args).map_axis == "positions"
-    assert train_student.kd_config(train_student.student_parser().parse_args(["--teacher", "t.pt"])).map_axis \
-        == "channels"
