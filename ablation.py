@@ -52,11 +52,10 @@ from typing import Callable, Optional
 
 import numpy as np
 
-import synthetic
-import world_vlm
 from common import OneLineParser, atomic_write, atomic_write_json, positive_int, print_error
 from demo import KD, LOOP, MODEL_OPTS, VLMS, WORLD, _preds, chance_level, check_vlm, claim_output_folder, vlm_args
 from viz import plot_ablation
+from world import synthetic, vlms
 
 ROOT = Path(__file__).resolve().parent
 ZERO_SHOT = "nf-uc"
@@ -132,7 +131,7 @@ class Setup:
     vlm: str = "world-clip"             # a demo.VLMS name
     second_vlm: str = "world-sig"
     epochs: str = LOOP[LOOP.index("--epochs") + 1]
-    weights: Path = world_vlm.WEIGHTS   # the world VLMs' folder (--weights)
+    weights: Path = vlms.WEIGHTS   # the world VLMs' folder (--weights)
 
 
 def run_name(row: str, seed: int) -> str:
@@ -450,8 +449,8 @@ def parse(argv=None):
                    "world-clip; demo.py's choices)")
     p.add_argument("--second-vlm", default="world-sig", choices=sorted(VLMS),
                    help="A8's second teacher's VLM (default world-sig)")
-    p.add_argument("--weights", default=str(world_vlm.WEIGHTS), metavar="DIR",
-                   help="folder of the world VLMs' checkpoints and manifests (default: the repository's weights/)")
+    p.add_argument("--weights", default=str(vlms.WEIGHTS), metavar="DIR",
+                   help="folder of the world VLMs' checkpoints and manifests (default: world/weights/)")
     p.add_argument("--n-train", type=positive_int, default=WORLD["n_train"], help="world's train images "
                    "(default the demo's; smaller for tests only)")
     p.add_argument("--n-test", type=positive_int, default=WORLD["n_test"], help="world's test images")

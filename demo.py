@@ -23,10 +23,10 @@ finds it ready).
 
 The VLM (``--vlm``). Default ``world-clip``: a small open_clip model (a ViT reading the
 world's 128-px images in 16-px patches, an 8 x 8 token map, and a text tower) pretrained
-contrastively on image-level captions of the synthetic world by pretrain_vlm.py, as CLIP is
+contrastively on image-level captions of the synthetic world by world/pretrain_vlm.py, as CLIP is
 pretrained on web captions; the captions name every interaction, the zero-shot split's unseen
 ones included (a zero-shot split hides classes from HOI training only, not from the VLM). It
-ships in weights/ as an ordinary open_clip checkpoint with a manifest (world_vlm.py) and is
+ships in world/weights/ as an ordinary open_clip checkpoint with a manifest (world/vlms.py) and is
 loaded through the same local-checkpoint path as a user's real CLIP (LINKConfig(vlm,
 vlm_config, pretrained=FILE)), its SHA-256 checked first: a missing or corrupt checkpoint
 stops the demo with one line naming the file (exit 2) before any training. ``world-sig``:
@@ -77,8 +77,6 @@ import torch
 from PIL import Image
 
 import eval as hoi_eval
-import synthetic
-import world_vlm
 from common import (
     ZERO_SHOT_SPLITS,
     OneLineParser,
@@ -90,6 +88,7 @@ from common import (
     read_json,
 )
 from viz import draw_interactions, hoi_class_names
+from world import synthetic, vlms
 
 ROOT = Path(__file__).resolve().parent
 
@@ -122,13 +121,13 @@ def vlm_args(vlm: str, weights: Path, random_weights: bool = False) -> list:
 
 def check_vlm(vlm: str, weights: Path) -> dict:
     """What recipe.json and results.json say about the VLM, after checking the shipped
-    checkpoint (world_vlm.world_vlm: present, SHA-256 as in its manifest). Raises OSError /
+    checkpoint (vlms.world_vlm: present, SHA-256 as in its manifest). Raises OSError /
     ValueError naming the file."""
     shipped, pretrained = VLMS[vlm]
     if shipped is None:
         return {"name": vlm, "pretrained": False}
-    world_vlm.world_vlm(shipped, weights)
-    doc = world_vlm.shipped(weights)[shipped]
+    vlms.world_vlm(shipped, weights)
+    doc = vlms.shipped(weights)[shipped]
     return {"name": vlm, "pretrained": pretrained, "architecture": shipped,
             "checkpoint": Path(doc["checkpoint"]).name, "sha256": doc["sha256"]}
 
@@ -333,11 +332,11 @@ def main(argv=None) -> int:
     p.add_argument("--fresh", action="store_true", help="delete runs/demo first")
     p.add_argument("--sequential", action="store_true", help="run the two chains one after the other")
     p.add_argument("--vlm", default="world-clip", choices=list(VLMS),
-                   help="world-clip (default) / world-sig: the world VLMs pretrained by pretrain_vlm.py, shipped "
+                   help="world-clip (default) / world-sig: the world VLMs pretrained by world/pretrain_vlm.py, shipped "
                         "in --weights (the two teachers also run on the same architecture with random weights); "
                         "random: world-clip's architecture, random weights; tiny: the tiny random VLM")
-    p.add_argument("--weights", type=Path, default=world_vlm.WEIGHTS, metavar="DIR",
-                   help="folder of the world VLMs' checkpoints and manifests (default: the repository's weights/)")
+    p.add_argument("--weights", type=Path, default=vlms.WEIGHTS, metavar="DIR",
+                   help="folder of the world VLMs' checkpoints and manifests (default: world/weights/)")
     a = p.parse_args(argv)
     t_start = time.time()
     try:     # before anything is deleted or trained

@@ -37,7 +37,6 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
-import world_vlm
 from common import (
     HeldNotes,
     OneLineParser,
@@ -59,7 +58,6 @@ from common import (
 from data import VCOCO, HICODet, SWiGHOI, gt_detections, load_detections, select_boxes
 from eval import evaluate_hico, evaluate_swig
 from model import LINK, LINKConfig, register_tiny_vlm
-from synthetic import make_synthetic_world
 from trainer import (
     BUILD_ERRORS,
     RUN_OUTPUTS,
@@ -81,6 +79,8 @@ from trainer import (
     resume_differences,
     seed_everything,
 )
+from world import vlms as world_vlm
+from world.synthetic import make_synthetic_world
 
 
 # ----------------------------------------------------------------------------------------------
@@ -118,12 +118,12 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     m.add_argument("--vlm", default="tiny",
                    help="open_clip model name (e.g. ViT-B-16); 'tiny': the small random VLM "
                         "model.register_tiny_vlm() registers (tests); 'world-clip' / 'world-sig': the "
-                        "synthetic world's pretrained VLMs shipped in weights/ (world_vlm.py, the demo's)")
+                        "synthetic world's pretrained VLMs shipped in world/weights/ (world/vlms.py, the demo's)")
     m.add_argument("--pretrained", default="",
                    help="open_clip pretrained tag (e.g. openai) or a weights file; empty = random init "
                         "(for world-clip / world-sig: empty = the shipped weights, 'random' = random init)")
     m.add_argument("--weights", default=str(world_vlm.WEIGHTS), metavar="DIR",
-                   help="folder of the world VLMs' checkpoints and manifests (default: the repository's weights/)")
+                   help="folder of the world VLMs' checkpoints and manifests (default: world/weights/)")
     m.add_argument("--image-size", type=positive_int,
                    help="VLM input resolution (default: the VLM's own, e.g. 224 for ViT-B-16, 336 for ViT-L-14-336)")
     m.add_argument("--model-opt", action="append", default=[], metavar="KEY=VALUE", type=model_opt,

@@ -4,8 +4,8 @@ import json
 import numpy as np
 import pytest
 
-import captions as C
-import synthetic
+from world import captions as C
+from world import synthetic
 
 
 def test_class_phrases_are_the_prompts_without_prefix():

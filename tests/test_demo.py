@@ -9,10 +9,10 @@ import torch
 import data
 import demo
 import eval as hoi_eval
-import synthetic
 import train_teacher
 from common import file_sha256
 from model import LINKConfig, build_vlm
+from world import synthetic
 
 
 @pytest.fixture(scope="module")

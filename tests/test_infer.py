@@ -12,12 +12,12 @@ import torch
 from PIL import Image
 
 import infer
-import synthetic
 import viz
 from data import COCO80_TO_COCO91, gt_detections
 from kernels import box_attention
 from model import LINK, LINKConfig, register_tiny_vlm
 from viz import HUMAN_COLOUR, LINK_COLOUR, OBJECT_COLOUR, draw_interactions
+from world import synthetic
 
 TINY = register_tiny_vlm()
 

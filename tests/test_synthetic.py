@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 import eval as hoi_eval
-import synthetic
 from data import COCO80_NAMES, ClassSpace, HICODet, gt_detections, load_detections
+from world import synthetic
 
 HICO_KEYS = {"annotation", "filenames", "empty", "objects", "verbs", "correspondence", "size",
              "rare", "non_rare"}

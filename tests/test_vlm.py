@@ -18,10 +18,10 @@ from PIL import Image
 
 import infer
 import model
-import synthetic
 import train_teacher
 import trainer
 from model import LINK, LINKConfig, build_vlm, register_tiny_vlm, resolve_vlm_config, vlm_dense_features
+from world import synthetic
 
 TINY = register_tiny_vlm()
 CLASSES = dict(name="toy", prompts=["a photo of a person riding a bicycle", "a photo of a person holding a cup"],
