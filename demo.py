@@ -65,7 +65,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -85,69 +84,27 @@ from common import (
     error_line,
     nonneg_int,
     number,
-    read_json,
 )
 from viz import draw_interactions, hoi_class_names
 from world import synthetic, vlms
+from world.recipe import (
+    KD,
+    LABEL_DROP,
+    LOOP,
+    MODEL_OPTS,
+    VLMS,
+    WORLD,
+    chance_level,
+    check_vlm,
+    claim_output_folder,
+    read_preds,
+    vlm_args,
+)
 
 ROOT = Path(__file__).resolve().parent
 
-# The recipe (tuned on this 2-core machine to keep the whole demo well under 15 minutes).
-# train_label_drop: the fraction of train (pair, class) labels removed (sparse annotation,
-# as in HICO-DET; the pixels still show those interactions), see synthetic.make_synthetic_world.
-LABEL_DROP = 0.4
-WORLD = dict(n_train=600, n_test=200, image_size=128, seed=0, train_label_drop=LABEL_DROP)
-MODEL_OPTS = ["d_model=64", "d_latent=32", "heads=4", "ffn_mult=2", "impl=reference"]
-LOOP = ["--epochs", "8", "--batch-size", "8", "--lr", "5e-4", "--warmup-steps", "20",
-        "--schedule", "cosine", "--clip", "1.0", "--weight-decay", "1e-4", "--seed", "0"]
-KD = ["--w-map", "1.0", "--w-query", "1.0", "--w-logit", "1.0", "--temperature", "2.0"]
-
-# --vlm -> (the shipped world VLM it needs, pretrained?): 'random' is world-clip's architecture
-# with random weights; 'tiny' the tiny random VLM of model.register_tiny_vlm (needs no file)
-VLMS = {"world-clip": ("world-clip", True), "world-sig": ("world-sig", True),
-        "random": ("world-clip", False), "tiny": (None, False)}
 RUNS = ("teacher", "student", "zs_teacher", "zs_student")
 CONTROL_RUNS = ("random_teacher", "random_zs_teacher")     # the teachers again on a random VLM
-
-
-def vlm_args(vlm: str, weights: Path, random_weights: bool = False) -> list:
-    """The training CLIs' VLM arguments for the demo's --vlm (random_weights: the control)."""
-    shipped, pretrained = VLMS[vlm]
-    if shipped is None:
-        return ["--vlm", "tiny"]
-    random_weights = random_weights or not pretrained
-    return ["--vlm", shipped, "--weights", str(weights)] + ["--pretrained", "random"] * random_weights
-
-
-def check_vlm(vlm: str, weights: Path) -> dict:
-    """What recipe.json and results.json say about the VLM, after checking the shipped
-    checkpoint (vlms.world_vlm: present, SHA-256 as in its manifest). Raises OSError /
-    ValueError naming the file."""
-    shipped, pretrained = VLMS[vlm]
-    if shipped is None:
-        return {"name": vlm, "pretrained": False}
-    vlms.world_vlm(shipped, weights)
-    doc = vlms.shipped(weights)[shipped]
-    return {"name": vlm, "pretrained": pretrained, "architecture": shipped,
-            "checkpoint": Path(doc["checkpoint"]).name, "sha256": doc["sha256"]}
-
-
-def claim_output_folder(out: Path, stamp: str, kind: str, recipe: dict, fresh: bool, what_differs: str,
-                        same=lambda old, new: old == new) -> dict | None:
-    """The output folder of a demo / ablation run, made ready for ``recipe``: --fresh deletes it,
-    but only if it is one of ours (it holds ``stamp``, the recipe file); a folder with runs of
-    another recipe (not ``same(old, new)``) is refused. Returns the recipe found there (None for
-    a new folder); the caller writes the stamp. Raises ValueError, one line, naming the folder."""
-    if fresh and out.exists():
-        if any(out.iterdir()) and not (out / stamp).is_file():   # never delete a folder of yours
-            raise ValueError(f"{out}: --fresh deletes this folder, which is not {kind} output folder (it has "
-                             f"no {stamp}); choose another --out")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    old = read_json(out / stamp, f"{kind} recipe", allow_bool=True) if (out / stamp).is_file() else None
-    if any(out.iterdir()) and (old is None or not same(old, recipe)):
-        raise ValueError(f"{out} holds runs of another recipe ({what_differs}); rerun with --fresh or another --out")
-    return old
 
 
 def _common(out: Path, world: Path, threads: int, loop: list, vlm: list) -> list:
@@ -176,30 +133,8 @@ def _chain(runs: list, out: Path, status: dict) -> None:
             return
 
 
-def chance_level(anno: dict, preds: dict, zero_shot=None, draws: int = 5) -> dict:
-    """mAP of the same prediction rows with uniformly random scores (mean over draws)."""
-    acc = {}
-    for s in range(draws):
-        rng = np.random.default_rng(1000 + s)
-        rnd = {}
-        for f, rows in preds.items():
-            r = np.array(rows, dtype=np.float64).reshape(-1, 10)
-            r[:, 1] = rng.random(len(r))
-            rnd[f] = r
-        m = hoi_eval.evaluate_hico(anno, rnd, zero_shot=zero_shot)
-        for k in ("full", "rare", "non_rare", "unseen", "seen"):
-            if m.get(k) is not None:
-                acc.setdefault(k, []).append(m[k])
-    return {k: float(np.mean(v)) for k, v in acc.items()}
-
-
 def _metrics(run_dir: Path) -> dict:
     return json.loads((run_dir / "metrics.json").read_text())
-
-
-def _preds(run_dir: Path) -> dict:
-    return {f: np.asarray(r, dtype=np.float64).reshape(-1, 10)
-            for f, r in json.loads((run_dir / "predictions_test.json").read_text()).items()}
 
 
 def draw_picture(out: Path, world_paths: dict, student_dir: Path) -> str:
@@ -210,7 +145,7 @@ def draw_picture(out: Path, world_paths: dict, student_dir: Path) -> str:
     npairs = [len(a["hoi"]) for a in anno["annotation"][:50]]
     j = int(np.argmax(npairs))
     fn = anno["filenames"][j]
-    rows = _preds(student_dir).get(fn, np.zeros((0, 10)))
+    rows = read_preds(student_dir).get(fn, np.zeros((0, 10)))
     img = Image.open(Path(world_paths["test_images"]) / fn).convert("RGB")
     gt = ", ".join(names[h] for h in sorted(set(anno["annotation"][j]["hoi"])))
     pic = draw_interactions(img, rows, names, top_k=4, title=f"student, {fn}", note=f"GT: {gt}")
@@ -280,8 +215,8 @@ def collect_results(out: Path, anno: dict, zero_shot: str, control: bool = True)
     split = anno["zero_shot"][zero_shot]
     unseen = sorted(split) if isinstance(split, list) else sorted(split["unseen"])
     res = {k: _metrics(out / k) for k in RUNS + (CONTROL_RUNS if control else ())}
-    chance = chance_level(anno, _preds(out / "teacher"))
-    chance_zs = chance_level(anno, _preds(out / "zs_teacher"), zero_shot=unseen)
+    chance = chance_level(anno, read_preds(out / "teacher"))
+    chance_zs = chance_level(anno, read_preds(out / "zs_teacher"), zero_shot=unseen)
 
     def pick(run, ks):
         return {k: round(float(res[run][k]), 2) for k in ks} if run in res else None
