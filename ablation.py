@@ -1,12 +1,8 @@
 """``python ablation.py``: the paper's ablation (../shared/LINK.md, "Ablation") re-run on the synthetic world.
 
-Every row is one architecture / distillation setting, trained with several seeds (--seeds,
-default 0,1,2). The seed is the runs' seed (initial weights, data order; few-shot: which k images
-per class); the WORLD is the demo's (world.recipe.WORLD, one fixed world seed), so every row and seed is
-scored on the same test set. Recipe: the demo's MODEL_OPTS / LOOP / KD (world/recipe.py), imported, not copied.
-
-Rows (all on --vlm, default world-clip, unless said otherwise; --vlm / --second-vlm / --weights
-are demo.py's, through recipe.vlm_args and recipe.check_vlm):
+Every row is one architecture / distillation setting, trained with several seeds (--seeds, default
+0,1,2) on the demo's world and recipe (world/recipe.py): every row and seed is scored on the same
+test set. Rows (on --vlm, default world-clip, unless said otherwise):
   A1 self-attention + plain cross-attention    geometric_encoder=false linking_decoder=false
   A2 + linking decoder                         geometric_encoder=false linking_decoder=true
   A3 geometric encoder + plain cross-attention geometric_encoder=true  linking_decoder=false
@@ -20,20 +16,11 @@ are demo.py's, through recipe.vlm_args and recipe.check_vlm):
       architecture with random weights (--pretrained random): Full / Seen / Unseen
   FS1, FS4, FS16: the A4 teacher with --few-shot 1 / 4 / 16 images per class
   chance: recipe.chance_level on the prediction rows of A4 (ZS-T for the zero-shot table)
-
-Direction column: each A-row is compared with the row it changes (``Row.base``: A2 and A3 with
-A1, since each adds one component to the baseline, A4 with A3, A5 with A4, ..., A8 with A7): the
-sign of the measured change of the mean (Full, Rare) against the sign of the paper's change;
-"~" marks a change smaller than twice its standard error (sqrt(s_a^2/n_a + s_b^2/n_b)), i.e.
-within the seeds' noise; "?" a row or base with one seed (noise unknown).
-
-Scheduling: each run is one train_teacher.py / train_student.py process with one thread
-(OMP_NUM_THREADS=1, --threads 1), at most --jobs at once; a student starts when its teachers
-have finished; a failed run skips the runs that need it. Runs go to OUT/<row>_s<seed>/ (a
-finished run, i.e. one with metrics.json, is not run again; an interrupted one resumes from its
-checkpoint), logs to OUT/<row>_s<seed>.out. All runs share one feature cache folder (OUT/cache,
-one cache per VLM and image list: the frozen VLM runs once per image).
-Outputs: a printed table, OUT/results.json (per seed and mean / std), OUT/ablation.png.
+The direction column compares each A-row's change against the row it changes (Row.base) with the
+sign of the paper's change ("~": within twice its standard error over seeds, "?": one seed).
+Each run is one train_teacher.py / train_student.py process with one thread, at most --jobs at
+once, in OUT/<row>_s<seed>/ (a finished run is not run again, an interrupted one resumes); all
+share one feature cache (OUT/cache). Outputs: a printed table, OUT/results.json, OUT/ablation.png.
 Exit status 1 when a run failed (the other rows still print), 2 on bad input.
 """
 from __future__ import annotations

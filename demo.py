@@ -1,64 +1,25 @@
 """The README's first command: ``python demo.py`` (CPU, a fresh machine, no download).
 
-1. generates the synthetic HOI world (runs/demo/world: PNG images, HICO-DET-format annotation
-   files, a simulated detector's boxes) with synthetic.make_synthetic_world;
-2. trains a LINK teacher on ground truth (train_teacher.py), then a student from scratch on
-   ground truth + map/query/logit distillation from that frozen teacher (train_student.py);
-3. zero-shot: a second teacher and student trained on the zero-shot training set (the
-   world's split, default nf-uc: every label of the unseen classes removed, images left
-   without a label dropped) and evaluated on the full test set (Unseen / Seen / Full).
-   This is the honest way: models that saw the unseen classes cannot report zero-shot
-   numbers;
-4. the control: both teachers again with the same VLM architecture but RANDOM weights
-   (``--pretrained random``), so the table shows what the VLM's pretraining adds;
-5. evaluates everything with eval.evaluate_hico, computes the chance level (the same
-   prediction rows with uniformly random scores, mean over 5 draws) and the simulated
-   detector's box AP (eval.evaluate_detector: the boxes every HOI row depends on), prints a table,
-   writes runs/demo/results.json (atomically) and draws the student's top interactions on a
-   test image (runs/demo/detections.png, viz.draw_interactions).
-The six runs go as two chains of three, in parallel (two processes with one thread each):
-teacher -> student -> random-VLM teacher, and random-VLM zero-shot teacher -> zero-shot
-teacher -> zero-shot student (each chain builds one VLM's feature cache first, the other
-finds it ready).
+1. generates the synthetic HOI world (runs/demo/world: images, HICO-DET-format annotation, a
+   simulated detector's boxes; --label-drop 0.4 of the train labels removed, as real HOI data
+   labels sparsely);
+2. trains a LINK teacher on ground truth (train_teacher.py), then a student on ground truth +
+   map/query/logit distillation from that frozen teacher (train_student.py);
+3. zero-shot: a teacher and a student trained on the world's zero-shot split (default nf-uc)
+   and evaluated on the full test set (Unseen / Seen / Full);
+4. the control: both teachers again on the VLM's architecture with RANDOM weights, so that the
+   table shows what the VLM's pretraining adds;
+5. evaluates everything (eval.evaluate_hico) beside the chance level and the simulated
+   detector's box AP, prints a table, writes runs/demo/results.json and runs/demo/detections.png.
+The six runs go as two chains of three, in parallel. The recipe (world, model, loop, KD, VLM
+choices) is world/recipe.py, shared with ablation.py.
 
-The VLM (``--vlm``). Default ``world-clip``: a small open_clip model (a ViT reading the
-world's 128-px images in 16-px patches, an 8 x 8 token map, and a text tower) pretrained
-contrastively on image-level captions of the synthetic world by world/pretrain_vlm.py, as CLIP is
-pretrained on web captions; the captions name every interaction, the zero-shot split's unseen
-ones included (a zero-shot split hides classes from HOI training only, not from the VLM). It
-ships in world/weights/ as an ordinary open_clip checkpoint with a manifest (world/vlms.py) and is
-loaded through the same local-checkpoint path as a user's real CLIP (LINKConfig(vlm,
-vlm_config, pretrained=FILE)), its SHA-256 checked first: a missing or corrupt checkpoint
-stops the demo with one line naming the file (exit 2) before any training. ``world-sig``:
-the second world VLM (SigLIP loss). ``random``: world-clip's architecture with random
-weights (then the control runs are the main runs and are not repeated). ``tiny``: the tiny
-random open_clip ViT of model.register_tiny_vlm() at 64 px (the demo before the world VLMs).
-The random-VLM rows are there because a random tower already gives LINK usable patch
-features and the verb-object mask already gives zero-shot classes a score: only the gap
-between the pretrained and the random VLM is knowledge the VLM brought. The frozen features
-are computed once per image and VLM and reused by every run through the feature cache.
-
-Sparse labels (``--label-drop``, default 0.4). The world's painter labels every interaction
-it draws, whereas real HOI datasets label sparsely: many real pairs carry no label and are
-trained as negatives. LINK's progressive teacher-student learning targets exactly that (the
-student is distilled densely, on ALL pairs, from the teacher's scores). The demo therefore
-removes 40% of the train (pair, class) labels (stratified per class; the pixels, the
-detections and the test labels are untouched). Finding, honestly (this recipe, 600 train /
-200 test images, student minus teacher in mAP points, seeds 0 / 1 / 2):
-drop 0.4: Full +0.91 / +0.03 / +1.34 (mean +0.76), Rare -0.08 / +0.33 / +1.31, Non-rare
-+1.24 / -0.07 / +1.35; zero-shot nf-uc Full +0.58 / +0.38 / +0.63, Unseen -0.03 / -0.12 / -0.11.
-drop 0.5: Full -0.17 / +2.84 / +0.55, Rare -1.35 / -0.39 / -0.75; zero-shot Full +0.58 /
-+2.47 / +1.41. drop 0 (every label kept): Full +0.27 / +0.67 / -0.36.
-So with sparse labels the student gains a small but consistent margin on Full (and on the
-seen classes in zero-shot), about the size of one seed's noise in absolute mAP (teachers
-range 58-64 over seeds); it does not gain on the unseen classes (the tiny random "VLM" has no
-language knowledge to pass on), and Rare is mixed. These figures were measured with the tiny
-random VLM (``--vlm tiny``), before the world VLMs existed. ``--seed N`` changes the world
-and every run.
-
-Re-running the demo resumes every run from its checkpoint (finished runs are skipped);
-``--fresh`` starts over. The output folder's recipe.json names the VLM (and its checkpoint's
-SHA-256): runs of another VLM or other weights are never mixed. Logs: runs/demo/<run>.out,
+--vlm: world-clip (default: a small open_clip model pretrained on the world's captions by
+world/pretrain_vlm.py, shipped in world/weights/ and loaded as a user's local CLIP checkpoint is,
+its SHA-256 checked before any training), world-sig (the SigLIP-loss one), random (world-clip's
+architecture, random weights), tiny (model.register_tiny_vlm's random ViT at 64 px).
+Re-running resumes every run (finished runs are skipped), --fresh starts over; the output
+folder's recipe.json keeps runs of another recipe or VLM apart. Logs: runs/demo/<run>.out,
 runs/demo/<run>/log.jsonl, curves.png.
 """
 from __future__ import annotations

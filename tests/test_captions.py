@@ -1,4 +1,4 @@
-"""captions.py: image-level captions of the synthetic world (exact strings, reachability, scenes)."""
+"""world/captions.py: image-level captions of the synthetic world (exact strings, reachability, scenes)."""
 import json
 
 import numpy as np

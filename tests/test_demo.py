@@ -122,7 +122,7 @@ TINY = {"embed_dim": 32,
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
-    """A weights folder as pretrain_vlm.py writes it, with a tiny random 'world-clip' (64 px)."""
+    """A weights folder as world/pretrain_vlm.py writes it, with a tiny random 'world-clip' (64 px)."""
     folder = tmp_path_factory.mktemp("weights")
     vlm = build_vlm(LINKConfig(vlm="test-demo-world-clip", vlm_config=TINY, pretrained=None, image_size=64))
     torch.save({k: v.half() if v.is_floating_point() else v for k, v in vlm.state_dict().items()},

@@ -1,4 +1,4 @@
-"""Tests of synthetic.py: the synthetic HOI world (quotas, files, detections, determinism,
+"""Tests of world/synthetic.py: the synthetic HOI world (quotas, files, detections, determinism,
 sparse labels, the PNG writer, the interaction cues in the pixels, 100 mAP for its ground truth).
 """
 import hashlib

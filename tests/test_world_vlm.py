@@ -1,4 +1,4 @@
-"""pretrain_vlm.py and world_vlm.py: losses and retrieval against hand-computed values, a tiny
+"""world/pretrain_vlm.py and world/vlms.py: losses and retrieval against hand-computed values, a tiny
 pretraining run (the loss falls, deterministic from the seed), fp16 checkpoints through the
 real LINKConfig(pretrained=FILE) path, and the shipped world VLMs (checksum, features, text)."""
 import dataclasses
