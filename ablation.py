@@ -1,12 +1,8 @@
 """``python ablation.py``: the paper's ablation (../shared/LINK.md, "Ablation") re-run on the synthetic world.
 
-Every row is one architecture / distillation setting, trained with several seeds (--seeds,
-default 0,1,2). The seed is the runs' seed (initial weights, data order; few-shot: which k images
-per class); the WORLD is the demo's (demo.WORLD, one fixed world seed), so every row and seed is
-scored on the same test set. Recipe: demo.py's MODEL_OPTS / LOOP / KD, imported, not copied.
-
-Rows (all on --vlm, default world-clip, unless said otherwise; --vlm / --second-vlm / --weights
-are demo.py's, through demo.vlm_args and demo.check_vlm):
+Every row is one architecture / distillation setting, trained with several seeds (--seeds, default
+0,1,2) on the demo's world and recipe (world/recipe.py): every row and seed is scored on the same
+test set. Rows (on --vlm, default world-clip, unless said otherwise):
   A1 self-attention + plain cross-attention    geometric_encoder=false linking_decoder=false
   A2 + linking decoder                         geometric_encoder=false linking_decoder=true
   A3 geometric encoder + plain cross-attention geometric_encoder=true  linking_decoder=false
@@ -19,21 +15,12 @@ are demo.py's, through demo.vlm_args and demo.check_vlm):
   ZS-T, ZS-S, ZS-rand: zero-shot nf-uc: teacher, student (A7's KD), teacher on the VLM's
       architecture with random weights (--pretrained random): Full / Seen / Unseen
   FS1, FS4, FS16: the A4 teacher with --few-shot 1 / 4 / 16 images per class
-  chance: demo.chance_level on the prediction rows of A4 (ZS-T for the zero-shot table)
-
-Direction column: each A-row is compared with the row it changes (``Row.base``: A2 and A3 with
-A1, since each adds one component to the baseline, A4 with A3, A5 with A4, ..., A8 with A7): the
-sign of the measured change of the mean (Full, Rare) against the sign of the paper's change;
-"~" marks a change smaller than twice its standard error (sqrt(s_a^2/n_a + s_b^2/n_b)), i.e.
-within the seeds' noise; "?" a row or base with one seed (noise unknown).
-
-Scheduling: each run is one train_teacher.py / train_student.py process with one thread
-(OMP_NUM_THREADS=1, --threads 1), at most --jobs at once; a student starts when its teachers
-have finished; a failed run skips the runs that need it. Runs go to OUT/<row>_s<seed>/ (a
-finished run, i.e. one with metrics.json, is not run again; an interrupted one resumes from its
-checkpoint), logs to OUT/<row>_s<seed>.out. All runs share one feature cache folder (OUT/cache,
-one cache per VLM and image list: the frozen VLM runs once per image).
-Outputs: a printed table, OUT/results.json (per seed and mean / std), OUT/ablation.png.
+  chance: recipe.chance_level on the prediction rows of A4 (ZS-T for the zero-shot table)
+The direction column compares each A-row's change against the row it changes (Row.base) with the
+sign of the paper's change ("~": within twice its standard error over seeds, "?": one seed).
+Each run is one train_teacher.py / train_student.py process with one thread, at most --jobs at
+once, in OUT/<row>_s<seed>/ (a finished run is not run again, an interrupted one resumes); all
+share one feature cache (OUT/cache). Outputs: a printed table, OUT/results.json, OUT/ablation.png.
 Exit status 1 when a run failed (the other rows still print), 2 on bad input.
 """
 from __future__ import annotations
@@ -52,11 +39,21 @@ from typing import Callable, Optional
 
 import numpy as np
 
-import synthetic
-import world_vlm
 from common import OneLineParser, atomic_write, atomic_write_json, positive_int, print_error
-from demo import KD, LOOP, MODEL_OPTS, VLMS, WORLD, _preds, chance_level, check_vlm, claim_output_folder, vlm_args
 from viz import plot_ablation
+from world import synthetic, vlms
+from world.recipe import (
+    KD,
+    LOOP,
+    MODEL_OPTS,
+    VLMS,
+    WORLD,
+    chance_level,
+    check_vlm,
+    claim_output_folder,
+    read_preds,
+    vlm_args,
+)
 
 ROOT = Path(__file__).resolve().parent
 ZERO_SHOT = "nf-uc"
@@ -68,7 +65,7 @@ PAPER = {"A1": (36.10, 33.67), "A2": (39.23, 39.76), "A3": (38.30, 35.46), "A4":
 
 
 def kd_args(w_map: str, w_query: str, w_logit: str) -> tuple:
-    """demo.KD with the three level weights replaced (the temperature stays the demo's)."""
+    """recipe.KD with the three level weights replaced (the temperature stays the demo's)."""
     out = list(KD)
     for flag, w in (("--w-map", w_map), ("--w-query", w_query), ("--w-logit", w_logit)):
         out[out.index(flag) + 1] = w
@@ -80,7 +77,7 @@ class Row:
     name: str
     what: str
     table: str                  # main | kd_form | box | zero_shot | few_shot
-    opts: tuple = ()            # --model-opt KEY=VALUE on top of demo.MODEL_OPTS
+    opts: tuple = ()            # --model-opt KEY=VALUE on top of recipe.MODEL_OPTS
     args: tuple = ()            # the run's other options (KD weights, --zero-shot, --few-shot, ...)
     teachers: tuple = ()        # rows whose same-seed runs teach this one (a student if any)
     vlm: str = "main"           # main (--vlm) | second (--second-vlm) | random (main's architecture, random weights)
@@ -129,10 +126,10 @@ TABLES = {"main": ("ablation (Full / Rare / Non-rare mAP)", ("full", "rare", "no
 class Setup:
     out: Path
     world: Path
-    vlm: str = "world-clip"             # a demo.VLMS name
+    vlm: str = "world-clip"             # a recipe.VLMS name
     second_vlm: str = "world-sig"
     epochs: str = LOOP[LOOP.index("--epochs") + 1]
-    weights: Path = world_vlm.WEIGHTS   # the world VLMs' folder (--weights)
+    weights: Path = vlms.WEIGHTS   # the world VLMs' folder (--weights)
 
 
 def run_name(row: str, seed: int) -> str:
@@ -140,14 +137,14 @@ def run_name(row: str, seed: int) -> str:
 
 
 def _model_opts(extra: tuple) -> list:
-    """demo.MODEL_OPTS updated by the row's options (a key given twice: the row's value, in place)."""
+    """recipe.MODEL_OPTS updated by the row's options (a key given twice: the row's value, in place)."""
     opts = dict(o.split("=", 1) for o in MODEL_OPTS)
     opts.update(dict(o.split("=", 1) for o in extra))
     return [a for k, v in opts.items() for a in ("--model-opt", f"{k}={v}")]
 
 
 def _vlm_args(row: Row, s: Setup) -> list:
-    """demo.vlm_args of the row's VLM ('random': --vlm's architecture, random weights)."""
+    """recipe.vlm_args of the row's VLM ('random': --vlm's architecture, random weights)."""
     if row.vlm == "second":
         return vlm_args(s.second_vlm, s.weights)
     return vlm_args(s.vlm, s.weights, random_weights=row.vlm == "random")
@@ -330,7 +327,7 @@ def read_row(name: str, seeds: list, out: Path, state: dict) -> dict:
 
 
 def chances(out: Path, world: Path, rows: list, seeds: list, state: dict) -> dict:
-    """demo.chance_level on the prediction rows of the first finished A4 run (full table) and ZS-T
+    """recipe.chance_level on the prediction rows of the first finished A4 run (full table) and ZS-T
     run (zero-shot table: Seen / Unseen over the split's classes)."""
     res = {}
     for table, row in (("full", "A4"), ("zero_shot", "ZS-T")):
@@ -340,7 +337,7 @@ def chances(out: Path, world: Path, rows: list, seeds: list, state: dict) -> dic
         anno = json.loads((world / "instances_test.json").read_text())
         split = anno["zero_shot"][ZERO_SHOT]
         unseen = None if table == "full" else sorted(split) if isinstance(split, list) else sorted(split["unseen"])
-        res[table] = chance_level(anno, _preds(out / done[0]), zero_shot=unseen)
+        res[table] = chance_level(anno, read_preds(out / done[0]), zero_shot=unseen)
     return res
 
 
@@ -450,8 +447,8 @@ def parse(argv=None):
                    "world-clip; demo.py's choices)")
     p.add_argument("--second-vlm", default="world-sig", choices=sorted(VLMS),
                    help="A8's second teacher's VLM (default world-sig)")
-    p.add_argument("--weights", default=str(world_vlm.WEIGHTS), metavar="DIR",
-                   help="folder of the world VLMs' checkpoints and manifests (default: the repository's weights/)")
+    p.add_argument("--weights", default=str(vlms.WEIGHTS), metavar="DIR",
+                   help="folder of the world VLMs' checkpoints and manifests (default: world/weights/)")
     p.add_argument("--n-train", type=positive_int, default=WORLD["n_train"], help="world's train images "
                    "(default the demo's; smaller for tests only)")
     p.add_argument("--n-test", type=positive_int, default=WORLD["n_test"], help="world's test images")
@@ -466,7 +463,7 @@ def parse(argv=None):
 def recipe(a) -> dict:
     """What the runs in --out are trained with (a folder of another recipe is refused): the
     world, loop, epochs, KD, the VLM names, and the checkpoint's sha256 of each world VLM the
-    rows use (demo.check_vlm: a missing or corrupt checkpoint is refused here, before any run)."""
+    rows use (recipe.check_vlm: a missing or corrupt checkpoint is refused here, before any run)."""
     used = [a.vlm] + ([a.second_vlm] if any(BY_NAME[n].vlm == "second" for n in a.rows) else [])
     shas = {v: check_vlm(v, Path(a.weights)).get("sha256") for v in used}
     return {"world": dict(WORLD, n_train=a.n_train, n_test=a.n_test), "model_opts": MODEL_OPTS,

@@ -169,7 +169,7 @@ def _require(d: dict, key, file, image="-", kind=list):
     return v
 
 
-def _article(word: str) -> str:
+def article(word: str) -> str:
     return "an" if word[:1].lower() in "aeiou" else "a"
 
 
@@ -424,7 +424,7 @@ def _hico_prompts(objects, verbs, corr) -> list:
             out.append(table[(v, o)])
         else:
             vb, ob = verbs[v].replace("_", " "), objects[o].replace("_", " ")
-            out.append(f"a photo of a person {vb} {_article(ob)} {ob}")
+            out.append(f"a photo of a person {vb} {article(ob)} {ob}")
     return out
 
 
@@ -832,7 +832,7 @@ class SWiGHOI(_HOIDataset):
         for x in inters:
             ob = obj_names[x["object_id"]].replace("_", " ")
             prompts.append(f"a photo of a person {act_names[x['action_id']].replace('_', ' ')} "
-                           f"{_article(ob)} {ob}")
+                           f"{article(ob)} {ob}")
         self._class_space = ClassSpace(
             name="swig", prompts=prompts, object_names=obj_names,
             hoi_object=[[x["object_id"]] for x in inters],

@@ -1,71 +1,31 @@
 """The README's first command: ``python demo.py`` (CPU, a fresh machine, no download).
 
-1. generates the synthetic HOI world (runs/demo/world: PNG images, HICO-DET-format annotation
-   files, a simulated detector's boxes) with synthetic.make_synthetic_world;
-2. trains a LINK teacher on ground truth (train_teacher.py), then a student from scratch on
-   ground truth + map/query/logit distillation from that frozen teacher (train_student.py);
-3. zero-shot: a second teacher and student trained on the zero-shot training set (the
-   world's split, default nf-uc: every label of the unseen classes removed, images left
-   without a label dropped) and evaluated on the full test set (Unseen / Seen / Full).
-   This is the honest way: models that saw the unseen classes cannot report zero-shot
-   numbers;
-4. the control: both teachers again with the same VLM architecture but RANDOM weights
-   (``--pretrained random``), so the table shows what the VLM's pretraining adds;
-5. evaluates everything with eval.evaluate_hico, computes the chance level (the same
-   prediction rows with uniformly random scores, mean over 5 draws) and the simulated
-   detector's box AP (eval.evaluate_detector: the boxes every HOI row depends on), prints a table,
-   writes runs/demo/results.json (atomically) and draws the student's top interactions on a
-   test image (runs/demo/detections.png, viz.draw_interactions).
-The six runs go as two chains of three, in parallel (two processes with one thread each):
-teacher -> student -> random-VLM teacher, and random-VLM zero-shot teacher -> zero-shot
-teacher -> zero-shot student (each chain builds one VLM's feature cache first, the other
-finds it ready).
+1. generates the synthetic HOI world (runs/demo/world: images, HICO-DET-format annotation, a
+   simulated detector's boxes; --label-drop 0.4 of the train labels removed, as real HOI data
+   labels sparsely);
+2. trains a LINK teacher on ground truth (train_teacher.py), then a student on ground truth +
+   map/query/logit distillation from that frozen teacher (train_student.py);
+3. zero-shot: a teacher and a student trained on the world's zero-shot split (default nf-uc)
+   and evaluated on the full test set (Unseen / Seen / Full);
+4. the control: both teachers again on the VLM's architecture with RANDOM weights, so that the
+   table shows what the VLM's pretraining adds;
+5. evaluates everything (eval.evaluate_hico) beside the chance level and the simulated
+   detector's box AP, prints a table, writes runs/demo/results.json and runs/demo/detections.png.
+The six runs go as two chains of three, in parallel. The recipe (world, model, loop, KD, VLM
+choices) is world/recipe.py, shared with ablation.py.
 
-The VLM (``--vlm``). Default ``world-clip``: a small open_clip model (a ViT reading the
-world's 128-px images in 16-px patches, an 8 x 8 token map, and a text tower) pretrained
-contrastively on image-level captions of the synthetic world by pretrain_vlm.py, as CLIP is
-pretrained on web captions; the captions name every interaction, the zero-shot split's unseen
-ones included (a zero-shot split hides classes from HOI training only, not from the VLM). It
-ships in weights/ as an ordinary open_clip checkpoint with a manifest (world_vlm.py) and is
-loaded through the same local-checkpoint path as a user's real CLIP (LINKConfig(vlm,
-vlm_config, pretrained=FILE)), its SHA-256 checked first: a missing or corrupt checkpoint
-stops the demo with one line naming the file (exit 2) before any training. ``world-sig``:
-the second world VLM (SigLIP loss). ``random``: world-clip's architecture with random
-weights (then the control runs are the main runs and are not repeated). ``tiny``: the tiny
-random open_clip ViT of model.register_tiny_vlm() at 64 px (the demo before the world VLMs).
-The random-VLM rows are there because a random tower already gives LINK usable patch
-features and the verb-object mask already gives zero-shot classes a score: only the gap
-between the pretrained and the random VLM is knowledge the VLM brought. The frozen features
-are computed once per image and VLM and reused by every run through the feature cache.
-
-Sparse labels (``--label-drop``, default 0.4). The world's painter labels every interaction
-it draws, whereas real HOI datasets label sparsely: many real pairs carry no label and are
-trained as negatives. LINK's progressive teacher-student learning targets exactly that (the
-student is distilled densely, on ALL pairs, from the teacher's scores). The demo therefore
-removes 40% of the train (pair, class) labels (stratified per class; the pixels, the
-detections and the test labels are untouched). Finding, honestly (this recipe, 600 train /
-200 test images, student minus teacher in mAP points, seeds 0 / 1 / 2):
-drop 0.4: Full +0.91 / +0.03 / +1.34 (mean +0.76), Rare -0.08 / +0.33 / +1.31, Non-rare
-+1.24 / -0.07 / +1.35; zero-shot nf-uc Full +0.58 / +0.38 / +0.63, Unseen -0.03 / -0.12 / -0.11.
-drop 0.5: Full -0.17 / +2.84 / +0.55, Rare -1.35 / -0.39 / -0.75; zero-shot Full +0.58 /
-+2.47 / +1.41. drop 0 (every label kept): Full +0.27 / +0.67 / -0.36.
-So with sparse labels the student gains a small but consistent margin on Full (and on the
-seen classes in zero-shot), about the size of one seed's noise in absolute mAP (teachers
-range 58-64 over seeds); it does not gain on the unseen classes (the tiny random "VLM" has no
-language knowledge to pass on), and Rare is mixed. These figures were measured with the tiny
-random VLM (``--vlm tiny``), before the world VLMs existed. ``--seed N`` changes the world
-and every run.
-
-Re-running the demo resumes every run from its checkpoint (finished runs are skipped);
-``--fresh`` starts over. The output folder's recipe.json names the VLM (and its checkpoint's
-SHA-256): runs of another VLM or other weights are never mixed. Logs: runs/demo/<run>.out,
+--vlm: world-clip (default: a small open_clip model pretrained on the world's captions by
+world/pretrain_vlm.py, shipped in world/weights/ and loaded as a user's local CLIP checkpoint is,
+its SHA-256 checked before any training), world-sig (the SigLIP-loss one), random (world-clip's
+architecture, random weights), tiny (model.register_tiny_vlm's random ViT at 64 px).
+Re-running resumes every run (finished runs are skipped), --fresh starts over; the output
+folder's recipe.json keeps runs of another recipe or VLM apart. Logs: runs/demo/<run>.out,
 runs/demo/<run>/log.jsonl, curves.png.
 """
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -76,8 +36,6 @@ import numpy as np
 from PIL import Image
 
 import eval as hoi_eval
-import synthetic
-import world_vlm
 from common import (
     ZERO_SHOT_SPLITS,
     OneLineParser,
@@ -86,69 +44,28 @@ from common import (
     error_line,
     nonneg_int,
     number,
-    read_json,
 )
 from runs import load_checkpoint
 from viz import draw_interactions, hoi_class_names
+from world import synthetic, vlms
+from world.recipe import (
+    KD,
+    LABEL_DROP,
+    LOOP,
+    MODEL_OPTS,
+    VLMS,
+    WORLD,
+    chance_level,
+    check_vlm,
+    claim_output_folder,
+    read_preds,
+    vlm_args,
+)
 
 ROOT = Path(__file__).resolve().parent
 
-# The recipe (tuned on this 2-core machine to keep the whole demo well under 15 minutes).
-# train_label_drop: the fraction of train (pair, class) labels removed (sparse annotation,
-# as in HICO-DET; the pixels still show those interactions), see synthetic.make_synthetic_world.
-LABEL_DROP = 0.4
-WORLD = dict(n_train=600, n_test=200, image_size=128, seed=0, train_label_drop=LABEL_DROP)
-MODEL_OPTS = ["d_model=64", "d_latent=32", "heads=4", "ffn_mult=2", "impl=reference"]
-LOOP = ["--epochs", "8", "--batch-size", "8", "--lr", "5e-4", "--warmup-steps", "20",
-        "--schedule", "cosine", "--clip", "1.0", "--weight-decay", "1e-4", "--seed", "0"]
-KD = ["--w-map", "1.0", "--w-query", "1.0", "--w-logit", "1.0", "--temperature", "2.0"]
-
-# --vlm -> (the shipped world VLM it needs, pretrained?): 'random' is world-clip's architecture
-# with random weights; 'tiny' the tiny random VLM of model.register_tiny_vlm (needs no file)
-VLMS = {"world-clip": ("world-clip", True), "world-sig": ("world-sig", True),
-        "random": ("world-clip", False), "tiny": (None, False)}
 RUNS = ("teacher", "student", "zs_teacher", "zs_student")
 CONTROL_RUNS = ("random_teacher", "random_zs_teacher")     # the teachers again on a random VLM
-
-
-def vlm_args(vlm: str, weights: Path, random_weights: bool = False) -> list:
-    """The training CLIs' VLM arguments for the demo's --vlm (random_weights: the control)."""
-    shipped, pretrained = VLMS[vlm]
-    if shipped is None:
-        return ["--vlm", "tiny"]
-    random_weights = random_weights or not pretrained
-    return ["--vlm", shipped, "--weights", str(weights)] + ["--pretrained", "random"] * random_weights
-
-
-def check_vlm(vlm: str, weights: Path) -> dict:
-    """What recipe.json and results.json say about the VLM, after checking the shipped
-    checkpoint (world_vlm.world_vlm: present, SHA-256 as in its manifest). Raises OSError /
-    ValueError naming the file."""
-    shipped, pretrained = VLMS[vlm]
-    if shipped is None:
-        return {"name": vlm, "pretrained": False}
-    world_vlm.world_vlm(shipped, weights)
-    doc = world_vlm.shipped(weights)[shipped]
-    return {"name": vlm, "pretrained": pretrained, "architecture": shipped,
-            "checkpoint": Path(doc["checkpoint"]).name, "sha256": doc["sha256"]}
-
-
-def claim_output_folder(out: Path, stamp: str, kind: str, recipe: dict, fresh: bool, what_differs: str,
-                        same=lambda old, new: old == new) -> dict | None:
-    """The output folder of a demo / ablation run, made ready for ``recipe``: --fresh deletes it,
-    but only if it is one of ours (it holds ``stamp``, the recipe file); a folder with runs of
-    another recipe (not ``same(old, new)``) is refused. Returns the recipe found there (None for
-    a new folder); the caller writes the stamp. Raises ValueError, one line, naming the folder."""
-    if fresh and out.exists():
-        if any(out.iterdir()) and not (out / stamp).is_file():   # never delete a folder of yours
-            raise ValueError(f"{out}: --fresh deletes this folder, which is not {kind} output folder (it has "
-                             f"no {stamp}); choose another --out")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    old = read_json(out / stamp, f"{kind} recipe", allow_bool=True) if (out / stamp).is_file() else None
-    if any(out.iterdir()) and (old is None or not same(old, recipe)):
-        raise ValueError(f"{out} holds runs of another recipe ({what_differs}); rerun with --fresh or another --out")
-    return old
 
 
 def _common(out: Path, world: Path, threads: int, loop: list, vlm: list) -> list:
@@ -177,30 +94,8 @@ def _chain(runs: list, out: Path, status: dict) -> None:
             return
 
 
-def chance_level(anno: dict, preds: dict, zero_shot=None, draws: int = 5) -> dict:
-    """mAP of the same prediction rows with uniformly random scores (mean over draws)."""
-    acc = {}
-    for s in range(draws):
-        rng = np.random.default_rng(1000 + s)
-        rnd = {}
-        for f, rows in preds.items():
-            r = np.array(rows, dtype=np.float64).reshape(-1, 10)
-            r[:, 1] = rng.random(len(r))
-            rnd[f] = r
-        m = hoi_eval.evaluate_hico(anno, rnd, zero_shot=zero_shot)
-        for k in ("full", "rare", "non_rare", "unseen", "seen"):
-            if m.get(k) is not None:
-                acc.setdefault(k, []).append(m[k])
-    return {k: float(np.mean(v)) for k, v in acc.items()}
-
-
 def _metrics(run_dir: Path) -> dict:
     return json.loads((run_dir / "metrics.json").read_text())
-
-
-def _preds(run_dir: Path) -> dict:
-    return {f: np.asarray(r, dtype=np.float64).reshape(-1, 10)
-            for f, r in json.loads((run_dir / "predictions_test.json").read_text()).items()}
 
 
 def draw_picture(out: Path, world_paths: dict, student_dir: Path) -> str:
@@ -211,7 +106,7 @@ def draw_picture(out: Path, world_paths: dict, student_dir: Path) -> str:
     npairs = [len(a["hoi"]) for a in anno["annotation"][:50]]
     j = int(np.argmax(npairs))
     fn = anno["filenames"][j]
-    rows = _preds(student_dir).get(fn, np.zeros((0, 10)))
+    rows = read_preds(student_dir).get(fn, np.zeros((0, 10)))
     img = Image.open(Path(world_paths["test_images"]) / fn).convert("RGB")
     gt = ", ".join(names[h] for h in sorted(set(anno["annotation"][j]["hoi"])))
     pic = draw_interactions(img, rows, names, top_k=4, title=f"student, {fn}", note=f"GT: {gt}")
@@ -281,8 +176,8 @@ def collect_results(out: Path, anno: dict, zero_shot: str, control: bool = True)
     split = anno["zero_shot"][zero_shot]
     unseen = sorted(split) if isinstance(split, list) else sorted(split["unseen"])
     res = {k: _metrics(out / k) for k in RUNS + (CONTROL_RUNS if control else ())}
-    chance = chance_level(anno, _preds(out / "teacher"))
-    chance_zs = chance_level(anno, _preds(out / "zs_teacher"), zero_shot=unseen)
+    chance = chance_level(anno, read_preds(out / "teacher"))
+    chance_zs = chance_level(anno, read_preds(out / "zs_teacher"), zero_shot=unseen)
 
     def pick(run, ks):
         return {k: round(float(res[run][k]), 2) for k in ks} if run in res else None
@@ -333,11 +228,11 @@ def main(argv=None) -> int:
     p.add_argument("--fresh", action="store_true", help="delete runs/demo first")
     p.add_argument("--sequential", action="store_true", help="run the two chains one after the other")
     p.add_argument("--vlm", default="world-clip", choices=list(VLMS),
-                   help="world-clip (default) / world-sig: the world VLMs pretrained by pretrain_vlm.py, shipped "
+                   help="world-clip (default) / world-sig: the world VLMs pretrained by world/pretrain_vlm.py, shipped "
                         "in --weights (the two teachers also run on the same architecture with random weights); "
                         "random: world-clip's architecture, random weights; tiny: the tiny random VLM")
-    p.add_argument("--weights", type=Path, default=world_vlm.WEIGHTS, metavar="DIR",
-                   help="folder of the world VLMs' checkpoints and manifests (default: the repository's weights/)")
+    p.add_argument("--weights", type=Path, default=vlms.WEIGHTS, metavar="DIR",
+                   help="folder of the world VLMs' checkpoints and manifests (default: world/weights/)")
     a = p.parse_args(argv)
     t_start = time.time()
     try:     # before anything is deleted or trained

@@ -27,7 +27,6 @@ from typing import Optional
 
 import torch
 
-import world_vlm
 from cache import FeatureSource, release_unused_towers
 from common import (
     OneLineParser,
@@ -55,9 +54,10 @@ from runs import (
     resume_differences,
     resume_path,
 )
-from synthetic import make_synthetic_world
 from trainer import Dist, LoopConfig, Trainer, add_loop_args, init_distributed, loop_config, run_cli, seed_everything
 from vlm import register_tiny_vlm
+from world import vlms as world_vlm
+from world.synthetic import make_synthetic_world
 
 
 # ----------------------------------------------------------------------------------------------
@@ -95,12 +95,12 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     m.add_argument("--vlm", default="tiny",
                    help="open_clip model name (e.g. ViT-B-16); 'tiny': the small random VLM "
                         "vlm.register_tiny_vlm() registers (tests); 'world-clip' / 'world-sig': the "
-                        "synthetic world's pretrained VLMs shipped in weights/ (world_vlm.py, the demo's)")
+                        "synthetic world's pretrained VLMs shipped in world/weights/ (world/vlms.py, the demo's)")
     m.add_argument("--pretrained", default="",
                    help="open_clip pretrained tag (e.g. openai) or a weights file; empty = random init "
                         "(for world-clip / world-sig: empty = the shipped weights, 'random' = random init)")
     m.add_argument("--weights", default=str(world_vlm.WEIGHTS), metavar="DIR",
-                   help="folder of the world VLMs' checkpoints and manifests (default: the repository's weights/)")
+                   help="folder of the world VLMs' checkpoints and manifests (default: world/weights/)")
     m.add_argument("--image-size", type=positive_int,
                    help="VLM input resolution (default: the VLM's own, e.g. 224 for ViT-B-16, 336 for ViT-L-14-336)")
     m.add_argument("--model-opt", action="append", default=[], metavar="KEY=VALUE", type=model_opt,

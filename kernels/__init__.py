@@ -6,7 +6,7 @@ order, then one autograd.Function over both fused paths and one public function.
 takes ``impl="auto" | "triton" | "torch" | "reference"``; "auto" picks Triton for CUDA
 tensors when Triton imports, else the lean torch path. The shared skeleton (Triton import,
 impl choice, accumulation dtype, launch checks) is kernels/_common.py; measurement (peak
-memory, time, box attention's cost model) is kernels/bench.py.
+memory, time, box attention's cost model) is bench/kernels.py.
 """
 from kernels._psi import psi_transform
 from kernels.box_attention import box_attention, box_attention_reference, box_bias

@@ -36,7 +36,7 @@ Both fused paths run inside one autograd.Function (`BoxAttentionFunction`).
 "auto" = "triton" for CUDA tensors when Triton imports, else "torch" (see kernels/_common.py).
 All paths compute softmax statistics in fp32 (fp64 for fp64 inputs, torch path only; the
 accumulation rule of kernels/_common.py) and return out / gradients in the input dtypes.
-Measurement (analytic cost model, peak memory, time) lives in kernels/bench.py.
+Measurement (analytic cost model, peak memory, time) lives in bench/kernels.py.
 """
 import torch
 

@@ -13,7 +13,7 @@ Three implementations (``impl=``):
 - "reference": the definition; materialises Psi of both sides, the masked logits, the student
   log-softmax, the teacher softmax per teacher and their mean, and autograd keeps many of them
   (measured extra peak at 32,768 x 600 with a prior on a CPU: about 10.5 logits-sized tensors,
-  see kernels/bench.py).
+  see bench/kernels.py).
 - "torch": an autograd.Function over row chunks of about 2^20 elements. Forward keeps nothing
   but references to its inputs (no copies, no row statistics); backward recomputes per chunk,
   with torch's fused softmax for both sides

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 
 import ablation as A
-import world_vlm
+from world import vlms
 
 ROOT = Path(A.__file__).resolve().parent
 S = A.Setup(Path("/o"), Path("/w"))          # world-clip / world-sig, the demo's 8 epochs, weights/
-W = str(world_vlm.WEIGHTS)
+W = str(vlms.WEIGHTS)
 COMMON = ["--dataset", "synthetic", "--world", "/w", "--runs", "/o", "--cache", "/o/cache"]
-CLIP = ["--vlm", "world-clip", "--weights", str(world_vlm.WEIGHTS)]
+CLIP = ["--vlm", "world-clip", "--weights", str(vlms.WEIGHTS)]
 LOOP = ["--threads", "1", "--no-progress", "--resume", "--keep-empty", "--epochs", "8", "--batch-size", "8",
         "--lr", "5e-4", "--warmup-steps", "20", "--schedule", "cosine", "--clip", "1.0", "--weight-decay", "1e-4"]
 OPTS = ["--model-opt", "d_model=64", "--model-opt", "d_latent=32", "--model-opt", "heads=4",

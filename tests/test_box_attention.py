@@ -7,7 +7,8 @@ import pytest
 import torch
 from conftest import aot_compile_in_subprocess
 
-from kernels import bench, box_attention, box_attention_reference, box_bias
+from bench.kernels import peak_mb
+from kernels import box_attention, box_attention_reference, box_bias
 
 ba = importlib.import_module("kernels.box_attention")  # the module (kernels.box_attention is the op)
 
@@ -267,8 +268,8 @@ def test_lean_path_memory(monkeypatch):
     # outputs and gradients; at this shape a chunk holds 8 of the 192 pairs.
     monkeypatch.setattr(ba, "_CHUNK_ELEMS", 1 << 13)
     shape = dict(P=192, Hd=4, gh=16, gw=16, D=8, B=2)
-    ref = bench.peak_mb("box_attention", "reference", "profiler", shape=shape)[0]
-    lean = bench.peak_mb("box_attention", "torch", "profiler", shape=shape)[0]
+    ref = peak_mb("box_attention", "reference", "profiler", shape=shape)[0]
+    lean = peak_mb("box_attention", "torch", "profiler", shape=shape)[0]
     assert ref > 2.0                                          # [P, Hd, T] fp32 = 0.75 MiB each
     assert lean < ref / 6, (lean, ref)
 

@@ -1,11 +1,11 @@
-"""captions.py: image-level captions of the synthetic world (exact strings, reachability, scenes)."""
+"""world/captions.py: image-level captions of the synthetic world (exact strings, reachability, scenes)."""
 import json
 
 import numpy as np
 import pytest
 
-import captions as C
-import synthetic
+from world import captions as C
+from world import synthetic
 
 
 def test_class_phrases_are_the_prompts_without_prefix():

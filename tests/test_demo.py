@@ -9,11 +9,11 @@ import torch
 import data
 import demo
 import eval as hoi_eval
-import synthetic
 import train_teacher
 from common import file_sha256
 from model import LINKConfig
 from vlm import FrozenVLM
+from world import recipe, synthetic
 
 
 @pytest.fixture(scope="module")
@@ -107,13 +107,13 @@ def test_table_and_results_carry_the_random_vlm_teachers(tmp_path, world, capsys
 
 def test_vlm_arguments_of_the_training_runs(tmp_path):
     w = str(tmp_path)
-    assert demo.vlm_args("world-clip", tmp_path) == ["--vlm", "world-clip", "--weights", w]
-    assert demo.vlm_args("world-clip", tmp_path, random_weights=True) == \
+    assert recipe.vlm_args("world-clip", tmp_path) == ["--vlm", "world-clip", "--weights", w]
+    assert recipe.vlm_args("world-clip", tmp_path, random_weights=True) == \
         ["--vlm", "world-clip", "--weights", w, "--pretrained", "random"]
-    assert demo.vlm_args("world-sig", tmp_path, random_weights=True) == \
+    assert recipe.vlm_args("world-sig", tmp_path, random_weights=True) == \
         ["--vlm", "world-sig", "--weights", w, "--pretrained", "random"]
-    assert demo.vlm_args("random", tmp_path) == ["--vlm", "world-clip", "--weights", w, "--pretrained", "random"]
-    assert demo.vlm_args("tiny", tmp_path) == ["--vlm", "tiny"]
+    assert recipe.vlm_args("random", tmp_path) == ["--vlm", "world-clip", "--weights", w, "--pretrained", "random"]
+    assert recipe.vlm_args("tiny", tmp_path) == ["--vlm", "tiny"]
 
 
 TINY = {"embed_dim": 32,
@@ -123,7 +123,7 @@ TINY = {"embed_dim": 32,
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
-    """A weights folder as pretrain_vlm.py writes it, with a tiny random 'world-clip' (64 px)."""
+    """A weights folder as world/pretrain_vlm.py writes it, with a tiny random 'world-clip' (64 px)."""
     folder = tmp_path_factory.mktemp("weights")
     vlm = FrozenVLM(LINKConfig(vlm="test-demo-world-clip", vlm_config=TINY, pretrained=None, image_size=64)).clip
     torch.save({k: v.half() if v.is_floating_point() else v for k, v in vlm.state_dict().items()},
@@ -138,22 +138,22 @@ def weights(tmp_path_factory):
 def test_the_training_cli_loads_the_world_vlm_of_its_weights_folder(weights):
     opts = ["--model-opt", "d_model=32", "--model-opt", "d_latent=16", "--model-opt", "heads=2"]
     cs = synthetic.synthetic_class_space()
-    args = train_teacher.teacher_parser().parse_args(demo.vlm_args("world-clip", weights) + opts)
+    args = train_teacher.teacher_parser().parse_args(recipe.vlm_args("world-clip", weights) + opts)
     m = train_teacher.build_model(args, cs, "cpu")
     assert m.cfg.pretrained == str(weights / "world_clip.pt") and m.cfg.image_size == 64
     assert f"weights=sha256:{file_sha256(weights / 'world_clip.pt')}" in m.cache_key()
-    args = train_teacher.teacher_parser().parse_args(demo.vlm_args("world-clip", weights, True) + opts)
+    args = train_teacher.teacher_parser().parse_args(recipe.vlm_args("world-clip", weights, True) + opts)
     m = train_teacher.build_model(args, cs, "cpu")
     assert m.cfg.pretrained is None and "weights=random:seed0" in m.cache_key()
 
 
 def test_check_vlm_describes_the_checkpoint(weights):
     sha = file_sha256(weights / "world_clip.pt")
-    assert demo.check_vlm("world-clip", weights) == {"name": "world-clip", "pretrained": True,
+    assert recipe.check_vlm("world-clip", weights) == {"name": "world-clip", "pretrained": True,
                                                      "architecture": "world-clip", "checkpoint": "world_clip.pt",
                                                      "sha256": sha}
-    assert demo.check_vlm("random", weights)["pretrained"] is False
-    assert demo.check_vlm("tiny", weights) == {"name": "tiny", "pretrained": False}
+    assert recipe.check_vlm("random", weights)["pretrained"] is False
+    assert recipe.check_vlm("tiny", weights) == {"name": "tiny", "pretrained": False}
 
 
 @pytest.mark.parametrize("damage", ["corrupt", "missing", "no manifest"])

@@ -1,4 +1,4 @@
-"""gpu_check.py in its CPU mode (Triton interpreter, tiny shapes): the numbers it records are real.
+"""bench/gpu_check.py in its CPU mode (Triton interpreter, tiny shapes): the numbers it records are real.
 
 One run of the CLI (module fixture) with a deliberately broken op injected; the assertions read
 its JSON: every kernel within tolerance of the float64 reference, the broken op recorded as
@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import ROOT
 
-import gpu_check
+from bench import gpu_check
 
 CORE = ("box_attention", "pair_enum", "kl_distill[prior,M=1]", "kl_distill[prior,M=2]", "kl_distill[no prior,M=2]")
 
@@ -24,7 +24,7 @@ CORE = ("box_attention", "pair_enum", "kl_distill[prior,M=1]", "kl_distill[prior
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_check")
     env = dict(os.environ, TRITON_INTERPRET="1")
-    res = subprocess.run([sys.executable, "gpu_check.py", "--cpu-smoke", "--inject-fault", "--out", str(out)],
+    res = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--cpu-smoke", "--inject-fault", "--out", str(out)],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     with open(out / "gpu_check.json") as f:

@@ -12,13 +12,13 @@ import torch
 from PIL import Image
 
 import infer
-import synthetic
 import viz
 from data import COCO80_TO_COCO91, gt_detections
 from kernels import box_attention
 from model import LINK, LINKConfig
 from viz import HUMAN_COLOUR, LINK_COLOUR, OBJECT_COLOUR, draw_interactions
 from vlm import register_tiny_vlm
+from world import synthetic
 
 TINY = register_tiny_vlm()
 

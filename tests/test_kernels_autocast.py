@@ -1,4 +1,4 @@
-"""Every op of kernels/ through one harness (kernels.bench.make_case at small shapes).
+"""Every op of kernels/ through one harness (bench.kernels.make_case at small shapes).
 
 Under an ambient autocast (what a bf16 training step runs them in) each op gives the
 gradients it gives without one: each op picks its own dtypes, so autocast must not reach inside.
@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import kernels
+from bench.kernels import OPS, make_case
 from kernels._common import triton_available
-from kernels.bench import OPS, make_case
 
 SMALL = {"box_attention": {"P": 13, "B": 2, "Hd": 2, "gh": 3, "gw": 5, "D": 8},
          "pair_enum": {"N": 9, "H": 3, "D": 16, "Do": 16},

@@ -16,7 +16,7 @@ What is checked, each against a value computed in the test:
 - the frozen image towers are released when every feature comes from the cache, kept with
   --no-cache, and the checkpoint still rebuilds a model that encodes images.
 
-Peak memory and time are the benchmark's job (bench_train.py), not the tests'.
+Peak memory and time are the benchmark's job (bench/train_step.py), not the tests'.
 """
 import json
 
@@ -290,7 +290,7 @@ def test_release_unused_towers_needs_every_source_cached():
 def _one_step(monkeypatch, prepare: bool, out_dir):
     """One Trainer.train_step of a tiny student with two tiny teachers -> (log record, the order
     in which the networks ran, the student's weights after the step)."""
-    from bench_train import FixedBatch, FixedFeatures
+    from bench.train_step import FixedBatch, FixedFeatures
     from data import Views
     from train_student import KDConfig, kd_widths
     from trainer import Dist, LoopConfig, Trainer

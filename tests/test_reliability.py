@@ -27,12 +27,12 @@ import common
 import eval as hoi_eval
 import infer
 import runs
-import synthetic
 import train_teacher
 import trainer
 from common import data_root
 from model import LINK, LINKConfig
 from vlm import register_tiny_vlm
+from world import synthetic
 
 TINY = register_tiny_vlm()
 SWIG_META = data_root() / "swig_hoi" / "derived" / "swig_v1_meta.json"

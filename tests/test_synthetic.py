@@ -1,4 +1,4 @@
-"""Tests of synthetic.py: the synthetic HOI world (quotas, files, detections, determinism,
+"""Tests of world/synthetic.py: the synthetic HOI world (quotas, files, detections, determinism,
 sparse labels, the PNG writer, the interaction cues in the pixels, 100 mAP for its ground truth).
 """
 import hashlib
@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 import eval as hoi_eval
-import synthetic
 from data import COCO80_NAMES, ClassSpace, HICODet, gt_detections, load_detections
+from world import synthetic
 
 HICO_KEYS = {"annotation", "filenames", "empty", "objects", "verbs", "correspondence", "size",
              "rare", "non_rare"}

@@ -23,12 +23,12 @@ import cache
 import data
 import infer
 import runs
-import synthetic
 import train_teacher
 import trainer
 from common import file_sha256
 from model import LINK, LINKConfig
 from vlm import TINY_VLM, FrozenVLM, dense_features, register_tiny_vlm, resolve_vlm_config, weights_id
+from world import synthetic
 
 TINY = register_tiny_vlm()
 CLASSES = dict(name="toy", prompts=["a photo of a person riding a bicycle", "a photo of a person holding a cup"],

@@ -1,4 +1,4 @@
-"""pretrain_vlm.py and world_vlm.py: losses and retrieval against hand-computed values, a tiny
+"""world/pretrain_vlm.py and world/vlms.py: losses and retrieval against hand-computed values, a tiny
 pretraining run (the loss falls, deterministic from the seed), fp16 checkpoints through the
 real LINKConfig(pretrained=FILE) path, and the shipped world VLMs (checksum, features, text)."""
 import dataclasses
@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-import captions as C
-import pretrain_vlm as P
-import world_vlm as W
 from common import file_sha256
 from model import LINKConfig
 from vlm import FrozenVLM, dense_features
+from world import captions as C
+from world import pretrain_vlm as P
+from world import vlms as W
 
 TINY = {"embed_dim": 32,
         "vision_cfg": {"image_size": 64, "patch_size": 16, "width": 32, "layers": 1, "head_width": 16},
@@ -208,7 +208,7 @@ def test_shipped_manifest_records_its_training(name):
     doc = W.shipped()[name]
     h = doc["heldout"]
     assert h["class_map"] > h["class_map_chance"] and h["top5"] > h["chance_top5"]
-    assert doc["command"].startswith("python pretrain_vlm.py") and doc["train"]["wall_s"] > 0
+    assert doc["command"].startswith("python -m world.pretrain_vlm") and doc["train"]["wall_s"] > 0
 
 
 def test_pretraining_never_draws_over_a_folder_it_did_not_draw(tmp_path):
@@ -253,8 +253,8 @@ def test_other_json_files_are_not_manifests_and_quick_gelu_follows_the_config(tm
 
 
 def test_the_cache_key_changes_with_the_carried_architecture():
-    from captions import synthetic_class_space
     from model import LINK
+    from world.captions import synthetic_class_space
     small = dict(d_model=64, d_latent=16, heads=4, dec_layers=1, pretrained=None, image_size=64)
     a = LINK(LINKConfig(vlm="test-arch-key", vlm_config=TINY, **small), synthetic_class_space())
     other = json.loads(json.dumps(TINY))
@@ -269,8 +269,8 @@ def test_the_cache_key_changes_with_the_carried_architecture():
 def test_preprocessing_matches_the_pretraining_normalisation():
     """LINK's preprocess with the manifest's mean / std gives the input pretrain_vlm trained on."""
     spec = W.world_vlm("world-clip")
-    from captions import synthetic_class_space
     from model import LINK
+    from world.captions import synthetic_class_space
     model = LINK(LINKConfig(**spec, d_model=64, d_latent=16, heads=4, dec_layers=1), synthetic_class_space())
     from PIL import Image
     img = torch.randint(0, 256, (1, 3, 128, 128), dtype=torch.uint8)

@@ -1,7 +1,7 @@
 """CPU (or CUDA) timing of the LINK network on the tiny VLM config.
 
-    python bench_model.py [--batch 4] [--humans 6] [--objects 8] [--repeats 10] [--impl auto]
-        [--box-guidance mask|pe|both]
+    python -m bench.model_speed [--batch 4] [--humans 6] [--objects 8] [--repeats 10] [--impl auto]
+                                [--box-guidance mask|pe|both]
 
 Prints forward (eval, no grad) and forward + backward (train, with targets) time per batch
 (wall and process CPU time) and peak memory: the process's peak resident set size on CPU (it includes the Python process
@@ -41,7 +41,7 @@ def peak_mb():
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m bench.model_speed", description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--humans", type=int, default=6)
     ap.add_argument("--objects", type=int, default=8)

@@ -1,38 +1,25 @@
 """GPU check: the fused kernels and a real LINK training step on one GPU, in one command.
 
-    python gpu_check.py --quick --out DIR       # correctness at small sizes, one timing per op (~1.5 min)
-    python gpu_check.py --out DIR               # everything (< ~8 min on an H100 / H200)
-    python gpu_check.py --cpu-smoke --out DIR   # no GPU (also automatic): same code paths, tiny shapes,
-                                                # Triton interpreter; for CI, measures no speed
-    bash gpu_check.sh ARGS                      # the same after installing the wheels carried in .whl/
+    python -m bench.gpu_check --quick --out DIR      # correctness at small sizes, one timing per op (~1.5 min)
+    python -m bench.gpu_check --out DIR              # everything (< ~8 min on an H100 / H200)
+    python -m bench.gpu_check --cpu-smoke --out DIR  # no GPU (also automatic): same code paths, tiny shapes,
+                                                     # Triton interpreter; for CI, measures no speed
+    bash bench/gpu_check.sh ARGS                     # the same after installing the wheels carried in .whl/
 
 Writes DIR/gpu_check.json, rewritten atomically after every item (a killed run keeps what it
 measured), and DIR/gpu_check.md (the tables). Every item runs guarded: a failure is recorded
 (one-line error + traceback tail) and the rest still runs; under an internal budget
-(--budget-s) the items that no longer fit are recorded as skipped.
-
+(--budget-s) the items that no longer fit are recorded as skipped. Sections:
 1. env          GPU, driver, CUDA, torch, triton, Python, open_clip versions.
-2. correctness  every op of kernels/ (OP_CASES below, plus optional ops found by importlib: a
-                fused focal loss, a sigmoid / Bernoulli form of kl_distill) with impl "triton"
-                and "torch" (and "reference" in the same dtype, as a baseline), fp32 / bf16 /
-                fp16, forward and every gradient against the reference run in float64 on the
-                same (rounded) inputs: max abs error, relative L2 error ||x - ref|| / ||ref||,
-                pass when the relative error is within TOL[dtype].
-3. speed        forward + backward at the benchmark sizes of kernels/bench.py (box attention
-                4,096 pairs x 8 heads x 37x37 tokens x 32 dims; KL 32,768 x 600 with a prior, 1
-                and 2 teachers; pair enumeration 64 x 128 x 256): milliseconds (median,
-                triton.testing.do_bench) and peak allocated memory above the inputs (gradients
-                included), for triton / torch / reference, and what a GPU user would otherwise
-                pick: SDPA with the box bias as a float mask, FlexAttention (compiled) with a
-                score_mod computing the bias from the boxes, the naive KL compiled; each
-                alternative is checked against the reference too.
-4. train        one LINK training step at a realistic shape (8 images x 15 humans + 15 objects
-                = 3,480 pairs, 600 classes, default widths, random features of the VLM width
-                512 on a 14x14 and a 37x37 grid), bf16 autocast, AdamW + clipping: the teacher
-                step and the student step with one and two teachers (train_student's
-                distill_losses), impl triton / torch / reference: ms per step, peak memory,
-                and the first step's loss at identical weights (must agree across impls).
-                Needs no VLM weights (a tiny registered open_clip config of width 512).
+2. correctness  every op of kernels/ (OP_CASES, plus optional ops found by importlib), impls triton /
+                torch / reference, fp32 / bf16 / fp16, forward and every gradient against the float64
+                reference on the same inputs: pass when the relative L2 error is within TOL[dtype].
+3. speed        forward + backward at the benchmark sizes of bench/kernels.py: ms (do_bench median)
+                and peak memory for triton / torch / reference and what a GPU user would otherwise
+                pick (SDPA with a float mask, compiled FlexAttention, the naive KL compiled).
+4. train        one LINK training step at a realistic shape (3,480 pairs, 600 classes, width 512,
+                bf16 autocast): teacher and student with one and two teachers, per impl: ms, peak
+                memory, and the first step's loss at identical weights (must agree across impls).
 """
 import argparse
 import contextlib
@@ -202,7 +189,7 @@ def _rand_boxes(n, g, torch):
 
 def build_box_attention(g, P, B, Hd, grid, D, even=False):
     """Inputs of kernels.box_attention. even: pairs sorted by image, P / B each (the layout of
-    kernels/bench.py, which SDPA / FlexAttention need); else shuffled with an empty image."""
+    bench/kernels.py, which SDPA / FlexAttention need); else shuffled with an empty image."""
     import torch
     T = grid[0] * grid[1]
     if even:
@@ -243,7 +230,7 @@ def call_pair_enum(impl, q, w1, w2, b, boxes, idx_h, idx_o, image_wh):
 
 def build_kl(g, N, C, M, prior=True):
     """Inputs of kernels.kl_distill: logits ~ 3 N(0, 1); a detection prior in (0, 1] with half of
-    the entries 0 (masked), a few exactly 1, one row fully masked (as kernels/bench.py, plus edges)."""
+    the entries 0 (masked), a few exactly 1, one row fully masked (as bench/kernels.py, plus edges)."""
     import torch
     inputs = {"student": torch.randn(N, C, generator=g) * 3, "teacher": torch.randn(M, N, C, generator=g) * 3}
     fixed = {"prior": None, "temperature": 2.0}
@@ -263,7 +250,7 @@ def call_kl(impl, student, teacher, prior, temperature):
 
 def core_cases():
     """The ops of kernels/ today. Sizes: 'odd' small odd shapes (every mode), 'model' the shapes
-    the model feeds them (full), 'bench' kernels/bench.py's (full; speed)."""
+    the model feeds them (full), 'bench' bench/kernels.py's (full; speed)."""
     return [
         OpCase("box_attention", build_box_attention, call_box_attention, sizes={
             "odd": dict(P=37, B=3, Hd=3, grid=(5, 7), D=12),         # D < 16: the latent-width tile
@@ -475,7 +462,7 @@ def measure(step, device, quick=False, clear=lambda: None):
         step()
         return {"ms": round((time.perf_counter() - t) * 1000, 2), "peak_mib": None, "is_speed": False,
                 "timer": "cpu wall clock, 1 run (code path only)"}
-    from kernels.bench import cuda_peak_mb
+    from bench.measure import cuda_peak_mb
     peak = cuda_peak_mb(step)
     warm, rep = (10, 50) if quick else (25, 150)
     try:
@@ -778,7 +765,7 @@ def train_row(models, init_state, batch, grid, kind, impl, device, n_time):
         row.update(ms=round((time.perf_counter() - t) * 1000, 1), peak_mib=None, is_speed=False)
         return row
     opt.zero_grad(set_to_none=True)
-    from kernels.bench import cuda_peak_mb
+    from bench.measure import cuda_peak_mb
     row["peak_mib"] = round(cuda_peak_mb(run), 1)
     row["ms"] = round(cuda_event_ms(run, n_time), 2)
     row["is_speed"] = True
@@ -931,7 +918,7 @@ def markdown(data, with_correctness=True):
 # ----------------------------------------------------------------------------- main
 
 def parse_args(argv):
-    ap = argparse.ArgumentParser(prog="python gpu_check.py", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small-size correctness + one timing per op")
     ap.add_argument("--cpu-smoke", action="store_true",
                     help="no GPU: tiny shapes under the Triton interpreter (automatic without CUDA)")

@@ -1,40 +1,25 @@
 """One realistic LINK training step: the peak memory it adds and its time, teacher and student.
 
-    python bench_train.py                                  # every figure below, one process each
-    python bench_train.py --vlms ViT-B-16@448 --roles teacher,student2 --impls torch
-    python bench_train.py --measure time --threads 1                # times only (a CPU shared with others)
-    python bench_train.py --table BEFORE.jsonl AFTER.jsonl          # the before -> after table of saved lines
-    python bench_train.py --one ViT-B-16@448 student2 torch --measure memory      # one figure (internal)
+    python -m bench.train_step                             # every figure, one process each
+    python -m bench.train_step --vlms ViT-B-16@448 --roles teacher,student2 --impls torch
+    python -m bench.train_step --measure time --threads 1           # times only (a CPU shared with others)
+    python -m bench.train_step --table BEFORE.jsonl AFTER.jsonl     # the before -> after table of saved lines
+    python -m bench.train_step --one ViT-B-16@448 student2 torch --measure memory   # one figure (internal)
 
-Prints one JSON object per figure, then a table:
-    {"vlm": "ViT-B-16", "image_size": 448, "grid": [28, 28], "C": 512, "role": "student2",
-     "impl": "torch", "pairs": 3480, "classes": 600, "peak_mb": ..., "ms": ..., "cpu_ms": ...,
-     "models_mb": ..., "towers_mb": ..., "loss": ..., "grad_norm": ..., "device": ...}
+Prints one JSON object per figure ({"vlm", "image_size", "grid", "C", "role", "impl", "pairs",
+"classes", "peak_mb", "ms", "cpu_ms", "models_mb", "towers_mb", "loss", "grad_norm", "device"}),
+then a table. The step is trainer.Trainer.train_step (forward, focal loss, the Distiller's extra
+loss for a student, backward, clipping, AdamW) on a HICO-DET-sized batch (make_batch: 8 images of
+640 x 480, 15 humans and 15 objects each, the 600 HICO-DET classes), the default LINKConfig and
+the student CLI's default distillation. Roles: "teacher", "student1" / "student2" (one / two
+frozen teachers). Seeded random feature maps of the VLM's real width and grid (VLMS) replace the
+VLM, as a feature cache does (towers built with random weights, then released).
 
-The step is the repository's own: trainer.Trainer.train_step (forward, focal loss, the
-Distiller's extra loss for a student, backward, gradient clipping, AdamW) on a HICO-DET-sized
-batch: 8 images of 640 x 480, each with 15 humans and 15 objects (15 x 29 = 435 pairs per image,
-3,480 in all), the 600 classes of ../shared/data/hicodet, 4 ground-truth pairs per image, the
-default LINKConfig and the student CLI's default distillation weights and temperature.
-Roles: "teacher" (the model alone), "student1" / "student2" (a student with one / two frozen
-teachers of the same VLM and config, other seeds). Seeded random feature maps of the VLM's
-real width and grid replace the VLM, as a feature cache does in training (no weights are
-downloaded: the towers are built with random weights, then freed by
-cache.release_unused_towers as in a cached training run).
-VLMs: ViT-B-16 at 224 (14 x 14 tokens) and 448 (28 x 28), ViT-L-14 at 336 (24 x 24);
-C = the tower's embed_dim (512 / 768), the width model.vlm_dense_features gives.
-
-Method (as ``python -m kernels.bench``). Every figure runs in a fresh process, so one figure's
-memory never pollutes another's. The process builds the models, runs one step as warm-up
-(its loss and gradient norm are printed: a fixed seeded computation, so two versions of the
-code can be compared number for number; AdamW's state is allocated there), then:
-- peak_mb on CPU: the peak resident set size one more step adds (kernels.bench's VmHWM
-  method, glibc's MALLOC_MMAP_THRESHOLD_=65536 so that freed blocks leave the RSS); on CUDA,
-  max_memory_allocated() minus memory_allocated() before the step.
-- ms / cpu_ms: the median wall-clock and process CPU time of --repeat further steps, in a
-  second process with the default allocator (CUDA: synchronised wall clock).
-- models_mb: the bytes of every parameter and buffer the student and its teachers hold during
-  the step; towers_mb: those of the VLM image towers among them.
+Every figure runs in a fresh process (bench/measure.py): one warm-up step (its loss and gradient
+norm printed, to compare two versions of the code number for number; AdamW's state allocated),
+then peak_mb of one more step (VmHWM on CPU, max_memory_allocated on CUDA), ms / cpu_ms the
+median wall-clock and CPU time of --repeat steps in a second process with the default allocator;
+models_mb the parameters and buffers held during the step, towers_mb those of the VLM towers.
 """
 import argparse
 import atexit
@@ -46,7 +31,9 @@ import sys
 import tempfile
 import time
 
-MIB = 1 << 20
+from bench.measure import MIB, child_envs, cpu_peak_mb, cuda_peak_mb, run_child
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository
 VLMS = ("ViT-B-16@224", "ViT-B-16@448", "ViT-L-14@336")
 ROLES = ("teacher", "student1", "student2")
 ANNO = os.path.join("hicodet", "instances_test2015.json")
@@ -176,8 +163,6 @@ def build_step(vlm_at, role, impl):
 def measure_one(vlm_at, role, impl, measure, repeat=3):
     import torch
 
-    from kernels.bench import cpu_peak_mb, cuda_peak_mb  # the kernels benchmark's measurements
-
     rec, step = build_step(vlm_at, role, impl)
     first = step()                                                     # warm-up: AdamW state
     rec["loss"], rec["grad_norm"] = first.get("loss"), first.get("grad_norm")
@@ -207,9 +192,7 @@ def measure_one(vlm_at, role, impl, measure, repeat=3):
 # ----------------------------------------------------------------------------- driver
 
 def _child(args, env, timeout):
-    from kernels.bench import run_child  # kernels imports torch: not at the top (--table needs none)
-    here = os.path.abspath(__file__)
-    return run_child([sys.executable, here] + args, env, timeout, cwd=os.path.dirname(here))
+    return run_child([sys.executable, "-m", "bench.train_step"] + args, env, timeout, cwd=ROOT)
 
 
 def _key(r):
@@ -260,7 +243,6 @@ def _read_jsonl(path):
 
 def _figure(base, measure, cuda, timeout):
     """One figure: memory and / or time, each in its own process (CUDA: both in one)."""
-    from kernels.bench import child_envs
     env_time, env_mem = child_envs()
     if cuda:
         return _child(base, env_time, timeout)
@@ -296,7 +278,7 @@ def _run_all(args):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m bench.train_step", description=__doc__.split("\n")[0])
     ap.add_argument("--vlms", default=",".join(VLMS), help="comma-separated NAME@SIZE (default: %(default)s)")
     ap.add_argument("--roles", default=",".join(ROLES), help="comma-separated subset of %(default)s")
     ap.add_argument("--impls", default=None, help="comma-separated impls (default: reference,torch and, "

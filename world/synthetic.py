@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from common import atomic_write_text
-from data import COCO80_NAMES, ClassSpace, _article
+from data import COCO80_NAMES, ClassSpace, article
 
 __all__ = ["make_synthetic_world", "synthetic_class_space", "SYN_VERBS", "SYN_CLASSES", "SYN_ZERO_SHOT"]
 
@@ -890,7 +890,7 @@ def _syn_prompts():
     out = []
     for verb, name, _, _ in SYN_CLASSES:
         ob = name.replace("_", " ")
-        out.append(f"a photo of a person {_VERB_ING[verb]} {_article(ob)} {ob}")
+        out.append(f"a photo of a person {_VERB_ING[verb]} {article(ob)} {ob}")
     return out
 
 
@@ -969,7 +969,7 @@ def make_synthetic_world(root, n_train=2000, n_test=500, image_size=128, seed=0,
     (HICO-DET format + ``prompts``, ``zero_shot``, ``name``), root/detections_{split}.json
     (per-image detection format), root/scenes_{split}.json ({"filenames", "scenes"}: what each
     image shows at image level, every interaction drawn whether labelled or not, see _scene;
-    the caption pretraining of pretrain_vlm.py reads it). Deterministic from ``seed`` (identical bytes, whatever
+    the caption pretraining of world/pretrain_vlm.py reads it). Deterministic from ``seed`` (identical bytes, whatever
     ``workers``: chunks of 250 images have their own random streams).
     workers: processes rendering chunks in parallel (default min(4, cpu count); <= 1: none).
     train_label_drop: fraction in [0, 1) of the TRAIN (pair, class) annotation rows removed

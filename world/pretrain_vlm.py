@@ -1,7 +1,7 @@
 """Pretrain a small open_clip model on image-level captions of the synthetic world, as CLIP is.
 
-    python pretrain_vlm.py [--arch vit-tok|vit-avg] [--loss clip|siglip] [--out FILE] [--seed S]
-                           [--images N] [--epochs E] [--force]
+    python -m world.pretrain_vlm [--arch vit-tok|vit-avg] [--loss clip|siglip] [--out FILE] [--seed S]
+                                 [--images N] [--epochs E] [--force]
 
 1. draws its own caption-pretraining images with make_synthetic_world (world seed 1,000,000 +
    S, folder runs/vlm_world/...: never the HOI train/test worlds, whose seeds are small) and
@@ -10,11 +10,11 @@
    sigmoid loss (--loss siglip); images whose captions are the same text are positives of
    each other (not false negatives); a new caption is drawn per image and epoch, images are
    flipped left-right at random; deterministic from --seed (same machine, same --threads);
-3. writes FILE (default weights/world_clip.pt): the fp16 open_clip state dict, loadable by
+3. writes FILE (default world/weights/world_clip.pt): the fp16 open_clip state dict, loadable by
    open_clip.load_checkpoint, i.e. by LINKConfig(vlm=NAME, pretrained=FILE); FILE.json beside it
    (open_clip config, sha256, command, seed, time, held-out retrieval, loss curve) and a
    loss-curve plot FILE_curve.png. The held-out numbers are measured on the saved fp16 file,
-   loaded back through model.build_vlm.
+   loaded back through vlm.FrozenVLM.
 
 Held-out retrieval: each held-out image ranks the distinct canonical captions of the held-out
 set (chance top-k = k / their number); an image scores if its own caption is in the top k.
@@ -35,8 +35,6 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
-import world_vlm
-from captions import SYN_ZERO_SHOT, caption, caption_world, class_phrases
 from common import (
     OneLineParser,
     atomic_write,
@@ -50,9 +48,11 @@ from common import (
 )
 from viz import plot_pretraining
 from vlm import FrozenVLM, VLMConfig, register_vlm_config
+from world import vlms
+from world.captions import SYN_ZERO_SHOT, caption, caption_world, class_phrases
 
 WORLD_SEED = 1_000_000  # + --seed: far from the HOI worlds' seeds (demo: 0, 1, 2, ...)
-NAMES = {"clip": "world-clip", "siglip": "world-sig"}  # no "siglip" in a name: see world_vlm
+NAMES = {"clip": "world-clip", "siglip": "world-sig"}  # no "siglip" in a name: see world/vlms.py
 
 
 # ----------------------------------------------------------------------------------------------
@@ -138,10 +138,10 @@ def same_text(texts: list) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 
 def model_config(arch, loss: str) -> dict:
-    """open_clip config: the architecture (a world_vlm.ARCHS name or a config dict) plus the
+    """open_clip config: the architecture (a vlms.ARCHS name or a config dict) plus the
     loss's initial temperature / bias (CLIP: scale 1 / 0.07, no bias; SigLIP: scale 10, bias
     -10, as in the SigLIP paper; open_clip then gives the model a logit_bias)."""
-    cfg = json.loads(json.dumps(world_vlm.ARCHS[arch] if isinstance(arch, str) else arch))
+    cfg = json.loads(json.dumps(vlms.ARCHS[arch] if isinstance(arch, str) else arch))
     if loss == "siglip":
         cfg.update(init_logit_scale=math.log(10.0), init_logit_bias=-10.0)
     return cfg
@@ -249,9 +249,9 @@ def retrieval(sim: torch.Tensor, target: torch.Tensor, ks=(1, 5)) -> dict:
 def class_ap(sim: torch.Tensor, labels: np.ndarray) -> np.ndarray:
     """Image-level AP of each class prompt: sim [N, K] image-prompt similarities, labels [N, K]
     bool -> AP [K] (VOC all-point, eval.py's; NaN for a class no image shows)."""
-    from eval import _vcoco_ap
+    from eval import vcoco_ap
     s = sim.numpy()
-    return np.array([_vcoco_ap([s[:, k]], [labels[:, k].astype(np.float32)], int(labels[:, k].sum()))
+    return np.array([vcoco_ap([s[:, k]], [labels[:, k].astype(np.float32)], int(labels[:, k].sum()))
                      for k in range(labels.shape[1])])
 
 
@@ -292,10 +292,10 @@ def save_fp16(clip, path: Path) -> None:
 # ----------------------------------------------------------------------------------------------
 
 def parse_args(argv):
-    p = OneLineParser(prog="pretrain_vlm.py", description=__doc__.split("\n")[0])
-    p.add_argument("--arch", choices=sorted(world_vlm.ARCHS), default="vit-avg", help="open_clip config (world_vlm.py)")
+    p = OneLineParser(prog="python -m world.pretrain_vlm", description=__doc__.split("\n")[0])
+    p.add_argument("--arch", choices=sorted(vlms.ARCHS), default="vit-avg", help="open_clip config (world/vlms.py)")
     p.add_argument("--loss", choices=["clip", "siglip"], default="clip")
-    p.add_argument("--out", help="checkpoint file (default weights/world_clip.pt, weights/world_sig.pt for "
+    p.add_argument("--out", help="checkpoint file (default world/weights/world_clip.pt, world/weights/world_sig.pt for "
                                  "--loss siglip); its stem, '_' -> '-', names the model (world-clip)")
     p.add_argument("--seed", type=nonneg_int, default=0, help="model init, data order, captions; world seed 1e6 + S")
     p.add_argument("--images", type=positive_int, default=12000, help="pretraining images drawn (incl. --heldout)")
@@ -315,7 +315,7 @@ def parse_args(argv):
     p.add_argument("--redraw", action="store_true", help="draw the world again even if --world holds it")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out and its JSON")
     a = p.parse_args(argv)
-    a.out = Path(a.out or f"weights/{NAMES[a.loss].replace('-', '_')}.pt")
+    a.out = Path(a.out or f"world/weights/{NAMES[a.loss].replace('-', '_')}.pt")
     a.name = a.out.stem.replace("_", "-")
     problems = [(a.images - a.heldout < a.batch_size, f"--images minus --heldout must be >= --batch-size "
                  f"({a.batch_size})"), (a.heldout < 2, "--heldout must be >= 2"),
@@ -340,7 +340,7 @@ def main(argv=None):
     try:
         paths, gts = caption_world(root, a.images, world_seed, reuse=not a.redraw)
     except ValueError as e:
-        print_error(f"pretrain_vlm.py: --world {e}")
+        print_error(f"world.pretrain_vlm: --world {e}")
         sys.exit(2)
     images = load_images(paths)                                     # [N, 3, S, S] uint8
     world_s = time.time() - t0
@@ -387,7 +387,7 @@ def main(argv=None):
         "bytes": tmp.stat().st_size, "open_clip_config": config, "image_size": S,
         "image_mean": list(open_clip.OPENAI_DATASET_MEAN), "image_std": list(open_clip.OPENAI_DATASET_STD),
         "arch": a.arch, "loss": a.loss, "seed": a.seed,
-        "command": "python pretrain_vlm.py " + shlex.join(argv),
+        "command": "python -m world.pretrain_vlm " + shlex.join(argv),
         "world": {"seed": world_seed, "images": a.images, "heldout": a.heldout, "image_size": S},
         "train": {"epochs": a.epochs, "steps": total, "batch_size": a.batch_size, "lr": a.lr,
                   "weight_decay": a.weight_decay, "warmup": a.warmup, "threads": a.threads,

@@ -1,64 +1,33 @@
-"""Benchmark of the fused ops: peak extra memory and time of forward + backward.
+"""Benchmark of the fused ops of kernels/: peak extra memory and time of forward + backward.
 
-    python -m kernels.bench                      # every op, every impl this machine runs
-    python -m kernels.bench --ops kl_distill     # a subset (comma-separated)
-    python -m kernels.bench --threads 1          # one torch thread (a CPU shared with other jobs)
-    python -m kernels.bench --ops box_attention --set P=1024,gh=24,gw=24   # another shape
-    python -m kernels.bench --method profiler    # CPU memory as torch.profiler's live tensor bytes
-    python -m kernels.bench --cost-model         # box_attention's analytic FLOP / byte counts
-    python -m kernels.bench --one kl_distill torch --measure memory   # one measurement (internal)
+    python -m bench.kernels                      # every op, every impl this machine runs
+    python -m bench.kernels --ops kl_distill     # a subset (comma-separated)
+    python -m bench.kernels --threads 1          # one torch thread (a CPU shared with other jobs)
+    python -m bench.kernels --ops box_attention --set P=1024,gh=24,gw=24   # another shape
+    python -m bench.kernels --method profiler    # CPU memory as torch.profiler's live tensor bytes
+    python -m bench.kernels --cost-model         # box_attention's analytic FLOP / byte counts
+    python -m bench.kernels --one kl_distill torch --measure memory   # one measurement (internal)
 
-Prints one JSON object per line:
-    {"op": ..., "impl": "reference" | "torch" | "triton", "shape": {...}, "peak_mb": ..., "ms": ...,
-     "device": ...}
-CPU runs "reference" and "torch"; a CUDA machine also "triton" ("auto" is one of these).
+Prints one JSON object per line: {"op", "impl": "reference" | "torch" | "triton", "shape",
+"peak_mb", "ms", "device"}; CPU runs "reference" and "torch", a CUDA machine also "triton".
+Shapes: SHAPES below (fp32, seeded random inputs, built by make_case).
 
-Shapes (fp32, seeded random inputs):
-- box_attention: P = 4,096 pairs over B = 4 images (1,024 each), Hd = 8 heads,
-  T = 37 x 37 = 1,369 tokens, D = 32; gradients to q, k, v, strength.
-- pair_enum: N = 128 boxes of one image, the first 64 humans; every human paired with every
-  other box, P = 64 x 127 = 8,128 pairs; D = Do = 256; gradients to q, w1, w2, b.
-- kl_distill (softmax form) and kl_distill_sigmoid (per-class Bernoulli form, reduction "sum"):
-  N = 32,768 rows x C = 600 classes, T = 2, a detection prior (uniform in (0, 1], half of the
-  entries 0 = masked), M = 1 teacher and M = 2 teachers; gradient to the student.
-- focal_loss: N = 32,768 rows x C = 600 classes, the same kind of prior, about 1% positive
-  labels (float), alpha 0.5, gamma 0.2; gradient to the logits.
-
-Method. Every measurement runs in a fresh process (`--one OP IMPL --measure memory|time`), so
-one op's memory never pollutes another's. The process builds the inputs, runs forward +
-backward once as warm-up, drops the gradients, then:
-- peak_mb, on CPU: the peak resident set size the op adds. Writing "5" to /proc/self/clear_refs
-  resets the kernel's high-water mark VmHWM to the current RSS; after one forward + backward
-  (gradients included, left allocated) peak_mb = VmHWM - RSS_before. So that RSS follows the
-  live tensors, the memory process runs with glibc's MALLOC_MMAP_THRESHOLD_=65536 (every block
-  of 64 KiB or more is its own mapping, returned to the OS when freed; a fixed threshold also
-  turns off glibc's adaptive threshold) and calls malloc_trim(0) before the baseline. If
-  clear_refs cannot be written, a thread samples VmRSS every 0.5 ms instead (can miss spikes;
-  the line then says "mem_method": "rss-sampling").
-  --method profiler instead: the peak of live tensor bytes from torch.profiler's memory events
-  (allocator level, exact, slow; what the memory test of tests/test_box_attention.py uses).
-- peak_mb, on CUDA: torch.cuda.max_memory_allocated() after reset_peak_memory_stats(), minus
-  memory_allocated() before.
-- ms: on CPU the median of --repeat wall-clock forward + backward runs (torch's default thread
-  count unless --threads; on a CPU shared with other jobs, several threads per op mostly
-  measure how long the op waits at its barrier for a descheduled thread) in a second process with
-  the default allocator (the mmap threshold above would add page-fault time); on CUDA
-  triton.testing.do_bench (median).
+Every measurement runs in a fresh process (`--one OP IMPL --measure memory|time`), so one op's
+memory never pollutes another's: it builds the inputs, runs forward + backward once as warm-up,
+drops the gradients, then measures peak_mb as bench/measure.py says, and ms: on CPU the median
+of --repeat wall-clock runs in a second process with the default allocator (the memory
+process's mmap threshold would add page-fault time), on CUDA triton.testing.do_bench (median).
 """
 import argparse
-import ctypes
-import gc
 import json
-import os
 import statistics
-import subprocess
 import sys
-import threading
 import time
+
+from bench.measure import MIB, child_envs, cpu_peak_mb, cuda_peak_mb, profiler_peak_mb, run_child
 
 OPS = ("box_attention", "pair_enum", "kl_distill", "kl_distill_sigmoid", "focal_loss")
 KL_OPS = ("kl_distill", "kl_distill_sigmoid")   # measured with each teacher count of --teachers
-MIB = 1 << 20
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -72,10 +41,14 @@ def _boxes(n, g, torch):
 
 # Benchmark shape of each op; `--set KEY=VALUE,...` overrides (the tests use tiny ones).
 SHAPES = {
+    # P pairs over B images, Hd heads, T = gh x gw tokens; gradients to q, k, v, strength
     "box_attention": {"P": 4096, "B": 4, "Hd": 8, "gh": 37, "gw": 37, "D": 32},
+    # N boxes of one image, the first H humans, each paired with every other box; gradients to q, w1, w2, b
     "pair_enum": {"N": 128, "H": 64, "D": 256, "Do": 256},
+    # N rows x C classes, T = 2, a prior (half masked), M = 1 and 2 teachers; gradient to the student
     "kl_distill": {"N": 32768, "C": 600},
     "kl_distill_sigmoid": {"N": 32768, "C": 600},
+    # the same kind of prior, ~1% positive labels, alpha 0.5, gamma 0.2; gradient to the logits
     "focal_loss": {"N": 32768, "C": 600},
 }
 
@@ -179,81 +152,6 @@ def make_case(op, device, teachers=1, shape=None):
 
 # ----------------------------------------------------------------------------- one measurement
 
-def _status_kb(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _trim():
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except Exception:
-        pass
-
-
-def cpu_peak_mb(run):
-    """Peak RSS added by run() (MiB): VmHWM reset through clear_refs, else RSS sampling."""
-    _trim()
-    base = _status_kb("VmRSS")
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        method = "vmhwm"
-    except OSError:
-        method = "rss-sampling"
-    if method == "vmhwm":
-        run()
-        peak = _status_kb("VmHWM")
-    else:
-        peak, done = base, threading.Event()
-
-        def sample():
-            nonlocal peak
-            while not done.is_set():
-                peak = max(peak, _status_kb("VmRSS"))
-                time.sleep(0.0005)
-        th = threading.Thread(target=sample)
-        th.start()
-        try:
-            run()
-        finally:
-            done.set()
-            th.join()
-        peak = max(peak, _status_kb("VmRSS"))
-    return (peak - base) / 1024, method
-
-
-def cuda_peak_mb(run):
-    """Peak CUDA memory added by run() (MiB): max_memory_allocated() after
-    reset_peak_memory_stats(), minus memory_allocated() before (synchronised on both sides)."""
-    import torch
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    run()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / MIB
-
-
-def profiler_peak_mb(run):
-    """Peak of live CPU tensor bytes allocated during run() (MiB), from torch.profiler memory
-    events: exact at the allocator level (no heap caching, no other threads), but slow."""
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        run()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    events.sort(key=lambda e: e.start_ns())
-    cur = peak = 0
-    for e in events:  # nbytes > 0: allocation, < 0: free
-        cur += e.nbytes()
-        peak = max(peak, cur)
-    return peak / MIB
-
-
 def peak_mb(op, impl, method="rss", teachers=1, shape=None):
     """Peak extra memory (MiB) of one forward + backward of op on CPU, beyond the inputs and
     including the output and the gradients: method "rss" (cpu_peak_mb; run one op per fresh
@@ -347,30 +245,8 @@ def measure_one(op, impl, measure, repeat=3, teachers=1, shape=None, method="rss
 
 # ----------------------------------------------------------------------------- driver
 
-def run_child(cmd, env, timeout, cwd=None):
-    """Run one measurement process (cmd) -> the last JSON line it printed, or {"error": ...}
-    naming the timeout or the exit code and the last line of its stderr. Also bench_train.py's."""
-    try:
-        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout} s"}
-    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
-    if res.returncode != 0 or not lines:
-        tail = (res.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"error": f"exit {res.returncode}: {tail}"}
-    return json.loads(lines[-1])
-
-
-def child_envs():
-    """(time env, memory env) of the measurement processes: both without TRITON_INTERPRET; the
-    memory one with glibc's fixed mmap threshold, so that RSS follows the live tensors (see Method)."""
-    env_time = dict(os.environ)
-    env_time.pop("TRITON_INTERPRET", None)
-    return env_time, dict(env_time, MALLOC_MMAP_THRESHOLD_="65536")
-
-
 def _child(args, env, timeout):
-    return run_child([sys.executable, "-m", "kernels.bench"] + args, env, timeout)
+    return run_child([sys.executable, "-m", "bench.kernels"] + args, env, timeout)
 
 
 def _parse_set(text):
@@ -385,7 +261,7 @@ def _parse_set(text):
 
 
 def _parser():
-    ap = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m bench.kernels", description=__doc__.split("\n")[0])
     ap.add_argument("--ops", default=",".join(OPS), help="comma-separated subset of " + ", ".join(OPS))
     ap.add_argument("--impls", default=None, help="comma-separated impls (default: reference,torch "
                     "and, with CUDA, triton)")

@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from common import atomic_write_json, read_json
-from data import _article
-from synthetic import SYN_ZERO_SHOT, make_synthetic_world, synthetic_class_space
+from data import article
+from world.synthetic import SYN_ZERO_SHOT, make_synthetic_world, synthetic_class_space
 
 TEMPLATES = ["a photo of {}", "a picture of {}", "an image of {}", "a scene with {}"]
 EMPTY = "an empty scene"
@@ -51,7 +51,7 @@ def _counted(name: str, n: int) -> str:
     """("sports_ball", 2) -> "two sports balls"; ("umbrella", 1) -> "an umbrella"."""
     word = name.replace("_", " ")
     if n == 1:
-        return f"{_article(word)} {word}"
+        return f"{article(word)} {word}"
     last = word.split(" ")[-1]
     plural = word[: len(word) - len(last)] + _PLURAL.get(last, last + "s")
     return f"{_NUMBERS[n] if n < len(_NUMBERS) else 'many'} {plural}"

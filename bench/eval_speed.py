@@ -1,6 +1,6 @@
 """Benchmark of the HICO-DET evaluator on ~1.5 M detections over the real test set.
 
-    python bench_eval.py [--per-image 155] [--seed 0] [--repeats 3] [--keep DIR]
+    python -m bench.eval_speed [--per-image 155] [--seed 0] [--repeats 3] [--keep DIR]
 
 Builds a seeded synthetic prediction set over data/hicodet/instances_test2015.json (every GT
 pair jittered a few times, the rest random boxes and classes, random scores), writes it as a
@@ -33,7 +33,7 @@ import numpy as np
 import common
 import eval as hoi_eval
 
-HERE = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent   # the repository (eval.py)
 
 
 def make_predictions(anno: dict, per_image: int, seed: int, scores: str = "float32") -> dict:
@@ -108,7 +108,7 @@ def run_cli(anno_path: Path, pred_path: Path, out: Path, env_extra: dict):
     ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     before = ru0.ru_maxrss
     t = time.perf_counter()
-    p = subprocess.run([sys.executable, str(HERE / "eval.py"), "hico", "--anno", str(anno_path),
+    p = subprocess.run([sys.executable, str(ROOT / "eval.py"), "hico", "--anno", str(anno_path),
                         "--pred", str(pred_path), "--out", str(out)], env=env,
                        capture_output=True, text=True)
     dt = time.perf_counter() - t
@@ -121,7 +121,7 @@ def run_cli(anno_path: Path, pred_path: Path, out: Path, env_extra: dict):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m bench.eval_speed", description=__doc__.split("\n")[0])
     ap.add_argument("--per-image", type=int, default=155, help="detections per image (~1.5 M total)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=3)

@@ -1,12 +1,12 @@
-"""The synthetic world's own VLMs: their open_clip configs and the checkpoints that ship in weights/.
+"""The synthetic world's own VLMs: their open_clip configs and the checkpoints that ship in world/weights/.
 
 No weights can be downloaded here, so the synthetic HOI world has small CLIP-style models of
-its own, pretrained on image-level captions of the world by `pretrain_vlm.py`. Each ships as an
+its own, pretrained on image-level captions of the world by `python -m world.pretrain_vlm`. Each ships as an
 ordinary open_clip checkpoint (an fp16 state dict) with a JSON manifest beside it:
 
-    weights/<file>.pt     torch.save(state_dict), floats in fp16: open_clip.load_checkpoint reads it
-    weights/<file>.json   {"name", "open_clip_config", "checkpoint", "sha256", "bytes", "image_size",
-                           "image_mean", "image_std", "loss", "command", "seed", "heldout", ...}
+    world/weights/<file>.pt   torch.save(state_dict), floats in fp16: open_clip.load_checkpoint reads it
+    world/weights/<file>.json   {"name", "open_clip_config", "checkpoint", "sha256", "bytes", "image_size",
+                                 "image_mean", "image_std", "loss", "command", "seed", "heldout", ...}
 
 A user's real CLIP reaches LINK as LINKConfig(vlm=NAME, pretrained=FILE); so do these, with the
 architecture carried in the config (vlm_config), so a checkpoint trained on them rebuilds in any
@@ -39,7 +39,7 @@ def _vit(width: int, layers: int, pool: str) -> dict:
                            "head_width": 32, "pool_type": pool}}
 
 
-#: open_clip configs pretrain_vlm.py can train (--arch).
+#: open_clip configs world.pretrain_vlm can train (--arch).
 ARCHS = {
     # average-pooled patch tokens: every token is pulled into the joint image-text space
     "vit-avg": _vit(96, 4, "avg"),
