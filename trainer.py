@@ -109,6 +109,7 @@ from common import (
     atomic_write,
     atomic_write_bytes,
     atomic_write_json,
+    check_input_file,
     clean_stale_temps,
     file_sha256,
     file_stamp,
@@ -870,6 +871,7 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} not found")
+    check_input_file(path, "checkpoint", CheckpointError)      # /dev/zero or a FIFO: never read
     try:
         ck = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:  # truncated zip, garbage bytes, ...

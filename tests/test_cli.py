@@ -15,6 +15,9 @@ from test_common import node, special_file
 
 import eval as hoi_eval
 import infer
+import synthetic
+import train_student
+import train_teacher
 
 H, OB = [0.0, 0.0, 9.0, 9.0], [20.0, 0.0, 29.0, 9.0]
 WRITE_KINDS = ["/dev/null", "/dev/full", "fifo", "socket", "directory", "dangling link", "link to a file"]
@@ -46,12 +49,11 @@ def hico_files(folder: Path) -> dict:
 
 
 def _refused_keeping(main, argv, tmp_path, p, needles):
-    """clicheck.refused on the files under tmp_path (a FIFO or socket in it is not read), and the
-    special path is what it was (a device is still the device, a link still the link)."""
+    """clicheck.refused on the files under tmp_path (its snapshot reads regular files only, never
+    a FIFO or a socket), and the special path is what it was (a device is still the device, a
+    link still the link)."""
     before = node(p)
-    folders = [f for f in tmp_path.iterdir() if f.is_dir() and not f.is_symlink()] + \
-              [f for f in tmp_path.iterdir() if f.is_file() and not f.is_symlink()]
-    line = refused(main, argv, folders, needles)
+    line = refused(main, argv, [tmp_path], needles)
     assert node(p) == before
     return line
 
@@ -102,3 +104,20 @@ def test_infer_input_special_file_refused(tmp_path, kind, which):
     want = "no such image or folder" if (which, kind) == ("image", "dangling link") else READ_KINDS[kind]
     _refused_keeping(infer.main, argv, tmp_path, p, [str(p), want])
     assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tinyworld")
+    synthetic.make_synthetic_world(root, n_train=4, n_test=2, image_size=64, seed=0, workers=1)
+    return root
+
+
+@pytest.mark.parametrize("kind", ["/dev/zero", "/dev/null", "fifo", "socket", "directory"])
+def test_train_student_teacher_special_file_refused(tiny_world, tmp_path, kind):
+    p = special_file(tmp_path, kind)
+    argv = ["--dataset", "synthetic", "--world", str(tiny_world), "--runs", str(tmp_path / "runs"),
+            "--cache", str(tmp_path / "cache"), "--name", "s", "--epochs", "1", "--no-progress",
+            "--threads", "1", "--teacher", str(p)]
+    main = lambda a: train_teacher.run_cli(lambda: train_student.main(a))  # noqa: E731
+    _refused_keeping(main, argv, tmp_path, p, [str(p), READ_KINDS[kind]])
