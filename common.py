@@ -32,6 +32,7 @@ import json
 import logging
 import math
 import os
+import stat
 import sys
 import uuid
 import warnings
@@ -104,6 +105,37 @@ class _RecordingWriter:
         return getattr(self._f, name)
 
 
+def file_kind(mode: int) -> str:
+    """What an ``os.stat`` mode names, in words: 'regular file', 'directory', 'FIFO' ..."""
+    for test, name in ((stat.S_ISREG, "regular file"), (stat.S_ISDIR, "directory"),
+                       (stat.S_ISLNK, "symbolic link"), (stat.S_ISFIFO, "FIFO (named pipe)"),
+                       (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device")):
+        if test(mode):
+            return name
+    return "special file"
+
+
+def check_output_path(path) -> None:
+    """The one check of every writer's destination: ``path`` names a regular file (replaced) or
+    nothing (created). A directory, a device node (/dev/null, /dev/full), a FIFO, a socket or a
+    symbolic link (dangling or not) is refused with :class:`WriteError`, one line naming it: a
+    rename would replace the node or the link itself with a regular file. Links in the folders
+    above are followed as usual."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise write_error(path, e) from None
+    if not stat.S_ISREG(st.st_mode):
+        what = file_kind(st.st_mode)
+        if stat.S_ISLNK(st.st_mode):
+            what += " (dangling)" if not os.path.exists(path) else f" to {os.path.realpath(path)}"
+        raise WriteError(errno.EEXIST, f"{path}: cannot write: it is a {what}, and an output is written "
+                                       f"only as a regular file or a new path; choose another path")
+
+
 def write_error(path, e: OSError) -> WriteError:
     reason = e.strerror or (errno.errorcode.get(e.errno) if e.errno else None) or str(e)
     return WriteError(e.errno or errno.EIO, f"{path}: cannot write ({reason})")
@@ -113,8 +145,11 @@ def atomic_write(path, write: Callable[[BinaryIO], Any]) -> None:
     """``write(f)`` into a temp file ``f`` (binary, opened for writing) in ``path``'s folder, then
     fsync, ``os.replace`` onto ``path``, fsync the folder. If ``write`` raises, ``path`` is
     untouched and the temp file removed; a failed write (OSError, also inside torch.save) is
-    re-raised as :class:`WriteError` naming ``path``. Missing parent folders are created."""
+    re-raised as :class:`WriteError` naming ``path``. Missing parent folders are created. A
+    destination that is not a regular file or a new path is refused (check_output_path), before
+    and again just before the rename (the write may take minutes)."""
     path = Path(path)
+    check_output_path(path)
     tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     rec = None
     try:
@@ -126,6 +161,7 @@ def atomic_write(path, write: Callable[[BinaryIO], Any]) -> None:
             write(rec)
             f.flush()
             os.fsync(f.fileno())
+        check_output_path(path)
         os.replace(tmp, path)
         fsync_dir(path.parent)
     except WriteError:
@@ -224,6 +260,55 @@ def refuse_outputs_over_inputs(outputs: Iterable, inputs: Iterable,
             same = "" if os.path.abspath(p) == os.path.abspath(in_path) else f" {in_path}"
             raise error(f"{p}: {label} would overwrite the input {in_label}{same}; an input is never "
                         f"an output: choose another output path")
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs are regular files
+# ----------------------------------------------------------------------------------------------
+def _input_fd(path, what: str, error: type[Exception], missing: type[Exception]) -> tuple[int, int]:
+    """Open ``path`` for reading without blocking (a FIFO nobody writes to would block a plain
+    open) -> (fd, size); refuse anything that is not a regular file (links are followed)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise missing(f"{path}: {what} not found") from None
+    except IsADirectoryError:
+        raise error(f"{path}: {what} is a directory, expected a regular file") from None
+    except OSError as e:
+        kind = "regular file"
+        with contextlib.suppress(OSError):          # a socket cannot be opened: name it
+            kind = file_kind(os.stat(path).st_mode)
+        if kind != "regular file":
+            raise error(f"{path}: {what} is a {kind}, expected a regular file") from None
+        raise error(f"{path}: cannot read {what} ({e.strerror})") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise error(f"{path}: {what} is a {file_kind(st.st_mode)}, expected a regular file")
+    return fd, st.st_size
+
+
+def check_input_file(path, what: str = "file", error: type[Exception] = ValueError,
+                     missing: type[Exception] = FileNotFoundError) -> int:
+    """The one check of every reader's input, for readers that open the file themselves (PIL,
+    torch.load): ``path`` is a regular file (after links) -> its size; a directory, a device
+    (/dev/zero, /dev/null), a FIFO or a socket raises ``error`` (``missing`` when there is
+    nothing), one line naming the file and ``what`` it is. Never blocks, reads nothing."""
+    fd, size = _input_fd(path, what, error, missing)
+    os.close(fd)
+    return size
+
+
+def read_input_bytes(path, what: str = "file", error: type[Exception] = ValueError,
+                     missing: type[Exception] = FileNotFoundError) -> bytes:
+    """The bytes of the regular file ``path`` (check_input_file's refusals), at most the size it
+    had when opened: a file that grows while read never makes the reader read on."""
+    fd, size = _input_fd(path, what, error, missing)
+    try:
+        with os.fdopen(fd, "rb") as f:
+            return f.read(size)
+    except OSError as e:
+        raise error(f"{path}: cannot read {what} ({e.strerror})") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -382,15 +467,7 @@ def read_json(path, what: str = "file", error: type[Exception] = ValueError,
     refused besides invalid JSON (duplicate keys, booleans unless ``allow_bool``, integers too
     large for float64, nesting deeper than MAX_JSON_DEPTH)."""
     path = str(path)
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except FileNotFoundError:
-        raise missing(f"{path}: {what} not found") from None
-    except IsADirectoryError:
-        raise error(f"{path}: {what} is a directory, expected a JSON file") from None
-    except OSError as e:
-        raise error(f"{path}: cannot read {what} ({e.strerror})") from None
+    raw = read_input_bytes(path, what, error, missing)
     if not raw.strip():
         raise error(f"{path}: {what} is empty")
     if raw[:2] == b"\x1f\x8b":

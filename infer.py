@@ -106,6 +106,7 @@ from common import (
     as_index,
     atomic_write,
     atomic_write_json,
+    check_input_file,
     nonneg_int,
     note,
     positive_int,
@@ -182,7 +183,8 @@ def collect_images(path, exclude=None) -> list:
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"{p}: no such image or folder")
-    if p.is_file():
+    if not p.is_dir():
+        check_input_file(p, "image", InferError)
         return [(p.name, p)]
     excl = Path(exclude).resolve() if exclude is not None else None
     if excl is not None and (excl == p.resolve() or excl in p.resolve().parents):
@@ -254,8 +256,7 @@ class FileBoxes:
 
     def __init__(self, path, cs: dict, keys, image_ids_file=None):
         self.path = Path(path)
-        if not self.path.is_file():
-            raise FileNotFoundError(f"{self.path}: detection file not found")
+        check_input_file(self.path, "detection file", InferError)
         try:
             with open(self.path) as f:
                 head = f.read(4096).lstrip()[:1]
@@ -407,8 +408,7 @@ def build_detector(name: str, weights, score_thresh: float = 0.05, device="cpu")
         raise InferError(f"--detector {name} needs --detector-weights PATH (a local state_dict; "
                          f"nothing is downloaded)")
     weights = Path(weights)
-    if not weights.is_file():
-        raise FileNotFoundError(f"{weights}: detector weights not found")
+    check_input_file(weights, "detector weights", InferError)
     det = torchvision.models.get_model(name, weights=None, weights_backbone=None, num_classes=91)
     try:
         sd = torch.load(weights, map_location="cpu", weights_only=True)

@@ -27,7 +27,7 @@ from typing import Optional
 
 import torch
 
-from common import atomic_write, atomic_write_bytes, key_difference
+from common import atomic_write, atomic_write_bytes, check_input_file, key_difference
 
 CKPT_VERSION = 1
 
@@ -102,8 +102,7 @@ def load_checkpoint(path, map_location="cpu", mmap: bool = False) -> dict:
     """The one reader of a LINK checkpoint: torch.load (``mmap``: memory-mapped, for reading
     its settings cheaply) with one-line errors for a missing, truncated or foreign file."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointNotFound(f"{path}: checkpoint not found")
+    check_input_file(path, "checkpoint", CheckpointError, CheckpointNotFound)   # /dev/zero, a FIFO: never read
     try:   # our own files; only a zip-format file can be memory-mapped
         ck = torch.load(path, map_location=map_location, weights_only=False, mmap=mmap and zipfile.is_zipfile(path))
     except Exception as e:  # truncated zip, garbage bytes, ...

@@ -12,6 +12,24 @@ from kernels import box_attention, box_attention_reference, box_bias
 
 ba = importlib.import_module("kernels.box_attention")  # the module (kernels.box_attention is the op)
 
+# Tolerances err <= atol + rtol * |want| of out and the four gradients against the fp64 reference.
+# fp32: rounding of the fp32 softmax and sums. fp16: inputs rounded to fp16, compared with the
+# fp64 reference on those same values; error comes from rounding out / grads to fp16 (rel 5e-4)
+# and fp16 dO. bf16 (7-bit mantissa): the Triton interpreter truncates fp32 -> bf16 where a GPU
+# rounds to nearest, hence the larger bf16 error of the interpreted kernel. Both fused paths
+# compute in fp32.
+TOL = {torch.float32: dict(atol=2e-5, rtol=1e-5),
+       torch.float16: dict(atol=4e-3, rtol=4e-3),
+       torch.bfloat16: dict(atol=3e-2, rtol=2e-2)}
+# fp16 q with fp32 k, v: dq is rounded to fp16
+MIXED_TOL = dict(atol=2e-3, rtol=2e-3)
+# fp32 logits of ~800 carry ~5e-5 rounding: the fp32 reference itself is 1e-5 off fp64
+EXTREME_TOL = dict(atol=5e-5, rtol=1e-5)
+# fp32 attention weights read back through the op (bias probe, attention mass): max abs error
+PROBE_ATOL = 1e-6
+# fp64 gradcheck: finite-difference step and tolerance
+GRADCHECK_TOL = dict(eps=1e-6, atol=1e-7)
+
 
 def _inputs(counts, Hd, grid, D, dtype=torch.float32, seed=0, qk_scale=1.0):
     """Random problem; counts[b] pairs on image b (images with 0 pairs allowed), shuffled order.
@@ -122,7 +140,7 @@ def test_kernel_bias_matches_box_bias_exactly():
     want = box_bias(boxes, strength, grid).softmax(-1)                 # [P, Hd, T]
     for fn in (_torch(), _triton(16, 16)):
         got = _bias_probe(fn, boxes, strength, grid)
-        assert (got - want).abs().max().item() < 1e-6
+        assert (got - want).abs().max().item() < PROBE_ATOL
 
 
 # ---------------------------------------------------------------------------- fp32 vs reference
@@ -130,7 +148,7 @@ def test_kernel_bias_matches_box_bias_exactly():
 @pytest.mark.parametrize("fn", [_torch(), _torch(chunk=3)], ids=["torch", "torch_chunk3"])
 def test_torch_path_fp32(fn):
     inp = _inputs(COUNTS, HD, GRID, D)
-    _assert_close(_run(fn, *inp, GRID), _ref64(*inp, GRID), atol=2e-5, rtol=1e-5)
+    _assert_close(_run(fn, *inp, GRID), _ref64(*inp, GRID), **TOL[torch.float32])
 
 
 def test_triton_fp32_odd_sizes_noncontiguous():
@@ -138,16 +156,16 @@ def test_triton_fp32_odd_sizes_noncontiguous():
     want = _ref64(q, k, v, pi, boxes, st, GRID, scale=0.3)
     k_nc = k.transpose(1, 2).contiguous().transpose(1, 2)              # non-contiguous view
     got = _run(lambda *a, **kw: _triton(16, 16)(*a, **kw), q, k_nc, v, pi, boxes, st, GRID, scale=0.3)
-    _assert_close(got, want, atol=2e-5, rtol=1e-5)
+    _assert_close(got, want, **TOL[torch.float32])
 
 
 def test_triton_default_config_and_auto():
     inp = _inputs([3, 7], 2, (4, 4), 16, seed=5)
     want = _ref64(*inp, (4, 4))
-    _assert_close(_run(_triton(None), *inp, (4, 4)), want, atol=2e-5, rtol=1e-5)
+    _assert_close(_run(_triton(None), *inp, (4, 4)), want, **TOL[torch.float32])
     # "auto" on CPU tensors is the lean torch path
     assert ba.resolve_impl("auto", inp[0]) == "torch"
-    _assert_close(_run(lambda *a: box_attention(*a, impl="auto"), *inp, (4, 4)), want, atol=2e-5, rtol=1e-5)
+    _assert_close(_run(lambda *a: box_attention(*a, impl="auto"), *inp, (4, 4)), want, **TOL[torch.float32])
 
 
 @pytest.mark.parametrize("D", [40, 144])
@@ -159,18 +177,10 @@ def test_triton_head_dim_padding_and_mixed_dtypes(D):
     want = _ref64(q, k, v, pi, boxes, st, (3, 3))
     got = _run(_triton(None), q, k, v, pi, boxes, st, (3, 3))
     assert got[0].dtype == torch.float32 and got[1].dtype == torch.float16
-    _assert_close(got, want, atol=2e-3, rtol=2e-3)                     # dq rounded to fp16
+    _assert_close(got, want, **MIXED_TOL)
 
 
 # ---------------------------------------------------------------------------- half precision
-
-# (the Triton interpreter truncates fp32 -> bf16 where a GPU rounds to nearest, hence the
-# larger bf16 error of the interpreted kernel.)
-# fp16: inputs rounded to fp16, compared with the fp64 reference on those same values; error
-# comes from rounding out / grads to fp16 (rel 5e-4) and fp16 dO: atol 4e-3 + rtol 4e-3.
-# bf16 (7-bit mantissa): atol 3e-2 + rtol 2e-2. Both fused paths compute in fp32.
-HALF_TOL = {torch.float16: (4e-3, 4e-3), torch.bfloat16: (3e-2, 2e-2)}
-
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("path", ["torch", "triton"])
@@ -180,8 +190,7 @@ def test_half_precision(dtype, path):
     got = _run(fn, *inp, GRID)
     for t, x in zip(got, inp[:3] + inp[5:]):
         assert t.dtype == dtype
-    atol, rtol = HALF_TOL[dtype]
-    _assert_close(got, _ref64(*inp, GRID), atol=atol, rtol=rtol)
+    _assert_close(got, _ref64(*inp, GRID), **TOL[dtype])
 
 
 # ---------------------------------------------------------------------------- gradcheck
@@ -194,7 +203,7 @@ def test_gradcheck_fp64(fn, fast):
     q, k, v, pi, boxes, st = _inputs([3, 0, 2], 2, (2, 3), 3, dtype=torch.float64, seed=4)
     leaves = [t.requires_grad_(True) for t in (q, k, v, st)]
     assert torch.autograd.gradcheck(
-        lambda q_, k_, v_, s_: fn(q_, k_, v_, pi, boxes, s_, (2, 3)), leaves, eps=1e-6, atol=1e-7,
+        lambda q_, k_, v_, s_: fn(q_, k_, v_, pi, boxes, s_, (2, 3)), leaves, **GRADCHECK_TOL,
         fast_mode=fast)
 
 
@@ -207,8 +216,7 @@ def test_extreme_logits(path):
     fn = _torch(chunk=5) if path == "torch" else _triton(16, 16)
     got = _run(fn, *inp, (3, 5))
     assert all(bool(torch.isfinite(t).all()) for t in got)
-    # fp32 logits of ~800 carry ~5e-5 rounding: the fp32 reference itself is 1e-5 off fp64
-    _assert_close(got, _ref64(*inp, (3, 5)), atol=5e-5, rtol=1e-5)
+    _assert_close(got, _ref64(*inp, (3, 5)), **EXTREME_TOL)
 
 
 @pytest.mark.parametrize("path", ["torch", "triton"])
@@ -221,7 +229,7 @@ def test_degenerate_boxes(path):
     boxes[4] = torch.tensor([-1.0, -1.0, 2.0, 2.0])                    # covers everything
     fn = _torch(chunk=4) if path == "torch" else _triton(16, 16)
     _assert_close(_run(fn, q, k, v, pi, boxes, st, (3, 5)), _ref64(q, k, v, pi, boxes, st, (3, 5)),
-                  atol=2e-5, rtol=1e-5)
+                  **TOL[torch.float32])
     # the outside pair gets no bias, so its strength gradient contribution is zero
     one = [t[1:2] for t in (q, pi, boxes)]
     g = _run(fn, one[0], k, v, one[1], one[2], st, (3, 5))
@@ -246,8 +254,8 @@ def test_mass_inside_box_grows_with_strength(path):
         st = torch.tensor([[s, 0.0, 0.0]])
         out = fn(q, k, v, torch.zeros(1, dtype=torch.long), boxes, st, grid)
         masses.append(out[0, 0, 0].item())
-        assert abs(masses[-1] - 4 * math.exp(s) / (4 * math.exp(s) + 12)) < 1e-6
-    assert masses[0] == pytest.approx(0.25, abs=1e-6)
+        assert abs(masses[-1] - 4 * math.exp(s) / (4 * math.exp(s) + 12)) < PROBE_ATOL
+    assert masses[0] == pytest.approx(0.25, abs=PROBE_ATOL)
     assert all(a < b for a, b in zip(masses, masses[1:]))
 
 

@@ -1,6 +1,8 @@
 """common.py: atomic writes (permissions, atomicity), the JSON reader's one-line errors, the data
-root, the zero-shot split table."""
+root, the zero-shot split table, and the special files every writer and reader refuses."""
 import os
+import signal
+import socket
 import stat
 from pathlib import Path
 
@@ -112,3 +114,118 @@ def test_data_root_env_and_default(monkeypatch, tmp_path):
 def test_zero_shot_split_table():
     assert common.ZERO_SHOT_SPLITS == {"rf-uc": "rare_first", "nf-uc": "non_rare_first",
                                        "uo": "unseen_object", "uv": "unseen_verb"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Special files: writers write only regular files or new paths, readers read only regular files
+# ----------------------------------------------------------------------------------------------
+SPECIAL = ["/dev/null", "/dev/zero", "/dev/full", "fifo", "socket", "directory", "dangling link",
+           "link to a file"]
+
+
+def special_file(tmp_path: Path, kind: str) -> Path:
+    """A path of the given kind: a device node of /dev, or one made in tmp_path."""
+    if kind.startswith("/dev/"):
+        return Path(kind)
+    p = tmp_path / kind.replace(" ", "_")
+    if kind == "fifo":
+        os.mkfifo(p)
+    elif kind == "socket":
+        with socket.socket(socket.AF_UNIX) as s:    # the socket file stays after close
+            s.bind(str(p))
+    elif kind == "directory":
+        p.mkdir()
+    elif kind == "dangling link":
+        p.symlink_to(tmp_path / "nowhere")
+    elif kind == "link to a file":
+        (tmp_path / "real.json").write_text('{"a": 1}')
+        p.symlink_to(tmp_path / "real.json")
+    return p
+
+
+def node(p: Path) -> tuple:
+    """What a path is, not following a link: (mode, device number, link target or None)."""
+    st = os.lstat(p)
+    return st.st_mode, st.st_rdev, os.readlink(p) if p.is_symlink() else None
+
+
+@pytest.fixture
+def no_hang():
+    """A read that blocks fails the test after 20 s instead of hanging the suite."""
+    def on_alarm(*_):
+        raise TimeoutError("blocked reading a special file")
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.alarm(20)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
+
+
+@pytest.mark.parametrize("kind", SPECIAL)
+@pytest.mark.parametrize("writer", ["bytes", "json", "callback"])
+def test_atomic_write_refuses_what_is_not_a_regular_file(tmp_path, kind, writer, no_hang):
+    p = special_file(tmp_path, kind)
+    before = node(p)
+    listing = sorted(os.listdir(p.parent))
+    write = {"bytes": lambda: common.atomic_write_bytes(p, b"x"),
+             "json": lambda: common.atomic_write_json(p, {"a": 2}),
+             "callback": lambda: common.atomic_write(p, lambda f: f.write(b"x"))}[writer]
+    with pytest.raises(common.WriteError) as ei:
+        write()
+    msg = str(ei.value)
+    assert msg.startswith(f"{p}: cannot write: it is a ") and "\n" not in msg
+    assert ("symbolic link" in msg) == ("link" in kind)
+    assert node(p) == before and sorted(os.listdir(p.parent)) == listing     # no temp file left
+    if kind == "link to a file":
+        assert (tmp_path / "real.json").read_text() == '{"a": 1}'
+
+
+@pytest.mark.parametrize("kind, want", [("directory", "is a directory"), ("fifo", "is a FIFO"),
+                                        ("socket", "is a socket"), ("/dev/null", "is a character device")])
+def test_check_output_path_names_the_kind(tmp_path, kind, want):
+    p = special_file(tmp_path, kind)
+    with pytest.raises(common.WriteError, match=want):
+        common.check_output_path(p)
+    common.check_output_path(tmp_path / "new.json")                 # a new path
+    (tmp_path / "old.json").write_text("{}")
+    common.check_output_path(tmp_path / "old.json")                 # a regular file
+
+
+@pytest.mark.parametrize("kind, want", [
+    ("/dev/null", "annotation file is a character device, expected a regular file"),
+    ("/dev/zero", "annotation file is a character device, expected a regular file"),
+    ("/dev/full", "annotation file is a character device, expected a regular file"),
+    ("fifo", "annotation file is a FIFO (named pipe), expected a regular file"),
+    ("socket", "annotation file is a socket, expected a regular file"),
+    ("directory", "annotation file is a directory, expected a regular file"),
+    ("dangling link", "annotation file not found"),
+    ("link to a file", None),                                       # read through the link
+])
+@pytest.mark.parametrize("reader", ["read_json", "check_input_file", "read_input_bytes"])
+def test_readers_accept_regular_files_only(tmp_path, kind, want, reader, no_hang):
+    p = special_file(tmp_path, kind)
+    fn = getattr(common, reader)
+    if want is None:
+        got = fn(p, "annotation file", error=MyError)
+        assert got == {"read_json": {"a": 1}, "check_input_file": 8, "read_input_bytes": b'{"a": 1}'}[reader]
+        return
+    with pytest.raises((MyError, FileNotFoundError)) as ei:
+        fn(p, "annotation file", error=MyError)
+    assert str(ei.value) == f"{p}: {want}"
+    assert isinstance(ei.value, FileNotFoundError if kind == "dangling link" else MyError)
+
+
+def test_read_input_bytes_reads_at_most_the_size_at_open(tmp_path, monkeypatch):
+    """A file that grows while it is read (a log, a FIFO-like writer) is read up to the size it
+    had when opened, never on."""
+    p = tmp_path / "grows.json"
+    p.write_bytes(b"[1, 2]")
+    real_fdopen = os.fdopen
+
+    def fdopen_then_grow(fd, *a, **k):
+        with open(p, "ab") as f:
+            f.write(b" " * 1000)
+        return real_fdopen(fd, *a, **k)
+
+    monkeypatch.setattr(common.os, "fdopen", fdopen_then_grow)
+    assert common.read_input_bytes(p) == b"[1, 2]"

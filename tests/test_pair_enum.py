@@ -13,6 +13,15 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")   # interprete
 
 IMPLS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(not triton_available(), reason="no triton"))]
 
+# Tolerances (torch.testing.assert_close, rtol and atol alike) of the pair features, spatial
+# features and gradients against the reference: fp32 against fp32; fp16 / bf16 against the fp32
+# reference on the same rounded values (outputs rounded to the dtype; bf16 keeps 8 bits).
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5),
+       torch.float16: dict(rtol=2e-2, atol=2e-2),
+       torch.bfloat16: dict(rtol=8e-2, atol=8e-2)}
+# a hand-computed spatial feature read back (IoU 1, log(1e-10) = -23.02585 printed to 5 digits)
+FEATURE_ABS = 1e-4
+
 
 def make(N=7, D=5, Do=9, dtype=torch.float32, seed=0):
     """N pixel boxes (the first 3 humans) in images of 640 x 480 (see sizes), all (human, other
@@ -63,7 +72,7 @@ def test_matches_reference_fp32(impl, blocks):
     out = run(impl, *inputs, blocks=blocks if impl == "triton" else None)
     for name, a, r in zip(NAMES, out, ref):
         assert a.dtype == r.dtype, name
-        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5, msg=name)
+        torch.testing.assert_close(a, r, **TOL[torch.float32], msg=name)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -75,11 +84,10 @@ def test_half_inputs(impl, dtype):
     q, boxes, idx_h, idx_o, w1, w2, b = inputs
     ref = run("reference", q.float(), boxes, idx_h, idx_o, w1.float(), w2.float(), b.float())
     out = run(impl, *inputs)
-    tol = 2e-2 if dtype == torch.float16 else 8e-2
     for name, a, r in zip(NAMES, out, ref):
         if name != "spatial":
             assert a.dtype == dtype, name
-        torch.testing.assert_close(a.float(), r, rtol=tol, atol=tol, msg=name)
+        torch.testing.assert_close(a.float(), r, **TOL[dtype], msg=name)
 
 
 def test_gradcheck_fp64_torch_path():
@@ -102,8 +110,8 @@ def test_spatial_features_hand_computed():
          10000 / 307200, 20000 / 307200, 2.0, 1.0, 2.0, 2500 / 27500,
          1.0, 0.0, 0.5, 0.0]
     expected = torch.tensor([f + [math.log(v + 1e-10) for v in f]])
-    assert expected[0, 18 + 15].item() == pytest.approx(-23.02585, abs=1e-4)
-    torch.testing.assert_close(spatial_features(bh, bo, wh), expected, rtol=1e-5, atol=1e-5)
+    assert expected[0, 18 + 15].item() == pytest.approx(-23.02585, abs=FEATURE_ABS)
+    torch.testing.assert_close(spatial_features(bh, bo, wh), expected, **TOL[torch.float32])
     # the same pair as the second of an image's 3 boxes; the other image's size is never read
     boxes = torch.cat([bo, bh, torch.tensor([[0.0, 0.0, 10.0, 10.0]])])
     q, w = torch.zeros(3, 3), torch.zeros(4, 3)
@@ -112,7 +120,7 @@ def test_spatial_features_hand_computed():
     for impl in impls:
         _, sp = pair_enum(q, boxes, torch.tensor([1]), torch.tensor([0]), w, w, torch.zeros(4), impl=impl,
                           image_wh=image_wh)
-        torch.testing.assert_close(sp, expected, rtol=1e-5, atol=1e-5, msg=impl)
+        torch.testing.assert_close(sp, expected, **TOL[torch.float32], msg=impl)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -122,7 +130,7 @@ def test_degenerate_and_identical_boxes(impl):
     assert sp.shape == (idx_h.shape[0], 36) and sp.dtype == torch.float32
     assert torch.isfinite(sp).all()
     same = ((idx_h == 0) & (idx_o == 6)).nonzero().item()          # box 6 == box 0
-    assert sp[same, 13].item() == pytest.approx(1.0, abs=1e-4)     # IoU 1
+    assert sp[same, 13].item() == pytest.approx(1.0, abs=FEATURE_ABS)  # IoU 1
     assert (sp[same, 14:18] == 0).all()                            # no offset
     point = ((idx_h == 0) & (idx_o == 5)).nonzero().item()         # zero-area object
     assert sp[point, 6] == 0 and sp[point, 7] == 0 and sp[point, 9] == 0
