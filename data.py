@@ -31,20 +31,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common import (
-    BOX_FRAMES,
+from common import BOX_FRAMES, ZERO_SHOT_SPLITS, atomic_write_text, data_root, read_json
+from formats import (
     FLOAT32_MAX,
-    ZERO_SHOT_SPLITS,
     as_index,
     as_index_list,
-    atomic_write_text,
-    data_root,
     first_duplicate,
+    iou_continuous,
+    iou_inclusive,
     is_number,
-    read_json,
     swig_meta_tables,
 )
-from eval import _iou_continuous, _iou_inclusive  # the protocols' IoU of each box frame
 
 __all__ = [
     "ClassSpace", "HICODet", "VCOCO", "SWiGHOI", "collate", "load_detections",
@@ -496,7 +493,7 @@ def _zero_shot_rows(a: dict, unseen: np.ndarray, rule: str, frame: str) -> np.nd
     u = unseen[a["hoi"]]
     if rule == "label" or not u.any() or u.all():
         return u
-    iou = _iou_inclusive if BOX_FRAMES[frame] == 1 else _iou_continuous
+    iou = iou_inclusive if BOX_FRAMES[frame] == 1 else iou_continuous
     i, j = (x.reshape(-1) for x in np.meshgrid(np.arange(len(u)), np.nonzero(u)[0], indexing="ij"))
     same = (np.minimum(iou(a["boxes_h"][i], a["boxes_h"][j]), iou(a["boxes_o"][i], a["boxes_o"][j]))
             >= SAME_PAIR_IOU) & (a["object"][i] == a["object"][j])

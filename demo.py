@@ -13,7 +13,7 @@
    (``--pretrained random``), so the table shows what the VLM's pretraining adds;
 5. evaluates everything with eval.evaluate_hico, computes the chance level (the same
    prediction rows with uniformly random scores, mean over 5 draws) and the simulated
-   detector's box AP (eval.evaluate_detector: the boxes every HOI row depends on), prints a table,
+   detector's box AP (detector_ap.evaluate_detector: the boxes every HOI row depends on), prints a table,
    writes runs/demo/results.json (atomically) and draws the student's top interactions on a
    test image (runs/demo/detections.png, viz.draw_interactions).
 The six runs go as two chains of three, in parallel (two processes with one thread each):
@@ -89,6 +89,7 @@ from common import (
     number,
     read_json,
 )
+from detector_ap import evaluate_detector
 from viz import draw_interactions, hoi_class_names
 
 ROOT = Path(__file__).resolve().parent
@@ -257,11 +258,11 @@ def train_all(out: Path, world: Path, loop: list, zero_shot: str, sequential: bo
 
 
 def detector_ap(world: Path) -> dict:
-    """Box AP (%) of the world's simulated test detections on the test GT boxes (eval.evaluate_detector):
+    """Box AP (%) of the world's simulated test detections on the test GT boxes (detector_ap.evaluate_detector):
     the ceiling every HOI row below sits under. The GT holds only the boxes of annotated pairs, so a
     person or object the detector finds that takes part in no labelled interaction is a false positive."""
-    r = hoi_eval.evaluate_detector(world / "instances_test.json", world / "detections_test.json",
-                                   dataset="synthetic")
+    r = evaluate_detector(world / "instances_test.json", world / "detections_test.json",
+                          dataset="synthetic")
     return {k: round(float(r[k]), 2) for k in ("ap", "ap50", "ar100")}
 
 

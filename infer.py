@@ -103,7 +103,6 @@ import data
 from common import (
     HeldNotes,
     OneLineParser,
-    as_index,
     atomic_write,
     atomic_write_json,
     nonneg_int,
@@ -114,6 +113,7 @@ from common import (
     refuse_outputs_over_inputs,
     unit_float,
 )
+from formats import as_index
 from model import LINK
 from trainer import BUILD_ERRORS, build_error_reason, nonfinite_cause, nonfinite_images
 from viz import draw_interactions, hoi_class_names, to_rgb, unique_pairs

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 import data
+import detector_ap
 import eval as hoi_eval
 from common import data_root
 
@@ -113,7 +114,7 @@ def evaluate(tmp_path, kind, images, dets, **kw):
     anno = make_anno(tmp_path, kind, images)
     det = write(tmp_path / "dets.json", per_image(dets))
     meta = SWIG_META if kind == "swig" else None
-    return hoi_eval.evaluate_detector(anno, det, meta=meta, **kw)
+    return detector_ap.evaluate_detector(anno, det, meta=meta, **kw)
 
 
 # images in the 1-based inclusive frame are also valid continuous boxes: the same numbers serve both
@@ -155,7 +156,7 @@ def test_coco_results_of_the_gt_score_100(tmp_path, dataset):
             res.append({"image_id": iid, "category_id": cats[lab], "score": s,
                         "bbox": [x1 - off, y1 - off, x2 - x1 + off, y2 - y1 + off]})
     det = write(tmp_path / "coco.json", res)
-    r = hoi_eval.evaluate_detector(anno, det, meta=SWIG_META if dataset == "swig" else None)
+    r = detector_ap.evaluate_detector(anno, det, meta=SWIG_META if dataset == "swig" else None)
     assert r["detections_format"] == "coco-results"
     assert (r["ap"], r["ap50"], r["ap75"], r["person"]["ap"]) == pytest.approx((100.0,) * 4, abs=1e-9)
     # the same file read in the wrong frame (continuous boxes for HICO-DET, shifted by one
@@ -163,7 +164,7 @@ def test_coco_results_of_the_gt_score_100(tmp_path, dataset):
     for e in res:
         e["bbox"][0] += 1 - 2 * off
     write(det, res)
-    r = hoi_eval.evaluate_detector(anno, det, meta=SWIG_META if dataset == "swig" else None)
+    r = detector_ap.evaluate_detector(anno, det, meta=SWIG_META if dataset == "swig" else None)
     assert r["ap50"] == pytest.approx(100.0) and r["ap"] < 100.0
 
 
@@ -252,7 +253,7 @@ def test_duplicate_gt_boxes_counted_once(tmp_path):
     anno = write(tmp_path / "anno.json", doc)
     det = write(tmp_path / "dets.json", per_image({"img_1.jpg": [(A, 0.9, 0), (B, 0.8, 0), (X, 0.7, CUP),
                                                                  (Y, 0.6, CUP)]}))
-    r = hoi_eval.evaluate_detector(anno, det)
+    r = detector_ap.evaluate_detector(anno, det)
     assert r["counts"]["num_gt_boxes"] == 4
     assert r["person"]["num_gt"] == 2 and r["per_class"]["cup"]["num_gt"] == 2
     assert (r["ap"], r["person"]["ap"], r["ar100"]) == pytest.approx((100.0, 100.0, 100.0))
@@ -260,12 +261,12 @@ def test_duplicate_gt_boxes_counted_once(tmp_path):
 
 def test_empty_detection_file_scores_0_and_unscored_classes(tmp_path):
     anno = make_anno(tmp_path, "hico", IMAGES)
-    r = hoi_eval.evaluate_detector(anno, write(tmp_path / "d.json", {}))
+    r = detector_ap.evaluate_detector(anno, write(tmp_path / "d.json", {}))
     assert (r["ap"], r["ap50"], r["ar100"], r["counts"]["num_detections"]) == (0.0, 0.0, 0.0, 0)
     # a class without GT (a bicycle) is not scored, as in COCOeval; the rest is unchanged
     dets = gt_copies(IMAGES, "hico")
     dets["img_000003.jpg"] = [((1, 1, 9, 9), 0.99, 1)]
-    r = hoi_eval.evaluate_detector(anno, write(tmp_path / "d.json", per_image(dets)))
+    r = detector_ap.evaluate_detector(anno, write(tmp_path / "d.json", per_image(dets)))
     assert r["ap"] == pytest.approx(100.0) and r["counts"]["num_detections_unscored"] == 1
 
 
@@ -384,7 +385,7 @@ def test_coco_results_need_unique_numbers_in_file_names(tmp_path):
     anno = make_anno(tmp_path, "synthetic", images)
     det = write(tmp_path / "c.json", [{"image_id": 7, "category_id": 1, "bbox": [0, 0, 5, 5], "score": 1.0}])
     with pytest.raises(hoi_eval.EvalInputError, match="images 'a_7.jpg' and 'b_7.jpg' both have image_id 7"):
-        hoi_eval.evaluate_detector(anno, det)
+        detector_ap.evaluate_detector(anno, det)
 
 
 def test_cli_subprocess_exit_2_one_line(tmp_path):

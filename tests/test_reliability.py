@@ -24,6 +24,7 @@ from clicheck import refused, run_main
 
 import common
 import eval as hoi_eval
+import formats
 import infer
 import synthetic
 import train_teacher
@@ -701,7 +702,7 @@ def test_swig_no_object_pairs_are_left_out_and_counted_not_wrapped_around(tmp_pa
     f = swig_files(tmp_path)
     a = json.loads(f["anno"].read_text())
     a[0]["hoi_annotations"].append({"subject_id": 0, "object_id": -1, "action_id": 0})
-    gt = hoi_eval.parse_swig_gt(a, hoi_eval.load_swig_meta(f["meta"]), "A")
+    gt = formats.parse_swig_gt(a, formats.load_swig_meta(f["meta"]), "A")
     assert gt.gt_class.size == 1 and gt.num_no_object == 1
 
 
