@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import math
 import os
 import re
 from dataclasses import dataclass
@@ -20,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from formats import FormatError, is_number, read
+import formats
+from formats import FormatError, read
 
 DETECTOR_DATASETS = ("hico", "vcoco", "swig", "synthetic")
 _DATASET_TITLE = {"hico": "HICO-DET", "vcoco": "V-COCO", "swig": "SWiG-HOI", "synthetic": "synthetic world"}
@@ -68,41 +68,50 @@ def _detector_dataset(obj: Any, dataset: str | None, src: str) -> str:
 
 def load_detector_gt(anno_path: str | os.PathLike, dataset: str | None = None,
                      meta: str | os.PathLike | None = None) -> DetectorGT:
-    """Read an annotation file with the project's dataset classes -> DetectorGT.
+    """Read an annotation file (formats.py, as the datasets read it) -> DetectorGT.
 
     dataset: hico | vcoco | swig | synthetic, or None to tell it from the file.  meta: SWiG-HOI's
     swig_v1_meta.json (default: the shared data).
     """
-    import data  # lazy: the evaluators themselves need no torch
     src = str(anno_path)
-    kind = _detector_dataset(read(anno_path, "annotation file"), dataset, src)
-    root = os.path.dirname(os.path.abspath(src))    # image folder: no image is opened here
-    try:
+    obj = read(anno_path, "annotation file")
+    kind = _detector_dataset(obj, dataset, src)
+    if kind == "vcoco":
+        v = formats.parse_vcoco_pairs(obj, src)
+        files, names, ids, rows = v.filenames, v.objects, v.image_ids, v.rows
+    else:
         if kind == "swig":
-            ds = data.SWiGHOI(root, anno_path, meta)
-        elif kind == "vcoco":
-            ds = data.VCOCO(root, anno_path)
+            g = formats.parse_swig_gt(obj, formats.load_swig_meta(meta), src, skip_unknown=True)
+            files, names, objects = g.filenames, g.tables[0], g.gt_category
         else:
-            ds = data.HICODet(root, anno_path)
-    except (data.DataError, FileNotFoundError) as e:
-        raise FormatError(str(e)) from None
-    except (KeyError, IndexError, TypeError, ValueError) as e:
-        raise FormatError(f"{src}: malformed {_DATASET_TITLE[kind]} annotation file "
-                             f"({type(e).__name__}: {e})") from None
-    cs = ds.class_space()
-    boxes, labels = [], []
-    for i in range(len(ds)):
-        g = data.gt_detections(ds.target(i, size=(0, 0)), cs.person_label)  # size unused: no image read
-        boxes.append(g["boxes"].double().numpy())
-        labels.append(g["labels"].numpy())
-    coco80 = [n.replace(" ", "_") for n in cs.object_names] == data.COCO80_NAMES
+            g = formats.parse_hico_anno(obj, src, names=True)
+            files, names, objects = g.filenames, g.objects, g.gt_object
+        ids, bounds = None, np.searchsorted(g.gt_image, np.arange(len(files) + 1))
+        rows = [{"boxes_h": g.gt_boxes[s:e, :4], "boxes_o": g.gt_boxes[s:e, 4:], "object": objects[s:e]}
+                for s, e in zip(bounds[:-1], bounds[1:])]
+    person = names.index("person") if "person" in names else 0
+    boxes, labels = zip(*(unique_boxes(r, person) for r in rows)) if rows else ((), ())
+    coco80 = [n.replace(" ", "_") for n in names] == formats.COCO80_NAMES
     return DetectorGT(
-        dataset=kind, name=src, filenames=ds.filenames, object_names=list(cs.object_names),
-        person_label=cs.person_label, inclusive=kind == "hico",
+        dataset=kind, name=src, filenames=files, object_names=list(names), person_label=person,
+        inclusive=kind == "hico",
         # COCO results name classes by COCO's ids (1..90) over COCO-80; SWiG-HOI by its own
         # 0-based category_id, as in its annotation file
-        category_ids=list(data.COCO80_TO_COCO91) if coco80 else list(range(len(cs.object_names))),
-        boxes=boxes, labels=labels, coco_image_ids=getattr(ds, "image_ids", None))
+        category_ids=list(formats.COCO80_TO_COCO91) if coco80 else list(range(len(names))),
+        boxes=list(boxes), labels=list(labels), coco_image_ids=ids)
+
+
+def unique_boxes(row: dict, person: int) -> tuple:
+    """The unique boxes of one image's pairs, as data.gt_detections: human boxes (label
+    ``person``) in order of first appearance, then object boxes (their object label); equal
+    float32 coordinates AND label count once -> (float64[n, 4], int64[n])."""
+    b = np.concatenate([row["boxes_h"], row["boxes_o"]]).astype(np.float32).reshape(-1, 4)
+    lab = np.concatenate([np.full(len(row["boxes_h"]), person), row["object"]]).astype(np.int64)
+    first = {}
+    for k, key in enumerate(zip(map(tuple, b.tolist()), lab.tolist())):
+        first.setdefault(key, k)
+    keep = list(first.values())
+    return b[keep].astype(np.float64), lab[keep]
 
 
 def _coco_xywh(boxes: np.ndarray, inclusive: bool) -> np.ndarray:
@@ -114,26 +123,21 @@ def _coco_xywh(boxes: np.ndarray, inclusive: bool) -> np.ndarray:
 
 def _per_image_detections(path: str | os.PathLike, obj: dict, gt: DetectorGT) -> np.ndarray:
     """The project's per-image detection file -> float64[N, 7] rows
-    [image index + 1, x, y, w, h, score, category id] (pycocotools' array form)."""
-    import data  # lazy: the evaluators themselves need no torch
+    [image index + 1, x, y, w, h, score, category id] (pycocotools' array form); boxes and
+    scores pass through float32, as the GT boxes (data.load_detections stores them so)."""
     src = str(path)
-    known = set(gt.filenames)
-    for img, e in obj.items():
-        if img not in known:                    # load_detections would drop it silently
-            raise FormatError(f"{src}: image '{img}': unknown image name (not in the annotation file)")
-    try:
-        dets = data.load_detections(path, filenames=gt.filenames, num_labels=len(gt.object_names))
-    except (data.DataError, FileNotFoundError) as e:
-        raise FormatError(str(e)) from None
+    index = {f: i for i, f in enumerate(gt.filenames)}
     cat = np.asarray(gt.category_ids, dtype=np.float64)
     parts = []
-    for i, f in enumerate(gt.filenames):
-        d = dets[f]
-        if len(d["scores"]):
-            parts.append(np.column_stack([np.full(len(d["scores"]), i + 1.0),
-                                          _coco_xywh(d["boxes"].double().numpy(), gt.inclusive),
-                                          d["scores"].double().numpy(), cat[d["labels"].numpy()]]))
-    return np.concatenate(parts) if parts else np.zeros((0, 7))
+    for img, e in obj.items():
+        if img not in index:
+            raise formats.fail(src, "unknown image name (not in the annotation file)", img)
+        b, s, lab = formats.image_detections(e, src, img, len(gt.object_names))
+        parts.append((index[img], b.astype(np.float32), s.astype(np.float32), lab))
+    rows = [np.column_stack([np.full(len(s), i + 1.0), _coco_xywh(b.astype(np.float64), gt.inclusive),
+                             s.astype(np.float64), cat[lab]]) for i, b, s, lab in sorted(parts, key=lambda p: p[0])
+            if len(s)]
+    return np.concatenate(rows) if rows else np.zeros((0, 7))
 
 
 def _results_image_ids(gt: DetectorGT, src: str) -> list:
@@ -158,31 +162,11 @@ def _results_image_ids(gt: DetectorGT, src: str) -> list:
 
 
 def _coco_results(obj: list, gt: DetectorGT, image_ids: list, src: str) -> list:
-    """Validate a COCO results list [{image_id, category_id, bbox [x, y, w, h], score}] before
-    pycocotools' loadRes takes it (loadRes asserts, or silently accepts, what we refuse)."""
-    name_of = dict(zip(image_ids, gt.filenames))
-    cats = set(gt.category_ids)
+    """Validate a COCO results list (formats.coco_result) before pycocotools' loadRes takes it
+    (loadRes asserts, or silently accepts, what we refuse)."""
+    names, labels = dict(zip(image_ids, gt.filenames)), {c: k for k, c in enumerate(gt.category_ids)}
     for r, e in enumerate(obj):
-        if not isinstance(e, dict):
-            raise FormatError(f"{src}: entry {r}: expected an object {{image_id, category_id, bbox, score}}")
-        for key in ("image_id", "category_id", "bbox", "score"):
-            if key not in e:
-                raise FormatError(f"{src}: entry {r}: missing field '{key}'")
-        iid = e["image_id"]
-        if not (isinstance(iid, int) and not isinstance(iid, bool) and iid in name_of):
-            raise FormatError(f"{src}: entry {r}: field 'image_id': unknown image id {iid!r}")
-        where = f"{src}: image '{name_of[iid]}' (entry {r})"
-        cid, b, s = e["category_id"], e["bbox"], e["score"]
-        if not (isinstance(cid, int) and not isinstance(cid, bool) and cid in cats):
-            raise FormatError(f"{where}: field 'category_id': {cid!r} is not a category of the "
-                                 f"{_DATASET_TITLE[gt.dataset]} object set")
-        if not (isinstance(b, list) and len(b) == 4 and all(is_number(v) for v in b)):
-            raise FormatError(f"{where}: field 'bbox': expected [x, y, w, h] (4 numbers), got {b!r}")
-        if not all(math.isfinite(v) for v in b) or b[2] < 0 or b[3] < 0:
-            raise FormatError(f"{where}: field 'bbox': {b!r} is non-finite or has a negative "
-                                 f"width/height (x2 < x1)")
-        if not (is_number(s) and math.isfinite(s)):
-            raise FormatError(f"{where}: field 'score': {s!r} is not a finite number")
+        formats.coco_result(e, r, src, names, labels)
     return obj
 
 

@@ -599,7 +599,7 @@ def _voc_ap_allpoint(rec: np.ndarray, prec: np.ndarray) -> float:
     return float(np.sum((mrec[i + 1] - mrec[i]) * mpre[i + 1]))
 
 
-def _vcoco_ap(sc: list, tp: list, npos: int) -> float:
+def vcoco_ap(sc: list, tp: list, npos: int) -> float:
     """AP of one (action[, role]) from per-image lists (vsrl_eval's sort, dtypes and voc_ap)."""
     if npos == 0:
         return float("nan")
@@ -723,7 +723,7 @@ def evaluate_vcoco(gt: VCOCOGt, dets: VCOCODets, ovr_thresh: float = 0.5) -> dic
     agent_ap = []
     for a in range(A):
         sc, tp = run(dets.agent[:, a], a, everything)
-        agent_ap.append(_vcoco_ap([sc], [tp], int(npos[a])))
+        agent_ap.append(vcoco_ap([sc], [tp], int(npos[a])))
     per_role = []
     for q, (a, r) in enumerate(vcoco_role_keys(gt)):
         rbox = dets.role[:, q, :4]                              # float32[D, 4]
@@ -738,7 +738,7 @@ def evaluate_vcoco(gt: VCOCOGt, dets: VCOCODets, ovr_thresh: float = 0.5) -> dic
         aps = []
         for ok in (s1, s2):
             sc, tp = run(rsc, a, ok)
-            aps.append(_vcoco_ap([sc], [tp], int(npos[a])))
+            aps.append(vcoco_ap([sc], [tp], int(npos[a])))
         per_role.append({"action": gt.actions[a], "role": gt.roles[a][r + 1], "npos": int(npos[a]),
                          "ap_scenario_1": aps[0] * 100, "ap_scenario_2": aps[1] * 100,
                          "num_det": int((~np.isnan(rsc)).sum())})

@@ -7,7 +7,7 @@
 - V-COCO VSRL + COCO instances: ``parse_vcoco_gt``; vsrl_eval detections: ``load_vcoco_dets``
 - detection files: per image ``{file_name: {boxes, scores, labels}}`` (``image_detections``) and
   COCO results ``[{image_id, category_id, bbox, score}]`` (``coco_result``)
-- the value checks every reader shares (``as_index``, ``as_box``, ...) and the protocols' IoU of
+- the value checks every reader shares (``as_index``, ``boxes_array``, ...) and the protocols' IoU of
   each box frame (``iou_inclusive``: HICO-DET's +1, ``iou_continuous``: plain)
 
 Every problem raises :class:`FormatError` (a ValueError; ``eval.FormatError`` and
@@ -24,7 +24,33 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from common import data_root, read_json
+from common import BOX_FRAMES, data_root, read_json
+
+#: COCO-80 object names in the order used by fredzzhang/hicodet (``objects``), underscores.
+COCO80_NAMES = [
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
+    "traffic_light", "fire_hydrant", "stop_sign", "parking_meter", "bench", "bird", "cat",
+    "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack",
+    "umbrella", "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports_ball",
+    "kite", "baseball_bat", "baseball_glove", "skateboard", "surfboard", "tennis_racket",
+    "bottle", "wine_glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
+    "sandwich", "orange", "broccoli", "carrot", "hot_dog", "pizza", "donut", "cake", "chair",
+    "couch", "potted_plant", "bed", "dining_table", "toilet", "tv", "laptop", "mouse",
+    "remote", "keyboard", "cell_phone", "microwave", "oven", "toaster", "sink",
+    "refrigerator", "book", "clock", "vase", "scissors", "teddy_bear", "hair_drier",
+    "toothbrush",
+]
+
+#: COCO category id (the 91-id space of COCO results files) of each COCO-80 index.
+#: Note: shared/data/hicodet/coco91tohico80.json maps COCO ids to the ALPHABETICAL HICO
+#: object order (person -> 49), not to COCO-80; we therefore use this standard table.
+COCO80_TO_COCO91 = [
+    1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25,
+    27, 28, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 46, 47, 48, 49, 50, 51,
+    52, 53, 54, 55, 56, 57, 58, 59, 60, 61, 62, 63, 64, 65, 67, 70, 72, 73, 74, 75, 76, 77,
+    78, 79, 80, 81, 82, 84, 85, 86, 87, 88, 89, 90,
+]
+COCO91_TO_COCO80 = {cid: i for i, cid in enumerate(COCO80_TO_COCO91)}
 
 
 class FormatError(ValueError):
@@ -92,17 +118,6 @@ def as_index_list(v, n: Optional[int] = None, lo: int = 0, unique: bool = False)
         dup = next(x for i, x in enumerate(out) if x in out[:i])
         raise ValueError(f"index {dup} listed twice")
     return out
-
-
-def as_box(v) -> list:
-    """[x1, y1, x2, y2]: 4 finite numbers within float32's range, x2 >= x1 and y2 >= y1."""
-    if not (isinstance(v, (list, tuple)) and len(v) == 4 and all(is_number(x) for x in v)):
-        raise ValueError(f"expected a box [x1, y1, x2, y2] of 4 numbers, got {v!r}")
-    if not all(math.isfinite(x) and abs(x) <= FLOAT32_MAX for x in v):
-        raise ValueError(f"box {list(v)} has a non-finite value or one beyond float32's range")
-    if v[2] < v[0] or v[3] < v[1]:
-        raise ValueError(f"box {list(v)} has x2 < x1 or y2 < y1")
-    return [float(x) for x in v]
 
 
 def first_duplicate(items) -> Optional[Any]:
@@ -206,158 +221,277 @@ ROW_FIELDS = ("hoi", "score", "hx1", "hy1", "hx2", "hy2", "ox1", "oy1", "ox2", "
 
 @dataclass
 class HicoGT:
-    """Parsed HICO-DET-format annotation (fredzzhang/hicodet JSON or the synthetic world)."""
+    """A HICO-DET-format annotation file (fredzzhang/hicodet JSON, the synthetic world), read
+    and validated by :func:`parse_hico_anno`. GT rows are in image order, then row order."""
     name: str
     filenames: list
     index: dict                     # filename -> image index
     num_classes: int
     obj_of_class: np.ndarray        # int64[K] object index of each class
     gt_class: np.ndarray            # int64[M]
-    gt_image: np.ndarray            # int64[M]
-    gt_boxes: np.ndarray            # float64[M, 8]
+    gt_image: np.ndarray            # int64[M] non-decreasing
+    gt_boxes: np.ndarray            # float64[M, 8] human box, object box
     rare: list | None
     non_rare: list | None
     zero_shot: dict | None
     num_empty: int = 0
+    correspondence: np.ndarray = None   # int64[K, 3] [hoi, object, verb] (verb -1 if not given)
+    objects: list | None = None         # O object names, verbs: V verb names (None when absent)
+    verbs: list | None = None
+    gt_object: np.ndarray = None        # int64[M] each row's object / verb (None when absent)
+    gt_verb: np.ndarray = None
+    empty: list = field(default_factory=list)
+    sizes: list | None = None           # per image (w, h) ints, None when the file has none
+    prompts: list | None = None
+    box_frame: str = "hico1"            # common.BOX_FRAMES, see hico_box_frame
 
 
-def _anno_err(name, msg):
-    return FormatError(f"{name}: {msg}")
+#: the per-pair lists of an annotation entry; the last two are optional for the evaluator
+HICO_ROW_KEYS = ("boxes_h", "boxes_o", "hoi", "object", "verb")
 
 
-def parse_hico_anno(anno: dict, name: str = "<anno>") -> HicoGT:
-    """Validate a HICO-DET annotation dict and extract the GT arrays.
+def parse_hico_anno(anno: Any, name: str = "<anno>", names: bool = False) -> HicoGT:
+    """Validate a HICO-DET-format annotation (the parsed JSON) -> HicoGT.
 
-    Required keys: ``annotation`` (per image ``boxes_h``, ``boxes_o``, ``hoi``), ``filenames``,
-    ``correspondence`` ([hoi, object, verb] per class; K = its length).  Optional: ``rare``,
-    ``non_rare``, ``zero_shot``, ``empty``.
+    Required: ``annotation`` (per image ``boxes_h``, ``boxes_o``, ``hoi``; ``object`` and
+    ``verb`` are checked against ``correspondence`` when given), ``filenames``,
+    ``correspondence`` ([hoi, object, verb] per class; K = its length). Optional, checked when
+    present: ``objects``, ``verbs``, ``rare``, ``non_rare``, ``empty``, ``zero_shot``,
+    ``size``, ``prompts``. ``names``: the dataset's reading, which also needs ``objects``,
+    ``verbs`` and every entry's ``object`` and ``verb``.
     """
-    fns, annos, corr = _hico_header(anno, name)
+    if not isinstance(anno, dict):
+        raise fail(name, f"expected a JSON object with key 'annotation' (fredzzhang/hicodet format), "
+                         f"got {type(anno).__name__}")
+    for key in ("annotation", "filenames", "correspondence") + (("objects", "verbs") if names else ()):
+        if key not in anno:
+            raise fail(name, "missing key", field_=key)
+    fns = name_list(anno["filenames"], name, "filenames")
+    objects, verbs = (name_list(anno[k], name, k) if anno.get(k) is not None else None
+                      for k in ("objects", "verbs"))
+    annos = anno["annotation"]
+    if not isinstance(annos, list) or len(annos) != len(fns):
+        raise fail(name, f"{len(fns)} file names for "
+                         f"{len(annos) if isinstance(annos, list) else 'no list of'} annotations",
+                   field_="filenames")
+    corr = _correspondence(anno["correspondence"], objects, verbs, name, names)
     K = corr.shape[0]
-    index = {}
-    for i, f in enumerate(fns):
-        if f in index:
-            raise _anno_err(name, f"image '{f}': duplicate file name in 'filenames'")
-        index[f] = i
-    gt_class, gt_image, gt_boxes = _hico_pairs(annos, fns, K, name)
-    rare, non_rare = _class_list(anno, "rare", K, name), _class_list(anno, "non_rare", K, name)
+    index = {f: i for i, f in enumerate(fns)}
+    gt_class, gt_image, gt_boxes, gt_obj, gt_verb = _hico_pairs(annos, fns, corr, objects, verbs, name, names)
+    rare, non_rare = (_index_list(anno, k, K, name) for k in ("rare", "non_rare"))
     if rare and non_rare and set(rare) & set(non_rare):
-        raise _anno_err(name, f"class {min(set(rare) & set(non_rare))} is in both 'rare' and 'non_rare'")
-    empty = _class_list(anno, "empty", len(fns), name, "image indices") or []
+        raise fail(name, f"class {min(set(rare) & set(non_rare))} is both rare and non-rare",
+                   field_="non_rare")
+    empty = _index_list(anno, "empty", len(fns), name) or []
     zs = anno.get("zero_shot")
     if zs is not None and not isinstance(zs, dict):
-        raise _anno_err(name, "field 'zero_shot' must be an object {split: [hoi, ...]}")
+        raise fail(name, "expected an object {split: [hoi, ...]}", field_="zero_shot")
+    prompts = anno.get("prompts")
+    if prompts is not None and not (isinstance(prompts, list) and len(prompts) == K
+                                    and all(isinstance(p, str) for p in prompts)):
+        raise fail(name, f"expected {K} strings", field_="prompts")
+    sizes = anno.get("size")
+    if sizes is not None:
+        if not isinstance(sizes, list) or len(sizes) != len(fns):
+            raise fail(name, f"expected a list of {len(fns)} [w, h], one per image", field_="size")
+        sizes = [image_size(s, name, f) for s, f in zip(sizes, fns)]
     return HicoGT(name=name, filenames=fns, index=index, num_classes=K,
                   obj_of_class=corr[:, 1].copy(), gt_class=gt_class, gt_image=gt_image,
-                  gt_boxes=gt_boxes, rare=rare, non_rare=non_rare,
-                  zero_shot=zs, num_empty=len(empty))
+                  gt_boxes=gt_boxes, rare=rare, non_rare=non_rare, zero_shot=zs,
+                  num_empty=len(empty), correspondence=corr, objects=objects, verbs=verbs,
+                  gt_object=gt_obj, gt_verb=gt_verb, empty=empty, sizes=sizes, prompts=prompts,
+                  box_frame=hico_box_frame(anno, name))
 
 
-def _hico_header(anno: Any, name: str) -> tuple[list, list, np.ndarray]:
-    """The file's top level -> (filenames, annotation entries, correspondence int64[K, >= 2])."""
-    if not isinstance(anno, dict):
-        raise _anno_err(name, "annotation file must be a JSON object (fredzzhang/hicodet format)")
-    for key in ("annotation", "filenames", "correspondence"):
-        if key not in anno:
-            raise _anno_err(name, f"missing key '{key}'")
-    fns, annos, corr = anno["filenames"], anno["annotation"], anno["correspondence"]
-    if not isinstance(fns, list) or not all(isinstance(f, str) for f in fns):
-        raise _anno_err(name, "field 'filenames' must be a list of strings")
-    if not isinstance(annos, list) or len(annos) != len(fns):
-        raise _anno_err(name, f"field 'annotation' must be a list with one entry per filename "
-                              f"({len(fns)})")
+def hico_box_frame(anno: dict, name, frame: Optional[str] = None) -> str:
+    """The box frame of a HICO-DET-format file: ``frame`` when given, else the file's
+    ``box_frame``, else continuous for a synthetic world written before that key, else hico1."""
+    if frame is None:
+        frame = anno.get("box_frame", "continuous" if anno.get("name") == "synthetic" else "hico1")
+    if frame not in BOX_FRAMES:
+        raise fail(name, f"{frame!r} is not one of {sorted(BOX_FRAMES)}", field_="box_frame")
+    return frame
+
+
+def name_list(v: Any, file, field_: str) -> list:
+    """A list of names (file names, objects, verbs, classes): strings, each once."""
+    if not isinstance(v, list):
+        raise fail(file, f"expected a list of strings, got {type(v).__name__}", field_=field_)
+    bad = next((r for r, x in enumerate(v) if not isinstance(x, str)), None)
+    if bad is not None:
+        raise fail(file, f"entry {bad}: expected a string, got {v[bad]!r}", field_=field_)
+    dup = first_duplicate(v)
+    if dup is not None:
+        raise fail(file, f"{dup!r} listed twice", field_=field_)
+    return list(v)
+
+
+def image_size(s: Any, file, image) -> tuple:
+    """A ``size`` entry [w, h] (positive integers) -> (int w, int h)."""
+    try:
+        if not (isinstance(s, (list, tuple)) and len(s) == 2):
+            raise ValueError
+        return (as_index(s[0], lo=1), as_index(s[1], lo=1))
+    except ValueError:
+        raise fail(file, f"expected [w, h] (positive integers), got {s!r}", image, field_="size") from None
+
+
+def boxes_array(value: Any, file, image, field_: str) -> np.ndarray:
+    """A list of [x1, y1, x2, y2] -> float64[N, 4]: finite, within float32's range, x2 >= x1, y2 >= y1."""
+    if not isinstance(value, (list, tuple, np.ndarray)):
+        raise fail(file, f"expected a list of boxes, got {type(value).__name__}", image, field_=field_)
+    if len(value) == 0:
+        return np.zeros((0, 4), dtype=np.float64)
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        arr = None
+    if arr is None or arr.ndim != 2 or arr.shape[1] != 4:
+        r = next((r for r, b in enumerate(value) if not (isinstance(b, (list, tuple)) and len(b) == 4
+                                                        and all(map(is_number, b)))), None)
+        raise fail(file, f"expected [x1, y1, x2, y2] (4 numbers), got {value[r]!r}" if r is not None
+                   else "expected boxes [x1, y1, x2, y2]", image, r, field_)
+    bad = ~(np.isfinite(arr) & (np.abs(arr) <= FLOAT32_MAX)).all(1)
+    problem = "is non-finite or beyond float32's range"
+    if not bad.any():
+        bad, problem = (arr[:, 2] < arr[:, 0]) | (arr[:, 3] < arr[:, 1]), "has x2 < x1 or y2 < y1"
+    if bad.any():
+        r = int(np.argmax(bad))
+        raise fail(file, f"{arr[r].tolist()}: {problem}", image, r, field_)
+    return arr
+
+
+def int_array(value: Any, n: int, lo: int, hi: int, file, image, field_: str) -> np.ndarray:
+    """A list of n integer indices in [lo, hi) -> int64[n]: integral numbers only (5.0 is 5;
+    5.5, NaN, a string or a nested list are refused), never wrapping around."""
+    if not isinstance(value, (list, tuple, np.ndarray)):
+        raise fail(file, f"expected a list of integers, got {type(value).__name__}", image, field_=field_)
+    if len(value) != n:
+        raise fail(file, f"has {len(value)} entries, expected {n}", image, field_=field_)
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        arr = None
+    ok = arr is not None and arr.shape == (n,)
+    if not (ok and (np.isfinite(arr) & (arr == np.floor(arr)) & (arr >= lo) & (arr < hi)).all()):
+        for r, v in enumerate(value):         # slow path: the first bad entry
+            try:
+                as_index(v, hi, lo)
+            except ValueError as e:
+                raise fail(file, e, image, r, field_) from None
+        raise fail(file, "expected integer indices", image, field_=field_)
+    return arr.astype(np.int64)
+
+
+def _correspondence(corr: Any, objects, verbs, name, names: bool) -> np.ndarray:
+    """``correspondence`` -> int64[K, 3], row k = class k's [k, object, verb] (verb -1 when the
+    entry is [hoi, object]); each class once, objects / verbs index their lists when given."""
     if not isinstance(corr, list) or not corr:
-        raise _anno_err(name, "field 'correspondence' must be a non-empty list of [hoi, object, verb]")
+        raise fail(name, "expected a non-empty list of [hoi, object, verb]", field_="correspondence")
     K = len(corr)
-    corr_a = np.full((K, 3), -1, dtype=np.int64)           # row k: class k's [k, object, verb]
+    O, V = (None if x is None else len(x) for x in (objects, verbs))
+    out = np.full((K, 3), -1, dtype=np.int64)
     for r, c in enumerate(corr):
         try:
-            if not isinstance(c, list) or len(c) not in (2, 3):
+            if not isinstance(c, list) or len(c) not in ((3,) if names else (2, 3)):
                 raise ValueError("expected [hoi, object, verb]")
-            row = [as_index(c[0], K)] + [as_index(x) for x in c[1:]]
+            row = [as_index(c[0], K), as_index(c[1], O)] + [as_index(x, V) for x in c[2:]]
         except ValueError as e:
-            raise _anno_err(name, f"field 'correspondence[{r}]': {e}") from None
-        if corr_a[row[0], 0] >= 0:
-            raise _anno_err(name, f"field 'correspondence[{r}]': class {row[0]} listed twice")
-        corr_a[row[0], :len(row)] = row
-    return fns, annos, corr_a
+            raise fail(name, e, field_=f"correspondence[{r}]") from None
+        if out[row[0], 0] >= 0:
+            raise fail(name, f"class {row[0]} listed twice", field_=f"correspondence[{r}]")
+        out[row[0], :len(row)] = row
+    return out
 
 
-def _hico_pairs(annos: list, fns: list, K: int, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The GT pairs of all images -> (class int64[M], image int64[M], boxes float64[M, 8]).
+def _index_list(anno: dict, key: str, n: int, name) -> list | None:
+    """The optional list of indices anno[key] (rare, non_rare: classes; empty: images), each in
+    [0, n) once; None when absent."""
+    if anno.get(key) is None:
+        return None
+    try:
+        return as_index_list(anno[key], n, unique=True)
+    except ValueError as e:
+        raise fail(name, e, field_=key) from None
 
-    Fast path: one conversion of every image's lists; _diagnose_hico_pairs finds the first
+
+def _hico_pairs(annos: list, fns: list, corr: np.ndarray, objects, verbs, name, names: bool):
+    """The GT rows of all images -> (class int64[M], image int64[M], boxes float64[M, 8],
+    object int64[M] | None, verb int64[M] | None).
+
+    Fast path: one conversion of every image's lists; _diagnose_pairs finds the first
     malformed value only when that conversion fails."""
-    cls_l, img_l, bh_l, bo_l = [], [], [], []
+    with_ov = names or all(isinstance(a, dict) and "object" in a and "verb" in a for a in annos)
+    keys = HICO_ROW_KEYS if with_ov else HICO_ROW_KEYS[:3]
+    cols, counts = {k: [] for k in keys}, []
     for i, a in enumerate(annos):
         if not isinstance(a, dict):
-            raise _anno_err(name, f"image '{fns[i]}': annotation entry must be an object")
-        for key in ("boxes_h", "boxes_o", "hoi"):
-            if key not in a or not isinstance(a[key], list):
-                raise _anno_err(name, f"image '{fns[i]}': missing or malformed field '{key}'")
+            raise fail(name, "expected an object", fns[i], field_="annotation")
+        for key in keys:
+            if key not in a:
+                raise fail(name, "missing key", fns[i], field_=key)
+            if not isinstance(a[key], list):
+                raise fail(name, f"expected a list, got {type(a[key]).__name__}", fns[i], field_=key)
         n = len(a["hoi"])
-        if len(a["boxes_h"]) != n or len(a["boxes_o"]) != n:
-            raise _anno_err(name, f"image '{fns[i]}': fields 'boxes_h', 'boxes_o' and 'hoi' "
-                                  f"have different lengths")
-        if n:
-            cls_l.append(a["hoi"])
-            img_l.append(n)
-            bh_l.append(a["boxes_h"])
-            bo_l.append(a["boxes_o"])
-    m = sum(img_l)
-    gt_image = np.repeat(np.array([i for i, a in enumerate(annos) if len(a["hoi"])], dtype=np.int64),
-                         img_l) if m else np.zeros(0, np.int64)
+        for key in keys:
+            if len(a[key]) != n:
+                raise fail(name, f"has {len(a[key])} entries, 'hoi' has {n}", fns[i], field_=key)
+            cols[key].append(a[key])
+        counts.append(n)
+    m = sum(counts)
+    gt_image = np.repeat(np.arange(len(annos), dtype=np.int64), counts)
     try:
-        gt_class = np.array(list(chain.from_iterable(cls_l)), dtype=np.float64).reshape(-1)
-        bh = np.array(list(chain.from_iterable(bh_l)), dtype=np.float64).reshape(m, 4)
-        bo = np.array(list(chain.from_iterable(bo_l)), dtype=np.float64).reshape(m, 4)
+        v = {k: np.array(list(chain.from_iterable(cols[k])), dtype=np.float64) for k in keys}
+        for k in ("boxes_h", "boxes_o"):
+            v[k] = v[k].reshape(m, 4)
     except (ValueError, TypeError):
-        _diagnose_hico_pairs(annos, fns, name)
-        raise _anno_err(name, "malformed 'annotation'") from None
-    checks = [
-        (~np.isfinite(gt_class) | (gt_class != np.floor(gt_class)) | (gt_class < 0) | (gt_class >= K),
-         f"field 'hoi' out of range [0, {K}) or not an integer"),
-        (~np.isfinite(bh).all(1), "field 'boxes_h' has a NaN/inf coordinate"),
-        (~np.isfinite(bo).all(1), "field 'boxes_o' has a NaN/inf coordinate"),
-        ((bh[:, 2] < bh[:, 0]) | (bh[:, 3] < bh[:, 1]), "field 'boxes_h': x2 < x1 or y2 < y1"),
-        ((bo[:, 2] < bo[:, 0]) | (bo[:, 3] < bo[:, 1]), "field 'boxes_o': x2 < x1 or y2 < y1"),
-    ]
-    for bad, msg in checks:          # the annotation is checked like the predictions
+        _diagnose_pairs(annos, fns, keys, name)
+        raise fail(name, "malformed entries", field_="annotation") from None
+    K = corr.shape[0]
+    O, V = (2 ** 62 if x is None else len(x) for x in (objects, verbs))
+
+    def not_index(x, hi):
+        return ~np.isfinite(x) | (x != np.floor(x)) | (x < 0) | (x >= hi)
+
+    def value(key, problem):
+        return lambda j: f"{v[key][j].tolist() if key[:5] == 'boxes' else format(v[key][j], 'g')}: {problem}"
+
+    def mismatch(j):
+        c = corr[int(v["hoi"][j])]
+        return (f"class {c[0]} is (object {c[1]}, verb {c[2]}) but the row says (object "
+                f"{v['object'][j]:.0f}, verb {v['verb'][j]:.0f})")
+
+    checks = [("hoi", not_index(v["hoi"], K), value("hoi", f"is not an integer in [0, {K})"))]
+    for key in ("boxes_h", "boxes_o"):
+        b = v[key]
+        checks += [(key, ~(np.isfinite(b) & (np.abs(b) <= FLOAT32_MAX)).all(1),
+                    value(key, "is non-finite or beyond float32's range")),
+                   (key, (b[:, 2] < b[:, 0]) | (b[:, 3] < b[:, 1]), value(key, "has x2 < x1 or y2 < y1"))]
+    if with_ov:
+        hoi = np.clip(np.nan_to_num(v["hoi"]), 0, K - 1).astype(np.int64)
+        checks += [("object", not_index(v["object"], O), value("object", f"is not an integer in [0, {O})")),
+                   ("verb", not_index(v["verb"], V), value("verb", f"is not an integer in [0, {V})")),
+                   ("hoi", (corr[hoi, 1] != v["object"]) | ((corr[hoi, 2] >= 0) & (corr[hoi, 2] != v["verb"])),
+                    mismatch)]
+    for key, bad, msg in checks:       # the annotation is checked like the predictions
         if bad.any():
             j = int(np.argmax(bad))
             i = int(gt_image[j])
-            r = j - int(np.searchsorted(gt_image, i))
-            raise _anno_err(name, f"image '{fns[i]}' pair {r}: {msg}")
-    return gt_class.astype(np.int64), gt_image, np.concatenate([bh, bo], axis=1)
+            raise fail(name, msg(j), fns[i], j - int(np.searchsorted(gt_image, i)), key)
+    ints = [v[k].astype(np.int64) if k in v else None for k in ("object", "verb")]
+    return (v["hoi"].astype(np.int64), gt_image, np.concatenate([v["boxes_h"], v["boxes_o"]], axis=1),
+            *ints)
 
 
-def _diagnose_hico_pairs(annos: list, fns: list, name: str) -> None:
-    """Slow path: raise on the first box that is not [x1, y1, x2, y2] or hoi that is not a number."""
+def _diagnose_pairs(annos: list, fns: list, keys: tuple, name) -> None:
+    """Slow path: raise on the first box that is not [x1, y1, x2, y2] or index that is not a number."""
     for i, a in enumerate(annos):
-        for key in ("boxes_h", "boxes_o"):
-            for r, b in enumerate(a[key]):
-                if not (isinstance(b, list) and len(b) == 4 and all(is_number(v) for v in b)):
-                    raise _anno_err(name, f"image '{fns[i]}' pair {r}: field '{key}' must be "
-                                          f"[x1, y1, x2, y2]")
-        for r, h in enumerate(a["hoi"]):
-            if not is_number(h):
-                raise _anno_err(name, f"image '{fns[i]}' pair {r}: field 'hoi' must be an integer")
-
-
-def _class_list(anno: dict, key: str, K: int, name: str, what: str = "class indices") -> list | None:
-    """The optional list of indices anno[key] (rare, non_rare: classes; empty: images), each in
-    [0, K) once; None when absent."""
-    if key not in anno or anno[key] is None:
-        return None
-    try:
-        return as_index_list(anno[key], K, unique=True)
-    except ValueError as e:
-        raise _anno_err(name, f"field '{key}' must be a list of {what} in [0, {K}), each once ({e})") from None
-
-
-def _row_error(src, filenames, img, offsets, j, msg):
-    i = int(img[j])
-    return FormatError(f"{src}: image '{filenames[i]}' row {j - int(offsets[i])}: {msg}")
+        for key in keys:
+            for r, x in enumerate(a[key]):
+                if key[:5] == "boxes" and not (isinstance(x, list) and len(x) == 4 and all(map(is_number, x))):
+                    raise fail(name, f"expected [x1, y1, x2, y2], got {x!r}", fns[i], r, key)
+                if key[:5] != "boxes" and not is_number(x):
+                    raise fail(name, f"expected an integer, got {x!r}", fns[i], r, key)
 
 
 def _validate_rows(rows: np.ndarray, img: np.ndarray, filenames: Sequence[str],
@@ -371,51 +505,39 @@ def _validate_rows(rows: np.ndarray, img: np.ndarray, filenames: Sequence[str],
             and (rows[:, 4:6] >= rows[:, 2:4]).all() and (rows[:, 8:10] >= rows[:, 6:8]).all()):
         return
     checks = [
-        (~np.isfinite(hoi), lambda j: "hoi index is not a finite number"),
-        (np.isfinite(hoi) & (hoi != np.floor(hoi)), lambda j: f"hoi index {float(rows[j, 0])!r} is not an integer"),
-        ((hoi < 0) | (hoi >= num_classes),
-         lambda j: f"hoi index {rows[j, 0]:g} out of range [0, {num_classes})"),
-        (~np.isfinite(score), lambda j: f"score is {float(rows[j, 1])!r}"),
-        (~np.isfinite(rows[:, 2:6]).all(1), lambda j: "human box has a NaN/inf coordinate"),
-        (~np.isfinite(rows[:, 6:10]).all(1), lambda j: "object box has a NaN/inf coordinate"),
-        (rows[:, 4] < rows[:, 2], lambda j: "x2 < x1 in human box"),
-        (rows[:, 5] < rows[:, 3], lambda j: "y2 < y1 in human box"),
-        (rows[:, 8] < rows[:, 6], lambda j: "x2 < x1 in object box"),
-        (rows[:, 9] < rows[:, 7], lambda j: "y2 < y1 in object box"),
+        (~np.isfinite(hoi), "hoi", lambda j: f"{rows[j, 0]} is not a finite number"),
+        (np.isfinite(hoi) & (hoi != np.floor(hoi)), "hoi", lambda j: f"{float(rows[j, 0])!r} is not an integer"),
+        ((hoi < 0) | (hoi >= num_classes), "hoi", lambda j: f"{rows[j, 0]:g} out of range [0, {num_classes})"),
+        (~np.isfinite(score), "score", lambda j: f"{rows[j, 1]} is not a finite number"),
+        (~np.isfinite(rows[:, 2:6]).all(1), "human box", lambda j: "has a NaN/inf coordinate"),
+        (~np.isfinite(rows[:, 6:10]).all(1), "object box", lambda j: "has a NaN/inf coordinate"),
+        (rows[:, 4] < rows[:, 2], "human box", lambda j: "x2 < x1"),
+        (rows[:, 5] < rows[:, 3], "human box", lambda j: "y2 < y1"),
+        (rows[:, 8] < rows[:, 6], "object box", lambda j: "x2 < x1"),
+        (rows[:, 9] < rows[:, 7], "object box", lambda j: "y2 < y1"),
     ]
-    bad = np.zeros(rows.shape[0], dtype=bool)
-    for m, _ in checks:
-        bad |= m
+    bad = np.logical_or.reduce([m for m, _, _ in checks])
     if not bad.any():
         return
     j = int(np.argmax(bad))
-    # offsets: first row of each image (rows are grouped by image, in any image order)
-    offsets = np.zeros(len(filenames), dtype=np.int64)
-    first = np.flatnonzero(np.r_[True, img[1:] != img[:-1]])
-    offsets[img[first]] = first
-    for m, msg in checks:
-        if m[j]:
-            raise _row_error(src, filenames, img, offsets, j, msg(j))
+    i = int(img[j])
+    r = j - int(np.flatnonzero(img == i)[0])       # rows are grouped by image, in any image order
+    key, msg = next((key, msg) for m, key, msg in checks if m[j])
+    raise fail(src, msg(j), filenames[i], r, key)
 
 
 def _diagnose_rows(src: str, name: str, rows: Any) -> None:
     """Slow path: find the first structurally malformed row of one image and raise."""
     if not isinstance(rows, list):
-        raise FormatError(f"{src}: image '{name}': expected a list of rows "
-                             f"[hoi, score, hx1, hy1, hx2, hy2, ox1, oy1, ox2, oy2], "
-                             f"got {type(rows).__name__}")
+        raise fail(src, f"expected a list of rows [{', '.join(ROW_FIELDS)}], got {type(rows).__name__}", name)
     for r, row in enumerate(rows):
         if not isinstance(row, list):
-            raise FormatError(f"{src}: image '{name}' row {r}: expected a list of 10 numbers, "
-                                 f"got {type(row).__name__}")
+            raise fail(src, f"expected a list of 10 numbers, got {type(row).__name__}", name, r)
         if len(row) != 10:
-            raise FormatError(f"{src}: image '{name}' row {r}: expected 10 values "
-                                 f"[hoi, score, hx1, hy1, hx2, hy2, ox1, oy1, ox2, oy2], "
-                                 f"got {len(row)}")
+            raise fail(src, f"expected 10 values [{', '.join(ROW_FIELDS)}], got {len(row)}", name, r)
         for c, v in enumerate(row):
             if not is_number(v):
-                raise FormatError(f"{src}: image '{name}' row {r}: field '{ROW_FIELDS[c]}' is "
-                                     f"not a number ({v!r})")
+                raise fail(src, f"not a number ({v!r})", name, r, ROW_FIELDS[c])
 
 
 def prediction_rows(obj: Any, filenames: Sequence[str], index: dict, num_classes: int,
@@ -432,7 +554,7 @@ def prediction_rows(obj: Any, filenames: Sequence[str], index: dict, num_classes
     for k, nm in enumerate(names):
         i = index.get(nm)
         if i is None:
-            raise FormatError(f"{src}: image '{nm}': unknown image name (not in the annotation file)")
+            raise fail(src, "unknown image name (not in the annotation file)", nm)
         img_idx[k] = i
     vals = list(obj.values())
     if any(isinstance(v, np.ndarray) or hasattr(v, "__array__") for v in vals):  # arrays/tensors
@@ -508,16 +630,22 @@ def load_predictions(path: str | os.PathLike, anno: dict | HicoGT) -> dict:
 
 @dataclass
 class SwigGT:
+    """A SWiG-HOI annotation (THID json), read and validated by :func:`parse_swig_gt`."""
     name: str
     filenames: list
     index: dict
     num_classes: int                 # len(SWIG_INTERACTIONS)
     eval_ids: np.ndarray             # int64[E] evaluated interaction ids (ascending)
     frequency: np.ndarray            # int64[K] 0 unseen / 1 rare / 2 non-rare
-    gt_class: np.ndarray
-    gt_image: np.ndarray
+    gt_class: np.ndarray             # int64[M], rows in image order
+    gt_image: np.ndarray             # int64[M]
     gt_boxes: np.ndarray             # float64[M, 8]
     num_no_object: int = 0           # pairs with object_id -1, left out
+    num_unknown: int = 0             # pairs whose (action, category) is no interaction (skip_unknown)
+    gt_action: np.ndarray = None     # int64[M] action_id, gt_category: int64[M] object category
+    gt_category: np.ndarray = None
+    sizes: list = None               # per image (w, h), or None where the entry has none
+    tables: tuple = None             # swig_meta_tables(meta): (categories, actions, interactions)
 
 
 def load_swig_meta(path=None) -> dict:
@@ -527,84 +655,85 @@ def load_swig_meta(path=None) -> dict:
     try:
         swig_meta_tables(meta)
     except ValueError as e:
-        raise FormatError(f"{path}: SWiG meta file: {e}") from None
+        raise fail(path, f"SWiG meta file: {e}") from None
     return meta
 
 
-def parse_swig_gt(anno: Any, meta: dict, name: str = "<anno>") -> SwigGT:
-    """THID/SWiG annotation list -> GT arrays (all interactions; only evaluated ones reported).
-    Checked like the predictions: box indices point into box_annotations (a negative one never
-    wraps around to another box), boxes finite with x2 >= x1, ids and categories integers.
-    A pair with object_id -1 (no object, as data.SWiGHOI reads it) is left out and counted."""
+def parse_swig_gt(anno: Any, meta: dict, name: str = "<anno>", skip_unknown: bool = False) -> SwigGT:
+    """THID/SWiG annotation list -> GT arrays. Every box of ``box_annotations`` is finite with
+    x2 >= x1 and a category in [0, O); box indices point into that list (a negative one never
+    wraps around to another box); ids are integers. A pair with object_id -1 (no object) is
+    left out and counted; a pair whose (action_id, category) is no SWiG-HOI interaction is an
+    error, or, with ``skip_unknown`` (the training set's reading), left out and counted."""
     try:
-        _, actions, inter = swig_meta_tables(meta)
+        tables = swig_meta_tables(meta)
     except ValueError as e:
-        raise FormatError(f"<meta>: SWiG meta file: {e}") from None
-    K = len(inter)
-    freq = np.array([x["frequency"] for x in inter], dtype=np.int64)
+        raise fail("<meta>", f"SWiG meta file: {e}") from None
+    objects, actions, inter = tables
     mapper = {(x["action_id"], x["object_id"]): x["id"] for x in inter}
-    eval_ids = [x["id"] for x in inter if x["evaluation"] == 1]
     if not isinstance(anno, list):
-        raise FormatError(f"{name}: expected the SWiG-HOI json: a list of images with "
-                             f"file_name, box_annotations, hoi_annotations")
-    filenames, index = [], {}
-    cls_l, img_l, box_l, no_object = [], [], [], 0
+        raise fail(name, f"expected the SWiG-HOI json: a list of images with file_name, box_annotations, "
+                         f"hoi_annotations, got {type(anno).__name__}")
+    filenames, sizes, rows, skipped = [], [], [], [0, 0]
     for i, im in enumerate(anno):
         if not isinstance(im, dict) or not isinstance(im.get("file_name"), str):
-            raise FormatError(f"{name}: image entry {i}: missing field 'file_name'")
-        fn = im["file_name"]
-        if fn in index:
-            raise FormatError(f"{name}: image '{fn}': duplicate file_name")
-        index[fn] = i
-        filenames.append(fn)
-        for c, b, skipped in _swig_pairs(im, mapper, len(actions), f"{name}: image '{fn}'"):
-            no_object += skipped
-            if not skipped:
-                cls_l.append(c)
-                img_l.append(i)
-                box_l.append(b)
-    return SwigGT(name=name, filenames=filenames, index=index, num_classes=K,
-                  eval_ids=np.array(sorted(eval_ids), dtype=np.int64), frequency=freq,
-                  gt_class=np.array(cls_l, dtype=np.int64), gt_image=np.array(img_l, dtype=np.int64),
-                  gt_boxes=np.array(box_l, dtype=np.float64).reshape(-1, 8), num_no_object=no_object)
+            raise fail(name, "missing key or not a string", field_=f"[{i}].file_name")
+        filenames.append(im["file_name"])
+        sizes.append(None if im.get("width") is None and im.get("height") is None else
+                     image_size([im.get("width"), im.get("height")], name, im["file_name"]))
+        for r in _swig_rows(im, mapper, len(objects), len(actions), name, skip_unknown):
+            if r[1] < 0:
+                skipped[-r[1] - 1] += 1
+            else:
+                rows.append((i,) + r)
+    dup = first_duplicate(filenames)
+    if dup is not None:
+        raise fail(name, "listed twice", dup, field_="file_name")
+    img, boxes, cls, act, cat = (list(x) for x in zip(*rows)) if rows else ([], [], [], [], [])
+    return SwigGT(name=name, filenames=filenames, index={f: i for i, f in enumerate(filenames)},
+                  num_classes=len(inter), eval_ids=np.array([x["id"] for x in inter if x["evaluation"] == 1],
+                                                            dtype=np.int64),
+                  frequency=np.array([x["frequency"] for x in inter], dtype=np.int64),
+                  gt_class=np.array(cls, dtype=np.int64), gt_image=np.array(img, dtype=np.int64),
+                  gt_boxes=np.array(boxes, dtype=np.float64).reshape(-1, 8), num_no_object=skipped[0],
+                  num_unknown=skipped[1], gt_action=np.array(act, dtype=np.int64),
+                  gt_category=np.array(cat, dtype=np.int64), sizes=sizes, tables=tables)
 
 
-def _swig_pairs(im: dict, mapper: dict, num_actions: int, where: str):
-    """Yield (class, [h box, o box], skipped) for each hoi_annotations entry of an image."""
-    boxes = im.get("box_annotations", []) or []
-    hois = im.get("hoi_annotations", []) or []
-    if not isinstance(boxes, list) or not isinstance(hois, list):
-        raise FormatError(f"{where}: fields 'box_annotations' and 'hoi_annotations' must be lists")
-    for h, hoi in enumerate(hois):
-        field_ = f"hoi_annotations[{h}]"
+def _swig_rows(im: dict, mapper: dict, num_objects: int, num_actions: int, name, skip_unknown: bool):
+    """Yield (human box + object box, class, action, category) of each hoi_annotations entry of
+    an image; class -1: no object, -2: unknown interaction (skipped)."""
+    fn = im["file_name"]
+    for key in ("box_annotations", "hoi_annotations"):
+        if not isinstance(im.get(key), list):
+            raise fail(name, "missing key or not a list", fn, field_=key)
+    raw = im["box_annotations"]
+    for r, b in enumerate(raw):
+        if not isinstance(b, dict) or "bbox" not in b or "category_id" not in b:
+            raise fail(name, "needs 'bbox' [x1, y1, x2, y2] and 'category_id'", fn, field_=f"box_annotations[{r}]")
+    boxes = boxes_array([b["bbox"] for b in raw], name, fn, "box_annotations.bbox").tolist()
+    cat = int_array([b["category_id"] for b in raw], len(raw), 0, num_objects, name, fn,
+                    "box_annotations.category_id").tolist()
+    for h, hoi in enumerate(im["hoi_annotations"]):
+        if not isinstance(hoi, dict) or not all(k in hoi for k in ("subject_id", "object_id", "action_id")):
+            raise fail(name, "needs subject_id, object_id, action_id", fn, field_=f"hoi_annotations[{h}]")
+        key = "object_id"
         try:
-            if not isinstance(hoi, dict):
-                raise ValueError("expected {subject_id, object_id, action_id}")
-            field_ = f"hoi_annotations[{h}].object_id"
-            if is_number(hoi.get("object_id")) and hoi["object_id"] == -1:
-                yield -1, None, 1
+            if is_number(hoi["object_id"]) and hoi["object_id"] == -1:
+                yield None, -1, -1, -1
                 continue
-            o = as_index(hoi.get("object_id"), len(boxes))
-            field_ = f"hoi_annotations[{h}].subject_id"
-            sb = _swig_box(boxes, as_index(hoi.get("subject_id"), len(boxes)))
-            field_ = f"box_annotations[{o}]"
-            ob, cat = _swig_box(boxes, o), as_index(boxes[o].get("category_id"))
-            field_ = f"hoi_annotations[{h}].action_id"
-            key = (as_index(hoi.get("action_id"), num_actions), cat)
+            o = as_index(hoi["object_id"], len(boxes))
+            key = "subject_id"
+            s = as_index(hoi["subject_id"], len(boxes))
+            key = "action_id"
+            a = as_index(hoi["action_id"], num_actions)
         except ValueError as e:
-            raise FormatError(f"{where}: field '{field_}': {e}") from None
-        if key not in mapper:
-            raise FormatError(f"{where} hoi_annotations[{h}]: (action_id, object category) = {key} "
-                                 f"is not a SWiG-HOI interaction")
-        yield mapper[key], sb + ob, 0
-
-
-def _swig_box(boxes: list, j: int) -> list:
-    b = boxes[j]
-    if not isinstance(b, dict) or "bbox" not in b:
-        raise ValueError(f"box_annotations[{j}] needs 'bbox' [x1, y1, x2, y2] and 'category_id'")
-    return as_box(b["bbox"])
-
+            raise fail(name, e, fn, field_=f"hoi_annotations[{h}].{key}") from None
+        k = mapper.get((a, cat[o]))
+        if k is None and not skip_unknown:
+            raise fail(name, f"(action_id, object category) = {(a, cat[o])} is not a SWiG-HOI interaction",
+                       fn, field_=f"hoi_annotations[{h}]")
+        yield boxes[s] + boxes[o], (-2 if k is None else k), a, cat[o]
 
 
 # ---------------------------------------------------------------------------------------
@@ -837,99 +966,183 @@ def vcoco_role_keys(gt: VCOCOGt) -> list:
 
 
 def load_vcoco_dets(obj: Any, gt: VCOCOGt, src: str):
-    """vsrl_eval detection list -> (VCOCODets, unknown keys, number of detections).
-
-    Missing/null keys mean "not predicted" (NaN), as vsrl_eval's NaN convention.
-    """
+    """vsrl_eval detection list -> (VCOCODets, unknown keys, number of detections). Missing or
+    null keys mean "not predicted" (NaN), as vsrl_eval's NaN convention. Errors name the
+    detection as ``image 'IMAGE_ID' row K`` (K: its place in the file)."""
     if not isinstance(obj, list):
-        raise FormatError(f"{src}: expected a JSON list of detections {{'image_id', 'person_box', "
-                             f"'<action>_agent', '<action>_<role>'}}")
-    img, person = _vcoco_det_persons(obj, gt, src)
-    agent_keys = [f"{name}_agent" for name in gt.actions]
-    role_keys = [f"{gt.actions[a]}_{gt.roles[a][r + 1]}" for a, r in vcoco_role_keys(gt)]
-    D = len(obj)
-    agent = np.full((D, len(agent_keys)), np.nan, dtype=np.float32)
-    for a, key in enumerate(agent_keys):
-        agent[:, a] = _vcoco_score_column(obj, key, gt, img, src)
-    role = np.full((D, len(role_keys), 5), np.nan, dtype=np.float32)
-    for q, key in enumerate(role_keys):
-        role[:, q] = _vcoco_role_column(obj, key, gt, img, src)
-    unknown: set = set()
-    for d in obj[:1000]:                                        # a sample is enough to warn
-        unknown.update(d.keys())
-    known = {"image_id", "person_box", *agent_keys, *role_keys}
-    return VCOCODets(img=img, person=person, agent=agent, role=role), sorted(unknown - known), D
-
-
-def _vcoco_det_persons(obj: list, gt: VCOCOGt, src: str) -> tuple[np.ndarray, np.ndarray]:
-    """Each detection's image (position in gt.image_ids, int64[D]) and person box float32[D, 4]."""
+        raise fail(src, "expected a JSON list of detections {image_id, person_box, <action>_agent, "
+                        "<action>_<role>}")
     pos = {i: k for k, i in enumerate(gt.image_ids)}
-    img = np.empty(len(obj), dtype=np.int64)
-    person = []
+    img, person = np.empty(len(obj), dtype=np.int64), []
     for k, d in enumerate(obj):
-        if not isinstance(d, dict):
-            raise FormatError(f"{src}: detection {k}: must be an object")
-        i = d.get("image_id")
+        i = d.get("image_id") if isinstance(d, dict) else None
         if not is_number(i) or i != int(i):
-            raise FormatError(f"{src}: detection {k}: field 'image_id' missing or not an integer")
-        p = pos.get(int(i))
-        if p is None:
-            raise FormatError(f"{src}: image_id {int(i)} detection {k}: image not in the V-COCO "
-                                 f"ground truth")
-        img[k] = p
+            raise fail(src, "expected an object with an integer image_id", row=k, field_="image_id")
+        if int(i) not in pos:
+            raise fail(src, "image not in the V-COCO ground truth", int(i), k, "image_id")
+        img[k] = pos[int(i)]
         pb = d.get("person_box")
         if not (isinstance(pb, list) and len(pb) == 4 and all(is_number(v) and math.isfinite(v) for v in pb)):
-            raise FormatError(f"{src}: image_id {int(i)} detection {k}: field 'person_box' must be "
-                                 f"4 finite numbers [x1, y1, x2, y2]")
+            raise fail(src, "expected 4 finite numbers [x1, y1, x2, y2]", int(i), k, "person_box")
         if pb[2] < pb[0] or pb[3] < pb[1]:
-            raise FormatError(f"{src}: image_id {int(i)} detection {k}: "
-                                 f"{'x2 < x1' if pb[2] < pb[0] else 'y2 < y1'} in field 'person_box'")
+            raise fail(src, f"{pb}: x2 < x1 or y2 < y1", int(i), k, "person_box")
         person.append(pb)
-    return img, np.array(person, dtype=np.float32).reshape(len(obj), 4)
+    agent_keys = [f"{name}_agent" for name in gt.actions]
+    role_keys = [f"{gt.actions[a]}_{gt.roles[a][r + 1]}" for a, r in vcoco_role_keys(gt)]
+    agent = np.zeros((len(obj), len(agent_keys)), dtype=np.float32)
+    role = np.zeros((len(obj), len(role_keys), 5), dtype=np.float32)
+    for a, key in enumerate(agent_keys):
+        agent[:, a] = _vcoco_column(obj, key, 1, gt, img, src)
+    for q, key in enumerate(role_keys):
+        role[:, q] = _vcoco_column(obj, key, 5, gt, img, src)
+    unknown = set(chain.from_iterable(d.keys() for d in obj[:1000]))     # a sample is enough to warn
+    dets = VCOCODets(img=img, person=np.array(person, dtype=np.float32).reshape(len(obj), 4), agent=agent, role=role)
+    return dets, sorted(unknown - {"image_id", "person_box", *agent_keys, *role_keys}), len(obj)
 
 
 _SCORE_TYPES = {float, int, type(None)}
 
 
-def _bad_score(v) -> bool:
-    return not (v is None or (type(v) in (float, int) and not math.isinf(v)))
-
-
-def _bad_role(v) -> bool:
-    return v is not None and not (type(v) is list and len(v) == 5 and not any(map(_bad_score, v)))
-
-
-def _vcoco_where(src: str, gt: VCOCOGt, img: np.ndarray, k: int) -> str:
-    return f"{src}: image_id {gt.image_ids[int(img[k])]} detection {k}"
-
-
-def _vcoco_score_column(obj: list, key: str, gt: VCOCOGt, img: np.ndarray, src: str) -> np.ndarray:
-    """The scores obj[k][key] -> float64[D] (missing/null -> NaN). Fast path: one type check
-    and one conversion; the first bad value is looked for only when they fail."""
-    vals = [d.get(key) for d in obj]
-    arr = None
-    if set(map(type, vals)) <= _SCORE_TYPES:                   # fast type check (C loops)
+def _vcoco_column(obj: list, key: str, width: int, gt: VCOCOGt, img: np.ndarray, src: str) -> np.ndarray:
+    """obj[k][key] -> float64[D] scores (width 1) or float64[D, 5] role box + score (width 5);
+    missing / null -> NaN. Fast path: one type check and one conversion (C loops); the first
+    bad value is looked for only when they fail."""
+    vals, arr = [d.get(key) for d in obj], None
+    if width == 1 and set(map(type, vals)) <= _SCORE_TYPES:
         arr = np.array(vals, dtype=np.float64).reshape(len(obj))
-    if arr is None or np.isinf(arr).any():
-        k = next(k for k, v in enumerate(vals) if _bad_score(v))
-        raise FormatError(f"{_vcoco_where(src, gt, img, k)}: field '{key}' must be a score (number, "
-                             f"NaN or null = not predicted)")
-    return arr
-
-
-def _vcoco_role_column(obj: list, key: str, gt: VCOCOGt, img: np.ndarray, src: str) -> np.ndarray:
-    """The role boxes + scores obj[k][key] -> float64[D, 5] (missing/null -> NaN), fast path
-    as _vcoco_score_column."""
-    vals = [d.get(key) for d in obj]
-    arr = None
-    if set(map(type, vals)) <= {list, type(None)}:
+    elif width == 5 and set(map(type, vals)) <= {list, type(None)}:
         lists = [v for v in vals if v is not None]
         if set(map(len, lists)) <= {5} and set(map(type, chain.from_iterable(lists))) <= _SCORE_TYPES:
-            nan5 = [np.nan] * 5
-            arr = np.array([nan5 if v is None else v for v in vals], dtype=np.float64).reshape(len(obj), 5)
-    if arr is None or np.isinf(arr).any():
-        k = next(k for k, v in enumerate(vals) if _bad_role(v))
-        raise FormatError(f"{_vcoco_where(src, gt, img, k)}: field '{key}' must be [x1, y1, x2, y2, "
-                             f"score] (finite or NaN/null; NaN/null score = not predicted)")
-    return arr
+            arr = np.array([[np.nan] * 5 if v is None else v for v in vals], dtype=np.float64).reshape(len(obj), 5)
+    if arr is not None and not np.isinf(arr).any():
+        return arr
 
+    def bad(v):
+        if width == 5:
+            return v is not None and not (type(v) is list and len(v) == 5 and not any(map(bad_score, v)))
+        return bad_score(v)
+
+    def bad_score(v):
+        return not (v is None or (type(v) in (float, int) and not math.isinf(v)))
+
+    k = next(k for k, v in enumerate(vals) if bad(v))
+    raise fail(src, "expected a score (a number, NaN or null = not predicted)" if width == 1 else
+               "expected [x1, y1, x2, y2, score] (finite or NaN/null; NaN/null score = not predicted)",
+               gt.image_ids[int(img[k])], k, key)
+
+
+@dataclass
+class VcocoPairs:
+    """fredzzhang/vcoco's ``instances_vcoco_*.json`` (the training / detector-AP format), read
+    by :func:`parse_vcoco_pairs`. Object labels are COCO-80 (the file's index - 1: the file
+    counts 'background' as 0)."""
+    filenames: list
+    classes: list                   # K action-role names
+    objects: list                   # 80 object names
+    image_ids: list | None          # COCO image ids (the file's ``images``)
+    rows: list                      # per image {boxes_h, boxes_o [P, 4], object, hoi [P]}
+    hoi_object: list                # per class the COCO-80 labels it may take
+    prompts: list | None
+
+
+def parse_vcoco_pairs(d: Any, name) -> VcocoPairs:
+    """Keys: ``annotations`` (per image {file_name, boxes_h, boxes_o, actions, objects}),
+    ``classes``, ``objects`` (81 names); optional ``images``, ``action_to_object`` (per class,
+    object indices of the 81; absent: every object), ``prompts`` (K strings)."""
+    if not isinstance(d, dict):
+        raise fail(name, "expected a JSON object with key 'annotations'")
+    for key in ("annotations", "classes", "objects"):
+        if not isinstance(d.get(key), list):
+            raise fail(name, "missing key or not a list", field_=key)
+    anns = d["annotations"]
+    classes, objects81 = name_list(d["classes"], name, "classes"), name_list(d["objects"], name, "objects")
+    K, O81 = len(classes), len(objects81)
+    ids, a2o, prompts = d.get("images"), d.get("action_to_object"), d.get("prompts")
+    try:
+        if ids is not None and (not isinstance(ids, list) or len(ids) != len(anns)):
+            raise ValueError(f"expected a list of {len(anns)} image ids, one per annotation")
+        ids = as_index_list(ids, unique=True) if ids is not None else None
+    except ValueError as e:
+        raise fail(name, e, field_="images") from None
+    files, rows = [], []
+    for j, a in enumerate(anns):
+        if not isinstance(a, dict) or not isinstance(a.get("file_name"), str):
+            raise fail(name, "missing key or not a string", field_=f"annotations[{j}].file_name")
+        img = a["file_name"]
+        for key in ("boxes_h", "boxes_o", "actions", "objects"):
+            if key not in a:
+                raise fail(name, "missing key", img, field_=key)
+        bh, bo = (boxes_array(a[k], name, img, k) for k in ("boxes_h", "boxes_o"))
+        if len(bo) != len(bh):
+            raise fail(name, f"{len(bo)} object boxes for {len(bh)} human boxes", img, field_="boxes_o")
+        rows.append({"boxes_h": bh, "boxes_o": bo, "hoi": int_array(a["actions"], len(bh), 0, K, name, img, "actions"),
+                     "object": int_array(a["objects"], len(bh), 1, O81, name, img, "objects") - 1})
+        files.append(img)
+    name_list(files, name, "annotations[].file_name")
+    if a2o is not None and (not isinstance(a2o, list) or len(a2o) != K):
+        raise fail(name, f"expected one list of object indices per class ({K})", field_="action_to_object")
+    hoi_object = [list(range(O81 - 1))] * K if a2o is None else []
+    for k, lst in enumerate(a2o or []):
+        try:
+            hoi_object.append(sorted({o - 1 for o in as_index_list(lst, O81) if o > 0}))
+        except ValueError as e:
+            raise fail(name, e, field_=f"action_to_object[{k}]") from None
+    if prompts is not None and not (isinstance(prompts, list) and len(prompts) == K
+                                    and all(isinstance(p, str) for p in prompts)):
+        raise fail(name, f"expected {K} strings", field_="prompts")
+    return VcocoPairs(filenames=files, classes=classes, objects=objects81[1:], image_ids=ids, rows=rows,
+                      hoi_object=hoi_object, prompts=prompts)
+
+
+# ---------------------------------------------------------------------------------------
+# Detection files: per image {file_name: {boxes, scores, labels}} and COCO results
+# ---------------------------------------------------------------------------------------
+
+def image_detections(e: Any, file, image, num_labels: Optional[int] = None) -> tuple:
+    """One image's entry of a per-image detection file -> (boxes float64[N, 4], scores
+    float64[N], labels int64[N]): boxes as :func:`boxes_array`, scores finite within float32's
+    range, labels in [0, num_labels)."""
+    if not isinstance(e, dict):
+        raise fail(file, "expected {boxes, scores, labels}", image)
+    for key in ("boxes", "scores", "labels"):
+        if key not in e:
+            raise fail(file, "missing key", image, field_=key)
+    boxes = boxes_array(e["boxes"], file, image, "boxes")
+    n = len(boxes)
+    if not isinstance(e["scores"], list) or len(e["scores"]) != n:
+        raise fail(file, f"expected {n} numbers", image, field_="scores")
+    try:
+        scores = np.asarray(e["scores"], dtype=np.float64).reshape(n)
+    except (TypeError, ValueError):
+        raise fail(file, "expected numbers", image, field_="scores") from None
+    bad = ~(np.isfinite(scores) & (np.abs(scores) <= FLOAT32_MAX))
+    if bad.any():
+        r = int(np.argmax(bad))
+        raise fail(file, f"{scores[r]!r}: non-finite score or one beyond float32's range", image, r, "scores")
+    return boxes, scores, int_array(e["labels"], n, 0, num_labels or 2 ** 62, file, image, "labels")
+
+
+def coco_result(e: Any, r: int, file, names: dict, labels: dict) -> tuple:
+    """Entry r of a COCO results list [{image_id, category_id, bbox [x, y, w, h], score}] ->
+    (file name, [x, y, w, h], score, label). names: {image_id: file name}; labels:
+    {category_id: label}. The box is finite with w, h >= 0 and x + w, y + h within float32."""
+    if not isinstance(e, dict):
+        raise fail(file, "expected an object {image_id, category_id, bbox, score}", row=r)
+    for key in ("image_id", "category_id", "bbox", "score"):
+        if key not in e:
+            raise fail(file, "missing key", row=r, field_=key)
+    iid, cid, b, s = e["image_id"], e["category_id"], e["bbox"], e["score"]
+    if not (type(iid) is int and iid in names):
+        raise fail(file, f"unknown image id {iid!r}", row=r, field_="image_id")
+    img = names[iid]
+    if not (type(cid) is int and cid in labels):
+        raise fail(file, f"{cid!r} is not a category id of the object set", img, r, "category_id")
+    if not (isinstance(b, list) and len(b) == 4 and all(map(is_number, b))):
+        raise fail(file, f"expected [x, y, w, h] (4 numbers), got {b!r}", img, r, "bbox")
+    x, y, w, h = (float(v) for v in b)
+    if not all(math.isfinite(v) and abs(v) <= FLOAT32_MAX for v in (x, y, x + w, y + h)) or w < 0 or h < 0:
+        raise fail(file, f"{b!r} is non-finite, beyond float32's range or has a negative width/height",
+                   img, r, "bbox")
+    if not (is_number(s) and math.isfinite(s) and abs(s) <= FLOAT32_MAX):
+        raise fail(file, f"{s!r} is not a finite number", img, r, "score")
+    return img, [x, y, w, h], float(s), labels[cid]

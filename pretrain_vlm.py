@@ -249,9 +249,9 @@ def retrieval(sim: torch.Tensor, target: torch.Tensor, ks=(1, 5)) -> dict:
 def class_ap(sim: torch.Tensor, labels: np.ndarray) -> np.ndarray:
     """Image-level AP of each class prompt: sim [N, K] image-prompt similarities, labels [N, K]
     bool -> AP [K] (VOC all-point, eval.py's; NaN for a class no image shows)."""
-    from eval import _vcoco_ap
+    from eval import vcoco_ap
     s = sim.numpy()
-    return np.array([_vcoco_ap([s[:, k]], [labels[:, k].astype(np.float32)], int(labels[:, k].sum()))
+    return np.array([vcoco_ap([s[:, k]], [labels[:, k].astype(np.float32)], int(labels[:, k].sum()))
                      for k in range(labels.shape[1])])
 
 

@@ -307,55 +307,7 @@ def test_out_never_overwrites_an_input(tmp_path, capsys, how, monkeypatch):
     assert (anno.read_bytes(), det.read_bytes()) == before
 
 
-BAD_PER_IMAGE = [
-    ("{", "not valid JSON"),
-    ("", "detection file is empty"),
-    ("3", "expected a JSON object"),
-    ('{"img_000001.jpg": [[1, 2, 3, 4]]}', "expected {boxes, scores, labels}"),
-    ('{"img_000001.jpg": {"boxes": [], "scores": []}}', "field 'labels': missing key"),
-    ('{"img_000001.jpg": {"boxes": [[5, 0, 4, 10]], "scores": [0.5], "labels": [0]}}', "x2<x1"),
-    ('{"img_000001.jpg": {"boxes": [[0, 0, 4]], "scores": [0.5], "labels": [0]}}', "shape [N, 4]"),
-    ('{"img_000001.jpg": {"boxes": [[NaN, 0, 4, 10]], "scores": [0.5], "labels": [0]}}', "non-finite box"),
-    ('{"img_000001.jpg": {"boxes": [[0, 0, 4, 10]], "scores": [Infinity], "labels": [0]}}', "non-finite score"),
-    ('{"img_000001.jpg": {"boxes": [[0, 0, 4, 10]], "scores": [0.5, 0.2], "labels": [0]}}', "expected 1 numbers"),
-    ('{"img_000001.jpg": {"boxes": [[0, 0, 4, 10]], "scores": [0.5], "labels": [80]}}', "out of range [0, 80)"),
-    ('{"img_000001.jpg": {"boxes": [[0, 0, 4, 10]], "scores": [0.5], "labels": [0.5]}}', "integer indices"),
-    ('{"img_000001.jpg": {"boxes": [[true, 0, 4, 10]], "scores": [0.5], "labels": [0]}}',
-     "boxes[0][0]': true is a boolean; booleans are not numbers"),
-    ('{"img_000001.jpg": {"boxes": [[0, 0, 4, 10]], "scores": [false], "labels": [0]}}',
-     "scores[0]': false is a boolean"),
-    ('{"img_000001.jpg": {"boxes": [[0, 0, 4, 10], [0, 0, 4, 10]], "scores": [0.5, 0.5], "labels": [0, true]}}',
-     "labels[1]': true is a boolean"),
-    ('{"nope.jpg": {"boxes": [], "scores": [], "labels": []}}', "image 'nope.jpg': unknown image name"),
-]
-BAD_COCO = [
-    ('[3]', "entry 0: expected an object"),
-    ('[{"image_id": 1, "category_id": 1, "bbox": [0, 0, 4, 4]}]', "entry 0: missing field 'score'"),
-    ('[{"image_id": 9, "category_id": 1, "bbox": [0, 0, 4, 4], "score": 1}]', "unknown image id 9"),
-    ('[{"image_id": true, "category_id": 1, "bbox": [0, 0, 4, 4], "score": 1}]', "[0].image_id': true is a boolean"),
-    ('[{"image_id": 1, "category_id": 12, "bbox": [0, 0, 4, 4], "score": 1}]',
-     "image 'img_000001.jpg' (entry 0): field 'category_id': 12 is not a category"),
-    ('[{"image_id": 1, "category_id": 1, "bbox": [0, 0, true, 4], "score": 1}]', "[0].bbox[2]': true is a boolean"),
-    ('[{"image_id": 1, "category_id": 1, "bbox": [0, 0, -1, 4], "score": 1}]', "negative width"),
-    ('[{"image_id": 1, "category_id": 1, "bbox": [0, NaN, 1, 4], "score": 1}]', "non-finite"),
-    ('[{"image_id": 1, "category_id": 1, "bbox": [0, 0, 1, 4], "score": "1"}]', "field 'score'"),
-    ('[{"image_id": 1, "category_id": 1, "bbox": [0, 0, 1, 4], "score": false}]', "[0].score': false is a boolean"),
-]
-
-
-@pytest.mark.parametrize("content, needle", BAD_PER_IMAGE + BAD_COCO)
-def test_bad_detection_files_refused(tmp_path, capsys, content, needle):
-    anno = make_anno(tmp_path, "hico", IMAGES)
-    det = tmp_path / "dets.json"
-    det.write_text(content)
-    before = (anno.read_bytes(), det.read_bytes())
-    out = tmp_path / "r.json"
-    assert hoi_eval.main(["detector", "--anno", str(anno), "--detections", str(det), "--out", str(out)]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1, err
-    assert str(det) in err and needle in err, err
-    assert not out.exists() and (anno.read_bytes(), det.read_bytes()) == before
-    assert set(os.listdir(tmp_path)) == {"anno_hico.json", "dets.json"}      # no temp file left either
+# the bad detection files (per image and COCO results): tests/test_formats.py
 
 
 def test_bad_files_missing_gzip_and_annotation(tmp_path, capsys):
@@ -372,7 +324,7 @@ def test_bad_files_missing_gzip_and_annotation(tmp_path, capsys):
         (gz, good, "dets.json.gz: annotation file is gzip-compressed"),
         (write(tmp_path / "weird.json", {"x": 1}), good, "weird.json: not a HICO-DET / synthetic"),
         (write(tmp_path / "bad.json", bad_anno), good,
-         "bad.json: image 'img_000002.jpg': field 'boxes_o[0]': box [70.0, 70.0, 60.0, 90.0] has x2<x1"),
+         "bad.json: image 'img_000002.jpg' row 0: boxes_o: [70.0, 70.0, 60.0, 90.0]: has x2 < x1"),
     ]
     for a, d, needle in cases:
         assert hoi_eval.main(["detector", "--anno", str(a), "--detections", str(d)]) == 2
