@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common import BOX_FRAMES, ZERO_SHOT_SPLITS, atomic_write_text, data_root, read_json
+from common import BOX_FRAMES, atomic_write_text, data_root, read_json
 from formats import (
     COCO80_NAMES,
     COCO80_TO_COCO91,
@@ -47,6 +47,8 @@ from formats import (
     parse_swig_gt,
     parse_vcoco_pairs,
     read,
+    unique_boxes,
+    zero_shot_unseen,
 )
 
 __all__ = [
@@ -395,7 +397,7 @@ class HICODet(_HOIDataset):
         self._sizes = gt.sizes or [None] * len(gt.filenames)
         K, objects, corr = gt.num_classes, gt.objects, gt.correspondence.tolist()
         self.box_frame = hico_box_frame(d, fname, frame)
-        self.unseen = self._resolve_zero_shot(zero_shot, d, K)
+        self.unseen = [] if zero_shot is None else zero_shot_unseen(zero_shot, gt.zero_shot, K, str(fname))[1]
         self._class_space = ClassSpace(
             name=str(d.get("name", "hicodet")), prompts=gt.prompts or _hico_prompts(objects, gt.verbs, corr),
             object_names=objects, hoi_object=[[c[1]] for c in corr], hoi_verb=[c[2] for c in corr],
@@ -426,49 +428,6 @@ class HICODet(_HOIDataset):
             pos = _few_shot_indices([self._ann[j]["hoi"] for j in keep], K, int(few_shot), seed)
             keep = [keep[p] for p in pos]
         return keep
-
-    @staticmethod
-    def _split_names(name: str) -> list:
-        names = [name]
-        if name in ZERO_SHOT_SPLITS:
-            names.append(ZERO_SHOT_SPLITS[name])
-        names += [a for a, long in ZERO_SHOT_SPLITS.items() if long == name]
-        return names
-
-    def _resolve_zero_shot(self, zero_shot, d, K) -> list:
-        fname = self.anno_file
-        if zero_shot is None:
-            return []
-        if isinstance(zero_shot, str):
-            names = self._split_names(zero_shot)
-            zs = d.get("zero_shot")
-            if zs is not None:
-                if not isinstance(zs, dict):
-                    raise fail(fname, "expected {split: [hoi indices]}", field_="zero_shot")
-                hit = [n for n in names if n in zs]
-                if not hit:
-                    raise fail(fname, f"no split {zero_shot!r}; the file has {sorted(zs)}", field_="zero_shot")
-                lst = zs[hit[0]]
-                if isinstance(lst, dict):
-                    lst = lst.get("unseen", [])
-            else:
-                f = data_root() / "hicodet" / "derived" / "zero_shot_unseen_hoi_indices.json"
-                splits = read_json(f, "zero-shot split file", DataError).get("splits", {})
-                hit = [n for n in names if n in splits]
-                if not hit:
-                    raise ValueError(f"{f}: no zero-shot split {zero_shot!r}; known: "
-                                     f"{sorted(ZERO_SHOT_SPLITS)} + {sorted(splits)}")
-                if K != 600:
-                    raise fail(fname, f"split {zero_shot!r} of {f} is for the 600 HICO-DET classes but "
-                               f"the file has {K}; add a 'zero_shot' dict to the annotation file", field_="zero_shot")
-                lst = splits[hit[0]]["unseen"]
-        else:
-            lst = list(zero_shot)
-        out = sorted({int(k) for k in lst})
-        bad = [k for k in out if k < 0 or k >= K]
-        if bad:
-            raise fail(fname, f"class index {bad[0]} out of range [0, {K})", field_="zero_shot")
-        return out
 
 
 #: one prompt per V-COCO action-role class name (fredzzhang's 24 ``classes``)
@@ -693,25 +652,11 @@ def gt_detections(target: dict, person_label: int = 0, return_index: bool = Fals
     appears once). With ``return_index``: also (idx_h Long[P], idx_o Long[P]) = the
     detection index of each row's human and object box.
     """
-    bh = torch.as_tensor(target["boxes_h"], dtype=torch.float32).reshape(-1, 4)  # [P, 4]
-    bo = torch.as_tensor(target["boxes_o"], dtype=torch.float32).reshape(-1, 4)  # [P, 4]
-    obj = torch.as_tensor(target["object"], dtype=torch.long).reshape(-1)  # [P]
-    seen = {}
-    boxes, labels = [], []
-
-    def add(box, lab):
-        key = (tuple(box.tolist()), int(lab))
-        if key not in seen:
-            seen[key] = len(boxes)
-            boxes.append(box.tolist())
-            labels.append(int(lab))
-        return seen[key]
-
-    idx_h = [add(b, person_label) for b in bh]
-    idx_o = [add(b, lab) for b, lab in zip(bo, obj)]
-    dets = _make_dets(boxes, [1.0] * len(boxes), labels)
+    boxes, labels, idx_h, idx_o = unique_boxes(*(torch.as_tensor(target[k]).numpy() for k in
+                                                ("boxes_h", "boxes_o", "object")), person_label)
+    dets = _make_dets(boxes, np.ones(len(boxes)), labels)
     if return_index:
-        return dets, torch.tensor(idx_h, dtype=torch.long), torch.tensor(idx_o, dtype=torch.long)
+        return dets, torch.from_numpy(idx_h), torch.from_numpy(idx_o)
     return dets
 
 

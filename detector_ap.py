@@ -90,7 +90,8 @@ def load_detector_gt(anno_path: str | os.PathLike, dataset: str | None = None,
         rows = [{"boxes_h": g.gt_boxes[s:e, :4], "boxes_o": g.gt_boxes[s:e, 4:], "object": objects[s:e]}
                 for s, e in zip(bounds[:-1], bounds[1:])]
     person = names.index("person") if "person" in names else 0
-    boxes, labels = zip(*(unique_boxes(r, person) for r in rows)) if rows else ((), ())
+    uniq = [formats.unique_boxes(r["boxes_h"], r["boxes_o"], r["object"], person)[:2] for r in rows]
+    boxes, labels = [b.astype(np.float64) for b, _ in uniq], [lab for _, lab in uniq]
     coco80 = [n.replace(" ", "_") for n in names] == formats.COCO80_NAMES
     return DetectorGT(
         dataset=kind, name=src, filenames=files, object_names=list(names), person_label=person,
@@ -98,20 +99,7 @@ def load_detector_gt(anno_path: str | os.PathLike, dataset: str | None = None,
         # COCO results name classes by COCO's ids (1..90) over COCO-80; SWiG-HOI by its own
         # 0-based category_id, as in its annotation file
         category_ids=list(formats.COCO80_TO_COCO91) if coco80 else list(range(len(names))),
-        boxes=list(boxes), labels=list(labels), coco_image_ids=ids)
-
-
-def unique_boxes(row: dict, person: int) -> tuple:
-    """The unique boxes of one image's pairs, as data.gt_detections: human boxes (label
-    ``person``) in order of first appearance, then object boxes (their object label); equal
-    float32 coordinates AND label count once -> (float64[n, 4], int64[n])."""
-    b = np.concatenate([row["boxes_h"], row["boxes_o"]]).astype(np.float32).reshape(-1, 4)
-    lab = np.concatenate([np.full(len(row["boxes_h"]), person), row["object"]]).astype(np.int64)
-    first = {}
-    for k, key in enumerate(zip(map(tuple, b.tolist()), lab.tolist())):
-        first.setdefault(key, k)
-    keep = list(first.values())
-    return b[keep].astype(np.float64), lab[keep]
+        boxes=boxes, labels=labels, coco_image_ids=ids)
 
 
 def _coco_xywh(boxes: np.ndarray, inclusive: bool) -> np.ndarray:

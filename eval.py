@@ -56,6 +56,7 @@ from formats import (
     prediction_rows,
     read,
     vcoco_role_keys,
+    zero_shot_unseen,
 )
 
 #: t of the official MATLAB loop ``for t = 0:0.1:1`` (== np.arange(0, 1.1, 0.1), float64[11])
@@ -348,48 +349,6 @@ def hico_ap_arrays(det_class: np.ndarray, det_score: np.ndarray, det_image: np.n
 
 
 
-def _zero_shot_unseen(gt: HicoGT, zero_shot) -> tuple[str, list]:
-    """Resolve a zero-shot split name (or explicit index list) to (name, unseen indices)."""
-    if not isinstance(zero_shot, str):
-        try:
-            idx = as_index_list(list(zero_shot), gt.num_classes)
-        except ValueError as e:
-            raise EvalInputError(f"zero_shot: {e} (class indices in [0, {gt.num_classes}))") from None
-        return "custom", sorted(set(idx))
-    key = zero_shot.lower()
-    canon = ZERO_SHOT_SPLITS.get(key, key)
-    if canon not in ZERO_SHOT_SPLITS.values():
-        raise EvalInputError(f"zero_shot: unknown split '{zero_shot}' (expected one of "
-                             f"{', '.join(ZERO_SHOT_SPLITS)})")
-    cli = {v: k for k, v in ZERO_SHOT_SPLITS.items()}[canon]
-    if gt.zero_shot is not None:
-        for k in (cli, canon, cli.upper()):
-            if k in gt.zero_shot:
-                src, idx = f"{gt.name} field 'zero_shot'", gt.zero_shot[k]
-                break
-        else:
-            raise EvalInputError(f"{gt.name}: field 'zero_shot' has no split '{cli}' / '{canon}'")
-    else:
-        path = data_root() / "hicodet" / "derived" / "zero_shot_unseen_hoi_indices.json"
-        if gt.num_classes != 600:
-            raise EvalInputError(f"{gt.name}: no 'zero_shot' field and {gt.num_classes} classes "
-                                 f"(the default splits are for the 600 HICO-DET classes)")
-        d = read(path, "zero-shot split file")
-        try:
-            idx = d["splits"][canon]
-        except (KeyError, TypeError):
-            raise EvalInputError(f"{path}: missing split 'splits.{canon}'") from None
-        src = str(path)
-    if isinstance(idx, dict):                                # {"unseen": [...], ...} form
-        idx = idx.get("unseen")
-    try:
-        idx = as_index_list(idx, gt.num_classes)
-    except ValueError as e:
-        raise EvalInputError(f"{src}: split '{canon}' must be a list of class indices in "
-                             f"[0, {gt.num_classes}) ({e})") from None
-    return cli, sorted(set(idx))
-
-
 def _image_label_matrix(gt: HicoGT, image_labels, src: str = "<image-labels>") -> np.ndarray:
     """Known-Object: bool[O, num_images] 'image i has a positive label of object o'."""
     num_obj = int(gt.obj_of_class.max()) + 1
@@ -458,7 +417,7 @@ def _evaluate_hico_rows(gt: HicoGT, rows: np.ndarray, img: np.ndarray, zero_shot
     groups = {"full": all_idx, "rare": gt.rare, "non_rare": gt.non_rare}
     zs_name, unseen = None, None
     if zero_shot is not None:
-        zs_name, unseen = _zero_shot_unseen(gt, zero_shot)
+        zs_name, unseen = zero_shot_unseen(zero_shot, gt.zero_shot, gt.num_classes, gt.name)
         seen = np.setdiff1d(all_idx, unseen)
         groups.update(unseen=unseen, seen=seen)
     result.update(_summarise(ap, groups))

@@ -10,7 +10,7 @@
 - the value checks every reader shares (``as_index``, ``boxes_array``, ...) and the protocols' IoU of
   each box frame (``iou_inclusive``: HICO-DET's +1, ``iou_continuous``: plain)
 
-Every problem raises :class:`FormatError` (a ValueError; ``eval.FormatError`` and
+Every problem raises :class:`FormatError` (a ValueError; ``eval.EvalInputError`` and
 ``data.DataError`` are this type) with one line of the shape
 ``FILE: image 'NAME' row R: field: problem`` (parts that do not apply are left out).
 """
@@ -24,7 +24,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from common import BOX_FRAMES, data_root, read_json
+from common import BOX_FRAMES, ZERO_SHOT_SPLITS, data_root, read_json
 
 #: COCO-80 object names in the order used by fredzzhang/hicodet (``objects``), underscores.
 COCO80_NAMES = [
@@ -172,7 +172,7 @@ def swig_meta_tables(meta) -> tuple[list, list, list]:
 
 
 # ---------------------------------------------------------------------------------------
-# Box overlap of the two box frames (common.BOX_FRAMES)
+# Boxes: overlap in the two box frames (common.BOX_FRAMES), the unique GT boxes of an image
 # ---------------------------------------------------------------------------------------
 
 def iou_inclusive(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -210,6 +210,21 @@ def iou_continuous(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     np.divide(inter, den, out=out, where=inter > 0)
     return out
 
+
+
+def unique_boxes(boxes_h, boxes_o, objects, person: int) -> tuple:
+    """The unique boxes of one image's pairs: human boxes (label ``person``) in order of first
+    appearance, then object boxes (their label); equal float32 coordinates AND label count once
+    (a person that is also the object of a human-human pair appears once).
+    -> (boxes float32[n, 4], labels int64[n], idx_h int64[P], idx_o int64[P]: each row's boxes)."""
+    b = np.concatenate([np.asarray(boxes_h, np.float32).reshape(-1, 4), np.asarray(boxes_o, np.float32).reshape(-1, 4)])
+    P = len(b) // 2
+    lab = np.concatenate([np.full(P, person), np.asarray(objects).reshape(-1)]).astype(np.int64)
+    first: dict = {}
+    idx = np.array([first.setdefault(key, len(first)) for key in zip(map(tuple, b.tolist()), lab.tolist())],
+                   dtype=np.int64)
+    keep = np.unique(idx, return_index=True)[1]          # first row of each unique box
+    return b[keep], lab[keep], idx[:P], idx[P:]
 
 # ---------------------------------------------------------------------------------------
 # HICO-DET-format annotation file and prediction rows
@@ -311,6 +326,47 @@ def hico_box_frame(anno: dict, name, frame: Optional[str] = None) -> str:
     if frame not in BOX_FRAMES:
         raise fail(name, f"{frame!r} is not one of {sorted(BOX_FRAMES)}", field_="box_frame")
     return frame
+
+
+def zero_shot_unseen(zero_shot: Any, zs: Optional[dict], K: int, name) -> tuple[str, list]:
+    """The unseen classes of a zero-shot split -> (split name, sorted class indices in [0, K)).
+
+    zero_shot: a list of class indices (name "custom") or a split name: rf-uc | nf-uc | uo | uv,
+    the long names (rare_first, ...), or any key of the annotation's ``zero_shot`` dict ``zs``
+    ({split: [hoi, ...]} or {split: {"unseen": [...]}}); without that dict, the shared
+    data/hicodet/derived/zero_shot_unseen_hoi_indices.json (the 600 HICO-DET classes only)."""
+    src = name
+    if not isinstance(zero_shot, str):
+        label, idx = "custom", [int(x) if isinstance(x, np.integer) else x for x in zero_shot]
+    else:
+        canon = ZERO_SHOT_SPLITS.get(zero_shot.lower(), zero_shot.lower())
+        cli = {v: k for k, v in ZERO_SHOT_SPLITS.items()}.get(canon)
+        keys = [zero_shot] + ([cli, canon, cli.upper()] if cli else [])
+        hit = next((k for k in keys if k in (zs or {})), None)
+        if hit is None and (zs is not None or cli is None):
+            raise fail(name, f"no split {zero_shot!r}; the file has {sorted(zs)}" if cli and zs is not None else
+                       f"unknown split {zero_shot!r} (expected one of {', '.join(ZERO_SHOT_SPLITS)}"
+                       + (f" or a key of {sorted(zs)})" if zs else ")"), field_="zero_shot")
+        label = cli or zero_shot
+        if hit is not None:
+            idx = zs[hit]
+        else:
+            if K != 600:
+                raise fail(name, f"no 'zero_shot' field and {K} classes (the shared splits are for the "
+                                 f"600 HICO-DET classes; add a 'zero_shot' dict to the annotation file)",
+                           field_="zero_shot")
+            src = data_root() / "hicodet" / "derived" / "zero_shot_unseen_hoi_indices.json"
+            d = read(src, "zero-shot split file")
+            idx = d.get("splits", {}).get(canon) if isinstance(d, dict) and isinstance(d.get("splits"), dict) else None
+            if idx is None:
+                raise fail(src, f"missing split 'splits.{canon}'")
+    if isinstance(idx, dict):                                # {"unseen": [...], ...} form
+        idx = idx.get("unseen")
+    try:
+        return label, sorted(set(as_index_list(idx, K)))
+    except ValueError as e:
+        raise fail(src, f"split {label!r} must be a list of class indices in [0, {K}) ({e})",
+                   field_="zero_shot") from None
 
 
 def name_list(v: Any, file, field_: str) -> list:

@@ -109,7 +109,7 @@ def test_real_gt_fed_back_scores_100(hico):
 @pytest.mark.parametrize("split,size", [("rf-uc", 120), ("nf-uc", 120), ("uo", 100), ("uv", 84)])
 def test_zero_shot_splits(hico, split, size):
     gt = formats.parse_hico_anno(hico)
-    name, unseen = hoi_eval._zero_shot_unseen(gt, split)
+    name, unseen = formats.zero_shot_unseen(split, gt.zero_shot, gt.num_classes, gt.name)
     assert name == split and len(unseen) == size and len(set(unseen)) == size
     # predictions = GT of the unseen classes only -> Unseen 100, Seen 0, Full = size / 6
     res = hoi_eval.evaluate_hico(gt, gt_as_preds(hico, set(unseen)), zero_shot=split)

@@ -136,8 +136,9 @@ def test_hico_zero_shot_split_checked(tmp_path):
     f, pred = tmp_path / "anno.json", tmp_path / "pred.json"
     f.write_text(json.dumps(doc))
     pred.write_text("{}")
-    refused(lambda: hoi_eval.evaluate_hico_files(f, pred, zero_shot="rf-uc"), f"{f} field 'zero_shot'",
-            problem="split 'rare_first' must be a list of class indices in [0, 4)")
+    for call in (lambda: hoi_eval.evaluate_hico_files(f, pred, zero_shot="rf-uc"),
+                 lambda: data.HICODet(tmp_path, f, zero_shot="rf-uc")):
+        refused(call, str(f), field="zero_shot", problem="split 'rf-uc' must be a list of class indices in [0, 4)")
 
 
 def test_hico_annotation_top_level():
