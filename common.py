@@ -1,26 +1,13 @@
-"""Small torch-free helpers every script shares: atomic writes, reading a JSON file with the
-project's one-line error, the shared data folder, the zero-shot split names, the box frames.
+"""Ground-floor helpers every script shares, torch-free: atomic writes, the strict JSON reader,
+the shared data folder, the zero-shot split names, the box frames, the command-line helpers.
 
-Atomic write: the bytes go to a temp file in the target's folder (``.NAME.PID.RAND.tmp``), the
-file is fsynced, ``os.replace``d onto the target, then the folder is fsynced. A crash or an
-exception at any point leaves either the old file or the complete new one, never a half-written
-one; a killed writer may leave a ``.*.tmp`` file, which never replaces anything. The new file
-gets the permissions a plain ``open(path, "w")`` would give (0o666 minus the umask). A write
-that fails (a full disk, a quota, a read-only folder) raises :class:`WriteError`, one line naming
-the file.
-
-Reading JSON (:func:`read_json`): one reader for every input file, with a one-line error that
-names the file and the field (as a JSON path, e.g. ``annotation[3].hoi[0]``) for a missing,
-empty, unreadable, gzip-compressed or malformed file, a duplicate key in an object, a boolean
-(JSON ``true`` / ``false``: no input format of this project has boolean fields, and numpy would
-read them as 1 / 0), an integer too large for float64, and nesting deeper than
-:data:`MAX_JSON_DEPTH`.
-
-Outputs are never inputs (:func:`refuse_outputs_over_inputs`): every tool that writes checks its
-output paths against its input paths (same file, also through symbolic or hard links) first.
-
-Command lines (:class:`OneLineParser`, the argument types, :func:`error_line`): a bad argument
-is refused at parse time with ``error: ...`` on one line and exit status 2, like bad input.
+Atomic write (:func:`atomic_write`): temp file in the target's folder, fsync, ``os.replace``,
+fsync the folder; a crash leaves the old file or the new one, never half of one; a failed
+write raises :class:`WriteError`, one line naming the file. Reading JSON (:func:`read_json`):
+one-line errors naming the file and the JSON path of the field; duplicate keys, booleans,
+integers beyond float64 and nesting deeper than :data:`MAX_JSON_DEPTH` are refused. Outputs are
+never inputs (:func:`refuse_outputs_over_inputs`). Command lines (:class:`OneLineParser`, the
+argument types, :func:`error_line`): a bad argument is one ``error: ...`` line, exit status 2.
 """
 from __future__ import annotations
 

@@ -9,7 +9,6 @@ the same conversion (the GT fed back scores 100); a COCO results file is used as
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import os
@@ -273,25 +272,3 @@ def format_detector(res: dict) -> str:
         for name, v in res["per_class"].items():
             lines.append(f"    {name:<14}{f(v['ap'])}   ({v['num_gt']}, {v['num_det']})")
     return "\n".join(lines)
-
-
-def add_parser(sub: Any) -> None:
-    d = sub.add_parser("detector", help="box AP of a detection file on a dataset's GT boxes "
-                                        "(pycocotools COCOeval)")
-    d.add_argument("--anno", required=True, help="HICO-DET / synthetic world / V-COCO (fredzzhang "
-                   "instances_vcoco_*.json) / SWiG-HOI annotation file")
-    d.add_argument("--detections", required=True, help="per-image JSON {file_name: {boxes, scores, "
-                   "labels}} in the annotation's frame, or a COCO results list (image_id: V-COCO's "
-                   "COCO ids, else the last number in the file name; category_id: COCO's 1..90, "
-                   "SWiG-HOI's own)")
-    d.add_argument("--dataset", dest="det_dataset", choices=DETECTOR_DATASETS, default=None,
-                   help="default: from the file (a list: swig; 'annotations': vcoco; 'annotation': "
-                        "synthetic if its name is 'synthetic', else hico)")
-    d.add_argument("--meta", default=None, help="SWiG-HOI: swig_v1_meta.json (default: shared data)")
-    d.add_argument("--out", default=None, help="write the result JSON here (atomically; never an input)")
-
-
-def run(args: argparse.Namespace) -> tuple[dict, str]:
-    # --out vs the inputs: main()'s refuse_outputs_over_inputs, as for every subcommand
-    res = evaluate_detector(args.anno, args.detections, args.det_dataset, args.meta)
-    return res, format_detector(res)

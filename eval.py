@@ -891,7 +891,19 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument("--pred", required=True, help="prediction file keyed by file_name")
     s.add_argument("--meta", default=None, help="swig_v1_meta.json (default: shared data)")
     s.add_argument("--out", default=None)
-    detector_ap.add_parser(sub)
+    d = sub.add_parser("detector", help="box AP of a detection file on a dataset's GT boxes "
+                                        "(detector_ap.py, pycocotools COCOeval)")
+    d.add_argument("--anno", required=True, help="HICO-DET / synthetic world / V-COCO (fredzzhang "
+                   "instances_vcoco_*.json) / SWiG-HOI annotation file")
+    d.add_argument("--detections", required=True, help="per-image JSON {file_name: {boxes, scores, "
+                   "labels}} in the annotation's frame, or a COCO results list (image_id: V-COCO's "
+                   "COCO ids, else the last number in the file name; category_id: COCO's 1..90, "
+                   "SWiG-HOI's own)")
+    d.add_argument("--dataset", dest="det_dataset", choices=detector_ap.DETECTOR_DATASETS, default=None,
+                   help="default: from the file (a list: swig; 'annotations': vcoco; 'annotation': "
+                        "synthetic if its name is 'synthetic', else hico)")
+    d.add_argument("--meta", default=None, help="SWiG-HOI: swig_v1_meta.json (default: shared data)")
+    d.add_argument("--out", default=None, help="write the result JSON here (atomically; never an input)")
     return p
 
 
@@ -940,7 +952,8 @@ def _run(args: argparse.Namespace) -> tuple[dict, str]:
         res = evaluate_vcoco_files(args.vsrl, args.coco, args.pred)
         text = format_vcoco(res)
     elif args.dataset == "detector":
-        res, text = detector_ap.run(args)
+        res = detector_ap.evaluate_detector(args.anno, args.detections, args.det_dataset, args.meta)
+        text = detector_ap.format_detector(res)
     else:
         res = evaluate_swig_files(args.anno, args.pred, args.meta)
         text = format_swig(res)
