@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_formats import hico_doc
 
 import common
 import data
@@ -43,24 +44,7 @@ need_swig = pytest.mark.skipif(not SWIG_META.is_file(), reason="shared SWiG-HOI 
 
 def tiny_hico(tmp_path, mutate=None, with_images=True):
     """3 images. Classes: 0 hold cup, 1 kick ball, 2 hold ball, 3 hug person."""
-    doc = {
-        "annotation": [
-            {"boxes_h": [[1, 1, 10, 20], [1, 1, 10, 20]], "boxes_o": [[8, 5, 14, 9], [8, 5, 14, 9]],
-             "hoi": [0, 0], "object": [1, 1], "verb": [0, 0]},
-            {"boxes_h": [[2, 2, 12, 22], [2, 2, 12, 22], [20, 2, 30, 22]],
-             "boxes_o": [[11, 15, 15, 19], [11, 15, 15, 19], [2, 2, 12, 22]],
-             "hoi": [1, 2, 3], "object": [2, 2, 0], "verb": [1, 0, 2]},
-            {"boxes_h": [], "boxes_o": [], "hoi": [], "object": [], "verb": []},
-        ],
-        "filenames": ["a.png", "b.png", "c.png"],
-        "empty": [2],
-        "objects": ["person", "cup", "ball"],
-        "verbs": ["hold", "kick", "hug"],
-        "correspondence": [[0, 1, 0], [1, 2, 1], [2, 2, 0], [3, 0, 2]],
-        "size": [[32, 24], [32, 24], [32, 24]],
-        "rare": [1, 3],
-        "non_rare": [0, 2],
-    }
+    doc = hico_doc()
     # image a lists the same pair twice with class 0 (duplicate rows are allowed)
     if mutate:
         mutate(doc)

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 from clicheck import refused, run_main
+from test_formats import vcoco_docs
 
 import common
 import eval as hoi_eval
@@ -64,15 +65,7 @@ def hico_files(folder: Path) -> dict:
 
 
 def vcoco_files(folder: Path) -> dict:
-    coco = {"images": [{"id": 1, "width": 100, "height": 100}],
-            "annotations": [{"id": 11, "image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 10], "area": 100,
-                             "iscrowd": 0},
-                            {"id": 21, "image_id": 1, "category_id": 2, "bbox": [20, 0, 10, 10], "area": 100,
-                             "iscrowd": 0}],
-            "categories": [{"id": 1, "name": "person"}, {"id": 2, "name": "cup"}]}
-    vsrl = [dict(action_name="hold", role_name=["agent", "obj"], label=[1], role_object_id=[11, 21],
-                 include=[[], []], image_id=[1], ann_id=[11])]
-    dets = [{"image_id": 1, "person_box": [0, 0, 9, 9], "hold_agent": 0.9, "hold_obj": [20, 0, 29, 9, 0.9]}]
+    vsrl, coco, dets = vcoco_docs()
     folder.mkdir(parents=True, exist_ok=True)
     out = {}
     for name, obj in (("vsrl", vsrl), ("coco", coco), ("pred", dets)):
