@@ -603,8 +603,8 @@ def prediction_rows(obj: Any, filenames: Sequence[str], index: dict, num_classes
     Rows keep the object's image order (file order for a JSON file), then row order.
     """
     if not isinstance(obj, dict):
-        raise FormatError(f"{src}: expected a JSON object {{file_name: [[hoi, score, hx1, hy1, "
-                             f"hx2, hy2, ox1, oy1, ox2, oy2], ...]}}, got {type(obj).__name__}")
+        raise fail(src, f"expected a JSON object {{file_name: [[{', '.join(ROW_FIELDS)}], ...]}}, "
+                        f"got {type(obj).__name__}")
     names = list(obj.keys())
     img_idx = np.empty(len(names), dtype=np.int64)
     for k, nm in enumerate(names):
@@ -631,12 +631,12 @@ def _rows_from_arrays(names: list, vals: list, src: str) -> tuple[np.ndarray, np
             a = np.asarray(v, dtype=np.float64)
         except (ValueError, TypeError):
             _diagnose_rows(src, names[k], v if isinstance(v, list) else list(v))
-            raise FormatError(f"{src}: image '{names[k]}': malformed rows") from None
+            raise fail(src, "malformed rows", names[k]) from None
         if a.size == 0:
             a = a.reshape(0, 10)
         if a.ndim != 2 or a.shape[1] != 10:
-            raise FormatError(f"{src}: image '{names[k]}': expected an array [N, 10] of rows "
-                                 f"[hoi, score, hx1, ..., oy2], got shape {tuple(a.shape)}")
+            raise fail(src, f"expected an array [N, 10] of rows [hoi, score, hx1, ..., oy2], got shape "
+                            f"{tuple(a.shape)}", names[k])
         counts[k] = a.shape[0]
         parts.append(a)
     return (np.concatenate(parts, axis=0) if parts else np.zeros((0, 10))), counts
@@ -660,7 +660,7 @@ def _rows_from_lists(names: list, vals: list, src: str) -> tuple[np.ndarray, np.
     if rows is None or rows.ndim != 2 or rows.shape[1] != 10 or rows.dtype.kind not in "iuf":
         for k, v in enumerate(vals):
             _diagnose_rows(src, names[k], v)
-        raise FormatError(f"{src}: malformed prediction rows")
+        raise fail(src, "malformed prediction rows")
     return rows.astype(np.float64, copy=False), counts
 
 
@@ -819,11 +819,10 @@ def parse_vcoco_gt(vsrl: Any, coco: Any, vsrl_name: str = "<vsrl>", coco_name: s
     gt = VCOCOGt(actions=acts, roles=roles, image_ids=image_ids)
     for img, aid in zip(data[0][0].tolist(), data[0][1].tolist()):
         if not any(is_number(an.get("id")) and an["id"] == aid for an in anns_by_img.get(img, [])):
-            raise FormatError(f"{vsrl_name}: ann_id {aid} of image {img} is not an annotation of that "
-                                 f"image in {coco_name}")
+            raise fail(vsrl_name, f"ann_id {aid} is not an annotation of that image in {coco_name}", img)
     for i in image_ids:
         if i not in sizes:
-            raise FormatError(f"{coco_name}: image {i} (in {vsrl_name}) not in 'images'")
+            raise fail(coco_name, f"not in 'images' (an image of {vsrl_name})", i)
         boxes, ids, is_person = _coco_boxes(anns_by_img[i], sizes[i], person_cat, coco_name, i)
         pid = np.flatnonzero(np.array(is_person, dtype=bool))
         row_of_id = {v: r for r, v in enumerate(ids)}
@@ -841,10 +840,9 @@ def parse_vcoco_gt(vsrl: Any, coco: Any, vsrl_name: str = "<vsrl>", coco_name: s
                     if oid == 0:
                         continue
                     if oid not in row_of_id:
-                        raise FormatError(f"{vsrl_name}: image {i} ann_id {aid} action "
-                                             f"'{acts[a]}' role '{roles[a][j + 1]}': role object "
-                                             f"{oid} is not a valid annotation of that image in "
-                                             f"{coco_name}")
+                        raise fail(vsrl_name, f"ann_id {aid} role '{roles[a][j + 1]}': role object {oid} is "
+                                              f"not a valid annotation of that image in {coco_name}", i,
+                                   field_=f"{acts[a]}.role_object_id")
                     rol[p, a, j] = row_of_id[oid]
         gt.boxes[i] = np.array(boxes, dtype=np.float32).reshape(-1, 4)
         gt.person[i] = pid
@@ -857,35 +855,35 @@ def _vsrl_actions(vsrl: Any, vsrl_name: str) -> tuple[list, list, list]:
     """The VSRL list -> (action names, role names per action, (image_id, ann_id, label,
     role_object_id [N, roles]) int64 arrays per action), validated."""
     if not isinstance(vsrl, list) or not vsrl:
-        raise FormatError(f"{vsrl_name}: expected the official VSRL list (one entry per action)")
+        raise fail(vsrl_name, "expected the official VSRL list (one entry per action)")
     acts, roles, data = [], [], []
     for a, x in enumerate(vsrl):
         if not isinstance(x, dict):
-            raise FormatError(f"{vsrl_name}: entry {a} must be an object")
+            raise fail(vsrl_name, "expected an object", field_=f"[{a}]")
         for key in ("action_name", "role_name", "image_id", "ann_id", "label", "role_object_id"):
             if key not in x:
-                raise FormatError(f"{vsrl_name}: action entry {a}: missing key '{key}'")
+                raise fail(vsrl_name, f"missing key '{key}'", field_=f"[{a}]")
         name = x["action_name"]
         rn = x["role_name"]
         if not isinstance(name, str) or name in acts:
-            raise FormatError(f"{vsrl_name}: action entry {a}: field 'action_name' must be a string "
-                                 f"naming each action once, got {name!r}")
+            raise fail(vsrl_name, f"must be a string naming each action once, got {name!r}",
+                       field_=f"[{a}].action_name")
         if not isinstance(rn, list) or not rn or rn[0] != "agent" or len(rn) > 3 or \
                 not all(isinstance(r, str) for r in rn) or first_duplicate(rn) is not None:
-            raise FormatError(f"{vsrl_name}: action '{name}': field 'role_name' must be "
-                                 f"['agent', ...] with at most 2 other distinct roles")
-        img, ann, lab, roi = (_int_vector(x[k], f"{vsrl_name}: action '{name}': field '{k}'")
+            raise fail(vsrl_name, "must be ['agent', ...] with at most 2 other distinct roles",
+                       field_=f"{name}.role_name")
+        img, ann, lab, roi = (_int_vector(x[k], where(vsrl_name, field_=f"{name}.{k}"))
                               for k in ("image_id", "ann_id", "label", "role_object_id"))
         if roi.size % len(rn) or not (img.size == ann.size == lab.size == roi.size // len(rn)):
-            raise FormatError(f"{vsrl_name}: action '{name}': image_id, ann_id, label and "
-                                 f"role_object_id (len(role_name) x N) have different lengths")
+            raise fail(vsrl_name, "image_id, ann_id, label and role_object_id (len(role_name) x N) have "
+                                  "different lengths", field_=name)
         roi = roi.reshape(len(rn), -1).T
         if not np.isin(lab, (0, 1)).all():
-            raise FormatError(f"{vsrl_name}: action '{name}': field 'label' must hold 0 or 1, "
-                                 f"got {int(lab[~np.isin(lab, (0, 1))][0])}")
+            raise fail(vsrl_name, f"must hold 0 or 1, got {int(lab[~np.isin(lab, (0, 1))][0])}",
+                       field_=f"{name}.label")
         dup = first_duplicate(ann.tolist())
         if dup is not None:
-            raise FormatError(f"{vsrl_name}: action '{name}': field 'ann_id' lists person {dup} twice")
+            raise fail(vsrl_name, f"lists person {dup} twice", field_=f"{name}.ann_id")
         acts.append(name)
         roles.append(list(rn))
         data.append((img, ann, lab, roi))
@@ -900,7 +898,7 @@ def _int_vector(v: Any, where: str) -> np.ndarray:
         raise FormatError(f"{where}: expected a list of integers") from None
     bad = ~np.isfinite(a) | (a != np.floor(a)) | (np.abs(a) >= 2.0 ** 63)
     if bad.any() or (isinstance(v, list) and any(isinstance(x, bool) for x in v)):
-        raise FormatError(f"{where}: expected integers, got {a[bad][0] if bad.any() else 'a boolean'!r}")
+        raise FormatError(f"{where}: expected integers, got {float(a[bad][0]) if bad.any() else 'a boolean'!r}")
     return a.astype(np.int64)
 
 
@@ -911,8 +909,8 @@ def _vsrl_labels(acts: list, data: list, vsrl_name: str) -> tuple[np.ndarray, np
     base_ann = data[0][1]
     for a in range(1, A):
         if not np.array_equal(data[a][1], base_ann):
-            raise FormatError(f"{vsrl_name}: action '{acts[a]}': field 'ann_id' differs from the "
-                                 f"first action's (the official file lists every person for every action)")
+            raise fail(vsrl_name, "differs from the first action's (the official file lists every person "
+                                  "for every action)", field_=f"{acts[a]}.ann_id")
     pos_of_ann = {int(v): i for i, v in enumerate(base_ann)}
     lab_mat = np.zeros((base_ann.size, A), dtype=np.int64)
     roi_mat = np.zeros((base_ann.size, A, 2), dtype=np.int64)
@@ -920,12 +918,12 @@ def _vsrl_labels(acts: list, data: list, vsrl_name: str) -> tuple[np.ndarray, np
         rows = np.flatnonzero(lab == 1)
         idx = np.array([pos_of_ann[int(v)] for v in ann[rows]], dtype=np.int64)
         if np.unique(idx).size != idx.size:
-            raise FormatError(f"{vsrl_name}: action '{acts[a]}': a person has label 1 twice")
+            raise fail(vsrl_name, "a person has label 1 twice", field_=f"{acts[a]}.label")
         lab_mat[idx, a] = 1
         bad = roi[rows, 0] != ann[rows]
         if bad.any():
-            raise FormatError(f"{vsrl_name}: action '{acts[a]}' ann_id {int(ann[rows][bad][0])}: "
-                                 f"role_object_id[:, 0] must equal ann_id")
+            raise fail(vsrl_name, f"role_object_id[:, 0] must equal ann_id ({int(ann[rows][bad][0])})",
+                       field_=f"{acts[a]}.role_object_id")
         roi_mat[idx, a, :roi.shape[1] - 1] = roi[rows, 1:]
     return base_ann, lab_mat, roi_mat
 
@@ -935,8 +933,7 @@ def _coco_index(coco: Any, image_ids: list, coco_name: str) -> tuple[Any, dict, 
     {image id: [annotation dicts]}) for the wanted image ids."""
     if not isinstance(coco, dict) or not isinstance(coco.get("annotations"), list) or \
             not isinstance(coco.get("images"), list):
-        raise FormatError(f"{coco_name}: expected a COCO instances JSON with 'images' and "
-                             f"'annotations' (lists)")
+        raise fail(coco_name, "expected a COCO instances JSON with 'images' and 'annotations' (lists)")
     person_cat = 1
     cats = coco.get("categories")
     if isinstance(cats, list):
@@ -949,19 +946,19 @@ def _coco_index(coco: Any, image_ids: list, coco_name: str) -> tuple[Any, dict, 
         if isinstance(im, dict) and is_number(im.get("id")) and im["id"] in wanted:
             w, h = im.get("width"), im.get("height")
             if not (is_number(w) and is_number(h) and 0 < w < math.inf and 0 < h < math.inf):
-                raise FormatError(f"{coco_name}: image {im.get('id')}: fields 'width'/'height' must "
-                                     f"be positive numbers, got {w!r}, {h!r}")
+                raise fail(coco_name, f"must be positive numbers, got {w!r}, {h!r}", im.get("id"),
+                           field_="width/height")
             if int(im["id"]) in sizes:
-                raise FormatError(f"{coco_name}: image {im['id']} listed twice in 'images'")
+                raise fail(coco_name, "listed twice in 'images'", im["id"])
             sizes[int(im["id"])] = (float(w), float(h))
     anns_by_img: dict = {i: [] for i in image_ids}
     for k, an in enumerate(coco["annotations"]):
         if not isinstance(an, dict):
-            raise FormatError(f"{coco_name}: annotation {k} must be an object")
+            raise fail(coco_name, "expected an object", field_=f"annotations[{k}]")
         try:
             i = as_index(an.get("image_id"))
         except ValueError as e:
-            raise FormatError(f"{coco_name}: annotation {k}: field 'image_id': {e}") from None
+            raise fail(coco_name, e, field_=f"annotations[{k}].image_id") from None
         if i in anns_by_img:
             anns_by_img[i].append(an)
     return person_cat, sizes, anns_by_img
@@ -995,9 +992,8 @@ def _coco_boxes(anns: list, size: tuple, person_cat, coco_name: str, image_id: i
                 ids.append(int(an["id"]))
                 is_person.append(an["category_id"] == person_cat)
         except (KeyError, TypeError, ValueError):
-            raise FormatError(f"{coco_name}: image {image_id} annotation {an.get('id')}: missing or "
-                                 f"malformed field (needs id, bbox [x, y, w, h], area, "
-                                 f"category_id)") from None
+            raise fail(coco_name, f"annotation {an.get('id')}: missing or malformed field (needs id, "
+                                  f"bbox [x, y, w, h], area, category_id)", image_id) from None
     return boxes, ids, is_person
 
 

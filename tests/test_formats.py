@@ -318,21 +318,28 @@ def vcoco_docs():
     return vsrl, coco, dets
 
 
-VCOCO_GT_CASES = [   # (mutation of (vsrl, coco), file "V" / "C", problem)
-    (lambda v, c: v[0].__setitem__("label", [2]), "V", "field 'label' must hold 0 or 1, got 2"),
-    (lambda v, c: v[0].pop("label"), "V", "missing key 'label'"),
-    (lambda v, c: v[0].__setitem__("ann_id", [11.5]), "V", "field 'ann_id': expected integers"),
-    (lambda v, c: v[0].__setitem__("role_object_id", [11, 21.5]), "V", "field 'role_object_id': expected integers"),
-    (lambda v, c: v.append(dict(v[0])), "V", "naming each action once"),
-    (lambda v, c: v[0].__setitem__("role_name", ["agent", "obj", "obj"]), "V", "distinct roles"),
-    (lambda v, c: v[0].__setitem__("role_object_id", [11, 99]), "V", "role object 99 is not a valid annotation"),
-    (lambda v, c: v[0].update(ann_id=[12], role_object_id=[12, 21]), "V", "ann_id 12 of image 1 is not an annotation"),
-    (lambda v, c: v[0].__setitem__("role_object_id", [12, 21]), "V", "role_object_id[:, 0] must equal ann_id"),
-    (lambda v, c: c["annotations"][1].__setitem__("bbox", [20, 0, float("nan"), 10]), "C", "annotation 21"),
-    (lambda v, c: c["images"][0].__setitem__("width", -5), "C", "fields 'width'/'height' must be positive"),
-    (lambda v, c: c["images"].append(dict(c["images"][0])), "C", "image 1 listed twice"),
-    (lambda v, c: c["annotations"][1].__setitem__("image_id", [1]), "C", "annotation 1: field 'image_id'"),
-    (lambda v, c: c.__setitem__("annotations", 7), "C", "'annotations' (lists)"),
+VCOCO_GT_CASES = [   # (mutation of (vsrl, coco), file "V" / "C", image, field, problem)
+    (lambda v, c: v[0].__setitem__("label", [2]), "V", None, "hold.label", "must hold 0 or 1, got 2"),
+    (lambda v, c: v[0].pop("label"), "V", None, "[0]", "missing key 'label'"),
+    (lambda v, c: v[0].__setitem__("ann_id", [11.5]), "V", None, "hold.ann_id", "expected integers, got 11.5"),
+    (lambda v, c: v[0].__setitem__("role_object_id", [11, 21.5]), "V", None, "hold.role_object_id",
+     "expected integers, got 21.5"),
+    (lambda v, c: v.append(dict(v[0])), "V", None, "[1].action_name", "naming each action once"),
+    (lambda v, c: v[0].__setitem__("role_name", ["agent", "obj", "obj"]), "V", None, "hold.role_name",
+     "distinct roles"),
+    (lambda v, c: v[0].__setitem__("role_object_id", [11, 99]), "V", 1, "hold.role_object_id",
+     "role object 99 is not a valid annotation of that image in"),
+    (lambda v, c: v[0].update(ann_id=[12], role_object_id=[12, 21]), "V", 1, None,
+     "ann_id 12 is not an annotation of that image"),
+    (lambda v, c: v[0].__setitem__("role_object_id", [12, 21]), "V", None, "hold.role_object_id",
+     "role_object_id[:, 0] must equal ann_id"),
+    (lambda v, c: c["annotations"][1].__setitem__("bbox", [20, 0, float("nan"), 10]), "C", 1, None,
+     "annotation 21: missing or malformed field"),
+    (lambda v, c: c["images"][0].__setitem__("width", -5), "C", 1, "width/height", "must be positive numbers"),
+    (lambda v, c: c["images"].append(dict(c["images"][0])), "C", 1, None, "listed twice in 'images'"),
+    (lambda v, c: c["annotations"][1].__setitem__("image_id", [1]), "C", None, "annotations[1].image_id",
+     "is not an integer index"),
+    (lambda v, c: c.__setitem__("annotations", 7), "C", None, None, "'annotations' (lists)"),
 ]
 VCOCO_DET_CASES = [   # (mutation of the first detection, image, field, problem)
     (lambda d: d.__setitem__("image_id", 7), 7, "image_id", "image not in the V-COCO ground truth"),
@@ -345,17 +352,18 @@ VCOCO_DET_CASES = [   # (mutation of the first detection, image, field, problem)
 ]
 
 
-@pytest.mark.parametrize("mutate, which, problem", VCOCO_GT_CASES, ids=[c[2] for c in VCOCO_GT_CASES])
-def test_vcoco_ground_truth(tmp_path, mutate, which, problem):
+@pytest.mark.parametrize("mutate, which, image, field, problem", VCOCO_GT_CASES, ids=[c[4] for c in VCOCO_GT_CASES])
+def test_vcoco_ground_truth(tmp_path, mutate, which, image, field, problem):
     vsrl, coco, dets = vcoco_docs()
     mutate(vsrl, coco)
-    refused(lambda: formats.parse_vcoco_gt(vsrl, coco, "V.json", "C.json"), f"{which}.json", problem=problem)
+    refused(lambda: formats.parse_vcoco_gt(vsrl, coco, "V.json", "C.json"), f"{which}.json", image, None, field,
+            problem)
     files = {}
     for name, obj in (("V", vsrl), ("C", coco), ("D", dets)):
         files[name] = tmp_path / f"{name}.json"
         files[name].write_text(json.dumps(obj))
     refused(lambda: hoi_eval.evaluate_vcoco_files(files["V"], files["C"], files["D"]), str(files[which]),
-            problem=problem)
+            image, None, field, problem)
 
 
 @pytest.mark.parametrize("mutate, image, field, problem", VCOCO_DET_CASES, ids=[c[3] for c in VCOCO_DET_CASES])
