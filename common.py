@@ -1,26 +1,13 @@
-"""Small torch-free helpers every script shares: atomic writes, reading a JSON file with the
-project's one-line error, the shared data folder, the zero-shot split names, the box frames.
+"""Ground-floor helpers every script shares, torch-free: atomic writes, the strict JSON reader,
+the shared data folder, the zero-shot split names, the box frames, the command-line helpers.
 
-Atomic write: the bytes go to a temp file in the target's folder (``.NAME.PID.RAND.tmp``), the
-file is fsynced, ``os.replace``d onto the target, then the folder is fsynced. A crash or an
-exception at any point leaves either the old file or the complete new one, never a half-written
-one; a killed writer may leave a ``.*.tmp`` file, which never replaces anything. The new file
-gets the permissions a plain ``open(path, "w")`` would give (0o666 minus the umask). A write
-that fails (a full disk, a quota, a read-only folder) raises :class:`WriteError`, one line naming
-the file.
-
-Reading JSON (:func:`read_json`): one reader for every input file, with a one-line error that
-names the file and the field (as a JSON path, e.g. ``annotation[3].hoi[0]``) for a missing,
-empty, unreadable, gzip-compressed or malformed file, a duplicate key in an object, a boolean
-(JSON ``true`` / ``false``: no input format of this project has boolean fields, and numpy would
-read them as 1 / 0), an integer too large for float64, and nesting deeper than
-:data:`MAX_JSON_DEPTH`.
-
-Outputs are never inputs (:func:`refuse_outputs_over_inputs`): every tool that writes checks its
-output paths against its input paths (same file, also through symbolic or hard links) first.
-
-Command lines (:class:`OneLineParser`, the argument types, :func:`error_line`): a bad argument
-is refused at parse time with ``error: ...`` on one line and exit status 2, like bad input.
+Atomic write (:func:`atomic_write`): temp file in the target's folder, fsync, ``os.replace``,
+fsync the folder; a crash leaves the old file or the new one, never half of one; a failed
+write raises :class:`WriteError`, one line naming the file. Reading JSON (:func:`read_json`):
+one-line errors naming the file and the JSON path of the field; duplicate keys, booleans,
+integers beyond float64 and nesting deeper than :data:`MAX_JSON_DEPTH` are refused. Outputs are
+never inputs (:func:`refuse_outputs_over_inputs`). Command lines (:class:`OneLineParser`, the
+argument types, :func:`error_line`): a bad argument is one ``error: ...`` line, exit status 2.
 """
 from __future__ import annotations
 
@@ -476,107 +463,6 @@ def read_json(path, what: str = "file", error: type[Exception] = ValueError,
         return parse_json_bytes(raw, allow_bool)
     except ValueError as e:
         raise error(f"{path}: {what} {e}" if str(e).startswith("is ") else f"{path}: {what}: {e}") from None
-
-
-# ----------------------------------------------------------------------------------------------
-# Values of input files: the checks every reader shares (ValueError with a one-line reason; the
-# caller adds the file, the image and the field)
-# ----------------------------------------------------------------------------------------------
-FLOAT32_MAX = 3.4028234663852886e38
-
-
-def is_number(v) -> bool:
-    """int or float, never a bool (JSON true is not 1)."""
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def as_index(v, n: Optional[int] = None, lo: int = 0) -> int:
-    """An index: an integer (or a float with an integral value) in [lo, n). Never a bool, a
-    fraction, NaN, or out of range: a negative index never wraps around to another entry."""
-    if not is_number(v) or not math.isfinite(v) or v != int(v):
-        raise ValueError(f"{v!r} is not an integer index")
-    i = int(v)
-    if i < lo or (n is not None and i >= n) or abs(i) >= 2 ** 62:
-        raise ValueError(f"index {i} out of range [{lo}, {'' if n is None else n})")
-    return i
-
-
-def as_index_list(v, n: Optional[int] = None, lo: int = 0, unique: bool = False) -> list:
-    """A list of indices (as_index each); ``unique``: no index twice."""
-    if not isinstance(v, list):
-        raise ValueError(f"expected a list of integer indices, got {type(v).__name__}")
-    out = []
-    for r, x in enumerate(v):
-        try:
-            out.append(as_index(x, n, lo))
-        except ValueError as e:
-            raise ValueError(f"entry {r}: {e}") from None
-    if unique and len(set(out)) != len(out):
-        dup = next(x for i, x in enumerate(out) if x in out[:i])
-        raise ValueError(f"index {dup} listed twice")
-    return out
-
-
-def as_box(v) -> list:
-    """[x1, y1, x2, y2]: 4 finite numbers within float32's range, x2 >= x1 and y2 >= y1."""
-    if not (isinstance(v, (list, tuple)) and len(v) == 4 and all(is_number(x) for x in v)):
-        raise ValueError(f"expected a box [x1, y1, x2, y2] of 4 numbers, got {v!r}")
-    if not all(math.isfinite(x) and abs(x) <= FLOAT32_MAX for x in v):
-        raise ValueError(f"box {list(v)} has a non-finite value or one beyond float32's range")
-    if v[2] < v[0] or v[3] < v[1]:
-        raise ValueError(f"box {list(v)} has x2 < x1 or y2 < y1")
-    return [float(x) for x in v]
-
-
-def first_duplicate(items) -> Optional[Any]:
-    """The first item seen twice in ``items`` (None when all differ)."""
-    seen = set()
-    for x in items:
-        if x in seen:
-            return x
-        seen.add(x)
-    return None
-
-
-def swig_meta_tables(meta) -> tuple[list, list, list]:
-    """SWiG-HOI's swig_v1_meta.json, validated -> (category names, action names, interactions
-    [{id, action_id, object_id, frequency, evaluation}] with int fields). Ids index their table
-    (no gaps, no duplicates), every (action_id, object_id) pair once, frequency in {0, 1, 2},
-    evaluation in {0, 1}. ValueError names the field."""
-    if not isinstance(meta, dict):
-        raise ValueError("expected an object with SWIG_CATEGORIES, SWIG_ACTIONS, SWIG_INTERACTIONS")
-    tables = []
-    for key in ("SWIG_CATEGORIES", "SWIG_ACTIONS"):
-        t = meta.get(key)
-        if not isinstance(t, list) or not t:
-            raise ValueError(f"field '{key}': expected a non-empty list of {{id, name}}")
-        names = []
-        for r, x in enumerate(t):
-            if not (isinstance(x, dict) and isinstance(x.get("name"), str)) or \
-                    (x.get("id") is not None and x.get("id") != r):
-                raise ValueError(f"field '{key}[{r}]': expected {{id: {r}, name: string}}")
-            names.append(x["name"])
-        tables.append(names)
-    inter = meta.get("SWIG_INTERACTIONS")
-    if not isinstance(inter, list) or not inter:
-        raise ValueError("field 'SWIG_INTERACTIONS': expected a non-empty list")
-    out, keys = [], set()
-    for r, x in enumerate(inter):
-        try:
-            if not isinstance(x, dict):
-                raise ValueError("expected an object")
-            e = {"id": as_index(x.get("id"), len(inter)),
-                 "action_id": as_index(x.get("action_id"), len(tables[1])),
-                 "object_id": as_index(x.get("object_id"), len(tables[0])),
-                 "frequency": as_index(x.get("frequency"), 3), "evaluation": as_index(x.get("evaluation", 0), 2)}
-        except ValueError as err:
-            raise ValueError(f"field 'SWIG_INTERACTIONS[{r}]': {err}") from None
-        if e["id"] != r or (e["action_id"], e["object_id"]) in keys:
-            raise ValueError(f"field 'SWIG_INTERACTIONS[{r}]': id must be {r} and each (action_id, "
-                             f"object_id) listed once")
-        keys.add((e["action_id"], e["object_id"]))
-        out.append(e)
-    return tables[0], tables[1], out
 
 
 # ----------------------------------------------------------------------------------------------

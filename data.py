@@ -32,20 +32,26 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from common import (
-    BOX_FRAMES,
-    FLOAT32_MAX,
-    ZERO_SHOT_SPLITS,
-    as_index,
-    as_index_list,
-    atomic_write_text,
-    data_root,
-    first_duplicate,
-    is_number,
-    read_json,
-    swig_meta_tables,
+from common import BOX_FRAMES, atomic_write_text, data_root, read_json
+from formats import (
+    COCO80_NAMES,
+    COCO80_TO_COCO91,
+    COCO91_TO_COCO80,
+    FormatError,
+    coco_result,
+    fail,
+    hico_box_frame,
+    image_detections,
+    iou_continuous,
+    iou_inclusive,
+    load_swig_meta,
+    parse_hico_anno,
+    parse_swig_gt,
+    parse_vcoco_pairs,
+    read,
+    unique_boxes,
+    zero_shot_unseen,
 )
-from eval import _iou_continuous, _iou_inclusive  # the protocols' IoU of each box frame
 from runs import TrainInputError
 
 __all__ = [
@@ -59,114 +65,13 @@ __all__ = [
 # constants and helpers
 # ---------------------------------------------------------------------------------------
 
-#: COCO-80 object names in the order used by fredzzhang/hicodet (``objects``), underscores.
-COCO80_NAMES = [
-    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
-    "traffic_light", "fire_hydrant", "stop_sign", "parking_meter", "bench", "bird", "cat",
-    "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack",
-    "umbrella", "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports_ball",
-    "kite", "baseball_bat", "baseball_glove", "skateboard", "surfboard", "tennis_racket",
-    "bottle", "wine_glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
-    "sandwich", "orange", "broccoli", "carrot", "hot_dog", "pizza", "donut", "cake", "chair",
-    "couch", "potted_plant", "bed", "dining_table", "toilet", "tv", "laptop", "mouse",
-    "remote", "keyboard", "cell_phone", "microwave", "oven", "toaster", "sink",
-    "refrigerator", "book", "clock", "vase", "scissors", "teddy_bear", "hair_drier",
-    "toothbrush",
-]
 
-#: COCO category id (the 91-id space of COCO results files) of each COCO-80 index.
-#: Note: shared/data/hicodet/coco91tohico80.json maps COCO ids to the ALPHABETICAL HICO
-#: object order (person -> 49), not to COCO-80; we therefore use this standard table.
-COCO80_TO_COCO91 = [
-    1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25,
-    27, 28, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 46, 47, 48, 49, 50, 51,
-    52, 53, 54, 55, 56, 57, 58, 59, 60, 61, 62, 63, 64, 65, 67, 70, 72, 73, 74, 75, 76, 77,
-    78, 79, 80, 81, 82, 84, 85, 86, 87, 88, 89, 90,
-]
-COCO91_TO_COCO80 = {cid: i for i, cid in enumerate(COCO80_TO_COCO91)}
-
-class DataError(ValueError):
-    """Bad annotation / detection input. The message names the file, the image, the field."""
+#: bad annotation / detection input (formats.FormatError: one line naming the file, image, field)
+DataError = FormatError
 
 
 class ImageError(DataError, FileNotFoundError):
     """An image file is missing or unreadable (message names the file and dataset index)."""
-
-
-def _err(file, image, field_, msg) -> DataError:
-    return DataError(f"{file}: image {image!r}: field {field_!r}: {msg}")
-
-
-def _prompts_field(d: dict, K: int, fname):
-    """The annotation file's optional `prompts` list (K strings), or None when absent."""
-    prompts = d.get("prompts")
-    if prompts is not None and not (isinstance(prompts, list) and len(prompts) == K
-                                    and all(isinstance(p, str) for p in prompts)):
-        raise _err(fname, "-", "prompts", f"expected {K} strings")
-    return prompts
-
-
-def _pair_boxes(a: dict, fname, img):
-    """The validated human and object boxes [P, 4] of one image's annotation entry."""
-    bh = _boxes_array(a["boxes_h"], fname, img, "boxes_h")
-    bo = _boxes_array(a["boxes_o"], fname, img, "boxes_o")
-    if len(bo) != len(bh):
-        raise _err(fname, img, "boxes_o", f"{len(bo)} object boxes for {len(bh)} human boxes")
-    return bh, bo
-
-
-def _boxes_array(value, file, image, field_, allow_empty=True) -> np.ndarray:
-    """Validate a list of [x1, y1, x2, y2] boxes -> float64 array [N, 4]."""
-    if not isinstance(value, (list, tuple, np.ndarray)):
-        raise _err(file, image, field_, f"expected a list of boxes, got {type(value).__name__}")
-    if len(value) == 0:
-        return np.zeros((0, 4), dtype=np.float64)
-    try:
-        arr = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise _err(file, image, field_, "boxes must be lists of 4 numbers") from None
-    if arr.ndim != 2 or arr.shape[1] != 4:
-        raise _err(file, image, field_, f"boxes must have shape [N, 4], got {list(arr.shape)}")
-    ok = np.isfinite(arr) & (np.abs(arr) <= FLOAT32_MAX)    # stored as float32 downstream
-    if not ok.all():
-        r = int(np.nonzero(~ok.all(1))[0][0])
-        raise _err(file, image, f"{field_}[{r}]", f"non-finite box or beyond float32's range {arr[r].tolist()}")
-    bad = (arr[:, 2] < arr[:, 0]) | (arr[:, 3] < arr[:, 1])
-    if bad.any():
-        r = int(np.nonzero(bad)[0][0])
-        raise _err(file, image, f"{field_}[{r}]", f"box {arr[r].tolist()} has x2<x1 or y2<y1")
-    return arr
-
-
-def _int_array(value, n, lo, hi, file, image, field_) -> np.ndarray:
-    """Validate a list of n integer indices in [lo, hi) -> int64 array [n]: integral numbers
-    only (5.0 is 5; 5.5, NaN, a string or a nested list are refused), never wrapping around."""
-    if not isinstance(value, (list, tuple, np.ndarray)):
-        raise _err(file, image, field_, f"expected a list of integers, got {type(value).__name__}")
-    if len(value) != n:
-        raise _err(file, image, field_, f"has {len(value)} entries, expected {n}")
-    if n == 0:
-        return np.zeros(0, dtype=np.int64)
-    try:
-        arr = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError):
-        arr = None
-    if arr is None or arr.ndim != 1 or not (np.isfinite(arr) & (arr == np.floor(arr))).all():
-        raise _err(file, image, field_, "expected integer indices")
-    bad = (arr < lo) | (arr >= hi)
-    if bad.any():
-        r = int(np.nonzero(bad)[0][0])
-        raise _err(file, image, f"{field_}[{r}]", f"index {arr[r]:.0f} out of range [{lo}, {hi})")
-    return arr.astype(np.int64)
-
-
-def _require(d: dict, key, file, image="-", kind=list):
-    if not isinstance(d, dict) or key not in d:
-        raise _err(file, image, key, "missing key")
-    v = d[key]
-    if kind is not None and not isinstance(v, kind):
-        raise _err(file, image, key, f"expected {kind.__name__}, got {type(v).__name__}")
-    return v
 
 
 def article(word: str) -> str:
@@ -428,57 +333,6 @@ def _hico_prompts(objects, verbs, corr) -> list:
     return out
 
 
-def _hico_correspondence(corr_raw: list, O: int, V: int, fname) -> list:
-    """The file's ``correspondence`` -> [(hoi, object, verb)] indexed by hoi (each class once)."""
-    K = len(corr_raw)
-    corr = [None] * K
-    for r, c in enumerate(corr_raw):
-        if not (isinstance(c, (list, tuple)) and len(c) == 3):
-            raise _err(fname, "-", f"correspondence[{r}]", "expected [hoi, object, verb]")
-        try:
-            h, o, v = as_index(c[0], K), as_index(c[1], O), as_index(c[2], V)
-        except ValueError as e:
-            raise _err(fname, "-", f"correspondence[{r}]", f"bad entry {c} (K={K}, O={O}, V={V}): {e}") from None
-        if corr[h] is not None:
-            raise _err(fname, "-", f"correspondence[{r}]", f"class {h} listed twice")
-        corr[h] = (h, o, v)
-    return corr
-
-
-def _hico_entry(a, fname, img, kov: tuple, corr_o: np.ndarray, corr_v: np.ndarray) -> dict:
-    """One image's annotation entry -> {boxes_h, boxes_o [P, 4], object, hoi, verb Long[P]},
-    validated: classes in [0, K), objects in [0, O), verbs in [0, V), each row's (object, verb)
-    the class's (corr_o, corr_v)."""
-    K, O, V = kov
-    if not isinstance(a, dict):
-        raise _err(fname, img, "annotation", "expected an object")
-    for key in ("boxes_h", "boxes_o", "hoi", "object", "verb"):
-        if key not in a:
-            raise _err(fname, img, key, "missing key")
-    bh, bo = _pair_boxes(a, fname, img)
-    P = len(bh)
-    hoi = _int_array(a["hoi"], P, 0, K, fname, img, "hoi")
-    obj = _int_array(a["object"], P, 0, O, fname, img, "object")
-    verb = _int_array(a["verb"], P, 0, V, fname, img, "verb")
-    bad = (corr_o[hoi] != obj) | (corr_v[hoi] != verb)
-    if bad.any():
-        r = int(np.nonzero(bad)[0][0])
-        raise _err(fname, img, f"hoi[{r}]", f"class {int(hoi[r])} is (object "
-                   f"{int(corr_o[hoi[r]])}, verb {int(corr_v[hoi[r]])}) but the row says "
-                   f"(object {int(obj[r])}, verb {int(verb[r])})")
-    return {"boxes_h": bh, "boxes_o": bo, "object": obj, "hoi": hoi, "verb": verb}
-
-
-def _hico_frame(d: dict, frame, fname) -> str:
-    """The box frame of a HICO-DET-format file: ``frame`` when given, else the file's
-    ``box_frame``, else continuous for a synthetic world written before that key, else hico1."""
-    if frame is None:
-        frame = d.get("box_frame", "continuous" if d.get("name") == "synthetic" else "hico1")
-    if frame not in BOX_FRAMES:
-        raise _err(fname, "-", "box_frame", f"{frame!r} is not one of {sorted(BOX_FRAMES)}")
-    return frame
-
-
 #: min(IoU_h, IoU_o) from which two rows of an image are the same (human, object) pair
 SAME_PAIR_IOU = 0.5
 
@@ -498,40 +352,11 @@ def _zero_shot_rows(a: dict, unseen: np.ndarray, rule: str, frame: str) -> np.nd
     u = unseen[a["hoi"]]
     if rule == "label" or not u.any() or u.all():
         return u
-    iou = _iou_inclusive if BOX_FRAMES[frame] == 1 else _iou_continuous
+    iou = iou_inclusive if BOX_FRAMES[frame] == 1 else iou_continuous
     i, j = (x.reshape(-1) for x in np.meshgrid(np.arange(len(u)), np.nonzero(u)[0], indexing="ij"))
     same = (np.minimum(iou(a["boxes_h"][i], a["boxes_h"][j]), iou(a["boxes_o"][i], a["boxes_o"][j]))
             >= SAME_PAIR_IOU) & (a["object"][i] == a["object"][j])
     return u | same.reshape(len(u), -1).any(1)
-
-
-def _names(v: list, fname, field_: str) -> list:
-    """A list of names (filenames, objects, verbs, classes): strings, each once."""
-    bad = next((r for r, x in enumerate(v) if not isinstance(x, str)), None)
-    if bad is not None:
-        raise _err(fname, "-", f"{field_}[{bad}]", f"expected a string, got {v[bad]!r}")
-    dup = first_duplicate(v)
-    if dup is not None:
-        raise _err(fname, "-", field_, f"{dup!r} listed twice")
-    return list(v)
-
-
-def _class_list(d: dict, key: str, K: int, fname) -> list:
-    """The optional list of class indices d[key] (rare, non_rare), each in [0, K) once."""
-    try:
-        return as_index_list(d.get(key) or [], K, unique=True)
-    except ValueError as e:
-        raise _err(fname, "-", key, str(e)) from None
-
-
-def _image_size(s, fname, img) -> tuple:
-    """A ``size`` entry [w, h] (positive integers) -> (int w, int h)."""
-    try:
-        if not (isinstance(s, (list, tuple)) and len(s) == 2):
-            raise ValueError("expected 2 values")
-        return (as_index(s[0], lo=1), as_index(s[1], lo=1))
-    except ValueError:
-        raise _err(fname, img, "size", f"expected [w, h] (positive integers), got {s!r}") from None
 
 
 class HICODet(_HOIDataset):
@@ -564,49 +389,26 @@ class HICODet(_HOIDataset):
                  skip_empty=False, zero_shot_rule="pair", frame=None):
         super().__init__(image_root, anno_file)
         fname = self.anno_file
-        d = read_json(fname, "annotation file", DataError)
-        if not isinstance(d, dict):
-            raise DataError(f"{fname}: expected a JSON object with key 'annotation', got "
-                            f"{type(d).__name__}")
+        d = read(fname, "annotation file")
+        gt = parse_hico_anno(d, str(fname), names=True)
         self.raw = d
-        anns = _require(d, "annotation", fname)
-        files = _names(_require(d, "filenames", fname), fname, "filenames")
-        objects = _names(_require(d, "objects", fname), fname, "objects")
-        verbs = _names(_require(d, "verbs", fname), fname, "verbs")
-        corr_raw = _require(d, "correspondence", fname)
-        if len(files) != len(anns):
-            raise _err(fname, "-", "filenames", f"{len(files)} file names for {len(anns)} annotations")
-        K, O, V = len(corr_raw), len(objects), len(verbs)
-        corr = _hico_correspondence(corr_raw, O, V, fname)
-        corr_o = np.array([c[1] for c in corr], dtype=np.int64)
-        corr_v = np.array([c[2] for c in corr], dtype=np.int64)
-        sizes = d.get("size")
-        if sizes is not None and (not isinstance(sizes, list) or len(sizes) != len(anns)):
-            raise _err(fname, "-", "size", f"expected a list of {len(anns)} [w, h], one per image")
-        for j, a in enumerate(anns):
-            self._ann.append(_hico_entry(a, fname, files[j], (K, O, V), corr_o, corr_v))
-            self._sizes.append(None if sizes is None else _image_size(sizes[j], fname, files[j]))
-        self._files = [str(f) for f in files]
-
-        rare = _class_list(d, "rare", K, fname)
-        if set(rare) & set(_class_list(d, "non_rare", K, fname)):
-            raise _err(fname, "-", "non_rare", "a class is both rare and non-rare")
-        prompts = _prompts_field(d, K, fname)
-        if prompts is None:
-            prompts = _hico_prompts(objects, verbs, corr)
-        self.box_frame = _hico_frame(d, frame, fname)
-        self.unseen = self._resolve_zero_shot(zero_shot, d, K)
-        person = objects.index("person") if "person" in objects else 0
+        bounds = np.searchsorted(gt.gt_image, np.arange(len(gt.filenames) + 1))
+        for s, e in zip(bounds[:-1].tolist(), bounds[1:].tolist()):   # views of the file's rows
+            self._ann.append({"boxes_h": gt.gt_boxes[s:e, :4], "boxes_o": gt.gt_boxes[s:e, 4:],
+                              "object": gt.gt_object[s:e], "hoi": gt.gt_class[s:e], "verb": gt.gt_verb[s:e]})
+        self._files = list(gt.filenames)
+        self._sizes = gt.sizes or [None] * len(gt.filenames)
+        K, objects, corr = gt.num_classes, gt.objects, gt.correspondence.tolist()
+        self.box_frame = hico_box_frame(d, fname, frame)
+        self.unseen = [] if zero_shot is None else zero_shot_unseen(zero_shot, gt.zero_shot, K, str(fname))[1]
         self._class_space = ClassSpace(
-            name=str(d.get("name", "hicodet")), prompts=list(prompts), object_names=objects,
-            hoi_object=[[c[1]] for c in corr], hoi_verb=[c[2] for c in corr], verb_names=verbs,
-            person_label=person, rare=rare, unseen=self.unseen)
-
-        empty = d.get("empty", [])
-        empty = _int_array(empty, len(empty) if isinstance(empty, list) else -1, 0, len(anns), fname, "-", "empty")
+            name=str(d.get("name", "hicodet")), prompts=gt.prompts or _hico_prompts(objects, gt.verbs, corr),
+            object_names=objects, hoi_object=[[c[1]] for c in corr], hoi_verb=[c[2] for c in corr],
+            verb_names=gt.verbs, person_label=objects.index("person") if "person" in objects else 0,
+            rare=gt.rare or [], unseen=self.unseen)
         if zero_shot_rule not in ("pair", "label"):
             raise ValueError(f"zero_shot_rule must be 'pair' or 'label', got {zero_shot_rule!r}")
-        self.indices = self._training_subset(K, skip_empty, few_shot, seed, set(empty.tolist()), zero_shot_rule)
+        self.indices = self._training_subset(K, skip_empty, few_shot, seed, set(gt.empty), zero_shot_rule)
 
     def _training_subset(self, K: int, skip_empty: bool, few_shot, seed: int, empty: set,
                          rule: str) -> list:
@@ -629,51 +431,6 @@ class HICODet(_HOIDataset):
             pos = _few_shot_indices([self._ann[j]["hoi"] for j in keep], K, int(few_shot), seed)
             keep = [keep[p] for p in pos]
         return keep
-
-    @staticmethod
-    def _split_names(name: str) -> list:
-        names = [name]
-        if name in ZERO_SHOT_SPLITS:
-            names.append(ZERO_SHOT_SPLITS[name])
-        names += [a for a, long in ZERO_SHOT_SPLITS.items() if long == name]
-        return names
-
-    def _resolve_zero_shot(self, zero_shot, d, K) -> list:
-        fname = self.anno_file
-        if zero_shot is None:
-            return []
-        if isinstance(zero_shot, str):
-            names = self._split_names(zero_shot)
-            zs = d.get("zero_shot")
-            if zs is not None:
-                if not isinstance(zs, dict):
-                    raise _err(fname, "-", "zero_shot", "expected {split: [hoi indices]}")
-                hit = [n for n in names if n in zs]
-                if not hit:
-                    raise _err(fname, "-", "zero_shot", f"no split {zero_shot!r}; the file has "
-                               f"{sorted(zs)}")
-                lst = zs[hit[0]]
-                if isinstance(lst, dict):
-                    lst = lst.get("unseen", [])
-            else:
-                f = data_root() / "hicodet" / "derived" / "zero_shot_unseen_hoi_indices.json"
-                splits = read_json(f, "zero-shot split file", DataError).get("splits", {})
-                hit = [n for n in names if n in splits]
-                if not hit:
-                    raise ValueError(f"{f}: no zero-shot split {zero_shot!r}; known: "
-                                     f"{sorted(ZERO_SHOT_SPLITS)} + {sorted(splits)}")
-                if K != 600:
-                    raise _err(fname, "-", "zero_shot", f"split {zero_shot!r} of {f} is for the "
-                               f"600 HICO-DET classes but the file has {K}; add a 'zero_shot' "
-                               f"dict to the annotation file")
-                lst = splits[hit[0]]["unseen"]
-        else:
-            lst = list(zero_shot)
-        out = sorted({int(k) for k in lst})
-        bad = [k for k in out if k < 0 or k >= K]
-        if bad:
-            raise _err(fname, "-", "zero_shot", f"class index {bad[0]} out of range [0, {K})")
-        return out
 
 
 #: one prompt per V-COCO action-role class name (fredzzhang's 24 ``classes``)
@@ -722,66 +479,17 @@ class VCOCO(_HOIDataset):
     def __init__(self, image_root, anno_file):
         super().__init__(image_root, anno_file)
         fname = self.anno_file
-        d = read_json(fname, "annotation file", DataError)
-        if not isinstance(d, dict):
-            raise DataError(f"{fname}: expected a JSON object with key 'annotations'")
-        self.raw = d
-        anns = _require(d, "annotations", fname)
-        classes = _names(_require(d, "classes", fname), fname, "classes")
-        objects81 = _names(_require(d, "objects", fname), fname, "objects")
-        K, O81 = len(classes), len(objects81)
-        ids = d.get("images")
-        if ids is not None and (not isinstance(ids, list) or len(ids) != len(anns)):
-            raise _err(fname, "-", "images", f"expected a list of {len(anns)} image ids, one per annotation")
-        try:
-            self.image_ids = as_index_list(ids, unique=True) if ids is not None else None
-        except ValueError as e:
-            raise _err(fname, "-", "images", str(e)) from None
-        for j, a in enumerate(anns):
-            if not isinstance(a, dict) or not isinstance(a.get("file_name"), str):
-                raise _err(fname, j, "file_name", "missing key or not a string")
-            img = a["file_name"]
-            for key in ("boxes_h", "boxes_o", "actions", "objects"):
-                if key not in a:
-                    raise _err(fname, img, key, "missing key")
-            bh, bo = _pair_boxes(a, fname, img)
-            P = len(bh)
-            act = _int_array(a["actions"], P, 0, K, fname, img, "actions")
-            obj = _int_array(a["objects"], P, 1, O81, fname, img, "objects") - 1
-            self._ann.append({"boxes_h": bh, "boxes_o": bo, "object": obj, "hoi": act,
-                              "verb": act.copy()})
-            self._files.append(str(img))
-            self._sizes.append(None)
-        self.indices = list(range(len(anns)))
-        _names(self._files, fname, "annotations[].file_name")
-        objects = objects81[1:]
-        hoi_object = self._action_objects(d.get("action_to_object"), K, O81, fname)
-        prompts = _prompts_field(d, K, fname)
-        if prompts is None:
-            prompts = [VCOCO_PROMPTS.get(c, "a photo of a person " + c.split(" ")[0].replace("_", " "))
-                       for c in classes]
+        self.raw = read(fname, "annotation file")
+        v = parse_vcoco_pairs(self.raw, fname)
+        self._ann = [dict(r, verb=r["hoi"].copy()) for r in v.rows]
+        self._files, self._sizes, self.image_ids = v.filenames, [None] * len(v.rows), v.image_ids
+        self.indices = list(range(len(v.rows)))
+        prompts = v.prompts or [VCOCO_PROMPTS.get(c, "a photo of a person " + c.split(" ")[0].replace("_", " "))
+                                for c in v.classes]
         self._class_space = ClassSpace(
-            name="vcoco", prompts=prompts, object_names=objects, hoi_object=hoi_object,
-            hoi_verb=list(range(K)), verb_names=classes,
-            person_label=objects.index("person") if "person" in objects else 0)
-
-
-    @staticmethod
-    def _action_objects(a2o, K: int, O81: int, fname) -> list:
-        """The optional ``action_to_object`` (per action-role class, object indices in the
-        file's 81-object space; 0 = background is dropped) -> COCO-80 labels per class; absent:
-        every object for every class."""
-        if a2o is None:
-            return [list(range(O81 - 1)) for _ in range(K)]
-        if not isinstance(a2o, list) or len(a2o) != K:
-            raise _err(fname, "-", "action_to_object", f"expected one list of object indices per class ({K})")
-        out = []
-        for k, lst in enumerate(a2o):
-            try:
-                out.append(sorted({o - 1 for o in as_index_list(lst, O81) if o > 0}))
-            except ValueError as e:
-                raise _err(fname, "-", f"action_to_object[{k}]", str(e)) from None
-        return out
+            name="vcoco", prompts=prompts, object_names=v.objects, hoi_object=v.hoi_object,
+            hoi_verb=list(range(len(v.classes))), verb_names=v.classes,
+            person_label=v.objects.index("person") if "person" in v.objects else 0)
 
 
 class SWiGHOI(_HOIDataset):
@@ -805,29 +513,19 @@ class SWiGHOI(_HOIDataset):
     def __init__(self, image_root, anno_file, meta_file=None):
         super().__init__(image_root, anno_file)
         fname = self.anno_file
-        d = read_json(fname, "annotation file", DataError)
-        if not isinstance(d, list):
-            raise DataError(f"{fname}: expected a JSON list of images, got {type(d).__name__}")
         meta_file = Path(meta_file) if meta_file else data_root() / "swig_hoi" / "derived" / "swig_v1_meta.json"
-        try:
-            obj_names, act_names, inters = swig_meta_tables(read_json(meta_file, "SWiG-HOI meta file", DataError))
-        except ValueError as e:
-            if isinstance(e, DataError):
-                raise
-            raise DataError(f"{meta_file}: SWiG-HOI meta file: {e}") from None
-        mapper = {(x["action_id"], x["object_id"]): x["id"] for x in inters}
-        self.skipped = {"no_object": 0, "unknown_interaction": 0}
-        for j, a in enumerate(d):
-            if not isinstance(a, dict) or not isinstance(a.get("file_name"), str):
-                raise _err(fname, j, "file_name", "missing key or not a string")
-            self._ann.append(self._entry(a, mapper, len(obj_names), len(act_names)))
-            self._files.append(a["file_name"])
-            self._sizes.append(self._size(a))
-        _names(self._files, fname, "file_name")
-        self.indices = list(range(len(d)))
-        if self.skipped["unknown_interaction"]:
-            warnings.warn(f"{fname}: skipped {self.skipped['unknown_interaction']} pairs whose "
-                          f"(action, object) is not in SWIG_INTERACTIONS")
+        gt = parse_swig_gt(read(fname, "annotation file"), load_swig_meta(meta_file), str(fname), skip_unknown=True)
+        obj_names, act_names, inters = gt.tables
+        self.skipped = {"no_object": gt.num_no_object, "unknown_interaction": gt.num_unknown}
+        bounds = np.searchsorted(gt.gt_image, np.arange(len(gt.filenames) + 1))
+        for s, e in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+            self._ann.append({"boxes_h": gt.gt_boxes[s:e, :4], "boxes_o": gt.gt_boxes[s:e, 4:],
+                              "object": gt.gt_category[s:e], "hoi": gt.gt_class[s:e], "verb": gt.gt_action[s:e]})
+        self._files, self._sizes = gt.filenames, gt.sizes
+        self.indices = list(range(len(self._files)))
+        if gt.num_unknown:
+            warnings.warn(f"{fname}: skipped {gt.num_unknown} pairs whose (action, object) is not in "
+                          f"SWIG_INTERACTIONS")
         prompts = []
         for x in inters:
             ob = obj_names[x["object_id"]].replace("_", " ")
@@ -840,52 +538,6 @@ class SWiGHOI(_HOIDataset):
             person_label=obj_names.index("person") if "person" in obj_names else 0,
             rare=[x["id"] for x in inters if x["frequency"] == 1],
             unseen=[x["id"] for x in inters if x["frequency"] == 0])
-
-    def _entry(self, a: dict, mapper: dict, O: int, V: int) -> dict:
-        """One image's entry -> {boxes_h, boxes_o [P, 4], object, hoi, verb Long[P]}. Box indices
-        must point into box_annotations (a negative one never wraps around); object_id -1 (no
-        object) and (action, object) pairs SWiG-HOI does not list are skipped and counted."""
-        fname, img = self.anno_file, a["file_name"]
-        boxes_raw = _require(a, "box_annotations", fname, img)
-        hois = _require(a, "hoi_annotations", fname, img)
-        for r, b in enumerate(boxes_raw):
-            if not isinstance(b, dict) or "bbox" not in b or "category_id" not in b:
-                raise _err(fname, img, f"box_annotations[{r}]", "needs 'bbox' and 'category_id'")
-        boxes = _boxes_array([b["bbox"] for b in boxes_raw], fname, img, "box_annotations.bbox")
-        cat = _int_array([b["category_id"] for b in boxes_raw], len(boxes_raw), 0, O, fname, img,
-                         "box_annotations.category_id")
-        rows = []                                  # (subject, object, class, action, category)
-        for r, h in enumerate(hois):
-            if not isinstance(h, dict) or not all(k in h for k in ("subject_id", "object_id", "action_id")):
-                raise _err(fname, img, f"hoi_annotations[{r}]", "needs subject_id, object_id, action_id")
-            try:
-                key = "subject_id"
-                s_ = as_index(h["subject_id"], len(boxes))
-                key = "object_id"
-                no_object = is_number(h["object_id"]) and h["object_id"] == -1
-                o = -1 if no_object else as_index(h["object_id"], len(boxes))
-                key = "action_id"
-                act = as_index(h["action_id"], V)
-            except ValueError as e:
-                raise _err(fname, img, f"hoi_annotations[{r}].{key}", str(e)) from None
-            if o == -1:
-                self.skipped["no_object"] += 1
-                continue
-            k = mapper.get((act, int(cat[o])))
-            if k is None:
-                self.skipped["unknown_interaction"] += 1
-                continue
-            rows.append((s_, o, k, act, int(cat[o])))
-        sh, so, k, v, c = (list(x) for x in zip(*rows)) if rows else ([], [], [], [], [])
-        return {"boxes_h": boxes[sh].reshape(-1, 4), "boxes_o": boxes[so].reshape(-1, 4),
-                "object": np.array(c, dtype=np.int64), "hoi": np.array(k, dtype=np.int64),
-                "verb": np.array(v, dtype=np.int64)}
-
-    def _size(self, a: dict):
-        """(width, height) from the entry's optional width / height (positive integers)."""
-        if a.get("width") is None and a.get("height") is None:
-            return None
-        return _image_size([a.get("width"), a.get("height")], self.anno_file, a["file_name"])
 
 
 def collate(batch):
@@ -946,92 +598,36 @@ def load_detections(path, filenames=None, image_ids=None, num_labels=None, frame
     Errors (DataError) name the file, the image and the field.
     """
     path = Path(path)
-    d = read_json(path, "detection file", DataError)
+    d = read(path, "detection file")
     if isinstance(d, dict):
-        out = {str(img): _image_detections(e, path, img, num_labels) for img, e in d.items()}
+        out = {str(img): _make_dets(*image_detections(e, path, img, num_labels)) for img, e in d.items()}
     elif isinstance(d, list):
         if image_ids is None:
-            raise DataError(f"{path}: COCO results format needs image_ids {{image_id: filename}}")
-        out = _coco_result_detections(d, path, {int(k): str(v) for k, v in image_ids.items()}, num_labels)
+            raise fail(path, "COCO results format needs image_ids {image_id: filename}")
+        names = {int(k): str(v) for k, v in image_ids.items()}
+        labels = {c: k for c, k in COCO91_TO_COCO80.items() if num_labels is None or k < num_labels}
+        acc: dict = {}
+        for r, e in enumerate(d):
+            img, (x, y, w, h), score, label = coco_result(e, r, path, names, labels)
+            for lst, v in zip(acc.setdefault(img, ([], [], [])), ([x, y, x + w, y + h], score, label)):
+                lst.append(v)
+        out = {img: _make_dets(*v) for img, v in acc.items()}
     else:
-        raise DataError(f"{path}: expected a JSON object (per-image) or a list (COCO results)")
+        raise fail(path, "expected a JSON object (per-image) or a list (COCO results)")
     if isinstance(d, list) and frame is None:
         frame = "continuous"
     for f in (frame, into):
         if f is not None and f not in BOX_FRAMES:
-            raise DataError(f"{path}: box frame {f!r} is not one of {sorted(BOX_FRAMES)}")
+            raise fail(path, f"box frame {f!r} is not one of {sorted(BOX_FRAMES)}")
     if frame is not None and into is not None and frame != into:
         out = {img: dict(e, boxes=convert_box_frame(e["boxes"], frame, into)) for img, e in out.items()}
     if filenames is not None:
         filenames = [str(f) for f in filenames]
         if filenames and out and not any(f in out for f in filenames):
-            raise DataError(f"{path}: has detections for {len(out)} images but none of the "
-                            f"{len(filenames)} requested (first: {filenames[0]!r})")
+            raise fail(path, f"has detections for {len(out)} images but none of the "
+                             f"{len(filenames)} requested (first: {filenames[0]!r})")
         out = {f: out.get(f, _empty_dets()) for f in filenames}
     return out
-
-
-def _image_detections(e, path, img, num_labels) -> dict:
-    """One image's entry of a per-image detection file -> detections, validated."""
-    if not isinstance(e, dict):
-        raise _err(path, img, "-", "expected {boxes, scores, labels}")
-    for key in ("boxes", "scores", "labels"):
-        if key not in e:
-            raise _err(path, img, key, "missing key")
-    boxes = _boxes_array(e["boxes"], path, img, "boxes")
-    n = len(boxes)
-    if not isinstance(e["scores"], list) or len(e["scores"]) != n:
-        raise _err(path, img, "scores", f"expected {n} numbers")
-    try:
-        scores = np.asarray(e["scores"], dtype=np.float64).reshape(-1)
-    except (TypeError, ValueError):
-        raise _err(path, img, "scores", "expected numbers") from None
-    if not (np.isfinite(scores) & (np.abs(scores) <= FLOAT32_MAX)).all():
-        raise _err(path, img, "scores", "non-finite score or one beyond float32's range")
-    labels = _int_array(e["labels"], n, 0, num_labels if num_labels else 2 ** 62, path, img, "labels")
-    return _make_dets(boxes, scores, labels)
-
-
-def _coco_result_detections(entries: list, path, ids: dict, num_labels) -> dict:
-    """A COCO results list -> {filename: detections} (COCO-80 labels, [x, y, x + w, y + h])."""
-    acc = {}
-    for r, e in enumerate(entries):
-        img, box, score, label = _coco_result(e, f"entry {r}", path, ids, num_labels)
-        acc.setdefault(img, ([], [], []))
-        acc[img][0].append(box)
-        acc[img][1].append(score)
-        acc[img][2].append(label)
-    return {img: _make_dets(b, s, lab) for img, (b, s, lab) in acc.items()}
-
-
-def _coco_result(e, where: str, path, ids: dict, num_labels) -> tuple:
-    """One COCO results entry -> (filename, [x1, y1, x2, y2], score, COCO-80 label), validated."""
-    if not isinstance(e, dict):
-        raise _err(path, where, "-", "expected an object")
-    for key in ("image_id", "category_id", "bbox", "score"):
-        if key not in e:
-            raise _err(path, where, key, "missing key")
-    iid = e["image_id"]
-    if not isinstance(iid, int) or isinstance(iid, bool) or iid not in ids:
-        raise _err(path, f"{where} (image_id {iid})", "image_id", "unknown image id")
-    img = ids[iid]
-    cid = e["category_id"]
-    if not isinstance(cid, int) or isinstance(cid, bool) or cid not in COCO91_TO_COCO80:
-        raise _err(path, f"{img} ({where})", "category_id", f"{cid!r} is not a COCO category id")
-    b = e["bbox"]
-    if not (isinstance(b, list) and len(b) == 4 and all(is_number(x) for x in b)):
-        raise _err(path, f"{img} ({where})", "bbox", "expected [x, y, w, h]")
-    x, y, w, h = (float(v) for v in b)
-    if not all(math.isfinite(v) for v in (x, y, w, h)) or w < 0 or h < 0 or \
-            not all(abs(v) <= FLOAT32_MAX for v in (x, y, x + w, y + h)):
-        raise _err(path, f"{img} ({where})", "bbox", f"bad box {b} (non-finite, negative size or beyond float32)")
-    s = e["score"]
-    if not is_number(s) or not math.isfinite(s) or abs(s) > FLOAT32_MAX:
-        raise _err(path, f"{img} ({where})", "score", f"bad score {s!r}")
-    lab = COCO91_TO_COCO80[cid]
-    if num_labels is not None and lab >= num_labels:
-        raise _err(path, f"{img} ({where})", "category_id", f"label {lab} >= {num_labels}")
-    return img, [x, y, x + w, y + h], float(s), lab
 
 
 def save_detections(path, detections: dict, decimals: int = 2):
@@ -1059,25 +655,11 @@ def gt_detections(target: dict, person_label: int = 0, return_index: bool = Fals
     appears once). With ``return_index``: also (idx_h Long[P], idx_o Long[P]) = the
     detection index of each row's human and object box.
     """
-    bh = torch.as_tensor(target["boxes_h"], dtype=torch.float32).reshape(-1, 4)  # [P, 4]
-    bo = torch.as_tensor(target["boxes_o"], dtype=torch.float32).reshape(-1, 4)  # [P, 4]
-    obj = torch.as_tensor(target["object"], dtype=torch.long).reshape(-1)  # [P]
-    seen = {}
-    boxes, labels = [], []
-
-    def add(box, lab):
-        key = (tuple(box.tolist()), int(lab))
-        if key not in seen:
-            seen[key] = len(boxes)
-            boxes.append(box.tolist())
-            labels.append(int(lab))
-        return seen[key]
-
-    idx_h = [add(b, person_label) for b in bh]
-    idx_o = [add(b, lab) for b, lab in zip(bo, obj)]
-    dets = _make_dets(boxes, [1.0] * len(boxes), labels)
+    boxes, labels, idx_h, idx_o = unique_boxes(*(torch.as_tensor(target[k]).numpy() for k in
+                                                ("boxes_h", "boxes_o", "object")), person_label)
+    dets = _make_dets(boxes, np.ones(len(boxes)), labels)
     if return_index:
-        return dets, torch.tensor(idx_h, dtype=torch.long), torch.tensor(idx_o, dtype=torch.long)
+        return dets, torch.from_numpy(idx_h), torch.from_numpy(idx_o)
     return dets
 
 

@@ -17,7 +17,7 @@ choices) is world/recipe.py, shared with ablation.py.
 --vlm: world-clip (default: a small open_clip model pretrained on the world's captions by
 world/pretrain_vlm.py, shipped in world/weights/ and loaded as a user's local CLIP checkpoint is,
 its SHA-256 checked before any training), world-sig (the SigLIP-loss one), random (world-clip's
-architecture, random weights), tiny (model.register_tiny_vlm's random ViT at 64 px).
+architecture, random weights), tiny (vlm.register_tiny_vlm's random ViT at 64 px).
 Re-running resumes every run (finished runs are skipped), --fresh starts over; the output
 folder's recipe.json keeps runs of another recipe or VLM apart. Logs: runs/demo/<run>.out,
 runs/demo/<run>/log.jsonl, curves.png.
@@ -35,7 +35,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-import eval as hoi_eval
 from common import (
     ZERO_SHOT_SPLITS,
     OneLineParser,
@@ -45,6 +44,7 @@ from common import (
     nonneg_int,
     number,
 )
+from detector_ap import evaluate_detector
 from runs import load_checkpoint
 from viz import draw_interactions, hoi_class_names
 from world import synthetic, vlms
@@ -152,11 +152,11 @@ def train_all(out: Path, world: Path, loop: list, zero_shot: str, sequential: bo
 
 
 def detector_ap(world: Path) -> dict:
-    """Box AP (%) of the world's simulated test detections on the test GT boxes (eval.evaluate_detector):
+    """Box AP (%) of the world's simulated test detections on the test GT boxes (detector_ap.evaluate_detector):
     the ceiling every HOI row below sits under. The GT holds only the boxes of annotated pairs, so a
     person or object the detector finds that takes part in no labelled interaction is a false positive."""
-    r = hoi_eval.evaluate_detector(world / "instances_test.json", world / "detections_test.json",
-                                   dataset="synthetic")
+    r = evaluate_detector(world / "instances_test.json", world / "detections_test.json",
+                          dataset="synthetic")
     return {k: round(float(r[k]), 2) for k in ("ap", "ap50", "ar100")}
 
 

@@ -100,10 +100,10 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 import data
+import formats
 from common import (
     HeldNotes,
     OneLineParser,
-    as_index,
     atomic_write,
     atomic_write_json,
     check_input_file,
@@ -115,6 +115,7 @@ from common import (
     refuse_outputs_over_inputs,
     unit_float,
 )
+from formats import as_index
 from model import LINK
 from runs import BUILD_ERRORS, CheckpointError, CheckpointNotFound, build_error_reason, load_checkpoint
 from trainer import nonfinite_cause, nonfinite_images
@@ -368,11 +369,15 @@ class GTBoxes:
         for key in keys:
             a = self.annos[self.index[key]]
             try:         # validated as the dataset validates it: boxes finite and ordered, labels in range
-                if not isinstance(a, dict) or "object" not in a:
-                    raise ValueError(f"{self.path}: image {key!r}: field 'object': missing key")
-                bh, bo = data._pair_boxes(a, self.path, key)
+                for k in ("boxes_h", "boxes_o", "object"):
+                    if not isinstance(a, dict) or k not in a:
+                        raise formats.fail(self.path, "missing key", key, field_=k)
+                bh, bo = (formats.boxes_array(a[k], self.path, key, k) for k in ("boxes_h", "boxes_o"))
+                if len(bo) != len(bh):
+                    raise formats.fail(self.path, f"{len(bo)} object boxes for {len(bh)} human boxes", key,
+                                       field_="boxes_o")
                 n_obj = len(self.table) if self.table is not None else self.num_objects
-                obj = data._int_array(a["object"], len(bh), 0, n_obj, self.path, key, "object")
+                obj = formats.int_array(a["object"], len(bh), 0, n_obj, self.path, key, "object")
                 dets = data.gt_detections({"boxes_h": bh, "boxes_o": bo, "object": obj}, person_label=self.person)
             except (KeyError, ValueError, RuntimeError, TypeError) as e:
                 raise InferError(f"{self.path}: image {key!r}: bad annotation ({e})" if not
@@ -393,7 +398,7 @@ class GTBoxes:
         if not isinstance(self.sizes, list) or len(self.sizes) != len(self.annos):
             raise InferError(f"{self.path}: field 'size': expected one [w, h] per image")
         try:
-            return data._image_size(self.sizes[self.index[key]], self.path, key)
+            return formats.image_size(self.sizes[self.index[key]], self.path, key)
         except ValueError as e:
             raise InferError(str(e)) from None
 

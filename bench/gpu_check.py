@@ -657,7 +657,7 @@ def _add_speed(rep, row):
 def register_vlm(width):
     """A tiny random open_clip config whose image features have the given width (C = embed_dim):
     the LINK head gets its realistic widths while the VLM itself costs nothing (features are given).
-    model.register_tiny_vlm fixes embed_dim at 64, hence this one."""
+    vlm.register_tiny_vlm fixes embed_dim at 64, hence this one."""
     import open_clip
     name = f"gpucheck-w{width}"
     if name not in open_clip.list_models():

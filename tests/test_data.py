@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_formats import hico_doc
 
 import common
 import data
@@ -43,24 +44,7 @@ need_swig = pytest.mark.skipif(not SWIG_META.is_file(), reason="shared SWiG-HOI 
 
 def tiny_hico(tmp_path, mutate=None, with_images=True):
     """3 images. Classes: 0 hold cup, 1 kick ball, 2 hold ball, 3 hug person."""
-    doc = {
-        "annotation": [
-            {"boxes_h": [[1, 1, 10, 20], [1, 1, 10, 20]], "boxes_o": [[8, 5, 14, 9], [8, 5, 14, 9]],
-             "hoi": [0, 0], "object": [1, 1], "verb": [0, 0]},
-            {"boxes_h": [[2, 2, 12, 22], [2, 2, 12, 22], [20, 2, 30, 22]],
-             "boxes_o": [[11, 15, 15, 19], [11, 15, 15, 19], [2, 2, 12, 22]],
-             "hoi": [1, 2, 3], "object": [2, 2, 0], "verb": [1, 0, 2]},
-            {"boxes_h": [], "boxes_o": [], "hoi": [], "object": [], "verb": []},
-        ],
-        "filenames": ["a.png", "b.png", "c.png"],
-        "empty": [2],
-        "objects": ["person", "cup", "ball"],
-        "verbs": ["hold", "kick", "hug"],
-        "correspondence": [[0, 1, 0], [1, 2, 1], [2, 2, 0], [3, 0, 2]],
-        "size": [[32, 24], [32, 24], [32, 24]],
-        "rare": [1, 3],
-        "non_rare": [0, 2],
-    }
+    doc = hico_doc()
     # image a lists the same pair twice with class 0 (duplicate rows are allowed)
     if mutate:
         mutate(doc)
@@ -128,23 +112,7 @@ def test_hicodet_images_lazy_and_errors(tmp_path):
         HICODet(tmp_path / "img", f)[1]
 
 
-@pytest.mark.parametrize("mutate, pattern", [
-    (lambda d: d["annotation"][1].pop("verb"), r"image 'b.png': field 'verb': missing key"),
-    (lambda d: d["annotation"][1]["boxes_o"].__setitem__(1, [15, 15, 11, 19]),
-     r"image 'b.png': field 'boxes_o\[1\]'.*x2<x1"),
-    (lambda d: d["annotation"][0]["hoi"].__setitem__(1, 7),
-     r"image 'a.png': field 'hoi\[1\]': index 7 out of range \[0, 4\)"),
-    (lambda d: d["annotation"][0]["object"].__setitem__(0, 2),
-     r"image 'a.png': field 'hoi\[0\]': class 0 is \(object 1, verb 0\)"),
-    (lambda d: d["annotation"][1]["hoi"].pop(), r"image 'b.png': field 'hoi': has 2 entries, expected 3"),
-    (lambda d: d.pop("correspondence"), r"field 'correspondence': missing key"),
-    (lambda d: d["size"].__setitem__(2, [0, 5]), r"image 'c.png': field 'size'"),
-])
-def test_hicodet_malformed(tmp_path, mutate, pattern):
-    root, f = tiny_hico(tmp_path, mutate=mutate, with_images=False)
-    with pytest.raises(DataError, match=pattern) as e:
-        HICODet(root, f)
-    assert str(f) in str(e.value)
+# the bad-input cases of the datasets and detection files: tests/test_formats.py
 
 
 def test_zero_shot_filter(tmp_path):
@@ -220,9 +188,6 @@ def test_empty_images_left_out_of_training(tmp_path):
         args = train_teacher.teacher_parser().parse_args(base + extra)
         assert train_teacher._dataset(args, root, f, train=True).filenames == want
         assert train_teacher._dataset(args, root, f, train=False).filenames == ["a.png", "b.png", "c.png"]
-    root, f = tiny_hico(tmp_path, mutate=lambda d: d.update(empty=[7]))
-    with pytest.raises(DataError, match=r"field 'empty\[0\]': index 7 out of range"):
-        HICODet(root, f)
 
 
 def test_box_frames_of_datasets_and_detection_files(tmp_path):
@@ -233,9 +198,6 @@ def test_box_frames_of_datasets_and_detection_files(tmp_path):
     root, f = tiny_hico(tmp_path, mutate=lambda d: d.update(box_frame="continuous"))
     assert HICODet(root, f).box_frame == "continuous"
     assert HICODet(root, f, frame="hico1").box_frame == "hico1"
-    root, f = tiny_hico(tmp_path, mutate=lambda d: d.update(box_frame="pixels"))
-    with pytest.raises(DataError, match="field 'box_frame'"):
-        HICODet(root, f)
     # continuous -> hico1: x1 + 1, y1 + 1; x2, y2 kept; under one pixel wide: x1 = x2
     b = torch.tensor([[10.0, 20.0, 30.5, 40.0], [10.25, 5.0, 10.75, 9.0]])
     assert convert_box_frame(b, "continuous", "hico1").tolist() == [[11, 21, 30.5, 40], [10.75, 6, 10.75, 9]]
@@ -246,8 +208,6 @@ def test_box_frames_of_datasets_and_detection_files(tmp_path):
     assert load_detections(det)["a.png"]["boxes"].tolist() == [[0, 0, 31.5, 24]]
     assert load_detections(det, frame="continuous", into="hico1")["a.png"]["boxes"].tolist() == [[1, 1, 31.5, 24]]
     assert load_detections(det, frame="hico1", into="hico1")["a.png"]["boxes"].tolist() == [[0, 0, 31.5, 24]]
-    with pytest.raises(DataError, match="box frame 'coco'"):
-        load_detections(det, frame="coco", into="hico1")
 
 
 def test_few_shot_rule_exact():
@@ -334,10 +294,6 @@ def test_swig_format(tmp_path):
     cs = ds.class_space()
     assert cs.num_classes == 14130 and cs.prompts[2] == "a photo of a person pedaling a bicycle"
     assert len(cs.unseen) == 1391 and cs.hoi_object[2] == [obj]
-    doc[0]["hoi_annotations"][0]["subject_id"] = 5
-    f.write_text(json.dumps(doc))
-    with pytest.raises(DataError, match=r"image 'x.jpg': field 'hoi_annotations\[0\].subject_id'"):
-        SWiGHOI(tmp_path, f)
 
 
 # ------------------------------------------------------------------------------------------
@@ -353,26 +309,12 @@ def test_load_save_detections(tmp_path):
     assert d["b.png"]["boxes"].shape == (0, 4)
     got = load_detections(f, filenames=["a.png", "z.png"])
     assert list(got) == ["a.png", "z.png"] and got["z.png"]["scores"].shape == (0,)
-    with pytest.raises(DataError, match="none of the 1 requested"):
-        load_detections(f, filenames=["q.png"])
     save_detections(tmp_path / "e.json", {"a.png": {"boxes": torch.tensor([[1.234, 2, 3, 4]]),
                                                      "scores": torch.tensor([0.987]),
                                                      "labels": torch.tensor([3])}})
     e = load_detections(tmp_path / "e.json")
     assert e["a.png"]["boxes"][0, 0].item() == pytest.approx(1.23)
     assert e["a.png"]["scores"].item() == pytest.approx(0.99)
-    for bad, pat in [({"a.png": {"boxes": [[3, 2, 1, 4]], "scores": [1], "labels": [0]}},
-                      r"image 'a.png': field 'boxes\[0\]'"),
-                     ({"a.png": {"boxes": [[1, 2, 3, 4]], "scores": [], "labels": [0]}},
-                      r"image 'a.png': field 'scores'"),
-                     ({"a.png": {"boxes": [[1, 2, 3, 4]], "scores": [1]}},
-                      r"image 'a.png': field 'labels': missing key")]:
-        f.write_text(json.dumps(bad))
-        with pytest.raises(DataError, match=pat):
-            load_detections(f)
-    f.write_text(json.dumps({"a.png": {"boxes": [[1, 2, 3, 4]], "scores": [1], "labels": [80]}}))
-    with pytest.raises(DataError, match=r"labels\[0\]': index 80 out of range"):
-        load_detections(f, num_labels=80)
 
 
 def test_coco_results_detections(tmp_path):
@@ -387,11 +329,6 @@ def test_coco_results_detections(tmp_path):
     assert d["a.jpg"]["labels"].tolist() == [0, 79]  # person, toothbrush
     assert d["b.jpg"]["labels"].tolist() == [39]  # COCO id 44 = bottle = COCO-80 index 39
     assert data.COCO80_NAMES[39] == "bottle" and data.COCO80_NAMES[79] == "toothbrush"
-    with pytest.raises(DataError, match="needs image_ids"):
-        load_detections(f)
-    f.write_text(json.dumps([{"image_id": 7, "category_id": 12, "bbox": [0, 0, 1, 1], "score": 1}]))
-    with pytest.raises(DataError, match=r"a.jpg \(entry 0\)'?: field 'category_id'"):
-        load_detections(f, image_ids={7: "a.jpg"})
 
 
 @need_hico

@@ -8,7 +8,7 @@ import torch
 
 import data
 import demo
-import eval as hoi_eval
+import detector_ap
 import train_teacher
 from common import file_sha256
 from model import LINKConfig
@@ -39,7 +39,7 @@ def test_results_and_table_carry_the_detector_ap(tmp_path, world, capsys):
     fake_runs(tmp_path, world)
     anno = json.loads((world / "instances_test.json").read_text())
     res = demo.collect_results(tmp_path, anno, "nf-uc")
-    ref = hoi_eval.evaluate_detector(world / "instances_test.json", world / "detections_test.json",
+    ref = detector_ap.evaluate_detector(world / "instances_test.json", world / "detections_test.json",
                                      dataset="synthetic")
     assert res["detector"] == {k: round(ref[k], 2) for k in ("ap", "ap50", "ar100")}
     assert 0 < res["detector"]["ap"] < 100          # the simulated boxes are jittered, dropped, invented

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 import data
+import detector_ap
 import eval as hoi_eval
 from common import data_root
 
@@ -113,7 +114,7 @@ def evaluate(tmp_path, kind, images, dets, **kw):
     anno = make_anno(tmp_path, kind, images)
     det = write(tmp_path / "dets.json", per_image(dets))
     meta = SWIG_META if kind == "swig" else None
-    return hoi_eval.evaluate_detector(anno, det, meta=meta, **kw)
+    return detector_ap.evaluate_detector(anno, det, meta=meta, **kw)
 
 
 # images in the 1-based inclusive frame are also valid continuous boxes: the same numbers serve both
@@ -155,7 +156,7 @@ def test_coco_results_of_the_gt_score_100(tmp_path, dataset):
             res.append({"image_id": iid, "category_id": cats[lab], "score": s,
                         "bbox": [x1 - off, y1 - off, x2 - x1 + off, y2 - y1 + off]})
     det = write(tmp_path / "coco.json", res)
-    r = hoi_eval.evaluate_detector(anno, det, meta=SWIG_META if dataset == "swig" else None)
+    r = detector_ap.evaluate_detector(anno, det, meta=SWIG_META if dataset == "swig" else None)
     assert r["detections_format"] == "coco-results"
     assert (r["ap"], r["ap50"], r["ap75"], r["person"]["ap"]) == pytest.approx((100.0,) * 4, abs=1e-9)
     # the same file read in the wrong frame (continuous boxes for HICO-DET, shifted by one
@@ -163,7 +164,7 @@ def test_coco_results_of_the_gt_score_100(tmp_path, dataset):
     for e in res:
         e["bbox"][0] += 1 - 2 * off
     write(det, res)
-    r = hoi_eval.evaluate_detector(anno, det, meta=SWIG_META if dataset == "swig" else None)
+    r = detector_ap.evaluate_detector(anno, det, meta=SWIG_META if dataset == "swig" else None)
     assert r["ap50"] == pytest.approx(100.0) and r["ap"] < 100.0
 
 
@@ -252,7 +253,7 @@ def test_duplicate_gt_boxes_counted_once(tmp_path):
     anno = write(tmp_path / "anno.json", doc)
     det = write(tmp_path / "dets.json", per_image({"img_1.jpg": [(A, 0.9, 0), (B, 0.8, 0), (X, 0.7, CUP),
                                                                  (Y, 0.6, CUP)]}))
-    r = hoi_eval.evaluate_detector(anno, det)
+    r = detector_ap.evaluate_detector(anno, det)
     assert r["counts"]["num_gt_boxes"] == 4
     assert r["person"]["num_gt"] == 2 and r["per_class"]["cup"]["num_gt"] == 2
     assert (r["ap"], r["person"]["ap"], r["ar100"]) == pytest.approx((100.0, 100.0, 100.0))
@@ -260,12 +261,12 @@ def test_duplicate_gt_boxes_counted_once(tmp_path):
 
 def test_empty_detection_file_scores_0_and_unscored_classes(tmp_path):
     anno = make_anno(tmp_path, "hico", IMAGES)
-    r = hoi_eval.evaluate_detector(anno, write(tmp_path / "d.json", {}))
+    r = detector_ap.evaluate_detector(anno, write(tmp_path / "d.json", {}))
     assert (r["ap"], r["ap50"], r["ar100"], r["counts"]["num_detections"]) == (0.0, 0.0, 0.0, 0)
     # a class without GT (a bicycle) is not scored, as in COCOeval; the rest is unchanged
     dets = gt_copies(IMAGES, "hico")
     dets["img_000003.jpg"] = [((1, 1, 9, 9), 0.99, 1)]
-    r = hoi_eval.evaluate_detector(anno, write(tmp_path / "d.json", per_image(dets)))
+    r = detector_ap.evaluate_detector(anno, write(tmp_path / "d.json", per_image(dets)))
     assert r["ap"] == pytest.approx(100.0) and r["counts"]["num_detections_unscored"] == 1
 
 
@@ -306,55 +307,7 @@ def test_out_never_overwrites_an_input(tmp_path, capsys, how, monkeypatch):
     assert (anno.read_bytes(), det.read_bytes()) == before
 
 
-BAD_PER_IMAGE = [
-    ("{", "not valid JSON"),
-    ("", "detection file is empty"),
-    ("3", "expected a JSON object"),
-    ('{"img_000001.jpg": [[1, 2, 3, 4]]}', "expected {boxes, scores, labels}"),
-    ('{"img_000001.jpg": {"boxes": [], "scores": []}}', "field 'labels': missing key"),
-    ('{"img_000001.jpg": {"boxes": [[5, 0, 4, 10]], "scores": [0.5], "labels": [0]}}', "x2<x1"),
-    ('{"img_000001.jpg": {"boxes": [[0, 0, 4]], "scores": [0.5], "labels": [0]}}', "shape [N, 4]"),
-    ('{"img_000001.jpg": {"boxes": [[NaN, 0, 4, 10]], "scores": [0.5], "labels": [0]}}', "non-finite box"),
-    ('{"img_000001.jpg": {"boxes": [[0, 0, 4, 10]], "scores": [Infinity], "labels": [0]}}', "non-finite score"),
-    ('{"img_000001.jpg": {"boxes": [[0, 0, 4, 10]], "scores": [0.5, 0.2], "labels": [0]}}', "expected 1 numbers"),
-    ('{"img_000001.jpg": {"boxes": [[0, 0, 4, 10]], "scores": [0.5], "labels": [80]}}', "out of range [0, 80)"),
-    ('{"img_000001.jpg": {"boxes": [[0, 0, 4, 10]], "scores": [0.5], "labels": [0.5]}}', "integer indices"),
-    ('{"img_000001.jpg": {"boxes": [[true, 0, 4, 10]], "scores": [0.5], "labels": [0]}}',
-     "boxes[0][0]': true is a boolean; booleans are not numbers"),
-    ('{"img_000001.jpg": {"boxes": [[0, 0, 4, 10]], "scores": [false], "labels": [0]}}',
-     "scores[0]': false is a boolean"),
-    ('{"img_000001.jpg": {"boxes": [[0, 0, 4, 10], [0, 0, 4, 10]], "scores": [0.5, 0.5], "labels": [0, true]}}',
-     "labels[1]': true is a boolean"),
-    ('{"nope.jpg": {"boxes": [], "scores": [], "labels": []}}', "image 'nope.jpg': unknown image name"),
-]
-BAD_COCO = [
-    ('[3]', "entry 0: expected an object"),
-    ('[{"image_id": 1, "category_id": 1, "bbox": [0, 0, 4, 4]}]', "entry 0: missing field 'score'"),
-    ('[{"image_id": 9, "category_id": 1, "bbox": [0, 0, 4, 4], "score": 1}]', "unknown image id 9"),
-    ('[{"image_id": true, "category_id": 1, "bbox": [0, 0, 4, 4], "score": 1}]', "[0].image_id': true is a boolean"),
-    ('[{"image_id": 1, "category_id": 12, "bbox": [0, 0, 4, 4], "score": 1}]',
-     "image 'img_000001.jpg' (entry 0): field 'category_id': 12 is not a category"),
-    ('[{"image_id": 1, "category_id": 1, "bbox": [0, 0, true, 4], "score": 1}]', "[0].bbox[2]': true is a boolean"),
-    ('[{"image_id": 1, "category_id": 1, "bbox": [0, 0, -1, 4], "score": 1}]', "negative width"),
-    ('[{"image_id": 1, "category_id": 1, "bbox": [0, NaN, 1, 4], "score": 1}]', "non-finite"),
-    ('[{"image_id": 1, "category_id": 1, "bbox": [0, 0, 1, 4], "score": "1"}]', "field 'score'"),
-    ('[{"image_id": 1, "category_id": 1, "bbox": [0, 0, 1, 4], "score": false}]', "[0].score': false is a boolean"),
-]
-
-
-@pytest.mark.parametrize("content, needle", BAD_PER_IMAGE + BAD_COCO)
-def test_bad_detection_files_refused(tmp_path, capsys, content, needle):
-    anno = make_anno(tmp_path, "hico", IMAGES)
-    det = tmp_path / "dets.json"
-    det.write_text(content)
-    before = (anno.read_bytes(), det.read_bytes())
-    out = tmp_path / "r.json"
-    assert hoi_eval.main(["detector", "--anno", str(anno), "--detections", str(det), "--out", str(out)]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1, err
-    assert str(det) in err and needle in err, err
-    assert not out.exists() and (anno.read_bytes(), det.read_bytes()) == before
-    assert set(os.listdir(tmp_path)) == {"anno_hico.json", "dets.json"}      # no temp file left either
+# the bad detection files (per image and COCO results): tests/test_formats.py
 
 
 def test_bad_files_missing_gzip_and_annotation(tmp_path, capsys):
@@ -371,7 +324,7 @@ def test_bad_files_missing_gzip_and_annotation(tmp_path, capsys):
         (gz, good, "dets.json.gz: annotation file is gzip-compressed"),
         (write(tmp_path / "weird.json", {"x": 1}), good, "weird.json: not a HICO-DET / synthetic"),
         (write(tmp_path / "bad.json", bad_anno), good,
-         "bad.json: image 'img_000002.jpg': field 'boxes_o[0]': box [70.0, 70.0, 60.0, 90.0] has x2<x1"),
+         "bad.json: image 'img_000002.jpg' row 0: boxes_o: [70.0, 70.0, 60.0, 90.0]: has x2 < x1"),
     ]
     for a, d, needle in cases:
         assert hoi_eval.main(["detector", "--anno", str(a), "--detections", str(d)]) == 2
@@ -384,7 +337,7 @@ def test_coco_results_need_unique_numbers_in_file_names(tmp_path):
     anno = make_anno(tmp_path, "synthetic", images)
     det = write(tmp_path / "c.json", [{"image_id": 7, "category_id": 1, "bbox": [0, 0, 5, 5], "score": 1.0}])
     with pytest.raises(hoi_eval.EvalInputError, match="images 'a_7.jpg' and 'b_7.jpg' both have image_id 7"):
-        hoi_eval.evaluate_detector(anno, det)
+        detector_ap.evaluate_detector(anno, det)
 
 
 def test_cli_subprocess_exit_2_one_line(tmp_path):

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import eval as hoi_eval
+import formats
 from common import data_root
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -107,8 +108,8 @@ def test_real_gt_fed_back_scores_100(hico):
 @needs_hico
 @pytest.mark.parametrize("split,size", [("rf-uc", 120), ("nf-uc", 120), ("uo", 100), ("uv", 84)])
 def test_zero_shot_splits(hico, split, size):
-    gt = hoi_eval.parse_hico_anno(hico)
-    name, unseen = hoi_eval._zero_shot_unseen(gt, split)
+    gt = formats.parse_hico_anno(hico)
+    name, unseen = formats.zero_shot_unseen(split, gt.zero_shot, gt.num_classes, gt.name)
     assert name == split and len(unseen) == size and len(set(unseen)) == size
     # predictions = GT of the unseen classes only -> Unseen 100, Seen 0, Full = size / 6
     res = hoi_eval.evaluate_hico(gt, gt_as_preds(hico, set(unseen)), zero_shot=split)
@@ -141,7 +142,7 @@ def test_zero_shot_from_anno_field():
 # ---------------------------------------------------------------------------------------
 
 def hico_arrays(anno, rows_per_image):
-    gt = hoi_eval.parse_hico_anno(anno)
+    gt = formats.parse_hico_anno(anno)
     rows, img = [], []
     for i, rs in rows_per_image:
         for r in rs:
@@ -190,9 +191,9 @@ def test_tied_scores_keep_image_order_then_row_order():
 def test_inclusive_iou_touching_boxes_and_exact_half():
     a = np.array([[0, 0, 9, 9]], float)
     # boxes sharing one pixel column overlap under the +1 convention; adjacent ones do not
-    assert hoi_eval._iou_inclusive(a, np.array([[9, 0, 18, 9]], float))[0] == pytest.approx(10 / 190)
-    assert hoi_eval._iou_inclusive(a, np.array([[10, 0, 19, 9]], float))[0] == 0.0
-    assert hoi_eval._iou_continuous(a, np.array([[9, 0, 18, 9]], float))[0] == 0.0
+    assert formats.iou_inclusive(a, np.array([[9, 0, 18, 9]], float))[0] == pytest.approx(10 / 190)
+    assert formats.iou_inclusive(a, np.array([[10, 0, 19, 9]], float))[0] == 0.0
+    assert formats.iou_continuous(a, np.array([[9, 0, 18, 9]], float))[0] == 0.0
     # a one-pixel-wide box on the edge of a two-pixel-wide GT: exactly 0.5 -> TP
     anno = make_anno([[(0, [0, 0, 1, 9], O)]])
     res = hoi_eval.evaluate_hico(anno, {"img_0.jpg": [row(0, 0.9, [1, 0, 1, 9], O)]})
@@ -442,43 +443,7 @@ def small(tmp_path):
     return anno, ap, tmp_path
 
 
-@pytest.mark.parametrize("content,needle", [
-    ("", "prediction file is empty"),
-    ("{", "not valid JSON"),
-    ("[]", "expected a JSON object"),
-    ('{"nope.jpg": []}', "image 'nope.jpg': unknown image name"),
-    ('{"img_0.jpg": 3}', "image 'img_0.jpg': expected a list of rows"),
-    ('{"img_0.jpg": [[0, 0.5, 0, 0, 9, 9, 20, 0, 29]]}', "image 'img_0.jpg' row 0: expected 10 values"),
-    ('{"img_0.jpg": [[0, 0.5, 0, 0, 9, 9, 20, 0, 29, 9], [0, "x", 0, 0, 9, 9, 20, 0, 29, 9]]}',
-     "image 'img_0.jpg' row 1: field 'score' is not a number"),
-    ('{"img_0.jpg": [[3, 0.5, 0, 0, 9, 9, 20, 0, 29, 9]]}', "row 0: hoi index 3 out of range [0, 3)"),
-    ('{"img_0.jpg": [[-1, 0.5, 0, 0, 9, 9, 20, 0, 29, 9]]}', "row 0: hoi index -1 out of range"),
-    ('{"img_0.jpg": [[1.5, 0.5, 0, 0, 9, 9, 20, 0, 29, 9]]}', "row 0: hoi index 1.5 is not an integer"),
-    ('{"img_1.jpg": [], "img_0.jpg": [[0, 0.5, 0, 0, 9, 9, 20, 0, 29, 9], [0, NaN, 0, 0, 9, 9, 20, 0, 29, 9]]}',
-     "image 'img_0.jpg' row 1: score is nan"),
-    ('{"img_0.jpg": [[0, 0.5, 0, 0, Infinity, 9, 20, 0, 29, 9]]}', "row 0: human box has a NaN/inf"),
-    ('{"img_0.jpg": [[0, 0.5, 0, 0, 9, 9, 20, 0, 29, 9], [0, 0.5, 0, 0, 9, 9, 20, 0, 29, 9], '
-     '[0, 0.5, 0, 0, 9, 9, 20, 0, 29, 9], [0, 0.5, 5, 0, 4, 9, 20, 0, 29, 9]]}',
-     "image 'img_0.jpg' row 3: x2 < x1 in human box"),
-    ('{"img_0.jpg": [[0, 0.5, 0, 0, 9, 9, 20, 9, 29, 0]]}', "row 0: y2 < y1 in object box"),
-    ('{"img_0.jpg": [[0, 0.5, 0, 0, 9, 9, 20, 0, 29, null]]}', "field 'oy2' is not a number (None)"),
-])
-def test_bad_predictions(small, content, needle):
-    anno, _, tmp = small
-    p = tmp / "PRED.json"
-    p.write_text(content)
-    with pytest.raises(hoi_eval.EvalInputError) as ei:
-        hoi_eval.load_predictions(p, anno)
-    msg = str(ei.value)
-    assert msg.startswith(f"{p}: ") and needle in msg and "\n" not in msg
-
-
-def test_bad_predictions_in_process():
-    anno = make_anno([[(0, H, O)]])
-    with pytest.raises(hoi_eval.EvalInputError, match=r"<predictions>: image 'img_0.jpg' row 0: x2 < x1 in object box"):
-        hoi_eval.evaluate_hico(anno, {"img_0.jpg": np.array([row(0, 0.5, H, [29, 0, 20, 9])])})
-    with pytest.raises(hoi_eval.EvalInputError, match=r"expected an array \[N, 10\]"):
-        hoi_eval.evaluate_hico(anno, {"img_0.jpg": np.zeros((2, 9))})
+# the bad-input cases of the readers: tests/test_formats.py
 
 
 def test_in_process_accepts_arrays_lists_and_tensors():
@@ -496,27 +461,9 @@ def test_load_predictions_roundtrip(small):
     anno, _, tmp = small
     p = tmp / "p.json"
     p.write_text(json.dumps({"img_0.jpg": [row(0, 0.5, H, O)], "img_1.jpg": []}))
-    out = hoi_eval.load_predictions(p, anno)
+    out = formats.load_predictions(p, anno)
     assert list(out) == ["img_0.jpg", "img_1.jpg"]
     assert out["img_0.jpg"].shape == (1, 10) and out["img_1.jpg"].shape == (0, 10)
-
-
-@pytest.mark.parametrize("mutate,needle", [
-    (lambda a: a.pop("filenames"), "missing key 'filenames'"),
-    (lambda a: a.pop("correspondence"), "missing key 'correspondence'"),
-    (lambda a: a["annotation"].pop(), "one entry per filename"),
-    (lambda a: a["annotation"][0].pop("boxes_o"), "image 'img_0.jpg': missing or malformed field 'boxes_o'"),
-    (lambda a: a["annotation"][0]["boxes_h"].append([1, 2, 3, 4]), "have different lengths"),
-    (lambda a: a["annotation"][0].__setitem__("hoi", [7]), "image 'img_0.jpg' pair 0: field 'hoi' out of range"),
-    (lambda a: a["annotation"][0].__setitem__("boxes_h", [[1, 2, 3]]), "pair 0: field 'boxes_h' must be"),
-    (lambda a: a.__setitem__("rare", [9]), "field 'rare' must be"),
-])
-def test_bad_anno(mutate, needle):
-    anno = make_anno([[(0, H, O)], []])
-    mutate(anno)
-    with pytest.raises(hoi_eval.EvalInputError) as ei:
-        hoi_eval.parse_hico_anno(anno, "ANNO.json")
-    assert str(ei.value).startswith("ANNO.json: ") and needle in str(ei.value)
 
 
 def test_cli_errors_exit_2(small, capsys):
@@ -525,7 +472,7 @@ def test_cli_errors_exit_2(small, capsys):
     p.write_text('{"img_0.jpg": [[0, 0.5, 5, 0, 4, 9, 20, 0, 29, 9]]}')
     assert hoi_eval.main(["hico", "--anno", str(ap), "--pred", str(p)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "image 'img_0.jpg' row 0: x2 < x1 in human box" in err
+    assert err.startswith("error: ") and "image 'img_0.jpg' row 0: human box: x2 < x1" in err
     assert hoi_eval.main(["hico", "--anno", str(tmp / "missing.json"), "--pred", str(p)]) == 2
     assert "not found" in capsys.readouterr().err
     assert hoi_eval.main(["hico", "--anno", str(ap), "--pred", str(p), "--image-labels", "x.json"]) == 2
@@ -607,9 +554,9 @@ def vcoco_world():
 
 def test_vcoco_hand_case():
     vsrl, coco, dets = vcoco_world()
-    gt = hoi_eval.parse_vcoco_gt(vsrl, coco)
+    gt = formats.parse_vcoco_gt(vsrl, coco)
     assert gt.boxes[1].tolist() == [[0, 0, 9, 9], [50, 50, 59, 59], [20, 0, 29, 9]]
-    d, unknown, n = hoi_eval._load_vcoco_dets(dets, gt, "DETS.json")
+    d, unknown, n = formats.load_vcoco_dets(dets, gt, "DETS.json")
     res = hoi_eval.evaluate_vcoco(gt, d)
     roles = {(p["action"], p["role"]): p for p in res["per_role"]}
     hold = roles[("hold", "obj")]
@@ -635,34 +582,21 @@ def test_vcoco_hand_case():
 def test_vcoco_empty_role_box_scenario_1_and_no_positive_nan():
     vsrl, coco, dets = vcoco_world()
     dets[3]["hold_obj"] = [0, 0, 0, 0, 0.6]                         # "no role object" predicted
-    gt = hoi_eval.parse_vcoco_gt(vsrl, coco)
-    res = hoi_eval.evaluate_vcoco(gt, hoi_eval._load_vcoco_dets(dets, gt, "D")[0])
+    gt = formats.parse_vcoco_gt(vsrl, coco)
+    res = hoi_eval.evaluate_vcoco(gt, formats.load_vcoco_dets(dets, gt, "D")[0])
     hold = [p for p in res["per_role"] if p["action"] == "hold"][0]
     assert hold["ap_scenario_1"] == pytest.approx(hold["ap_scenario_2"], abs=1e-6)
     assert hold["ap_scenario_1"] == pytest.approx(100 * (0.5 + 0.5 * 2 / 3), abs=1e-5)
     # an action without positives: NaN, left out of the agent mean
     vsrl[1]["label"] = [0, 0]
-    gt = hoi_eval.parse_vcoco_gt(vsrl, coco)
-    res = hoi_eval.evaluate_vcoco(gt, hoi_eval._load_vcoco_dets(dets, gt, "D")[0])
+    gt = formats.parse_vcoco_gt(vsrl, coco)
+    res = hoi_eval.evaluate_vcoco(gt, formats.load_vcoco_dets(dets, gt, "D")[0])
     agent = {a["action"]: a["ap"] for a in res["per_action_agent"]}
     assert np.isnan(agent["stand"]) and res["agent_ap"] == pytest.approx(50.0)
 
 
-def test_vcoco_bad_input(tmp_path, capsys):
+def test_vcoco_cli(tmp_path, capsys):
     vsrl, coco, dets = vcoco_world()
-    gt = hoi_eval.parse_vcoco_gt(vsrl, coco)
-    with pytest.raises(hoi_eval.EvalInputError, match=r"DETS.json: image_id 7 detection 0: image not in"):
-        hoi_eval._load_vcoco_dets([dict(dets[0], image_id=7)], gt, "DETS.json")
-    with pytest.raises(hoi_eval.EvalInputError, match=r"image_id 1 detection 0: x2 < x1 in field 'person_box'"):
-        hoi_eval._load_vcoco_dets([dict(dets[0], person_box=[9, 0, 0, 9])], gt, "DETS.json")
-    with pytest.raises(hoi_eval.EvalInputError, match=r"field 'hold_obj' must be \[x1, y1, x2, y2, score\]"):
-        hoi_eval._load_vcoco_dets([dict(dets[0], hold_obj=[1, 2])], gt, "DETS.json")
-    bad = json.loads(json.dumps(vsrl))
-    bad[0]["role_object_id"] = [11, 31, 99, 0]
-    with pytest.raises(hoi_eval.EvalInputError, match="role object 99 is not a valid annotation"):
-        hoi_eval.parse_vcoco_gt(bad, coco, "V.json", "C.json")
-    with pytest.raises(hoi_eval.EvalInputError, match="missing key 'label'"):
-        hoi_eval.parse_vcoco_gt([{k: v for k, v in vsrl[0].items() if k != "label"}], coco, "V.json")
     # CLI round trip + exit code 2
     for name, obj in (("v.json", vsrl), ("c.json", coco), ("d.json", dets)):
         (tmp_path / name).write_text(json.dumps(obj))
@@ -684,7 +618,7 @@ def test_vcoco_bad_input(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def swig_meta():
-    return hoi_eval.load_swig_meta(SWIG_META)
+    return formats.load_swig_meta(SWIG_META)
 
 
 def _pick(meta, freq):
@@ -805,7 +739,7 @@ def test_swig_hand_case(swig_meta):
     assert res["full"] == pytest.approx((per[nr] + per[ra] + per[un]) / 5539)
     assert res["counts"]["num_classes_evaluated"] == 5539
     # same numbers as the THID loop
-    gt = hoi_eval.parse_swig_gt(anno, swig_meta)
+    gt = formats.parse_swig_gt(anno, swig_meta)
     for c in (nr, ra, un):
         assert per[c] / 100 == pytest.approx(ref_swig_class_ap(preds, gt, c), abs=1e-14)
     assert "Unseen" in hoi_eval.format_swig(res)
@@ -814,7 +748,7 @@ def test_swig_hand_case(swig_meta):
 @needs_swig
 def test_swig_top_19999(swig_meta):
     anno, (nr, _, _) = swig_world(swig_meta, n_img=1)
-    gt = hoi_eval.parse_swig_gt(anno, swig_meta)
+    gt = formats.parse_swig_gt(anno, swig_meta)
     n = 20000
     det_boxes = np.tile(np.array([[50, 50, 60, 60, 20, 0, 30, 10]], float), (n, 1))
     det_boxes[-1] = [0, 0, 10, 10, 20, 0, 30, 10]                    # the only TP, lowest score
@@ -831,7 +765,7 @@ def test_swig_top_19999(swig_meta):
 def test_swig_random_vs_thid_loop(swig_meta):
     rng = np.random.default_rng(5)
     anno, ids = swig_world(swig_meta, n_img=6)
-    gt = hoi_eval.parse_swig_gt(anno, swig_meta)
+    gt = formats.parse_swig_gt(anno, swig_meta)
     preds = {}
     for i in range(6):
         rows = []
@@ -847,20 +781,8 @@ def test_swig_random_vs_thid_loop(swig_meta):
 
 
 @needs_swig
-def test_swig_bad_input_and_cli(swig_meta, tmp_path, capsys):
+def test_swig_cli(swig_meta, tmp_path, capsys):
     anno, (nr, _, _) = swig_world(swig_meta, n_img=2)
-    bad = json.loads(json.dumps(anno))
-    bad[0]["hoi_annotations"][0]["action_id"] = 10 ** 6
-    with pytest.raises(hoi_eval.EvalInputError,
-                       match=r"A.json: image 's_0.jpg': field 'hoi_annotations\[0\].action_id': index 1000000 out"):
-        hoi_eval.parse_swig_gt(bad, swig_meta, "A.json")
-    bad[0]["hoi_annotations"][0]["action_id"] = next(a for a in range(407) if (a, 0) not in
-                                                     {(x["action_id"], x["object_id"]) for x in
-                                                      swig_meta["SWIG_INTERACTIONS"]})
-    bad[0]["box_annotations"][bad[0]["hoi_annotations"][0]["object_id"]]["category_id"] = 0
-    with pytest.raises(hoi_eval.EvalInputError,
-                       match=r"A.json: image 's_0.jpg' hoi_annotations\[0\]: .* is not a SWiG"):
-        hoi_eval.parse_swig_gt(bad, swig_meta, "A.json")
     (tmp_path / "a.json").write_text(json.dumps(anno))
     (tmp_path / "p.json").write_text(json.dumps({"s_0.jpg": [row(nr, 0.5, [0, 0, 10, 10], [20, 0, 30, 10])]}))
     out = tmp_path / "r.json"
@@ -871,7 +793,7 @@ def test_swig_bad_input_and_cli(swig_meta, tmp_path, capsys):
     assert r["per_class"][r["class_ids"].index(nr)] == pytest.approx(100 * ap11([1.0] * 6))
     (tmp_path / "p.json").write_text(json.dumps({"s_0.jpg": [[14130, 0.5] + [0] * 8]}))
     assert hoi_eval.main(["swig", "--anno", str(tmp_path / "a.json"), "--pred", str(tmp_path / "p.json")]) == 2
-    assert "image 's_0.jpg' row 0: hoi index 14130 out of range [0, 14130)" in capsys.readouterr().err
+    assert "image 's_0.jpg' row 0: hoi: 14130 out of range [0, 14130)" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------
@@ -1041,8 +963,8 @@ def random_vcoco(seed):
 @pytest.mark.parametrize("seed", range(12))
 def test_vcoco_vectorised_matches_reference_loop(seed):
     vsrl, coco, dets = random_vcoco(seed)
-    gt = hoi_eval.parse_vcoco_gt(vsrl, coco)
-    res = hoi_eval.evaluate_vcoco(gt, hoi_eval._load_vcoco_dets(dets, gt, "D")[0])
+    gt = formats.parse_vcoco_gt(vsrl, coco)
+    res = hoi_eval.evaluate_vcoco(gt, formats.load_vcoco_dets(dets, gt, "D")[0])
     ref = ref_vcoco(gt, dets)
     got = {("agent", k, 0): a["ap"] for k, a in enumerate(res["per_action_agent"])}
     for p in res["per_role"]:

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 from clicheck import refused, run_main
+from test_formats import vcoco_docs
 
 import cache
 import common
@@ -67,15 +68,7 @@ def hico_files(folder: Path) -> dict:
 
 
 def vcoco_files(folder: Path) -> dict:
-    coco = {"images": [{"id": 1, "width": 100, "height": 100}],
-            "annotations": [{"id": 11, "image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 10], "area": 100,
-                             "iscrowd": 0},
-                            {"id": 21, "image_id": 1, "category_id": 2, "bbox": [20, 0, 10, 10], "area": 100,
-                             "iscrowd": 0}],
-            "categories": [{"id": 1, "name": "person"}, {"id": 2, "name": "cup"}]}
-    vsrl = [dict(action_name="hold", role_name=["agent", "obj"], label=[1], role_object_id=[11, 21],
-                 include=[[], []], image_id=[1], ann_id=[11])]
-    dets = [{"image_id": 1, "person_box": [0, 0, 9, 9], "hold_agent": 0.9, "hold_obj": [20, 0, 29, 9, 0.9]}]
+    vsrl, coco, dets = vcoco_docs()
     folder.mkdir(parents=True, exist_ok=True)
     out = {}
     for name, obj in (("vsrl", vsrl), ("coco", coco), ("pred", dets)):
@@ -614,148 +607,7 @@ def test_cli_json_refusals_name_file_and_field(tmp_path):
 # ----------------------------------------------------------------------------------------------
 # Never a silently wrong number: the annotation side, in the three evaluators and the datasets
 # ----------------------------------------------------------------------------------------------
-HICO_MUTATIONS = [  # (mutation of the valid annotation, what the message names)
-    (lambda a: a["annotation"][0].__setitem__("boxes_h", [[9, 0, 0, 9]]), "pair 0: field 'boxes_h': x2 < x1"),
-    (lambda a: a["annotation"][0].__setitem__("boxes_o", [[20, 0, 29, float("nan")]]), "boxes_o' has a NaN"),
-    (lambda a: a["annotation"][0].__setitem__("hoi", [-1]), "pair 0: field 'hoi' out of range"),
-    (lambda a: a["annotation"][0].__setitem__("hoi", [0.5]), "pair 0: field 'hoi' out of range"),
-    (lambda a: a.__setitem__("correspondence", [[0, 0, 0], [1, 1.5, 0], [2, 2, 0]]), "correspondence[1]'"),
-    (lambda a: a.__setitem__("correspondence", [[0, 0, 0], [0, 1, 0], [2, 2, 0]]), "class 0 listed twice"),
-    (lambda a: a.__setitem__("correspondence", [[0, -1, 0], [1, 1, 0], [2, 2, 0]]), "correspondence[0]'"),
-    (lambda a: a.__setitem__("rare", [0, 0]), "field 'rare'"),
-    (lambda a: a.__setitem__("rare", [-1]), "field 'rare'"),
-    (lambda a: a.__setitem__("non_rare", [0, 1, 2]), "both 'rare' and 'non_rare'"),
-    (lambda a: a.__setitem__("empty", 1), "field 'empty'"),
-    (lambda a: a.__setitem__("empty", [5]), "field 'empty'"),
-    (lambda a: a.__setitem__("zero_shot", {"rf-uc": [0.5]}), "split 'rare_first'"),
-]
-
-
-@pytest.mark.parametrize("mutate, needle", HICO_MUTATIONS, ids=[n for _, n in HICO_MUTATIONS])
-def test_eval_hico_annotation_checked_like_predictions(tmp_path, mutate, needle):
-    f = hico_files(tmp_path)
-    a = json.loads(f["anno"].read_text())
-    mutate(a)
-    f["anno"].write_text(json.dumps(a))
-    argv = ["hico", "--anno", str(f["anno"]), "--pred", str(f["pred"])]
-    if "zero_shot" in a:
-        argv += ["--zero-shot", "rf-uc"]
-    refused(hoi_eval.main, argv, [tmp_path], [str(f["anno"]), needle])
-
-
-VCOCO_MUTATIONS = [
-    (lambda v, c: v[0].__setitem__("label", [2]), "field 'label' must hold 0 or 1, got 2"),
-    (lambda v, c: v[0].__setitem__("ann_id", [11.5]), "field 'ann_id': expected integers"),
-    (lambda v, c: v[0].__setitem__("role_object_id", [11, 21.5]), "field 'role_object_id': expected integers"),
-    (lambda v, c: v.append(dict(v[0])), "naming each action once"),
-    (lambda v, c: v[0].__setitem__("role_name", ["agent", "obj", "obj"]), "distinct roles"),
-    (lambda v, c: c["annotations"][1].__setitem__("bbox", [20, 0, float("nan"), 10]), "annotation 21"),
-    (lambda v, c: c["images"][0].__setitem__("width", -5), "fields 'width'/'height' must be positive"),
-    (lambda v, c: c["images"].append(dict(c["images"][0])), "image 1 listed twice"),
-    # the two files must agree with each other
-    (lambda v, c: c["annotations"][1].__setitem__("image_id", [1]), "annotation 1: field 'image_id'"),
-    (lambda v, c: c.__setitem__("annotations", 7), "'annotations' (lists)"),
-    (lambda v, c: v[0].update(ann_id=[12], role_object_id=[12, 21]), "ann_id 12 of image 1 is not an annotation"),
-    (lambda v, c: v[0].__setitem__("role_object_id", [12, 21]), "role_object_id[:, 0] must equal ann_id"),
-]
-
-
-def refused_after_edit(tmp_path, files, names, mutate, argv, needle):
-    """Load the JSON files files[name] for each name, mutate(*their contents), write them back:
-    eval.py's CLI (argv) must refuse them with one line that holds needle."""
-    docs = [json.loads(files[n].read_text()) for n in names]
-    mutate(*docs)
-    for n, doc in zip(names, docs):
-        files[n].write_text(json.dumps(doc))
-    refused(hoi_eval.main, argv, [tmp_path], [needle])
-
-
-@pytest.mark.parametrize("mutate, needle", VCOCO_MUTATIONS, ids=[n for _, n in VCOCO_MUTATIONS])
-def test_eval_vcoco_annotation_checked(tmp_path, mutate, needle):
-    f = vcoco_files(tmp_path)
-    refused_after_edit(tmp_path, f, ["vsrl", "coco"], mutate,
-                       ["vcoco", "--vsrl", str(f["vsrl"]), "--coco", str(f["coco"]), "--pred", str(f["pred"])], needle)
-
-
-SWIG_MUTATIONS = [
-    (lambda a, m: a[0]["hoi_annotations"][0].__setitem__("subject_id", -1), "subject_id': index -1 out of range"),
-    (lambda a, m: a[0]["hoi_annotations"][0].__setitem__("object_id", -2), "object_id': index -2 out of range"),
-    (lambda a, m: a[0]["hoi_annotations"][0].__setitem__("object_id", 1.5), "object_id': 1.5 is not an integer"),
-    (lambda a, m: a[0]["hoi_annotations"][0].__setitem__("action_id", 3.5), "action_id': 3.5 is not an integer"),
-    (lambda a, m: a[0]["box_annotations"][1].__setitem__("bbox", [30, 0, 20, 10]), "x2 < x1"),
-    (lambda a, m: a[0]["box_annotations"][1].__setitem__("category_id", 1.5), "box_annotations[1]'"),
-    (lambda a, m: m["SWIG_INTERACTIONS"][0].pop("action_id"), "SWIG_INTERACTIONS[0]'"),
-    (lambda a, m: m["SWIG_INTERACTIONS"].__setitem__(1, dict(m["SWIG_INTERACTIONS"][0], id=1)),
-     "SWIG_INTERACTIONS[1]': id must be 1 and each (action_id, object_id) listed once"),
-    (lambda a, m: m.__setitem__("SWIG_ACTIONS", {}), "field 'SWIG_ACTIONS'"),
-]
-
-
-@pytest.mark.skipif(not SWIG_META.exists(), reason="shared data not found")
-@pytest.mark.parametrize("mutate, needle", SWIG_MUTATIONS, ids=[n for _, n in SWIG_MUTATIONS])
-def test_eval_swig_annotation_and_meta_checked(tmp_path, mutate, needle):
-    f = swig_files(tmp_path)
-    refused_after_edit(tmp_path, f, ["anno", "meta"], mutate,
-                       ["swig", "--anno", str(f["anno"]), "--pred", str(f["pred"]), "--meta", str(f["meta"])], needle)
-
-
-@pytest.mark.skipif(not SWIG_META.exists(), reason="shared data not found")
-def test_swig_no_object_pairs_are_left_out_and_counted_not_wrapped_around(tmp_path):
-    f = swig_files(tmp_path)
-    a = json.loads(f["anno"].read_text())
-    a[0]["hoi_annotations"].append({"subject_id": 0, "object_id": -1, "action_id": 0})
-    gt = hoi_eval.parse_swig_gt(a, hoi_eval.load_swig_meta(f["meta"]), "A")
-    assert gt.gt_class.size == 1 and gt.num_no_object == 1
-
-
-DATASET_MUTATIONS = [  # (dataset, mutation, needle)
-    ("hico", lambda a: a.__setitem__("correspondence", [[0, 0, 0], [1, 1, 0], [2, 2.5, 0]]), "correspondence[2]"),
-    ("hico", lambda a: a.__setitem__("rare", ["x"]), "field 'rare'"),
-    ("hico", lambda a: a.__setitem__("size", 3), "field 'size'"),
-    ("hico", lambda a: a.__setitem__("size", [[64, 64], [64.5, 64]]), "field 'size'"),
-    ("hico", lambda a: a.__setitem__("filenames", ["img_0.jpg", "img_0.jpg"]), "'img_0.jpg' listed twice"),
-    ("hico", lambda a: a["annotation"][0].__setitem__("boxes_h", [[0, 0, 1e39, 9]]), "beyond float32"),
-    ("hico", lambda a: a["annotation"][0].__setitem__("object", [-1]), "field 'object[0]'"),
-    ("vcoco", lambda a: a.__setitem__("classes", ["hold obj", "hold obj"]), "'hold obj' listed twice"),
-    ("vcoco", lambda a: a.__setitem__("images", [1.5]), "field 'images'"),
-    ("vcoco", lambda a: a.__setitem__("action_to_object", [[99], [1]]), "action_to_object[0]"),
-    ("vcoco", lambda a: a["annotations"][0].__setitem__("actions", [-1]), "field 'actions[0]'"),
-    ("swig", lambda a: a[0]["hoi_annotations"][0].__setitem__("subject_id", -1), "subject_id'"),
-    ("swig", lambda a: a[0]["hoi_annotations"][0].__setitem__("action_id", 2.5), "action_id'"),
-    ("swig", lambda a: a[0].__setitem__("width", -3), "field 'size'"),
-]
-
-
-def _dataset_file(tmp: Path, kind: str):
-    import data
-    if kind == "hico":
-        f = hico_files(tmp)
-        a = json.loads(f["anno"].read_text())
-        a.update(objects=["person", "cup", "ball"], verbs=["hold"])
-        return a, lambda p: data.HICODet(tmp, p)
-    if kind == "vcoco":
-        a = {"annotations": [{"file_name": "a.jpg", "boxes_h": [[0, 0, 9, 9]], "boxes_o": [[20, 0, 29, 9]],
-                              "actions": [0], "objects": [2]}], "classes": ["hold obj", "look obj"],
-             "objects": ["background", "person", "cup"], "images": [1]}
-        return a, lambda p: data.VCOCO(tmp, p)
-    f = swig_files(tmp)
-    return json.loads(f["anno"].read_text()), lambda p: data.SWiGHOI(tmp, p, f["meta"])
-
-
-@pytest.mark.parametrize("kind, mutate, needle", DATASET_MUTATIONS, ids=[f"{k}-{n}" for k, _, n in DATASET_MUTATIONS])
-def test_datasets_check_the_annotation(tmp_path, kind, mutate, needle):
-    import data
-    if kind == "swig" and not SWIG_META.exists():
-        pytest.skip("shared data not found")
-    a, build = _dataset_file(tmp_path, kind)
-    p = tmp_path / "anno_ds.json"
-    p.write_text(json.dumps(a))
-    build(p)                                  # the valid file loads
-    mutate(a)
-    p.write_text(json.dumps(a))
-    with pytest.raises(data.DataError) as e:
-        build(p)
-    assert str(e.value).startswith(str(p)) and needle in str(e.value) and "\n" not in str(e.value)
+# the bad-input cases of the three evaluators and the datasets: tests/test_formats.py
 
 
 # ----------------------------------------------------------------------------------------------
@@ -768,7 +620,7 @@ def _world_copy(tiny_world, tmp: Path) -> dict:
 
 
 @pytest.mark.parametrize("field, value, needle", [
-    ("labels", 99, "field 'labels[0]': index 99 out of range [0, 80)"),
+    ("labels", 99, "row 0: labels: index 99 out of range [0, 80)"),
     ("boxes", [0, 0, 1e39, 10], "beyond float32"),
     ("scores", 1e39, "beyond float32"),
 ])
@@ -941,9 +793,9 @@ def test_full_disk_in_infer_and_cache_build_is_one_line(tiny_world, tiny_ckpt, t
 
 @pytest.mark.parametrize("mutate, needle", [
     (lambda a: a["annotation"][0].__setitem__("boxes_h", [[9, 9, 1, 1]] * len(a["annotation"][0]["boxes_h"])),
-     "x2<x1"),
-    (lambda a: a["annotation"][0].__setitem__("object", [-1] * len(a["annotation"][0]["object"])), "object[0]"),
-    (lambda a: a.__setitem__("size", [[64.5, 64]] * len(a["filenames"])), "field 'size'"),
+     "has x2 < x1"),
+    (lambda a: a["annotation"][0].__setitem__("object", [-1] * len(a["annotation"][0]["object"])), "row 0: object:"),
+    (lambda a: a.__setitem__("size", [[64.5, 64]] * len(a["filenames"])), ": size: expected [w, h]"),
     (lambda a: a.__setitem__("filenames", 3), "'filenames' and 'annotation' must be lists"),
 ])
 def test_infer_gt_boxes_checked_like_the_dataset(tiny_world, tiny_ckpt, tmp_path, mutate, needle):

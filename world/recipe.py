@@ -26,7 +26,7 @@ LOOP = ["--epochs", "8", "--batch-size", "8", "--lr", "5e-4", "--warmup-steps", 
 KD = ["--w-map", "1.0", "--w-query", "1.0", "--w-logit", "1.0", "--temperature", "2.0"]
 
 # --vlm -> (the shipped world VLM it needs, pretrained?): 'random' is world-clip's architecture
-# with random weights; 'tiny' the tiny random VLM of model.register_tiny_vlm (needs no file)
+# with random weights; 'tiny' the tiny random VLM of vlm.register_tiny_vlm (needs no file)
 VLMS = {"world-clip": ("world-clip", True), "world-sig": ("world-sig", True),
         "random": ("world-clip", False), "tiny": (None, False)}
 

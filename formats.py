@@ -1,0 +1,1200 @@
+"""One validated reader per input file format; torch-free (numpy only).
+
+- HICO-DET-format annotation (fredzzhang/hicodet JSON, the synthetic world): ``parse_hico_anno``
+- prediction rows ``{file_name: [[hoi, score, hx1, hy1, hx2, hy2, ox1, oy1, ox2, oy2], ...]}``:
+  ``prediction_rows``, ``load_predictions``
+- SWiG-HOI annotation and its meta tables: ``parse_swig_gt``, ``swig_meta_tables``, ``load_swig_meta``
+- V-COCO VSRL + COCO instances: ``parse_vcoco_gt``; vsrl_eval detections: ``load_vcoco_dets``
+- detection files: per image ``{file_name: {boxes, scores, labels}}`` (``image_detections``) and
+  COCO results ``[{image_id, category_id, bbox, score}]`` (``coco_result``)
+- the value checks every reader shares (``as_index``, ``boxes_array``, ...) and the protocols' IoU of
+  each box frame (``iou_inclusive``: HICO-DET's +1, ``iou_continuous``: plain)
+
+Every problem raises :class:`FormatError` (a ValueError; ``eval.EvalInputError`` and
+``data.DataError`` are this type) with one line of the shape
+``FILE: image 'NAME' row R: field: problem`` (parts that do not apply are left out).
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from itertools import chain
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from common import BOX_FRAMES, ZERO_SHOT_SPLITS, data_root, read_json
+
+#: COCO-80 object names in the order used by fredzzhang/hicodet (``objects``), underscores.
+COCO80_NAMES = [
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
+    "traffic_light", "fire_hydrant", "stop_sign", "parking_meter", "bench", "bird", "cat",
+    "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack",
+    "umbrella", "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports_ball",
+    "kite", "baseball_bat", "baseball_glove", "skateboard", "surfboard", "tennis_racket",
+    "bottle", "wine_glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
+    "sandwich", "orange", "broccoli", "carrot", "hot_dog", "pizza", "donut", "cake", "chair",
+    "couch", "potted_plant", "bed", "dining_table", "toilet", "tv", "laptop", "mouse",
+    "remote", "keyboard", "cell_phone", "microwave", "oven", "toaster", "sink",
+    "refrigerator", "book", "clock", "vase", "scissors", "teddy_bear", "hair_drier",
+    "toothbrush",
+]
+
+#: COCO category id (the 91-id space of COCO results files) of each COCO-80 index.
+#: Note: shared/data/hicodet/coco91tohico80.json maps COCO ids to the ALPHABETICAL HICO
+#: object order (person -> 49), not to COCO-80; we therefore use this standard table.
+COCO80_TO_COCO91 = [
+    1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25,
+    27, 28, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 46, 47, 48, 49, 50, 51,
+    52, 53, 54, 55, 56, 57, 58, 59, 60, 61, 62, 63, 64, 65, 67, 70, 72, 73, 74, 75, 76, 77,
+    78, 79, 80, 81, 82, 84, 85, 86, 87, 88, 89, 90,
+]
+COCO91_TO_COCO80 = {cid: i for i, cid in enumerate(COCO80_TO_COCO91)}
+
+
+class FormatError(ValueError):
+    """Bad input file; the one-line message names the file, the image, the row and the field."""
+
+
+class FormatFileNotFoundError(FormatError, FileNotFoundError):
+    """An input file does not exist."""
+
+
+def where(file, image=None, row=None, field_=None) -> str:
+    """``FILE: image 'NAME' row R: field`` (the parts given)."""
+    out = str(file)
+    if image is not None:
+        out += f": image {str(image)!r}"
+    if row is not None:
+        out += f"{'' if image is not None else ':'} row {row}"
+    return out + (f": {field_}" if field_ is not None else "")
+
+
+def fail(file, problem, image=None, row=None, field_=None) -> FormatError:
+    """The error ``FILE: image 'NAME' row R: field: problem``."""
+    return FormatError(f"{where(file, image, row, field_)}: {problem}")
+
+
+def read(path, what: str = "file") -> Any:
+    """Parse a JSON file (common.read_json) -> object; FormatError naming the file on any problem."""
+    return read_json(path, what, error=FormatError, missing=FormatFileNotFoundError)
+
+
+# ---------------------------------------------------------------------------------------
+# Values: the checks every reader shares (ValueError with a one-line reason; the caller adds
+# the file, the image and the field)
+# ---------------------------------------------------------------------------------------
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def is_number(v) -> bool:
+    """int or float, never a bool (JSON true is not 1)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def as_index(v, n: Optional[int] = None, lo: int = 0) -> int:
+    """An index: an integer (or a float with an integral value) in [lo, n). Never a bool, a
+    fraction, NaN, or out of range: a negative index never wraps around to another entry."""
+    if not is_number(v) or not math.isfinite(v) or v != int(v):
+        raise ValueError(f"{v!r} is not an integer index")
+    i = int(v)
+    if i < lo or (n is not None and i >= n) or abs(i) >= 2 ** 62:
+        raise ValueError(f"index {i} out of range [{lo}, {'' if n is None else n})")
+    return i
+
+
+def as_index_list(v, n: Optional[int] = None, lo: int = 0, unique: bool = False) -> list:
+    """A list of indices (as_index each); ``unique``: no index twice."""
+    if not isinstance(v, list):
+        raise ValueError(f"expected a list of integer indices, got {type(v).__name__}")
+    out = []
+    for r, x in enumerate(v):
+        try:
+            out.append(as_index(x, n, lo))
+        except ValueError as e:
+            raise ValueError(f"entry {r}: {e}") from None
+    if unique and len(set(out)) != len(out):
+        dup = next(x for i, x in enumerate(out) if x in out[:i])
+        raise ValueError(f"index {dup} listed twice")
+    return out
+
+
+def first_duplicate(items) -> Optional[Any]:
+    """The first item seen twice in ``items`` (None when all differ)."""
+    seen = set()
+    for x in items:
+        if x in seen:
+            return x
+        seen.add(x)
+    return None
+
+
+def swig_meta_tables(meta) -> tuple[list, list, list]:
+    """SWiG-HOI's swig_v1_meta.json, validated -> (category names, action names, interactions
+    [{id, action_id, object_id, frequency, evaluation}] with int fields). Ids index their table
+    (no gaps, no duplicates), every (action_id, object_id) pair once, frequency in {0, 1, 2},
+    evaluation in {0, 1}. ValueError names the field."""
+    if not isinstance(meta, dict):
+        raise ValueError("expected an object with SWIG_CATEGORIES, SWIG_ACTIONS, SWIG_INTERACTIONS")
+    tables = []
+    for key in ("SWIG_CATEGORIES", "SWIG_ACTIONS"):
+        t = meta.get(key)
+        if not isinstance(t, list) or not t:
+            raise ValueError(f"field '{key}': expected a non-empty list of {{id, name}}")
+        names = []
+        for r, x in enumerate(t):
+            if not (isinstance(x, dict) and isinstance(x.get("name"), str)) or \
+                    (x.get("id") is not None and x.get("id") != r):
+                raise ValueError(f"field '{key}[{r}]': expected {{id: {r}, name: string}}")
+            names.append(x["name"])
+        tables.append(names)
+    inter = meta.get("SWIG_INTERACTIONS")
+    if not isinstance(inter, list) or not inter:
+        raise ValueError("field 'SWIG_INTERACTIONS': expected a non-empty list")
+    out, keys = [], set()
+    for r, x in enumerate(inter):
+        try:
+            if not isinstance(x, dict):
+                raise ValueError("expected an object")
+            e = {"id": as_index(x.get("id"), len(inter)),
+                 "action_id": as_index(x.get("action_id"), len(tables[1])),
+                 "object_id": as_index(x.get("object_id"), len(tables[0])),
+                 "frequency": as_index(x.get("frequency"), 3), "evaluation": as_index(x.get("evaluation", 0), 2)}
+        except ValueError as err:
+            raise ValueError(f"field 'SWIG_INTERACTIONS[{r}]': {err}") from None
+        if e["id"] != r or (e["action_id"], e["object_id"]) in keys:
+            raise ValueError(f"field 'SWIG_INTERACTIONS[{r}]': id must be {r} and each (action_id, "
+                             f"object_id) listed once")
+        keys.add((e["action_id"], e["object_id"]))
+        out.append(e)
+    return tables[0], tables[1], out
+
+
+# ---------------------------------------------------------------------------------------
+# Boxes: overlap in the two box frames (common.BOX_FRAMES), the unique GT boxes of an image
+# ---------------------------------------------------------------------------------------
+
+def iou_inclusive(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Element-wise IoU with the inclusive +1 convention of the MATLAB toolkit.
+
+    a, b: float64[n, 4] ``[x1, y1, x2, y2]`` -> float64[n]; 0 unless iw > 0 and ih > 0.
+    Same operation order as VOCevaldet_bboxpair.m (bit-identical results).
+    """
+    iw = np.minimum(a[:, 2], b[:, 2]) - np.maximum(a[:, 0], b[:, 0]) + 1
+    ih = np.minimum(a[:, 3], b[:, 3]) - np.maximum(a[:, 1], b[:, 1]) + 1
+    inter = iw * ih
+    ua = (a[:, 2] - a[:, 0] + 1) * (a[:, 3] - a[:, 1] + 1) + \
+         (b[:, 2] - b[:, 0] + 1) * (b[:, 3] - b[:, 1] + 1) - inter
+    ok = (iw > 0) & (ih > 0)
+    out = np.zeros(a.shape[0])
+    np.divide(inter, ua, out=out, where=ok)
+    return out
+
+
+def iou_continuous(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Element-wise plain IoU (no +1) of the THID SWiG evaluator.
+
+    a, b: float64[n, 4] -> float64[n]; widths/heights and the intersection are clamped at 0,
+    IoU = 0 when the intersection is <= 0, else inter / (area_a + area_b - inter).
+    """
+    wa = np.maximum(a[:, 2] - a[:, 0], 0.0)
+    ha = np.maximum(a[:, 3] - a[:, 1], 0.0)
+    wb = np.maximum(b[:, 2] - b[:, 0], 0.0)
+    hb = np.maximum(b[:, 3] - b[:, 1], 0.0)
+    xi = np.maximum(np.minimum(a[:, 2], b[:, 2]) - np.maximum(a[:, 0], b[:, 0]), 0.0)
+    yi = np.maximum(np.minimum(a[:, 3], b[:, 3]) - np.maximum(a[:, 1], b[:, 1]), 0.0)
+    inter = xi * yi
+    den = wa * ha + wb * hb - inter
+    out = np.zeros(a.shape[0])
+    np.divide(inter, den, out=out, where=inter > 0)
+    return out
+
+
+
+def unique_boxes(boxes_h, boxes_o, objects, person: int) -> tuple:
+    """The unique boxes of one image's pairs: human boxes (label ``person``) in order of first
+    appearance, then object boxes (their label); equal float32 coordinates AND label count once
+    (a person that is also the object of a human-human pair appears once).
+    -> (boxes float32[n, 4], labels int64[n], idx_h int64[P], idx_o int64[P]: each row's boxes)."""
+    b = np.concatenate([np.asarray(boxes_h, np.float32).reshape(-1, 4), np.asarray(boxes_o, np.float32).reshape(-1, 4)])
+    P = len(b) // 2
+    lab = np.concatenate([np.full(P, person), np.asarray(objects).reshape(-1)]).astype(np.int64)
+    first: dict = {}
+    idx = np.array([first.setdefault(key, len(first)) for key in zip(map(tuple, b.tolist()), lab.tolist())],
+                   dtype=np.int64)
+    keep = np.unique(idx, return_index=True)[1]          # first row of each unique box
+    return b[keep], lab[keep], idx[:P], idx[P:]
+
+# ---------------------------------------------------------------------------------------
+# HICO-DET-format annotation file and prediction rows
+# ---------------------------------------------------------------------------------------
+
+#: the columns of a prediction row
+ROW_FIELDS = ("hoi", "score", "hx1", "hy1", "hx2", "hy2", "ox1", "oy1", "ox2", "oy2")
+
+
+@dataclass
+class HicoGT:
+    """A HICO-DET-format annotation file (fredzzhang/hicodet JSON, the synthetic world), read
+    and validated by :func:`parse_hico_anno`. GT rows are in image order, then row order."""
+    name: str
+    filenames: list
+    index: dict                     # filename -> image index
+    num_classes: int
+    obj_of_class: np.ndarray        # int64[K] object index of each class
+    gt_class: np.ndarray            # int64[M]
+    gt_image: np.ndarray            # int64[M] non-decreasing
+    gt_boxes: np.ndarray            # float64[M, 8] human box, object box
+    rare: list | None
+    non_rare: list | None
+    zero_shot: dict | None
+    num_empty: int = 0
+    correspondence: np.ndarray = None   # int64[K, 3] [hoi, object, verb] (verb -1 if not given)
+    objects: list | None = None         # O object names, verbs: V verb names (None when absent)
+    verbs: list | None = None
+    gt_object: np.ndarray = None        # int64[M] each row's object / verb (None when absent)
+    gt_verb: np.ndarray = None
+    empty: list = field(default_factory=list)
+    sizes: list | None = None           # per image (w, h) ints, None when the file has none
+    prompts: list | None = None
+    box_frame: str = "hico1"            # common.BOX_FRAMES, see hico_box_frame
+
+
+#: the per-pair lists of an annotation entry; the last two are optional for the evaluator
+HICO_ROW_KEYS = ("boxes_h", "boxes_o", "hoi", "object", "verb")
+
+
+def parse_hico_anno(anno: Any, name: str = "<anno>", names: bool = False) -> HicoGT:
+    """Validate a HICO-DET-format annotation (the parsed JSON) -> HicoGT.
+
+    Required: ``annotation`` (per image ``boxes_h``, ``boxes_o``, ``hoi``; ``object`` and
+    ``verb`` are checked against ``correspondence`` when given), ``filenames``,
+    ``correspondence`` ([hoi, object, verb] per class; K = its length). Optional, checked when
+    present: ``objects``, ``verbs``, ``rare``, ``non_rare``, ``empty``, ``zero_shot``,
+    ``size``, ``prompts``. ``names``: the dataset's reading, which also needs ``objects``,
+    ``verbs`` and every entry's ``object`` and ``verb``.
+    """
+    if not isinstance(anno, dict):
+        raise fail(name, f"expected a JSON object with key 'annotation' (fredzzhang/hicodet format), "
+                         f"got {type(anno).__name__}")
+    for key in ("annotation", "filenames", "correspondence") + (("objects", "verbs") if names else ()):
+        if key not in anno:
+            raise fail(name, "missing key", field_=key)
+    fns = name_list(anno["filenames"], name, "filenames")
+    objects, verbs = (name_list(anno[k], name, k) if anno.get(k) is not None else None
+                      for k in ("objects", "verbs"))
+    annos = anno["annotation"]
+    if not isinstance(annos, list) or len(annos) != len(fns):
+        raise fail(name, f"{len(fns)} file names for "
+                         f"{len(annos) if isinstance(annos, list) else 'no list of'} annotations",
+                   field_="filenames")
+    corr = _correspondence(anno["correspondence"], objects, verbs, name, names)
+    K = corr.shape[0]
+    index = {f: i for i, f in enumerate(fns)}
+    gt_class, gt_image, gt_boxes, gt_obj, gt_verb = _hico_pairs(annos, fns, corr, objects, verbs, name, names)
+    rare, non_rare = (_index_list(anno, k, K, name) for k in ("rare", "non_rare"))
+    if rare and non_rare and set(rare) & set(non_rare):
+        raise fail(name, f"class {min(set(rare) & set(non_rare))} is both rare and non-rare",
+                   field_="non_rare")
+    empty = _index_list(anno, "empty", len(fns), name) or []
+    zs = anno.get("zero_shot")
+    if zs is not None and not isinstance(zs, dict):
+        raise fail(name, "expected an object {split: [hoi, ...]}", field_="zero_shot")
+    prompts = anno.get("prompts")
+    if prompts is not None and not (isinstance(prompts, list) and len(prompts) == K
+                                    and all(isinstance(p, str) for p in prompts)):
+        raise fail(name, f"expected {K} strings", field_="prompts")
+    sizes = anno.get("size")
+    if sizes is not None:
+        if not isinstance(sizes, list) or len(sizes) != len(fns):
+            raise fail(name, f"expected a list of {len(fns)} [w, h], one per image", field_="size")
+        sizes = [image_size(s, name, f) for s, f in zip(sizes, fns)]
+    return HicoGT(name=name, filenames=fns, index=index, num_classes=K,
+                  obj_of_class=corr[:, 1].copy(), gt_class=gt_class, gt_image=gt_image,
+                  gt_boxes=gt_boxes, rare=rare, non_rare=non_rare, zero_shot=zs,
+                  num_empty=len(empty), correspondence=corr, objects=objects, verbs=verbs,
+                  gt_object=gt_obj, gt_verb=gt_verb, empty=empty, sizes=sizes, prompts=prompts,
+                  box_frame=hico_box_frame(anno, name))
+
+
+def hico_box_frame(anno: dict, name, frame: Optional[str] = None) -> str:
+    """The box frame of a HICO-DET-format file: ``frame`` when given, else the file's
+    ``box_frame``, else continuous for a synthetic world written before that key, else hico1."""
+    if frame is None:
+        frame = anno.get("box_frame", "continuous" if anno.get("name") == "synthetic" else "hico1")
+    if frame not in BOX_FRAMES:
+        raise fail(name, f"{frame!r} is not one of {sorted(BOX_FRAMES)}", field_="box_frame")
+    return frame
+
+
+def zero_shot_unseen(zero_shot: Any, zs: Optional[dict], K: int, name) -> tuple[str, list]:
+    """The unseen classes of a zero-shot split -> (split name, sorted class indices in [0, K)).
+
+    zero_shot: a list of class indices (name "custom") or a split name: rf-uc | nf-uc | uo | uv,
+    the long names (rare_first, ...), or any key of the annotation's ``zero_shot`` dict ``zs``
+    ({split: [hoi, ...]} or {split: {"unseen": [...]}}); without that dict, the shared
+    data/hicodet/derived/zero_shot_unseen_hoi_indices.json (the 600 HICO-DET classes only)."""
+    src = name
+    if not isinstance(zero_shot, str):
+        label, idx = "custom", [int(x) if isinstance(x, np.integer) else x for x in zero_shot]
+    else:
+        canon = ZERO_SHOT_SPLITS.get(zero_shot.lower(), zero_shot.lower())
+        cli = {v: k for k, v in ZERO_SHOT_SPLITS.items()}.get(canon)
+        keys = [zero_shot] + ([cli, canon, cli.upper()] if cli else [])
+        hit = next((k for k in keys if k in (zs or {})), None)
+        if hit is None and (zs is not None or cli is None):
+            raise fail(name, f"no split {zero_shot!r}; the file has {sorted(zs)}" if cli and zs is not None else
+                       f"unknown split {zero_shot!r} (expected one of {', '.join(ZERO_SHOT_SPLITS)}"
+                       + (f" or a key of {sorted(zs)})" if zs else ")"), field_="zero_shot")
+        label = cli or zero_shot
+        if hit is not None:
+            idx = zs[hit]
+        else:
+            if K != 600:
+                raise fail(name, f"no 'zero_shot' field and {K} classes (the shared splits are for the "
+                                 f"600 HICO-DET classes; add a 'zero_shot' dict to the annotation file)",
+                           field_="zero_shot")
+            src = data_root() / "hicodet" / "derived" / "zero_shot_unseen_hoi_indices.json"
+            d = read(src, "zero-shot split file")
+            idx = d.get("splits", {}).get(canon) if isinstance(d, dict) and isinstance(d.get("splits"), dict) else None
+            if idx is None:
+                raise fail(src, f"missing split 'splits.{canon}'")
+    if isinstance(idx, dict):                                # {"unseen": [...], ...} form
+        idx = idx.get("unseen")
+    try:
+        return label, sorted(set(as_index_list(idx, K)))
+    except ValueError as e:
+        raise fail(src, f"split {label!r} must be a list of class indices in [0, {K}) ({e})",
+                   field_="zero_shot") from None
+
+
+def name_list(v: Any, file, field_: str) -> list:
+    """A list of names (file names, objects, verbs, classes): strings, each once."""
+    if not isinstance(v, list):
+        raise fail(file, f"expected a list of strings, got {type(v).__name__}", field_=field_)
+    bad = next((r for r, x in enumerate(v) if not isinstance(x, str)), None)
+    if bad is not None:
+        raise fail(file, f"entry {bad}: expected a string, got {v[bad]!r}", field_=field_)
+    dup = first_duplicate(v)
+    if dup is not None:
+        raise fail(file, f"{dup!r} listed twice", field_=field_)
+    return list(v)
+
+
+def image_size(s: Any, file, image) -> tuple:
+    """A ``size`` entry [w, h] (positive integers) -> (int w, int h)."""
+    try:
+        if not (isinstance(s, (list, tuple)) and len(s) == 2):
+            raise ValueError
+        return (as_index(s[0], lo=1), as_index(s[1], lo=1))
+    except ValueError:
+        raise fail(file, f"expected [w, h] (positive integers), got {s!r}", image, field_="size") from None
+
+
+def boxes_array(value: Any, file, image, field_: str) -> np.ndarray:
+    """A list of [x1, y1, x2, y2] -> float64[N, 4]: finite, within float32's range, x2 >= x1, y2 >= y1."""
+    if not isinstance(value, (list, tuple, np.ndarray)):
+        raise fail(file, f"expected a list of boxes, got {type(value).__name__}", image, field_=field_)
+    if len(value) == 0:
+        return np.zeros((0, 4), dtype=np.float64)
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        arr = None
+    if arr is None or arr.ndim != 2 or arr.shape[1] != 4:
+        r = next((r for r, b in enumerate(value) if not (isinstance(b, (list, tuple)) and len(b) == 4
+                                                        and all(map(is_number, b)))), None)
+        raise fail(file, f"expected [x1, y1, x2, y2] (4 numbers), got {value[r]!r}" if r is not None
+                   else "expected boxes [x1, y1, x2, y2]", image, r, field_)
+    bad = ~(np.isfinite(arr) & (np.abs(arr) <= FLOAT32_MAX)).all(1)
+    problem = "is non-finite or beyond float32's range"
+    if not bad.any():
+        bad, problem = (arr[:, 2] < arr[:, 0]) | (arr[:, 3] < arr[:, 1]), "has x2 < x1 or y2 < y1"
+    if bad.any():
+        r = int(np.argmax(bad))
+        raise fail(file, f"{arr[r].tolist()}: {problem}", image, r, field_)
+    return arr
+
+
+def int_array(value: Any, n: int, lo: int, hi: int, file, image, field_: str) -> np.ndarray:
+    """A list of n integer indices in [lo, hi) -> int64[n]: integral numbers only (5.0 is 5;
+    5.5, NaN, a string or a nested list are refused), never wrapping around."""
+    if not isinstance(value, (list, tuple, np.ndarray)):
+        raise fail(file, f"expected a list of integers, got {type(value).__name__}", image, field_=field_)
+    if len(value) != n:
+        raise fail(file, f"has {len(value)} entries, expected {n}", image, field_=field_)
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        arr = None
+    ok = arr is not None and arr.shape == (n,)
+    if not (ok and (np.isfinite(arr) & (arr == np.floor(arr)) & (arr >= lo) & (arr < hi)).all()):
+        for r, v in enumerate(value):         # slow path: the first bad entry
+            try:
+                as_index(v, hi, lo)
+            except ValueError as e:
+                raise fail(file, e, image, r, field_) from None
+        raise fail(file, "expected integer indices", image, field_=field_)
+    return arr.astype(np.int64)
+
+
+def _correspondence(corr: Any, objects, verbs, name, names: bool) -> np.ndarray:
+    """``correspondence`` -> int64[K, 3], row k = class k's [k, object, verb] (verb -1 when the
+    entry is [hoi, object]); each class once, objects / verbs index their lists when given."""
+    if not isinstance(corr, list) or not corr:
+        raise fail(name, "expected a non-empty list of [hoi, object, verb]", field_="correspondence")
+    K = len(corr)
+    O, V = (None if x is None else len(x) for x in (objects, verbs))
+    out = np.full((K, 3), -1, dtype=np.int64)
+    for r, c in enumerate(corr):
+        try:
+            if not isinstance(c, list) or len(c) not in ((3,) if names else (2, 3)):
+                raise ValueError("expected [hoi, object, verb]")
+            row = [as_index(c[0], K), as_index(c[1], O)] + [as_index(x, V) for x in c[2:]]
+        except ValueError as e:
+            raise fail(name, e, field_=f"correspondence[{r}]") from None
+        if out[row[0], 0] >= 0:
+            raise fail(name, f"class {row[0]} listed twice", field_=f"correspondence[{r}]")
+        out[row[0], :len(row)] = row
+    return out
+
+
+def _index_list(anno: dict, key: str, n: int, name) -> list | None:
+    """The optional list of indices anno[key] (rare, non_rare: classes; empty: images), each in
+    [0, n) once; None when absent."""
+    if anno.get(key) is None:
+        return None
+    try:
+        return as_index_list(anno[key], n, unique=True)
+    except ValueError as e:
+        raise fail(name, e, field_=key) from None
+
+
+def _hico_pairs(annos: list, fns: list, corr: np.ndarray, objects, verbs, name, names: bool):
+    """The GT rows of all images -> (class int64[M], image int64[M], boxes float64[M, 8],
+    object int64[M] | None, verb int64[M] | None).
+
+    Fast path: one conversion of every image's lists; _diagnose_pairs finds the first
+    malformed value only when that conversion fails."""
+    with_ov = names or all(isinstance(a, dict) and "object" in a and "verb" in a for a in annos)
+    keys = HICO_ROW_KEYS if with_ov else HICO_ROW_KEYS[:3]
+    cols, counts = {k: [] for k in keys}, []
+    for i, a in enumerate(annos):
+        if not isinstance(a, dict):
+            raise fail(name, "expected an object", fns[i], field_="annotation")
+        for key in keys:
+            if key not in a:
+                raise fail(name, "missing key", fns[i], field_=key)
+            if not isinstance(a[key], list):
+                raise fail(name, f"expected a list, got {type(a[key]).__name__}", fns[i], field_=key)
+        n = len(a["hoi"])
+        for key in keys:
+            if len(a[key]) != n:
+                raise fail(name, f"has {len(a[key])} entries, 'hoi' has {n}", fns[i], field_=key)
+            cols[key].append(a[key])
+        counts.append(n)
+    m = sum(counts)
+    gt_image = np.repeat(np.arange(len(annos), dtype=np.int64), counts)
+    try:
+        v = {k: np.array(list(chain.from_iterable(cols[k])), dtype=np.float64) for k in keys}
+        for k in ("boxes_h", "boxes_o"):
+            v[k] = v[k].reshape(m, 4)
+    except (ValueError, TypeError):
+        _diagnose_pairs(annos, fns, keys, name)
+        raise fail(name, "malformed entries", field_="annotation") from None
+    K = corr.shape[0]
+    O, V = (2 ** 62 if x is None else len(x) for x in (objects, verbs))
+
+    def not_index(x, hi):
+        return ~np.isfinite(x) | (x != np.floor(x)) | (x < 0) | (x >= hi)
+
+    def value(key, problem):
+        return lambda j: f"{v[key][j].tolist() if key[:5] == 'boxes' else format(v[key][j], 'g')}: {problem}"
+
+    def mismatch(j):
+        c = corr[int(v["hoi"][j])]
+        return (f"class {c[0]} is (object {c[1]}, verb {c[2]}) but the row says (object "
+                f"{v['object'][j]:.0f}, verb {v['verb'][j]:.0f})")
+
+    checks = [("hoi", not_index(v["hoi"], K), value("hoi", f"is not an integer in [0, {K})"))]
+    for key in ("boxes_h", "boxes_o"):
+        b = v[key]
+        checks += [(key, ~(np.isfinite(b) & (np.abs(b) <= FLOAT32_MAX)).all(1),
+                    value(key, "is non-finite or beyond float32's range")),
+                   (key, (b[:, 2] < b[:, 0]) | (b[:, 3] < b[:, 1]), value(key, "has x2 < x1 or y2 < y1"))]
+    if with_ov:
+        hoi = np.clip(np.nan_to_num(v["hoi"]), 0, K - 1).astype(np.int64)
+        checks += [("object", not_index(v["object"], O), value("object", f"is not an integer in [0, {O})")),
+                   ("verb", not_index(v["verb"], V), value("verb", f"is not an integer in [0, {V})")),
+                   ("hoi", (corr[hoi, 1] != v["object"]) | ((corr[hoi, 2] >= 0) & (corr[hoi, 2] != v["verb"])),
+                    mismatch)]
+    for key, bad, msg in checks:       # the annotation is checked like the predictions
+        if bad.any():
+            j = int(np.argmax(bad))
+            i = int(gt_image[j])
+            raise fail(name, msg(j), fns[i], j - int(np.searchsorted(gt_image, i)), key)
+    ints = [v[k].astype(np.int64) if k in v else None for k in ("object", "verb")]
+    return (v["hoi"].astype(np.int64), gt_image, np.concatenate([v["boxes_h"], v["boxes_o"]], axis=1),
+            *ints)
+
+
+def _diagnose_pairs(annos: list, fns: list, keys: tuple, name) -> None:
+    """Slow path: raise on the first box that is not [x1, y1, x2, y2] or index that is not a number."""
+    for i, a in enumerate(annos):
+        for key in keys:
+            for r, x in enumerate(a[key]):
+                if key[:5] == "boxes" and not (isinstance(x, list) and len(x) == 4 and all(map(is_number, x))):
+                    raise fail(name, f"expected [x1, y1, x2, y2], got {x!r}", fns[i], r, key)
+                if key[:5] != "boxes" and not is_number(x):
+                    raise fail(name, f"expected an integer, got {x!r}", fns[i], r, key)
+
+
+def _validate_rows(rows: np.ndarray, img: np.ndarray, filenames: Sequence[str],
+                   num_classes: int, src: str) -> None:
+    """Vectorised value checks of prediction rows float64[N, 10] (img: int64[N], grouped)."""
+    if rows.shape[0] == 0:
+        return
+    hoi, score = rows[:, 0], rows[:, 1]
+    # fast path: everything fine (a few passes); the detailed checks only run on failure
+    if (np.isfinite(rows).all() and ((hoi >= 0) & (hoi < num_classes) & (hoi == np.floor(hoi))).all()
+            and (rows[:, 4:6] >= rows[:, 2:4]).all() and (rows[:, 8:10] >= rows[:, 6:8]).all()):
+        return
+    checks = [
+        (~np.isfinite(hoi), "hoi", lambda j: f"{rows[j, 0]} is not a finite number"),
+        (np.isfinite(hoi) & (hoi != np.floor(hoi)), "hoi", lambda j: f"{float(rows[j, 0])!r} is not an integer"),
+        ((hoi < 0) | (hoi >= num_classes), "hoi", lambda j: f"{rows[j, 0]:g} out of range [0, {num_classes})"),
+        (~np.isfinite(score), "score", lambda j: f"{rows[j, 1]} is not a finite number"),
+        (~np.isfinite(rows[:, 2:6]).all(1), "human box", lambda j: "has a NaN/inf coordinate"),
+        (~np.isfinite(rows[:, 6:10]).all(1), "object box", lambda j: "has a NaN/inf coordinate"),
+        (rows[:, 4] < rows[:, 2], "human box", lambda j: "x2 < x1"),
+        (rows[:, 5] < rows[:, 3], "human box", lambda j: "y2 < y1"),
+        (rows[:, 8] < rows[:, 6], "object box", lambda j: "x2 < x1"),
+        (rows[:, 9] < rows[:, 7], "object box", lambda j: "y2 < y1"),
+    ]
+    bad = np.logical_or.reduce([m for m, _, _ in checks])
+    if not bad.any():
+        return
+    j = int(np.argmax(bad))
+    i = int(img[j])
+    r = j - int(np.flatnonzero(img == i)[0])       # rows are grouped by image, in any image order
+    key, msg = next((key, msg) for m, key, msg in checks if m[j])
+    raise fail(src, msg(j), filenames[i], r, key)
+
+
+def _diagnose_rows(src: str, name: str, rows: Any) -> None:
+    """Slow path: find the first structurally malformed row of one image and raise."""
+    if not isinstance(rows, list):
+        raise fail(src, f"expected a list of rows [{', '.join(ROW_FIELDS)}], got {type(rows).__name__}", name)
+    for r, row in enumerate(rows):
+        if not isinstance(row, list):
+            raise fail(src, f"expected a list of 10 numbers, got {type(row).__name__}", name, r)
+        if len(row) != 10:
+            raise fail(src, f"expected 10 values [{', '.join(ROW_FIELDS)}], got {len(row)}", name, r)
+        for c, v in enumerate(row):
+            if not is_number(v):
+                raise fail(src, f"not a number ({v!r})", name, r, ROW_FIELDS[c])
+
+
+def prediction_rows(obj: Any, filenames: Sequence[str], index: dict, num_classes: int,
+                          src: str) -> tuple[np.ndarray, np.ndarray]:
+    """{filename: rows} (lists or arrays) -> (rows float64[N, 10], img int64[N]), validated.
+
+    Rows keep the object's image order (file order for a JSON file), then row order.
+    """
+    if not isinstance(obj, dict):
+        raise fail(src, f"expected a JSON object {{file_name: [[{', '.join(ROW_FIELDS)}], ...]}}, "
+                        f"got {type(obj).__name__}")
+    names = list(obj.keys())
+    img_idx = np.empty(len(names), dtype=np.int64)
+    for k, nm in enumerate(names):
+        i = index.get(nm)
+        if i is None:
+            raise fail(src, "unknown image name (not in the annotation file)", nm)
+        img_idx[k] = i
+    vals = list(obj.values())
+    if any(isinstance(v, np.ndarray) or hasattr(v, "__array__") for v in vals):  # arrays/tensors
+        rows, counts = _rows_from_arrays(names, vals, src)
+    else:
+        rows, counts = _rows_from_lists(names, vals, src)
+    img = np.repeat(img_idx, counts)
+    _validate_rows(rows, img, filenames, num_classes, src)
+    return rows, img
+
+
+def _rows_from_arrays(names: list, vals: list, src: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per-image arrays / tensors [n, 10] -> (rows float64[N, 10], rows per image int64[images])."""
+    counts = np.empty(len(vals), dtype=np.int64)
+    parts = []
+    for k, v in enumerate(vals):
+        try:
+            a = np.asarray(v, dtype=np.float64)
+        except (ValueError, TypeError):
+            _diagnose_rows(src, names[k], v if isinstance(v, list) else list(v))
+            raise fail(src, "malformed rows", names[k]) from None
+        if a.size == 0:
+            a = a.reshape(0, 10)
+        if a.ndim != 2 or a.shape[1] != 10:
+            raise fail(src, f"expected an array [N, 10] of rows [hoi, score, hx1, ..., oy2], got shape "
+                            f"{tuple(a.shape)}", names[k])
+        counts[k] = a.shape[0]
+        parts.append(a)
+    return (np.concatenate(parts, axis=0) if parts else np.zeros((0, 10))), counts
+
+
+def _rows_from_lists(names: list, vals: list, src: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per-image lists of rows (parsed JSON) -> (rows float64[N, 10], rows per image).
+    Fast path: one conversion of all rows; _diagnose_rows runs only when it fails."""
+    counts = np.empty(len(vals), dtype=np.int64)
+    for k, v in enumerate(vals):
+        if not isinstance(v, list):
+            _diagnose_rows(src, names[k], v)
+        counts[k] = len(v)
+    if not counts.sum():
+        return np.zeros((0, 10)), counts
+    try:
+        with np.errstate(all="ignore"):
+            rows = np.array(list(chain.from_iterable(vals)))
+    except (ValueError, TypeError):
+        rows = None
+    if rows is None or rows.ndim != 2 or rows.shape[1] != 10 or rows.dtype.kind not in "iuf":
+        for k, v in enumerate(vals):
+            _diagnose_rows(src, names[k], v)
+        raise fail(src, "malformed prediction rows")
+    return rows.astype(np.float64, copy=False), counts
+
+
+def load_predictions(path: str | os.PathLike, anno: dict | HicoGT) -> dict:
+    """Read and validate a prediction file against a HICO-DET-format annotation.
+
+    Returns ``{filename: float64[N, 10]}`` (file order).  Raises FormatError naming the
+    file, the image and the field on any problem (empty file, invalid JSON, unknown image,
+    wrong row length, non-numeric value, class out of range, NaN/inf, x2 < x1, y2 < y1).
+    """
+    gt = anno if isinstance(anno, HicoGT) else parse_hico_anno(anno)
+    obj = read(path, "prediction file")
+    rows, img = prediction_rows(obj, gt.filenames, gt.index, gt.num_classes, str(path))
+    counts = [len(v) for v in obj.values()]
+    splits = np.split(rows, np.cumsum(counts)[:-1]) if counts else []
+    return dict(zip(obj.keys(), splits))
+
+
+
+# ---------------------------------------------------------------------------------------
+# SWiG-HOI annotation and meta tables
+# ---------------------------------------------------------------------------------------
+
+@dataclass
+class SwigGT:
+    """A SWiG-HOI annotation (THID json), read and validated by :func:`parse_swig_gt`."""
+    name: str
+    filenames: list
+    index: dict
+    num_classes: int                 # len(SWIG_INTERACTIONS)
+    eval_ids: np.ndarray             # int64[E] evaluated interaction ids (ascending)
+    frequency: np.ndarray            # int64[K] 0 unseen / 1 rare / 2 non-rare
+    gt_class: np.ndarray             # int64[M], rows in image order
+    gt_image: np.ndarray             # int64[M]
+    gt_boxes: np.ndarray             # float64[M, 8]
+    num_no_object: int = 0           # pairs with object_id -1, left out
+    num_unknown: int = 0             # pairs whose (action, category) is no interaction (skip_unknown)
+    gt_action: np.ndarray = None     # int64[M] action_id, gt_category: int64[M] object category
+    gt_category: np.ndarray = None
+    sizes: list = None               # per image (w, h), or None where the entry has none
+    tables: tuple = None             # swig_meta_tables(meta): (categories, actions, interactions)
+
+
+def load_swig_meta(path=None) -> dict:
+    """swig_v1_meta.json (default: the shared data), validated (swig_meta_tables)."""
+    path = path or data_root() / "swig_hoi" / "derived" / "swig_v1_meta.json"
+    meta = read(path, "SWiG meta file")
+    try:
+        swig_meta_tables(meta)
+    except ValueError as e:
+        raise fail(path, f"SWiG meta file: {e}") from None
+    return meta
+
+
+def parse_swig_gt(anno: Any, meta: dict, name: str = "<anno>", skip_unknown: bool = False) -> SwigGT:
+    """THID/SWiG annotation list -> GT arrays. Every box of ``box_annotations`` is finite with
+    x2 >= x1 and a category in [0, O); box indices point into that list (a negative one never
+    wraps around to another box); ids are integers. A pair with object_id -1 (no object) is
+    left out and counted; a pair whose (action_id, category) is no SWiG-HOI interaction is an
+    error, or, with ``skip_unknown`` (the training set's reading), left out and counted."""
+    try:
+        tables = swig_meta_tables(meta)
+    except ValueError as e:
+        raise fail("<meta>", f"SWiG meta file: {e}") from None
+    objects, actions, inter = tables
+    mapper = {(x["action_id"], x["object_id"]): x["id"] for x in inter}
+    if not isinstance(anno, list):
+        raise fail(name, f"expected the SWiG-HOI json: a list of images with file_name, box_annotations, "
+                         f"hoi_annotations, got {type(anno).__name__}")
+    filenames, sizes, rows, skipped = [], [], [], [0, 0]
+    for i, im in enumerate(anno):
+        if not isinstance(im, dict) or not isinstance(im.get("file_name"), str):
+            raise fail(name, "missing key or not a string", field_=f"[{i}].file_name")
+        filenames.append(im["file_name"])
+        sizes.append(None if im.get("width") is None and im.get("height") is None else
+                     image_size([im.get("width"), im.get("height")], name, im["file_name"]))
+        for r in _swig_rows(im, mapper, len(objects), len(actions), name, skip_unknown):
+            if r[1] < 0:
+                skipped[-r[1] - 1] += 1
+            else:
+                rows.append((i,) + r)
+    dup = first_duplicate(filenames)
+    if dup is not None:
+        raise fail(name, "listed twice", dup, field_="file_name")
+    img, boxes, cls, act, cat = (list(x) for x in zip(*rows)) if rows else ([], [], [], [], [])
+    return SwigGT(name=name, filenames=filenames, index={f: i for i, f in enumerate(filenames)},
+                  num_classes=len(inter), eval_ids=np.array([x["id"] for x in inter if x["evaluation"] == 1],
+                                                            dtype=np.int64),
+                  frequency=np.array([x["frequency"] for x in inter], dtype=np.int64),
+                  gt_class=np.array(cls, dtype=np.int64), gt_image=np.array(img, dtype=np.int64),
+                  gt_boxes=np.array(boxes, dtype=np.float64).reshape(-1, 8), num_no_object=skipped[0],
+                  num_unknown=skipped[1], gt_action=np.array(act, dtype=np.int64),
+                  gt_category=np.array(cat, dtype=np.int64), sizes=sizes, tables=tables)
+
+
+def _swig_rows(im: dict, mapper: dict, num_objects: int, num_actions: int, name, skip_unknown: bool):
+    """Yield (human box + object box, class, action, category) of each hoi_annotations entry of
+    an image; class -1: no object, -2: unknown interaction (skipped)."""
+    fn = im["file_name"]
+    for key in ("box_annotations", "hoi_annotations"):
+        if not isinstance(im.get(key), list):
+            raise fail(name, "missing key or not a list", fn, field_=key)
+    raw = im["box_annotations"]
+    for r, b in enumerate(raw):
+        if not isinstance(b, dict) or "bbox" not in b or "category_id" not in b:
+            raise fail(name, "needs 'bbox' [x1, y1, x2, y2] and 'category_id'", fn, field_=f"box_annotations[{r}]")
+    boxes = boxes_array([b["bbox"] for b in raw], name, fn, "box_annotations.bbox").tolist()
+    cat = int_array([b["category_id"] for b in raw], len(raw), 0, num_objects, name, fn,
+                    "box_annotations.category_id").tolist()
+    for h, hoi in enumerate(im["hoi_annotations"]):
+        if not isinstance(hoi, dict) or not all(k in hoi for k in ("subject_id", "object_id", "action_id")):
+            raise fail(name, "needs subject_id, object_id, action_id", fn, field_=f"hoi_annotations[{h}]")
+        key = "object_id"
+        try:
+            if is_number(hoi["object_id"]) and hoi["object_id"] == -1:
+                yield None, -1, -1, -1
+                continue
+            o = as_index(hoi["object_id"], len(boxes))
+            key = "subject_id"
+            s = as_index(hoi["subject_id"], len(boxes))
+            key = "action_id"
+            a = as_index(hoi["action_id"], num_actions)
+        except ValueError as e:
+            raise fail(name, e, fn, field_=f"hoi_annotations[{h}].{key}") from None
+        k = mapper.get((a, cat[o]))
+        if k is None and not skip_unknown:
+            raise fail(name, f"(action_id, object category) = {(a, cat[o])} is not a SWiG-HOI interaction",
+                       fn, field_=f"hoi_annotations[{h}]")
+        yield boxes[s] + boxes[o], (-2 if k is None else k), a, cat[o]
+
+
+# ---------------------------------------------------------------------------------------
+# V-COCO: VSRL + COCO instances, vsrl_eval detections
+# ---------------------------------------------------------------------------------------
+
+@dataclass
+class VCOCOGt:
+    """Per-image V-COCO ground truth, as vsrl_eval's vcocodb (person rows only)."""
+    actions: list                      # A action names
+    roles: list                        # A lists: ['agent', role1, ...]
+    image_ids: list                    # sorted image ids
+    boxes: dict = field(default_factory=dict)      # image id -> float32[G, 4] all valid objects
+    person: dict = field(default_factory=dict)     # image id -> int64[P] rows of persons in boxes
+    actions_gt: dict = field(default_factory=dict)  # image id -> int[P, A] (-1 ignored, 0/1)
+    role_gt: dict = field(default_factory=dict)    # image id -> int[P, A, 2] row in boxes or -1
+
+
+
+def parse_vcoco_gt(vsrl: Any, coco: Any, vsrl_name: str = "<vsrl>", coco_name: str = "<coco>") -> VCOCOGt:
+    """Build the V-COCO ground truth from the official VSRL list and COCO instances dict."""
+    acts, roles, data = _vsrl_actions(vsrl, vsrl_name)
+    base_ann, lab_mat, roi_mat = _vsrl_labels(acts, data, vsrl_name)
+    pos_of_ann = {int(v): i for i, v in enumerate(base_ann)}     # VSRL person -> row of lab_mat
+    image_ids = sorted({int(v) for v in data[0][0]})
+    person_cat, sizes, anns_by_img = _coco_index(coco, image_ids, coco_name)
+    gt = VCOCOGt(actions=acts, roles=roles, image_ids=image_ids)
+    for img, aid in zip(data[0][0].tolist(), data[0][1].tolist()):
+        if not any(is_number(an.get("id")) and an["id"] == aid for an in anns_by_img.get(img, [])):
+            raise fail(vsrl_name, f"ann_id {aid} is not an annotation of that image in {coco_name}", img)
+    for i in image_ids:
+        if i not in sizes:
+            raise fail(coco_name, f"not in 'images' (an image of {vsrl_name})", i)
+        boxes, ids, is_person = _coco_boxes(anns_by_img[i], sizes[i], person_cat, coco_name, i)
+        pid = np.flatnonzero(np.array(is_person, dtype=bool))
+        row_of_id = {v: r for r, v in enumerate(ids)}
+        act = -np.ones((pid.size, len(acts)), dtype=np.int64)
+        rol = -np.ones((pid.size, len(acts), 2), dtype=np.int64)
+        for p, r in enumerate(pid):
+            aid = ids[r]
+            if aid not in pos_of_ann:
+                continue
+            q = pos_of_ann[aid]
+            act[p] = lab_mat[q]
+            for a in np.flatnonzero(lab_mat[q]):
+                for j in range(len(roles[a]) - 1):
+                    oid = int(roi_mat[q, a, j])
+                    if oid == 0:
+                        continue
+                    if oid not in row_of_id:
+                        raise fail(vsrl_name, f"ann_id {aid} role '{roles[a][j + 1]}': role object {oid} is "
+                                              f"not a valid annotation of that image in {coco_name}", i,
+                                   field_=f"{acts[a]}.role_object_id")
+                    rol[p, a, j] = row_of_id[oid]
+        gt.boxes[i] = np.array(boxes, dtype=np.float32).reshape(-1, 4)
+        gt.person[i] = pid
+        gt.actions_gt[i] = act
+        gt.role_gt[i] = rol
+    return gt
+
+
+def _vsrl_actions(vsrl: Any, vsrl_name: str) -> tuple[list, list, list]:
+    """The VSRL list -> (action names, role names per action, (image_id, ann_id, label,
+    role_object_id [N, roles]) int64 arrays per action), validated."""
+    if not isinstance(vsrl, list) or not vsrl:
+        raise fail(vsrl_name, "expected the official VSRL list (one entry per action)")
+    acts, roles, data = [], [], []
+    for a, x in enumerate(vsrl):
+        if not isinstance(x, dict):
+            raise fail(vsrl_name, "expected an object", field_=f"[{a}]")
+        for key in ("action_name", "role_name", "image_id", "ann_id", "label", "role_object_id"):
+            if key not in x:
+                raise fail(vsrl_name, f"missing key '{key}'", field_=f"[{a}]")
+        name = x["action_name"]
+        rn = x["role_name"]
+        if not isinstance(name, str) or name in acts:
+            raise fail(vsrl_name, f"must be a string naming each action once, got {name!r}",
+                       field_=f"[{a}].action_name")
+        if not isinstance(rn, list) or not rn or rn[0] != "agent" or len(rn) > 3 or \
+                not all(isinstance(r, str) for r in rn) or first_duplicate(rn) is not None:
+            raise fail(vsrl_name, "must be ['agent', ...] with at most 2 other distinct roles",
+                       field_=f"{name}.role_name")
+        img, ann, lab, roi = (_int_vector(x[k], where(vsrl_name, field_=f"{name}.{k}"))
+                              for k in ("image_id", "ann_id", "label", "role_object_id"))
+        if roi.size % len(rn) or not (img.size == ann.size == lab.size == roi.size // len(rn)):
+            raise fail(vsrl_name, "image_id, ann_id, label and role_object_id (len(role_name) x N) have "
+                                  "different lengths", field_=name)
+        roi = roi.reshape(len(rn), -1).T
+        if not np.isin(lab, (0, 1)).all():
+            raise fail(vsrl_name, f"must hold 0 or 1, got {int(lab[~np.isin(lab, (0, 1))][0])}",
+                       field_=f"{name}.label")
+        dup = first_duplicate(ann.tolist())
+        if dup is not None:
+            raise fail(vsrl_name, f"lists person {dup} twice", field_=f"{name}.ann_id")
+        acts.append(name)
+        roles.append(list(rn))
+        data.append((img, ann, lab, roi))
+    return acts, roles, data
+
+
+def _int_vector(v: Any, where: str) -> np.ndarray:
+    """A (possibly nested) list of integers -> int64[N]: no fraction, bool, NaN or overflow."""
+    try:
+        a = np.asarray(v, dtype=np.float64).reshape(-1)
+    except (ValueError, TypeError):
+        raise FormatError(f"{where}: expected a list of integers") from None
+    bad = ~np.isfinite(a) | (a != np.floor(a)) | (np.abs(a) >= 2.0 ** 63)
+    if bad.any() or (isinstance(v, list) and any(isinstance(x, bool) for x in v)):
+        raise FormatError(f"{where}: expected integers, got {float(a[bad][0]) if bad.any() else 'a boolean'!r}")
+    return a.astype(np.int64)
+
+
+def _vsrl_labels(acts: list, data: list, vsrl_name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per VSRL person (the first action's ann_id order): (ann_id int64[M], action labels
+    int64[M, A], role object ids int64[M, A, 2]); every action must list the same persons."""
+    A = len(acts)
+    base_ann = data[0][1]
+    for a in range(1, A):
+        if not np.array_equal(data[a][1], base_ann):
+            raise fail(vsrl_name, "differs from the first action's (the official file lists every person "
+                                  "for every action)", field_=f"{acts[a]}.ann_id")
+    pos_of_ann = {int(v): i for i, v in enumerate(base_ann)}
+    lab_mat = np.zeros((base_ann.size, A), dtype=np.int64)
+    roi_mat = np.zeros((base_ann.size, A, 2), dtype=np.int64)
+    for a, (img, ann, lab, roi) in enumerate(data):
+        rows = np.flatnonzero(lab == 1)
+        idx = np.array([pos_of_ann[int(v)] for v in ann[rows]], dtype=np.int64)
+        if np.unique(idx).size != idx.size:
+            raise fail(vsrl_name, "a person has label 1 twice", field_=f"{acts[a]}.label")
+        lab_mat[idx, a] = 1
+        bad = roi[rows, 0] != ann[rows]
+        if bad.any():
+            raise fail(vsrl_name, f"role_object_id[:, 0] must equal ann_id ({int(ann[rows][bad][0])})",
+                       field_=f"{acts[a]}.role_object_id")
+        roi_mat[idx, a, :roi.shape[1] - 1] = roi[rows, 1:]
+    return base_ann, lab_mat, roi_mat
+
+
+def _coco_index(coco: Any, image_ids: list, coco_name: str) -> tuple[Any, dict, dict]:
+    """COCO instances dict -> (person category id, {image id: (width, height)},
+    {image id: [annotation dicts]}) for the wanted image ids."""
+    if not isinstance(coco, dict) or not isinstance(coco.get("annotations"), list) or \
+            not isinstance(coco.get("images"), list):
+        raise fail(coco_name, "expected a COCO instances JSON with 'images' and 'annotations' (lists)")
+    person_cat = 1
+    cats = coco.get("categories")
+    if isinstance(cats, list):
+        for c in cats:
+            if isinstance(c, dict) and c.get("name") == "person":
+                person_cat = c.get("id")
+    wanted = set(image_ids)
+    sizes = {}
+    for im in coco["images"]:
+        if isinstance(im, dict) and is_number(im.get("id")) and im["id"] in wanted:
+            w, h = im.get("width"), im.get("height")
+            if not (is_number(w) and is_number(h) and 0 < w < math.inf and 0 < h < math.inf):
+                raise fail(coco_name, f"must be positive numbers, got {w!r}, {h!r}", im.get("id"),
+                           field_="width/height")
+            if int(im["id"]) in sizes:
+                raise fail(coco_name, "listed twice in 'images'", im["id"])
+            sizes[int(im["id"])] = (float(w), float(h))
+    anns_by_img: dict = {i: [] for i in image_ids}
+    for k, an in enumerate(coco["annotations"]):
+        if not isinstance(an, dict):
+            raise fail(coco_name, "expected an object", field_=f"annotations[{k}]")
+        try:
+            i = as_index(an.get("image_id"))
+        except ValueError as e:
+            raise fail(coco_name, e, field_=f"annotations[{k}].image_id") from None
+        if i in anns_by_img:
+            anns_by_img[i].append(an)
+    return person_cat, sizes, anns_by_img
+
+
+def _coco_boxes(anns: list, size: tuple, person_cat, coco_name: str, image_id: int) -> tuple[list, list, list]:
+    """One image's COCO annotations -> (boxes, annotation ids, is-person flags) of the valid
+    ones, as vsrl_eval: [x, y, x + max(0, w - 1), y + max(0, h - 1)] clipped to the image;
+    ignored, zero-area and extent-less annotations are dropped."""
+    width, height = size
+    boxes, ids, is_person = [], [], []
+    for an in anns:
+        try:
+            if an.get("ignore", 0) == 1:
+                continue
+            b = an["bbox"]
+            if not (isinstance(b, list) and len(b) == 4 and all(is_number(v) and math.isfinite(v) for v in b)) \
+                    or not is_number(an["area"]) or not math.isfinite(an["area"]):
+                raise ValueError
+            as_index(an["id"])
+            x, y, w, h = (float(v) for v in b)
+            x1, y1 = x, y
+            x2 = x1 + max(0.0, w - 1.0)
+            y2 = y1 + max(0.0, h - 1.0)
+            x1 = min(width - 1.0, max(0.0, x1))
+            y1 = min(height - 1.0, max(0.0, y1))
+            x2 = min(width - 1.0, max(0.0, x2))
+            y2 = min(height - 1.0, max(0.0, y2))
+            if an["area"] > 0 and x2 > x1 and y2 > y1:
+                boxes.append((x1, y1, x2, y2))
+                ids.append(int(an["id"]))
+                is_person.append(an["category_id"] == person_cat)
+        except (KeyError, TypeError, ValueError):
+            raise fail(coco_name, f"annotation {an.get('id')}: missing or malformed field (needs id, "
+                                  f"bbox [x, y, w, h], area, category_id)", image_id) from None
+    return boxes, ids, is_person
+
+
+
+@dataclass
+class VCOCODets:
+    """Detections in vsrl_eval's layout, concatenated in file order.
+
+    img: int64[D] position of the image in gt.image_ids; person: float32[D, 4];
+    agent: float32[D, A] agent scores (NaN = not predicted); role: float32[D, R, 5] role box +
+    score for the R action-roles ``gt.role_keys()`` (NaN score = not predicted).
+    """
+    img: np.ndarray
+    person: np.ndarray
+    agent: np.ndarray
+    role: np.ndarray
+
+
+def vcoco_role_keys(gt: VCOCOGt) -> list:
+    """[(action index, role index)] of every action-role, vsrl_eval order."""
+    return [(a, r) for a in range(len(gt.actions)) for r in range(len(gt.roles[a]) - 1)]
+
+
+def load_vcoco_dets(obj: Any, gt: VCOCOGt, src: str):
+    """vsrl_eval detection list -> (VCOCODets, unknown keys, number of detections). Missing or
+    null keys mean "not predicted" (NaN), as vsrl_eval's NaN convention. Errors name the
+    detection as ``image 'IMAGE_ID' row K`` (K: its place in the file)."""
+    if not isinstance(obj, list):
+        raise fail(src, "expected a JSON list of detections {image_id, person_box, <action>_agent, "
+                        "<action>_<role>}")
+    pos = {i: k for k, i in enumerate(gt.image_ids)}
+    img, person = np.empty(len(obj), dtype=np.int64), []
+    for k, d in enumerate(obj):
+        i = d.get("image_id") if isinstance(d, dict) else None
+        if not is_number(i) or i != int(i):
+            raise fail(src, "expected an object with an integer image_id", row=k, field_="image_id")
+        if int(i) not in pos:
+            raise fail(src, "image not in the V-COCO ground truth", int(i), k, "image_id")
+        img[k] = pos[int(i)]
+        pb = d.get("person_box")
+        if not (isinstance(pb, list) and len(pb) == 4 and all(is_number(v) and math.isfinite(v) for v in pb)):
+            raise fail(src, "expected 4 finite numbers [x1, y1, x2, y2]", int(i), k, "person_box")
+        if pb[2] < pb[0] or pb[3] < pb[1]:
+            raise fail(src, f"{pb}: x2 < x1 or y2 < y1", int(i), k, "person_box")
+        person.append(pb)
+    agent_keys = [f"{name}_agent" for name in gt.actions]
+    role_keys = [f"{gt.actions[a]}_{gt.roles[a][r + 1]}" for a, r in vcoco_role_keys(gt)]
+    agent = np.zeros((len(obj), len(agent_keys)), dtype=np.float32)
+    role = np.zeros((len(obj), len(role_keys), 5), dtype=np.float32)
+    for a, key in enumerate(agent_keys):
+        agent[:, a] = _vcoco_column(obj, key, 1, gt, img, src)
+    for q, key in enumerate(role_keys):
+        role[:, q] = _vcoco_column(obj, key, 5, gt, img, src)
+    unknown = set(chain.from_iterable(d.keys() for d in obj[:1000]))     # a sample is enough to warn
+    dets = VCOCODets(img=img, person=np.array(person, dtype=np.float32).reshape(len(obj), 4), agent=agent, role=role)
+    return dets, sorted(unknown - {"image_id", "person_box", *agent_keys, *role_keys}), len(obj)
+
+
+_SCORE_TYPES = {float, int, type(None)}
+
+
+def _vcoco_column(obj: list, key: str, width: int, gt: VCOCOGt, img: np.ndarray, src: str) -> np.ndarray:
+    """obj[k][key] -> float64[D] scores (width 1) or float64[D, 5] role box + score (width 5);
+    missing / null -> NaN. Fast path: one type check and one conversion (C loops); the first
+    bad value is looked for only when they fail."""
+    vals, arr = [d.get(key) for d in obj], None
+    if width == 1 and set(map(type, vals)) <= _SCORE_TYPES:
+        arr = np.array(vals, dtype=np.float64).reshape(len(obj))
+    elif width == 5 and set(map(type, vals)) <= {list, type(None)}:
+        lists = [v for v in vals if v is not None]
+        if set(map(len, lists)) <= {5} and set(map(type, chain.from_iterable(lists))) <= _SCORE_TYPES:
+            arr = np.array([[np.nan] * 5 if v is None else v for v in vals], dtype=np.float64).reshape(len(obj), 5)
+    if arr is not None and not np.isinf(arr).any():
+        return arr
+
+    def bad(v):
+        if width == 5:
+            return v is not None and not (type(v) is list and len(v) == 5 and not any(map(bad_score, v)))
+        return bad_score(v)
+
+    def bad_score(v):
+        return not (v is None or (type(v) in (float, int) and not math.isinf(v)))
+
+    k = next(k for k, v in enumerate(vals) if bad(v))
+    raise fail(src, "expected a score (a number, NaN or null = not predicted)" if width == 1 else
+               "expected [x1, y1, x2, y2, score] (finite or NaN/null; NaN/null score = not predicted)",
+               gt.image_ids[int(img[k])], k, key)
+
+
+@dataclass
+class VcocoPairs:
+    """fredzzhang/vcoco's ``instances_vcoco_*.json`` (the training / detector-AP format), read
+    by :func:`parse_vcoco_pairs`. Object labels are COCO-80 (the file's index - 1: the file
+    counts 'background' as 0)."""
+    filenames: list
+    classes: list                   # K action-role names
+    objects: list                   # 80 object names
+    image_ids: list | None          # COCO image ids (the file's ``images``)
+    rows: list                      # per image {boxes_h, boxes_o [P, 4], object, hoi [P]}
+    hoi_object: list                # per class the COCO-80 labels it may take
+    prompts: list | None
+
+
+def parse_vcoco_pairs(d: Any, name) -> VcocoPairs:
+    """Keys: ``annotations`` (per image {file_name, boxes_h, boxes_o, actions, objects}),
+    ``classes``, ``objects`` (81 names); optional ``images``, ``action_to_object`` (per class,
+    object indices of the 81; absent: every object), ``prompts`` (K strings)."""
+    if not isinstance(d, dict):
+        raise fail(name, "expected a JSON object with key 'annotations'")
+    for key in ("annotations", "classes", "objects"):
+        if not isinstance(d.get(key), list):
+            raise fail(name, "missing key or not a list", field_=key)
+    anns = d["annotations"]
+    classes, objects81 = name_list(d["classes"], name, "classes"), name_list(d["objects"], name, "objects")
+    K, O81 = len(classes), len(objects81)
+    ids, a2o, prompts = d.get("images"), d.get("action_to_object"), d.get("prompts")
+    try:
+        if ids is not None and (not isinstance(ids, list) or len(ids) != len(anns)):
+            raise ValueError(f"expected a list of {len(anns)} image ids, one per annotation")
+        ids = as_index_list(ids, unique=True) if ids is not None else None
+    except ValueError as e:
+        raise fail(name, e, field_="images") from None
+    files, rows = [], []
+    for j, a in enumerate(anns):
+        if not isinstance(a, dict) or not isinstance(a.get("file_name"), str):
+            raise fail(name, "missing key or not a string", field_=f"annotations[{j}].file_name")
+        img = a["file_name"]
+        for key in ("boxes_h", "boxes_o", "actions", "objects"):
+            if key not in a:
+                raise fail(name, "missing key", img, field_=key)
+        bh, bo = (boxes_array(a[k], name, img, k) for k in ("boxes_h", "boxes_o"))
+        if len(bo) != len(bh):
+            raise fail(name, f"{len(bo)} object boxes for {len(bh)} human boxes", img, field_="boxes_o")
+        rows.append({"boxes_h": bh, "boxes_o": bo, "hoi": int_array(a["actions"], len(bh), 0, K, name, img, "actions"),
+                     "object": int_array(a["objects"], len(bh), 1, O81, name, img, "objects") - 1})
+        files.append(img)
+    name_list(files, name, "annotations[].file_name")
+    if a2o is not None and (not isinstance(a2o, list) or len(a2o) != K):
+        raise fail(name, f"expected one list of object indices per class ({K})", field_="action_to_object")
+    hoi_object = [list(range(O81 - 1))] * K if a2o is None else []
+    for k, lst in enumerate(a2o or []):
+        try:
+            hoi_object.append(sorted({o - 1 for o in as_index_list(lst, O81) if o > 0}))
+        except ValueError as e:
+            raise fail(name, e, field_=f"action_to_object[{k}]") from None
+    if prompts is not None and not (isinstance(prompts, list) and len(prompts) == K
+                                    and all(isinstance(p, str) for p in prompts)):
+        raise fail(name, f"expected {K} strings", field_="prompts")
+    return VcocoPairs(filenames=files, classes=classes, objects=objects81[1:], image_ids=ids, rows=rows,
+                      hoi_object=hoi_object, prompts=prompts)
+
+
+# ---------------------------------------------------------------------------------------
+# Detection files: per image {file_name: {boxes, scores, labels}} and COCO results
+# ---------------------------------------------------------------------------------------
+
+def image_detections(e: Any, file, image, num_labels: Optional[int] = None) -> tuple:
+    """One image's entry of a per-image detection file -> (boxes float64[N, 4], scores
+    float64[N], labels int64[N]): boxes as :func:`boxes_array`, scores finite within float32's
+    range, labels in [0, num_labels)."""
+    if not isinstance(e, dict):
+        raise fail(file, "expected {boxes, scores, labels}", image)
+    for key in ("boxes", "scores", "labels"):
+        if key not in e:
+            raise fail(file, "missing key", image, field_=key)
+    boxes = boxes_array(e["boxes"], file, image, "boxes")
+    n = len(boxes)
+    if not isinstance(e["scores"], list) or len(e["scores"]) != n:
+        raise fail(file, f"expected {n} numbers", image, field_="scores")
+    try:
+        scores = np.asarray(e["scores"], dtype=np.float64).reshape(n)
+    except (TypeError, ValueError):
+        raise fail(file, "expected numbers", image, field_="scores") from None
+    bad = ~(np.isfinite(scores) & (np.abs(scores) <= FLOAT32_MAX))
+    if bad.any():
+        r = int(np.argmax(bad))
+        raise fail(file, f"{scores[r]!r}: non-finite score or one beyond float32's range", image, r, "scores")
+    return boxes, scores, int_array(e["labels"], n, 0, num_labels or 2 ** 62, file, image, "labels")
+
+
+def coco_result(e: Any, r: int, file, names: dict, labels: dict) -> tuple:
+    """Entry r of a COCO results list [{image_id, category_id, bbox [x, y, w, h], score}] ->
+    (file name, [x, y, w, h], score, label). names: {image_id: file name}; labels:
+    {category_id: label}. The box is finite with w, h >= 0 and x + w, y + h within float32."""
+    if not isinstance(e, dict):
+        raise fail(file, "expected an object {image_id, category_id, bbox, score}", row=r)
+    for key in ("image_id", "category_id", "bbox", "score"):
+        if key not in e:
+            raise fail(file, "missing key", row=r, field_=key)
+    iid, cid, b, s = e["image_id"], e["category_id"], e["bbox"], e["score"]
+    if not (type(iid) is int and iid in names):
+        raise fail(file, f"unknown image id {iid!r}", row=r, field_="image_id")
+    img = names[iid]
+    if not (type(cid) is int and cid in labels):
+        raise fail(file, f"{cid!r} is not a category id of the object set", img, r, "category_id")
+    if not (isinstance(b, list) and len(b) == 4 and all(map(is_number, b))):
+        raise fail(file, f"expected [x, y, w, h] (4 numbers), got {b!r}", img, r, "bbox")
+    x, y, w, h = (float(v) for v in b)
+    if not all(math.isfinite(v) and abs(v) <= FLOAT32_MAX for v in (x, y, x + w, y + h)) or w < 0 or h < 0:
+        raise fail(file, f"{b!r} is non-finite, beyond float32's range or has a negative width/height",
+                   img, r, "bbox")
+    if not (is_number(s) and math.isfinite(s) and abs(s) <= FLOAT32_MAX):
+        raise fail(file, f"{s!r} is not a finite number", img, r, "score")
+    return img, [x, y, w, h], float(s), labels[cid]
