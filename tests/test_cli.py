@@ -37,7 +37,7 @@ def test_teacher_and_student_cli_end_to_end_real_model(tmp_path, capsys, monkeyp
     mt = train_teacher.main(base + ["--name", "t"])
     assert set(mt) >= {"full", "rare", "non_rare"} and 0 <= mt["full"] <= 100
     tck = tmp_path / "runs" / "t" / "last.pt"
-    teacher = LINK.from_checkpoint(str(tck))           # the model helper's reader
+    teacher = LINK.from_checkpoint(load_checkpoint(tck))           # the model helper's reader
     assert teacher.cfg.d_model == 32
     ms = train_student.main(base + ["--name", "s", "--teacher", str(tck), "--teacher", str(tck), "--temperature", "2"])
     assert 0 <= ms["full"] <= 100
@@ -52,7 +52,7 @@ def test_teacher_and_student_cli_end_to_end_real_model(tmp_path, capsys, monkeyp
                                                for m in (0, 1) for p in ("weight", "bias"))
     assert ck["extra_state"]["adapters.map.1.weight"].shape == (16, 16)
     assert not any("adapter" in k for k in ck["model"])
-    LINK.from_checkpoint(str(tmp_path / "runs" / "s" / "last.pt"))
+    LINK.from_checkpoint(load_checkpoint(tmp_path / "runs" / "s" / "last.pt"))
     # with every KD weight 0 and --init-seed same, the student reproduces the teacher exactly
     # (the student is built from the same initial weights; the teachers' forward draws no RNG)
     train_student.main(base + ["--name", "s0", "--teacher", str(tck), "--init-seed", "same",
