@@ -429,6 +429,7 @@ def test_checkpoint_from_train_teacher(tmp_path, capsys):
     world, runs = tmp_path / "world", tmp_path / "runs"
     train_teacher.main(["--world", str(world), "--world-train", "8", "--world-test", "3", "--world-size", "64",
                         "--image-size", "64", "--epochs", "1", "--batch-size", "4", "--runs", str(runs),
+                        "--cache", str(tmp_path / "cache"),
                         "--no-progress", "--cache-dtype", "float32", "--model-opt", "d_model=64",
                         "--model-opt", "d_latent=32", "--model-opt", "heads=4"])
     torch.set_num_threads(1)
