@@ -4,8 +4,11 @@ TRITON_INTERPRET must be set before any @triton.jit function is decorated, i.e. 
 kernels/ is imported, so it is set here, at the top of the first file pytest imports.
 """
 import os
+import signal
 import sys
 from pathlib import Path
+
+import pytest
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "2")
@@ -52,3 +55,16 @@ def aot_compile_in_subprocess(code: str) -> str:
         pytest.skip("no ptxas in this triton install")
     assert res.returncode == 0, res.stderr[-3000:]
     return res.stdout
+
+
+@pytest.fixture
+def no_hang():
+    """A test that blocks (a read of a FIFO or /dev/zero that never ends) fails after 60 s instead
+    of hanging the suite."""
+    def on_alarm(*_):
+        raise TimeoutError("blocked on a special file")
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.alarm(60)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)

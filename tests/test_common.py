@@ -1,7 +1,6 @@
 """common.py: atomic writes (permissions, atomicity), the JSON reader's one-line errors, the data
 root, the zero-shot split table, and the special files every writer and reader refuses."""
 import os
-import signal
 import socket
 import stat
 from pathlib import Path
@@ -149,16 +148,6 @@ def node(p: Path) -> tuple:
     return st.st_mode, st.st_rdev, os.readlink(p) if p.is_symlink() else None
 
 
-@pytest.fixture
-def no_hang():
-    """A read that blocks fails the test after 20 s instead of hanging the suite."""
-    def on_alarm(*_):
-        raise TimeoutError("blocked reading a special file")
-    old = signal.signal(signal.SIGALRM, on_alarm)
-    signal.alarm(20)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, old)
 
 
 @pytest.mark.parametrize("kind", SPECIAL)
