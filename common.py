@@ -1,13 +1,8 @@
-"""Ground-floor helpers every script shares, torch-free: atomic writes, the strict JSON reader,
-the shared data folder, the zero-shot split names, the box frames, the command-line helpers.
-
-Atomic write (:func:`atomic_write`): temp file in the target's folder, fsync, ``os.replace``,
-fsync the folder; a crash leaves the old file or the new one, never half of one; a failed
-write raises :class:`WriteError`, one line naming the file. Reading JSON (:func:`read_json`):
-one-line errors naming the file and the JSON path of the field; duplicate keys, booleans,
-integers beyond float64 and nesting deeper than :data:`MAX_JSON_DEPTH` are refused. Outputs are
-never inputs (:func:`refuse_outputs_over_inputs`). Command lines (:class:`OneLineParser`, the
-argument types, :func:`error_line`): a bad argument is one ``error: ...`` line, exit status 2.
+"""Ground-floor helpers every script shares, torch-free, importing no project file: atomic writes and the
+special-file checks of outputs and inputs (:func:`atomic_write`, :func:`check_output_path`, :func:`check_input_file`,
+:func:`read_input_bytes`, :func:`refuse_outputs_over_inputs`), the strict JSON reader (:func:`read_json`), the shared
+data folder, the zero-shot split names, the box frames, the command lines (:class:`OneLineParser`, argument types,
+one-line errors, held notes), file stamps and hashes. The rules they keep: docs/reliability.md.
 """
 from __future__ import annotations
 
@@ -30,33 +25,22 @@ try:  # optional, ~2x faster parsing of large JSON files; stdlib json otherwise
     import orjson
 except ImportError:  # pragma: no cover - depends on the environment
     orjson = None
-if os.environ.get("LINK_EVAL_JSON") == "stdlib":   # force the stdlib parser (benchmarks, tests)
-    orjson = None
+orjson = None if os.environ.get("LINK_EVAL_JSON") == "stdlib" else orjson   # force the stdlib parser (benchmarks)
 
-#: zero-shot split names of the CLIs -> keys of
-#: shared/data/hicodet/derived/zero_shot_unseen_hoi_indices.json
-ZERO_SHOT_SPLITS = {"rf-uc": "rare_first", "nf-uc": "non_rare_first", "uo": "unseen_object",
-                    "uv": "unseen_verb"}
+#: zero-shot split names of the CLIs -> keys of shared/data/hicodet/derived/zero_shot_unseen_hoi_indices.json
+ZERO_SHOT_SPLITS = {"rf-uc": "rare_first", "nf-uc": "non_rare_first", "uo": "unseen_object", "uv": "unseen_verb"}
 
-#: Box frames (README "Box frames") -> the frame's pixel offset o. ``hico1``: 1-based inclusive
-#: pixel indices (HICO-DET's anno_bbox.mat): a box over pixel columns i..j (counted from 1) is
-#: [i, j] and an image of width W spans [1, W]. ``continuous``: pixel edges (COCO, DETR-style
-#: detectors, the synthetic world): the same box is [i - 1, j] and the image spans [0, W]. So x1
-#: and y1 differ by o between frames, x2 and y2 not; a width is x2 - x1 + o in either frame.
+#: Box frames -> the frame's pixel offset o (docs/data.md, "Box frames"): ``hico1`` 1-based inclusive pixel
+#: indices (HICO-DET), ``continuous`` pixel edges (COCO, DETR-style detectors); x1 and y1 differ by o.
 BOX_FRAMES = {"continuous": 0, "hico1": 1}
 
 
 def data_root() -> Path:
     """Folder of the shared data: ``$LINK_DATA`` or ``<repo>/../shared/data``."""
-    env = os.environ.get("LINK_DATA")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parent.parent / "shared" / "data"
+    return Path(os.environ.get("LINK_DATA") or Path(__file__).resolve().parent.parent / "shared" / "data")
 
 
-# ----------------------------------------------------------------------------------------------
-# Atomic writes
-# ----------------------------------------------------------------------------------------------
+# --- Atomic writes ----------------------------------------------------------------------------
 def fsync_dir(folder) -> None:
     """Make a rename inside ``folder`` durable (best effort: some file systems refuse)."""
     with contextlib.suppress(OSError):
@@ -75,8 +59,7 @@ class WriteError(OSError):
 
 
 class _RecordingWriter:
-    """The temp file as ``write`` sees it: records the OSError of a failed write, which
-    torch.save turns into an opaque RuntimeError ("unexpected pos ...")."""
+    """The temp file as ``write`` sees it: records the OSError of a failed write (torch.save hides it)."""
 
     def __init__(self, f):
         self._f, self.error = f, None
@@ -92,23 +75,19 @@ class _RecordingWriter:
         return getattr(self._f, name)
 
 
+_KINDS = {stat.S_IFREG: "regular file", stat.S_IFDIR: "directory", stat.S_IFLNK: "symbolic link",
+          stat.S_IFIFO: "FIFO (named pipe)", stat.S_IFSOCK: "socket", stat.S_IFCHR: "character device",
+          stat.S_IFBLK: "block device"}
+
+
 def file_kind(mode: int) -> str:
     """What an ``os.stat`` mode names, in words: 'regular file', 'directory', 'FIFO' ..."""
-    for test, name in ((stat.S_ISREG, "regular file"), (stat.S_ISDIR, "directory"),
-                       (stat.S_ISLNK, "symbolic link"), (stat.S_ISFIFO, "FIFO (named pipe)"),
-                       (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
-                       (stat.S_ISBLK, "block device")):
-        if test(mode):
-            return name
-    return "special file"
+    return _KINDS.get(stat.S_IFMT(mode), "special file")
 
 
 def check_output_path(path) -> None:
-    """The one check of every writer's destination: ``path`` names a regular file (replaced) or
-    nothing (created). A directory, a device node (/dev/null, /dev/full), a FIFO, a socket or a
-    symbolic link (dangling or not) is refused with :class:`WriteError`, one line naming it: a
-    rename would replace the node or the link itself with a regular file. Links in the folders
-    above are followed as usual."""
+    """The one check of every writer's destination: ``path`` is a regular file (replaced) or nothing (created);
+    a directory, device, FIFO, socket or symbolic link raises :class:`WriteError` naming it."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -129,12 +108,8 @@ def write_error(path, e: OSError) -> WriteError:
 
 
 def atomic_write(path, write: Callable[[BinaryIO], Any]) -> None:
-    """``write(f)`` into a temp file ``f`` (binary, opened for writing) in ``path``'s folder, then
-    fsync, ``os.replace`` onto ``path``, fsync the folder. If ``write`` raises, ``path`` is
-    untouched and the temp file removed; a failed write (OSError, also inside torch.save) is
-    re-raised as :class:`WriteError` naming ``path``. Missing parent folders are created. A
-    destination that is not a regular file or a new path is refused (check_output_path), before
-    and again just before the rename (the write may take minutes)."""
+    """``write(f)`` into a binary temp file ``f`` beside ``path``, fsync, ``os.replace`` onto ``path``, fsync the
+    folder; ``path`` is untouched if ``write`` raises, a failed write is a :class:`WriteError` naming it."""
     path = Path(path)
     check_output_path(path)
     tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
@@ -169,98 +144,62 @@ def atomic_write_bytes(path, data: bytes) -> None:
 
 
 def atomic_write_text(path, text: str) -> None:
-    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def atomic_write_json(path, obj, indent=None, separators=None) -> None:
-    """``json.dumps(obj, indent=indent, separators=separators)`` written atomically."""
     atomic_write_text(path, json.dumps(obj, indent=indent, separators=separators))
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError, ValueError):
-        return True                       # another user's process, or a nonsense number
-    return True
-
-
-def temp_owner(name: str) -> Optional[int]:
-    """The writer's pid in a temp file name ``.NAME.PID.RAND.tmp`` (None when it has none)."""
-    parts = name.split(".")
-    if len(parts) >= 4 and parts[-1] == "tmp" and parts[-3].isdigit():
-        return int(parts[-3])
-    return None
-
-
 def clean_stale_temps(folder) -> None:
-    """Remove temp files left by writers killed mid-write (they never replaced a real file).
-    A temp file whose writer (the pid in its name) is still running on this machine is kept,
-    so a concurrent writer in the same folder never loses its file."""
-    folder = Path(folder)
-    if folder.is_dir():
-        for p in folder.glob(".*.tmp"):
-            pid = temp_owner(p.name)
-            if pid is not None and pid != os.getpid() and _pid_alive(pid):
-                continue
-            with contextlib.suppress(OSError):
-                p.unlink()
+    """Remove the temp files (``.NAME.PID.RAND.tmp``) of writers killed mid-write; one whose writer (the
+    pid in its name) still runs on this machine is kept, so a concurrent writer never loses its file."""
+    for p in Path(folder).glob(".*.tmp"):        # nothing when the folder is absent
+        parts = p.name.split(".")
+        pid = int(parts[-3]) if len(parts) >= 4 and parts[-3].isdigit() else None
+        if pid is not None and pid != os.getpid():
+            try:
+                os.kill(pid, 0)
+                continue                  # its writer still runs
+            except ProcessLookupError:
+                pass
+            except (PermissionError, OverflowError, ValueError):
+                continue                  # another user's process, or a nonsense number
+        with contextlib.suppress(OSError):
+            p.unlink()
 
 
-def file_digest(path) -> str:
-    """The first 16 hex digits of the SHA-1 of a file's bytes (file_hash: once per process for
-    a given file state)."""
-    return file_hash(path, "sha1")[:16]
-
-
-# ----------------------------------------------------------------------------------------------
-# Outputs are never inputs
-# ----------------------------------------------------------------------------------------------
+# --- Outputs are never inputs -----------------------------------------------------------------
 def _identity(path) -> Optional[tuple]:
     try:
         st = os.stat(path)                # follows symbolic links; hard links share the inode
-    except (OSError, ValueError):
+    except (OSError, TypeError, ValueError):   # TypeError: no path (None)
         return None
     return (st.st_dev, st.st_ino)
 
 
-def refuse_outputs_over_inputs(outputs: Iterable, inputs: Iterable,
-                               error: type[Exception] = ValueError) -> None:
-    """Raise ``error`` if any output path is one of the input files.
-
-    outputs / inputs: ``(label, path)`` pairs (a label such as ``"--out"`` or ``"input image"``
-    says in the message which argument the path came from; a path may be None). A path that
-    does not exist cannot be an input; paths are compared by file identity (device, inode), so
-    the same file reached through a symbolic link, a hard link or another spelling is found.
-    """
-    ids = {}
+def refuse_outputs_over_inputs(outputs: Iterable, inputs: Iterable, error: type[Exception] = ValueError) -> None:
+    """Raise ``error`` if an output is one of the inputs, compared by file identity (device, inode).
+    outputs / inputs: ``(label, path)`` pairs; the label (``"--out"``) names the argument, a path may be None."""
+    ids: dict = {}
     for label, p in inputs:
-        ident = _identity(p) if p is not None else None
-        if ident is not None:
-            ids.setdefault(ident, (label, p))
+        ids.setdefault(_identity(p), (label, p))
+    ids.pop(None, None)                   # no file there: not an input
     for label, p in outputs:
-        ident = _identity(p) if p is not None else None
-        if ident is not None and ident in ids:
+        if (ident := _identity(p)) in ids:
             in_label, in_path = ids[ident]
             same = "" if os.path.abspath(p) == os.path.abspath(in_path) else f" {in_path}"
             raise error(f"{p}: {label} would overwrite the input {in_label}{same}; an input is never "
                         f"an output: choose another output path")
 
 
-# ----------------------------------------------------------------------------------------------
-# Inputs are regular files
-# ----------------------------------------------------------------------------------------------
+# --- Inputs are regular files -----------------------------------------------------------------
 def _input_fd(path, what: str, error: type[Exception], missing: type[Exception]) -> tuple[int, int]:
-    """Open ``path`` for reading without blocking (a FIFO nobody writes to would block a plain
-    open) -> (fd, size); refuse anything that is not a regular file (links are followed)."""
+    """Open ``path`` without blocking (a FIFO would block a plain open) -> (fd, size) of a regular file."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
         raise missing(f"{path}: {what} not found") from None
-    except IsADirectoryError:
-        raise error(f"{path}: {what} is a directory, expected a regular file") from None
     except OSError as e:
         kind = "regular file"
         with contextlib.suppress(OSError):          # a socket cannot be opened: name it
@@ -277,10 +216,8 @@ def _input_fd(path, what: str, error: type[Exception], missing: type[Exception])
 
 def check_input_file(path, what: str = "file", error: type[Exception] = ValueError,
                      missing: type[Exception] = FileNotFoundError) -> int:
-    """The one check of every reader's input, for readers that open the file themselves (PIL,
-    torch.load): ``path`` is a regular file (after links) -> its size; a directory, a device
-    (/dev/zero, /dev/null), a FIFO or a socket raises ``error`` (``missing`` when there is
-    nothing), one line naming the file and ``what`` it is. Never blocks, reads nothing."""
+    """The one check of every reader's input that opens the file itself (PIL, torch.load): a regular file
+    (after links) -> its size; anything else raises ``error`` (``missing``: nothing there). Reads nothing."""
     fd, size = _input_fd(path, what, error, missing)
     os.close(fd)
     return size
@@ -288,8 +225,7 @@ def check_input_file(path, what: str = "file", error: type[Exception] = ValueErr
 
 def read_input_bytes(path, what: str = "file", error: type[Exception] = ValueError,
                      missing: type[Exception] = FileNotFoundError) -> bytes:
-    """The bytes of the regular file ``path`` (check_input_file's refusals), at most the size it
-    had when opened: a file that grows while read never makes the reader read on."""
+    """The bytes of the regular file ``path`` (check_input_file's refusals), at most its size when opened."""
     fd, size = _input_fd(path, what, error, missing)
     try:
         with os.fdopen(fd, "rb") as f:
@@ -298,9 +234,7 @@ def read_input_bytes(path, what: str = "file", error: type[Exception] = ValueErr
         raise error(f"{path}: cannot read {what} ({e.strerror})") from None
 
 
-# ----------------------------------------------------------------------------------------------
-# Reading JSON
-# ----------------------------------------------------------------------------------------------
+# --- Reading JSON -----------------------------------------------------------------------------
 #: JSON nesting deeper than this is refused (the deepest input format nests 5 levels)
 MAX_JSON_DEPTH = 64
 
@@ -313,8 +247,7 @@ class _DupDict(dict):
 def _pairs_hook(pairs: list) -> dict:
     d = dict(pairs)
     if len(d) != len(pairs):
-        seen = set()
-        d = _DupDict(d)
+        d, seen = _DupDict(d), set()
         d.dup = next(k for k, _ in pairs if k in seen or seen.add(k))
     return d
 
@@ -335,111 +268,81 @@ def _json_path(path: tuple) -> str:
 
 
 def _audit_json(obj, allow_bool: bool) -> Optional[tuple]:
-    """First problem in document order: (json path, message), or None. Iterative (no recursion
-    limit); values are checked, keys are strings by construction."""
+    """First problem in document order: (json path, message), or None; iterative (no recursion limit)."""
     stack = [(obj, (), 0)]
     while stack:
         x, path, depth = stack.pop()
         t = type(x)
-        if t is dict or t is _DupDict:
-            if t is _DupDict:
-                return path, f"duplicate key {json.dumps(x.dup)} in one object"
+        if t is _DupDict:
+            return path, f"duplicate key {json.dumps(x.dup)} in one object"
+        if t is dict or t is list:
             if depth >= MAX_JSON_DEPTH:
                 return path, f"nested deeper than {MAX_JSON_DEPTH} levels"
-            stack.extend((v, path + (k,), depth + 1) for k, v in reversed(list(x.items())))
-        elif t is list:
-            if depth >= MAX_JSON_DEPTH:
-                return path, f"nested deeper than {MAX_JSON_DEPTH} levels"
-            stack.extend((v, path + (i,), depth + 1) for i, v in reversed(list(enumerate(x))))
-        elif t is bool:
-            if not allow_bool:
-                return path, f"{str(x).lower()} is a boolean; booleans are not numbers (use 0 / 1)"
-        elif t is int:
-            if abs(x) >= 2 ** 1024:       # no float64 holds it
-                return path, f"integer of {len(str(abs(x)))} digits is too large for a float64"
+            items = x.items() if t is dict else enumerate(x)
+            stack.extend((v, path + (k,), depth + 1) for k, v in reversed(list(items)))
+        elif t is bool and not allow_bool:
+            return path, f"{str(x).lower()} is a boolean; booleans are not numbers (use 0 / 1)"
+        elif t is int and abs(x) >= 2 ** 1024:       # no float64 holds it
+            return path, f"integer of {len(str(abs(x)))} digits is too large for a float64"
     return None
-
-
-def _parse_stdlib(raw: bytes):
-    """json.loads marking objects with duplicate keys; RecursionError becomes ValueError."""
-    try:
-        return json.loads(raw, object_pairs_hook=_pairs_hook)
-    except RecursionError:
-        raise ValueError(f"is nested too deeply (more than {MAX_JSON_DEPTH} levels are refused)") from None
 
 
 _NOT_STRUCTURE = bytes(b for b in range(256) if b not in b'"[]{}:')
 
 
 def _structure(raw: bytes) -> Optional[tuple]:
-    """(deepest bracket nesting, number of object members) of valid JSON text, counted on its
-    quotes, brackets and colons only (bytes.translate, then numpy on that short string):
-    brackets and colons inside strings are skipped by quote parity. None when the text has
-    escaped quotes, which quote parity cannot follow."""
+    """(deepest bracket nesting, number of object members) of valid JSON text, counted on its quotes,
+    brackets and colons only (bytes.translate, then numpy); None when the text has escaped quotes."""
     import numpy as np
     if b'\\"' in raw:
         return None
     c = np.frombuffer(raw.translate(None, _NOT_STRUCTURE), dtype=np.uint8)
-    outside = (np.cumsum(c == 34) & 1) == 0
+    outside = (np.cumsum(c == 34) & 1) == 0       # quote parity skips brackets and colons in strings
     step = ((c == 91) | (c == 123)).astype(np.int64) - ((c == 93) | (c == 125))
     depth = np.cumsum(np.where(outside, step, 0))
     return int(depth.max()) if len(depth) else 0, int(np.count_nonzero((c == 58) & outside))
 
 
-def _scalar_row(x: list) -> bool:
-    return bool(x) and type(x[0]) is not dict and type(x[0]) is not list
-
-
 def _count_keys(obj) -> int:
-    """Members of the parsed objects. A list is entered only when its first item is a container
-    that is not itself a row of scalars (no input format mixes numbers and containers in a
-    list, so a list of rows such as a prediction file's is skipped whole); an object missed
-    that way makes the count fall short, which sends the document to the exact parser: slower,
-    never wrong."""
+    """Members of the parsed objects. A list is entered only when its first item is a container that is
+    not a row of scalars; an object missed that way makes the count fall short: slower, never wrong."""
     n, stack = 0, [obj] if type(obj) is dict or (type(obj) is list and obj) else []
     while stack:
         x = stack.pop()
         if type(x) is dict:
             n += len(x)
             stack.extend(v for v in x.values() if type(v) is dict or (type(v) is list and v))
-        elif type(x[0]) is dict or (type(x[0]) is list and not _scalar_row(x[0])):
+        elif type(x[0]) is dict or (type(x[0]) is list and not (x[0] and type(x[0][0]) not in (dict, list))):
             stack.extend(v for v in x if type(v) is dict or (type(v) is list and v))
     return n
 
 
 def parse_json_bytes(raw: bytes, allow_bool: bool = False):
-    """Parse JSON text -> object; ValueError (a one-line reason, with the JSON path) for invalid
-    JSON and for what :func:`read_json` refuses (see the module docstring).
-
-    Fast path: orjson, then checks that cost a pass over the bytes and a walk over the objects
-    (not the numbers); a boolean-looking word sends the object to the exact walk. A document
-    orjson rejects (NaN literals, huge numbers), or that may have lost a duplicate key to
-    orjson, is parsed by the standard library, which keeps track of duplicate keys."""
+    """Parse JSON text -> object; ValueError (one line, with the JSON path) for what :func:`read_json` refuses.
+    Fast path orjson; what it cannot rule out (a lost duplicate key, NaN, huge numbers) goes to the stdlib."""
+    fast = False                          # orjson's object is kept
     if orjson is not None:
         try:
             obj = orjson.loads(raw)
         except (orjson.JSONDecodeError, RecursionError):
             pass
-        else:
+        else:   # orjson keeps the last of duplicate keys silently: all members in the parsed objects means none
             st = _structure(raw)
-            # orjson keeps the last of duplicate keys silently: a document whose members are
-            # all in the parsed objects has none
-            if st is not None and st[0] < MAX_JSON_DEPTH and st[1] == _count_keys(obj):
-                if b"true" not in raw and b"false" not in raw:
-                    return obj
-                bad = _audit_json(obj, allow_bool)
-                if bad is None:
-                    return obj
-                raise ValueError(f"field '{_json_path(bad[0])}': {bad[1]}")
-    try:
-        obj = _parse_stdlib(raw)
-    except UnicodeDecodeError as e:
-        raise ValueError(f"is not UTF-8 text ({e.reason})") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
-    except ValueError as e:               # e.g. an integer of more than 4300 digits
-        msg = str(e) if str(e).startswith("is ") else str(e).split(";")[0].split(":")[0]
-        raise ValueError(msg if msg.startswith("is ") else f"is not valid JSON ({msg})") from None
+            fast = st is not None and st[0] < MAX_JSON_DEPTH and st[1] == _count_keys(obj)
+            if fast and b"true" not in raw and b"false" not in raw:
+                return obj
+    if not fast:
+        try:
+            obj = json.loads(raw, object_pairs_hook=_pairs_hook)       # marks objects with duplicate keys
+        except RecursionError:
+            raise ValueError(f"is nested too deeply (more than {MAX_JSON_DEPTH} levels are refused)") from None
+        except UnicodeDecodeError as e:
+            raise ValueError(f"is not UTF-8 text ({e.reason})") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+        except ValueError as e:           # e.g. an integer of more than 4300 digits
+            msg = str(e) if str(e).startswith("is ") else str(e).split(";")[0].split(":")[0]
+            raise ValueError(msg if msg.startswith("is ") else f"is not valid JSON ({msg})") from None
     bad = _audit_json(obj, allow_bool)
     if bad is not None:
         raise ValueError(f"field '{_json_path(bad[0])}': {bad[1]}")
@@ -448,11 +351,8 @@ def parse_json_bytes(raw: bytes, allow_bool: bool = False):
 
 def read_json(path, what: str = "file", error: type[Exception] = ValueError,
               missing: type[Exception] = FileNotFoundError, allow_bool: bool = False) -> Any:
-    """Parse the JSON file ``path``. Every problem raises a one-line ``error`` (``missing`` when
-    the file does not exist) whose message starts with the path and says ``what`` the file is,
-    e.g. ``error=DataError, what="annotation file"``; see the module docstring for what is
-    refused besides invalid JSON (duplicate keys, booleans unless ``allow_bool``, integers too
-    large for float64, nesting deeper than MAX_JSON_DEPTH)."""
+    """Parse the JSON file ``path``; a problem (duplicate keys, booleans unless ``allow_bool``, integers beyond
+    float64, nesting beyond MAX_JSON_DEPTH, bad JSON) is a one-line ``error`` (``missing``: no file) naming it."""
     path = str(path)
     raw = read_input_bytes(path, what, error, missing)
     if not raw.strip():
@@ -465,12 +365,9 @@ def read_json(path, what: str = "file", error: type[Exception] = ValueError,
         raise error(f"{path}: {what} {e}" if str(e).startswith("is ") else f"{path}: {what}: {e}") from None
 
 
-# ----------------------------------------------------------------------------------------------
-# Command lines: one-line errors, argument types checked at parse time
-# ----------------------------------------------------------------------------------------------
+# --- Command lines: one-line errors, argument types checked at parse time ---------------------
 def error_line(msg) -> str:
-    """A message on one line: line breaks and runs of spaces collapsed, at most 600 characters
-    (a library's error text can be kilobytes long, e.g. a list of every model name)."""
+    """One line: line breaks and runs of spaces collapsed, at most 600 characters (a library's text can be kB)."""
     text = " ".join(str(msg).split())
     return text if len(text) <= 600 else text[:597] + "..."
 
@@ -480,16 +377,13 @@ def print_error(msg) -> None:
 
 
 class HeldNotes:
-    """Notes, warnings and log records of a command held back while it checks its input, so
-    that a refused command prints its error line and nothing else. ``with HeldNotes():`` around
-    the command; :func:`note` (and ``warnings.warn``, ``logging``) go to the held list until
-    :func:`release_notes` prints them and lets later ones through; an exception drops them."""
+    """``with HeldNotes():`` holds the :func:`note`, warnings and log records of a command until
+    :func:`release_notes` (its input is valid), so a refused command prints its error line alone."""
 
     current: Optional["HeldNotes"] = None
 
     def __init__(self):
-        self.held: list = []
-        self.live = False
+        self.held, self.live = [], False
 
     def __enter__(self) -> "HeldNotes":
         self._prev = HeldNotes.current
@@ -531,8 +425,7 @@ def release_notes() -> None:
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse with the project's error format: ``error: <prog>: <problem>`` on ONE line of
-    stderr (no usage block) and exit status 2."""
+    """argparse whose errors are ONE line of stderr, ``error: <prog>: <problem>``, exit status 2."""
 
     def error(self, message):
         print_error(f"{self.prog}: {message} (see --help)")
@@ -565,17 +458,10 @@ unit_float = number(float, lo=0, hi=1, what="in [0, 1]")
 finite_float = number(float, what="finite")
 
 
-# ----------------------------------------------------------------------------------------------
-# File contents: stamp and digest
-# ----------------------------------------------------------------------------------------------
+# --- File contents: stamp and digest ----------------------------------------------------------
 def file_stamp(path) -> tuple:
-    """(size, mtime_ns, ctime_ns, inode) of a file (following links).
-
-    Why ctime: every write to a file sets its ctime to the current time and no user program can
-    set it back (os.utime sets only atime and mtime), so on a local POSIX file system an equal
-    stamp means the bytes were not rewritten, even by a writer that restores size and mtime.
-    A copy, chmod or rename changes the stamp without changing the bytes: compare digests then.
-    """
+    """(size, mtime_ns, ctime_ns, inode) of a file (following links): equal stamps mean the bytes were not
+    rewritten (every write sets the ctime, which no user program can set back; docs/reliability.md)."""
     st = os.stat(path)
     return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
 
@@ -584,8 +470,7 @@ _HASHES: dict = {}
 
 
 def file_hash(path, algorithm: str = "sha256") -> str:
-    """Hex digest (hashlib ``algorithm``) of the whole file's bytes, memoised in this process per
-    (real path, algorithm, file_stamp): a rewrite that keeps size and mtime is hashed again."""
+    """Hex digest of the file's bytes, memoised per (real path, algorithm, file_stamp): a rewrite is hashed again."""
     key = (os.path.realpath(path), algorithm) + file_stamp(path)
     if key not in _HASHES:
         h = hashlib.new(algorithm)
@@ -601,9 +486,13 @@ def file_sha256(path) -> str:
     return file_hash(path, "sha256")
 
 
+def file_digest(path) -> str:
+    """The first 16 hex digits of the SHA-1 of a file's bytes (file_hash): the identity of a run's inputs."""
+    return file_hash(path, "sha1")[:16]
+
+
 def key_difference(old: str, new: str) -> str:
-    """What differs between two 'name=value|name=value' keys (model.LINK.cache_key), e.g.
-    "weights sha256:1f2e... -> sha256:9a8b...", for one-line error messages."""
+    """What differs between two 'name=value|...' keys (model.LINK.cache_key): "weights sha256:1f... -> ..."."""
     a, b = (dict(p.partition("=")[::2] for p in k.split("|")) for k in (old, new))
     short = lambda v: v if len(v) <= 24 else v[:20] + "..."  # noqa: E731
     diff = [f"{n} {short(a.get(n, '-'))} -> {short(b.get(n, '-'))}" for n in dict.fromkeys([*a, *b])

@@ -9,86 +9,23 @@ Inference CLI
         [--max-predictions N] [--box-thresh 0.2] [--nms 0.5] [--detector-thresh 0.05]
         [--ignore-exif] [--no-pictures] [--device auto] [--threads N] [--quiet]
 
-Writes DIR/predictions.json (default DIR = runs/infer; written atomically) in the project's
-prediction format {image key: [[hoi, score, hx1, hy1, hx2, hy2, ox1, oy1, ox2, oy2], ...]}
-(rows sorted by score; every (pair, allowed class) with a positive score unless
---max-predictions), and one PNG per image (DIR/<key with .png suffix>) with the boxes, the
-human-object links, the top --top-k triplets and, with --attention N, the box-guided attention
-map of pair #N (pairs are numbered by their best score, #1 = the top pair, as in the picture).
-The checkpoint alone rebuilds the model (model.LINK.from_checkpoint). Image keys: the file
-name for a single image; the path relative to the folder ('/'-separated) for a folder, which
-is searched recursively (hidden entries and the output folder are skipped). Nothing that
-exists is overwritten without --force: the error names the first conflicting file; an input
-(image, checkpoint, box file) is never an output, not even with --force.
-Unreadable images are reported, skipped and summarised at the end; an image whose boxes hold
-no person (or a lone person) gets an empty prediction list and a note.
+Writes DIR/predictions.json (default runs/infer; rows [hoi, score, hx1, hy1, hx2, hy2, ox1, oy1, ox2, oy2]
+per image key, sorted by score) and one PNG per image: the boxes, the human-object links, the top --top-k
+triplets and, with --attention N, the box-guided attention map of pair #N. The checkpoint alone rebuilds the
+model. Boxes come from exactly one source: a detection file (per-image JSON or COCO results), a torchvision
+detector loaded from local weights (nothing is downloaded) or the ground truth of an annotation file. Images
+are read as displayed (EXIF orientation applied; --ignore-exif for the stored frame). Nothing that exists is
+overwritten without --force; an input is never an output. Formats, frames, detectors: docs/inference.md.
 
-Boxes: exactly one source.
-  --detections FILE   the project's per-image JSON {"<key or file name>": {"boxes":
-                      [[x1, y1, x2, y2], ...], "scores": [...], "labels": [...]}} (labels in the
-                      checkpoint's object label space, COCO-80 for HICO-DET; an image without
-                      boxes needs an entry with empty lists; every input image must be in the
-                      file), or a COCO results list [{"image_id", "category_id" (COCO id),
-                      "bbox" [x, y, w, h], "score"}] whose ids come from --image-ids (a COCO
-                      JSON with "images": [{"id", "file_name"}]) or else from the last number in
-                      each file name (000000397133.jpg -> 397133). Read by data.load_detections.
-  --detector NAME     a torchvision COCO detector (fasterrcnn_resnet50_fpn(_v2),
-                      fasterrcnn_mobilenet_v3_large(_320)_fpn, retinanet_resnet50_fpn(_v2),
-                      fcos_resnet50_fpn, maskrcnn_resnet50_fpn(_v2), ssd300_vgg16,
-                      ssdlite320_mobilenet_v3_large) built with weights=None,
-                      weights_backbone=None (nothing is downloaded) and loaded from
-                      --detector-weights (a state_dict file, or a dict with a "model" entry as
-                      torchvision's reference scripts save). Torchvision's own COCO weights are
-                      plain state_dicts: download them once elsewhere (e.g. the URL in
-                      torchvision.models.detection.FasterRCNN_ResNet50_FPN_Weights.DEFAULT.url)
-                      and pass the file. Its COCO category ids are mapped to COCO-80, then to
-                      the class space by name. --detector-thresh is the detector's own floor.
-  --gt-anno FILE      ground-truth boxes of a HICO-DET-format annotation file (data.gt_detections),
-                      used as they are (no NMS, no threshold, score 1.0).
-Detector and file boxes then go through data.select_boxes (class-wise NMS --nms, threshold
---box-thresh, 3..15 humans and 3..15 objects; PROTOCOLS.md: 0.2, or 0.05 for strong detectors).
-
-Frames: images are read with PIL and turned upright with their EXIF orientation
-(ImageOps.exif_transpose), so boxes from a detection file or an annotation file must refer to
-the image AS DISPLAYED (what viewers, cv2.imread and ImageOps.exif_transpose show); the
-detector runs on that image and predictions are written in that frame. Boxes made on the image
-as stored (e.g. read with plain PIL Image.open, which ignores EXIF): pass --ignore-exif. A note
-is printed when file boxes overshoot the displayed image but fit the stored one. Any mode is
-accepted (1, L, P, RGBA, CMYK, 16-bit I;16, I, F, ...; see to_rgb); the model and the pictures
-see 8-bit RGB.
-
-DETR / H-DETR (or any DETR-family detector) -> per-image detection JSON. Run the detector
-yourself on each image as displayed and convert its raw outputs with convert_detr_outputs:
-
-    import data, infer
-    dets = {}
-    for name, image in my_images:                       # PIL images, EXIF applied
-        out = detr(transform(image)[None])              # pred_logits [1, Q, C], pred_boxes [1, Q, 4]
-        d = infer.convert_detr_outputs(out["pred_logits"], out["pred_boxes"], [image.size],
-                                       activation="softmax",   # DETR (last column = no-object)
-                                       labels="coco91")        # class index = COCO category id
-        dets[name] = d[0]
-    data.save_detections("detections.json", dets)
-
-  DETR (facebookresearch/detr): softmax over 92 columns, the last is "no object"; each query
-  keeps its best class; boxes are normalised (cx, cy, w, h) -> activation="softmax".
-  H-DETR / Deformable-DETR / DINO: sigmoid (focal) classification without a no-object
-  column; keep the top 100 (query, class) pairs of the image -> activation="sigmoid", top=100.
-  Labels: models trained on COCO use COCO category ids (1..90) -> labels="coco91". A model
-  fine-tuned on HICO-DET with 80 object classes may already index COCO-80 (or another
-  order): check against the annotation file's "objects" list, then pass labels="coco80" or
-  remap yourself. Boxes are scaled by the (w, h) of the image you pass in sizes.
-  Then: python infer.py images/ --checkpoint ck.pt --detections detections.json
-  --box-thresh 0.05 (the peers' threshold for DETR-quality detections).
-
-Python use: run(InferOptions(...)) is the CLI as a function; viz.draw_interactions draws one
-image (its drawing conventions are viz.py's docstring).
+Python use: run(InferOptions(...)) is the CLI as a function; convert_detr_outputs turns DETR-family raw
+outputs into detections; viz.draw_interactions draws one image.
 """
 from __future__ import annotations
 
 import argparse
 import re
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,10 +58,6 @@ from runs import BUILD_ERRORS, CheckpointError, CheckpointNotFound, build_error_
 from trainer import nonfinite_cause, nonfinite_images
 from viz import draw_interactions, hoi_class_names, to_rgb, unique_pairs
 
-# ==============================================================================================
-# Inference CLI
-# ==============================================================================================
-
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm",
               ".pbm", ".pnm"}
 TORCHVISION_DETECTORS = (
@@ -151,17 +84,10 @@ class NonFiniteScores(InferError):
         self.positions, self.cause = positions, cause
 
 
-# ---------------------------------------------------------------------------------------------
-# images
-# ---------------------------------------------------------------------------------------------
-
+# --- images --------------------------------------------------------------------------------------
 def load_image(path, exif: bool = True):
-    """Read an image file -> (RGB PIL image in the frame boxes refer to, stored (w, h)).
-
-    exif=True: the EXIF orientation is applied (ImageOps.exif_transpose), so the image is the
-    one viewers display; exif=False: the image as stored. Any mode is converted by to_rgb.
-    Raises UnreadableImage for files PIL cannot decode (truncated, not an image, ...).
-    """
+    """Read an image file -> (RGB PIL image in the frame boxes refer to, stored (w, h)): as displayed (EXIF
+    orientation applied) or, exif=False, as stored; any mode via to_rgb. UnreadableImage if PIL cannot decode it."""
     try:
         with Image.open(path) as im:
             im.load()
@@ -177,10 +103,8 @@ def load_image(path, exif: bool = True):
 
 
 def collect_images(path, exclude=None) -> list:
-    """A file or a folder -> [(key, Path)], key = the name used in predictions / detections:
-    the file name for a single image, the path relative to the folder (with '/') for a folder
-    (sub-folders are searched; hidden files/folders and `exclude` (the output folder) are not).
-    """
+    """A file or a folder -> [(key, Path)], key = the file name of a single image, else the '/'-separated path
+    in the folder (searched recursively; hidden entries and `exclude`, the output folder, are skipped)."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"{p}: no such image or folder")
@@ -209,49 +133,44 @@ def picture_names(keys) -> dict:
     """key -> relative PNG path of its picture: the key with its suffix replaced by .png, or
     the key + '.png' when two inputs would collide (a.jpg and a.png)."""
     first = {k: str(Path(k).with_suffix(".png").as_posix()) for k in keys}
-    counts: dict = {}
-    for v in first.values():
-        counts[v] = counts.get(v, 0) + 1
+    counts = Counter(first.values())
     return {k: (v if counts[v] == 1 else k + ".png") for k, v in first.items()}
 
 
-# ---------------------------------------------------------------------------------------------
-# class space helpers
-# ---------------------------------------------------------------------------------------------
-
+# --- class space helpers -------------------------------------------------------------------------
 def _norm_name(s: str) -> str:
     return str(s).strip().lower().replace("_", " ")
 
 
-def coco80_to_space(cs: dict) -> np.ndarray:
-    """Long[80]: the class space's label of each COCO-80 object (-1 when it has none).
-
-    Identity when the class space uses COCO-80 (HICO-DET, the synthetic world); otherwise
-    matched by name (case, '_' vs ' ' ignored)."""
+def names_to_space(names, cs: dict) -> np.ndarray:
+    """Long[len(names)]: the class space's label of each object name, matched by name (case, '_' vs ' '
+    ignored; -1 when it has none)."""
     idx = {_norm_name(n): i for i, n in enumerate(cs["object_names"])}
-    return np.array([idx.get(_norm_name(n), -1) for n in data.COCO80_NAMES], dtype=np.int64)
+    return np.array([idx.get(_norm_name(n), -1) for n in names], dtype=np.int64)
+
+
+def coco80_to_space(cs: dict) -> np.ndarray:
+    """Long[80]: the class space's label of each COCO-80 object (identity for HICO-DET, the synthetic world)."""
+    return names_to_space(data.COCO80_NAMES, cs)
+
+
+def _lookup(table: dict, key: str):
+    """table's entry for an image key (its path in the input folder), else for its file name; None if neither."""
+    return table.get(key, table.get(Path(key).name))
 
 
 def _remap_labels(dets: dict, table: np.ndarray) -> dict:
-    """Map labels through table (COCO-80 -> class space), dropping boxes mapped to -1."""
+    """Map labels through table (COCO-80 or COCO-91 -> class space), dropping boxes mapped to -1."""
     lab = torch.as_tensor(dets["labels"]).long()
     new = torch.from_numpy(table)[lab.clamp(0, len(table) - 1)]
     keep = (lab >= 0) & (lab < len(table)) & (new >= 0)
     return {"boxes": dets["boxes"][keep], "scores": dets["scores"][keep], "labels": new[keep]}
 
 
-# ---------------------------------------------------------------------------------------------
-# box sources
-# ---------------------------------------------------------------------------------------------
-
+# --- box sources ---------------------------------------------------------------------------------
 class FileBoxes:
-    """Boxes from a detection file: the project's per-image JSON or a COCO results list.
-
-    Per-image JSON keys are matched to the image's key (its path relative to the input folder)
-    or, failing that, its file name. COCO results need image ids: from `image_ids_file` (a
-    COCO-style JSON with "images": [{"id", "file_name"}]) or else the last run of digits of
-    each file name (COCO's 000000397133.jpg -> 397133).
-    """
+    """Boxes from a detection file: the project's per-image JSON (keys: the image's key or file name) or a COCO
+    results list, whose image ids come from `image_ids_file` or the last number of each file name."""
     needs_images = False
     kind = "detection file"
 
@@ -275,14 +194,8 @@ class FileBoxes:
             raise InferError(f"{e}") from None
         if table is not None:
             dets = {k: _remap_labels(v, table) for k, v in dets.items()}
-        self.dets = {}
-        missing = []
-        for key in keys:
-            hit = key if key in dets else (Path(key).name if Path(key).name in dets else None)
-            if hit is None:
-                missing.append(key)
-            else:
-                self.dets[key] = dets[hit]
+        self.dets = {key: _lookup(dets, key) for key in keys}
+        missing = [key for key, d in self.dets.items() if d is None]
         if missing:
             some = next(iter(dets), None)
             raise InferError(
@@ -301,12 +214,7 @@ class FileBoxes:
             except (ValueError, KeyError, TypeError) as e:
                 raise InferError(f"{p}: expected a COCO-style JSON with 'images': "
                                  f"[{{'id': integer, 'file_name': string}}] ({type(e).__name__}: {e})") from None
-            ids = {}
-            for key in keys:
-                iid = by_name.get(key, by_name.get(Path(key).name))
-                if iid is not None:
-                    ids[iid] = key
-            return ids
+            return {iid: key for key in keys if (iid := _lookup(by_name, key)) is not None}
         ids = {}
         for key in keys:
             digits = re.findall(r"\d+", Path(key).stem)
@@ -346,19 +254,13 @@ class GTBoxes:
             raise InferError(f"{self.path}: field 'objects' must be a list of names")
         self.table = None
         if objects is not None and [_norm_name(o) for o in objects] != [_norm_name(o) for o in cs["object_names"]]:
-            idx = {_norm_name(n): i for i, n in enumerate(cs["object_names"])}
-            self.table = np.array([idx.get(_norm_name(n), -1) for n in objects], dtype=np.int64)
+            self.table = names_to_space(objects, cs)
         self.person = int(cs["person_label"])
         self.num_objects = len(cs["object_names"])
         by_name = {str(f): i for i, f in enumerate(files)}
         self.sizes = doc.get("size")
-        self.index, missing = {}, []
-        for key in keys:
-            i = by_name.get(key, by_name.get(Path(key).name))
-            if i is None:
-                missing.append(key)
-            else:
-                self.index[key] = i
+        self.index = {key: _lookup(by_name, key) for key in keys}
+        missing = [key for key, i in self.index.items() if i is None]
         if missing:
             raise InferError(f"{self.path}: field 'filenames' has no image {missing[0]!r} "
                              f"({len(missing)} of {len(keys)} images missing)")
@@ -454,31 +356,19 @@ class DetectorBoxes:
              for im in images]                                                         # [3, H, W] each
         with torch.no_grad():
             outs = self.det(x)
-        res = []
-        for o in outs:
-            lab = o["labels"].cpu().long()
-            new = torch.from_numpy(self.table)[lab.clamp(0, 90)]
-            keep = (lab >= 0) & (lab <= 90) & (new >= 0)
-            res.append({"boxes": o["boxes"].detach().cpu().float()[keep],
-                        "scores": o["scores"].detach().cpu().float()[keep], "labels": new[keep]})
-        return res
+        return [_remap_labels({"boxes": o["boxes"].detach().cpu().float(), "scores": o["scores"].detach().cpu().float(),
+                               "labels": o["labels"].cpu()}, self.table) for o in outs]
 
 
 def convert_detr_outputs(logits, boxes, sizes, activation: str = "softmax", labels: str = "coco91",
                          top: int = 100) -> list:
-    """DETR-family raw outputs -> per-image detections in the project's format (COCO-80 labels).
+    """DETR-family raw outputs -> per-image detections in the project's format (docs/inference.md).
 
-    logits: [B, Q, C] class logits; boxes: [B, Q, 4] normalised (cx, cy, w, h) in [0, 1];
-    sizes: B (w, h) of the images AS DISPLAYED (what the boxes are wanted in).
-    activation:
-      "softmax" (DETR, last column = no-object): prob = softmax(logits)[..., :-1], each query
-                keeps its best class;
-      "sigmoid" (Deformable-DETR, H-DETR, DINO: focal loss, no no-object column):
-                prob = sigmoid(logits), the `top` best (query, class) pairs of the image.
-    labels: "coco91" when the class index is the COCO category id (DETR/H-DETR trained on COCO:
-            91 ids, ids without a category dropped), "coco80" when it is already a 0..79 index.
-    Returns a list of {"boxes" [N, 4] xyxy pixels, "scores" [N], "labels" [N] COCO-80}; write
-    them with data.save_detections(path, {filename: dets}).
+    logits: [B, Q, C]; boxes: [B, Q, 4] normalised (cx, cy, w, h); sizes: B (w, h) of the images AS DISPLAYED.
+    activation "softmax" (DETR, last column = no-object: each query keeps its best class) or "sigmoid"
+    (Deformable-DETR, H-DETR, DINO: the `top` best (query, class) pairs). labels "coco91" (the class index is
+    the COCO category id) or "coco80" (already 0..79). Returns [{"boxes" [N, 4] xyxy pixels, "scores" [N],
+    "labels" [N] COCO-80}], for data.save_detections(path, {filename: dets}).
     """
     logits, boxes = torch.as_tensor(logits).float(), torch.as_tensor(boxes).float()
     if logits.dim() != 3 or boxes.shape[:2] != logits.shape[:2] or boxes.shape[-1] != 4:
@@ -513,16 +403,10 @@ def convert_detr_outputs(logits, boxes, sizes, activation: str = "softmax", labe
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-# model
-# ---------------------------------------------------------------------------------------------
-
+# --- model ---------------------------------------------------------------------------------------
 def read_checkpoint_meta(checkpoint):
-    """(config dict, class space dict) of a LINK checkpoint, without building the model.
-
-    The default tiny VLM ("link-tiny") and a VLM whose config the checkpoint carries
-    (LINKConfig.vlm_config) register themselves when the model is built; a custom tiny VLM
-    name that open_clip does not know is refused here, naming the field."""
+    """(config dict, class space dict) of a LINK checkpoint, without building the model. A custom tiny VLM that
+    open_clip does not know and the checkpoint does not carry (LINKConfig.vlm_config) is refused here."""
     path = Path(checkpoint)
     try:
         ck = load_checkpoint(path, mmap=True)      # runs.py's reader; memory-mapped: the settings only
@@ -561,12 +445,6 @@ def load_model(checkpoint, device="cpu"):
     return model.eval(), cs
 
 
-def _num_pairs(dets, person_label: int) -> int:
-    lab = np.asarray(dets["labels"]).reshape(-1)
-    nh = int((lab == person_label).sum())
-    return nh * (len(lab) - 1)
-
-
 def pair_attention(model, captured, p: int, per_head: bool = False):
     """Box-guided attention of pair p in the LAST decoder layer (LinkingLayer.attention_map),
     from that layer's inputs captured by a forward pre-hook.
@@ -577,22 +455,20 @@ def pair_attention(model, captured, p: int, per_head: bool = False):
 
 def predict_batch(model, images, dets, person_label: int, attention_pair: int | None = None,
                   max_predictions: int | None = None, names: list | None = None):
-    """One batch: RGB images (their own sizes) + selected detections -> (rows, attention, notes).
-
-    rows: list of float64 [N, 10] (sorted by score); attention: list of [Gh, Gw] or None (for
-    pair #attention_pair, 1-based as drawn); notes: list of str or None. Images without a
-    human-other pair are not sent to the model (empty rows + a note)."""
+    """One batch: RGB images (their own sizes) + selected detections -> (rows, attention, notes): float64
+    [N, 10] sorted by score; [Gh, Gw] of pair #attention_pair (1-based, as drawn) or None; str or None.
+    Images without a human-other pair are not sent to the model (empty rows + a note)."""
     n = len(images)
     rows = [np.zeros((0, 10))] * n
     att = [None] * n
     notes = [None] * n
     run = []
     for i, d in enumerate(dets):
-        if _num_pairs(d, person_label) > 0:
-            run.append(i)
-            continue
         lab = np.asarray(d["labels"]).reshape(-1)
         nh = int((lab == person_label).sum())
+        if nh * (len(lab) - 1) > 0:       # a human and another box: at least one pair
+            run.append(i)
+            continue
         notes[i] = ("no box" if len(lab) == 0 else
                     f"no person among the {len(lab)} boxes" if nh == 0 else
                     "one person and no other box") + ": no pair, empty predictions"
@@ -639,16 +515,10 @@ def predict_batch(model, images, dets, person_label: int, attention_pair: int | 
     return rows, att, notes
 
 
-# ---------------------------------------------------------------------------------------------
-# writing
-# ---------------------------------------------------------------------------------------------
-
+# --- writing -------------------------------------------------------------------------------------
 def rows_to_json(rows: np.ndarray) -> list:
-    """[N, 10] -> [[hoi (int), score, hx1, hy1, hx2, hy2, ox1, oy1, ox2, oy2], ...].
-
-    The model computes in float32: each number is written as the shortest decimal that reads
-    back as the same float32 (13.52, not 13.520000457763672), so boxes from a file come back
-    as written there."""
+    """[N, 10] -> [[hoi (int), score, hx1, ..., oy2], ...], each number the shortest decimal that reads back as
+    the same float32 (13.52, not 13.520000457763672): boxes from a file come back as written there."""
     return [[int(r[0])] + [float(str(np.float32(v))) for v in r[1:]]
             for r in np.asarray(rows, dtype=np.float64).reshape(-1, 10)]
 
@@ -668,10 +538,7 @@ def check_outputs(out_dir: Path, pictures: dict, force: bool, draw: bool = True,
     return planned
 
 
-# ---------------------------------------------------------------------------------------------
-# the run
-# ---------------------------------------------------------------------------------------------
-
+# --- the run -------------------------------------------------------------------------------------
 @dataclass
 class InferOptions:
     """Everything one run needs: the CLI's options (infer.py --help) as a dataclass."""
@@ -902,24 +769,20 @@ def main(argv=None) -> int:
         if args.threads > 0:
             torch.set_num_threads(args.threads)
         with HeldNotes():      # warnings and notes only once the run has succeeded
-            res = _run_cli(args, device)
+            res = run(InferOptions(
+                args.input, args.checkpoint, out_dir=args.out, detections=args.detections,
+                image_ids=args.image_ids, detector=args.detector, detector_weights=args.detector_weights,
+                gt_anno=args.gt_anno, attention=args.attention, force=args.force,
+                batch_size=args.batch_size, top_k=args.top_k, max_predictions=args.max_predictions,
+                box_thresh=args.box_thresh, nms=args.nms, detector_thresh=args.detector_thresh,
+                exif=not args.ignore_exif, draw=not args.no_pictures, device=device,
+                progress=not args.quiet))
     except (InferError, ValueError, OSError) as e:      # bad input; a file that cannot be read or written
         print_error(e)
         return 2
     n_total = len(res["predictions"]) + len(res["skipped"])
     print(summarise(res, n_total))
     return 0
-
-
-def _run_cli(args, device: str) -> dict:
-    return run(InferOptions(
-        args.input, args.checkpoint, out_dir=args.out, detections=args.detections,
-        image_ids=args.image_ids, detector=args.detector, detector_weights=args.detector_weights,
-        gt_anno=args.gt_anno, attention=args.attention, force=args.force,
-        batch_size=args.batch_size, top_k=args.top_k, max_predictions=args.max_predictions,
-        box_thresh=args.box_thresh, nms=args.nms, detector_thresh=args.detector_thresh,
-        exif=not args.ignore_exif, draw=not args.no_pictures, device=device,
-        progress=not args.quiet))
 
 
 if __name__ == "__main__":
