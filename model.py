@@ -62,8 +62,8 @@ class LINKConfig(VLMConfig):
     # how the decoder's attention knows where the pair is (LinkingLayer): "mask" = a learnable
     # bias on the tokens inside the pair's boxes, "pe" = PViC's conditional cross-attention
     # (sine PE of token centres on the keys, the pair's box PE on the queries), "both".
-    # Choice: "mask". The synthetic ablation (README) did not separate mask and pe (pe +0.55 /
-    # +0.68 Full for teacher / student, within one seed std), and pe doubles the head widths.
+    # Choice: "mask". The synthetic ablation (docs/results.md, rows A4-pe / A7-pe) did not
+    # separate mask and pe (within one seed std), and pe doubles the head widths.
     box_guidance: str = "mask"
     # scoring and loss (UPT values)
     lam: float = 2.8               # prior exponent at inference (DETR detections)

@@ -1,10 +1,10 @@
 """Checks of the command lines' promises on bad input (imported by the tests, not collected).
 
-The promise (README "Reliability"): bad input or a refused command prints ONE line on stderr,
-``error: ...``, naming the file and the image or field; the exit status is 2; there is no
-traceback; and no file changed. :func:`refused` runs a CLI's ``main(argv)`` in this process
-(or a command in a child process) and asserts all four, comparing a snapshot (size, mtime and
-SHA-1 of every file) of the given folders before and after.
+The promise (docs/reliability.md, "One line, naming the thing"): bad input or a refused command
+prints ONE line on stderr, ``error: ...``, naming the file and the image or field; the exit
+status is 2; there is no traceback; and no file changed. :func:`refused` runs a CLI's
+``main(argv)`` in this process (or a command in a child process) and asserts all four, comparing
+a snapshot (size, mtime and SHA-1 of every file) of the given folders before and after.
 """
 from __future__ import annotations
 
