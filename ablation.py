@@ -504,10 +504,10 @@ def prepare_out(out: Path, rec: dict, fresh: bool) -> Optional[str]:
     try:
         old = claim_output_folder(out, STAMP, "an ablation", rec, fresh, same=_same_recipe, layout=LAYOUT,
                                   what_differs="world / loop / epochs / VLMs or their weights")
-    except ValueError as e:
-        return str(e)
-    shas = dict((old or {}).get("vlm_sha256", {}), **rec["vlm_sha256"])
-    atomic_write_json(out / STAMP, stamp_doc("an ablation", dict(rec, vlm_sha256=shas)), indent=1)
+        shas = dict((old or {}).get("vlm_sha256", {}), **rec["vlm_sha256"])
+        atomic_write_json(out / STAMP, stamp_doc("an ablation", dict(rec, vlm_sha256=shas)), indent=1)
+    except (OSError, ValueError) as e:       # an unreadable or read-only folder: one line too
+        return error_line(e)
     return None
 
 

@@ -249,13 +249,13 @@ def main(argv=None) -> int:
     # absolute, links not resolved: --fresh must see a link named as the folder
     out = Path(os.path.abspath(a.out or ("runs/demo" if a.seed == 0 else f"runs/demo_seed{a.seed}")))
     recipe = {"world": world_cfg, "vlm": vlm, "model_opts": MODEL_OPTS, "loop": loop, "kd": KD}
-    try:
+    try:      # an unreadable folder, a read-only one: one line too
         claim_output_folder(out, "recipe.json", "a demo", recipe, a.fresh,
                             what_differs="world/seed/label drop/VLM and its weights/loop/KD", layout=LAYOUT)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+        atomic_write_json(out / "recipe.json", stamp_doc("a demo", recipe), indent=1)
+    except (OSError, ValueError) as e:
+        print(f"error: {error_line(e)}", file=sys.stderr)
         return 2
-    atomic_write_json(out / "recipe.json", stamp_doc("a demo", recipe), indent=1)
 
     # 1. the world
     world = out / "world"

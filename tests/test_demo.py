@@ -195,7 +195,7 @@ def own_folder(out, stamp="recipe.json", kind="a demo", runs=demo.RUNS + demo.CO
     """A folder as the command leaves it: its stamp, files, runs and logs, world, cache, a temp file."""
     out.mkdir(parents=True)
     (out / stamp).write_text(json.dumps(recipe.stamp_doc(kind, {"r": 1})))
-    for f in files + tuple(f"{r}.out" for r in runs) + (".results.json.123.abc.tmp",):
+    for f in files + tuple(f"{r}.out" for r in runs) + (".results.json.123.0a1b2c3d.tmp",):
         (out / f).write_text("x")
     for r in runs:
         (out / r).mkdir()
@@ -205,7 +205,7 @@ def own_folder(out, stamp="recipe.json", kind="a demo", runs=demo.RUNS + demo.CO
     (out / "world" / "images" / "train" / "synth_train_000000.png").write_bytes(b"png")
     (out / "world" / "instances_train.json").write_text("{}")
     (out / "cache" / "0123456789abcdef").mkdir(parents=True)
-    for f in ("index.json", "feats-0a1b2c.bin", ".lock"):
+    for f in ("index.json", "feats-0a1b2c.bin", ".feats-0a1b2c.bin.tmp", ".lock"):
         (out / "cache" / "0123456789abcdef" / f).write_text("x")
     return out
 
@@ -235,11 +235,15 @@ FOREIGN = {
                         "is not valid JSON"),
     "stamp empty": (lambda out: (out / "recipe.json").write_text(""), "is empty"),
     "stamp a folder": (lambda out: ((out / "recipe.json").unlink(), (out / "recipe.json").mkdir()), "directory"),
+    "stamp a FIFO": (lambda out: ((out / "recipe.json").unlink(), os.mkfifo(out / "recipe.json")), "FIFO"),
+    "stamp a dangling link": (lambda out: ((out / "recipe.json").unlink(),
+                                           (out / "recipe.json").symlink_to(out / "gone.json")), "not found"),
     "stamp of another program": (lambda out: (out / "recipe.json").write_text('{"world": {}, "loop": []}'),
                                  "is not the stamp 'LINK demo.py' writes"),
     "the ablation's stamp": (lambda out: (out / "recipe.json").write_text(json.dumps(
         recipe.stamp_doc("an ablation", {}))), "is not the stamp 'LINK demo.py' writes"),
     "a user's file": (_notes, "notes.txt, a regular file this command does not write"),
+    "a user's temp-like file": (lambda out: (out / ".notes.tmp").write_text("mine"), ".notes.tmp, a regular file"),
     "a user's file in a run": (_deep_notes, "teacher/notes.txt, a regular file"),
     "a link inside": (_link_inside, "last.pt, a symbolic link"),
     "a folder where a file belongs": (_folder_for_file, "results.json, a directory"),

@@ -1,7 +1,8 @@
 """The demo's recipe, shared by demo.py and ablation.py: the world, the model options, the
 training loop, the distillation weights, the VLM choices, and the helpers both commands use
-(the VLM arguments of the training CLIs, the shipped-checkpoint check, the output-folder guard,
-the chance level of a run's predictions).
+(the VLM arguments of the training CLIs, the shipped-checkpoint check, the output-folder guard:
+the stamp and the layout of what each command writes, which bound what --fresh deletes; the
+readers of a run's metrics and predictions; the chance level of a run's predictions).
 """
 from __future__ import annotations
 
@@ -59,9 +60,9 @@ def check_vlm(vlm: str, weights: Path) -> dict:
 # What demo.py / ablation.py write in their output folder, as {glob: None (a regular file) | the
 # same for a sub-folder}: --fresh deletes a folder only when it holds the command's stamp and
 # nothing else (recursively), so a user's file or link anywhere in it stops the deletion.
-TEMP = ".*.tmp"                   # the temp file of a write killed mid-way (common.atomic_write)
+TEMP = ".*.[0-9]*.????????.tmp"   # a write killed mid-way: common.atomic_write's .NAME.PID.RAND.tmp
 RUN_FOLDER = dict.fromkeys(RUN_OUTPUTS + (TEMP,))
-CACHE_FOLDER = {"?" * 16: dict.fromkeys(("index.json", "feats-*.bin", ".lock", TEMP))}
+CACHE_FOLDER = {"?" * 16: dict.fromkeys(("index.json", "feats-*.bin", ".feats-*.bin.tmp", ".lock", TEMP))}
 WORLD_FOLDER = dict(dict.fromkeys([f"{k}_{s}.json" for k in ("instances", "detections", "scenes")
                                    for s in ("train", "test")] + [TEMP]),
                     images={s: dict.fromkeys((f"synth_{s}_*.png", TEMP)) for s in ("train", "test")})
