@@ -39,7 +39,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from common import OneLineParser, atomic_write, atomic_write_json, positive_int, print_error
+from common import OneLineParser, atomic_write, atomic_write_json, error_line, positive_int, print_error
 from viz import plot_ablation
 from world import synthetic, vlms
 from world.recipe import (
@@ -51,7 +51,10 @@ from world.recipe import (
     chance_level,
     check_vlm,
     claim_output_folder,
+    output_layout,
+    read_metrics,
     read_preds,
+    stamp_doc,
     vlm_args,
 )
 
@@ -112,6 +115,8 @@ ROWS = [
 ] + [Row(f"FS{k}", f"A4, {k} images/class", "few_shot", BOTH, ("--few-shot", str(k)), base="A4")
      for k in (1, 4, 16)]
 BY_NAME = {r.name: r for r in ROWS}
+# what the ablation writes in --out (STAMP, the runs <row>_s<seed>/ and their logs); --fresh deletes nothing else
+LAYOUT = output_layout(STAMP, ("results.json", "ablation.png"), tuple(f"{r.name}_s[0-9]*" for r in ROWS))
 TABLES = {"main": ("ablation (Full / Rare / Non-rare mAP)", ("full", "rare", "non_rare")),
           "kd_form": ("logit-KD form (A7 = sigmoid)", ("full", "rare", "non_rare")),
           "box": ("box guidance (A4, A7 = mask)", ("full", "rare", "non_rare")),
@@ -245,12 +250,20 @@ def schedule(jobs: list, run: Callable[[Job], int], max_jobs: int = 2) -> dict:
 def subprocess_runner(out: Path, wall: dict) -> Callable[[Job], int]:
     """run(job) for :func:`schedule`: one training process, one thread, log appended to
     OUT/<run>.out (a resumed run keeps its earlier log), its wall time into ``wall[name]``; a
-    finished run (metrics.json beside its checkpoint) is not run again."""
+    finished run (its checkpoint, metrics.json and predictions_test.json readable) is not run
+    again; one whose metrics or predictions are damaged runs again (the trainer resumes from
+    last.pt and writes them anew; a damaged last.pt makes the run fail, its line in the log)."""
     def run(job: Job) -> int:
         rd = out / job.name
-        if (rd / "metrics.json").is_file() and (rd / "last.pt").is_file():
-            print(f"  {job.name:<16} finished before: not run again", flush=True)
-            return 0
+        if (rd / "last.pt").is_file():
+            try:
+                read_metrics(rd), read_preds(rd)
+                print(f"  {job.name:<16} finished before: not run again", flush=True)
+                return 0
+            except FileNotFoundError:
+                pass                      # stopped before its outputs: it resumes
+            except (OSError, ValueError) as e:
+                print(f"  {job.name:<16} damaged output ({error_line(e)}): run again", flush=True)
         t0 = time.time()
         with open(out / f"{job.name}.out", "a") as log:
             r = subprocess.run([sys.executable] + job.argv, stdout=log, stderr=subprocess.STDOUT,
@@ -317,12 +330,16 @@ def direction_text(d: Optional[dict]) -> str:
 
 
 def read_row(name: str, seeds: list, out: Path, state: dict) -> dict:
-    """{seed: the run's metrics.json, or None} and {seed: its status}."""
+    """{seed: the run's metrics.json, or None} and {seed: its status} ("damaged (...)": it
+    finished but its metrics.json cannot be read now)."""
     per, status = {}, {}
     for sd in seeds:
         rn = run_name(name, sd)
-        status[sd] = state.get(rn, "not run")
-        per[sd] = json.loads((out / rn / "metrics.json").read_text()) if status[sd] == "ok" else None
+        status[sd], per[sd] = state.get(rn, "not run"), None
+        try:
+            per[sd] = read_metrics(out / rn) if status[sd] == "ok" else None
+        except (OSError, ValueError) as e:
+            status[sd] = f"damaged ({error_line(e)})"
     return {"per_seed": per, "status": status}
 
 
@@ -337,7 +354,10 @@ def chances(out: Path, world: Path, rows: list, seeds: list, state: dict) -> dic
         anno = json.loads((world / "instances_test.json").read_text())
         split = anno["zero_shot"][ZERO_SHOT]
         unseen = None if table == "full" else sorted(split) if isinstance(split, list) else sorted(split["unseen"])
-        res[table] = chance_level(anno, read_preds(out / done[0]), zero_shot=unseen)
+        try:
+            res[table] = chance_level(anno, read_preds(out / done[0]), zero_shot=unseen)
+        except (OSError, ValueError) as e:       # damaged since its run finished: no chance row
+            print_error(f"ablation.py: no chance level for the {table} table: {e}")
     return res
 
 
@@ -482,19 +502,19 @@ def _same_recipe(old: dict, new: dict) -> bool:
 def prepare_out(out: Path, rec: dict, fresh: bool) -> Optional[str]:
     """--fresh, then the recipe stamp (merged: the VLMs of every invocation); -> an error line or None."""
     try:
-        old = claim_output_folder(out, STAMP, "an ablation", rec, fresh, same=_same_recipe,
+        old = claim_output_folder(out, STAMP, "an ablation", rec, fresh, same=_same_recipe, layout=LAYOUT,
                                   what_differs="world / loop / epochs / VLMs or their weights")
-    except ValueError as e:
-        return str(e)
-    shas = dict((old or {}).get("vlm_sha256", {}), **rec["vlm_sha256"])
-    atomic_write_json(out / STAMP, dict(rec, vlm_sha256=shas), indent=1)
+        shas = dict((old or {}).get("vlm_sha256", {}), **rec["vlm_sha256"])
+        atomic_write_json(out / STAMP, stamp_doc("an ablation", dict(rec, vlm_sha256=shas)), indent=1)
+    except (OSError, ValueError) as e:       # an unreadable or read-only folder: one line too
+        return error_line(e)
     return None
 
 
 def main(argv=None) -> int:
     a = parse(argv)
     t_start = time.time()
-    out = Path(a.out).resolve()
+    out = Path(os.path.abspath(a.out))       # links not resolved: --fresh must see a link as --out
     try:
         rec = recipe(a)
     except (ValueError, OSError) as e:     # a world VLM missing or corrupt

@@ -30,23 +30,29 @@ from common import WriteError, atomic_write_json, file_sha256, file_stamp, write
 from runs import TrainInputError
 
 
+def read_image(path, fn: Callable, *args):
+    """fn(*args), reading the image ``path`` (stamp, hash, pixels): an OSError (missing, truncated, not
+    an image) is bad input naming the image (exit 2), not the cache-write error ensure() makes of OSErrors."""
+    try:
+        return fn(*args)
+    except OSError as e:          # data.ImageError names the image already
+        raise TrainInputError(str(e) if not e.strerror and str(path) in str(e)
+                              else f"image file {path}: cannot read ({e.strerror or e})") from None
+
+
 def _image_stamp(path: Path) -> list:
     """[size, mtime_ns, ctime_ns, inode] of an image file (common.file_stamp)."""
-    try:
-        return list(file_stamp(path))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"image file {path} not found (field: filename)") from None
+    return list(read_image(path, file_stamp, path))
 
 
 def _same_image(path: Path, stamp: list, sha256: str) -> bool:
     """Are the image's bytes those the cache was built from? size or mtime changed: no; ctime
     and inode unchanged: yes (a write would have moved ctime); otherwise (a copied or touched
     dataset, or a writer that restored size and mtime) the SHA-256 of the whole file decides."""
-    try:
-        now = _image_stamp(path)
-    except FileNotFoundError:
+    try:      # an image that cannot be read: stale (the build names it)
+        return (now := _image_stamp(path))[:2] == stamp[:2] and (now[2:] == stamp[2:] or file_sha256(path) == sha256)
+    except (TrainInputError, OSError):
         return False
-    return now[:2] == stamp[:2] and (now[2:] == stamp[2:] or file_sha256(path) == sha256)
 
 
 class FeatureCache:
@@ -71,10 +77,8 @@ class FeatureCache:
         self._restamp = None
 
     def _read_index(self):
-        try:
+        with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
             return json.loads(self.index_path.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return None
 
     def is_valid(self) -> bool:
         idx = self._read_index()
@@ -128,7 +132,7 @@ class FeatureCache:
         return self
 
     def _build(self, encode, load, batch_size, progress) -> None:
-        stamps = [[p] + _image_stamp(Path(p)) + [file_sha256(p)] for p in self.paths]   # before encoding
+        stamps = [[p] + _image_stamp(Path(p)) + [read_image(p, file_sha256, p)] for p in self.paths]  # before encoding
         token = uuid.uuid4().hex[:12]
         data_name = f"feats-{token}.bin"
         tmp = self.dir / f".{data_name}.tmp"
@@ -141,7 +145,7 @@ class FeatureCache:
             for s in range(0, len(jobs), batch_size):
                 chunk = jobs[s:s + batch_size]
                 with torch.no_grad():
-                    f = encode([load(i, v) for i, v in chunk])          # [b, C, Gh, Gw]
+                    f = encode([read_image(self.paths[i], load, i, v) for i, v in chunk])   # [b, C, Gh, Gw]
                 f = f.detach().float().cpu().numpy()
                 if mm is None:
                     shape = tuple(int(x) for x in f.shape[1:])
@@ -163,12 +167,10 @@ class FeatureCache:
                                                 "dtype": self.dtype, "shape": list(shape),
                                                 "data": data_name, "images": stamps})
         finally:
-            if tmp.exists():
-                tmp.unlink()
-        for old in self.dir.glob("feats-*.bin"):          # data files no index names any more
-            if old.name != data_name:
-                with contextlib.suppress(OSError):
-                    old.unlink()
+            tmp.unlink(missing_ok=True)
+        for old in [p for p in self.dir.glob("feats-*.bin") if p.name != data_name]:   # no index names them
+            with contextlib.suppress(OSError):
+                old.unlink()
 
     def get(self, indices: list[int], views: list[int]) -> torch.Tensor:
         """-> FloatTensor[B, C, Gh, Gw] (float32 copy of the memory-mapped rows)."""
@@ -229,7 +231,6 @@ def sweep_stale_caches(root: Path, skip: Optional[Path] = None) -> None:
                 sweep_cache_folder(lock.parent)
             finally:
                 fcntl.flock(lk, fcntl.LOCK_UN)
-
 
 
 class FeatureSource:

@@ -18,8 +18,9 @@ choices) is world/recipe.py, shared with ablation.py.
 world/pretrain_vlm.py, shipped in world/weights/ and loaded as a user's local CLIP checkpoint is,
 its SHA-256 checked before any training), world-sig (the SigLIP-loss one), random (world-clip's
 architecture, random weights), tiny (vlm.register_tiny_vlm's random ViT at 64 px).
-Re-running resumes every run (finished runs are skipped), --fresh starts over; the output
-folder's recipe.json keeps runs of another recipe or VLM apart. Logs: runs/demo/<run>.out,
+Re-running resumes every run (finished runs are skipped), --fresh starts over (it deletes only a
+folder the demo wrote: recipe.LAYOUT); the folder's recipe.json stamp keeps runs of another recipe
+or VLM apart. Logs: runs/demo/<run>.out,
 runs/demo/<run>/log.jsonl, curves.png.
 """
 from __future__ import annotations
@@ -58,7 +59,10 @@ from world.recipe import (
     chance_level,
     check_vlm,
     claim_output_folder,
+    output_layout,
+    read_metrics,
     read_preds,
+    stamp_doc,
     vlm_args,
 )
 
@@ -66,6 +70,8 @@ ROOT = Path(__file__).resolve().parent
 
 RUNS = ("teacher", "student", "zs_teacher", "zs_student")
 CONTROL_RUNS = ("random_teacher", "random_zs_teacher")     # the teachers again on a random VLM
+# what the demo writes in its folder (recipe.json: the stamp); --fresh deletes nothing else
+LAYOUT = output_layout("recipe.json", ("results.json", "detections.png"), RUNS + CONTROL_RUNS)
 
 
 def _common(out: Path, world: Path, threads: int, loop: list, vlm: list) -> list:
@@ -92,10 +98,6 @@ def _chain(runs: list, out: Path, status: dict) -> None:
               f" in {time.time() - t0:6.1f} s  (log: {out / (name + '.out')})", flush=True)
         if r.returncode != 0:
             return
-
-
-def _metrics(run_dir: Path) -> dict:
-    return json.loads((run_dir / "metrics.json").read_text())
 
 
 def draw_picture(out: Path, world_paths: dict, student_dir: Path) -> str:
@@ -175,7 +177,7 @@ def collect_results(out: Path, anno: dict, zero_shot: str, control: bool = True)
     "random_vlm_teacher" beside "teacher" (None without them)."""
     split = anno["zero_shot"][zero_shot]
     unseen = sorted(split) if isinstance(split, list) else sorted(split["unseen"])
-    res = {k: _metrics(out / k) for k in RUNS + (CONTROL_RUNS if control else ())}
+    res = {k: read_metrics(out / k) for k in RUNS + (CONTROL_RUNS if control else ())}
     chance = chance_level(anno, read_preds(out / "teacher"))
     chance_zs = chance_level(anno, read_preds(out / "zs_teacher"), zero_shot=unseen)
 
@@ -225,7 +227,8 @@ def main(argv=None) -> int:
                    default=LABEL_DROP, help="fraction of train interaction labels removed (sparse annotation)")
     p.add_argument("--zero-shot", default="nf-uc", choices=sorted(ZERO_SHOT_SPLITS),
                    help="zero-shot split of the synthetic world")
-    p.add_argument("--fresh", action="store_true", help="delete runs/demo first")
+    p.add_argument("--fresh", action="store_true", help="delete the output folder first (only a demo output "
+                   "folder: its recipe.json stamp and nothing the demo does not write)")
     p.add_argument("--sequential", action="store_true", help="run the two chains one after the other")
     p.add_argument("--vlm", default="world-clip", choices=list(VLMS),
                    help="world-clip (default) / world-sig: the world VLMs pretrained by world/pretrain_vlm.py, shipped "
@@ -243,15 +246,16 @@ def main(argv=None) -> int:
     world_cfg = dict(WORLD, seed=a.seed, train_label_drop=a.label_drop)
     loop = list(LOOP)
     loop[loop.index("--seed") + 1] = str(a.seed)
-    out = Path(a.out or ("runs/demo" if a.seed == 0 else f"runs/demo_seed{a.seed}")).resolve()
+    # absolute, links not resolved: --fresh must see a link named as the folder
+    out = Path(os.path.abspath(a.out or ("runs/demo" if a.seed == 0 else f"runs/demo_seed{a.seed}")))
     recipe = {"world": world_cfg, "vlm": vlm, "model_opts": MODEL_OPTS, "loop": loop, "kd": KD}
-    try:
+    try:      # an unreadable folder, a read-only one: one line too
         claim_output_folder(out, "recipe.json", "a demo", recipe, a.fresh,
-                            what_differs="world/seed/label drop/VLM and its weights/loop/KD")
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+                            what_differs="world/seed/label drop/VLM and its weights/loop/KD", layout=LAYOUT)
+        atomic_write_json(out / "recipe.json", stamp_doc("a demo", recipe), indent=1)
+    except (OSError, ValueError) as e:
+        print(f"error: {error_line(e)}", file=sys.stderr)
         return 2
-    atomic_write_json(out / "recipe.json", recipe, indent=1)
 
     # 1. the world
     world = out / "world"
@@ -270,7 +274,12 @@ def main(argv=None) -> int:
         return 1
 
     # 5. results
-    results = collect_results(out, json.loads(wp["test_anno"].read_text()), a.zero_shot, control=VLMS[a.vlm][1])
+    try:      # a run's outputs damaged after it finished: one line naming the file
+        results = collect_results(out, json.loads(wp["test_anno"].read_text()), a.zero_shot,
+                                  control=VLMS[a.vlm][1])
+    except (OSError, ValueError) as e:
+        print(f"error: {error_line(e)}", file=sys.stderr)
+        return 2
     results.update({"vlm": vlm, "world": world_cfg, "model_opts": MODEL_OPTS, "loop": loop, "kd": KD,
                     "runtime_s": None})
     print_table(results)

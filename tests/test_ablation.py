@@ -1,5 +1,6 @@
 """ablation.py: rows -> command lines, aggregation and direction column, the scheduler (fake
-runner), the output folder's guard, and one tiny end-to-end run against the runs' metrics.json."""
+runner), the output folder's guard (--fresh deletes only a folder the ablation wrote: a table of
+foreign shapes), damaged run outputs, and one tiny end-to-end run against the runs' metrics.json."""
 import json
 import math
 import threading
@@ -7,9 +8,10 @@ import time
 from pathlib import Path
 
 import pytest
+from clicheck import refused
 
 import ablation as A
-from world import vlms
+from world import recipe, vlms
 
 ROOT = Path(A.__file__).resolve().parent
 S = A.Setup(Path("/o"), Path("/w"))          # world-clip / world-sig, the demo's 8 epochs, weights/
@@ -197,7 +199,60 @@ def test_recipe_stamp_vlm_weights(tmp_path):
     assert "another recipe" in A.prepare_out(tmp_path, dict(base, vlm_sha256={"world-sig": "cc"}), False)
     assert "another recipe" in A.prepare_out(tmp_path, dict(base, vlm_sha256={"world-clip": "ab"}), False)
     stamp = json.loads((tmp_path / A.STAMP).read_text())
-    assert stamp["vlm_sha256"] == {"world-clip": "aa", "world-sig": "bb"}
+    assert stamp["written_by"] == "LINK ablation.py"
+    assert stamp["recipe"]["vlm_sha256"] == {"world-clip": "aa", "world-sig": "bb"}
+
+
+def _user_file_in_a_run(out):
+    (out / "A1_s0").mkdir()
+    (out / "A1_s0" / "notes.txt").write_text("mine")
+
+
+# foreign-folder shapes: (make it inside the ablation's own folder ``out``, a word of the refusal)
+FOREIGN = {
+    "no stamp": (lambda out: (out / A.STAMP).unlink(), f"it has no {A.STAMP}"),
+    "stamp truncated": (lambda out: (out / A.STAMP).write_bytes((out / A.STAMP).read_bytes()[:20]),
+                        "is not valid JSON"),
+    "the demo's stamp": (lambda out: (out / A.STAMP).write_text(json.dumps(recipe.stamp_doc("a demo", {}))),
+                         "is not the stamp 'LINK ablation.py' writes"),
+    "a user's file": (lambda out: (out / "notes.txt").write_text("mine"), "notes.txt, a regular file"),
+    "a user's file in a run": (_user_file_in_a_run, "A1_s0/notes.txt, a regular file"),
+    "a run of no row": (lambda out: (out / "Z9_s0").mkdir(), "Z9_s0, a directory this command does not write"),
+    "a link to a folder": (lambda out: (out / "cache").symlink_to(out.parent), "cache, a symbolic link"),
+}
+ARGV = ["--rows", "A1", "--seeds", "0", "--vlm", "tiny", "--fresh", "--out"]
+
+
+@pytest.mark.parametrize("shape", list(FOREIGN))
+def test_fresh_refuses_a_foreign_folder_and_deletes_nothing(tmp_path, shape):
+    out = tmp_path / "abl"
+    assert A.prepare_out(out, {"r": 1, "vlm_sha256": {}}, fresh=False) is None
+    (out / "A1_s0.out").write_text("log")
+    make, needle = FOREIGN[shape]
+    make(out)
+    refused(A.main, ARGV + [str(out)], [tmp_path], [str(out), "not an ablation output folder", needle,
+                                                   "nothing was deleted"])
+
+
+def test_fresh_refuses_a_link_or_a_file_as_the_folder(tmp_path):
+    real = tmp_path / "real"
+    assert A.prepare_out(real, {"r": 1, "vlm_sha256": {}}, fresh=False) is None
+    (tmp_path / "link").symlink_to(real)
+    refused(A.main, ARGV + [str(tmp_path / "link")], [tmp_path], [str(tmp_path / "link"), "symbolic link to"])
+    (tmp_path / "file").write_text("mine")
+    for argv in (ARGV, ARGV[:-2] + ["--out"]):           # with and without --fresh
+        refused(A.main, argv + [str(tmp_path / "file")], [tmp_path], [str(tmp_path / "file"),
+                                                                        "names a regular file, not a folder"])
+
+
+def test_a_damaged_metrics_file_is_named_not_a_crash(tmp_path):
+    (tmp_path / "A1_s0").mkdir()
+    (tmp_path / "A1_s0" / "metrics.json").write_text('{"full": 1')
+    r = A.read_row("A1", [0], tmp_path, {"A1_s0": "ok"})
+    assert r["per_seed"] == {0: None}
+    assert r["status"][0].startswith(f"damaged ({tmp_path / 'A1_s0' / 'metrics.json'}: run's metrics file")
+    (tmp_path / "A1_s0" / "metrics.json").write_text('{"full": "high"}')
+    assert "field 'full' is not a number" in A.read_row("A1", [0], tmp_path, {"A1_s0": "ok"})["status"][0]
 
 
 def test_missing_world_vlm_refused_before_any_run(tmp_path, capsys):
@@ -240,6 +295,19 @@ def test_tiny_end_to_end(tmp_path, capsys):
     assert (out / "A5_s0" / "last.pt").stat().st_mtime_ns == stamp
     assert "finished before" in capsys.readouterr().out
     assert json.loads((out / "results.json").read_text())["run_wall_s"] == {}
+    # a truncated metrics.json (or predictions): that run again (it resumes from last.pt), not a crash
+    good = (out / "A4_s0" / "metrics.json").read_bytes()
+    (out / "A4_s0" / "metrics.json").write_bytes(good[:len(good) // 2])
+    (out / "A5_s0" / "predictions_test.json").write_text("")
+    assert A.main(["--rows", "A5", "--out", str(out)] + TINY) == 0
+    printed = capsys.readouterr().out
+    assert f"A4_s0            damaged output ({out / 'A4_s0' / 'metrics.json'}: run's metrics file" in printed
+    assert "A5_s0            damaged output" in printed and "is empty" in printed
+    assert json.loads((out / "A4_s0" / "metrics.json").read_text()) == json.loads(good)
+    assert set(json.loads((out / "results.json").read_text())["run_wall_s"]) == {"A4_s0", "A5_s0"}
+    # --fresh clears the folder the ablation wrote (every entry is of its layout)
+    rec = A.recipe(A.parse(["--rows", "A5", "--out", str(out)] + TINY))
+    assert A.prepare_out(out, rec, fresh=True) is None and [p.name for p in out.iterdir()] == [A.STAMP]
 
 
 def test_a_failed_run_exits_1_and_the_others_print(tmp_path, monkeypatch, capsys):

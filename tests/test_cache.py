@@ -1,19 +1,24 @@
 """Tests of the feature cache (cache.py): reused while the key, the image list and the images'
-bytes stay, rebuilt otherwise; every (image, view) encoded exactly once. Disk-full and crash
-cases are in test_reliability.py, cache keys of real VLMs in test_vlm.py."""
+bytes stay, rebuilt otherwise; every (image, view) encoded exactly once; a missing or damaged
+image is named as such (a table through the training CLI). Disk-full and crash cases are in
+test_reliability.py, cache keys of real VLMs in test_vlm.py."""
 from __future__ import annotations
 
 import os
+import shutil
 
 import numpy as np
 import pytest
 import torch
+from clicheck import refused
 from PIL import Image
 from test_trainer import StandIn, TinyCfg, TinyCS, TinyDS, tiny_split
 
+import train_teacher
 from cache import FeatureCache, FeatureSource
 from data import Views
 from runs import TrainInputError
+from world import synthetic
 
 
 def test_feature_cache_reused_and_rebuilt(tmp_path):
@@ -85,3 +90,48 @@ def test_feature_cache_holds_each_view_once(tmp_path):
     assert len(loads) == 12                                                       # other crops: rebuilt
     with pytest.raises(TrainInputError, match="2 views asked"):
         FeatureSource(model, sp, None, 2)
+
+
+@pytest.fixture(scope="module")
+def tiny_world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tinyworld")
+    synthetic.make_synthetic_world(root, n_train=4, n_test=2, image_size=64, seed=0, workers=1)
+    return root
+
+
+def _damage(p, kind):
+    data = p.read_bytes()
+    p.unlink()
+    if kind == "truncated":
+        p.write_bytes(data[:len(data) // 2])
+    elif kind == "empty":
+        p.write_bytes(b"")
+    elif kind == "not an image":
+        p.write_text("my notes")
+    elif kind == "a directory":
+        p.mkdir()
+    elif kind == "dangling link":
+        p.symlink_to(p.parent / "nowhere.png")
+
+
+# (how the image is damaged, what the one line says is wrong)
+BAD_IMAGES = {"missing": "No such file or directory", "truncated": "image file is truncated",
+              "empty": "cannot identify image file", "not an image": "cannot identify image file",
+              "a directory": "Is a directory", "dangling link": "No such file or directory"}
+
+
+@pytest.mark.parametrize("kind", list(BAD_IMAGES))
+def test_a_bad_training_image_is_named_not_a_cache_write_error(tiny_world, tmp_path, kind):
+    """The cache build reads every image: a missing or damaged one is one line naming the image
+    and what is wrong with it (exit 2), never 'cache: cannot write'; the world is left as it was."""
+    world = tmp_path / "world"
+    shutil.copytree(tiny_world, world)
+    img = world / "images" / "train" / "synth_train_000001.png"
+    _damage(img, kind)
+    argv = ["--dataset", "synthetic", "--world", str(world), "--runs", str(tmp_path / "runs"), "--vlm", "tiny",
+            "--cache", str(tmp_path / "cache"), "--name", "t", "--epochs", "1", "--no-progress", "--threads", "1",
+            "--model-opt", "d_model=32", "--model-opt", "d_latent=16", "--model-opt", "heads=2"]
+    line = refused(lambda a: train_teacher.run_cli(lambda: train_teacher.main(a)), argv, [world],
+                   [str(img), BAD_IMAGES[kind]])
+    assert "cannot write" not in line
+    assert not list((tmp_path / "cache").rglob("feats-*.bin"))

@@ -1,10 +1,14 @@
 """The demo: its results JSON and table (the simulated detector's box AP, the random-VLM
-teachers beside the others), the VLM arguments it gives the training CLIs, and the one-line
-refusal of a missing or corrupt world-VLM checkpoint before anything is deleted or trained."""
+teachers beside the others), the VLM arguments it gives the training CLIs, the one-line
+refusal of a missing or corrupt world-VLM checkpoint before anything is deleted or trained, and
+its output folder: --fresh deletes only a folder the demo wrote (a table of foreign shapes), an
+--out naming a file is one line."""
 import json
+import os
 
 import pytest
 import torch
+from clicheck import refused, snapshot
 
 import data
 import demo
@@ -12,6 +16,7 @@ import detector_ap
 import train_teacher
 from common import file_sha256
 from model import LINKConfig
+from runs import RUN_OUTPUTS
 from vlm import FrozenVLM
 from world import recipe, synthetic
 
@@ -183,3 +188,136 @@ def test_a_bad_checkpoint_stops_the_demo_before_anything(tmp_path, weights, caps
             "no manifest": f"world VLM 'world-clip': not in {folder}"}[damage]
     assert want in cap.err
     assert sorted(p.name for p in out.iterdir()) == ["recipe.json", "teacher"]
+
+
+# -- the output folder: --fresh deletes only what the demo wrote -----------------------------------
+def own_folder(out, stamp="recipe.json", kind="a demo", runs=demo.RUNS + demo.CONTROL_RUNS, files=("results.json",)):
+    """A folder as the command leaves it: its stamp, files, runs and logs, world, cache, a temp file."""
+    out.mkdir(parents=True)
+    (out / stamp).write_text(json.dumps(recipe.stamp_doc(kind, {"r": 1})))
+    for f in files + tuple(f"{r}.out" for r in runs) + (".results.json.123.0a1b2c3d.tmp",):
+        (out / f).write_text("x")
+    for r in runs:
+        (out / r).mkdir()
+        for n in RUN_OUTPUTS:
+            (out / r / n).write_text("x")
+    (out / "world" / "images" / "train").mkdir(parents=True)
+    (out / "world" / "images" / "train" / "synth_train_000000.png").write_bytes(b"png")
+    (out / "world" / "instances_train.json").write_text("{}")
+    (out / "cache" / "0123456789abcdef").mkdir(parents=True)
+    for f in ("index.json", "feats-0a1b2c.bin", ".feats-0a1b2c.bin.tmp", ".lock"):
+        (out / "cache" / "0123456789abcdef" / f).write_text("x")
+    return out
+
+
+def _notes(out):
+    (out / "notes.txt").write_text("mine")
+
+
+def _deep_notes(out):
+    (out / "teacher" / "notes.txt").write_text("mine")
+
+
+def _link_inside(out):
+    (out / "teacher" / "last.pt").unlink()
+    (out / "teacher" / "last.pt").symlink_to(out.parent / "elsewhere.txt")
+
+
+def _folder_for_file(out):
+    (out / "results.json").unlink()
+    (out / "results.json").mkdir()
+
+
+# foreign-folder shapes: (make it from the demo's own folder, a word of the refusal)
+FOREIGN = {
+    "no stamp": (lambda out: (out / "recipe.json").unlink(), "it has no recipe.json"),
+    "stamp truncated": (lambda out: (out / "recipe.json").write_text('{"written_by": "LINK demo.py", "rec'),
+                        "is not valid JSON"),
+    "stamp empty": (lambda out: (out / "recipe.json").write_text(""), "is empty"),
+    "stamp a folder": (lambda out: ((out / "recipe.json").unlink(), (out / "recipe.json").mkdir()), "directory"),
+    "stamp a FIFO": (lambda out: ((out / "recipe.json").unlink(), os.mkfifo(out / "recipe.json")), "FIFO"),
+    "stamp a dangling link": (lambda out: ((out / "recipe.json").unlink(),
+                                           (out / "recipe.json").symlink_to(out / "gone.json")), "not found"),
+    "stamp of another program": (lambda out: (out / "recipe.json").write_text('{"world": {}, "loop": []}'),
+                                 "is not the stamp 'LINK demo.py' writes"),
+    "the ablation's stamp": (lambda out: (out / "recipe.json").write_text(json.dumps(
+        recipe.stamp_doc("an ablation", {}))), "is not the stamp 'LINK demo.py' writes"),
+    "a user's file": (_notes, "notes.txt, a regular file this command does not write"),
+    "a user's temp-like file": (lambda out: (out / ".notes.tmp").write_text("mine"), ".notes.tmp, a regular file"),
+    "a user's file in a run": (_deep_notes, "teacher/notes.txt, a regular file"),
+    "a link inside": (_link_inside, "last.pt, a symbolic link"),
+    "a folder where a file belongs": (_folder_for_file, "results.json, a directory"),
+}
+
+
+@pytest.mark.parametrize("shape", list(FOREIGN))
+def test_fresh_refuses_a_foreign_folder_and_deletes_nothing(tmp_path, shape):
+    (tmp_path / "elsewhere.txt").write_text("mine")
+    out = own_folder(tmp_path / "out")
+    make, needle = FOREIGN[shape]
+    make(out)
+    refused(demo.main, ["--vlm", "tiny", "--out", str(out), "--fresh"], [tmp_path],
+            [str(out), "not a demo output folder", needle, "nothing was deleted"])
+
+
+@pytest.mark.parametrize("target", ["own folder", "user folder", "empty folder", "nothing"])
+def test_fresh_refuses_a_link_as_the_folder(tmp_path, target):
+    """--fresh never deletes through a link named as --out, whatever it points to."""
+    real = tmp_path / "real"
+    if target == "own folder":
+        own_folder(real)
+    elif target != "nothing":
+        real.mkdir()
+        if target == "user folder":
+            _notes(real)
+    link = tmp_path / "out"
+    link.symlink_to(real)
+    needle = "names a symbolic link, not a folder" if target == "nothing" else f"it is a symbolic link to {real}"
+    refused(demo.main, ["--vlm", "tiny", "--out", str(link), "--fresh"], [tmp_path], [str(link), needle])
+    if target in ("user folder", "nothing"):            # without --fresh: not a demo folder / not a folder
+        refused(demo.main, ["--vlm", "tiny", "--out", str(link)], [tmp_path], [str(link)])
+    assert link.is_symlink()
+
+
+@pytest.mark.parametrize("kind", ["regular file", "fifo", "dangling link", "file in the path"])
+def test_out_naming_a_file_is_one_line(tmp_path, kind):
+    """--out naming an existing file (with or without --fresh): one line naming it, nothing changed."""
+    out = tmp_path / "out"
+    if kind == "fifo":
+        os.mkfifo(out)
+    elif kind == "dangling link":
+        out.symlink_to(tmp_path / "nowhere")
+    else:
+        out.write_text("mine")
+    target = out / "demo" if kind == "file in the path" else out
+    needle = {"regular file": "names a regular file, not a folder", "fifo": "names a FIFO",
+              "dangling link": "names a symbolic link", "file in the path": "cannot create the output folder"}[kind]
+    for fresh in ([], ["--fresh"]):
+        refused(demo.main, ["--vlm", "tiny", "--out", str(target)] + fresh, [tmp_path], [str(target), needle])
+    assert os.path.lexists(out)
+
+
+def test_fresh_clears_the_demos_own_folder_only(tmp_path):
+    """The demo's own folder (every kind of entry it writes) is emptied; the folder around it is kept."""
+    (tmp_path / "mine.txt").write_text("mine")
+    out = own_folder(tmp_path / "out")
+    args = ("a demo", {"r": 2}, True, "x")
+    assert recipe.claim_output_folder(out, "recipe.json", *args, layout=demo.LAYOUT) is None
+    assert list(out.iterdir()) == [] and (tmp_path / "mine.txt").read_text() == "mine"
+    # the stamp the demo writes is the one --fresh accepts
+    own_folder(tmp_path / "again")
+    assert recipe.read_stamp(tmp_path / "again", "recipe.json", "a demo") == ({"r": 1}, "")
+
+
+def test_without_fresh_a_foreign_or_other_recipe_folder_is_refused(tmp_path):
+    out = own_folder(tmp_path / "out")
+    snap = {k: (size, sha) for k, (size, _, sha) in snapshot(tmp_path).items()}     # the bytes
+    with pytest.raises(ValueError, match="runs of another recipe"):
+        recipe.claim_output_folder(out, "recipe.json", "a demo", {"r": 2}, False, "x", layout=demo.LAYOUT)
+    assert recipe.claim_output_folder(out, "recipe.json", "a demo", {"r": 1}, False, "x", layout=demo.LAYOUT) \
+        == {"r": 1}
+    (out / "recipe.json").write_text("{}")
+    with pytest.raises(ValueError, match="is not a demo output folder"):
+        recipe.claim_output_folder(out, "recipe.json", "a demo", {"r": 1}, False, "x", layout=demo.LAYOUT)
+    (out / "recipe.json").write_text(json.dumps(recipe.stamp_doc("a demo", {"r": 1})))
+    assert {k: (size, sha) for k, (size, _, sha) in snapshot(tmp_path).items()} == snap

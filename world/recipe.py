@@ -1,18 +1,22 @@
 """The demo's recipe, shared by demo.py and ablation.py: the world, the model options, the
 training loop, the distillation weights, the VLM choices, and the helpers both commands use
-(the VLM arguments of the training CLIs, the shipped-checkpoint check, the output-folder guard,
-the chance level of a run's predictions).
+(the VLM arguments of the training CLIs, the shipped-checkpoint check, the output-folder guard:
+the stamp and the layout of what each command writes, which bound what --fresh deletes; the
+readers of a run's metrics and predictions; the chance level of a run's predictions).
 """
 from __future__ import annotations
 
-import json
+import fnmatch
+import os
 import shutil
+import stat
 from pathlib import Path
 
 import numpy as np
 
 import eval as hoi_eval
-from common import read_json
+from common import error_line, file_kind, read_json
+from runs import RUN_OUTPUTS
 from world import vlms
 
 # The recipe (tuned on this 2-core machine to keep the whole demo well under 15 minutes).
@@ -53,21 +57,105 @@ def check_vlm(vlm: str, weights: Path) -> dict:
             "checkpoint": Path(doc["checkpoint"]).name, "sha256": doc["sha256"]}
 
 
+# What demo.py / ablation.py write in their output folder, as {glob: None (a regular file) | the
+# same for a sub-folder}: --fresh deletes a folder only when it holds the command's stamp and
+# nothing else (recursively), so a user's file or link anywhere in it stops the deletion.
+TEMP = ".*.[0-9]*.????????.tmp"   # a write killed mid-way: common.atomic_write's .NAME.PID.RAND.tmp
+RUN_FOLDER = dict.fromkeys(RUN_OUTPUTS + (TEMP,))
+CACHE_FOLDER = {"?" * 16: dict.fromkeys(("index.json", "feats-*.bin", ".feats-*.bin.tmp", ".lock", TEMP))}
+WORLD_FOLDER = dict(dict.fromkeys([f"{k}_{s}.json" for k in ("instances", "detections", "scenes")
+                                   for s in ("train", "test")] + [TEMP]),
+                    images={s: dict.fromkeys((f"synth_{s}_*.png", TEMP)) for s in ("train", "test")})
+
+
+def output_layout(stamp: str, files: tuple, runs: tuple) -> dict:
+    """The layout of an output folder: its stamp and ``files``, world/, cache/, and per run
+    pattern a run folder and its log ``<run>.out``."""
+    layout = dict(dict.fromkeys((stamp, TEMP) + files), world=WORLD_FOLDER, cache=CACHE_FOLDER)
+    for r in runs:
+        layout.update({r: RUN_FOLDER, f"{r}.out": None})
+    return layout
+
+
+def foreign_entry(folder: Path, layout: dict) -> str | None:
+    """The first entry under ``folder`` that the layout does not name (a name no pattern
+    matches, a file where a folder belongs or the reverse, a link, a FIFO, an unreadable
+    folder), in words; None when everything there is the project's."""
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError as e:
+        return f"{folder} (cannot list it: {e.strerror})"
+    for p in entries:
+        mode = os.lstat(p).st_mode
+        kinds = [sub for pat, sub in layout.items() if fnmatch.fnmatchcase(p.name, pat)
+                 and (stat.S_ISREG(mode) if sub is None else stat.S_ISDIR(mode))]
+        if not kinds:
+            return f"{p}, a {file_kind(mode)} this command does not write"
+        if kinds[0] is not None and (bad := foreign_entry(p, kinds[0])):
+            return bad
+    return None
+
+
+def read_stamp(out: Path, stamp: str, kind: str) -> tuple[dict | None, str]:
+    """(the recipe in ``out/stamp``, "") when the stamp is this command's (a JSON object whose
+    "written_by" is ``kind``'s mark), else (None, why not)."""
+    path = out / stamp
+    if not os.path.lexists(path):
+        return None, f"it has no {stamp}"
+    try:
+        doc = read_json(path, f"{kind} stamp", allow_bool=True)
+    except (OSError, ValueError) as e:
+        return None, error_line(e)
+    if not isinstance(doc, dict) or doc.get("written_by") != written_by(kind) or not isinstance(
+            doc.get("recipe"), dict):
+        return None, f"{path} is not the stamp {written_by(kind)!r} writes"
+    return doc["recipe"], ""
+
+
+def written_by(kind: str) -> str:
+    return f"LINK {kind.split()[-1]}.py"
+
+
+def stamp_doc(kind: str, recipe: dict) -> dict:
+    """The stamp's content: {"written_by": "LINK demo.py" | "LINK ablation.py", "recipe": ...}."""
+    return {"written_by": written_by(kind), "recipe": recipe}
+
+
 def claim_output_folder(out: Path, stamp: str, kind: str, recipe: dict, fresh: bool, what_differs: str,
-                        same=lambda old, new: old == new) -> dict | None:
-    """The output folder of a demo / ablation run, made ready for ``recipe``: --fresh deletes it,
-    but only if it is one of ours (it holds ``stamp``, the recipe file); a folder with runs of
-    another recipe (not ``same(old, new)``) is refused. Returns the recipe found there (None for
-    a new folder); the caller writes the stamp. Raises ValueError, one line, naming the folder."""
-    if fresh and out.exists():
-        if any(out.iterdir()) and not (out / stamp).is_file():   # never delete a folder of yours
-            raise ValueError(f"{out}: --fresh deletes this folder, which is not {kind} output folder (it has "
-                             f"no {stamp}); choose another --out")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    old = read_json(out / stamp, f"{kind} recipe", allow_bool=True) if (out / stamp).is_file() else None
+                        layout: dict, same=lambda old, new: old == new) -> dict | None:
+    """The output folder of a demo / ablation run (``kind``: "a demo" / "an ablation"), made ready
+    for ``recipe``. --fresh deletes it only when it provably is one of ours: a real folder (not a
+    link) holding this command's stamp (:func:`read_stamp`) and nothing the layout does not name
+    (:func:`foreign_entry`); then it deletes just those entries. Without --fresh, a folder with
+    runs of another recipe (not ``same(old, new)``) or without our stamp is refused. Returns the
+    recipe found there (None for a new folder); the caller writes the stamp. Raises ValueError,
+    one line, naming the folder and what is wrong; nothing is deleted then."""
+    if os.path.lexists(out) and not out.is_dir():
+        raise ValueError(f"{out}: --out names a {file_kind(os.lstat(out).st_mode)}, not a folder; choose another --out")
+    old, why = read_stamp(out, stamp, kind) if out.is_dir() else (None, "")
+    if fresh and os.path.lexists(out):
+        if out.is_symlink():
+            why = f"it is a symbolic link to {os.path.realpath(out)}"
+        elif not why:
+            bad = foreign_entry(out, layout)
+            why = bad and f"it holds {bad}"
+        if why and (out.is_symlink() or any(out.iterdir())):   # never through a link, even to nothing
+            raise ValueError(f"{out}: not {kind} output folder ({why}), and --fresh deletes only those; "
+                             f"nothing was deleted: choose another --out or remove what is yours")
+        for p in out.iterdir():         # only the layout's entries are left (checked above)
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+        old = None
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"{out}: cannot create the output folder ({e.strerror})") from None
     if any(out.iterdir()) and (old is None or not same(old, recipe)):
-        raise ValueError(f"{out} holds runs of another recipe ({what_differs}); rerun with --fresh or another --out")
+        raise ValueError(f"{out} holds " + (f"runs of another recipe ({what_differs})" if old is not None
+                         else f"files but is not {kind} output folder ({why})") +
+                         "; rerun with --fresh or another --out")
     return old
 
 
@@ -90,5 +178,24 @@ def chance_level(anno: dict, preds: dict, zero_shot=None, draws: int = 5) -> dic
 
 def read_preds(run_dir: Path) -> dict:
     """A run's test prediction rows: {file name: [rows, 10] float64} (predictions_test.json)."""
-    return {f: np.asarray(r, dtype=np.float64).reshape(-1, 10)
-            for f, r in json.loads((run_dir / "predictions_test.json").read_text()).items()}
+    path = run_dir / "predictions_test.json"
+    doc = read_json(path, "run's predictions file")
+    try:
+        return {f: np.asarray(r, dtype=np.float64).reshape(-1, 10) for f, r in doc.items()}
+    except (AttributeError, TypeError, ValueError):
+        raise ValueError(f"{path}: run's predictions file is not {{image: [rows of 10 numbers]}}") from None
+
+
+MAP_KEYS = ("full", "rare", "non_rare", "seen", "unseen")
+
+
+def read_metrics(run_dir: Path) -> dict:
+    """A run's metrics.json: an object whose mAP keys (MAP_KEYS) are numbers or null. Raises
+    ValueError / OSError, one line naming the file and what is wrong."""
+    path = run_dir / "metrics.json"
+    m = read_json(path, "run's metrics file", allow_bool=True)
+    bad = [k for k in MAP_KEYS if isinstance(m, dict) and not isinstance(m.get(k, 0.0), (int, float, type(None)))]
+    if not isinstance(m, dict) or bad:
+        raise ValueError(f"{path}: run's metrics file " + (f"field '{bad[0]}' is not a number" if bad
+                                                            else "is not a JSON object"))
+    return m
