@@ -152,14 +152,14 @@ def atomic_write_json(path, obj, indent=None, separators=None) -> None:
 
 
 def clean_stale_temps(folder) -> None:
-    """Remove the temp files (``.NAME.PID.RAND.tmp``) of writers killed mid-write; one whose writer (the
-    pid in its name) still runs on this machine is kept, so a concurrent writer never loses its file."""
+    """Remove the temps (``.NAME.PID.RAND.tmp``) of writers killed mid-write; a live writer's (its pid) stays."""
     for p in Path(folder).glob(".*.tmp"):        # nothing when the folder is absent
         parts = p.name.split(".")
-        pid = int(parts[-3]) if len(parts) >= 4 and parts[-3].isdigit() else None
-        if pid is not None and pid != os.getpid():
+        if len(parts) < 4 or not parts[-3].isdigit():
+            continue                      # not a name atomic_write makes: a user's file, kept
+        if int(parts[-3]) != os.getpid():
             try:
-                os.kill(pid, 0)
+                os.kill(int(parts[-3]), 0)
                 continue                  # its writer still runs
             except ProcessLookupError:
                 pass

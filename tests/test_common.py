@@ -66,9 +66,11 @@ def test_atomic_write_leaves_the_target_untouched_when_the_write_raises_midway(t
 def test_clean_stale_temps_removes_only_temp_files(tmp_path):
     (tmp_path / ".last.pt.123.abcd.tmp").write_bytes(b"half")
     (tmp_path / "last.pt").write_bytes(b"full")
+    for user in (".notes.tmp", ".a.b.tmp", ".x.12ab.c.tmp"):         # not atomic_write's names: a user's
+        (tmp_path / user).write_bytes(b"mine")
     common.clean_stale_temps(tmp_path)
     common.clean_stale_temps(tmp_path / "absent")
-    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".a.b.tmp", ".notes.tmp", ".x.12ab.c.tmp", "last.pt"]
 
 
 @pytest.mark.parametrize("content, needle", [
