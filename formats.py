@@ -4,7 +4,8 @@
 - prediction rows ``{file_name: [[hoi, score, hx1, hy1, hx2, hy2, ox1, oy1, ox2, oy2], ...]}``:
   ``prediction_rows``, ``load_predictions``
 - SWiG-HOI annotation and its meta tables: ``parse_swig_gt``, ``swig_meta_tables``, ``load_swig_meta``
-- V-COCO VSRL + COCO instances: ``parse_vcoco_gt``; vsrl_eval detections: ``load_vcoco_dets``
+- V-COCO VSRL + COCO instances: ``vsrl_actions``, ``vsrl_labels``, ``coco_index``, ``coco_boxes`` (assembled by
+  ``eval.parse_vcoco_gt``); vsrl_eval detections: ``load_vcoco_dets``
 - detection files: per image ``{file_name: {boxes, scores, labels}}`` (``image_detections``) and
   COCO results ``[{image_id, category_id, bbox, score}]`` (``coco_result``)
 - the value checks every reader shares (``as_index``, ``boxes_array``, ...) and the protocols' IoU of
@@ -27,29 +28,15 @@ import numpy as np
 from common import BOX_FRAMES, ZERO_SHOT_SPLITS, data_root, read_json
 
 #: COCO-80 object names in the order used by fredzzhang/hicodet (``objects``), underscores.
-COCO80_NAMES = [
-    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
-    "traffic_light", "fire_hydrant", "stop_sign", "parking_meter", "bench", "bird", "cat",
-    "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack",
-    "umbrella", "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports_ball",
-    "kite", "baseball_bat", "baseball_glove", "skateboard", "surfboard", "tennis_racket",
-    "bottle", "wine_glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
-    "sandwich", "orange", "broccoli", "carrot", "hot_dog", "pizza", "donut", "cake", "chair",
-    "couch", "potted_plant", "bed", "dining_table", "toilet", "tv", "laptop", "mouse",
-    "remote", "keyboard", "cell_phone", "microwave", "oven", "toaster", "sink",
-    "refrigerator", "book", "clock", "vase", "scissors", "teddy_bear", "hair_drier",
-    "toothbrush",
-]
-
-#: COCO category id (the 91-id space of COCO results files) of each COCO-80 index.
-#: Note: shared/data/hicodet/coco91tohico80.json maps COCO ids to the ALPHABETICAL HICO
-#: object order (person -> 49), not to COCO-80; we therefore use this standard table.
-COCO80_TO_COCO91 = [
-    1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25,
-    27, 28, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 46, 47, 48, 49, 50, 51,
-    52, 53, 54, 55, 56, 57, 58, 59, 60, 61, 62, 63, 64, 65, 67, 70, 72, 73, 74, 75, 76, 77,
-    78, 79, 80, 81, 82, 84, 85, 86, 87, 88, 89, 90,
-]
+COCO80_NAMES = """person bicycle car motorcycle airplane bus train truck boat traffic_light fire_hydrant stop_sign
+parking_meter bench bird cat dog horse sheep cow elephant bear zebra giraffe backpack umbrella handbag tie suitcase
+frisbee skis snowboard sports_ball kite baseball_bat baseball_glove skateboard surfboard tennis_racket bottle
+wine_glass cup fork knife spoon bowl banana apple sandwich orange broccoli carrot hot_dog pizza donut cake chair couch
+potted_plant bed dining_table toilet tv laptop mouse remote keyboard cell_phone microwave oven toaster sink
+refrigerator book clock vase scissors teddy_bear hair_drier toothbrush""".split()
+#: COCO category id (the 91-id space of COCO results files) of each COCO-80 index: 1..90 less the 10 unused ids.
+#: (shared/data/hicodet/coco91tohico80.json maps to the ALPHABETICAL HICO object order, person -> 49, not COCO-80.)
+COCO80_TO_COCO91 = [i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)]
 COCO91_TO_COCO80 = {cid: i for i, cid in enumerate(COCO80_TO_COCO91)}
 
 
@@ -796,62 +783,7 @@ def _swig_rows(im: dict, mapper: dict, num_objects: int, num_actions: int, name,
 # V-COCO: VSRL + COCO instances, vsrl_eval detections
 # ---------------------------------------------------------------------------------------
 
-@dataclass
-class VCOCOGt:
-    """Per-image V-COCO ground truth, as vsrl_eval's vcocodb (person rows only)."""
-    actions: list                      # A action names
-    roles: list                        # A lists: ['agent', role1, ...]
-    image_ids: list                    # sorted image ids
-    boxes: dict = field(default_factory=dict)      # image id -> float32[G, 4] all valid objects
-    person: dict = field(default_factory=dict)     # image id -> int64[P] rows of persons in boxes
-    actions_gt: dict = field(default_factory=dict)  # image id -> int[P, A] (-1 ignored, 0/1)
-    role_gt: dict = field(default_factory=dict)    # image id -> int[P, A, 2] row in boxes or -1
-
-
-
-def parse_vcoco_gt(vsrl: Any, coco: Any, vsrl_name: str = "<vsrl>", coco_name: str = "<coco>") -> VCOCOGt:
-    """Build the V-COCO ground truth from the official VSRL list and COCO instances dict."""
-    acts, roles, data = _vsrl_actions(vsrl, vsrl_name)
-    base_ann, lab_mat, roi_mat = _vsrl_labels(acts, data, vsrl_name)
-    pos_of_ann = {int(v): i for i, v in enumerate(base_ann)}     # VSRL person -> row of lab_mat
-    image_ids = sorted({int(v) for v in data[0][0]})
-    person_cat, sizes, anns_by_img = _coco_index(coco, image_ids, coco_name)
-    gt = VCOCOGt(actions=acts, roles=roles, image_ids=image_ids)
-    for img, aid in zip(data[0][0].tolist(), data[0][1].tolist()):
-        if not any(is_number(an.get("id")) and an["id"] == aid for an in anns_by_img.get(img, [])):
-            raise fail(vsrl_name, f"ann_id {aid} is not an annotation of that image in {coco_name}", img)
-    for i in image_ids:
-        if i not in sizes:
-            raise fail(coco_name, f"not in 'images' (an image of {vsrl_name})", i)
-        boxes, ids, is_person = _coco_boxes(anns_by_img[i], sizes[i], person_cat, coco_name, i)
-        pid = np.flatnonzero(np.array(is_person, dtype=bool))
-        row_of_id = {v: r for r, v in enumerate(ids)}
-        act = -np.ones((pid.size, len(acts)), dtype=np.int64)
-        rol = -np.ones((pid.size, len(acts), 2), dtype=np.int64)
-        for p, r in enumerate(pid):
-            aid = ids[r]
-            if aid not in pos_of_ann:
-                continue
-            q = pos_of_ann[aid]
-            act[p] = lab_mat[q]
-            for a in np.flatnonzero(lab_mat[q]):
-                for j in range(len(roles[a]) - 1):
-                    oid = int(roi_mat[q, a, j])
-                    if oid == 0:
-                        continue
-                    if oid not in row_of_id:
-                        raise fail(vsrl_name, f"ann_id {aid} role '{roles[a][j + 1]}': role object {oid} is "
-                                              f"not a valid annotation of that image in {coco_name}", i,
-                                   field_=f"{acts[a]}.role_object_id")
-                    rol[p, a, j] = row_of_id[oid]
-        gt.boxes[i] = np.array(boxes, dtype=np.float32).reshape(-1, 4)
-        gt.person[i] = pid
-        gt.actions_gt[i] = act
-        gt.role_gt[i] = rol
-    return gt
-
-
-def _vsrl_actions(vsrl: Any, vsrl_name: str) -> tuple[list, list, list]:
+def vsrl_actions(vsrl: Any, vsrl_name: str) -> tuple[list, list, list]:
     """The VSRL list -> (action names, role names per action, (image_id, ann_id, label,
     role_object_id [N, roles]) int64 arrays per action), validated."""
     if not isinstance(vsrl, list) or not vsrl:
@@ -902,7 +834,7 @@ def _int_vector(v: Any, where: str) -> np.ndarray:
     return a.astype(np.int64)
 
 
-def _vsrl_labels(acts: list, data: list, vsrl_name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def vsrl_labels(acts: list, data: list, vsrl_name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per VSRL person (the first action's ann_id order): (ann_id int64[M], action labels
     int64[M, A], role object ids int64[M, A, 2]); every action must list the same persons."""
     A = len(acts)
@@ -928,7 +860,7 @@ def _vsrl_labels(acts: list, data: list, vsrl_name: str) -> tuple[np.ndarray, np
     return base_ann, lab_mat, roi_mat
 
 
-def _coco_index(coco: Any, image_ids: list, coco_name: str) -> tuple[Any, dict, dict]:
+def coco_index(coco: Any, image_ids: list, coco_name: str) -> tuple[Any, dict, dict]:
     """COCO instances dict -> (person category id, {image id: (width, height)},
     {image id: [annotation dicts]}) for the wanted image ids."""
     if not isinstance(coco, dict) or not isinstance(coco.get("annotations"), list) or \
@@ -964,7 +896,7 @@ def _coco_index(coco: Any, image_ids: list, coco_name: str) -> tuple[Any, dict, 
     return person_cat, sizes, anns_by_img
 
 
-def _coco_boxes(anns: list, size: tuple, person_cat, coco_name: str, image_id: int) -> tuple[list, list, list]:
+def coco_boxes(anns: list, size: tuple, person_cat, coco_name: str, image_id: int) -> tuple[list, list, list]:
     """One image's COCO annotations -> (boxes, annotation ids, is-person flags) of the valid
     ones, as vsrl_eval: [x, y, x + max(0, w - 1), y + max(0, h - 1)] clipped to the image;
     ignored, zero-area and extent-less annotations are dropped."""
@@ -1012,12 +944,12 @@ class VCOCODets:
     role: np.ndarray
 
 
-def vcoco_role_keys(gt: VCOCOGt) -> list:
+def vcoco_role_keys(gt) -> list:
     """[(action index, role index)] of every action-role, vsrl_eval order."""
     return [(a, r) for a in range(len(gt.actions)) for r in range(len(gt.roles[a]) - 1)]
 
 
-def load_vcoco_dets(obj: Any, gt: VCOCOGt, src: str):
+def load_vcoco_dets(obj: Any, gt, src: str):
     """vsrl_eval detection list -> (VCOCODets, unknown keys, number of detections). Missing or
     null keys mean "not predicted" (NaN), as vsrl_eval's NaN convention. Errors name the
     detection as ``image 'IMAGE_ID' row K`` (K: its place in the file)."""
@@ -1055,7 +987,7 @@ def load_vcoco_dets(obj: Any, gt: VCOCOGt, src: str):
 _SCORE_TYPES = {float, int, type(None)}
 
 
-def _vcoco_column(obj: list, key: str, width: int, gt: VCOCOGt, img: np.ndarray, src: str) -> np.ndarray:
+def _vcoco_column(obj: list, key: str, width: int, gt, img: np.ndarray, src: str) -> np.ndarray:
     """obj[k][key] -> float64[D] scores (width 1) or float64[D, 5] role box + score (width 5);
     missing / null -> NaN. Fast path: one type check and one conversion (C loops); the first
     bad value is looked for only when they fail."""
