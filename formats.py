@@ -63,6 +63,20 @@ def fail(file, problem, image=None, row=None, field_=None) -> FormatError:
     return FormatError(f"{where(file, image, row, field_)}: {problem}")
 
 
+def require(d: dict, keys, file, image=None, row=None) -> None:
+    """``FILE: image 'NAME' row R: KEY: missing key`` for the first of ``keys`` not in ``d``."""
+    missing = next((k for k in keys if k not in d), None)
+    if missing is not None:
+        raise fail(file, "missing key", image, row, missing)
+
+
+def prompts_list(v: Any, n: int, file) -> list | None:
+    """An optional ``prompts`` field: None, or n strings (one per class)."""
+    if v is not None and not (isinstance(v, list) and len(v) == n and all(isinstance(p, str) for p in v)):
+        raise fail(file, f"expected {n} strings", field_="prompts")
+    return v
+
+
 def read(path, what: str = "file") -> Any:
     """Parse a JSON file (common.read_json) -> object; FormatError naming the file on any problem."""
     return read_json(path, what, error=FormatError, missing=FormatFileNotFoundError)
@@ -81,8 +95,7 @@ def is_number(v) -> bool:
 
 
 def as_index(v, n: Optional[int] = None, lo: int = 0) -> int:
-    """An index: an integer (or a float with an integral value) in [lo, n). Never a bool, a
-    fraction, NaN, or out of range: a negative index never wraps around to another entry."""
+    """An integer (or integral float) in [lo, n); never a bool, a fraction, NaN, nor a wrapping negative."""
     if not is_number(v) or not math.isfinite(v) or v != int(v):
         raise ValueError(f"{v!r} is not an integer index")
     i = int(v)
@@ -101,61 +114,15 @@ def as_index_list(v, n: Optional[int] = None, lo: int = 0, unique: bool = False)
             out.append(as_index(x, n, lo))
         except ValueError as e:
             raise ValueError(f"entry {r}: {e}") from None
-    if unique and len(set(out)) != len(out):
-        dup = next(x for i, x in enumerate(out) if x in out[:i])
-        raise ValueError(f"index {dup} listed twice")
+    if unique and first_duplicate(out) is not None:
+        raise ValueError(f"index {first_duplicate(out)} listed twice")
     return out
 
 
 def first_duplicate(items) -> Optional[Any]:
     """The first item seen twice in ``items`` (None when all differ)."""
-    seen = set()
-    for x in items:
-        if x in seen:
-            return x
-        seen.add(x)
-    return None
-
-
-def swig_meta_tables(meta) -> tuple[list, list, list]:
-    """SWiG-HOI's swig_v1_meta.json, validated -> (category names, action names, interactions
-    [{id, action_id, object_id, frequency, evaluation}] with int fields). Ids index their table
-    (no gaps, no duplicates), every (action_id, object_id) pair once, frequency in {0, 1, 2},
-    evaluation in {0, 1}. ValueError names the field."""
-    if not isinstance(meta, dict):
-        raise ValueError("expected an object with SWIG_CATEGORIES, SWIG_ACTIONS, SWIG_INTERACTIONS")
-    tables = []
-    for key in ("SWIG_CATEGORIES", "SWIG_ACTIONS"):
-        t = meta.get(key)
-        if not isinstance(t, list) or not t:
-            raise ValueError(f"field '{key}': expected a non-empty list of {{id, name}}")
-        names = []
-        for r, x in enumerate(t):
-            if not (isinstance(x, dict) and isinstance(x.get("name"), str)) or \
-                    (x.get("id") is not None and x.get("id") != r):
-                raise ValueError(f"field '{key}[{r}]': expected {{id: {r}, name: string}}")
-            names.append(x["name"])
-        tables.append(names)
-    inter = meta.get("SWIG_INTERACTIONS")
-    if not isinstance(inter, list) or not inter:
-        raise ValueError("field 'SWIG_INTERACTIONS': expected a non-empty list")
-    out, keys = [], set()
-    for r, x in enumerate(inter):
-        try:
-            if not isinstance(x, dict):
-                raise ValueError("expected an object")
-            e = {"id": as_index(x.get("id"), len(inter)),
-                 "action_id": as_index(x.get("action_id"), len(tables[1])),
-                 "object_id": as_index(x.get("object_id"), len(tables[0])),
-                 "frequency": as_index(x.get("frequency"), 3), "evaluation": as_index(x.get("evaluation", 0), 2)}
-        except ValueError as err:
-            raise ValueError(f"field 'SWIG_INTERACTIONS[{r}]': {err}") from None
-        if e["id"] != r or (e["action_id"], e["object_id"]) in keys:
-            raise ValueError(f"field 'SWIG_INTERACTIONS[{r}]': id must be {r} and each (action_id, "
-                             f"object_id) listed once")
-        keys.add((e["action_id"], e["object_id"]))
-        out.append(e)
-    return tables[0], tables[1], out
+    seen: set = set()
+    return next((x for x in items if x in seen or seen.add(x)), None)     # add() is None: falsy
 
 
 # ---------------------------------------------------------------------------------------
@@ -163,11 +130,8 @@ def swig_meta_tables(meta) -> tuple[list, list, list]:
 # ---------------------------------------------------------------------------------------
 
 def iou_inclusive(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Element-wise IoU with the inclusive +1 convention of the MATLAB toolkit.
-
-    a, b: float64[n, 4] ``[x1, y1, x2, y2]`` -> float64[n]; 0 unless iw > 0 and ih > 0.
-    Same operation order as VOCevaldet_bboxpair.m (bit-identical results).
-    """
+    """Element-wise IoU, the MATLAB toolkit's inclusive +1: a, b float64[n, 4] -> float64[n], 0 unless
+    iw > 0 and ih > 0; VOCevaldet_bboxpair.m's operation order (bit-identical)."""
     iw = np.minimum(a[:, 2], b[:, 2]) - np.maximum(a[:, 0], b[:, 0]) + 1
     ih = np.minimum(a[:, 3], b[:, 3]) - np.maximum(a[:, 1], b[:, 1]) + 1
     inter = iw * ih
@@ -180,30 +144,22 @@ def iou_inclusive(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def iou_continuous(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Element-wise plain IoU (no +1) of the THID SWiG evaluator.
-
-    a, b: float64[n, 4] -> float64[n]; widths/heights and the intersection are clamped at 0,
-    IoU = 0 when the intersection is <= 0, else inter / (area_a + area_b - inter).
-    """
-    wa = np.maximum(a[:, 2] - a[:, 0], 0.0)
-    ha = np.maximum(a[:, 3] - a[:, 1], 0.0)
-    wb = np.maximum(b[:, 2] - b[:, 0], 0.0)
-    hb = np.maximum(b[:, 3] - b[:, 1], 0.0)
+    """Element-wise plain IoU of the THID SWiG evaluator: a, b float64[n, 4] -> float64[n]; sides and
+    intersection clamped at 0, IoU 0 when the intersection is <= 0."""
+    area_a = np.maximum(a[:, 2] - a[:, 0], 0.0) * np.maximum(a[:, 3] - a[:, 1], 0.0)
+    area_b = np.maximum(b[:, 2] - b[:, 0], 0.0) * np.maximum(b[:, 3] - b[:, 1], 0.0)
     xi = np.maximum(np.minimum(a[:, 2], b[:, 2]) - np.maximum(a[:, 0], b[:, 0]), 0.0)
     yi = np.maximum(np.minimum(a[:, 3], b[:, 3]) - np.maximum(a[:, 1], b[:, 1]), 0.0)
     inter = xi * yi
-    den = wa * ha + wb * hb - inter
+    den = area_a + area_b - inter
     out = np.zeros(a.shape[0])
     np.divide(inter, den, out=out, where=inter > 0)
     return out
 
 
-
 def unique_boxes(boxes_h, boxes_o, objects, person: int) -> tuple:
-    """The unique boxes of one image's pairs: human boxes (label ``person``) in order of first
-    appearance, then object boxes (their label); equal float32 coordinates AND label count once
-    (a person that is also the object of a human-human pair appears once).
-    -> (boxes float32[n, 4], labels int64[n], idx_h int64[P], idx_o int64[P]: each row's boxes)."""
+    """One image's unique boxes (equal float32 box and label count once), humans (``person``) first ->
+    (boxes float32[n, 4], labels int64[n], idx_h int64[P], idx_o int64[P]: each pair's boxes)."""
     b = np.concatenate([np.asarray(boxes_h, np.float32).reshape(-1, 4), np.asarray(boxes_o, np.float32).reshape(-1, 4)])
     P = len(b) // 2
     lab = np.concatenate([np.full(P, person), np.asarray(objects).reshape(-1)]).astype(np.int64)
@@ -212,6 +168,7 @@ def unique_boxes(boxes_h, boxes_o, objects, person: int) -> tuple:
                    dtype=np.int64)
     keep = np.unique(idx, return_index=True)[1]          # first row of each unique box
     return b[keep], lab[keep], idx[:P], idx[P:]
+
 
 # ---------------------------------------------------------------------------------------
 # HICO-DET-format annotation file and prediction rows
@@ -223,8 +180,7 @@ ROW_FIELDS = ("hoi", "score", "hx1", "hy1", "hx2", "hy2", "ox1", "oy1", "ox2", "
 
 @dataclass
 class HicoGT:
-    """A HICO-DET-format annotation file (fredzzhang/hicodet JSON, the synthetic world), read
-    and validated by :func:`parse_hico_anno`. GT rows are in image order, then row order."""
+    """A HICO-DET-format annotation (:func:`parse_hico_anno`); GT rows in image order, then row order."""
     name: str
     filenames: list
     index: dict                     # filename -> image index
@@ -253,21 +209,12 @@ HICO_ROW_KEYS = ("boxes_h", "boxes_o", "hoi", "object", "verb")
 
 
 def parse_hico_anno(anno: Any, name: str = "<anno>", names: bool = False) -> HicoGT:
-    """Validate a HICO-DET-format annotation (the parsed JSON) -> HicoGT.
-
-    Required: ``annotation`` (per image ``boxes_h``, ``boxes_o``, ``hoi``; ``object`` and
-    ``verb`` are checked against ``correspondence`` when given), ``filenames``,
-    ``correspondence`` ([hoi, object, verb] per class; K = its length). Optional, checked when
-    present: ``objects``, ``verbs``, ``rare``, ``non_rare``, ``empty``, ``zero_shot``,
-    ``size``, ``prompts``. ``names``: the dataset's reading, which also needs ``objects``,
-    ``verbs`` and every entry's ``object`` and ``verb``.
-    """
+    """A HICO-DET-format annotation (parsed JSON) -> HicoGT; the keys it needs and checks: docs/data.md.
+    ``names``: the dataset's reading, which also needs ``objects``, ``verbs``, each entry's object / verb."""
     if not isinstance(anno, dict):
         raise fail(name, f"expected a JSON object with key 'annotation' (fredzzhang/hicodet format), "
                          f"got {type(anno).__name__}")
-    for key in ("annotation", "filenames", "correspondence") + (("objects", "verbs") if names else ()):
-        if key not in anno:
-            raise fail(name, "missing key", field_=key)
+    require(anno, ("annotation", "filenames", "correspondence") + (("objects", "verbs") if names else ()), name)
     fns = name_list(anno["filenames"], name, "filenames")
     objects, verbs = (name_list(anno[k], name, k) if anno.get(k) is not None else None
                       for k in ("objects", "verbs"))
@@ -288,10 +235,7 @@ def parse_hico_anno(anno: Any, name: str = "<anno>", names: bool = False) -> Hic
     zs = anno.get("zero_shot")
     if zs is not None and not isinstance(zs, dict):
         raise fail(name, "expected an object {split: [hoi, ...]}", field_="zero_shot")
-    prompts = anno.get("prompts")
-    if prompts is not None and not (isinstance(prompts, list) and len(prompts) == K
-                                    and all(isinstance(p, str) for p in prompts)):
-        raise fail(name, f"expected {K} strings", field_="prompts")
+    prompts = prompts_list(anno.get("prompts"), K, name)
     sizes = anno.get("size")
     if sizes is not None:
         if not isinstance(sizes, list) or len(sizes) != len(fns):
@@ -306,8 +250,7 @@ def parse_hico_anno(anno: Any, name: str = "<anno>", names: bool = False) -> Hic
 
 
 def hico_box_frame(anno: dict, name, frame: Optional[str] = None) -> str:
-    """The box frame of a HICO-DET-format file: ``frame`` when given, else the file's
-    ``box_frame``, else continuous for a synthetic world written before that key, else hico1."""
+    """``frame``, else the file's ``box_frame``, else continuous for an old synthetic world, else hico1."""
     if frame is None:
         frame = anno.get("box_frame", "continuous" if anno.get("name") == "synthetic" else "hico1")
     if frame not in BOX_FRAMES:
@@ -316,12 +259,8 @@ def hico_box_frame(anno: dict, name, frame: Optional[str] = None) -> str:
 
 
 def zero_shot_unseen(zero_shot: Any, zs: Optional[dict], K: int, name) -> tuple[str, list]:
-    """The unseen classes of a zero-shot split -> (split name, sorted class indices in [0, K)).
-
-    zero_shot: a list of class indices (name "custom") or a split name: rf-uc | nf-uc | uo | uv,
-    the long names (rare_first, ...), or any key of the annotation's ``zero_shot`` dict ``zs``
-    ({split: [hoi, ...]} or {split: {"unseen": [...]}}); without that dict, the shared
-    data/hicodet/derived/zero_shot_unseen_hoi_indices.json (the 600 HICO-DET classes only)."""
+    """A zero-shot split (class indices, or a name looked up in the file's ``zero_shot`` dict ``zs``, else
+    in the shared 600-class splits; docs/data.md "Splits") -> (split name, sorted unseen classes)."""
     src = name
     if not isinstance(zero_shot, str):
         label, idx = "custom", [int(x) if isinstance(x, np.integer) else x for x in zero_shot]
@@ -337,11 +276,10 @@ def zero_shot_unseen(zero_shot: Any, zs: Optional[dict], K: int, name) -> tuple[
         label = cli or zero_shot
         if hit is not None:
             idx = zs[hit]
+        elif K != 600:
+            raise fail(name, f"no 'zero_shot' field and {K} classes (the shared splits are for the 600 HICO-DET "
+                             f"classes; add a 'zero_shot' dict to the annotation file)", field_="zero_shot")
         else:
-            if K != 600:
-                raise fail(name, f"no 'zero_shot' field and {K} classes (the shared splits are for the "
-                                 f"600 HICO-DET classes; add a 'zero_shot' dict to the annotation file)",
-                           field_="zero_shot")
             src = data_root() / "hicodet" / "derived" / "zero_shot_unseen_hoi_indices.json"
             d = read(src, "zero-shot split file")
             idx = d.get("splits", {}).get(canon) if isinstance(d, dict) and isinstance(d.get("splits"), dict) else None
@@ -405,8 +343,7 @@ def boxes_array(value: Any, file, image, field_: str) -> np.ndarray:
 
 
 def int_array(value: Any, n: int, lo: int, hi: int, file, image, field_: str) -> np.ndarray:
-    """A list of n integer indices in [lo, hi) -> int64[n]: integral numbers only (5.0 is 5;
-    5.5, NaN, a string or a nested list are refused), never wrapping around."""
+    """A list of n integer indices in [lo, hi) -> int64[n] (5.0 is 5; 5.5, NaN, strings, lists refused)."""
     if not isinstance(value, (list, tuple, np.ndarray)):
         raise fail(file, f"expected a list of integers, got {type(value).__name__}", image, field_=field_)
     if len(value) != n:
@@ -448,8 +385,7 @@ def _correspondence(corr: Any, objects, verbs, name, names: bool) -> np.ndarray:
 
 
 def _index_list(anno: dict, key: str, n: int, name) -> list | None:
-    """The optional list of indices anno[key] (rare, non_rare: classes; empty: images), each in
-    [0, n) once; None when absent."""
+    """The optional anno[key] (rare, non_rare: classes; empty: images): indices in [0, n), each once."""
     if anno.get(key) is None:
         return None
     try:
@@ -459,11 +395,8 @@ def _index_list(anno: dict, key: str, n: int, name) -> list | None:
 
 
 def _hico_pairs(annos: list, fns: list, corr: np.ndarray, objects, verbs, name, names: bool):
-    """The GT rows of all images -> (class int64[M], image int64[M], boxes float64[M, 8],
-    object int64[M] | None, verb int64[M] | None).
-
-    Fast path: one conversion of every image's lists; _diagnose_pairs finds the first
-    malformed value only when that conversion fails."""
+    """All images' GT rows -> (class, image int64[M], boxes float64[M, 8], object, verb int64[M] | None).
+    Fast path: one conversion of every list; _diagnose_pairs looks for the bad value when it fails."""
     with_ov = names or all(isinstance(a, dict) and "object" in a and "verb" in a for a in annos)
     keys = HICO_ROW_KEYS if with_ov else HICO_ROW_KEYS[:3]
     cols, counts = {k: [] for k in keys}, []
@@ -691,14 +624,50 @@ class SwigGT:
     tables: tuple = None             # swig_meta_tables(meta): (categories, actions, interactions)
 
 
+def swig_meta_tables(meta, file="<meta>") -> tuple[list, list, list]:
+    """SWiG-HOI's swig_v1_meta.json -> (category names, action names, interactions [{id, action_id,
+    object_id, frequency, evaluation}]); ids index their table, each (action, object) once."""
+    def bad(problem):
+        return fail(file, f"SWiG meta file: {problem}")
+
+    if not isinstance(meta, dict):
+        raise bad("expected an object with SWIG_CATEGORIES, SWIG_ACTIONS, SWIG_INTERACTIONS")
+    tables = []
+    for key in ("SWIG_CATEGORIES", "SWIG_ACTIONS"):
+        t = meta.get(key)
+        if not isinstance(t, list) or not t:
+            raise bad(f"field '{key}': expected a non-empty list of {{id, name}}")
+        for r, x in enumerate(t):
+            if not (isinstance(x, dict) and isinstance(x.get("name"), str)) or x.get("id") not in (None, r):
+                raise bad(f"field '{key}[{r}]': expected {{id: {r}, name: string}}")
+        tables.append([x["name"] for x in t])
+    inter = meta.get("SWIG_INTERACTIONS")
+    if not isinstance(inter, list) or not inter:
+        raise bad("field 'SWIG_INTERACTIONS': expected a non-empty list")
+    out, keys = [], set()
+    for r, x in enumerate(inter):
+        try:
+            if not isinstance(x, dict):
+                raise ValueError("expected an object")
+            e = {"id": as_index(x.get("id"), len(inter)),
+                 "action_id": as_index(x.get("action_id"), len(tables[1])),
+                 "object_id": as_index(x.get("object_id"), len(tables[0])),
+                 "frequency": as_index(x.get("frequency"), 3), "evaluation": as_index(x.get("evaluation", 0), 2)}
+        except ValueError as err:
+            raise bad(f"field 'SWIG_INTERACTIONS[{r}]': {err}") from None
+        if e["id"] != r or (e["action_id"], e["object_id"]) in keys:
+            raise bad(f"field 'SWIG_INTERACTIONS[{r}]': id must be {r} and each (action_id, "
+                             f"object_id) listed once")
+        keys.add((e["action_id"], e["object_id"]))
+        out.append(e)
+    return tables[0], tables[1], out
+
+
 def load_swig_meta(path=None) -> dict:
     """swig_v1_meta.json (default: the shared data), validated (swig_meta_tables)."""
     path = path or data_root() / "swig_hoi" / "derived" / "swig_v1_meta.json"
     meta = read(path, "SWiG meta file")
-    try:
-        swig_meta_tables(meta)
-    except ValueError as e:
-        raise fail(path, f"SWiG meta file: {e}") from None
+    swig_meta_tables(meta, path)
     return meta
 
 
@@ -708,11 +677,7 @@ def parse_swig_gt(anno: Any, meta: dict, name: str = "<anno>", skip_unknown: boo
     wraps around to another box); ids are integers. A pair with object_id -1 (no object) is
     left out and counted; a pair whose (action_id, category) is no SWiG-HOI interaction is an
     error, or, with ``skip_unknown`` (the training set's reading), left out and counted."""
-    try:
-        tables = swig_meta_tables(meta)
-    except ValueError as e:
-        raise fail("<meta>", f"SWiG meta file: {e}") from None
-    objects, actions, inter = tables
+    objects, actions, inter = tables = swig_meta_tables(meta)
     mapper = {(x["action_id"], x["object_id"]): x["id"] for x in inter}
     if not isinstance(anno, list):
         raise fail(name, f"expected the SWiG-HOI json: a list of images with file_name, box_annotations, "
@@ -1041,7 +1006,7 @@ def parse_vcoco_pairs(d: Any, name) -> VcocoPairs:
     anns = d["annotations"]
     classes, objects81 = name_list(d["classes"], name, "classes"), name_list(d["objects"], name, "objects")
     K, O81 = len(classes), len(objects81)
-    ids, a2o, prompts = d.get("images"), d.get("action_to_object"), d.get("prompts")
+    ids, a2o = d.get("images"), d.get("action_to_object")
     try:
         if ids is not None and (not isinstance(ids, list) or len(ids) != len(anns)):
             raise ValueError(f"expected a list of {len(anns)} image ids, one per annotation")
@@ -1053,9 +1018,7 @@ def parse_vcoco_pairs(d: Any, name) -> VcocoPairs:
         if not isinstance(a, dict) or not isinstance(a.get("file_name"), str):
             raise fail(name, "missing key or not a string", field_=f"annotations[{j}].file_name")
         img = a["file_name"]
-        for key in ("boxes_h", "boxes_o", "actions", "objects"):
-            if key not in a:
-                raise fail(name, "missing key", img, field_=key)
+        require(a, ("boxes_h", "boxes_o", "actions", "objects"), name, img)
         bh, bo = (boxes_array(a[k], name, img, k) for k in ("boxes_h", "boxes_o"))
         if len(bo) != len(bh):
             raise fail(name, f"{len(bo)} object boxes for {len(bh)} human boxes", img, field_="boxes_o")
@@ -1071,11 +1034,8 @@ def parse_vcoco_pairs(d: Any, name) -> VcocoPairs:
             hoi_object.append(sorted({o - 1 for o in as_index_list(lst, O81) if o > 0}))
         except ValueError as e:
             raise fail(name, e, field_=f"action_to_object[{k}]") from None
-    if prompts is not None and not (isinstance(prompts, list) and len(prompts) == K
-                                    and all(isinstance(p, str) for p in prompts)):
-        raise fail(name, f"expected {K} strings", field_="prompts")
     return VcocoPairs(filenames=files, classes=classes, objects=objects81[1:], image_ids=ids, rows=rows,
-                      hoi_object=hoi_object, prompts=prompts)
+                      hoi_object=hoi_object, prompts=prompts_list(d.get("prompts"), K, name))
 
 
 # ---------------------------------------------------------------------------------------
@@ -1088,9 +1048,7 @@ def image_detections(e: Any, file, image, num_labels: Optional[int] = None) -> t
     range, labels in [0, num_labels)."""
     if not isinstance(e, dict):
         raise fail(file, "expected {boxes, scores, labels}", image)
-    for key in ("boxes", "scores", "labels"):
-        if key not in e:
-            raise fail(file, "missing key", image, field_=key)
+    require(e, ("boxes", "scores", "labels"), file, image)
     boxes = boxes_array(e["boxes"], file, image, "boxes")
     n = len(boxes)
     if not isinstance(e["scores"], list) or len(e["scores"]) != n:
@@ -1112,9 +1070,7 @@ def coco_result(e: Any, r: int, file, names: dict, labels: dict) -> tuple:
     {category_id: label}. The box is finite with w, h >= 0 and x + w, y + h within float32."""
     if not isinstance(e, dict):
         raise fail(file, "expected an object {image_id, category_id, bbox, score}", row=r)
-    for key in ("image_id", "category_id", "bbox", "score"):
-        if key not in e:
-            raise fail(file, "missing key", row=r, field_=key)
+    require(e, ("image_id", "category_id", "bbox", "score"), file, row=r)
     iid, cid, b, s = e["image_id"], e["category_id"], e["bbox"], e["score"]
     if not (type(iid) is int and iid in names):
         raise fail(file, f"unknown image id {iid!r}", row=r, field_="image_id")
