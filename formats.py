@@ -473,10 +473,8 @@ def _diagnose_pairs(annos: list, fns: list, keys: tuple, name) -> None:
 def _validate_rows(rows: np.ndarray, img: np.ndarray, filenames: Sequence[str],
                    num_classes: int, src: str) -> None:
     """Vectorised value checks of prediction rows float64[N, 10] (img: int64[N], grouped)."""
-    if rows.shape[0] == 0:
-        return
     hoi, score = rows[:, 0], rows[:, 1]
-    # fast path: everything fine (a few passes); the detailed checks only run on failure
+    # fast path: a few passes (and nothing for no rows); the detailed checks run only on failure
     if (np.isfinite(rows).all() and ((hoi >= 0) & (hoi < num_classes) & (hoi == np.floor(hoi))).all()
             and (rows[:, 4:6] >= rows[:, 2:4]).all() and (rows[:, 8:10] >= rows[:, 6:8]).all()):
         return
@@ -518,34 +516,28 @@ def _diagnose_rows(src: str, name: str, rows: Any) -> None:
 
 def prediction_rows(obj: Any, filenames: Sequence[str], index: dict, num_classes: int,
                           src: str) -> tuple[np.ndarray, np.ndarray]:
-    """{filename: rows} (lists or arrays) -> (rows float64[N, 10], img int64[N]), validated.
-
-    Rows keep the object's image order (file order for a JSON file), then row order.
-    """
+    """{filename: rows} (lists or arrays) -> (rows float64[N, 10], img int64[N]), validated; rows keep the
+    object's image order (a JSON file's order), then row order."""
     if not isinstance(obj, dict):
         raise fail(src, f"expected a JSON object {{file_name: [[{', '.join(ROW_FIELDS)}], ...]}}, "
                         f"got {type(obj).__name__}")
     names = list(obj.keys())
-    img_idx = np.empty(len(names), dtype=np.int64)
-    for k, nm in enumerate(names):
-        i = index.get(nm)
-        if i is None:
-            raise fail(src, "unknown image name (not in the annotation file)", nm)
-        img_idx[k] = i
+    unknown = next((nm for nm in names if nm not in index), None)
+    if unknown is not None:
+        raise fail(src, "unknown image name (not in the annotation file)", unknown)
     vals = list(obj.values())
     if any(isinstance(v, np.ndarray) or hasattr(v, "__array__") for v in vals):  # arrays/tensors
         rows, counts = _rows_from_arrays(names, vals, src)
     else:
         rows, counts = _rows_from_lists(names, vals, src)
-    img = np.repeat(img_idx, counts)
+    img = np.repeat(np.array([index[nm] for nm in names], dtype=np.int64), counts)
     _validate_rows(rows, img, filenames, num_classes, src)
     return rows, img
 
 
 def _rows_from_arrays(names: list, vals: list, src: str) -> tuple[np.ndarray, np.ndarray]:
     """Per-image arrays / tensors [n, 10] -> (rows float64[N, 10], rows per image int64[images])."""
-    counts = np.empty(len(vals), dtype=np.int64)
-    parts = []
+    counts, parts = np.empty(len(vals), dtype=np.int64), []
     for k, v in enumerate(vals):
         try:
             a = np.asarray(v, dtype=np.float64)
@@ -563,8 +555,7 @@ def _rows_from_arrays(names: list, vals: list, src: str) -> tuple[np.ndarray, np
 
 
 def _rows_from_lists(names: list, vals: list, src: str) -> tuple[np.ndarray, np.ndarray]:
-    """Per-image lists of rows (parsed JSON) -> (rows float64[N, 10], rows per image).
-    Fast path: one conversion of all rows; _diagnose_rows runs only when it fails."""
+    """Per-image lists of rows (parsed JSON) -> (rows float64[N, 10], rows per image); one conversion."""
     counts = np.empty(len(vals), dtype=np.int64)
     for k, v in enumerate(vals):
         if not isinstance(v, list):
@@ -585,12 +576,7 @@ def _rows_from_lists(names: list, vals: list, src: str) -> tuple[np.ndarray, np.
 
 
 def load_predictions(path: str | os.PathLike, anno: dict | HicoGT) -> dict:
-    """Read and validate a prediction file against a HICO-DET-format annotation.
-
-    Returns ``{filename: float64[N, 10]}`` (file order).  Raises FormatError naming the
-    file, the image and the field on any problem (empty file, invalid JSON, unknown image,
-    wrong row length, non-numeric value, class out of range, NaN/inf, x2 < x1, y2 < y1).
-    """
+    """A prediction file, validated against a HICO-DET-format annotation -> ``{filename: float64[N, 10]}``."""
     gt = anno if isinstance(anno, HicoGT) else parse_hico_anno(anno)
     obj = read(path, "prediction file")
     rows, img = prediction_rows(obj, gt.filenames, gt.index, gt.num_classes, str(path))
@@ -672,11 +658,8 @@ def load_swig_meta(path=None) -> dict:
 
 
 def parse_swig_gt(anno: Any, meta: dict, name: str = "<anno>", skip_unknown: bool = False) -> SwigGT:
-    """THID/SWiG annotation list -> GT arrays. Every box of ``box_annotations`` is finite with
-    x2 >= x1 and a category in [0, O); box indices point into that list (a negative one never
-    wraps around to another box); ids are integers. A pair with object_id -1 (no object) is
-    left out and counted; a pair whose (action_id, category) is no SWiG-HOI interaction is an
-    error, or, with ``skip_unknown`` (the training set's reading), left out and counted."""
+    """THID/SWiG annotation list -> SwigGT. A pair with object_id -1 is left out and counted; one whose
+    (action, category) is no interaction is an error, or with ``skip_unknown`` (training) left out and counted."""
     objects, actions, inter = tables = swig_meta_tables(meta)
     mapper = {(x["action_id"], x["object_id"]): x["id"] for x in inter}
     if not isinstance(anno, list):
@@ -698,19 +681,19 @@ def parse_swig_gt(anno: Any, meta: dict, name: str = "<anno>", skip_unknown: boo
     if dup is not None:
         raise fail(name, "listed twice", dup, field_="file_name")
     img, boxes, cls, act, cat = (list(x) for x in zip(*rows)) if rows else ([], [], [], [], [])
+    def i64(v):
+        return np.array(v, dtype=np.int64)
+
     return SwigGT(name=name, filenames=filenames, index={f: i for i, f in enumerate(filenames)},
-                  num_classes=len(inter), eval_ids=np.array([x["id"] for x in inter if x["evaluation"] == 1],
-                                                            dtype=np.int64),
-                  frequency=np.array([x["frequency"] for x in inter], dtype=np.int64),
-                  gt_class=np.array(cls, dtype=np.int64), gt_image=np.array(img, dtype=np.int64),
+                  num_classes=len(inter), eval_ids=i64([x["id"] for x in inter if x["evaluation"] == 1]),
+                  frequency=i64([x["frequency"] for x in inter]), gt_class=i64(cls), gt_image=i64(img),
                   gt_boxes=np.array(boxes, dtype=np.float64).reshape(-1, 8), num_no_object=skipped[0],
-                  num_unknown=skipped[1], gt_action=np.array(act, dtype=np.int64),
-                  gt_category=np.array(cat, dtype=np.int64), sizes=sizes, tables=tables)
+                  num_unknown=skipped[1], gt_action=i64(act), gt_category=i64(cat), sizes=sizes, tables=tables)
 
 
 def _swig_rows(im: dict, mapper: dict, num_objects: int, num_actions: int, name, skip_unknown: bool):
-    """Yield (human box + object box, class, action, category) of each hoi_annotations entry of
-    an image; class -1: no object, -2: unknown interaction (skipped)."""
+    """Per hoi_annotations entry: (human + object box, class, action, category); class -1: no object,
+    -2: unknown interaction (skipped)."""
     fn = im["file_name"]
     for key in ("box_annotations", "hoi_annotations"):
         if not isinstance(im.get(key), list):
@@ -760,8 +743,7 @@ def vsrl_actions(vsrl: Any, vsrl_name: str) -> tuple[list, list, list]:
         for key in ("action_name", "role_name", "image_id", "ann_id", "label", "role_object_id"):
             if key not in x:
                 raise fail(vsrl_name, f"missing key '{key}'", field_=f"[{a}]")
-        name = x["action_name"]
-        rn = x["role_name"]
+        name, rn = x["action_name"], x["role_name"]
         if not isinstance(name, str) or name in acts:
             raise fail(vsrl_name, f"must be a string naming each action once, got {name!r}",
                        field_=f"[{a}].action_name")
@@ -831,14 +813,10 @@ def coco_index(coco: Any, image_ids: list, coco_name: str) -> tuple[Any, dict, d
     if not isinstance(coco, dict) or not isinstance(coco.get("annotations"), list) or \
             not isinstance(coco.get("images"), list):
         raise fail(coco_name, "expected a COCO instances JSON with 'images' and 'annotations' (lists)")
-    person_cat = 1
-    cats = coco.get("categories")
-    if isinstance(cats, list):
-        for c in cats:
-            if isinstance(c, dict) and c.get("name") == "person":
-                person_cat = c.get("id")
-    wanted = set(image_ids)
-    sizes = {}
+    cats = coco.get("categories") if isinstance(coco.get("categories"), list) else []
+    persons = [c.get("id") for c in cats if isinstance(c, dict) and c.get("name") == "person"]
+    person_cat = persons[-1] if persons else 1          # the last "person" entry counts
+    wanted, sizes = set(image_ids), {}
     for im in coco["images"]:
         if isinstance(im, dict) and is_number(im.get("id")) and im["id"] in wanted:
             w, h = im.get("width"), im.get("height")
@@ -862,9 +840,8 @@ def coco_index(coco: Any, image_ids: list, coco_name: str) -> tuple[Any, dict, d
 
 
 def coco_boxes(anns: list, size: tuple, person_cat, coco_name: str, image_id: int) -> tuple[list, list, list]:
-    """One image's COCO annotations -> (boxes, annotation ids, is-person flags) of the valid
-    ones, as vsrl_eval: [x, y, x + max(0, w - 1), y + max(0, h - 1)] clipped to the image;
-    ignored, zero-area and extent-less annotations are dropped."""
+    """One image's COCO annotations -> (boxes, ids, is-person flags) of the kept ones, as vsrl_eval: [x, y,
+    x + max(0, w - 1), y + max(0, h - 1)] clipped; ignored, zero-area and extent-less ones dropped."""
     width, height = size
     boxes, ids, is_person = [], [], []
     for an in anns:
@@ -877,13 +854,8 @@ def coco_boxes(anns: list, size: tuple, person_cat, coco_name: str, image_id: in
                 raise ValueError
             as_index(an["id"])
             x, y, w, h = (float(v) for v in b)
-            x1, y1 = x, y
-            x2 = x1 + max(0.0, w - 1.0)
-            y2 = y1 + max(0.0, h - 1.0)
-            x1 = min(width - 1.0, max(0.0, x1))
-            y1 = min(height - 1.0, max(0.0, y1))
-            x2 = min(width - 1.0, max(0.0, x2))
-            y2 = min(height - 1.0, max(0.0, y2))
+            x1, x2 = (min(width - 1.0, max(0.0, v)) for v in (x, x + max(0.0, w - 1.0)))
+            y1, y2 = (min(height - 1.0, max(0.0, v)) for v in (y, y + max(0.0, h - 1.0)))
             if an["area"] > 0 and x2 > x1 and y2 > y1:
                 boxes.append((x1, y1, x2, y2))
                 ids.append(int(an["id"]))
@@ -897,16 +869,11 @@ def coco_boxes(anns: list, size: tuple, person_cat, coco_name: str, image_id: in
 
 @dataclass
 class VCOCODets:
-    """Detections in vsrl_eval's layout, concatenated in file order.
-
-    img: int64[D] position of the image in gt.image_ids; person: float32[D, 4];
-    agent: float32[D, A] agent scores (NaN = not predicted); role: float32[D, R, 5] role box +
-    score for the R action-roles ``gt.role_keys()`` (NaN score = not predicted).
-    """
-    img: np.ndarray
-    person: np.ndarray
-    agent: np.ndarray
-    role: np.ndarray
+    """Detections in vsrl_eval's layout, in file order (NaN = not predicted)."""
+    img: np.ndarray         # int64[D] position of the image in gt.image_ids
+    person: np.ndarray      # float32[D, 4]
+    agent: np.ndarray       # float32[D, A] agent scores
+    role: np.ndarray        # float32[D, R, 5] role box + score of the R action-roles (vcoco_role_keys)
 
 
 def vcoco_role_keys(gt) -> list:
@@ -915,9 +882,8 @@ def vcoco_role_keys(gt) -> list:
 
 
 def load_vcoco_dets(obj: Any, gt, src: str):
-    """vsrl_eval detection list -> (VCOCODets, unknown keys, number of detections). Missing or
-    null keys mean "not predicted" (NaN), as vsrl_eval's NaN convention. Errors name the
-    detection as ``image 'IMAGE_ID' row K`` (K: its place in the file)."""
+    """vsrl_eval detection list -> (VCOCODets, unknown keys, count); missing / null = not predicted (NaN).
+    Errors name a detection ``image 'IMAGE_ID' row K`` (K: its place in the file)."""
     if not isinstance(obj, list):
         raise fail(src, "expected a JSON list of detections {image_id, person_box, <action>_agent, "
                         "<action>_<role>}")
@@ -966,15 +932,11 @@ def _vcoco_column(obj: list, key: str, width: int, gt, img: np.ndarray, src: str
     if arr is not None and not np.isinf(arr).any():
         return arr
 
-    def bad(v):
-        if width == 5:
-            return v is not None and not (type(v) is list and len(v) == 5 and not any(map(bad_score, v)))
-        return bad_score(v)
-
     def bad_score(v):
         return not (v is None or (type(v) in (float, int) and not math.isinf(v)))
 
-    k = next(k for k, v in enumerate(vals) if bad(v))
+    k = next(k for k, v in enumerate(vals) if (bad_score(v) if width == 1 else v is not None and not (
+        type(v) is list and len(v) == 5 and not any(map(bad_score, v)))))
     raise fail(src, "expected a score (a number, NaN or null = not predicted)" if width == 1 else
                "expected [x1, y1, x2, y2, score] (finite or NaN/null; NaN/null score = not predicted)",
                gt.image_ids[int(img[k])], k, key)
@@ -982,9 +944,8 @@ def _vcoco_column(obj: list, key: str, width: int, gt, img: np.ndarray, src: str
 
 @dataclass
 class VcocoPairs:
-    """fredzzhang/vcoco's ``instances_vcoco_*.json`` (the training / detector-AP format), read
-    by :func:`parse_vcoco_pairs`. Object labels are COCO-80 (the file's index - 1: the file
-    counts 'background' as 0)."""
+    """fredzzhang/vcoco's ``instances_vcoco_*.json`` (:func:`parse_vcoco_pairs`); objects COCO-80 (the
+    file's index - 1: it counts 'background' as 0)."""
     filenames: list
     classes: list                   # K action-role names
     objects: list                   # 80 object names
@@ -995,9 +956,8 @@ class VcocoPairs:
 
 
 def parse_vcoco_pairs(d: Any, name) -> VcocoPairs:
-    """Keys: ``annotations`` (per image {file_name, boxes_h, boxes_o, actions, objects}),
-    ``classes``, ``objects`` (81 names); optional ``images``, ``action_to_object`` (per class,
-    object indices of the 81; absent: every object), ``prompts`` (K strings)."""
+    """Keys: ``annotations`` ({file_name, boxes_h, boxes_o, actions, objects} each), ``classes``, ``objects``
+    (81); optional ``images``, ``action_to_object`` (per class, of the 81; absent: every object), ``prompts``."""
     if not isinstance(d, dict):
         raise fail(name, "expected a JSON object with key 'annotations'")
     for key in ("annotations", "classes", "objects"):
@@ -1043,9 +1003,8 @@ def parse_vcoco_pairs(d: Any, name) -> VcocoPairs:
 # ---------------------------------------------------------------------------------------
 
 def image_detections(e: Any, file, image, num_labels: Optional[int] = None) -> tuple:
-    """One image's entry of a per-image detection file -> (boxes float64[N, 4], scores
-    float64[N], labels int64[N]): boxes as :func:`boxes_array`, scores finite within float32's
-    range, labels in [0, num_labels)."""
+    """One image's {boxes, scores, labels} -> (boxes float64[N, 4] (:func:`boxes_array`), scores float64[N]
+    finite within float32, labels int64[N] in [0, num_labels))."""
     if not isinstance(e, dict):
         raise fail(file, "expected {boxes, scores, labels}", image)
     require(e, ("boxes", "scores", "labels"), file, image)
@@ -1065,9 +1024,8 @@ def image_detections(e: Any, file, image, num_labels: Optional[int] = None) -> t
 
 
 def coco_result(e: Any, r: int, file, names: dict, labels: dict) -> tuple:
-    """Entry r of a COCO results list [{image_id, category_id, bbox [x, y, w, h], score}] ->
-    (file name, [x, y, w, h], score, label). names: {image_id: file name}; labels:
-    {category_id: label}. The box is finite with w, h >= 0 and x + w, y + h within float32."""
+    """Entry r of a COCO results list -> (file name, [x, y, w, h], score, label); names: {image_id: file name},
+    labels: {category_id: label}. The box is finite, w, h >= 0, x + w and y + h within float32."""
     if not isinstance(e, dict):
         raise fail(file, "expected an object {image_id, category_id, bbox, score}", row=r)
     require(e, ("image_id", "category_id", "bbox", "score"), file, row=r)
