@@ -82,10 +82,7 @@ def read(path, what: str = "file") -> Any:
     return read_json(path, what, error=FormatError, missing=FormatFileNotFoundError)
 
 
-# ---------------------------------------------------------------------------------------
-# Values: the checks every reader shares (ValueError with a one-line reason; the caller adds
-# the file, the image and the field)
-# ---------------------------------------------------------------------------------------
+# --- Values: the checks every reader shares (a ValueError's one-line reason; the caller adds where) ------------------
 FLOAT32_MAX = 3.4028234663852886e38
 
 
@@ -94,29 +91,36 @@ def is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def as_index(v, n: Optional[int] = None, lo: int = 0) -> int:
-    """An integer (or integral float) in [lo, n); never a bool, a fraction, NaN, nor a wrapping negative."""
+def as_index(v, n: Optional[int] = None, lo: int = 0, at: tuple = ()) -> int:
+    """An integer (or integral float) in [lo, n); never a bool, a fraction, NaN, nor a wrapping negative.
+    A ValueError, or with ``at`` = (file, image, row, field) the FormatError naming that place."""
     if not is_number(v) or not math.isfinite(v) or v != int(v):
-        raise ValueError(f"{v!r} is not an integer index")
-    i = int(v)
-    if i < lo or (n is not None and i >= n) or abs(i) >= 2 ** 62:
-        raise ValueError(f"index {i} out of range [{lo}, {'' if n is None else n})")
-    return i
+        problem = f"{v!r} is not an integer index"
+    elif int(v) < lo or (n is not None and int(v) >= n) or abs(int(v)) >= 2 ** 62:
+        problem = f"index {int(v)} out of range [{lo}, {'' if n is None else n})"
+    else:
+        return int(v)
+    raise fail(at[0], problem, *at[1:]) if at else ValueError(problem)
 
 
-def as_index_list(v, n: Optional[int] = None, lo: int = 0, unique: bool = False) -> list:
-    """A list of indices (as_index each); ``unique``: no index twice."""
-    if not isinstance(v, list):
-        raise ValueError(f"expected a list of integer indices, got {type(v).__name__}")
-    out = []
-    for r, x in enumerate(v):
-        try:
-            out.append(as_index(x, n, lo))
-        except ValueError as e:
-            raise ValueError(f"entry {r}: {e}") from None
-    if unique and first_duplicate(out) is not None:
-        raise ValueError(f"index {first_duplicate(out)} listed twice")
-    return out
+def as_index_list(v, n: Optional[int] = None, lo: int = 0, unique: bool = False, at: tuple = ()) -> list:
+    """A list of indices (as_index each); ``unique``: no index twice; ``at`` as for as_index."""
+    try:
+        if not isinstance(v, list):
+            raise ValueError(f"expected a list of integer indices, got {type(v).__name__}")
+        out = []
+        for r, x in enumerate(v):
+            try:
+                out.append(as_index(x, n, lo))
+            except ValueError as e:
+                raise ValueError(f"entry {r}: {e}") from None
+        if unique and first_duplicate(out) is not None:
+            raise ValueError(f"index {first_duplicate(out)} listed twice")
+        return out
+    except ValueError as e:
+        if not at:
+            raise
+        raise fail(at[0], e, *at[1:]) from None
 
 
 def first_duplicate(items) -> Optional[Any]:
@@ -125,9 +129,7 @@ def first_duplicate(items) -> Optional[Any]:
     return next((x for x in items if x in seen or seen.add(x)), None)     # add() is None: falsy
 
 
-# ---------------------------------------------------------------------------------------
-# Boxes: overlap in the two box frames (common.BOX_FRAMES), the unique GT boxes of an image
-# ---------------------------------------------------------------------------------------
+# --- Boxes: overlap in the two box frames (common.BOX_FRAMES), the unique GT boxes of an image ------------------------
 
 def iou_inclusive(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Element-wise IoU, the MATLAB toolkit's inclusive +1: a, b float64[n, 4] -> float64[n], 0 unless
@@ -170,9 +172,7 @@ def unique_boxes(boxes_h, boxes_o, objects, person: int) -> tuple:
     return b[keep], lab[keep], idx[:P], idx[P:]
 
 
-# ---------------------------------------------------------------------------------------
-# HICO-DET-format annotation file and prediction rows
-# ---------------------------------------------------------------------------------------
+# --- HICO-DET-format annotation file and prediction rows --------------------------------------------------------------
 
 #: the columns of a prediction row
 ROW_FIELDS = ("hoi", "score", "hx1", "hy1", "hx2", "hy2", "ox1", "oy1", "ox2", "oy2")
@@ -216,21 +216,17 @@ def parse_hico_anno(anno: Any, name: str = "<anno>", names: bool = False) -> Hic
                          f"got {type(anno).__name__}")
     require(anno, ("annotation", "filenames", "correspondence") + (("objects", "verbs") if names else ()), name)
     fns = name_list(anno["filenames"], name, "filenames")
-    objects, verbs = (name_list(anno[k], name, k) if anno.get(k) is not None else None
-                      for k in ("objects", "verbs"))
+    objects, verbs = (name_list(anno[k], name, k) if anno.get(k) is not None else None for k in ("objects", "verbs"))
     annos = anno["annotation"]
     if not isinstance(annos, list) or len(annos) != len(fns):
-        raise fail(name, f"{len(fns)} file names for "
-                         f"{len(annos) if isinstance(annos, list) else 'no list of'} annotations",
-                   field_="filenames")
+        raise fail(name, f"{len(fns)} file names for {len(annos) if isinstance(annos, list) else 'no list of'} "
+                         f"annotations", field_="filenames")
     corr = _correspondence(anno["correspondence"], objects, verbs, name, names)
     K = corr.shape[0]
-    index = {f: i for i, f in enumerate(fns)}
     gt_class, gt_image, gt_boxes, gt_obj, gt_verb = _hico_pairs(annos, fns, corr, objects, verbs, name, names)
     rare, non_rare = (_index_list(anno, k, K, name) for k in ("rare", "non_rare"))
     if rare and non_rare and set(rare) & set(non_rare):
-        raise fail(name, f"class {min(set(rare) & set(non_rare))} is both rare and non-rare",
-                   field_="non_rare")
+        raise fail(name, f"class {min(set(rare) & set(non_rare))} is both rare and non-rare", field_="non_rare")
     empty = _index_list(anno, "empty", len(fns), name) or []
     zs = anno.get("zero_shot")
     if zs is not None and not isinstance(zs, dict):
@@ -241,11 +237,10 @@ def parse_hico_anno(anno: Any, name: str = "<anno>", names: bool = False) -> Hic
         if not isinstance(sizes, list) or len(sizes) != len(fns):
             raise fail(name, f"expected a list of {len(fns)} [w, h], one per image", field_="size")
         sizes = [image_size(s, name, f) for s, f in zip(sizes, fns)]
-    return HicoGT(name=name, filenames=fns, index=index, num_classes=K,
-                  obj_of_class=corr[:, 1].copy(), gt_class=gt_class, gt_image=gt_image,
-                  gt_boxes=gt_boxes, rare=rare, non_rare=non_rare, zero_shot=zs,
-                  num_empty=len(empty), correspondence=corr, objects=objects, verbs=verbs,
-                  gt_object=gt_obj, gt_verb=gt_verb, empty=empty, sizes=sizes, prompts=prompts,
+    return HicoGT(name=name, filenames=fns, index={f: i for i, f in enumerate(fns)}, num_classes=K,
+                  obj_of_class=corr[:, 1].copy(), gt_class=gt_class, gt_image=gt_image, gt_boxes=gt_boxes, rare=rare,
+                  non_rare=non_rare, zero_shot=zs, num_empty=len(empty), correspondence=corr, objects=objects,
+                  verbs=verbs, gt_object=gt_obj, gt_verb=gt_verb, empty=empty, sizes=sizes, prompts=prompts,
                   box_frame=hico_box_frame(anno, name))
 
 
@@ -355,10 +350,7 @@ def int_array(value: Any, n: int, lo: int, hi: int, file, image, field_: str) ->
     ok = arr is not None and arr.shape == (n,)
     if not (ok and (np.isfinite(arr) & (arr == np.floor(arr)) & (arr >= lo) & (arr < hi)).all()):
         for r, v in enumerate(value):         # slow path: the first bad entry
-            try:
-                as_index(v, hi, lo)
-            except ValueError as e:
-                raise fail(file, e, image, r, field_) from None
+            as_index(v, hi, lo, at=(file, image, r, field_))
         raise fail(file, "expected integer indices", image, field_=field_)
     return arr.astype(np.int64)
 
@@ -386,12 +378,7 @@ def _correspondence(corr: Any, objects, verbs, name, names: bool) -> np.ndarray:
 
 def _index_list(anno: dict, key: str, n: int, name) -> list | None:
     """The optional anno[key] (rare, non_rare: classes; empty: images): indices in [0, n), each once."""
-    if anno.get(key) is None:
-        return None
-    try:
-        return as_index_list(anno[key], n, unique=True)
-    except ValueError as e:
-        raise fail(name, e, field_=key) from None
+    return None if anno.get(key) is None else as_index_list(anno[key], n, unique=True, at=(name, None, None, key))
 
 
 def _hico_pairs(annos: list, fns: list, corr: np.ndarray, objects, verbs, name, names: bool):
@@ -586,9 +573,7 @@ def load_predictions(path: str | os.PathLike, anno: dict | HicoGT) -> dict:
 
 
 
-# ---------------------------------------------------------------------------------------
-# SWiG-HOI annotation and meta tables
-# ---------------------------------------------------------------------------------------
+# --- SWiG-HOI annotation and meta tables ------------------------------------------------------------------------------
 
 @dataclass
 class SwigGT:
@@ -708,18 +693,11 @@ def _swig_rows(im: dict, mapper: dict, num_objects: int, num_actions: int, name,
     for h, hoi in enumerate(im["hoi_annotations"]):
         if not isinstance(hoi, dict) or not all(k in hoi for k in ("subject_id", "object_id", "action_id")):
             raise fail(name, "needs subject_id, object_id, action_id", fn, field_=f"hoi_annotations[{h}]")
-        key = "object_id"
-        try:
-            if is_number(hoi["object_id"]) and hoi["object_id"] == -1:
-                yield None, -1, -1, -1
-                continue
-            o = as_index(hoi["object_id"], len(boxes))
-            key = "subject_id"
-            s = as_index(hoi["subject_id"], len(boxes))
-            key = "action_id"
-            a = as_index(hoi["action_id"], num_actions)
-        except ValueError as e:
-            raise fail(name, e, fn, field_=f"hoi_annotations[{h}].{key}") from None
+        if is_number(hoi["object_id"]) and hoi["object_id"] == -1:
+            yield None, -1, -1, -1
+            continue
+        o, s, a = (as_index(hoi[k], n, at=(name, fn, None, f"hoi_annotations[{h}].{k}")) for k, n in
+                   (("object_id", len(boxes)), ("subject_id", len(boxes)), ("action_id", num_actions)))
         k = mapper.get((a, cat[o]))
         if k is None and not skip_unknown:
             raise fail(name, f"(action_id, object category) = {(a, cat[o])} is not a SWiG-HOI interaction",
@@ -727,9 +705,7 @@ def _swig_rows(im: dict, mapper: dict, num_objects: int, num_actions: int, name,
         yield boxes[s] + boxes[o], (-2 if k is None else k), a, cat[o]
 
 
-# ---------------------------------------------------------------------------------------
-# V-COCO: VSRL + COCO instances, vsrl_eval detections
-# ---------------------------------------------------------------------------------------
+# --- V-COCO: VSRL + COCO instances, vsrl_eval detections --------------------------------------------------------------
 
 def vsrl_actions(vsrl: Any, vsrl_name: str) -> tuple[list, list, list]:
     """The VSRL list -> (action names, role names per action, (image_id, ann_id, label,
@@ -830,10 +806,7 @@ def coco_index(coco: Any, image_ids: list, coco_name: str) -> tuple[Any, dict, d
     for k, an in enumerate(coco["annotations"]):
         if not isinstance(an, dict):
             raise fail(coco_name, "expected an object", field_=f"annotations[{k}]")
-        try:
-            i = as_index(an.get("image_id"))
-        except ValueError as e:
-            raise fail(coco_name, e, field_=f"annotations[{k}].image_id") from None
+        i = as_index(an.get("image_id"), at=(coco_name, None, None, f"annotations[{k}].image_id"))
         if i in anns_by_img:
             anns_by_img[i].append(an)
     return person_cat, sizes, anns_by_img
@@ -967,12 +940,9 @@ def parse_vcoco_pairs(d: Any, name) -> VcocoPairs:
     classes, objects81 = name_list(d["classes"], name, "classes"), name_list(d["objects"], name, "objects")
     K, O81 = len(classes), len(objects81)
     ids, a2o = d.get("images"), d.get("action_to_object")
-    try:
-        if ids is not None and (not isinstance(ids, list) or len(ids) != len(anns)):
-            raise ValueError(f"expected a list of {len(anns)} image ids, one per annotation")
-        ids = as_index_list(ids, unique=True) if ids is not None else None
-    except ValueError as e:
-        raise fail(name, e, field_="images") from None
+    if ids is not None and (not isinstance(ids, list) or len(ids) != len(anns)):
+        raise fail(name, f"expected a list of {len(anns)} image ids, one per annotation", field_="images")
+    ids = as_index_list(ids, unique=True, at=(name, None, None, "images")) if ids is not None else None
     files, rows = [], []
     for j, a in enumerate(anns):
         if not isinstance(a, dict) or not isinstance(a.get("file_name"), str):
@@ -990,17 +960,13 @@ def parse_vcoco_pairs(d: Any, name) -> VcocoPairs:
         raise fail(name, f"expected one list of object indices per class ({K})", field_="action_to_object")
     hoi_object = [list(range(O81 - 1))] * K if a2o is None else []
     for k, lst in enumerate(a2o or []):
-        try:
-            hoi_object.append(sorted({o - 1 for o in as_index_list(lst, O81) if o > 0}))
-        except ValueError as e:
-            raise fail(name, e, field_=f"action_to_object[{k}]") from None
+        at = (name, None, None, f"action_to_object[{k}]")
+        hoi_object.append(sorted({o - 1 for o in as_index_list(lst, O81, at=at) if o > 0}))
     return VcocoPairs(filenames=files, classes=classes, objects=objects81[1:], image_ids=ids, rows=rows,
                       hoi_object=hoi_object, prompts=prompts_list(d.get("prompts"), K, name))
 
 
-# ---------------------------------------------------------------------------------------
-# Detection files: per image {file_name: {boxes, scores, labels}} and COCO results
-# ---------------------------------------------------------------------------------------
+# --- Detection files: per image {file_name: {boxes, scores, labels}} and COCO results ---------------------------------
 
 def image_detections(e: Any, file, image, num_labels: Optional[int] = None) -> tuple:
     """One image's {boxes, scores, labels} -> (boxes float64[N, 4] (:func:`boxes_array`), scores float64[N]
