@@ -60,7 +60,6 @@ from formats import (
     read,
     vcoco_role_keys,
     vsrl_actions,
-    vsrl_labels,
     zero_shot_unseen,
 )
 
@@ -97,10 +96,6 @@ def _json_safe(x: Any) -> Any:
 def write_json_atomic(obj: Any, path: str | os.PathLike) -> None:
     """Write ``obj`` as strict JSON (NaN/inf -> null) to ``path`` atomically (common.atomic_write)."""
     atomic_write_json(os.path.abspath(os.fspath(path)), _json_safe(obj), indent=1)
-
-
-def _isnum(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 # ---------------------------------------------------------------------------------------
@@ -550,7 +545,7 @@ def parse_vcoco_gt(vsrl: Any, coco: Any, vsrl_name: str = "<vsrl>", coco_name: s
     """The V-COCO ground truth from the official VSRL list and COCO instances dict (both read and
     checked by formats.py), as vsrl_eval's vcocodb."""
     acts, roles, data = vsrl_actions(vsrl, vsrl_name)
-    base_ann, lab_mat, roi_mat = vsrl_labels(acts, data, vsrl_name)
+    base_ann, lab_mat, roi_mat = _vsrl_labels(acts, data, vsrl_name)
     pos_of_ann = {int(v): i for i, v in enumerate(base_ann)}     # VSRL person -> row of lab_mat
     image_ids = sorted({int(v) for v in data[0][0]})
     person_cat, sizes, anns_by_img = coco_index(coco, image_ids, coco_name)
@@ -587,6 +582,32 @@ def parse_vcoco_gt(vsrl: Any, coco: Any, vsrl_name: str = "<vsrl>", coco_name: s
         gt.actions_gt[i] = act
         gt.role_gt[i] = rol
     return gt
+
+
+def _vsrl_labels(acts: list, data: list, vsrl_name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per VSRL person (the first action's ann_id order): (ann_id int64[M], action labels
+    int64[M, A], role object ids int64[M, A, 2]); every action must list the same persons."""
+    A = len(acts)
+    base_ann = data[0][1]
+    for a in range(1, A):
+        if not np.array_equal(data[a][1], base_ann):
+            raise fail(vsrl_name, "differs from the first action's (the official file lists every person "
+                                  "for every action)", field_=f"{acts[a]}.ann_id")
+    pos_of_ann = {int(v): i for i, v in enumerate(base_ann)}
+    lab_mat = np.zeros((base_ann.size, A), dtype=np.int64)
+    roi_mat = np.zeros((base_ann.size, A, 2), dtype=np.int64)
+    for a, (img, ann, lab, roi) in enumerate(data):
+        rows = np.flatnonzero(lab == 1)
+        idx = np.array([pos_of_ann[int(v)] for v in ann[rows]], dtype=np.int64)
+        if np.unique(idx).size != idx.size:
+            raise fail(vsrl_name, "a person has label 1 twice", field_=f"{acts[a]}.label")
+        lab_mat[idx, a] = 1
+        bad = roi[rows, 0] != ann[rows]
+        if bad.any():
+            raise fail(vsrl_name, f"role_object_id[:, 0] must equal ann_id ({int(ann[rows][bad][0])})",
+                       field_=f"{acts[a]}.role_object_id")
+        roi_mat[idx, a, :roi.shape[1] - 1] = roi[rows, 1:]
+    return base_ann, lab_mat, roi_mat
 
 
 def _overlap32(boxes: np.ndarray, ref: np.ndarray) -> np.ndarray:

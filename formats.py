@@ -1,19 +1,15 @@
 """One validated reader per input file format; torch-free (numpy only).
 
-- HICO-DET-format annotation (fredzzhang/hicodet JSON, the synthetic world): ``parse_hico_anno``
-- prediction rows ``{file_name: [[hoi, score, hx1, hy1, hx2, hy2, ox1, oy1, ox2, oy2], ...]}``:
-  ``prediction_rows``, ``load_predictions``
-- SWiG-HOI annotation and its meta tables: ``parse_swig_gt``, ``swig_meta_tables``, ``load_swig_meta``
-- V-COCO VSRL + COCO instances: ``vsrl_actions``, ``vsrl_labels``, ``coco_index``, ``coco_boxes`` (assembled by
-  ``eval.parse_vcoco_gt``); vsrl_eval detections: ``load_vcoco_dets``
-- detection files: per image ``{file_name: {boxes, scores, labels}}`` (``image_detections``) and
-  COCO results ``[{image_id, category_id, bbox, score}]`` (``coco_result``)
-- the value checks every reader shares (``as_index``, ``boxes_array``, ...) and the protocols' IoU of
-  each box frame (``iou_inclusive``: HICO-DET's +1, ``iou_continuous``: plain)
+- HICO-DET-format annotation (fredzzhang/hicodet JSON, the synthetic world): ``parse_hico_anno``; its prediction
+  rows ``{file_name: [[hoi, score, hx1, hy1, hx2, hy2, ox1, oy1, ox2, oy2], ...]}``: ``load_predictions``
+- SWiG-HOI annotation and meta tables: ``parse_swig_gt``, ``load_swig_meta``
+- V-COCO VSRL + COCO instances: ``vsrl_actions``, ``coco_index``, ``coco_boxes`` (``eval.parse_vcoco_gt`` assembles
+  them); vsrl_eval detections: ``load_vcoco_dets``; fredzzhang's instances_vcoco: ``parse_vcoco_pairs``
+- detection files per image (``image_detections``) and COCO results (``coco_result``)
+- the value checks every reader shares (``as_index``, ``boxes_array``, ...), the protocols' IoU per box frame
 
-Every problem raises :class:`FormatError` (a ValueError; ``eval.EvalInputError`` and
-``data.DataError`` are this type) with one line of the shape
-``FILE: image 'NAME' row R: field: problem`` (parts that do not apply are left out).
+Every problem raises :class:`FormatError` (a ValueError; ``eval.EvalInputError``, ``data.DataError``) with one
+line ``FILE: image 'NAME' row R: field: problem`` (parts that do not apply are left out).
 """
 from __future__ import annotations
 
@@ -137,8 +133,7 @@ def iou_inclusive(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     iw = np.minimum(a[:, 2], b[:, 2]) - np.maximum(a[:, 0], b[:, 0]) + 1
     ih = np.minimum(a[:, 3], b[:, 3]) - np.maximum(a[:, 1], b[:, 1]) + 1
     inter = iw * ih
-    ua = (a[:, 2] - a[:, 0] + 1) * (a[:, 3] - a[:, 1] + 1) + \
-         (b[:, 2] - b[:, 0] + 1) * (b[:, 3] - b[:, 1] + 1) - inter
+    ua = (a[:, 2] - a[:, 0] + 1) * (a[:, 3] - a[:, 1] + 1) + (b[:, 2] - b[:, 0] + 1) * (b[:, 3] - b[:, 1] + 1) - inter
     ok = (iw > 0) & (ih > 0)
     out = np.zeros(a.shape[0])
     np.divide(inter, ua, out=out, where=ok)
@@ -364,14 +359,12 @@ def _correspondence(corr: Any, objects, verbs, name, names: bool) -> np.ndarray:
     O, V = (None if x is None else len(x) for x in (objects, verbs))
     out = np.full((K, 3), -1, dtype=np.int64)
     for r, c in enumerate(corr):
-        try:
-            if not isinstance(c, list) or len(c) not in ((3,) if names else (2, 3)):
-                raise ValueError("expected [hoi, object, verb]")
-            row = [as_index(c[0], K), as_index(c[1], O)] + [as_index(x, V) for x in c[2:]]
-        except ValueError as e:
-            raise fail(name, e, field_=f"correspondence[{r}]") from None
+        at = (name, None, None, f"correspondence[{r}]")
+        if not isinstance(c, list) or len(c) not in ((3,) if names else (2, 3)):
+            raise fail(name, "expected [hoi, object, verb]", field_=at[3])
+        row = [as_index(c[0], K, at=at), as_index(c[1], O, at=at)] + [as_index(x, V, at=at) for x in c[2:]]
         if out[row[0], 0] >= 0:
-            raise fail(name, f"class {row[0]} listed twice", field_=f"correspondence[{r}]")
+            raise fail(name, f"class {row[0]} listed twice", field_=at[3])
         out[row[0], :len(row)] = row
     return out
 
@@ -442,8 +435,7 @@ def _hico_pairs(annos: list, fns: list, corr: np.ndarray, objects, verbs, name, 
             i = int(gt_image[j])
             raise fail(name, msg(j), fns[i], j - int(np.searchsorted(gt_image, i)), key)
     ints = [v[k].astype(np.int64) if k in v else None for k in ("object", "verb")]
-    return (v["hoi"].astype(np.int64), gt_image, np.concatenate([v["boxes_h"], v["boxes_o"]], axis=1),
-            *ints)
+    return (v["hoi"].astype(np.int64), gt_image, np.concatenate([v["boxes_h"], v["boxes_o"]], axis=1), *ints)
 
 
 def _diagnose_pairs(annos: list, fns: list, keys: tuple, name) -> None:
@@ -627,8 +619,7 @@ def swig_meta_tables(meta, file="<meta>") -> tuple[list, list, list]:
         except ValueError as err:
             raise bad(f"field 'SWIG_INTERACTIONS[{r}]': {err}") from None
         if e["id"] != r or (e["action_id"], e["object_id"]) in keys:
-            raise bad(f"field 'SWIG_INTERACTIONS[{r}]': id must be {r} and each (action_id, "
-                             f"object_id) listed once")
+            raise bad(f"field 'SWIG_INTERACTIONS[{r}]': id must be {r} and each (action_id, object_id) listed once")
         keys.add((e["action_id"], e["object_id"]))
         out.append(e)
     return tables[0], tables[1], out
@@ -708,8 +699,7 @@ def _swig_rows(im: dict, mapper: dict, num_objects: int, num_actions: int, name,
 # --- V-COCO: VSRL + COCO instances, vsrl_eval detections --------------------------------------------------------------
 
 def vsrl_actions(vsrl: Any, vsrl_name: str) -> tuple[list, list, list]:
-    """The VSRL list -> (action names, role names per action, (image_id, ann_id, label,
-    role_object_id [N, roles]) int64 arrays per action), validated."""
+    """The VSRL list -> (action names, role names, per action (image_id, ann_id, label, role_object_id [N, R]))."""
     if not isinstance(vsrl, list) or not vsrl:
         raise fail(vsrl_name, "expected the official VSRL list (one entry per action)")
     acts, roles, data = [], [], []
@@ -757,35 +747,8 @@ def _int_vector(v: Any, where: str) -> np.ndarray:
     return a.astype(np.int64)
 
 
-def vsrl_labels(acts: list, data: list, vsrl_name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per VSRL person (the first action's ann_id order): (ann_id int64[M], action labels
-    int64[M, A], role object ids int64[M, A, 2]); every action must list the same persons."""
-    A = len(acts)
-    base_ann = data[0][1]
-    for a in range(1, A):
-        if not np.array_equal(data[a][1], base_ann):
-            raise fail(vsrl_name, "differs from the first action's (the official file lists every person "
-                                  "for every action)", field_=f"{acts[a]}.ann_id")
-    pos_of_ann = {int(v): i for i, v in enumerate(base_ann)}
-    lab_mat = np.zeros((base_ann.size, A), dtype=np.int64)
-    roi_mat = np.zeros((base_ann.size, A, 2), dtype=np.int64)
-    for a, (img, ann, lab, roi) in enumerate(data):
-        rows = np.flatnonzero(lab == 1)
-        idx = np.array([pos_of_ann[int(v)] for v in ann[rows]], dtype=np.int64)
-        if np.unique(idx).size != idx.size:
-            raise fail(vsrl_name, "a person has label 1 twice", field_=f"{acts[a]}.label")
-        lab_mat[idx, a] = 1
-        bad = roi[rows, 0] != ann[rows]
-        if bad.any():
-            raise fail(vsrl_name, f"role_object_id[:, 0] must equal ann_id ({int(ann[rows][bad][0])})",
-                       field_=f"{acts[a]}.role_object_id")
-        roi_mat[idx, a, :roi.shape[1] - 1] = roi[rows, 1:]
-    return base_ann, lab_mat, roi_mat
-
-
 def coco_index(coco: Any, image_ids: list, coco_name: str) -> tuple[Any, dict, dict]:
-    """COCO instances dict -> (person category id, {image id: (width, height)},
-    {image id: [annotation dicts]}) for the wanted image ids."""
+    """COCO instances -> (person category id, {image id: (w, h)}, {image id: [annotations]}) of image_ids."""
     if not isinstance(coco, dict) or not isinstance(coco.get("annotations"), list) or \
             not isinstance(coco.get("images"), list):
         raise fail(coco_name, "expected a COCO instances JSON with 'images' and 'annotations' (lists)")
@@ -858,8 +821,7 @@ def load_vcoco_dets(obj: Any, gt, src: str):
     """vsrl_eval detection list -> (VCOCODets, unknown keys, count); missing / null = not predicted (NaN).
     Errors name a detection ``image 'IMAGE_ID' row K`` (K: its place in the file)."""
     if not isinstance(obj, list):
-        raise fail(src, "expected a JSON list of detections {image_id, person_box, <action>_agent, "
-                        "<action>_<role>}")
+        raise fail(src, "expected a JSON list of detections {image_id, person_box, <action>_agent, <action>_<role>}")
     pos = {i: k for k, i in enumerate(gt.image_ids)}
     img, person = np.empty(len(obj), dtype=np.int64), []
     for k, d in enumerate(obj):
@@ -892,9 +854,8 @@ _SCORE_TYPES = {float, int, type(None)}
 
 
 def _vcoco_column(obj: list, key: str, width: int, gt, img: np.ndarray, src: str) -> np.ndarray:
-    """obj[k][key] -> float64[D] scores (width 1) or float64[D, 5] role box + score (width 5);
-    missing / null -> NaN. Fast path: one type check and one conversion (C loops); the first
-    bad value is looked for only when they fail."""
+    """obj[k][key] -> float64[D] scores (width 1) or float64[D, 5] role box + score, missing / null -> NaN.
+    Fast path: one type check and one conversion; the bad value is looked for only when they fail."""
     vals, arr = [d.get(key) for d in obj], None
     if width == 1 and set(map(type, vals)) <= _SCORE_TYPES:
         arr = np.array(vals, dtype=np.float64).reshape(len(obj))
