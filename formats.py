@@ -46,11 +46,8 @@ class FormatFileNotFoundError(FormatError, FileNotFoundError):
 
 def where(file, image=None, row=None, field_=None) -> str:
     """``FILE: image 'NAME' row R: field`` (the parts given)."""
-    out = str(file)
-    if image is not None:
-        out += f": image {str(image)!r}"
-    if row is not None:
-        out += f"{'' if image is not None else ':'} row {row}"
+    out = str(file) + (f": image {str(image)!r}" if image is not None else "")
+    out += (f" row {row}" if image is not None else f": row {row}") if row is not None else ""
     return out + (f": {field_}" if field_ is not None else "")
 
 
@@ -59,11 +56,11 @@ def fail(file, problem, image=None, row=None, field_=None) -> FormatError:
     return FormatError(f"{where(file, image, row, field_)}: {problem}")
 
 
-def require(d: dict, keys, file, image=None, row=None) -> None:
-    """``FILE: image 'NAME' row R: KEY: missing key`` for the first of ``keys`` not in ``d``."""
-    missing = next((k for k in keys if k not in d), None)
-    if missing is not None:
-        raise fail(file, "missing key", image, row, missing)
+def require(d: dict, keys, file, image=None, row=None, kind: Optional[type] = None) -> None:
+    """``FILE: image 'NAME' row R: KEY: missing key`` for the first of ``keys`` not in ``d`` (or not a ``kind``)."""
+    bad = next((k for k in keys if k not in d or (kind is not None and not isinstance(d[k], kind))), None)
+    if bad is not None:
+        raise fail(file, "missing key" if kind is None else f"missing key or not a {kind.__name__}", image, row, bad)
 
 
 def prompts_list(v: Any, n: int, file) -> list | None:
@@ -342,8 +339,8 @@ def int_array(value: Any, n: int, lo: int, hi: int, file, image, field_: str) ->
         arr = np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError):
         arr = None
-    ok = arr is not None and arr.shape == (n,)
-    if not (ok and (np.isfinite(arr) & (arr == np.floor(arr)) & (arr >= lo) & (arr < hi)).all()):
+    if arr is None or arr.shape != (n,) or \
+            not (np.isfinite(arr) & (arr == np.floor(arr)) & (arr >= lo) & (arr < hi)).all():
         for r, v in enumerate(value):         # slow path: the first bad entry
             as_index(v, hi, lo, at=(file, image, r, field_))
         raise fail(file, "expected integer indices", image, field_=field_)
@@ -564,7 +561,6 @@ def load_predictions(path: str | os.PathLike, anno: dict | HicoGT) -> dict:
     return dict(zip(obj.keys(), splits))
 
 
-
 # --- SWiG-HOI annotation and meta tables ------------------------------------------------------------------------------
 
 @dataclass
@@ -608,14 +604,12 @@ def swig_meta_tables(meta, file="<meta>") -> tuple[list, list, list]:
     if not isinstance(inter, list) or not inter:
         raise bad("field 'SWIG_INTERACTIONS': expected a non-empty list")
     out, keys = [], set()
+    spec = {"id": len(inter), "action_id": len(tables[1]), "object_id": len(tables[0]), "frequency": 3, "evaluation": 2}
     for r, x in enumerate(inter):
         try:
             if not isinstance(x, dict):
                 raise ValueError("expected an object")
-            e = {"id": as_index(x.get("id"), len(inter)),
-                 "action_id": as_index(x.get("action_id"), len(tables[1])),
-                 "object_id": as_index(x.get("object_id"), len(tables[0])),
-                 "frequency": as_index(x.get("frequency"), 3), "evaluation": as_index(x.get("evaluation", 0), 2)}
+            e = {k: as_index(x.get(k, 0 if k == "evaluation" else None), n) for k, n in spec.items()}
         except ValueError as err:
             raise bad(f"field 'SWIG_INTERACTIONS[{r}]': {err}") from None
         if e["id"] != r or (e["action_id"], e["object_id"]) in keys:
@@ -657,23 +651,19 @@ def parse_swig_gt(anno: Any, meta: dict, name: str = "<anno>", skip_unknown: boo
     if dup is not None:
         raise fail(name, "listed twice", dup, field_="file_name")
     img, boxes, cls, act, cat = (list(x) for x in zip(*rows)) if rows else ([], [], [], [], [])
-    def i64(v):
-        return np.array(v, dtype=np.int64)
-
     return SwigGT(name=name, filenames=filenames, index={f: i for i, f in enumerate(filenames)},
-                  num_classes=len(inter), eval_ids=i64([x["id"] for x in inter if x["evaluation"] == 1]),
-                  frequency=i64([x["frequency"] for x in inter]), gt_class=i64(cls), gt_image=i64(img),
-                  gt_boxes=np.array(boxes, dtype=np.float64).reshape(-1, 8), num_no_object=skipped[0],
-                  num_unknown=skipped[1], gt_action=i64(act), gt_category=i64(cat), sizes=sizes, tables=tables)
+                  num_classes=len(inter), eval_ids=np.array([x["id"] for x in inter if x["evaluation"] == 1], np.int64),
+                  frequency=np.array([x["frequency"] for x in inter], np.int64), gt_class=np.array(cls, np.int64),
+                  gt_image=np.array(img, np.int64), gt_boxes=np.array(boxes, np.float64).reshape(-1, 8),
+                  num_no_object=skipped[0], num_unknown=skipped[1], gt_action=np.array(act, np.int64),
+                  gt_category=np.array(cat, np.int64), sizes=sizes, tables=tables)
 
 
 def _swig_rows(im: dict, mapper: dict, num_objects: int, num_actions: int, name, skip_unknown: bool):
     """Per hoi_annotations entry: (human + object box, class, action, category); class -1: no object,
     -2: unknown interaction (skipped)."""
     fn = im["file_name"]
-    for key in ("box_annotations", "hoi_annotations"):
-        if not isinstance(im.get(key), list):
-            raise fail(name, "missing key or not a list", fn, field_=key)
+    require(im, ("box_annotations", "hoi_annotations"), name, fn, kind=list)
     raw = im["box_annotations"]
     for r, b in enumerate(raw):
         if not isinstance(b, dict) or "bbox" not in b or "category_id" not in b:
@@ -760,8 +750,7 @@ def coco_index(coco: Any, image_ids: list, coco_name: str) -> tuple[Any, dict, d
         if isinstance(im, dict) and is_number(im.get("id")) and im["id"] in wanted:
             w, h = im.get("width"), im.get("height")
             if not (is_number(w) and is_number(h) and 0 < w < math.inf and 0 < h < math.inf):
-                raise fail(coco_name, f"must be positive numbers, got {w!r}, {h!r}", im.get("id"),
-                           field_="width/height")
+                raise fail(coco_name, f"must be positive numbers, got {w!r}, {h!r}", im["id"], field_="width/height")
             if int(im["id"]) in sizes:
                 raise fail(coco_name, "listed twice in 'images'", im["id"])
             sizes[int(im["id"])] = (float(w), float(h))
@@ -800,7 +789,6 @@ def coco_boxes(anns: list, size: tuple, person_cat, coco_name: str, image_id: in
             raise fail(coco_name, f"annotation {an.get('id')}: missing or malformed field (needs id, "
                                   f"bbox [x, y, w, h], area, category_id)", image_id) from None
     return boxes, ids, is_person
-
 
 
 @dataclass
@@ -894,9 +882,7 @@ def parse_vcoco_pairs(d: Any, name) -> VcocoPairs:
     (81); optional ``images``, ``action_to_object`` (per class, of the 81; absent: every object), ``prompts``."""
     if not isinstance(d, dict):
         raise fail(name, "expected a JSON object with key 'annotations'")
-    for key in ("annotations", "classes", "objects"):
-        if not isinstance(d.get(key), list):
-            raise fail(name, "missing key or not a list", field_=key)
+    require(d, ("annotations", "classes", "objects"), name, kind=list)
     anns = d["annotations"]
     classes, objects81 = name_list(d["classes"], name, "classes"), name_list(d["objects"], name, "objects")
     K, O81 = len(classes), len(objects81)
