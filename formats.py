@@ -131,9 +131,8 @@ def iou_inclusive(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     ih = np.minimum(a[:, 3], b[:, 3]) - np.maximum(a[:, 1], b[:, 1]) + 1
     inter = iw * ih
     ua = (a[:, 2] - a[:, 0] + 1) * (a[:, 3] - a[:, 1] + 1) + (b[:, 2] - b[:, 0] + 1) * (b[:, 3] - b[:, 1] + 1) - inter
-    ok = (iw > 0) & (ih > 0)
     out = np.zeros(a.shape[0])
-    np.divide(inter, ua, out=out, where=ok)
+    np.divide(inter, ua, out=out, where=(iw > 0) & (ih > 0))
     return out
 
 
@@ -225,10 +224,9 @@ def parse_hico_anno(anno: Any, name: str = "<anno>", names: bool = False) -> Hic
         raise fail(name, "expected an object {split: [hoi, ...]}", field_="zero_shot")
     prompts = prompts_list(anno.get("prompts"), K, name)
     sizes = anno.get("size")
-    if sizes is not None:
-        if not isinstance(sizes, list) or len(sizes) != len(fns):
-            raise fail(name, f"expected a list of {len(fns)} [w, h], one per image", field_="size")
-        sizes = [image_size(s, name, f) for s, f in zip(sizes, fns)]
+    if sizes is not None and (not isinstance(sizes, list) or len(sizes) != len(fns)):
+        raise fail(name, f"expected a list of {len(fns)} [w, h], one per image", field_="size")
+    sizes = None if sizes is None else [image_size(s, name, f) for s, f in zip(sizes, fns)]
     return HicoGT(name=name, filenames=fns, index={f: i for i, f in enumerate(fns)}, num_classes=K,
                   obj_of_class=corr[:, 1].copy(), gt_class=gt_class, gt_image=gt_image, gt_boxes=gt_boxes, rare=rare,
                   non_rare=non_rare, zero_shot=zs, num_empty=len(empty), correspondence=corr, objects=objects,
@@ -272,8 +270,7 @@ def zero_shot_unseen(zero_shot: Any, zs: Optional[dict], K: int, name) -> tuple[
             idx = d.get("splits", {}).get(canon) if isinstance(d, dict) and isinstance(d.get("splits"), dict) else None
             if idx is None:
                 raise fail(src, f"missing split 'splits.{canon}'")
-    if isinstance(idx, dict):                                # {"unseen": [...], ...} form
-        idx = idx.get("unseen")
+    idx = idx.get("unseen") if isinstance(idx, dict) else idx            # the {"unseen": [...], ...} form
     try:
         return label, sorted(set(as_index_list(idx, K)))
     except ValueError as e:
@@ -446,8 +443,7 @@ def _diagnose_pairs(annos: list, fns: list, keys: tuple, name) -> None:
                     raise fail(name, f"expected an integer, got {x!r}", fns[i], r, key)
 
 
-def _validate_rows(rows: np.ndarray, img: np.ndarray, filenames: Sequence[str],
-                   num_classes: int, src: str) -> None:
+def _validate_rows(rows: np.ndarray, img: np.ndarray, filenames: Sequence[str], num_classes: int, src: str) -> None:
     """Vectorised value checks of prediction rows float64[N, 10] (img: int64[N], grouped)."""
     hoi, score = rows[:, 0], rows[:, 1]
     # fast path: a few passes (and nothing for no rows); the detailed checks run only on failure
@@ -502,10 +498,8 @@ def prediction_rows(obj: Any, filenames: Sequence[str], index: dict, num_classes
     if unknown is not None:
         raise fail(src, "unknown image name (not in the annotation file)", unknown)
     vals = list(obj.values())
-    if any(isinstance(v, np.ndarray) or hasattr(v, "__array__") for v in vals):  # arrays/tensors
-        rows, counts = _rows_from_arrays(names, vals, src)
-    else:
-        rows, counts = _rows_from_lists(names, vals, src)
+    arrays = any(isinstance(v, np.ndarray) or hasattr(v, "__array__") for v in vals)      # arrays / tensors
+    rows, counts = (_rows_from_arrays if arrays else _rows_from_lists)(names, vals, src)
     img = np.repeat(np.array([index[nm] for nm in names], dtype=np.int64), counts)
     _validate_rows(rows, img, filenames, num_classes, src)
     return rows, img
@@ -520,8 +514,7 @@ def _rows_from_arrays(names: list, vals: list, src: str) -> tuple[np.ndarray, np
         except (ValueError, TypeError):
             _diagnose_rows(src, names[k], v if isinstance(v, list) else list(v))
             raise fail(src, "malformed rows", names[k]) from None
-        if a.size == 0:
-            a = a.reshape(0, 10)
+        a = a.reshape(0, 10) if a.size == 0 else a
         if a.ndim != 2 or a.shape[1] != 10:
             raise fail(src, f"expected an array [N, 10] of rows [hoi, score, hx1, ..., oy2], got shape "
                             f"{tuple(a.shape)}", names[k])
@@ -829,10 +822,9 @@ def load_vcoco_dets(obj: Any, gt, src: str):
     role_keys = [f"{gt.actions[a]}_{gt.roles[a][r + 1]}" for a, r in vcoco_role_keys(gt)]
     agent = np.zeros((len(obj), len(agent_keys)), dtype=np.float32)
     role = np.zeros((len(obj), len(role_keys), 5), dtype=np.float32)
-    for a, key in enumerate(agent_keys):
-        agent[:, a] = _vcoco_column(obj, key, 1, gt, img, src)
-    for q, key in enumerate(role_keys):
-        role[:, q] = _vcoco_column(obj, key, 5, gt, img, src)
+    for out, keys, width in ((agent, agent_keys, 1), (role, role_keys, 5)):
+        for q, key in enumerate(keys):
+            out[:, q] = _vcoco_column(obj, key, width, gt, img, src)
     unknown = set(chain.from_iterable(d.keys() for d in obj[:1000]))     # a sample is enough to warn
     dets = VCOCODets(img=img, person=np.array(person, dtype=np.float32).reshape(len(obj), 4), agent=agent, role=role)
     return dets, sorted(unknown - {"image_id", "person_box", *agent_keys, *role_keys}), len(obj)
@@ -952,8 +944,7 @@ def coco_result(e: Any, r: int, file, names: dict, labels: dict) -> tuple:
         raise fail(file, f"expected [x, y, w, h] (4 numbers), got {b!r}", img, r, "bbox")
     x, y, w, h = (float(v) for v in b)
     if not all(math.isfinite(v) and abs(v) <= FLOAT32_MAX for v in (x, y, x + w, y + h)) or w < 0 or h < 0:
-        raise fail(file, f"{b!r} is non-finite, beyond float32's range or has a negative width/height",
-                   img, r, "bbox")
+        raise fail(file, f"{b!r} is non-finite, beyond float32's range or has a negative width/height", img, r, "bbox")
     if not (is_number(s) and math.isfinite(s) and abs(s) <= FLOAT32_MAX):
         raise fail(file, f"{s!r} is not a finite number", img, r, "score")
     return img, [x, y, w, h], float(s), labels[cid]
