@@ -245,7 +245,7 @@ def hico_box_frame(anno: dict, name, frame: Optional[str] = None) -> str:
 
 def zero_shot_unseen(zero_shot: Any, zs: Optional[dict], K: int, name) -> tuple[str, list]:
     """A zero-shot split (class indices, or a name looked up in the file's ``zero_shot`` dict ``zs``, else
-    in the shared 600-class splits; docs/data.md "Splits") -> (split name, sorted unseen classes)."""
+    in the shared 600-class splits; docs/data.md) -> (split name, sorted unseen classes)."""
     src = name
     if not isinstance(zero_shot, str):
         label, idx = "custom", [int(x) if isinstance(x, np.integer) else x for x in zero_shot]
