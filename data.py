@@ -1,20 +1,15 @@
-"""Datasets, class spaces, detections and pair bounding.
+"""Datasets, class spaces, detections and pair bounding; the training splits and views.
 
-Everything in this file works in ONE box convention: float ``[x1, y1, x2, y2]`` in the pixel
-frame of the annotation file (HICO-DET: the raw 1-based inclusive MATLAB values, never
-shifted, frame ``hico1``; V-COCO: fredzzhang's continuous COCO-derived values; SWiG-HOI: the
-file's values; synthetic world (synthetic.py): continuous pixel edges; frame ``continuous``
-for all three, see common.BOX_FRAMES). A dataset names its frame in ``ds.box_frame``.
-Detections and predictions are written in the same frame; a detection file in the other frame
-is converted when read (``load_detections(..., frame=, into=)``).
-
-Public API (see the README section "Data" for the formats):
+One box convention: float ``[x1, y1, x2, y2]`` in the pixel frame of the annotation file, never shifted
+(``ds.box_frame``: ``hico1`` for HICO-DET's 1-based inclusive values, ``continuous`` for V-COCO, SWiG-HOI and the
+synthetic world; common.BOX_FRAMES). Detections and predictions are written in the same frame; a detection file
+in the other frame is converted when read (``load_detections(..., frame=, into=)``). Formats: docs/data.md.
 
 - ``ClassSpace``                      the interaction class space (stored in checkpoints)
 - ``HICODet``, ``VCOCO``, ``SWiGHOI``   ``ds[i] -> (PIL.Image RGB, target dict)``
 - ``collate(batch)``
-- ``load_detections``, ``save_detections``, ``gt_detections``, ``select_boxes``,
-  ``convert_box_frame``
+- ``load_detections``, ``save_detections``, ``gt_detections``, ``select_boxes``, ``convert_box_frame``
+- ``Views``, ``view_boxes``, ``Split``: the training views and splits
 - ``DataError`` (a ValueError), ``ImageError`` (DataError + FileNotFoundError)
 """
 from __future__ import annotations
@@ -64,7 +59,6 @@ __all__ = [
 # ---------------------------------------------------------------------------------------
 # constants and helpers
 # ---------------------------------------------------------------------------------------
-
 
 #: bad annotation / detection input (formats.FormatError: one line naming the file, image, field)
 DataError = FormatError
@@ -272,17 +266,8 @@ class _HOIDataset(torch.utils.data.Dataset):
 
 
 def _few_shot_indices(labels: Sequence[np.ndarray], num_classes: int, k: int, seed: int) -> list:
-    """Few-shot image subset (positions into ``labels``), see README "Few-shot rule".
-
-    1. A generator ``np.random.default_rng(seed)`` draws a random image order, then a random
-       class order; classes are then stably sorted by their total number of (pair, class)
-       rows, rarest first (ties keep the random order).
-    2. For each class c in that order, while c has fewer than k rows in the kept images, the
-       next not-yet-kept image containing c (in the random image order) is kept; all of its
-       rows count towards every class.
-    So every class with >= k rows ends with >= k (possibly more, other classes' images bring
-    extra rows) and a class with fewer than k rows keeps all of its images.
-    """
+    """Few-shot image subset (positions into ``labels``): the rule of docs/data.md "Splits" (classes rarest
+    first, each keeps its next image in one seeded order until it has k rows)."""
     if k < 1:
         raise ValueError(f"few_shot must be >= 1, got {k}")
     rng = np.random.default_rng(seed)
@@ -739,10 +724,8 @@ CROP_RULE = "blake2b-v1"
 
 
 def crop_window(filename: str, k: int, scale: float, w: int, h: int) -> tuple[int, int, int, int]:
-    """(x0, y0, cw, ch): the k-th crop window of an image of w x h pixels, ``scale`` of its width
-    and height: cw = floor(scale * w + 0.5) (at least 1), ch likewise; its top-left pixel
-    offset (x0, y0) is drawn uniformly from [0, w - cw] x [0, h - ch] by a hash of (file name,
-    k, scale): fixed per image, so that the cache holds it once, and independent of the seed."""
+    """(x0, y0, cw, ch): the k-th crop window (``scale`` of w x h, rounded, at least 1 pixel) of an image, at a
+    corner drawn by a hash of (file name, k, scale): fixed per image (cached once), independent of the seed."""
     cw = min(int(w), max(1, math.floor(scale * w + 0.5)))
     ch = min(int(h), max(1, math.floor(scale * h + 0.5)))
     dg = hashlib.blake2b(f"{filename}|{k}|{scale!r}".encode(), digest_size=8).digest()
@@ -752,12 +735,9 @@ def crop_window(filename: str, k: int, scale: float, w: int, h: int) -> tuple[in
 
 @dataclass(frozen=True)
 class Views:
-    """The views of each training image (README "Augmentation"), each encoded once into the
-    feature cache: window 0 is the whole image, window k >= 1 the crop ``crop_scales[k - 1]``
-    of its width and height (:func:`crop_window`; squashed to the VLM's input it is a zoom by
-    1 / scale); with ``flip`` every window also comes mirrored. View v = window * F + m (F = 2
-    with flip, else 1; m = 1: mirrored): view 0 is the image itself (evaluation's only view)
-    and flip alone keeps the layout [original, mirrored]."""
+    """The views of each training image (docs/data.md "Views"), each cached once: window 0 is the whole image,
+    window k >= 1 the crop ``crop_scales[k - 1]`` (:func:`crop_window`). View v = window * F + m (F = 2 with
+    ``flip``, else 1; m = 1: mirrored): view 0 is the image itself (evaluation's only view)."""
     flip: bool = False
     crop_scales: tuple = ()
 
@@ -801,18 +781,13 @@ class Views:
         return crop_window(filename, k, self.crop_scales[k - 1], w, h)
 
 
-
 def view_boxes(boxes: torch.Tensor, size: tuple, window: tuple, mirrored: bool,
                offset: int) -> tuple[torch.Tensor, torch.Tensor]:
     """[N, 4] xyxy boxes of an image of ``size`` (w, h) -> (the boxes in the view, Bool[N] kept).
 
-    ``offset`` is the box frame's o (common.BOX_FRAMES: 0 continuous, 1 hico1): the image spans
-    [o, w] and a width is x2 - x1 + o. Crop to window (x0, y0, cw, ch): x' = x - x0, y' = y - y0,
-    clamped to [o, cw] x [o, ch]; a box is kept when its overlap with the window has a positive
-    width and height in the frame's convention (min(x2, x0 + cw) - max(x1, x0 + o) + o > 0),
-    as DETR's crops keep any box with a positive area left. Mirror: x' = cw + o - x, i.e.
-    w - x for continuous boxes and w + 1 - x for 1-based inclusive pixel indices. The whole
-    image's window is no crop (boxes unchanged, all kept)."""
+    ``offset``: the frame's o (common.BOX_FRAMES; the image spans [o, w], a width is x2 - x1 + o). Crop to
+    window (x0, y0, cw, ch): x' = x - x0, clamped to [o, cw]; kept when the overlap has a positive width and
+    height (min(x2, x0 + cw) - max(x1, x0 + o) + o > 0), as DETR's crops. Mirror: x' = cw + o - x."""
     b = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
     x0, y0, cw, ch = window
     keep = torch.ones(len(b), dtype=torch.bool)
@@ -830,7 +805,6 @@ def view_boxes(boxes: torch.Tensor, size: tuple, window: tuple, mirrored: bool,
     return b, keep
 
 
-
 #: the per-row fields of a target (rows dropped with their boxes when a crop leaves them out)
 TARGET_ROW_FIELDS = ("boxes_h", "boxes_o", "object", "hoi", "verb")
 
@@ -838,17 +812,13 @@ TARGET_ROW_FIELDS = ("boxes_h", "boxes_o", "object", "hoi", "verb")
 class Split:
     """A dataset split as the loop sees it.
 
-    dataset: ``filenames``, ``ds[i] -> (PIL image, target)``, optionally ``target(i)`` and
-    ``image_path(i)`` (a dataset of this file); a target holds ``size`` (w, h), ``boxes_h``,
-    ``boxes_o`` [N, 4] xyxy and what the model's loss reads. dets_file: {filename: dets}
-    (detector output, before ``select``); image_root: folder of the image files; anno: the raw
-    annotation handed to the metric; select: callable(dets) -> dets (data.select_boxes with the
-    class space's person label); gt_dets: callable(target) -> dets (data.gt_detections).
-    views: the training views (:class:`Views`; evaluation uses view 0 only). frame: the boxes'
-    frame (common.BOX_FRAMES; default the dataset's ``box_frame``, else continuous), which the
-    views' mirror and crop follow. append_gt: add the GT boxes to the detector's in training
-    (SCG's practice; UPT trains on the detector's boxes alone, the default).
-    """
+    dataset: ``filenames``, ``ds[i] -> (PIL image, target)``, optionally ``target(i)``, ``image_path(i)``; a
+    target holds ``size`` (w, h), ``boxes_h``, ``boxes_o`` [N, 4] xyxy and what the loss reads. dets_file:
+    {filename: dets} before ``select`` (callable(dets) -> dets, data.select_boxes); image_root: the images'
+    folder; anno: the raw annotation for the metric; gt_dets: callable(target) -> dets (data.gt_detections);
+    views: :class:`Views` (evaluation: view 0); frame: the boxes' frame (common.BOX_FRAMES; default the
+    dataset's ``box_frame``, else continuous); append_gt: add the GT boxes to the detector's in training
+    (SCG's practice; UPT, the default, trains on the detector's alone)."""
 
     def __init__(self, dataset, dets_file: dict, image_root, anno: Optional[dict], select: Callable,
                  gt_dets: Callable, name: str = "split", views: Optional[Views] = None,

@@ -24,6 +24,7 @@ import argparse
 import math
 import os
 import sys
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
@@ -44,18 +45,21 @@ from formats import (
     HicoGT,
     SwigGT,
     VCOCODets,
-    VCOCOGt,
     as_index_list,
+    coco_boxes,
+    coco_index,
+    fail,
     iou_continuous,
     iou_inclusive,
+    is_number,
     load_swig_meta,
     load_vcoco_dets,
     parse_hico_anno,
     parse_swig_gt,
-    parse_vcoco_gt,
     prediction_rows,
     read,
     vcoco_role_keys,
+    vsrl_actions,
     zero_shot_unseen,
 )
 
@@ -92,10 +96,6 @@ def _json_safe(x: Any) -> Any:
 def write_json_atomic(obj: Any, path: str | os.PathLike) -> None:
     """Write ``obj`` as strict JSON (NaN/inf -> null) to ``path`` atomically (common.atomic_write)."""
     atomic_write_json(os.path.abspath(os.fspath(path)), _json_safe(obj), indent=1)
-
-
-def _isnum(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 # ---------------------------------------------------------------------------------------
@@ -527,6 +527,87 @@ def format_hico(res: dict) -> str:
 # ---------------------------------------------------------------------------------------
 # V-COCO (vsrl_eval.py semantics)
 # ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class VCOCOGt:
+    """Per-image V-COCO ground truth, as vsrl_eval's vcocodb (person rows only)."""
+    actions: list                      # A action names
+    roles: list                        # A lists: ['agent', role1, ...]
+    image_ids: list                    # sorted image ids
+    boxes: dict = field(default_factory=dict)      # image id -> float32[G, 4] all valid objects
+    person: dict = field(default_factory=dict)     # image id -> int64[P] rows of persons in boxes
+    actions_gt: dict = field(default_factory=dict)  # image id -> int[P, A] (-1 ignored, 0/1)
+    role_gt: dict = field(default_factory=dict)    # image id -> int[P, A, 2] row in boxes or -1
+
+
+def parse_vcoco_gt(vsrl: Any, coco: Any, vsrl_name: str = "<vsrl>", coco_name: str = "<coco>") -> VCOCOGt:
+    """The V-COCO ground truth from the official VSRL list and COCO instances dict (both read and
+    checked by formats.py), as vsrl_eval's vcocodb."""
+    acts, roles, data = vsrl_actions(vsrl, vsrl_name)
+    base_ann, lab_mat, roi_mat = _vsrl_labels(acts, data, vsrl_name)
+    pos_of_ann = {int(v): i for i, v in enumerate(base_ann)}     # VSRL person -> row of lab_mat
+    image_ids = sorted({int(v) for v in data[0][0]})
+    person_cat, sizes, anns_by_img = coco_index(coco, image_ids, coco_name)
+    gt = VCOCOGt(actions=acts, roles=roles, image_ids=image_ids)
+    for img, aid in zip(data[0][0].tolist(), data[0][1].tolist()):
+        if not any(is_number(an.get("id")) and an["id"] == aid for an in anns_by_img.get(img, [])):
+            raise fail(vsrl_name, f"ann_id {aid} is not an annotation of that image in {coco_name}", img)
+    for i in image_ids:
+        if i not in sizes:
+            raise fail(coco_name, f"not in 'images' (an image of {vsrl_name})", i)
+        boxes, ids, is_person = coco_boxes(anns_by_img[i], sizes[i], person_cat, coco_name, i)
+        pid = np.flatnonzero(np.array(is_person, dtype=bool))
+        row_of_id = {v: r for r, v in enumerate(ids)}
+        act = -np.ones((pid.size, len(acts)), dtype=np.int64)
+        rol = -np.ones((pid.size, len(acts), 2), dtype=np.int64)
+        for p, r in enumerate(pid):
+            aid = ids[r]
+            if aid not in pos_of_ann:
+                continue
+            q = pos_of_ann[aid]
+            act[p] = lab_mat[q]
+            for a in np.flatnonzero(lab_mat[q]):
+                for j in range(len(roles[a]) - 1):
+                    oid = int(roi_mat[q, a, j])
+                    if oid == 0:
+                        continue
+                    if oid not in row_of_id:
+                        raise fail(vsrl_name, f"ann_id {aid} role '{roles[a][j + 1]}': role object {oid} is "
+                                              f"not a valid annotation of that image in {coco_name}", i,
+                                   field_=f"{acts[a]}.role_object_id")
+                    rol[p, a, j] = row_of_id[oid]
+        gt.boxes[i] = np.array(boxes, dtype=np.float32).reshape(-1, 4)
+        gt.person[i] = pid
+        gt.actions_gt[i] = act
+        gt.role_gt[i] = rol
+    return gt
+
+
+def _vsrl_labels(acts: list, data: list, vsrl_name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per VSRL person (the first action's ann_id order): (ann_id int64[M], action labels
+    int64[M, A], role object ids int64[M, A, 2]); every action must list the same persons."""
+    A = len(acts)
+    base_ann = data[0][1]
+    for a in range(1, A):
+        if not np.array_equal(data[a][1], base_ann):
+            raise fail(vsrl_name, "differs from the first action's (the official file lists every person "
+                                  "for every action)", field_=f"{acts[a]}.ann_id")
+    pos_of_ann = {int(v): i for i, v in enumerate(base_ann)}
+    lab_mat = np.zeros((base_ann.size, A), dtype=np.int64)
+    roi_mat = np.zeros((base_ann.size, A, 2), dtype=np.int64)
+    for a, (img, ann, lab, roi) in enumerate(data):
+        rows = np.flatnonzero(lab == 1)
+        idx = np.array([pos_of_ann[int(v)] for v in ann[rows]], dtype=np.int64)
+        if np.unique(idx).size != idx.size:
+            raise fail(vsrl_name, "a person has label 1 twice", field_=f"{acts[a]}.label")
+        lab_mat[idx, a] = 1
+        bad = roi[rows, 0] != ann[rows]
+        if bad.any():
+            raise fail(vsrl_name, f"role_object_id[:, 0] must equal ann_id ({int(ann[rows][bad][0])})",
+                       field_=f"{acts[a]}.role_object_id")
+        roi_mat[idx, a, :roi.shape[1] - 1] = roi[rows, 1:]
+    return base_ann, lab_mat, roi_mat
 
 
 def _overlap32(boxes: np.ndarray, ref: np.ndarray) -> np.ndarray:

@@ -1,18 +1,15 @@
 """One validated reader per input file format; torch-free (numpy only).
 
-- HICO-DET-format annotation (fredzzhang/hicodet JSON, the synthetic world): ``parse_hico_anno``
-- prediction rows ``{file_name: [[hoi, score, hx1, hy1, hx2, hy2, ox1, oy1, ox2, oy2], ...]}``:
-  ``prediction_rows``, ``load_predictions``
-- SWiG-HOI annotation and its meta tables: ``parse_swig_gt``, ``swig_meta_tables``, ``load_swig_meta``
-- V-COCO VSRL + COCO instances: ``parse_vcoco_gt``; vsrl_eval detections: ``load_vcoco_dets``
-- detection files: per image ``{file_name: {boxes, scores, labels}}`` (``image_detections``) and
-  COCO results ``[{image_id, category_id, bbox, score}]`` (``coco_result``)
-- the value checks every reader shares (``as_index``, ``boxes_array``, ...) and the protocols' IoU of
-  each box frame (``iou_inclusive``: HICO-DET's +1, ``iou_continuous``: plain)
+- HICO-DET-format annotation (fredzzhang/hicodet JSON, the synthetic world): ``parse_hico_anno``; its prediction
+  rows ``{file_name: [[hoi, score, hx1, hy1, hx2, hy2, ox1, oy1, ox2, oy2], ...]}``: ``load_predictions``
+- SWiG-HOI annotation and meta tables: ``parse_swig_gt``, ``load_swig_meta``
+- V-COCO VSRL + COCO instances: ``vsrl_actions``, ``coco_index``, ``coco_boxes`` (``eval.parse_vcoco_gt`` assembles
+  them); vsrl_eval detections: ``load_vcoco_dets``; fredzzhang's instances_vcoco: ``parse_vcoco_pairs``
+- detection files per image (``image_detections``) and COCO results (``coco_result``)
+- the value checks every reader shares (``as_index``, ``boxes_array``, ...), the protocols' IoU per box frame
 
-Every problem raises :class:`FormatError` (a ValueError; ``eval.EvalInputError`` and
-``data.DataError`` are this type) with one line of the shape
-``FILE: image 'NAME' row R: field: problem`` (parts that do not apply are left out).
+Every problem raises :class:`FormatError` (a ValueError; ``eval.EvalInputError``, ``data.DataError``) with one
+line ``FILE: image 'NAME' row R: field: problem`` (parts that do not apply are left out).
 """
 from __future__ import annotations
 
@@ -27,29 +24,15 @@ import numpy as np
 from common import BOX_FRAMES, ZERO_SHOT_SPLITS, data_root, read_json
 
 #: COCO-80 object names in the order used by fredzzhang/hicodet (``objects``), underscores.
-COCO80_NAMES = [
-    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
-    "traffic_light", "fire_hydrant", "stop_sign", "parking_meter", "bench", "bird", "cat",
-    "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack",
-    "umbrella", "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports_ball",
-    "kite", "baseball_bat", "baseball_glove", "skateboard", "surfboard", "tennis_racket",
-    "bottle", "wine_glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
-    "sandwich", "orange", "broccoli", "carrot", "hot_dog", "pizza", "donut", "cake", "chair",
-    "couch", "potted_plant", "bed", "dining_table", "toilet", "tv", "laptop", "mouse",
-    "remote", "keyboard", "cell_phone", "microwave", "oven", "toaster", "sink",
-    "refrigerator", "book", "clock", "vase", "scissors", "teddy_bear", "hair_drier",
-    "toothbrush",
-]
-
-#: COCO category id (the 91-id space of COCO results files) of each COCO-80 index.
-#: Note: shared/data/hicodet/coco91tohico80.json maps COCO ids to the ALPHABETICAL HICO
-#: object order (person -> 49), not to COCO-80; we therefore use this standard table.
-COCO80_TO_COCO91 = [
-    1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25,
-    27, 28, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 46, 47, 48, 49, 50, 51,
-    52, 53, 54, 55, 56, 57, 58, 59, 60, 61, 62, 63, 64, 65, 67, 70, 72, 73, 74, 75, 76, 77,
-    78, 79, 80, 81, 82, 84, 85, 86, 87, 88, 89, 90,
-]
+COCO80_NAMES = """person bicycle car motorcycle airplane bus train truck boat traffic_light fire_hydrant stop_sign
+parking_meter bench bird cat dog horse sheep cow elephant bear zebra giraffe backpack umbrella handbag tie suitcase
+frisbee skis snowboard sports_ball kite baseball_bat baseball_glove skateboard surfboard tennis_racket bottle
+wine_glass cup fork knife spoon bowl banana apple sandwich orange broccoli carrot hot_dog pizza donut cake chair couch
+potted_plant bed dining_table toilet tv laptop mouse remote keyboard cell_phone microwave oven toaster sink
+refrigerator book clock vase scissors teddy_bear hair_drier toothbrush""".split()
+#: COCO category id (the 91-id space of COCO results files) of each COCO-80 index: 1..90 less the 10 unused ids.
+#: (shared/data/hicodet/coco91tohico80.json maps to the ALPHABETICAL HICO object order, person -> 49, not COCO-80.)
+COCO80_TO_COCO91 = [i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)]
 COCO91_TO_COCO80 = {cid: i for i, cid in enumerate(COCO80_TO_COCO91)}
 
 
@@ -63,11 +46,8 @@ class FormatFileNotFoundError(FormatError, FileNotFoundError):
 
 def where(file, image=None, row=None, field_=None) -> str:
     """``FILE: image 'NAME' row R: field`` (the parts given)."""
-    out = str(file)
-    if image is not None:
-        out += f": image {str(image)!r}"
-    if row is not None:
-        out += f"{'' if image is not None else ':'} row {row}"
+    out = str(file) + (f": image {str(image)!r}" if image is not None else "")
+    out += (f" row {row}" if image is not None else f": row {row}") if row is not None else ""
     return out + (f": {field_}" if field_ is not None else "")
 
 
@@ -76,15 +56,26 @@ def fail(file, problem, image=None, row=None, field_=None) -> FormatError:
     return FormatError(f"{where(file, image, row, field_)}: {problem}")
 
 
+def require(d: dict, keys, file, image=None, row=None, kind: Optional[type] = None) -> None:
+    """``FILE: image 'NAME' row R: KEY: missing key`` for the first of ``keys`` not in ``d`` (or not a ``kind``)."""
+    bad = next((k for k in keys if k not in d or (kind is not None and not isinstance(d[k], kind))), None)
+    if bad is not None:
+        raise fail(file, "missing key" if kind is None else f"missing key or not a {kind.__name__}", image, row, bad)
+
+
+def prompts_list(v: Any, n: int, file) -> list | None:
+    """An optional ``prompts`` field: None, or n strings (one per class)."""
+    if v is not None and not (isinstance(v, list) and len(v) == n and all(isinstance(p, str) for p in v)):
+        raise fail(file, f"expected {n} strings", field_="prompts")
+    return v
+
+
 def read(path, what: str = "file") -> Any:
     """Parse a JSON file (common.read_json) -> object; FormatError naming the file on any problem."""
     return read_json(path, what, error=FormatError, missing=FormatFileNotFoundError)
 
 
-# ---------------------------------------------------------------------------------------
-# Values: the checks every reader shares (ValueError with a one-line reason; the caller adds
-# the file, the image and the field)
-# ---------------------------------------------------------------------------------------
+# --- Values: the checks every reader shares (a ValueError's one-line reason; the caller adds where) ------------------
 FLOAT32_MAX = 3.4028234663852886e38
 
 
@@ -93,130 +84,75 @@ def is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def as_index(v, n: Optional[int] = None, lo: int = 0) -> int:
-    """An index: an integer (or a float with an integral value) in [lo, n). Never a bool, a
-    fraction, NaN, or out of range: a negative index never wraps around to another entry."""
+def as_index(v, n: Optional[int] = None, lo: int = 0, at: tuple = ()) -> int:
+    """An integer (or integral float) in [lo, n); never a bool, a fraction, NaN, nor a wrapping negative.
+    A ValueError, or with ``at`` = (file, image, row, field) the FormatError naming that place."""
     if not is_number(v) or not math.isfinite(v) or v != int(v):
-        raise ValueError(f"{v!r} is not an integer index")
-    i = int(v)
-    if i < lo or (n is not None and i >= n) or abs(i) >= 2 ** 62:
-        raise ValueError(f"index {i} out of range [{lo}, {'' if n is None else n})")
-    return i
+        problem = f"{v!r} is not an integer index"
+    elif int(v) < lo or (n is not None and int(v) >= n) or abs(int(v)) >= 2 ** 62:
+        problem = f"index {int(v)} out of range [{lo}, {'' if n is None else n})"
+    else:
+        return int(v)
+    raise fail(at[0], problem, *at[1:]) if at else ValueError(problem)
 
 
-def as_index_list(v, n: Optional[int] = None, lo: int = 0, unique: bool = False) -> list:
-    """A list of indices (as_index each); ``unique``: no index twice."""
-    if not isinstance(v, list):
-        raise ValueError(f"expected a list of integer indices, got {type(v).__name__}")
-    out = []
-    for r, x in enumerate(v):
-        try:
-            out.append(as_index(x, n, lo))
-        except ValueError as e:
-            raise ValueError(f"entry {r}: {e}") from None
-    if unique and len(set(out)) != len(out):
-        dup = next(x for i, x in enumerate(out) if x in out[:i])
-        raise ValueError(f"index {dup} listed twice")
-    return out
+def as_index_list(v, n: Optional[int] = None, lo: int = 0, unique: bool = False, at: tuple = ()) -> list:
+    """A list of indices (as_index each); ``unique``: no index twice; ``at`` as for as_index."""
+    try:
+        if not isinstance(v, list):
+            raise ValueError(f"expected a list of integer indices, got {type(v).__name__}")
+        out = []
+        for r, x in enumerate(v):
+            try:
+                out.append(as_index(x, n, lo))
+            except ValueError as e:
+                raise ValueError(f"entry {r}: {e}") from None
+        if unique and first_duplicate(out) is not None:
+            raise ValueError(f"index {first_duplicate(out)} listed twice")
+        return out
+    except ValueError as e:
+        if not at:
+            raise
+        raise fail(at[0], e, *at[1:]) from None
 
 
 def first_duplicate(items) -> Optional[Any]:
     """The first item seen twice in ``items`` (None when all differ)."""
-    seen = set()
-    for x in items:
-        if x in seen:
-            return x
-        seen.add(x)
-    return None
+    seen: set = set()
+    return next((x for x in items if x in seen or seen.add(x)), None)     # add() is None: falsy
 
 
-def swig_meta_tables(meta) -> tuple[list, list, list]:
-    """SWiG-HOI's swig_v1_meta.json, validated -> (category names, action names, interactions
-    [{id, action_id, object_id, frequency, evaluation}] with int fields). Ids index their table
-    (no gaps, no duplicates), every (action_id, object_id) pair once, frequency in {0, 1, 2},
-    evaluation in {0, 1}. ValueError names the field."""
-    if not isinstance(meta, dict):
-        raise ValueError("expected an object with SWIG_CATEGORIES, SWIG_ACTIONS, SWIG_INTERACTIONS")
-    tables = []
-    for key in ("SWIG_CATEGORIES", "SWIG_ACTIONS"):
-        t = meta.get(key)
-        if not isinstance(t, list) or not t:
-            raise ValueError(f"field '{key}': expected a non-empty list of {{id, name}}")
-        names = []
-        for r, x in enumerate(t):
-            if not (isinstance(x, dict) and isinstance(x.get("name"), str)) or \
-                    (x.get("id") is not None and x.get("id") != r):
-                raise ValueError(f"field '{key}[{r}]': expected {{id: {r}, name: string}}")
-            names.append(x["name"])
-        tables.append(names)
-    inter = meta.get("SWIG_INTERACTIONS")
-    if not isinstance(inter, list) or not inter:
-        raise ValueError("field 'SWIG_INTERACTIONS': expected a non-empty list")
-    out, keys = [], set()
-    for r, x in enumerate(inter):
-        try:
-            if not isinstance(x, dict):
-                raise ValueError("expected an object")
-            e = {"id": as_index(x.get("id"), len(inter)),
-                 "action_id": as_index(x.get("action_id"), len(tables[1])),
-                 "object_id": as_index(x.get("object_id"), len(tables[0])),
-                 "frequency": as_index(x.get("frequency"), 3), "evaluation": as_index(x.get("evaluation", 0), 2)}
-        except ValueError as err:
-            raise ValueError(f"field 'SWIG_INTERACTIONS[{r}]': {err}") from None
-        if e["id"] != r or (e["action_id"], e["object_id"]) in keys:
-            raise ValueError(f"field 'SWIG_INTERACTIONS[{r}]': id must be {r} and each (action_id, "
-                             f"object_id) listed once")
-        keys.add((e["action_id"], e["object_id"]))
-        out.append(e)
-    return tables[0], tables[1], out
-
-
-# ---------------------------------------------------------------------------------------
-# Boxes: overlap in the two box frames (common.BOX_FRAMES), the unique GT boxes of an image
-# ---------------------------------------------------------------------------------------
+# --- Boxes: overlap in the two box frames (common.BOX_FRAMES), the unique GT boxes of an image ------------------------
 
 def iou_inclusive(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Element-wise IoU with the inclusive +1 convention of the MATLAB toolkit.
-
-    a, b: float64[n, 4] ``[x1, y1, x2, y2]`` -> float64[n]; 0 unless iw > 0 and ih > 0.
-    Same operation order as VOCevaldet_bboxpair.m (bit-identical results).
-    """
+    """Element-wise IoU, the MATLAB toolkit's inclusive +1: a, b float64[n, 4] -> float64[n], 0 unless
+    iw > 0 and ih > 0; VOCevaldet_bboxpair.m's operation order (bit-identical)."""
     iw = np.minimum(a[:, 2], b[:, 2]) - np.maximum(a[:, 0], b[:, 0]) + 1
     ih = np.minimum(a[:, 3], b[:, 3]) - np.maximum(a[:, 1], b[:, 1]) + 1
     inter = iw * ih
-    ua = (a[:, 2] - a[:, 0] + 1) * (a[:, 3] - a[:, 1] + 1) + \
-         (b[:, 2] - b[:, 0] + 1) * (b[:, 3] - b[:, 1] + 1) - inter
-    ok = (iw > 0) & (ih > 0)
+    ua = (a[:, 2] - a[:, 0] + 1) * (a[:, 3] - a[:, 1] + 1) + (b[:, 2] - b[:, 0] + 1) * (b[:, 3] - b[:, 1] + 1) - inter
     out = np.zeros(a.shape[0])
-    np.divide(inter, ua, out=out, where=ok)
+    np.divide(inter, ua, out=out, where=(iw > 0) & (ih > 0))
     return out
 
 
 def iou_continuous(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Element-wise plain IoU (no +1) of the THID SWiG evaluator.
-
-    a, b: float64[n, 4] -> float64[n]; widths/heights and the intersection are clamped at 0,
-    IoU = 0 when the intersection is <= 0, else inter / (area_a + area_b - inter).
-    """
-    wa = np.maximum(a[:, 2] - a[:, 0], 0.0)
-    ha = np.maximum(a[:, 3] - a[:, 1], 0.0)
-    wb = np.maximum(b[:, 2] - b[:, 0], 0.0)
-    hb = np.maximum(b[:, 3] - b[:, 1], 0.0)
+    """Element-wise plain IoU of the THID SWiG evaluator: a, b float64[n, 4] -> float64[n]; sides and
+    intersection clamped at 0, IoU 0 when the intersection is <= 0."""
+    area_a = np.maximum(a[:, 2] - a[:, 0], 0.0) * np.maximum(a[:, 3] - a[:, 1], 0.0)
+    area_b = np.maximum(b[:, 2] - b[:, 0], 0.0) * np.maximum(b[:, 3] - b[:, 1], 0.0)
     xi = np.maximum(np.minimum(a[:, 2], b[:, 2]) - np.maximum(a[:, 0], b[:, 0]), 0.0)
     yi = np.maximum(np.minimum(a[:, 3], b[:, 3]) - np.maximum(a[:, 1], b[:, 1]), 0.0)
     inter = xi * yi
-    den = wa * ha + wb * hb - inter
+    den = area_a + area_b - inter
     out = np.zeros(a.shape[0])
     np.divide(inter, den, out=out, where=inter > 0)
     return out
 
 
-
 def unique_boxes(boxes_h, boxes_o, objects, person: int) -> tuple:
-    """The unique boxes of one image's pairs: human boxes (label ``person``) in order of first
-    appearance, then object boxes (their label); equal float32 coordinates AND label count once
-    (a person that is also the object of a human-human pair appears once).
-    -> (boxes float32[n, 4], labels int64[n], idx_h int64[P], idx_o int64[P]: each row's boxes)."""
+    """One image's unique boxes (equal float32 box and label count once), humans (``person``) first ->
+    (boxes float32[n, 4], labels int64[n], idx_h int64[P], idx_o int64[P]: each pair's boxes)."""
     b = np.concatenate([np.asarray(boxes_h, np.float32).reshape(-1, 4), np.asarray(boxes_o, np.float32).reshape(-1, 4)])
     P = len(b) // 2
     lab = np.concatenate([np.full(P, person), np.asarray(objects).reshape(-1)]).astype(np.int64)
@@ -226,9 +162,8 @@ def unique_boxes(boxes_h, boxes_o, objects, person: int) -> tuple:
     keep = np.unique(idx, return_index=True)[1]          # first row of each unique box
     return b[keep], lab[keep], idx[:P], idx[P:]
 
-# ---------------------------------------------------------------------------------------
-# HICO-DET-format annotation file and prediction rows
-# ---------------------------------------------------------------------------------------
+
+# --- HICO-DET-format annotation file and prediction rows --------------------------------------------------------------
 
 #: the columns of a prediction row
 ROW_FIELDS = ("hoi", "score", "hx1", "hy1", "hx2", "hy2", "ox1", "oy1", "ox2", "oy2")
@@ -236,8 +171,7 @@ ROW_FIELDS = ("hoi", "score", "hx1", "hy1", "hx2", "hy2", "ox1", "oy1", "ox2", "
 
 @dataclass
 class HicoGT:
-    """A HICO-DET-format annotation file (fredzzhang/hicodet JSON, the synthetic world), read
-    and validated by :func:`parse_hico_anno`. GT rows are in image order, then row order."""
+    """A HICO-DET-format annotation (:func:`parse_hico_anno`); GT rows in image order, then row order."""
     name: str
     filenames: list
     index: dict                     # filename -> image index
@@ -266,61 +200,42 @@ HICO_ROW_KEYS = ("boxes_h", "boxes_o", "hoi", "object", "verb")
 
 
 def parse_hico_anno(anno: Any, name: str = "<anno>", names: bool = False) -> HicoGT:
-    """Validate a HICO-DET-format annotation (the parsed JSON) -> HicoGT.
-
-    Required: ``annotation`` (per image ``boxes_h``, ``boxes_o``, ``hoi``; ``object`` and
-    ``verb`` are checked against ``correspondence`` when given), ``filenames``,
-    ``correspondence`` ([hoi, object, verb] per class; K = its length). Optional, checked when
-    present: ``objects``, ``verbs``, ``rare``, ``non_rare``, ``empty``, ``zero_shot``,
-    ``size``, ``prompts``. ``names``: the dataset's reading, which also needs ``objects``,
-    ``verbs`` and every entry's ``object`` and ``verb``.
-    """
+    """A HICO-DET-format annotation (parsed JSON) -> HicoGT; the keys it needs and checks: docs/data.md.
+    ``names``: the dataset's reading, which also needs ``objects``, ``verbs``, each entry's object / verb."""
     if not isinstance(anno, dict):
         raise fail(name, f"expected a JSON object with key 'annotation' (fredzzhang/hicodet format), "
                          f"got {type(anno).__name__}")
-    for key in ("annotation", "filenames", "correspondence") + (("objects", "verbs") if names else ()):
-        if key not in anno:
-            raise fail(name, "missing key", field_=key)
+    require(anno, ("annotation", "filenames", "correspondence") + (("objects", "verbs") if names else ()), name)
     fns = name_list(anno["filenames"], name, "filenames")
-    objects, verbs = (name_list(anno[k], name, k) if anno.get(k) is not None else None
-                      for k in ("objects", "verbs"))
+    objects, verbs = (name_list(anno[k], name, k) if anno.get(k) is not None else None for k in ("objects", "verbs"))
     annos = anno["annotation"]
     if not isinstance(annos, list) or len(annos) != len(fns):
-        raise fail(name, f"{len(fns)} file names for "
-                         f"{len(annos) if isinstance(annos, list) else 'no list of'} annotations",
-                   field_="filenames")
+        raise fail(name, f"{len(fns)} file names for {len(annos) if isinstance(annos, list) else 'no list of'} "
+                         f"annotations", field_="filenames")
     corr = _correspondence(anno["correspondence"], objects, verbs, name, names)
     K = corr.shape[0]
-    index = {f: i for i, f in enumerate(fns)}
     gt_class, gt_image, gt_boxes, gt_obj, gt_verb = _hico_pairs(annos, fns, corr, objects, verbs, name, names)
     rare, non_rare = (_index_list(anno, k, K, name) for k in ("rare", "non_rare"))
     if rare and non_rare and set(rare) & set(non_rare):
-        raise fail(name, f"class {min(set(rare) & set(non_rare))} is both rare and non-rare",
-                   field_="non_rare")
+        raise fail(name, f"class {min(set(rare) & set(non_rare))} is both rare and non-rare", field_="non_rare")
     empty = _index_list(anno, "empty", len(fns), name) or []
     zs = anno.get("zero_shot")
     if zs is not None and not isinstance(zs, dict):
         raise fail(name, "expected an object {split: [hoi, ...]}", field_="zero_shot")
-    prompts = anno.get("prompts")
-    if prompts is not None and not (isinstance(prompts, list) and len(prompts) == K
-                                    and all(isinstance(p, str) for p in prompts)):
-        raise fail(name, f"expected {K} strings", field_="prompts")
+    prompts = prompts_list(anno.get("prompts"), K, name)
     sizes = anno.get("size")
-    if sizes is not None:
-        if not isinstance(sizes, list) or len(sizes) != len(fns):
-            raise fail(name, f"expected a list of {len(fns)} [w, h], one per image", field_="size")
-        sizes = [image_size(s, name, f) for s, f in zip(sizes, fns)]
-    return HicoGT(name=name, filenames=fns, index=index, num_classes=K,
-                  obj_of_class=corr[:, 1].copy(), gt_class=gt_class, gt_image=gt_image,
-                  gt_boxes=gt_boxes, rare=rare, non_rare=non_rare, zero_shot=zs,
-                  num_empty=len(empty), correspondence=corr, objects=objects, verbs=verbs,
-                  gt_object=gt_obj, gt_verb=gt_verb, empty=empty, sizes=sizes, prompts=prompts,
+    if sizes is not None and (not isinstance(sizes, list) or len(sizes) != len(fns)):
+        raise fail(name, f"expected a list of {len(fns)} [w, h], one per image", field_="size")
+    sizes = None if sizes is None else [image_size(s, name, f) for s, f in zip(sizes, fns)]
+    return HicoGT(name=name, filenames=fns, index={f: i for i, f in enumerate(fns)}, num_classes=K,
+                  obj_of_class=corr[:, 1].copy(), gt_class=gt_class, gt_image=gt_image, gt_boxes=gt_boxes, rare=rare,
+                  non_rare=non_rare, zero_shot=zs, num_empty=len(empty), correspondence=corr, objects=objects,
+                  verbs=verbs, gt_object=gt_obj, gt_verb=gt_verb, empty=empty, sizes=sizes, prompts=prompts,
                   box_frame=hico_box_frame(anno, name))
 
 
 def hico_box_frame(anno: dict, name, frame: Optional[str] = None) -> str:
-    """The box frame of a HICO-DET-format file: ``frame`` when given, else the file's
-    ``box_frame``, else continuous for a synthetic world written before that key, else hico1."""
+    """``frame``, else the file's ``box_frame``, else continuous for an old synthetic world, else hico1."""
     if frame is None:
         frame = anno.get("box_frame", "continuous" if anno.get("name") == "synthetic" else "hico1")
     if frame not in BOX_FRAMES:
@@ -329,12 +244,8 @@ def hico_box_frame(anno: dict, name, frame: Optional[str] = None) -> str:
 
 
 def zero_shot_unseen(zero_shot: Any, zs: Optional[dict], K: int, name) -> tuple[str, list]:
-    """The unseen classes of a zero-shot split -> (split name, sorted class indices in [0, K)).
-
-    zero_shot: a list of class indices (name "custom") or a split name: rf-uc | nf-uc | uo | uv,
-    the long names (rare_first, ...), or any key of the annotation's ``zero_shot`` dict ``zs``
-    ({split: [hoi, ...]} or {split: {"unseen": [...]}}); without that dict, the shared
-    data/hicodet/derived/zero_shot_unseen_hoi_indices.json (the 600 HICO-DET classes only)."""
+    """A zero-shot split (class indices, or a name looked up in the file's ``zero_shot`` dict ``zs``, else
+    in the shared 600-class splits; docs/data.md) -> (split name, sorted unseen classes)."""
     src = name
     if not isinstance(zero_shot, str):
         label, idx = "custom", [int(x) if isinstance(x, np.integer) else x for x in zero_shot]
@@ -350,18 +261,16 @@ def zero_shot_unseen(zero_shot: Any, zs: Optional[dict], K: int, name) -> tuple[
         label = cli or zero_shot
         if hit is not None:
             idx = zs[hit]
+        elif K != 600:
+            raise fail(name, f"no 'zero_shot' field and {K} classes (the shared splits are for the 600 HICO-DET "
+                             f"classes; add a 'zero_shot' dict to the annotation file)", field_="zero_shot")
         else:
-            if K != 600:
-                raise fail(name, f"no 'zero_shot' field and {K} classes (the shared splits are for the "
-                                 f"600 HICO-DET classes; add a 'zero_shot' dict to the annotation file)",
-                           field_="zero_shot")
             src = data_root() / "hicodet" / "derived" / "zero_shot_unseen_hoi_indices.json"
             d = read(src, "zero-shot split file")
             idx = d.get("splits", {}).get(canon) if isinstance(d, dict) and isinstance(d.get("splits"), dict) else None
             if idx is None:
                 raise fail(src, f"missing split 'splits.{canon}'")
-    if isinstance(idx, dict):                                # {"unseen": [...], ...} form
-        idx = idx.get("unseen")
+    idx = idx.get("unseen") if isinstance(idx, dict) else idx            # the {"unseen": [...], ...} form
     try:
         return label, sorted(set(as_index_list(idx, K)))
     except ValueError as e:
@@ -418,8 +327,7 @@ def boxes_array(value: Any, file, image, field_: str) -> np.ndarray:
 
 
 def int_array(value: Any, n: int, lo: int, hi: int, file, image, field_: str) -> np.ndarray:
-    """A list of n integer indices in [lo, hi) -> int64[n]: integral numbers only (5.0 is 5;
-    5.5, NaN, a string or a nested list are refused), never wrapping around."""
+    """A list of n integer indices in [lo, hi) -> int64[n] (5.0 is 5; 5.5, NaN, strings, lists refused)."""
     if not isinstance(value, (list, tuple, np.ndarray)):
         raise fail(file, f"expected a list of integers, got {type(value).__name__}", image, field_=field_)
     if len(value) != n:
@@ -428,13 +336,10 @@ def int_array(value: Any, n: int, lo: int, hi: int, file, image, field_: str) ->
         arr = np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError):
         arr = None
-    ok = arr is not None and arr.shape == (n,)
-    if not (ok and (np.isfinite(arr) & (arr == np.floor(arr)) & (arr >= lo) & (arr < hi)).all()):
+    if arr is None or arr.shape != (n,) or \
+            not (np.isfinite(arr) & (arr == np.floor(arr)) & (arr >= lo) & (arr < hi)).all():
         for r, v in enumerate(value):         # slow path: the first bad entry
-            try:
-                as_index(v, hi, lo)
-            except ValueError as e:
-                raise fail(file, e, image, r, field_) from None
+            as_index(v, hi, lo, at=(file, image, r, field_))
         raise fail(file, "expected integer indices", image, field_=field_)
     return arr.astype(np.int64)
 
@@ -448,35 +353,24 @@ def _correspondence(corr: Any, objects, verbs, name, names: bool) -> np.ndarray:
     O, V = (None if x is None else len(x) for x in (objects, verbs))
     out = np.full((K, 3), -1, dtype=np.int64)
     for r, c in enumerate(corr):
-        try:
-            if not isinstance(c, list) or len(c) not in ((3,) if names else (2, 3)):
-                raise ValueError("expected [hoi, object, verb]")
-            row = [as_index(c[0], K), as_index(c[1], O)] + [as_index(x, V) for x in c[2:]]
-        except ValueError as e:
-            raise fail(name, e, field_=f"correspondence[{r}]") from None
+        at = (name, None, None, f"correspondence[{r}]")
+        if not isinstance(c, list) or len(c) not in ((3,) if names else (2, 3)):
+            raise fail(name, "expected [hoi, object, verb]", field_=at[3])
+        row = [as_index(c[0], K, at=at), as_index(c[1], O, at=at)] + [as_index(x, V, at=at) for x in c[2:]]
         if out[row[0], 0] >= 0:
-            raise fail(name, f"class {row[0]} listed twice", field_=f"correspondence[{r}]")
+            raise fail(name, f"class {row[0]} listed twice", field_=at[3])
         out[row[0], :len(row)] = row
     return out
 
 
 def _index_list(anno: dict, key: str, n: int, name) -> list | None:
-    """The optional list of indices anno[key] (rare, non_rare: classes; empty: images), each in
-    [0, n) once; None when absent."""
-    if anno.get(key) is None:
-        return None
-    try:
-        return as_index_list(anno[key], n, unique=True)
-    except ValueError as e:
-        raise fail(name, e, field_=key) from None
+    """The optional anno[key] (rare, non_rare: classes; empty: images): indices in [0, n), each once."""
+    return None if anno.get(key) is None else as_index_list(anno[key], n, unique=True, at=(name, None, None, key))
 
 
 def _hico_pairs(annos: list, fns: list, corr: np.ndarray, objects, verbs, name, names: bool):
-    """The GT rows of all images -> (class int64[M], image int64[M], boxes float64[M, 8],
-    object int64[M] | None, verb int64[M] | None).
-
-    Fast path: one conversion of every image's lists; _diagnose_pairs finds the first
-    malformed value only when that conversion fails."""
+    """All images' GT rows -> (class, image int64[M], boxes float64[M, 8], object, verb int64[M] | None).
+    Fast path: one conversion of every list; _diagnose_pairs looks for the bad value when it fails."""
     with_ov = names or all(isinstance(a, dict) and "object" in a and "verb" in a for a in annos)
     keys = HICO_ROW_KEYS if with_ov else HICO_ROW_KEYS[:3]
     cols, counts = {k: [] for k in keys}, []
@@ -535,8 +429,7 @@ def _hico_pairs(annos: list, fns: list, corr: np.ndarray, objects, verbs, name, 
             i = int(gt_image[j])
             raise fail(name, msg(j), fns[i], j - int(np.searchsorted(gt_image, i)), key)
     ints = [v[k].astype(np.int64) if k in v else None for k in ("object", "verb")]
-    return (v["hoi"].astype(np.int64), gt_image, np.concatenate([v["boxes_h"], v["boxes_o"]], axis=1),
-            *ints)
+    return (v["hoi"].astype(np.int64), gt_image, np.concatenate([v["boxes_h"], v["boxes_o"]], axis=1), *ints)
 
 
 def _diagnose_pairs(annos: list, fns: list, keys: tuple, name) -> None:
@@ -550,13 +443,10 @@ def _diagnose_pairs(annos: list, fns: list, keys: tuple, name) -> None:
                     raise fail(name, f"expected an integer, got {x!r}", fns[i], r, key)
 
 
-def _validate_rows(rows: np.ndarray, img: np.ndarray, filenames: Sequence[str],
-                   num_classes: int, src: str) -> None:
+def _validate_rows(rows: np.ndarray, img: np.ndarray, filenames: Sequence[str], num_classes: int, src: str) -> None:
     """Vectorised value checks of prediction rows float64[N, 10] (img: int64[N], grouped)."""
-    if rows.shape[0] == 0:
-        return
     hoi, score = rows[:, 0], rows[:, 1]
-    # fast path: everything fine (a few passes); the detailed checks only run on failure
+    # fast path: a few passes (and nothing for no rows); the detailed checks run only on failure
     if (np.isfinite(rows).all() and ((hoi >= 0) & (hoi < num_classes) & (hoi == np.floor(hoi))).all()
             and (rows[:, 4:6] >= rows[:, 2:4]).all() and (rows[:, 8:10] >= rows[:, 6:8]).all()):
         return
@@ -598,42 +488,33 @@ def _diagnose_rows(src: str, name: str, rows: Any) -> None:
 
 def prediction_rows(obj: Any, filenames: Sequence[str], index: dict, num_classes: int,
                           src: str) -> tuple[np.ndarray, np.ndarray]:
-    """{filename: rows} (lists or arrays) -> (rows float64[N, 10], img int64[N]), validated.
-
-    Rows keep the object's image order (file order for a JSON file), then row order.
-    """
+    """{filename: rows} (lists or arrays) -> (rows float64[N, 10], img int64[N]), validated; rows keep the
+    object's image order (a JSON file's order), then row order."""
     if not isinstance(obj, dict):
         raise fail(src, f"expected a JSON object {{file_name: [[{', '.join(ROW_FIELDS)}], ...]}}, "
                         f"got {type(obj).__name__}")
     names = list(obj.keys())
-    img_idx = np.empty(len(names), dtype=np.int64)
-    for k, nm in enumerate(names):
-        i = index.get(nm)
-        if i is None:
-            raise fail(src, "unknown image name (not in the annotation file)", nm)
-        img_idx[k] = i
+    unknown = next((nm for nm in names if nm not in index), None)
+    if unknown is not None:
+        raise fail(src, "unknown image name (not in the annotation file)", unknown)
     vals = list(obj.values())
-    if any(isinstance(v, np.ndarray) or hasattr(v, "__array__") for v in vals):  # arrays/tensors
-        rows, counts = _rows_from_arrays(names, vals, src)
-    else:
-        rows, counts = _rows_from_lists(names, vals, src)
-    img = np.repeat(img_idx, counts)
+    arrays = any(isinstance(v, np.ndarray) or hasattr(v, "__array__") for v in vals)      # arrays / tensors
+    rows, counts = (_rows_from_arrays if arrays else _rows_from_lists)(names, vals, src)
+    img = np.repeat(np.array([index[nm] for nm in names], dtype=np.int64), counts)
     _validate_rows(rows, img, filenames, num_classes, src)
     return rows, img
 
 
 def _rows_from_arrays(names: list, vals: list, src: str) -> tuple[np.ndarray, np.ndarray]:
     """Per-image arrays / tensors [n, 10] -> (rows float64[N, 10], rows per image int64[images])."""
-    counts = np.empty(len(vals), dtype=np.int64)
-    parts = []
+    counts, parts = np.empty(len(vals), dtype=np.int64), []
     for k, v in enumerate(vals):
         try:
             a = np.asarray(v, dtype=np.float64)
         except (ValueError, TypeError):
             _diagnose_rows(src, names[k], v if isinstance(v, list) else list(v))
             raise fail(src, "malformed rows", names[k]) from None
-        if a.size == 0:
-            a = a.reshape(0, 10)
+        a = a.reshape(0, 10) if a.size == 0 else a
         if a.ndim != 2 or a.shape[1] != 10:
             raise fail(src, f"expected an array [N, 10] of rows [hoi, score, hx1, ..., oy2], got shape "
                             f"{tuple(a.shape)}", names[k])
@@ -643,8 +524,7 @@ def _rows_from_arrays(names: list, vals: list, src: str) -> tuple[np.ndarray, np
 
 
 def _rows_from_lists(names: list, vals: list, src: str) -> tuple[np.ndarray, np.ndarray]:
-    """Per-image lists of rows (parsed JSON) -> (rows float64[N, 10], rows per image).
-    Fast path: one conversion of all rows; _diagnose_rows runs only when it fails."""
+    """Per-image lists of rows (parsed JSON) -> (rows float64[N, 10], rows per image); one conversion."""
     counts = np.empty(len(vals), dtype=np.int64)
     for k, v in enumerate(vals):
         if not isinstance(v, list):
@@ -665,12 +545,7 @@ def _rows_from_lists(names: list, vals: list, src: str) -> tuple[np.ndarray, np.
 
 
 def load_predictions(path: str | os.PathLike, anno: dict | HicoGT) -> dict:
-    """Read and validate a prediction file against a HICO-DET-format annotation.
-
-    Returns ``{filename: float64[N, 10]}`` (file order).  Raises FormatError naming the
-    file, the image and the field on any problem (empty file, invalid JSON, unknown image,
-    wrong row length, non-numeric value, class out of range, NaN/inf, x2 < x1, y2 < y1).
-    """
+    """A prediction file, validated against a HICO-DET-format annotation -> ``{filename: float64[N, 10]}``."""
     gt = anno if isinstance(anno, HicoGT) else parse_hico_anno(anno)
     obj = read(path, "prediction file")
     rows, img = prediction_rows(obj, gt.filenames, gt.index, gt.num_classes, str(path))
@@ -679,10 +554,7 @@ def load_predictions(path: str | os.PathLike, anno: dict | HicoGT) -> dict:
     return dict(zip(obj.keys(), splits))
 
 
-
-# ---------------------------------------------------------------------------------------
-# SWiG-HOI annotation and meta tables
-# ---------------------------------------------------------------------------------------
+# --- SWiG-HOI annotation and meta tables ------------------------------------------------------------------------------
 
 @dataclass
 class SwigGT:
@@ -704,28 +576,54 @@ class SwigGT:
     tables: tuple = None             # swig_meta_tables(meta): (categories, actions, interactions)
 
 
+def swig_meta_tables(meta, file="<meta>") -> tuple[list, list, list]:
+    """SWiG-HOI's swig_v1_meta.json -> (category names, action names, interactions [{id, action_id,
+    object_id, frequency, evaluation}]); ids index their table, each (action, object) once."""
+    def bad(problem):
+        return fail(file, f"SWiG meta file: {problem}")
+
+    if not isinstance(meta, dict):
+        raise bad("expected an object with SWIG_CATEGORIES, SWIG_ACTIONS, SWIG_INTERACTIONS")
+    tables = []
+    for key in ("SWIG_CATEGORIES", "SWIG_ACTIONS"):
+        t = meta.get(key)
+        if not isinstance(t, list) or not t:
+            raise bad(f"field '{key}': expected a non-empty list of {{id, name}}")
+        for r, x in enumerate(t):
+            if not (isinstance(x, dict) and isinstance(x.get("name"), str)) or x.get("id") not in (None, r):
+                raise bad(f"field '{key}[{r}]': expected {{id: {r}, name: string}}")
+        tables.append([x["name"] for x in t])
+    inter = meta.get("SWIG_INTERACTIONS")
+    if not isinstance(inter, list) or not inter:
+        raise bad("field 'SWIG_INTERACTIONS': expected a non-empty list")
+    out, keys = [], set()
+    spec = {"id": len(inter), "action_id": len(tables[1]), "object_id": len(tables[0]), "frequency": 3, "evaluation": 2}
+    for r, x in enumerate(inter):
+        try:
+            if not isinstance(x, dict):
+                raise ValueError("expected an object")
+            e = {k: as_index(x.get(k, 0 if k == "evaluation" else None), n) for k, n in spec.items()}
+        except ValueError as err:
+            raise bad(f"field 'SWIG_INTERACTIONS[{r}]': {err}") from None
+        if e["id"] != r or (e["action_id"], e["object_id"]) in keys:
+            raise bad(f"field 'SWIG_INTERACTIONS[{r}]': id must be {r} and each (action_id, object_id) listed once")
+        keys.add((e["action_id"], e["object_id"]))
+        out.append(e)
+    return tables[0], tables[1], out
+
+
 def load_swig_meta(path=None) -> dict:
     """swig_v1_meta.json (default: the shared data), validated (swig_meta_tables)."""
     path = path or data_root() / "swig_hoi" / "derived" / "swig_v1_meta.json"
     meta = read(path, "SWiG meta file")
-    try:
-        swig_meta_tables(meta)
-    except ValueError as e:
-        raise fail(path, f"SWiG meta file: {e}") from None
+    swig_meta_tables(meta, path)
     return meta
 
 
 def parse_swig_gt(anno: Any, meta: dict, name: str = "<anno>", skip_unknown: bool = False) -> SwigGT:
-    """THID/SWiG annotation list -> GT arrays. Every box of ``box_annotations`` is finite with
-    x2 >= x1 and a category in [0, O); box indices point into that list (a negative one never
-    wraps around to another box); ids are integers. A pair with object_id -1 (no object) is
-    left out and counted; a pair whose (action_id, category) is no SWiG-HOI interaction is an
-    error, or, with ``skip_unknown`` (the training set's reading), left out and counted."""
-    try:
-        tables = swig_meta_tables(meta)
-    except ValueError as e:
-        raise fail("<meta>", f"SWiG meta file: {e}") from None
-    objects, actions, inter = tables
+    """THID/SWiG annotation list -> SwigGT. A pair with object_id -1 is left out and counted; one whose
+    (action, category) is no interaction is an error, or with ``skip_unknown`` (training) left out and counted."""
+    objects, actions, inter = tables = swig_meta_tables(meta)
     mapper = {(x["action_id"], x["object_id"]): x["id"] for x in inter}
     if not isinstance(anno, list):
         raise fail(name, f"expected the SWiG-HOI json: a list of images with file_name, box_annotations, "
@@ -747,22 +645,18 @@ def parse_swig_gt(anno: Any, meta: dict, name: str = "<anno>", skip_unknown: boo
         raise fail(name, "listed twice", dup, field_="file_name")
     img, boxes, cls, act, cat = (list(x) for x in zip(*rows)) if rows else ([], [], [], [], [])
     return SwigGT(name=name, filenames=filenames, index={f: i for i, f in enumerate(filenames)},
-                  num_classes=len(inter), eval_ids=np.array([x["id"] for x in inter if x["evaluation"] == 1],
-                                                            dtype=np.int64),
-                  frequency=np.array([x["frequency"] for x in inter], dtype=np.int64),
-                  gt_class=np.array(cls, dtype=np.int64), gt_image=np.array(img, dtype=np.int64),
-                  gt_boxes=np.array(boxes, dtype=np.float64).reshape(-1, 8), num_no_object=skipped[0],
-                  num_unknown=skipped[1], gt_action=np.array(act, dtype=np.int64),
-                  gt_category=np.array(cat, dtype=np.int64), sizes=sizes, tables=tables)
+                  num_classes=len(inter), eval_ids=np.array([x["id"] for x in inter if x["evaluation"] == 1], np.int64),
+                  frequency=np.array([x["frequency"] for x in inter], np.int64), gt_class=np.array(cls, np.int64),
+                  gt_image=np.array(img, np.int64), gt_boxes=np.array(boxes, np.float64).reshape(-1, 8),
+                  num_no_object=skipped[0], num_unknown=skipped[1], gt_action=np.array(act, np.int64),
+                  gt_category=np.array(cat, np.int64), sizes=sizes, tables=tables)
 
 
 def _swig_rows(im: dict, mapper: dict, num_objects: int, num_actions: int, name, skip_unknown: bool):
-    """Yield (human box + object box, class, action, category) of each hoi_annotations entry of
-    an image; class -1: no object, -2: unknown interaction (skipped)."""
+    """Per hoi_annotations entry: (human + object box, class, action, category); class -1: no object,
+    -2: unknown interaction (skipped)."""
     fn = im["file_name"]
-    for key in ("box_annotations", "hoi_annotations"):
-        if not isinstance(im.get(key), list):
-            raise fail(name, "missing key or not a list", fn, field_=key)
+    require(im, ("box_annotations", "hoi_annotations"), name, fn, kind=list)
     raw = im["box_annotations"]
     for r, b in enumerate(raw):
         if not isinstance(b, dict) or "bbox" not in b or "category_id" not in b:
@@ -773,18 +667,11 @@ def _swig_rows(im: dict, mapper: dict, num_objects: int, num_actions: int, name,
     for h, hoi in enumerate(im["hoi_annotations"]):
         if not isinstance(hoi, dict) or not all(k in hoi for k in ("subject_id", "object_id", "action_id")):
             raise fail(name, "needs subject_id, object_id, action_id", fn, field_=f"hoi_annotations[{h}]")
-        key = "object_id"
-        try:
-            if is_number(hoi["object_id"]) and hoi["object_id"] == -1:
-                yield None, -1, -1, -1
-                continue
-            o = as_index(hoi["object_id"], len(boxes))
-            key = "subject_id"
-            s = as_index(hoi["subject_id"], len(boxes))
-            key = "action_id"
-            a = as_index(hoi["action_id"], num_actions)
-        except ValueError as e:
-            raise fail(name, e, fn, field_=f"hoi_annotations[{h}].{key}") from None
+        if is_number(hoi["object_id"]) and hoi["object_id"] == -1:
+            yield None, -1, -1, -1
+            continue
+        o, s, a = (as_index(hoi[k], n, at=(name, fn, None, f"hoi_annotations[{h}].{k}")) for k, n in
+                   (("object_id", len(boxes)), ("subject_id", len(boxes)), ("action_id", num_actions)))
         k = mapper.get((a, cat[o]))
         if k is None and not skip_unknown:
             raise fail(name, f"(action_id, object category) = {(a, cat[o])} is not a SWiG-HOI interaction",
@@ -792,68 +679,10 @@ def _swig_rows(im: dict, mapper: dict, num_objects: int, num_actions: int, name,
         yield boxes[s] + boxes[o], (-2 if k is None else k), a, cat[o]
 
 
-# ---------------------------------------------------------------------------------------
-# V-COCO: VSRL + COCO instances, vsrl_eval detections
-# ---------------------------------------------------------------------------------------
+# --- V-COCO: VSRL + COCO instances, vsrl_eval detections --------------------------------------------------------------
 
-@dataclass
-class VCOCOGt:
-    """Per-image V-COCO ground truth, as vsrl_eval's vcocodb (person rows only)."""
-    actions: list                      # A action names
-    roles: list                        # A lists: ['agent', role1, ...]
-    image_ids: list                    # sorted image ids
-    boxes: dict = field(default_factory=dict)      # image id -> float32[G, 4] all valid objects
-    person: dict = field(default_factory=dict)     # image id -> int64[P] rows of persons in boxes
-    actions_gt: dict = field(default_factory=dict)  # image id -> int[P, A] (-1 ignored, 0/1)
-    role_gt: dict = field(default_factory=dict)    # image id -> int[P, A, 2] row in boxes or -1
-
-
-
-def parse_vcoco_gt(vsrl: Any, coco: Any, vsrl_name: str = "<vsrl>", coco_name: str = "<coco>") -> VCOCOGt:
-    """Build the V-COCO ground truth from the official VSRL list and COCO instances dict."""
-    acts, roles, data = _vsrl_actions(vsrl, vsrl_name)
-    base_ann, lab_mat, roi_mat = _vsrl_labels(acts, data, vsrl_name)
-    pos_of_ann = {int(v): i for i, v in enumerate(base_ann)}     # VSRL person -> row of lab_mat
-    image_ids = sorted({int(v) for v in data[0][0]})
-    person_cat, sizes, anns_by_img = _coco_index(coco, image_ids, coco_name)
-    gt = VCOCOGt(actions=acts, roles=roles, image_ids=image_ids)
-    for img, aid in zip(data[0][0].tolist(), data[0][1].tolist()):
-        if not any(is_number(an.get("id")) and an["id"] == aid for an in anns_by_img.get(img, [])):
-            raise fail(vsrl_name, f"ann_id {aid} is not an annotation of that image in {coco_name}", img)
-    for i in image_ids:
-        if i not in sizes:
-            raise fail(coco_name, f"not in 'images' (an image of {vsrl_name})", i)
-        boxes, ids, is_person = _coco_boxes(anns_by_img[i], sizes[i], person_cat, coco_name, i)
-        pid = np.flatnonzero(np.array(is_person, dtype=bool))
-        row_of_id = {v: r for r, v in enumerate(ids)}
-        act = -np.ones((pid.size, len(acts)), dtype=np.int64)
-        rol = -np.ones((pid.size, len(acts), 2), dtype=np.int64)
-        for p, r in enumerate(pid):
-            aid = ids[r]
-            if aid not in pos_of_ann:
-                continue
-            q = pos_of_ann[aid]
-            act[p] = lab_mat[q]
-            for a in np.flatnonzero(lab_mat[q]):
-                for j in range(len(roles[a]) - 1):
-                    oid = int(roi_mat[q, a, j])
-                    if oid == 0:
-                        continue
-                    if oid not in row_of_id:
-                        raise fail(vsrl_name, f"ann_id {aid} role '{roles[a][j + 1]}': role object {oid} is "
-                                              f"not a valid annotation of that image in {coco_name}", i,
-                                   field_=f"{acts[a]}.role_object_id")
-                    rol[p, a, j] = row_of_id[oid]
-        gt.boxes[i] = np.array(boxes, dtype=np.float32).reshape(-1, 4)
-        gt.person[i] = pid
-        gt.actions_gt[i] = act
-        gt.role_gt[i] = rol
-    return gt
-
-
-def _vsrl_actions(vsrl: Any, vsrl_name: str) -> tuple[list, list, list]:
-    """The VSRL list -> (action names, role names per action, (image_id, ann_id, label,
-    role_object_id [N, roles]) int64 arrays per action), validated."""
+def vsrl_actions(vsrl: Any, vsrl_name: str) -> tuple[list, list, list]:
+    """The VSRL list -> (action names, role names, per action (image_id, ann_id, label, role_object_id [N, R]))."""
     if not isinstance(vsrl, list) or not vsrl:
         raise fail(vsrl_name, "expected the official VSRL list (one entry per action)")
     acts, roles, data = [], [], []
@@ -863,8 +692,7 @@ def _vsrl_actions(vsrl: Any, vsrl_name: str) -> tuple[list, list, list]:
         for key in ("action_name", "role_name", "image_id", "ann_id", "label", "role_object_id"):
             if key not in x:
                 raise fail(vsrl_name, f"missing key '{key}'", field_=f"[{a}]")
-        name = x["action_name"]
-        rn = x["role_name"]
+        name, rn = x["action_name"], x["role_name"]
         if not isinstance(name, str) or name in acts:
             raise fail(vsrl_name, f"must be a string naming each action once, got {name!r}",
                        field_=f"[{a}].action_name")
@@ -902,52 +730,20 @@ def _int_vector(v: Any, where: str) -> np.ndarray:
     return a.astype(np.int64)
 
 
-def _vsrl_labels(acts: list, data: list, vsrl_name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per VSRL person (the first action's ann_id order): (ann_id int64[M], action labels
-    int64[M, A], role object ids int64[M, A, 2]); every action must list the same persons."""
-    A = len(acts)
-    base_ann = data[0][1]
-    for a in range(1, A):
-        if not np.array_equal(data[a][1], base_ann):
-            raise fail(vsrl_name, "differs from the first action's (the official file lists every person "
-                                  "for every action)", field_=f"{acts[a]}.ann_id")
-    pos_of_ann = {int(v): i for i, v in enumerate(base_ann)}
-    lab_mat = np.zeros((base_ann.size, A), dtype=np.int64)
-    roi_mat = np.zeros((base_ann.size, A, 2), dtype=np.int64)
-    for a, (img, ann, lab, roi) in enumerate(data):
-        rows = np.flatnonzero(lab == 1)
-        idx = np.array([pos_of_ann[int(v)] for v in ann[rows]], dtype=np.int64)
-        if np.unique(idx).size != idx.size:
-            raise fail(vsrl_name, "a person has label 1 twice", field_=f"{acts[a]}.label")
-        lab_mat[idx, a] = 1
-        bad = roi[rows, 0] != ann[rows]
-        if bad.any():
-            raise fail(vsrl_name, f"role_object_id[:, 0] must equal ann_id ({int(ann[rows][bad][0])})",
-                       field_=f"{acts[a]}.role_object_id")
-        roi_mat[idx, a, :roi.shape[1] - 1] = roi[rows, 1:]
-    return base_ann, lab_mat, roi_mat
-
-
-def _coco_index(coco: Any, image_ids: list, coco_name: str) -> tuple[Any, dict, dict]:
-    """COCO instances dict -> (person category id, {image id: (width, height)},
-    {image id: [annotation dicts]}) for the wanted image ids."""
+def coco_index(coco: Any, image_ids: list, coco_name: str) -> tuple[Any, dict, dict]:
+    """COCO instances -> (person category id, {image id: (w, h)}, {image id: [annotations]}) of image_ids."""
     if not isinstance(coco, dict) or not isinstance(coco.get("annotations"), list) or \
             not isinstance(coco.get("images"), list):
         raise fail(coco_name, "expected a COCO instances JSON with 'images' and 'annotations' (lists)")
-    person_cat = 1
-    cats = coco.get("categories")
-    if isinstance(cats, list):
-        for c in cats:
-            if isinstance(c, dict) and c.get("name") == "person":
-                person_cat = c.get("id")
-    wanted = set(image_ids)
-    sizes = {}
+    cats = coco.get("categories") if isinstance(coco.get("categories"), list) else []
+    persons = [c.get("id") for c in cats if isinstance(c, dict) and c.get("name") == "person"]
+    person_cat = persons[-1] if persons else 1          # the last "person" entry counts
+    wanted, sizes = set(image_ids), {}
     for im in coco["images"]:
         if isinstance(im, dict) and is_number(im.get("id")) and im["id"] in wanted:
             w, h = im.get("width"), im.get("height")
             if not (is_number(w) and is_number(h) and 0 < w < math.inf and 0 < h < math.inf):
-                raise fail(coco_name, f"must be positive numbers, got {w!r}, {h!r}", im.get("id"),
-                           field_="width/height")
+                raise fail(coco_name, f"must be positive numbers, got {w!r}, {h!r}", im["id"], field_="width/height")
             if int(im["id"]) in sizes:
                 raise fail(coco_name, "listed twice in 'images'", im["id"])
             sizes[int(im["id"])] = (float(w), float(h))
@@ -955,19 +751,15 @@ def _coco_index(coco: Any, image_ids: list, coco_name: str) -> tuple[Any, dict, 
     for k, an in enumerate(coco["annotations"]):
         if not isinstance(an, dict):
             raise fail(coco_name, "expected an object", field_=f"annotations[{k}]")
-        try:
-            i = as_index(an.get("image_id"))
-        except ValueError as e:
-            raise fail(coco_name, e, field_=f"annotations[{k}].image_id") from None
+        i = as_index(an.get("image_id"), at=(coco_name, None, None, f"annotations[{k}].image_id"))
         if i in anns_by_img:
             anns_by_img[i].append(an)
     return person_cat, sizes, anns_by_img
 
 
-def _coco_boxes(anns: list, size: tuple, person_cat, coco_name: str, image_id: int) -> tuple[list, list, list]:
-    """One image's COCO annotations -> (boxes, annotation ids, is-person flags) of the valid
-    ones, as vsrl_eval: [x, y, x + max(0, w - 1), y + max(0, h - 1)] clipped to the image;
-    ignored, zero-area and extent-less annotations are dropped."""
+def coco_boxes(anns: list, size: tuple, person_cat, coco_name: str, image_id: int) -> tuple[list, list, list]:
+    """One image's COCO annotations -> (boxes, ids, is-person flags) of the kept ones, as vsrl_eval: [x, y,
+    x + max(0, w - 1), y + max(0, h - 1)] clipped; ignored, zero-area and extent-less ones dropped."""
     width, height = size
     boxes, ids, is_person = [], [], []
     for an in anns:
@@ -980,13 +772,8 @@ def _coco_boxes(anns: list, size: tuple, person_cat, coco_name: str, image_id: i
                 raise ValueError
             as_index(an["id"])
             x, y, w, h = (float(v) for v in b)
-            x1, y1 = x, y
-            x2 = x1 + max(0.0, w - 1.0)
-            y2 = y1 + max(0.0, h - 1.0)
-            x1 = min(width - 1.0, max(0.0, x1))
-            y1 = min(height - 1.0, max(0.0, y1))
-            x2 = min(width - 1.0, max(0.0, x2))
-            y2 = min(height - 1.0, max(0.0, y2))
+            x1, x2 = (min(width - 1.0, max(0.0, v)) for v in (x, x + max(0.0, w - 1.0)))
+            y1, y2 = (min(height - 1.0, max(0.0, v)) for v in (y, y + max(0.0, h - 1.0)))
             if an["area"] > 0 and x2 > x1 and y2 > y1:
                 boxes.append((x1, y1, x2, y2))
                 ids.append(int(an["id"]))
@@ -997,33 +784,25 @@ def _coco_boxes(anns: list, size: tuple, person_cat, coco_name: str, image_id: i
     return boxes, ids, is_person
 
 
-
 @dataclass
 class VCOCODets:
-    """Detections in vsrl_eval's layout, concatenated in file order.
-
-    img: int64[D] position of the image in gt.image_ids; person: float32[D, 4];
-    agent: float32[D, A] agent scores (NaN = not predicted); role: float32[D, R, 5] role box +
-    score for the R action-roles ``gt.role_keys()`` (NaN score = not predicted).
-    """
-    img: np.ndarray
-    person: np.ndarray
-    agent: np.ndarray
-    role: np.ndarray
+    """Detections in vsrl_eval's layout, in file order (NaN = not predicted)."""
+    img: np.ndarray         # int64[D] position of the image in gt.image_ids
+    person: np.ndarray      # float32[D, 4]
+    agent: np.ndarray       # float32[D, A] agent scores
+    role: np.ndarray        # float32[D, R, 5] role box + score of the R action-roles (vcoco_role_keys)
 
 
-def vcoco_role_keys(gt: VCOCOGt) -> list:
+def vcoco_role_keys(gt) -> list:
     """[(action index, role index)] of every action-role, vsrl_eval order."""
     return [(a, r) for a in range(len(gt.actions)) for r in range(len(gt.roles[a]) - 1)]
 
 
-def load_vcoco_dets(obj: Any, gt: VCOCOGt, src: str):
-    """vsrl_eval detection list -> (VCOCODets, unknown keys, number of detections). Missing or
-    null keys mean "not predicted" (NaN), as vsrl_eval's NaN convention. Errors name the
-    detection as ``image 'IMAGE_ID' row K`` (K: its place in the file)."""
+def load_vcoco_dets(obj: Any, gt, src: str):
+    """vsrl_eval detection list -> (VCOCODets, unknown keys, count); missing / null = not predicted (NaN).
+    Errors name a detection ``image 'IMAGE_ID' row K`` (K: its place in the file)."""
     if not isinstance(obj, list):
-        raise fail(src, "expected a JSON list of detections {image_id, person_box, <action>_agent, "
-                        "<action>_<role>}")
+        raise fail(src, "expected a JSON list of detections {image_id, person_box, <action>_agent, <action>_<role>}")
     pos = {i: k for k, i in enumerate(gt.image_ids)}
     img, person = np.empty(len(obj), dtype=np.int64), []
     for k, d in enumerate(obj):
@@ -1043,10 +822,9 @@ def load_vcoco_dets(obj: Any, gt: VCOCOGt, src: str):
     role_keys = [f"{gt.actions[a]}_{gt.roles[a][r + 1]}" for a, r in vcoco_role_keys(gt)]
     agent = np.zeros((len(obj), len(agent_keys)), dtype=np.float32)
     role = np.zeros((len(obj), len(role_keys), 5), dtype=np.float32)
-    for a, key in enumerate(agent_keys):
-        agent[:, a] = _vcoco_column(obj, key, 1, gt, img, src)
-    for q, key in enumerate(role_keys):
-        role[:, q] = _vcoco_column(obj, key, 5, gt, img, src)
+    for out, keys, width in ((agent, agent_keys, 1), (role, role_keys, 5)):
+        for q, key in enumerate(keys):
+            out[:, q] = _vcoco_column(obj, key, width, gt, img, src)
     unknown = set(chain.from_iterable(d.keys() for d in obj[:1000]))     # a sample is enough to warn
     dets = VCOCODets(img=img, person=np.array(person, dtype=np.float32).reshape(len(obj), 4), agent=agent, role=role)
     return dets, sorted(unknown - {"image_id", "person_box", *agent_keys, *role_keys}), len(obj)
@@ -1055,10 +833,9 @@ def load_vcoco_dets(obj: Any, gt: VCOCOGt, src: str):
 _SCORE_TYPES = {float, int, type(None)}
 
 
-def _vcoco_column(obj: list, key: str, width: int, gt: VCOCOGt, img: np.ndarray, src: str) -> np.ndarray:
-    """obj[k][key] -> float64[D] scores (width 1) or float64[D, 5] role box + score (width 5);
-    missing / null -> NaN. Fast path: one type check and one conversion (C loops); the first
-    bad value is looked for only when they fail."""
+def _vcoco_column(obj: list, key: str, width: int, gt, img: np.ndarray, src: str) -> np.ndarray:
+    """obj[k][key] -> float64[D] scores (width 1) or float64[D, 5] role box + score, missing / null -> NaN.
+    Fast path: one type check and one conversion; the bad value is looked for only when they fail."""
     vals, arr = [d.get(key) for d in obj], None
     if width == 1 and set(map(type, vals)) <= _SCORE_TYPES:
         arr = np.array(vals, dtype=np.float64).reshape(len(obj))
@@ -1069,15 +846,11 @@ def _vcoco_column(obj: list, key: str, width: int, gt: VCOCOGt, img: np.ndarray,
     if arr is not None and not np.isinf(arr).any():
         return arr
 
-    def bad(v):
-        if width == 5:
-            return v is not None and not (type(v) is list and len(v) == 5 and not any(map(bad_score, v)))
-        return bad_score(v)
-
     def bad_score(v):
         return not (v is None or (type(v) in (float, int) and not math.isinf(v)))
 
-    k = next(k for k, v in enumerate(vals) if bad(v))
+    k = next(k for k, v in enumerate(vals) if (bad_score(v) if width == 1 else v is not None and not (
+        type(v) is list and len(v) == 5 and not any(map(bad_score, v)))))
     raise fail(src, "expected a score (a number, NaN or null = not predicted)" if width == 1 else
                "expected [x1, y1, x2, y2, score] (finite or NaN/null; NaN/null score = not predicted)",
                gt.image_ids[int(img[k])], k, key)
@@ -1085,9 +858,8 @@ def _vcoco_column(obj: list, key: str, width: int, gt: VCOCOGt, img: np.ndarray,
 
 @dataclass
 class VcocoPairs:
-    """fredzzhang/vcoco's ``instances_vcoco_*.json`` (the training / detector-AP format), read
-    by :func:`parse_vcoco_pairs`. Object labels are COCO-80 (the file's index - 1: the file
-    counts 'background' as 0)."""
+    """fredzzhang/vcoco's ``instances_vcoco_*.json`` (:func:`parse_vcoco_pairs`); objects COCO-80 (the
+    file's index - 1: it counts 'background' as 0)."""
     filenames: list
     classes: list                   # K action-role names
     objects: list                   # 80 object names
@@ -1098,32 +870,24 @@ class VcocoPairs:
 
 
 def parse_vcoco_pairs(d: Any, name) -> VcocoPairs:
-    """Keys: ``annotations`` (per image {file_name, boxes_h, boxes_o, actions, objects}),
-    ``classes``, ``objects`` (81 names); optional ``images``, ``action_to_object`` (per class,
-    object indices of the 81; absent: every object), ``prompts`` (K strings)."""
+    """Keys: ``annotations`` ({file_name, boxes_h, boxes_o, actions, objects} each), ``classes``, ``objects``
+    (81); optional ``images``, ``action_to_object`` (per class, of the 81; absent: every object), ``prompts``."""
     if not isinstance(d, dict):
         raise fail(name, "expected a JSON object with key 'annotations'")
-    for key in ("annotations", "classes", "objects"):
-        if not isinstance(d.get(key), list):
-            raise fail(name, "missing key or not a list", field_=key)
+    require(d, ("annotations", "classes", "objects"), name, kind=list)
     anns = d["annotations"]
     classes, objects81 = name_list(d["classes"], name, "classes"), name_list(d["objects"], name, "objects")
     K, O81 = len(classes), len(objects81)
-    ids, a2o, prompts = d.get("images"), d.get("action_to_object"), d.get("prompts")
-    try:
-        if ids is not None and (not isinstance(ids, list) or len(ids) != len(anns)):
-            raise ValueError(f"expected a list of {len(anns)} image ids, one per annotation")
-        ids = as_index_list(ids, unique=True) if ids is not None else None
-    except ValueError as e:
-        raise fail(name, e, field_="images") from None
+    ids, a2o = d.get("images"), d.get("action_to_object")
+    if ids is not None and (not isinstance(ids, list) or len(ids) != len(anns)):
+        raise fail(name, f"expected a list of {len(anns)} image ids, one per annotation", field_="images")
+    ids = as_index_list(ids, unique=True, at=(name, None, None, "images")) if ids is not None else None
     files, rows = [], []
     for j, a in enumerate(anns):
         if not isinstance(a, dict) or not isinstance(a.get("file_name"), str):
             raise fail(name, "missing key or not a string", field_=f"annotations[{j}].file_name")
         img = a["file_name"]
-        for key in ("boxes_h", "boxes_o", "actions", "objects"):
-            if key not in a:
-                raise fail(name, "missing key", img, field_=key)
+        require(a, ("boxes_h", "boxes_o", "actions", "objects"), name, img)
         bh, bo = (boxes_array(a[k], name, img, k) for k in ("boxes_h", "boxes_o"))
         if len(bo) != len(bh):
             raise fail(name, f"{len(bo)} object boxes for {len(bh)} human boxes", img, field_="boxes_o")
@@ -1135,30 +899,20 @@ def parse_vcoco_pairs(d: Any, name) -> VcocoPairs:
         raise fail(name, f"expected one list of object indices per class ({K})", field_="action_to_object")
     hoi_object = [list(range(O81 - 1))] * K if a2o is None else []
     for k, lst in enumerate(a2o or []):
-        try:
-            hoi_object.append(sorted({o - 1 for o in as_index_list(lst, O81) if o > 0}))
-        except ValueError as e:
-            raise fail(name, e, field_=f"action_to_object[{k}]") from None
-    if prompts is not None and not (isinstance(prompts, list) and len(prompts) == K
-                                    and all(isinstance(p, str) for p in prompts)):
-        raise fail(name, f"expected {K} strings", field_="prompts")
+        at = (name, None, None, f"action_to_object[{k}]")
+        hoi_object.append(sorted({o - 1 for o in as_index_list(lst, O81, at=at) if o > 0}))
     return VcocoPairs(filenames=files, classes=classes, objects=objects81[1:], image_ids=ids, rows=rows,
-                      hoi_object=hoi_object, prompts=prompts)
+                      hoi_object=hoi_object, prompts=prompts_list(d.get("prompts"), K, name))
 
 
-# ---------------------------------------------------------------------------------------
-# Detection files: per image {file_name: {boxes, scores, labels}} and COCO results
-# ---------------------------------------------------------------------------------------
+# --- Detection files: per image {file_name: {boxes, scores, labels}} and COCO results ---------------------------------
 
 def image_detections(e: Any, file, image, num_labels: Optional[int] = None) -> tuple:
-    """One image's entry of a per-image detection file -> (boxes float64[N, 4], scores
-    float64[N], labels int64[N]): boxes as :func:`boxes_array`, scores finite within float32's
-    range, labels in [0, num_labels)."""
+    """One image's {boxes, scores, labels} -> (boxes float64[N, 4] (:func:`boxes_array`), scores float64[N]
+    finite within float32, labels int64[N] in [0, num_labels))."""
     if not isinstance(e, dict):
         raise fail(file, "expected {boxes, scores, labels}", image)
-    for key in ("boxes", "scores", "labels"):
-        if key not in e:
-            raise fail(file, "missing key", image, field_=key)
+    require(e, ("boxes", "scores", "labels"), file, image)
     boxes = boxes_array(e["boxes"], file, image, "boxes")
     n = len(boxes)
     if not isinstance(e["scores"], list) or len(e["scores"]) != n:
@@ -1175,14 +929,11 @@ def image_detections(e: Any, file, image, num_labels: Optional[int] = None) -> t
 
 
 def coco_result(e: Any, r: int, file, names: dict, labels: dict) -> tuple:
-    """Entry r of a COCO results list [{image_id, category_id, bbox [x, y, w, h], score}] ->
-    (file name, [x, y, w, h], score, label). names: {image_id: file name}; labels:
-    {category_id: label}. The box is finite with w, h >= 0 and x + w, y + h within float32."""
+    """Entry r of a COCO results list -> (file name, [x, y, w, h], score, label); names: {image_id: file name},
+    labels: {category_id: label}. The box is finite, w, h >= 0, x + w and y + h within float32."""
     if not isinstance(e, dict):
         raise fail(file, "expected an object {image_id, category_id, bbox, score}", row=r)
-    for key in ("image_id", "category_id", "bbox", "score"):
-        if key not in e:
-            raise fail(file, "missing key", row=r, field_=key)
+    require(e, ("image_id", "category_id", "bbox", "score"), file, row=r)
     iid, cid, b, s = e["image_id"], e["category_id"], e["bbox"], e["score"]
     if not (type(iid) is int and iid in names):
         raise fail(file, f"unknown image id {iid!r}", row=r, field_="image_id")
@@ -1193,8 +944,7 @@ def coco_result(e: Any, r: int, file, names: dict, labels: dict) -> tuple:
         raise fail(file, f"expected [x, y, w, h] (4 numbers), got {b!r}", img, r, "bbox")
     x, y, w, h = (float(v) for v in b)
     if not all(math.isfinite(v) and abs(v) <= FLOAT32_MAX for v in (x, y, x + w, y + h)) or w < 0 or h < 0:
-        raise fail(file, f"{b!r} is non-finite, beyond float32's range or has a negative width/height",
-                   img, r, "bbox")
+        raise fail(file, f"{b!r} is non-finite, beyond float32's range or has a negative width/height", img, r, "bbox")
     if not (is_number(s) and math.isfinite(s) and abs(s) <= FLOAT32_MAX):
         raise fail(file, f"{s!r} is not a finite number", img, r, "score")
     return img, [x, y, w, h], float(s), labels[cid]

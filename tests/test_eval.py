@@ -554,7 +554,7 @@ def vcoco_world():
 
 def test_vcoco_hand_case():
     vsrl, coco, dets = vcoco_world()
-    gt = formats.parse_vcoco_gt(vsrl, coco)
+    gt = hoi_eval.parse_vcoco_gt(vsrl, coco)
     assert gt.boxes[1].tolist() == [[0, 0, 9, 9], [50, 50, 59, 59], [20, 0, 29, 9]]
     d, unknown, n = formats.load_vcoco_dets(dets, gt, "DETS.json")
     res = hoi_eval.evaluate_vcoco(gt, d)
@@ -582,14 +582,14 @@ def test_vcoco_hand_case():
 def test_vcoco_empty_role_box_scenario_1_and_no_positive_nan():
     vsrl, coco, dets = vcoco_world()
     dets[3]["hold_obj"] = [0, 0, 0, 0, 0.6]                         # "no role object" predicted
-    gt = formats.parse_vcoco_gt(vsrl, coco)
+    gt = hoi_eval.parse_vcoco_gt(vsrl, coco)
     res = hoi_eval.evaluate_vcoco(gt, formats.load_vcoco_dets(dets, gt, "D")[0])
     hold = [p for p in res["per_role"] if p["action"] == "hold"][0]
     assert hold["ap_scenario_1"] == pytest.approx(hold["ap_scenario_2"], abs=1e-6)
     assert hold["ap_scenario_1"] == pytest.approx(100 * (0.5 + 0.5 * 2 / 3), abs=1e-5)
     # an action without positives: NaN, left out of the agent mean
     vsrl[1]["label"] = [0, 0]
-    gt = formats.parse_vcoco_gt(vsrl, coco)
+    gt = hoi_eval.parse_vcoco_gt(vsrl, coco)
     res = hoi_eval.evaluate_vcoco(gt, formats.load_vcoco_dets(dets, gt, "D")[0])
     agent = {a["action"]: a["ap"] for a in res["per_action_agent"]}
     assert np.isnan(agent["stand"]) and res["agent_ap"] == pytest.approx(50.0)
@@ -963,7 +963,7 @@ def random_vcoco(seed):
 @pytest.mark.parametrize("seed", range(12))
 def test_vcoco_vectorised_matches_reference_loop(seed):
     vsrl, coco, dets = random_vcoco(seed)
-    gt = formats.parse_vcoco_gt(vsrl, coco)
+    gt = hoi_eval.parse_vcoco_gt(vsrl, coco)
     res = hoi_eval.evaluate_vcoco(gt, formats.load_vcoco_dets(dets, gt, "D")[0])
     ref = ref_vcoco(gt, dets)
     got = {("agent", k, 0): a["ap"] for k, a in enumerate(res["per_action_agent"])}

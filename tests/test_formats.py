@@ -356,7 +356,7 @@ VCOCO_DET_CASES = [   # (mutation of the first detection, image, field, problem)
 def test_vcoco_ground_truth(tmp_path, mutate, which, image, field, problem):
     vsrl, coco, dets = vcoco_docs()
     mutate(vsrl, coco)
-    refused(lambda: formats.parse_vcoco_gt(vsrl, coco, "V.json", "C.json"), f"{which}.json", image, None, field,
+    refused(lambda: hoi_eval.parse_vcoco_gt(vsrl, coco, "V.json", "C.json"), f"{which}.json", image, None, field,
             problem)
     files = {}
     for name, obj in (("V", vsrl), ("C", coco), ("D", dets)):
@@ -369,7 +369,7 @@ def test_vcoco_ground_truth(tmp_path, mutate, which, image, field, problem):
 @pytest.mark.parametrize("mutate, image, field, problem", VCOCO_DET_CASES, ids=[c[3] for c in VCOCO_DET_CASES])
 def test_vcoco_detections(mutate, image, field, problem):
     vsrl, coco, dets = vcoco_docs()
-    gt = formats.parse_vcoco_gt(vsrl, coco)
+    gt = hoi_eval.parse_vcoco_gt(vsrl, coco)
     mutate(dets[0])
     refused(lambda: formats.load_vcoco_dets(dets, gt, "DETS.json"), "DETS.json", image, 0, field, problem)
 
