@@ -48,30 +48,14 @@ from common import (
 from detector_ap import evaluate_detector
 from runs import load_checkpoint
 from viz import draw_interactions, hoi_class_names
-from world import synthetic, vlms
-from world.recipe import (
-    KD,
-    LABEL_DROP,
-    LOOP,
-    MODEL_OPTS,
-    VLMS,
-    WORLD,
-    chance_level,
-    check_vlm,
-    claim_output_folder,
-    output_layout,
-    read_metrics,
-    read_preds,
-    stamp_doc,
-    vlm_args,
-)
+from world import recipe, synthetic, vlms
 
 ROOT = Path(__file__).resolve().parent
 
 RUNS = ("teacher", "student", "zs_teacher", "zs_student")
 CONTROL_RUNS = ("random_teacher", "random_zs_teacher")     # the teachers again on a random VLM
 # what the demo writes in its folder (recipe.json: the stamp); --fresh deletes nothing else
-LAYOUT = output_layout("recipe.json", ("results.json", "detections.png"), RUNS + CONTROL_RUNS)
+LAYOUT = recipe.output_layout("recipe.json", ("results.json", "detections.png"), RUNS + CONTROL_RUNS)
 
 
 def _common(out: Path, world: Path, threads: int, loop: list, vlm: list) -> list:
@@ -81,7 +65,7 @@ def _common(out: Path, world: Path, threads: int, loop: list, vlm: list) -> list
     args = ["--dataset", "synthetic", "--world", str(world), "--runs", str(out),
             "--cache", str(out / "cache")] + vlm + ["--threads", str(threads),
                                                     "--no-progress", "--resume", "--keep-empty"] + loop
-    for o in MODEL_OPTS:
+    for o in recipe.MODEL_OPTS:
         args += ["--model-opt", o]
     return args
 
@@ -108,7 +92,7 @@ def draw_picture(out: Path, world_paths: dict, student_dir: Path) -> str:
     npairs = [len(a["hoi"]) for a in anno["annotation"][:50]]
     j = int(np.argmax(npairs))
     fn = anno["filenames"][j]
-    rows = read_preds(student_dir).get(fn, np.zeros((0, 10)))
+    rows = recipe.read_preds(student_dir).get(fn, np.zeros((0, 10)))
     img = Image.open(Path(world_paths["test_images"]) / fn).convert("RGB")
     gt = ", ".join(names[h] for h in sorted(set(anno["annotation"][j]["hoi"])))
     pic = draw_interactions(img, rows, names, top_k=4, title=f"student, {fn}", note=f"GT: {gt}")
@@ -122,16 +106,16 @@ def train_all(out: Path, world: Path, loop: list, zero_shot: str, sequential: bo
     """Teacher -> student on the full labels and on the zero-shot split, and with a pretrained
     VLM the two teachers again on its random-weight control: two chains, in parallel unless
     sequential. Returns the names of the runs that failed."""
-    com = _common(out, world, 1, loop, vlm_args(vlm, weights))
+    com = _common(out, world, 1, loop, recipe.vlm_args(vlm, weights))
     tt, ts = str(ROOT / "train_teacher.py"), str(ROOT / "train_student.py")
     zs = ["--zero-shot", zero_shot]
     full = [("teacher", [tt] + com + ["--name", "teacher"]),
-            ("student", [ts] + com + KD + ["--name", "student", "--teacher", str(out / "teacher" / "last.pt")])]
+            ("student", [ts] + com + recipe.KD + ["--name", "student", "--teacher", str(out / "teacher" / "last.pt")])]
     zero = [("zs_teacher", [tt] + com + zs + ["--name", "zs_teacher"]),
-            ("zs_student", [ts] + com + zs + KD + ["--name", "zs_student",
+            ("zs_student", [ts] + com + zs + recipe.KD + ["--name", "zs_student",
                                                    "--teacher", str(out / "zs_teacher" / "last.pt")])]
-    if VLMS[vlm][1]:
-        ctl = _common(out, world, 1, loop, vlm_args(vlm, weights, random_weights=True))
+    if recipe.VLMS[vlm][1]:
+        ctl = _common(out, world, 1, loop, recipe.vlm_args(vlm, weights, random_weights=True))
         # the control runs last in one chain and first in the other: each chain builds one
         # VLM's feature cache at its start, and neither waits for the other's (a cache lock)
         full.append(("random_teacher", [tt] + ctl + ["--name", "random_teacher"]))
@@ -177,9 +161,9 @@ def collect_results(out: Path, anno: dict, zero_shot: str, control: bool = True)
     "random_vlm_teacher" beside "teacher" (None without them)."""
     split = anno["zero_shot"][zero_shot]
     unseen = sorted(split) if isinstance(split, list) else sorted(split["unseen"])
-    res = {k: read_metrics(out / k) for k in RUNS + (CONTROL_RUNS if control else ())}
-    chance = chance_level(anno, read_preds(out / "teacher"))
-    chance_zs = chance_level(anno, read_preds(out / "zs_teacher"), zero_shot=unseen)
+    res = {k: recipe.read_metrics(out / k) for k in RUNS + (CONTROL_RUNS if control else ())}
+    chance = recipe.chance_level(anno, recipe.read_preds(out / "teacher"))
+    chance_zs = recipe.chance_level(anno, recipe.read_preds(out / "zs_teacher"), zero_shot=unseen)
 
     def pick(run, ks):
         return {k: round(float(res[run][k]), 2) for k in ks} if run in res else None
@@ -201,7 +185,7 @@ def print_table(results: dict) -> None:
     line = "-" * 56
     vlm = results.get("vlm", {}).get("name", "?")
     print("\nHICO-DET-protocol mAP (%) on the synthetic test set "
-          f"({WORLD['n_test']} images, 16 classes), VLM {vlm}\n{line}")
+          f"({recipe.WORLD['n_test']} images, 16 classes), VLM {vlm}\n{line}")
     z = results["zero_shot"]
     for title, r, keys, header in (
             (None, results, KEYS, ("Full", "Rare", "Non-rare")),
@@ -224,13 +208,13 @@ def main(argv=None) -> int:
                    help="output folder (default runs/demo, runs/demo_seed<N> for --seed N != 0)")
     p.add_argument("--seed", type=nonneg_int, default=0, help="seed of the world and of every run")
     p.add_argument("--label-drop", type=number(float, lo=0, hi=1, hi_open=True, what="in [0, 1)"),
-                   default=LABEL_DROP, help="fraction of train interaction labels removed (sparse annotation)")
+                   default=recipe.LABEL_DROP, help="fraction of train interaction labels removed (sparse annotation)")
     p.add_argument("--zero-shot", default="nf-uc", choices=sorted(ZERO_SHOT_SPLITS),
                    help="zero-shot split of the synthetic world")
     p.add_argument("--fresh", action="store_true", help="delete the output folder first (only a demo output "
                    "folder: its recipe.json stamp and nothing the demo does not write)")
     p.add_argument("--sequential", action="store_true", help="run the two chains one after the other")
-    p.add_argument("--vlm", default="world-clip", choices=list(VLMS),
+    p.add_argument("--vlm", default="world-clip", choices=list(recipe.VLMS),
                    help="world-clip (default) / world-sig: the world VLMs pretrained by world/pretrain_vlm.py, shipped "
                         "in --weights (the two teachers also run on the same architecture with random weights); "
                         "random: world-clip's architecture, random weights; tiny: the tiny random VLM")
@@ -239,20 +223,20 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     t_start = time.time()
     try:     # before anything is deleted or trained
-        vlm = check_vlm(a.vlm, a.weights.resolve())
+        vlm = recipe.check_vlm(a.vlm, a.weights.resolve())
     except (OSError, ValueError) as e:
         print(f"error: demo.py --vlm {a.vlm}: {error_line(e)}", file=sys.stderr)
         return 2
-    world_cfg = dict(WORLD, seed=a.seed, train_label_drop=a.label_drop)
-    loop = list(LOOP)
+    world_cfg = dict(recipe.WORLD, seed=a.seed, train_label_drop=a.label_drop)
+    loop = list(recipe.LOOP)
     loop[loop.index("--seed") + 1] = str(a.seed)
     # absolute, links not resolved: --fresh must see a link named as the folder
     out = Path(os.path.abspath(a.out or ("runs/demo" if a.seed == 0 else f"runs/demo_seed{a.seed}")))
-    recipe = {"world": world_cfg, "vlm": vlm, "model_opts": MODEL_OPTS, "loop": loop, "kd": KD}
+    plan = {"world": world_cfg, "vlm": vlm, "model_opts": recipe.MODEL_OPTS, "loop": loop, "kd": recipe.KD}
     try:      # an unreadable folder, a read-only one: one line too
-        claim_output_folder(out, "recipe.json", "a demo", recipe, a.fresh,
+        recipe.claim_output_folder(out, "recipe.json", "a demo", plan, a.fresh,
                             what_differs="world/seed/label drop/VLM and its weights/loop/KD", layout=LAYOUT)
-        atomic_write_json(out / "recipe.json", stamp_doc("a demo", recipe), indent=1)
+        atomic_write_json(out / "recipe.json", recipe.stamp_doc("a demo", plan), indent=1)
     except (OSError, ValueError) as e:
         print(f"error: {error_line(e)}", file=sys.stderr)
         return 2
@@ -262,8 +246,8 @@ def main(argv=None) -> int:
     if not (world / "instances_test.json").exists():
         t0 = time.time()
         synthetic.make_synthetic_world(world, **world_cfg)
-        print(f"synthetic world (seed {a.seed}): {WORLD['n_train']} train / {WORLD['n_test']} test "
-              f"images ({WORLD['image_size']} px), {a.label_drop:.0%} of the train labels dropped, "
+        print(f"synthetic world (seed {a.seed}): {recipe.WORLD['n_train']} train / {recipe.WORLD['n_test']} test "
+              f"images ({recipe.WORLD['image_size']} px), {a.label_drop:.0%} of the train labels dropped, "
               f"in {time.time() - t0:.1f} s -> {world}", flush=True)
     wp = {"test_anno": world / "instances_test.json", "test_images": world / "images" / "test"}
 
@@ -276,11 +260,11 @@ def main(argv=None) -> int:
     # 5. results
     try:      # a run's outputs damaged after it finished: one line naming the file
         results = collect_results(out, json.loads(wp["test_anno"].read_text()), a.zero_shot,
-                                  control=VLMS[a.vlm][1])
+                                  control=recipe.VLMS[a.vlm][1])
     except (OSError, ValueError) as e:
         print(f"error: {error_line(e)}", file=sys.stderr)
         return 2
-    results.update({"vlm": vlm, "world": world_cfg, "model_opts": MODEL_OPTS, "loop": loop, "kd": KD,
+    results.update({"vlm": vlm, "world": world_cfg, "model_opts": recipe.MODEL_OPTS, "loop": loop, "kd": recipe.KD,
                     "runtime_s": None})
     print_table(results)
     pic = draw_picture(out, wp, out / "student")
