@@ -17,6 +17,13 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from kernels._common import triton_available  # noqa: E402  (after TRITON_INTERPRET is set)
+
+#: the fused impls every kernel test runs (Triton in the interpreter on a CPU)
+IMPLS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(not triton_available(), reason="no triton"))]
+#: tiles of the [pairs, classes] ops small enough that several programs and class blocks run
+BLOCKS = {"torch": {}, "triton": {"blocks": (4, 16)}}
+
 
 def logit_case(N, C, M, with_prior, seed=0, scale=3.0, dtype=None):
     """A [pairs, classes] test case of the KL / focal ops: student logits [N, C], teacher

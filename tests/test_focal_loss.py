@@ -6,15 +6,13 @@ import math
 
 import pytest
 import torch
-from conftest import aot_compile_in_subprocess, logit_case
+from conftest import BLOCKS, IMPLS, aot_compile_in_subprocess, logit_case
 
 from kernels import focal_loss
 from kernels._common import triton_available
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")   # interpreter: log(0), inf * 0 in numpy
 
-IMPLS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(not triton_available(), reason="no triton"))]
-BLOCKS = {"torch": {}, "triton": {"blocks": (4, 16)}}   # several programs and class blocks
 
 # Tolerances (torch.testing.assert_close) of the loss and the logits gradient against the fp64
 # reference on the same input values. fp32: a mean over the positives, also with logits of

@@ -3,7 +3,7 @@ import math
 
 import pytest
 import torch
-from conftest import aot_compile_in_subprocess
+from conftest import BLOCKS, IMPLS, aot_compile_in_subprocess
 from conftest import logit_case as make
 
 from kernels import kl_distill, psi_transform
@@ -11,9 +11,7 @@ from kernels._common import triton_available
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")   # interpreter: log(0) in numpy
 
-IMPLS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(not triton_available(), reason="no triton"))]
 # small tiles so that the Triton tests cover several programs and several class blocks
-BLOCKS = {"torch": {}, "triton": {"blocks": (4, 16)}}
 
 # Tolerances (torch.testing.assert_close) of the loss and the student gradient against the
 # reference. fp32: the reference's own rounding. fp16 / bf16 inputs: compared with the fp32

@@ -4,14 +4,13 @@ import math
 
 import pytest
 import torch
-from conftest import aot_compile_in_subprocess
+from conftest import IMPLS, aot_compile_in_subprocess
 
 from kernels import pair_enum, spatial_features
 from kernels._common import triton_available
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")   # interpreter: log(0) in numpy
 
-IMPLS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(not triton_available(), reason="no triton"))]
 
 # Tolerances (torch.testing.assert_close, rtol and atol alike) of the pair features, spatial
 # features and gradients against the reference: fp32 against fp32; fp16 / bf16 against the fp32
