@@ -1,42 +1,17 @@
-"""Box-guided cross-attention (the spatial branch of LINK's linking decoder).
+"""Box-guided cross-attention, the spatial branch of LINK's linking decoder: every human-object pair
+attends to its image's token map, with a per-head bias towards tokens inside its human, object and union boxes:
 
-Every human-object pair attends to the dense token map of its image. The attention logits get
-an additive bias that says, per head, how much to favour tokens that fall inside the human box,
-the object box and their union:
+    out[p, h] = softmax_t(q[p, h] . k[img(p), h, t] * scale + bias[p, h, t]) @ v[img(p), h],
+    bias[p, h, t] = sum_r strength[h, r] * inside_r(p, t)     (boxes grown to at least one grid cell)
 
-    bias[p, h, t] = sum_r strength[h, r] * inside_r(p, t),   r in (human, object, union)
-    out[p, h]     = softmax_t(q[p, h] . k[img(p), h, t] * scale + bias[p, h, t]) @ v[img(p), h]
-
-Token t = (row i, col j) of a Gh x Gw grid has centre ((j + 0.5) / Gw, (i + 0.5) / Gh) in
-normalised image coordinates. A box is first grown to at least one cell around its centre, so
-a degenerate (zero-area) box still covers the token it sits on.
-
-Three implementations, one definition (``impl=``):
-
-- "reference": plain differentiable PyTorch. Materialises bias and attention, [P, Hd, T] each,
-  and autograd keeps several such tensors for backward.
-- "torch": the memory-lean path (`_fwd_torch` / `_bwd_torch`). Pairs are
-  grouped by image and processed in chunks of at most ``_CHUNK_ELEMS / (Hd * T)`` pairs; only
-  q, k, v, boxes, strength and the per-row softmax statistics (max and sum, [P, Hd] each) are
-  saved. Backward recomputes the bias and the attention probabilities chunk by chunk
-  (flash-attention backward):
-      P = exp(S - max) / sum,  dV += P^T dO,  dP = dO V^T,  dS = P * (dP - rowsum(P * dP)),
-      dQ = dS K * scale,  dK += dS^T Q * scale,  dstrength[h, r] = sum_{p,t} dS * inside_r.
-- "triton": flash-attention style kernels (`_fwd_triton` / `_bwd_triton`). Pairs are sorted by image
-  and cut into blocks of BLOCK_P pairs that never straddle two images, so a block shares one
-  image's K/V. A forward program (pair block, head) loops over token blocks, computes the box
-  bias in registers from the 12 (grown) box numbers of each pair and the token's grid index,
-  and runs an online softmax; it writes out and the row max and sum (the logsumexp, kept as
-  two numbers so backward stays exact for logits ~1e3). Backward: a dq kernel (also
-  writes per-program d strength partials, summed in torch) and a dk/dv kernel (one program per
-  (token block, head, image) that loops over that image's pair blocks; no atomics).
-  Pair order is never materialised: kernels gather/scatter rows through the sort permutation.
-
-Both fused paths run inside one autograd.Function (`BoxAttentionFunction`).
-"auto" = "triton" for CUDA tensors when Triton imports, else "torch" (see kernels/_common.py).
-All paths compute softmax statistics in fp32 (fp64 for fp64 inputs, torch path only; the
-accumulation rule of kernels/_common.py) and return out / gradients in the input dtypes.
-Measurement (analytic cost model, peak memory, time) lives in bench/kernels.py.
+Holds the box geometry (grow_boxes, token_centres, box_inside, box_bias) and three implementations (``impl=``):
+- "reference": box_attention_reference, plain differentiable PyTorch, the definition.
+- "torch": `_fwd_torch` / `_bwd_torch`, pairs by image in chunks; saves softmax max and sum, backward recomputes.
+- "triton": flash-attention style kernels `_fwd_triton` / `_bwd_triton` (bias in registers; dq and dk/dv kernels).
+Both fused paths run inside one autograd.Function, BoxAttentionFunction; box_attention is the public op ("auto" =
+"triton" for CUDA tensors when Triton imports, else "torch": kernels/_common.py).
+Specification (gradients, program layout, chunking, dtypes): docs/kernels.md#box_attention.
+Tests: tests/test_box_attention.py. Benchmark and cost model: bench/kernels.py (`python -m bench.kernels`).
 """
 import torch
 

@@ -1,40 +1,18 @@
-"""Fused sigmoid focal loss on the prior-weighted probability (UPT's interaction loss).
+"""Fused sigmoid focal loss on the prior-weighted probability p = P * sigmoid(O): UPT's interaction
+loss and the training loss of model.py (LINK's forward calls it with cfg.impl):
 
-The training loss of model.py (LINK's forward calls this op with cfg.impl; the reference below
-is the formula model.py used before: tests/test_memory.py checks the model's loss against it,
-tests/test_focal_loss.py holds it to hand-computed values): with p = P * sigmoid(O) the
-prior-weighted probability,
+    loss = sum_{P > 0} (-alpha (1-p)^gamma log p if label > 0 else -(1-alpha) p^gamma log(1-p)) / max(#positives, 1)
 
-    loss = sum over entries with P > 0 of  -alpha (1-p)^gamma log p        (label > 0)
-                                           -(1 - alpha) p^gamma log(1-p)   (label <= 0)
-    divided by max(number of positive labels among the entries with P > 0, 1),
-
-computed in log space so that logits of +-1e4 and priors of exactly 0 or 1 give finite values
-and gradients:
-    log p = log P - softplus(-O),   log(1-p) = logaddexp(log(1 - P), -O) - softplus(-O),
-    x^gamma = exp(gamma log x).
-Entries with P == 0 (impossible classes) are skipped: their logits (even NaN or inf) and
-labels are never read into the result, and their gradient is 0.
-
-Gradient w.r.t. O (before the division), with l0 = log p, l1 = log(1-p), lae =
-logaddexp(log(1 - P), -O):
-    l0' = sigmoid(-O) = exp(-softplus(O)),   l1' = -exp(log P - softplus(O) - lae)
-    d/dO (label > 0)  = -alpha exp(gamma l1) (gamma l1' l0 + l0')
-    d/dO (label <= 0) = -(1 - alpha) exp(gamma l0) (gamma l0' l1 + l1')
-(l1' in this form is exact where the direct difference sigmoid(-O) - exp(-O - lae) cancels.)
-
+computed in log space (finite for logits of +-1e4 and priors of 0 or 1); entries with P == 0 are skipped.
 Three implementations (``impl=``):
-- "reference": focal_loss_reference, plain differentiable PyTorch; autograd keeps about a dozen
-  [N, C] tensors.
-- "torch": row chunks of about 2^19 elements; the forward keeps only references to the inputs
-  and the positive count, the backward recomputes per chunk (CPU bench at 32,768 x 600: 1.39x
-  one logits tensor, gradient included; the reference 18x).
-- "triton": a forward kernel (per-row loss sums and positive counts, [N] each) and a backward
-  kernel (the gradient), tiles of BLOCK_N rows x BLOCK_C classes.
-Both fused paths run inside one autograd.Function and compute in fp32 whatever the input dtypes
-(fp16 / bf16 / fp32; the torch path computes fp64 logits in fp64, for gradcheck); the loss and
-the gradient come back in the logits' dtype. Only the logits get a gradient (prior and labels
-are constants); the reference would also differentiate a prior that requires grad.
+- "reference": focal_loss_reference, plain differentiable PyTorch (the formula model.py used before).
+- "torch": row chunks; the forward keeps only its inputs and the positive count, the backward recomputes.
+- "triton": a forward kernel (per-row loss sums and positive counts) and a backward kernel (the gradient).
+Both fused paths run inside one autograd.Function, FocalLossFunction; focal_loss is the public op. Only the logits
+get a gradient.
+Specification (log-space formulas, gradient, chunking, dtypes): docs/kernels.md#focal_loss.
+Tests: tests/test_focal_loss.py (hand-computed values), tests/test_memory.py (the model's loss against the
+reference). Benchmark: bench/kernels.py (`python -m bench.kernels`).
 """
 import torch
 import torch.nn.functional as F

@@ -1,36 +1,17 @@
-"""Temperature-scaled KL distillation KL(softmax(t/T) || softmax(s/T)), one or many teachers.
+"""Temperature-scaled KL distillation, softmax form, one or many teachers:
 
-Used for the latent maps and the queries (token-wise: rows are tokens, classes are channels),
-and at the logit level as the softmax ablation: LINK's logit KD is the per-class Bernoulli
-form of kernels/kl_distill_sigmoid.py, because the prior P is constant within a pair, so a
-softmax over a pair's classes cancels it and every common shift of the pair's logits.
+    loss = T^2 / N * sum_n KL(mean_m softmax(t_m[n] / T) || softmax(s[n] / T)),   with a prior: t, s -> Psi(t), Psi(s)
 
-With a prior (logit level) the distilled quantity is the logit of the prior-weighted
-probability, Psi(O) = log(P / (1 + exp(-O) - P)) = logit(P * sigmoid(O)) (kernels/_psi.py).
-Entries with P == 0 are impossible classes: they are masked out of both softmaxes.
-
-Three implementations (``impl=``):
-- "reference": the definition; materialises Psi of both sides, the masked logits, the student
-  log-softmax, the teacher softmax per teacher and their mean, and autograd keeps many of them
-  (measured extra peak at 32,768 x 600 with a prior on a CPU: about 10.5 logits-sized tensors,
-  see bench/kernels.py).
-- "torch": an autograd.Function over row chunks of about 2^20 elements. Forward keeps nothing
-  but references to its inputs (no copies, no row statistics); backward recomputes per chunk,
-  with torch's fused softmax for both sides
-      d loss / d s = g * T / N * (q - p) * dPsi/dO,   q = softmax(Psi(s)/T), p = mean_m softmax(Psi(t_m)/T)
-  with dPsi/dO = exp(-O) / (1 + exp(-O) - P) = exp(-O - logaddexp(log(1 - P), -O)) (exact in
-  log space for O = +-1e4 and P = 1), 0 on masked entries and on rows with nothing unmasked.
-  Without a prior dPsi/dO = 1. Extra memory: the gradient itself plus a few chunk temporaries.
-- "triton": the same algebra in two kernels, a tile of BLOCK_N rows x BLOCK_C classes per
-  program. Forward: a pass over the class blocks with an online max / sum for the student and
-  for each teacher, then a second pass that accumulates the per-row loss; it saves the softmax
-  statistics, row max and log sum exp(z - max), fp32, [2, N] and [M, 2, N] (kept apart rather
-  than as one logsumexp, which at |z| ~ 1e4 keeps only ~1e-3 absolute precision in fp32).
-  Backward: one pass that recomputes q, p and dPsi/dO and writes the gradient.
-All arithmetic is fp32 whatever the input dtypes (fp16 / bf16 / fp32; the torch path computes
-fp64 inputs in fp64, for gradcheck); the loss and the gradient are returned in the student's
-dtype. Only the student gets a gradient
-(teacher and prior are constants).
+Psi(O) = logit(P * sigmoid(O)) the prior-weighted logit (kernels/_psi.py); P == 0 is masked out of both softmaxes.
+Used for the latent maps and the queries (rows are tokens, classes channels) and as the softmax ablation at the
+logit level (LINK's logit KD is kernels/kl_distill_sigmoid.py). Three implementations (``impl=``):
+- "reference": kl_distill_reference, the definition in plain differentiable PyTorch.
+- "torch": row chunks; the forward keeps only references to its inputs, the backward recomputes per chunk.
+- "triton": a forward kernel (online softmax statistics, per-row loss) and a backward kernel (the gradient).
+Both fused paths run inside one autograd.Function, KLDistillFunction; kl_distill is the public op. Only the student
+gets a gradient (teacher and prior are constants).
+Specification (gradient, saved statistics, chunking, dtypes): docs/kernels.md#kl_distill.
+Tests: tests/test_kl_distill.py. Benchmark: bench/kernels.py (`python -m bench.kernels`).
 """
 import torch
 

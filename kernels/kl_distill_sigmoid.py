@@ -1,41 +1,18 @@
 """Per-class Bernoulli (sigmoid) KL distillation of interaction logits: LINK's logit-level KD.
 
-HOI classification is multi-label: class k of a pair is its own yes / no question, answered
-with probability sigmoid(Psi), Psi = logit(P * sigmoid(O)) the prior-weighted logit
-(kernels/_psi.py). The student matches every allowed class's Bernoulli separately:
+    loss_n = T^2 * sum_{c: P[n, c] > 0} KL(Bern(p[n, c]) || Bern(q[n, c])),
+    p = mean_m sigmoid(Psi(t_m) / T),   q = sigmoid(Psi(s) / T)
 
-    loss_n = T^2 * sum over classes c with P[n, c] > 0 of KL( Bern(p[n, c]) || Bern(q[n, c]) )
-    p = mean over teachers m of sigmoid(Psi(t_m) / T),   q = sigmoid(Psi(s) / T)
-    KL(Bern(p) || Bern(q)) = p log(p / q) + (1 - p) log((1 - p) / (1 - q))
-
-Unlike the softmax form (kernels/kl_distill.py), this keeps what is common to a pair's classes:
-a teacher that says "this unlabelled pair interacts" pushes all of the student's allowed
-logits up, one that says "it does not" pushes them down (tests/test_kl_distill_sigmoid.py
-shows the sizes). Several teachers: class c means the same for every teacher, so the target is
-the mean of their probabilities. Without a prior: Psi = O and every class is allowed.
-
-Normalisation: none inside the op. reduction="sum" returns the sum of loss_n over the pairs (a
-0-dim tensor), reduction="none" the per-pair sums loss_n [N]. The caller divides, e.g. by the
-number of pairs (global over data-parallel ranks) for a per-pair mean.
-
-Computed in a form that is exact at the extremes (O = +-1e4, P = 1, saturated teachers):
-    KL = p softplus(-z_s) + pbar softplus(z_s) + p log p + pbar log pbar,   pbar = mean sigmoid(-z_t)
-(pbar = 1 - p, averaged from the other side so that it keeps its digits when p -> 1), and
-    d loss_n / d O = T * (pbar * q - p * qbar) * dPsi/dO,   qbar = sigmoid(-z_s),
-where pbar q - p qbar = q - p without cancellation when both saturate.
-
-Three implementations (``impl=``):
-- "reference": the definition above in plain differentiable PyTorch (materialises Psi, the
-  probabilities and every term; autograd keeps many [N, C] tensors).
-- "torch": row chunks of about 2^19 elements; forward keeps only references to the inputs,
-  backward recomputes per chunk. Extra memory: the gradient plus a few chunk temporaries
-  (CPU bench at 32,768 x 600: 1.20x / 1.23x one logits tensor with 1 / 2 teachers, gradient
-  included; the reference 10.3x / 11.2x).
-- "triton": a forward kernel (per-row sums) and a backward kernel (gradient) over tiles of
-  BLOCK_N rows x BLOCK_C classes; nothing but the [N] row sums is written by the forward.
-Both fused paths run inside one autograd.Function. All arithmetic is fp32 whatever the input
-dtypes (fp16 / bf16 / fp32; the torch path computes fp64 inputs in fp64, for gradcheck); the
-loss and the gradient are returned in the student's dtype. Only the student gets a gradient.
+Psi = logit(P * sigmoid(O)) the prior-weighted logit (kernels/_psi.py; Psi = O without a prior). Unlike the softmax
+form (kernels/kl_distill.py) it keeps what is common to a pair's classes. Not normalised: reduction="sum" returns
+the sum over pairs, "none" the per-pair sums [N]; the caller divides. Three implementations (``impl=``):
+- "reference": kl_distill_sigmoid_reference, the definition in plain differentiable PyTorch.
+- "torch": row chunks; the forward keeps only references to its inputs, the backward recomputes per chunk.
+- "triton": a forward kernel (per-row sums) and a backward kernel (the gradient).
+Both fused paths run inside one autograd.Function, KLDistillSigmoidFunction; kl_distill_sigmoid is the public op.
+The loss comes back in the compute dtype (fp32), the gradient (student only) in the student's dtype.
+Specification (the form exact at the extremes, gradient, chunking, dtypes): docs/kernels.md#kl_distill_sigmoid.
+Tests: tests/test_kl_distill_sigmoid.py. Benchmark: bench/kernels.py (`python -m bench.kernels`).
 """
 import torch
 import torch.nn.functional as F
