@@ -1,6 +1,4 @@
-"""LINK: a two-stage HOI detector on a frozen vision-language model, in one file.
-
-Read top to bottom:
+"""LINK: a two-stage HOI detector on a frozen vision-language model, in one file. Read top to bottom:
 
   1. LINKConfig               every hyper-parameter, plain types (stored in checkpoints); the
                               frozen VLM's fields and the VLM itself (FrozenVLM: dense feature
