@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from common import BOX_FRAMES, atomic_write_text, data_root, read_json
+from common import BOX_FRAMES, atomic_write_text, data_root, note, read_json
 from formats import (
     COCO80_NAMES,
     COCO80_TO_COCO91,
@@ -95,9 +95,8 @@ class ClassSpace:
 
     def __post_init__(self):
         K, O, V = len(self.prompts), len(self.object_names), len(self.verb_names)
-        self.prompts = [str(p) for p in self.prompts]
-        self.object_names = [str(p) for p in self.object_names]
-        self.verb_names = [str(p) for p in self.verb_names]
+        self.prompts, self.object_names, self.verb_names = (
+            [str(p) for p in x] for x in (self.prompts, self.object_names, self.verb_names))
         self.hoi_object = [[int(o) for o in (objs if isinstance(objs, (list, tuple)) else [objs])]
                            for objs in self.hoi_object]
         self.hoi_verb = [int(v) for v in self.hoi_verb]
@@ -117,8 +116,7 @@ class ClassSpace:
         if not 0 <= self.person_label < O:
             raise ValueError(f"{where}: person_label {self.person_label} out of range [0, {O})")
         for nm in ("rare", "unseen"):
-            bad = [k for k in getattr(self, nm) if k < 0 or k >= K]
-            if bad:
+            if bad := [k for k in getattr(self, nm) if k < 0 or k >= K]:
                 raise ValueError(f"{where}: {nm} index {bad[0]} out of range [0, {K})")
 
     @property
@@ -142,8 +140,7 @@ class ClassSpace:
     @classmethod
     def from_dict(cls, d: dict) -> "ClassSpace":
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
+        if unknown := set(d) - names:
             raise ValueError(f"ClassSpace.from_dict: unknown keys {sorted(unknown)}")
         return cls(**{k: d[k] for k in names if k in d})
 
@@ -167,10 +164,8 @@ class _HOIDataset(torch.utils.data.Dataset):
     def __init__(self, image_root, anno_file):
         self.image_root = Path(image_root)
         self.anno_file = Path(anno_file)
-        self._files: list = []
-        self._sizes: list = []
-        self._ann: list = []
-        self.indices: list = []
+        self._files, self._sizes, self._ann, self.indices = [], [], [], []
+        self.skipped: dict = {}    # what of the file the dataset leaves out: {what: count}, told by _report_skipped
         self._size_warned = False
 
     # -- sizes / names ---------------------------------------------------------------
@@ -264,6 +259,15 @@ class _HOIDataset(torch.utils.data.Dataset):
     def class_space(self) -> ClassSpace:
         return self._class_space
 
+    def _report_skipped(self, words: Optional[dict] = None) -> None:
+        """One note of what the dataset leaves out of its file: self.skipped's counts (words: key -> what it counts,
+        default the key), the first images."""
+        if what := ", ".join(f"{n} {(words or {}).get(k, k.replace('_', ' '))}" for k, n in self.skipped.items() if n):
+            left = sorted(set(range(len(self._files))) - set(self.indices))
+            first = ", ".join(repr(self._files[j]) for j in left[:3]) + (" ..." if len(left) > 3 else "")
+            note(f"note: {self.anno_file}: left out {what}"
+                 + (f"; {len(self.indices)} of {len(self._files)} images kept (left out: {first})" if left else ""))
+
 
 def _few_shot_indices(labels: Sequence[np.ndarray], num_classes: int, k: int, seed: int) -> list:
     """Few-shot image subset (positions into ``labels``): the rule of docs/data.md "Splits" (classes rarest
@@ -273,8 +277,7 @@ def _few_shot_indices(labels: Sequence[np.ndarray], num_classes: int, k: int, se
     rng = np.random.default_rng(seed)
     n = len(labels)
     order = rng.permutation(n)
-    rank = np.empty(n, dtype=np.int64)
-    rank[order] = np.arange(n)
+    rank = np.argsort(order)              # the inverse permutation: image i's place in the order
     per_image = [np.bincount(lab, minlength=num_classes) for lab in labels]
     total = np.sum(per_image, axis=0) if n else np.zeros(num_classes, dtype=np.int64)
     images_of = [[] for _ in range(num_classes)]
@@ -394,6 +397,7 @@ class HICODet(_HOIDataset):
         if zero_shot_rule not in ("pair", "label"):
             raise ValueError(f"zero_shot_rule must be 'pair' or 'label', got {zero_shot_rule!r}")
         self.indices = self._training_subset(K, skip_empty, few_shot, seed, set(gt.empty), zero_shot_rule)
+        self._report_skipped()
 
     def _training_subset(self, K: int, skip_empty: bool, few_shot, seed: int, empty: set,
                          rule: str) -> list:
@@ -407,13 +411,16 @@ class HICODet(_HOIDataset):
             for j in keep:
                 a = self._ann[j]
                 m = ~_zero_shot_rows(a, unseen, rule, self.box_frame)
+                self.skipped["zero_shot_rows"] = self.skipped.get("zero_shot_rows", 0) + int((~m).sum())
                 if not m.all():
                     self._ann[j] = {key: val[m] for key, val in a.items()}
             skip_empty = True
         if skip_empty:
             keep = [j for j in keep if len(self._ann[j]["hoi"]) > 0 and j not in empty]
+            self.skipped["images_without_a_pair"] = len(self._ann) - len(keep)   # the file's 'empty', zero-shot
         if few_shot is not None:
             pos = _few_shot_indices([self._ann[j]["hoi"] for j in keep], K, int(few_shot), seed)
+            self.skipped["images_not_drawn_by_few_shot"] = len(keep) - len(pos)
             keep = [keep[p] for p in pos]
         return keep
 
@@ -501,16 +508,14 @@ class SWiGHOI(_HOIDataset):
         meta_file = Path(meta_file) if meta_file else data_root() / "swig_hoi" / "derived" / "swig_v1_meta.json"
         gt = parse_swig_gt(read(fname, "annotation file"), load_swig_meta(meta_file), str(fname), skip_unknown=True)
         obj_names, act_names, inters = gt.tables
-        self.skipped = {"no_object": gt.num_no_object, "unknown_interaction": gt.num_unknown}
+        self.skipped = {"no_object": gt.num_no_object, "unknown_interaction": gt.num_unknown}   # pairs
         bounds = np.searchsorted(gt.gt_image, np.arange(len(gt.filenames) + 1))
         for s, e in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
             self._ann.append({"boxes_h": gt.gt_boxes[s:e, :4], "boxes_o": gt.gt_boxes[s:e, 4:],
                               "object": gt.gt_category[s:e], "hoi": gt.gt_class[s:e], "verb": gt.gt_action[s:e]})
         self._files, self._sizes = gt.filenames, gt.sizes
         self.indices = list(range(len(self._files)))
-        if gt.num_unknown:
-            warnings.warn(f"{fname}: skipped {gt.num_unknown} pairs whose (action, object) is not in "
-                          f"SWIG_INTERACTIONS")
+        self._report_skipped({"no_object": "pairs with no object", "unknown_interaction": "unknown-interaction pairs"})
         prompts = []
         for x in inters:
             ob = obj_names[x["object_id"]].replace("_", " ")
@@ -527,9 +532,7 @@ class SWiGHOI(_HOIDataset):
 
 def collate(batch):
     """[(PIL.Image, target), ...] -> (list[PIL.Image], list[dict])."""
-    images = [b[0] for b in batch]
-    targets = [b[1] for b in batch]
-    return images, targets
+    return [b[0] for b in batch], [b[1] for b in batch]
 
 
 # ---------------------------------------------------------------------------------------
@@ -611,6 +614,8 @@ def load_detections(path, filenames=None, image_ids=None, num_labels=None, frame
         if filenames and out and not any(f in out for f in filenames):
             raise fail(path, f"has detections for {len(out)} images but none of the "
                              f"{len(filenames)} requested (first: {filenames[0]!r})")
+        if extra := sorted(set(out).difference(filenames)):
+            note(f"note: {path}: detections of {len(extra)} images not in the dataset left out (first: {extra[0]!r})")
         out = {f: out.get(f, _empty_dets()) for f in filenames}
     return out
 
@@ -643,9 +648,7 @@ def gt_detections(target: dict, person_label: int = 0, return_index: bool = Fals
     boxes, labels, idx_h, idx_o = unique_boxes(*(torch.as_tensor(target[k]).numpy() for k in
                                                 ("boxes_h", "boxes_o", "object")), person_label)
     dets = _make_dets(boxes, np.ones(len(boxes)), labels)
-    if return_index:
-        return dets, torch.from_numpy(idx_h), torch.from_numpy(idx_o)
-    return dets
+    return (dets, torch.from_numpy(idx_h), torch.from_numpy(idx_o)) if return_index else dets
 
 
 def select_boxes(dets: dict, person_label: int = 0, nms: float = 0.5, score_thresh: float = 0.2,
@@ -687,9 +690,7 @@ def select_boxes(dets: dict, person_label: int = 0, nms: float = 0.5, score_thre
         chosen += cand
     idx = torch.tensor(chosen, dtype=torch.long)
     out = {"boxes": boxes[idx], "scores": scores[idx], "labels": labels[idx]}
-    if return_index:
-        return out, idx
-    return out
+    return (out, idx) if return_index else out
 
 
 # ----------------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ class DetectorGT:
     boxes: list                     # per image float64[n, 4] x1, y1, x2, y2 (annotation frame)
     labels: list                    # per image int64[n]
     coco_image_ids: list | None     # the file's COCO image ids (V-COCO `images`), else None
+    skipped: dict | None = None     # SWiG-HOI pairs left out of the GT: {no_object, unknown_interaction}
 
 
 def _detector_dataset(obj: Any, dataset: str | None, src: str) -> str:
@@ -74,7 +75,7 @@ def load_detector_gt(anno_path: str | os.PathLike, dataset: str | None = None,
     """
     src = str(anno_path)
     obj = read(anno_path, "annotation file")
-    kind = _detector_dataset(obj, dataset, src)
+    kind, skipped = _detector_dataset(obj, dataset, src), None
     if kind == "vcoco":
         v = formats.parse_vcoco_pairs(obj, src)
         files, names, ids, rows = v.filenames, v.objects, v.image_ids, v.rows
@@ -82,6 +83,7 @@ def load_detector_gt(anno_path: str | os.PathLike, dataset: str | None = None,
         if kind == "swig":
             g = formats.parse_swig_gt(obj, formats.load_swig_meta(meta), src, skip_unknown=True)
             files, names, objects = g.filenames, g.tables[0], g.gt_category
+            skipped = {"no_object": g.num_no_object, "unknown_interaction": g.num_unknown}
         else:
             g = formats.parse_hico_anno(obj, src, names=True)
             files, names, objects = g.filenames, g.objects, g.gt_object
@@ -98,7 +100,7 @@ def load_detector_gt(anno_path: str | os.PathLike, dataset: str | None = None,
         # COCO results name classes by COCO's ids (1..90) over COCO-80; SWiG-HOI by its own
         # 0-based category_id, as in its annotation file
         category_ids=list(formats.COCO80_TO_COCO91) if coco80 else list(range(len(names))),
-        boxes=boxes, labels=labels, coco_image_ids=ids)
+        boxes=boxes, labels=labels, coco_image_ids=ids, skipped=skipped)
 
 
 def _coco_xywh(boxes: np.ndarray, inclusive: bool) -> np.ndarray:
@@ -244,7 +246,8 @@ def evaluate_detector(anno: str | os.PathLike | DetectorGT, detections: str | os
     res["per_class"] = per_class
     res["counts"] = {"num_images": len(gt.filenames), "num_gt_boxes": int(num_gt.sum()),
                      "num_classes_with_gt": len(r["cat_ids"]), "num_detections": int(num_det.sum()),
-                     "num_detections_unscored": int(num_det[num_gt == 0].sum())}
+                     "num_detections_unscored": int(num_det[num_gt == 0].sum()),
+                     "num_pairs_left_out": sum((gt.skipped or {}).values())}
     res["files"] = {"anno": gt.name, "detections": src}
     return res
 
@@ -257,7 +260,9 @@ def format_detector(res: dict) -> str:
              f"  {c['num_images']} images, {c['num_gt_boxes']} GT boxes in {c['num_classes_with_gt']} "
              f"classes, {c['num_detections']} detections"
              + (f" ({c['num_detections_unscored']} in classes without GT, not scored)"
-                if c["num_detections_unscored"] else "")]
+                if c["num_detections_unscored"] else "")
+             + (f"; {c['num_pairs_left_out']} pairs without an object or of an unknown interaction left out of the GT"
+                if c.get("num_pairs_left_out") else "")]
 
     def f(v):
         return "     n/a" if v is None else f"{v:8.2f}"

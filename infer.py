@@ -23,6 +23,7 @@ outputs into detections; viz.draw_interactions draws one image.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from collections import Counter
@@ -44,6 +45,7 @@ from common import (
     atomic_write,
     atomic_write_json,
     check_input_file,
+    file_kind,
     nonneg_int,
     note,
     positive_int,
@@ -60,6 +62,10 @@ from viz import draw_interactions, hoi_class_names, to_rgb, unique_pairs
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm",
               ".pbm", ".pnm"}
+#: image types not read: such a file is listed with the reason, not counted among the other files
+OTHER_IMAGE_EXTS = {".jfif", ".heic", ".heif", ".avif", ".jxl", ".jp2", ".svg", ".ico", ".psd", ".tga", ".dng"}
+#: a folder's names that are no input by design: counted in the summary; every other one is listed
+NOT_INPUTS = ("hidden", "other file (not an image name)", "in the output folder")
 TORCHVISION_DETECTORS = (
     "fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn_v2", "fasterrcnn_mobilenet_v3_large_fpn",
     "fasterrcnn_mobilenet_v3_large_320_fpn", "retinanet_resnet50_fpn", "retinanet_resnet50_fpn_v2",
@@ -102,10 +108,11 @@ def load_image(path, exif: bool = True):
         raise UnreadableImage(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
 
 
-def collect_images(path, exclude=None) -> list:
-    """A file or a folder -> [(key, Path)], key = the file name of a single image, else the '/'-separated path
-    in the folder (searched recursively; hidden entries and `exclude`, the output folder, are skipped)."""
-    p = Path(path)
+def collect_images(path, exclude=None, skipped=None) -> list:
+    """A file or a folder -> [(key, Path)], key = the file name of a single image, else the '/'-separated path in
+    the folder (searched recursively, links to folders not followed). Every other name goes to skipped {key: why}:
+    one of NOT_INPUTS (hidden, other files, `exclude` = the output folder) or a reason (a broken link, a FIFO ...)."""
+    p, skipped = Path(path), {} if skipped is None else skipped
     if not p.exists():
         raise FileNotFoundError(f"{p}: no such image or folder")
     if not p.is_dir():
@@ -114,19 +121,49 @@ def collect_images(path, exclude=None) -> list:
     excl = Path(exclude).resolve() if exclude is not None else None
     if excl is not None and (excl == p.resolve() or excl in p.resolve().parents):
         excl = None             # the output folder holds the input folder: skip nothing
-    items = []
-    for f in sorted(p.rglob("*")):
-        rel = f.relative_to(p)
-        if any(part.startswith(".") for part in rel.parts) or not f.is_file():
-            continue
-        if f.suffix.lower() not in IMAGE_EXTS:
-            continue
-        if excl is not None and (excl == f.resolve().parent or excl in f.resolve().parents):
-            continue
-        items.append((rel.as_posix(), f))
+    items = _walk(p, "", excl, skipped)
     if not items:
-        raise InferError(f"{p}: no image files in this folder (extensions {sorted(IMAGE_EXTS)})")
+        first = next((f"; {k!r}: {w}" for k, w in skipped.items() if w not in NOT_INPUTS), "")
+        raise InferError(f"{p}: no image files in this folder (extensions {sorted(IMAGE_EXTS)}){first}")
     return items
+
+
+def _walk(folder: Path, prefix: str, excl, skipped: dict) -> list:
+    """collect_images' depth-first walk (names in sorted order) -> [(key, Path)]."""
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError as e:
+        skipped[prefix.rstrip("/") or "."] = f"cannot list this folder ({e.strerror})"
+        return []
+    items = []
+    for e in entries:
+        key, f, ext = prefix + e.name, Path(e.path), Path(e.name).suffix.lower()
+        if e.name.startswith(".") or (e.is_dir(follow_symlinks=False) and excl is not None and f.resolve() == excl):
+            skipped[key] = NOT_INPUTS[0 if e.name.startswith(".") else 2]
+        elif e.is_dir(follow_symlinks=False):
+            if ext in IMAGE_EXTS:
+                skipped[key] = "a folder, not an image file (searched for images as any folder)"
+            items += _walk(f, key + "/", excl, skipped)
+        elif f.is_dir():                 # DirEntry.is_dir raises on a link loop
+            skipped[key] = "a link to a folder (links to folders are not followed)"
+        elif ext not in IMAGE_EXTS:
+            skipped[key] = f"{ext} images are not read" if ext in OTHER_IMAGE_EXTS else NOT_INPUTS[1]
+        elif why := _not_an_image(f, excl):
+            skipped[key] = why
+        else:
+            items.append((key, f))
+    return items
+
+
+def _not_an_image(f: Path, excl) -> str | None:
+    """Why the entry f with an image name is no input; None: it is one."""
+    try:
+        kind, size = file_kind((st := f.stat()).st_mode), st.st_size
+    except OSError as e:
+        return f"a broken link to {os.readlink(f)} ({e.strerror})" if f.is_symlink() else f"cannot stat it ({e})"
+    if kind != "regular file" or not size:
+        return "an empty file" if kind == "regular file" else f"a {kind}, not a regular file"
+    return NOT_INPUTS[2] if excl is not None and excl in f.resolve().parents else None
 
 
 def picture_names(keys) -> dict:
@@ -171,8 +208,6 @@ def _remap_labels(dets: dict, table: np.ndarray) -> dict:
 class FileBoxes:
     """Boxes from a detection file: the project's per-image JSON (keys: the image's key or file name) or a COCO
     results list, whose image ids come from `image_ids_file` or the last number of each file name."""
-    needs_images = False
-    kind = "detection file"
 
     def __init__(self, path, cs: dict, keys, image_ids_file=None):
         self.path = Path(path)
@@ -182,8 +217,7 @@ class FileBoxes:
                 head = f.read(4096).lstrip()[:1]
         except OSError as e:
             raise InferError(f"{self.path}: cannot read detection file ({e})") from None
-        table = None
-        image_ids = None
+        table = image_ids = None
         if head == "[":  # COCO results: COCO-91 ids -> COCO-80 -> class space
             image_ids = self._image_ids(keys, image_ids_file)
             table = coco80_to_space(cs)
@@ -236,8 +270,6 @@ class GTBoxes:
     """Ground-truth boxes from a HICO-DET-format annotation file (data.gt_detections), used as
     they are: no NMS, no threshold (score 1.0 each). Object labels are mapped from the file's
     `objects` names to the class space when the two differ."""
-    needs_images = False
-    kind = "annotation file"
 
     def __init__(self, path, cs: dict, keys):
         self.path = Path(path)
@@ -255,8 +287,7 @@ class GTBoxes:
         self.table = None
         if objects is not None and [_norm_name(o) for o in objects] != [_norm_name(o) for o in cs["object_names"]]:
             self.table = names_to_space(objects, cs)
-        self.person = int(cs["person_label"])
-        self.num_objects = len(cs["object_names"])
+        self.person, self.num_objects = int(cs["person_label"]), len(cs["object_names"])
         by_name = {str(f): i for i, f in enumerate(files)}
         self.sizes = doc.get("size")
         self.index = {key: _lookup(by_name, key) for key in keys}
@@ -339,15 +370,12 @@ def build_detector(name: str, weights, score_thresh: float = 0.05, device="cpu")
 
 class DetectorBoxes:
     """Boxes from a torchvision detector run on the images (as displayed, see --ignore-exif)."""
-    needs_images = True
-    kind = "detector"
 
     def __init__(self, name, weights, cs: dict, score_thresh=0.05, device="cpu"):
         self.det = build_detector(name, weights, score_thresh, device)
         self.device = device
         to80 = np.full(91, -1, dtype=np.int64)
-        for i, cid in enumerate(data.COCO80_TO_COCO91):
-            to80[cid] = i
+        to80[list(data.COCO80_TO_COCO91)] = np.arange(80)
         space = coco80_to_space(cs)
         self.table = np.where(to80 >= 0, space[np.clip(to80, 0, 79)], -1)          # [91]
 
@@ -376,7 +404,6 @@ def convert_detr_outputs(logits, boxes, sizes, activation: str = "softmax", labe
                          f"{tuple(logits.shape)} and {tuple(boxes.shape)}")
     if len(sizes) != logits.shape[0]:
         raise InferError(f"convert_detr_outputs: {logits.shape[0]} images but {len(sizes)} sizes")
-    to80 = {cid: i for i, cid in enumerate(data.COCO80_TO_COCO91)}
     out = []
     for b, (w, h) in enumerate(sizes):
         if activation == "softmax":
@@ -392,7 +419,7 @@ def convert_detr_outputs(logits, boxes, sizes, activation: str = "softmax", labe
         cx, cy, bw, bh = boxes[b, q].unbind(-1)
         xyxy = torch.stack([(cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h], -1)
         if labels == "coco91":
-            lab = torch.tensor([to80.get(int(c), -1) for c in cls], dtype=torch.long)
+            lab = torch.tensor([formats.COCO91_TO_COCO80.get(int(c), -1) for c in cls], dtype=torch.long)
         elif labels == "coco80":
             lab = torch.where(cls < 80, cls, torch.full_like(cls, -1)).long()
         else:
@@ -446,9 +473,8 @@ def load_model(checkpoint, device="cpu"):
 
 
 def pair_attention(model, captured, p: int, per_head: bool = False):
-    """Box-guided attention of pair p in the LAST decoder layer (LinkingLayer.attention_map),
-    from that layer's inputs captured by a forward pre-hook.
-    Returns [Gh, Gw] averaged over heads (numpy), or [Hd, Gh, Gw] with per_head=True."""
+    """Box-guided attention of pair p in the LAST decoder layer (LinkingLayer.attention_map), from that layer's
+    inputs captured by a forward pre-hook -> [Gh, Gw] averaged over heads (numpy), or [Hd, Gh, Gw] (per_head)."""
     attn = model.decoder[-1].attention_map(*captured, pair=p).cpu().numpy()          # [Hd, Gh, Gw]
     return attn if per_head else attn.mean(0)
 
@@ -459,10 +485,7 @@ def predict_batch(model, images, dets, person_label: int, attention_pair: int | 
     [N, 10] sorted by score; [Gh, Gw] of pair #attention_pair (1-based, as drawn) or None; str or None.
     Images without a human-other pair are not sent to the model (empty rows + a note)."""
     n = len(images)
-    rows = [np.zeros((0, 10))] * n
-    att = [None] * n
-    notes = [None] * n
-    run = []
+    rows, att, notes, run = [np.zeros((0, 10))] * n, [None] * n, [None] * n, []
     for i, d in enumerate(dets):
         lab = np.asarray(d["labels"]).reshape(-1)
         nh = int((lab == person_label).sum())
@@ -474,8 +497,7 @@ def predict_batch(model, images, dets, person_label: int, attention_pair: int | 
                     "one person and no other box") + ": no pair, empty predictions"
     if not run:
         return rows, att, notes
-    captured = {}
-    hook = None
+    captured, hook = {}, None
     if attention_pair is not None and len(model.decoder):
         hook = model.decoder[-1].register_forward_pre_hook(
             lambda mod, args: captured.__setitem__("args", args))
@@ -523,19 +545,17 @@ def rows_to_json(rows: np.ndarray) -> list:
             for r in np.asarray(rows, dtype=np.float64).reshape(-1, 10)]
 
 
-def check_outputs(out_dir: Path, pictures: dict, force: bool, draw: bool = True, inputs=()) -> list:
-    """The files this run would write. Raises InferError when one of them is an input (inputs:
-    (label, path) pairs; never, not even with force) or already exists (unless force)."""
+def check_outputs(out_dir: Path, pictures: dict, force: bool, draw: bool = True, inputs=()) -> None:
+    """InferError when a file this run would write is an input (inputs: (label, path) pairs; never, not even
+    with force) or already exists (unless force)."""
     planned = [("the predictions file", out_dir / "predictions.json")]
     if draw:
         planned += [(f"the picture of {k!r}", out_dir / v) for k, v in pictures.items()]
     refuse_outputs_over_inputs(planned, inputs, InferError)
-    planned = [p for _, p in planned]
-    existing = [p for p in planned if p.exists()]
+    existing = [p for _, p in planned if p.exists()]
     if existing and not force:
         raise InferError(f"{existing[0]}: already exists ({len(existing)} of the {len(planned)} output "
                          f"files exist); pass --force to overwrite")
-    return planned
 
 
 # --- the run -------------------------------------------------------------------------------------
@@ -590,18 +610,14 @@ def box_source(opts: InferOptions, cs: dict, keys: list):
 def _read_batch(batch: list, exif: bool, skipped: dict, log) -> tuple[list, list, list]:
     """[(key, path)] -> (keys, RGB images, stored sizes) of the readable ones; the others go to
     skipped {key: reason} and the log."""
-    keys, images, stored = [], [], []
+    ok = []
     for key, path in batch:
         try:
-            im, st = load_image(path, exif)
+            ok.append((key, *load_image(path, exif)))
         except UnreadableImage as e:
-            skipped[key] = str(e)
+            skipped[key] = str(e).removeprefix(f"{path}: ")
             log(f"skipped: {e}")
-            continue
-        keys.append(key)
-        images.append(im)
-        stored.append(st)
-    return keys, images, stored
+    return tuple(map(list, zip(*ok))) if ok else ([], [], [])
 
 
 def _batch_boxes(source, keys: list, images: list, stored: list, opts: InferOptions, person: int,
@@ -618,10 +634,8 @@ def _batch_boxes(source, keys: list, images: list, stored: list, opts: InferOpti
                               + ("(EXIF rotation? try --ignore-exif)" if size == st else ""))
         else:
             s = data.select_boxes(d, person_label=person, nms=opts.nms, score_thresh=opts.box_thresh)
-            if not isinstance(source, DetectorBoxes):
-                warn = _frame_check(s, im.size, st, opts.exif)
-                if warn:
-                    notes[key] = warn
+            if not isinstance(source, DetectorBoxes) and (warn := _frame_check(s, im.size, st, opts.exif)):
+                notes[key] = warn
         selected.append(s)
     return selected
 
@@ -633,7 +647,8 @@ def run(opts: InferOptions, log=None) -> dict:
     log = log or note            # held until the run succeeds when the CLI holds notes
     opts.check()
     out_dir = Path(opts.out_dir)
-    items = collect_images(opts.inputs, exclude=out_dir)
+    skipped = {}                 # every name not processed -> why (collect_images, then _read_batch)
+    items = collect_images(opts.inputs, out_dir, skipped)
     keys = [k for k, _ in items]
     pictures = picture_names(keys)
     inputs = [("input image", f) for _, f in items] + [
@@ -641,12 +656,11 @@ def run(opts: InferOptions, log=None) -> dict:
         ("checkpoint", "detections", "image_ids", "detector_weights", "gt_anno") if getattr(opts, k)]
     check_outputs(out_dir, pictures, opts.force, opts.draw, inputs)
     _, cs = read_checkpoint_meta(opts.checkpoint)   # cheap: the inputs are checked before the model is built
-    person = int(cs["person_label"])
-    names = hoi_class_names(cs)
+    person, names = int(cs["person_label"]), hoi_class_names(cs)
     source = box_source(opts, cs, keys)
     model, _ = load_model(opts.checkpoint, opts.device)
 
-    preds, notes, skipped, written = {}, {}, {}, {}
+    preds, notes, written = {}, {}, {}
     # no bar when stderr is not a terminal (None): a log file or a caller reading errors gets lines
     bar = tqdm(total=len(items), desc="infer", unit="img", disable=None if opts.progress else True,
                file=sys.stderr)
@@ -677,7 +691,7 @@ def run(opts: InferOptions, log=None) -> dict:
 
     if not preds:
         raise InferError(f"{opts.inputs}: none of the {len(items)} images could be read "
-                         f"(first: {next(iter(skipped.values()))})")
+                         f"(first: {items[0][1]}: {skipped[items[0][0]]})")
     pred_path = out_dir / "predictions.json"
     atomic_write_json(pred_path, {k: rows_to_json(preds[k]) for k in keys if k in preds})
     return dict(predictions=preds, notes=notes, skipped=skipped, pictures=written, out=out_dir,
@@ -701,22 +715,23 @@ def _frame_check(dets, size, stored, exif: bool):
     return f"boxes extend beyond the image ({w}x{h}); wrong detection file?"
 
 
-def summarise(res: dict, n_total: int) -> str:
+def summarise(res: dict) -> str:
+    """The CLI's report: counts, notes, every name not processed with its reason (NOT_INPUTS counted)."""
     preds, notes, skipped = res["predictions"], res["notes"], res["skipped"]
     n_empty = sum(1 for r in preds.values() if len(r) == 0)
-    lines = [f"{len(preds)} of {n_total} images processed ({n_empty} with no prediction); "
+    listed = {k: w for k, w in skipped.items() if w not in NOT_INPUTS}
+    design = Counter(w for w in skipped.values() if w in NOT_INPUTS)
+    lines = [f"{len(preds)} of {len(preds) + len(listed)} images processed ({n_empty} with no prediction); "
              f"predictions: {res['predictions_file']}"
              + (f"; pictures in {res['out']}" if res["pictures"] else "")]
     for k, n in list(notes.items())[:20]:
         lines.append(f"  note: {k}: {n}")
     if len(notes) > 20:
         lines.append(f"  ... {len(notes) - 20} more notes")
-    if skipped:
-        lines.append(f"{len(skipped)} unreadable file(s) skipped:")
-        for k, why in list(skipped.items())[:20]:
-            lines.append(f"  {why}")
-        if len(skipped) > 20:
-            lines.append(f"  ... {len(skipped) - 20} more")
+    if listed:
+        lines += [f"{len(listed)} not processed:"] + [f"  {k}: {w}" for k, w in listed.items()]
+    if design:
+        lines.append("not inputs, by design: " + ", ".join(f"{n} {w}" for w, n in design.items()))
     return "\n".join(lines)
 
 
@@ -763,25 +778,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        device = args.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if args.device == "auto":
+            args.device = "cuda" if torch.cuda.is_available() else "cpu"
         if args.threads > 0:
             torch.set_num_threads(args.threads)
+        same = {k: v for k, v in vars(args).items() if k in InferOptions.__dataclass_fields__}  # option = field
         with HeldNotes():      # warnings and notes only once the run has succeeded
-            res = run(InferOptions(
-                args.input, args.checkpoint, out_dir=args.out, detections=args.detections,
-                image_ids=args.image_ids, detector=args.detector, detector_weights=args.detector_weights,
-                gt_anno=args.gt_anno, attention=args.attention, force=args.force,
-                batch_size=args.batch_size, top_k=args.top_k, max_predictions=args.max_predictions,
-                box_thresh=args.box_thresh, nms=args.nms, detector_thresh=args.detector_thresh,
-                exif=not args.ignore_exif, draw=not args.no_pictures, device=device,
-                progress=not args.quiet))
+            res = run(InferOptions(args.input, out_dir=args.out, exif=not args.ignore_exif, draw=not args.no_pictures,
+                                   progress=not args.quiet, **same))
     except (InferError, ValueError, OSError) as e:      # bad input; a file that cannot be read or written
         print_error(e)
         return 2
-    n_total = len(res["predictions"]) + len(res["skipped"])
-    print(summarise(res, n_total))
+    print(summarise(res))
     return 0
 
 

@@ -190,6 +190,27 @@ def test_empty_images_left_out_of_training(tmp_path):
         assert train_teacher._dataset(args, root, f, train=False).filenames == ["a.png", "b.png", "c.png"]
 
 
+def test_what_a_dataset_or_detection_file_leaves_out_is_told(tmp_path, capsys):
+    """Every image a training filter leaves out, and every detection entry not used, is counted in one note
+    (issue 24, hole 7); ds.skipped holds the counts. Nothing left out: no note."""
+    root, f = tiny_hico(tmp_path, mutate=lambda d: d.update(empty=[0, 2]))
+    HICODet(root, f)
+    assert capsys.readouterr().err == ""
+    ds = HICODet(root, f, skip_empty=True)
+    assert ds.skipped == {"images_without_a_pair": 2} and len(ds) + 2 == len(ds._files)
+    err = capsys.readouterr().err
+    assert "left out 2 images without a pair; 1 of 3 images kept (left out: 'a.png', 'c.png')" in err
+    ds = HICODet(root, f, zero_shot=[2], few_shot=1)
+    assert ds.skipped["zero_shot_rows"] > 0 and sum(v for k, v in ds.skipped.items() if "images" in k) \
+        == 3 - len(ds)
+    assert f"{len(ds)} of 3 images kept" in capsys.readouterr().err
+    det = tmp_path / "extra.json"
+    one = {"boxes": [[0, 0, 5, 5]], "scores": [0.5], "labels": [1]}
+    det.write_text(json.dumps({"a.png": one, "zz.png": one, "yy.png": one}))
+    assert sorted(load_detections(det, filenames=["a.png", "b.png"])) == ["a.png", "b.png"]
+    assert "detections of 2 images not in the dataset left out (first: 'yy.png')" in capsys.readouterr().err
+
+
 def test_box_frames_of_datasets_and_detection_files(tmp_path):
     root, f = tiny_hico(tmp_path)
     assert HICODet(root, f).box_frame == "hico1"                      # HICO-DET files: no key

@@ -349,3 +349,16 @@ def test_cli_subprocess_exit_2_one_line(tmp_path):
     assert p.returncode == 2 and p.stdout == ""
     assert p.stderr == (f"error: {det}: detection file: field '[\"img_000001.jpg\"].labels[0]': true is a boolean; "
                         f"booleans are not numbers (use 0 / 1)\n")
+
+
+@needs_swig
+def test_swig_pairs_left_out_of_the_gt_are_told(tmp_path):
+    """A SWiG-HOI pair without an object (object_id -1) is no GT pair: counted and told, not dropped silently."""
+    doc = swig_doc(IMAGES[:1])
+    doc[0]["hoi_annotations"].append({"subject_id": 0, "object_id": -1, "action_id": SWIG_ACT})
+    det = write(tmp_path / "dets.json", per_image(gt_copies(IMAGES[:1], "swig")))
+    res = detector_ap.evaluate_detector(write(tmp_path / "swig.json", doc), det, meta=SWIG_META)
+    assert res["counts"]["num_pairs_left_out"] == 1 and res["ap"] == pytest.approx(100.0)
+    assert "; 1 pairs without an object or of an unknown interaction left out of the GT" in \
+        detector_ap.format_detector(res)
+    assert evaluate(tmp_path, "hico", IMAGES, gt_copies(IMAGES, "hico"))["counts"]["num_pairs_left_out"] == 0

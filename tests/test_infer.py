@@ -3,6 +3,7 @@ tiny checkpoint trained here to find a planted interaction, image modes / EXIF, 
 the error paths."""
 import json
 import math
+import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -283,7 +284,8 @@ def test_folder_modes_exif_and_unreadable(world, ckpt, tmp_path, capsys):
     assert sorted(preds) == ["grey.png", "grey16.png", "nobody.png", "rgb.png", "rgba.png", "rotated.png"]
     assert preds["nobody.png"] == []
     assert "nobody.png: no person among the 2 boxes" in so
-    assert "1 unreadable file(s) skipped" in so and "broken.png" in so and "broken.png" in se
+    assert "6 of 7 images processed" in so and "\n1 not processed:\n  broken.png: cannot read image" in so
+    assert "broken.png" in se and "not inputs, by design: 1 other file (not an image name)" in so
     rgb, rot = np.array(preds["rgb.png"]), np.array(preds["rotated.png"])
     assert len(rgb) and rgb.shape == rot.shape
     np.testing.assert_array_equal(rgb[:, [0, *range(2, 10)]], rot[:, [0, *range(2, 10)]])
@@ -465,3 +467,86 @@ def test_collect_images_and_picture_names(tmp_path):
     # guard then refuses any picture that would replace one of them)
     assert infer.collect_images(d / "out", exclude=d / "out") == [("a.png", d / "out" / "a.png")]
     assert [k for k, _ in infer.collect_images(d / "sub", exclude=d)] == ["b.PNG"]
+
+
+# ---------------------------------------------------------------------------------------------
+# every name of a folder that is not processed is listed with its reason (issue 24, hole 7)
+# ---------------------------------------------------------------------------------------------
+#: name -> (how it is made, the reason listed); made by hostile_folder beside two good images
+HOSTILE = {
+    "dangling.png": ("link to nothing", "a broken link to nowhere.png (No such file or directory)"),
+    "loop.png": ("link to itself", "a broken link to loop.png (Too many levels of symbolic links)"),
+    "trunc.png": ("truncated PNG", "cannot read image"),       # root reads a chmod 000 file: corrupt instead
+    "fake.jpg": ("text named .jpg", "cannot read image"),
+    "empty.jpg": ("empty file", "an empty file"),
+    "f.png": ("FIFO", "a FIFO (named pipe), not a regular file"),
+    "x.jpg": ("empty folder", "a folder, not an image file"),
+    "linkdir": ("link to a folder", "a link to a folder (links to folders are not followed)"),
+    "a.heic": ("HEIC file", ".heic images are not read"),
+}
+BY_DESIGN = {".hidden.png": "hidden", "notes.txt": "other file (not an image name)", "out": "in the output folder"}
+
+
+def hostile_folder(d: Path, image: Path) -> list:
+    """Two good images (ok.png, sub/ok2.png), the HOSTILE entries and the BY_DESIGN ones -> the good keys."""
+    (d / "sub").mkdir(parents=True)
+    (d / "x.jpg").mkdir()
+    (d / "out").mkdir()
+    for k in ("ok.png", "sub/ok2.png", "out/old.png", ".hidden.png"):
+        (d / k).write_bytes(image.read_bytes())
+    (d / "trunc.png").write_bytes(image.read_bytes()[:60])
+    (d / "fake.jpg").write_text("not an image")
+    (d / "empty.jpg").write_bytes(b"")
+    (d / "notes.txt").write_text("notes")
+    (d / "a.heic").write_bytes(b"ftypheic")
+    os.symlink("nowhere.png", d / "dangling.png")
+    os.symlink("loop.png", d / "loop.png")
+    os.symlink("sub", d / "linkdir")
+    os.mkfifo(d / "f.png")
+    return ["ok.png", "sub/ok2.png"]
+
+
+def names_seen(d: Path) -> int:
+    """Every name in the tree but the plain folder collect_images descends into (sub); out/ counts as one."""
+    n = 0
+    for _, dirs, files in os.walk(d):
+        n += len(files) + len([x for x in dirs if x != "sub"])
+        dirs[:] = [x for x in dirs if x != "out"]
+    return n
+
+
+def test_collect_images_lists_every_name_it_does_not_take(world, tmp_path):
+    d = tmp_path / "in"
+    good = hostile_folder(d, world["images"] / world["anno"]["filenames"][0])
+    skipped = {}
+    items = infer.collect_images(d, exclude=d / "out", skipped=skipped)
+    taken = [k for k, _ in items]
+    assert taken == sorted(good + ["fake.jpg", "trunc.png"])   # PIL decides about these two, in run()
+    for name, (_, why) in HOSTILE.items():
+        assert name in taken or skipped[name].startswith(why), (name, skipped.get(name))
+    assert {k: skipped[k] for k in BY_DESIGN} == BY_DESIGN
+    assert len(items) + len(skipped) == names_seen(d) == 14
+    # nothing to take: refused in one line naming a listed entry
+    (tmp_path / "bad").mkdir()
+    os.symlink("gone.png", tmp_path / "bad" / "a.png")
+    with pytest.raises(infer.InferError, match=r"no image files in this folder .*'a.png': a broken link to gone.png"):
+        infer.collect_images(tmp_path / "bad")
+
+
+def test_cli_lists_every_name_not_processed(world, ckpt, tmp_path, capsys):
+    d = tmp_path / "in"
+    name = world["anno"]["filenames"][0]
+    hostile_folder(d, world["images"] / name)
+    base = json.loads(Path(world["paths"]["test_detections"]).read_text())[name]
+    det_file = tmp_path / "dets.json"
+    det_file.write_text(json.dumps({k: base for k in ("ok.png", "sub/ok2.png", "trunc.png", "fake.jpg")}))
+    rc, so, se = run_cli(capsys, d, "--checkpoint", ckpt, "--detections", det_file, "--out", d / "out",
+                         "--no-pictures")
+    assert rc == 0, se
+    assert sorted(json.loads((d / "out" / "predictions.json").read_text())) == ["ok.png", "sub/ok2.png"]
+    assert "2 of 11 images processed" in so and f"\n{len(HOSTILE)} not processed:\n" in so
+    for k, (_, why) in HOSTILE.items():
+        assert f"\n  {k}: {why}" in so, k
+    assert "not inputs, by design: 1 hidden, 1 other file (not an image name), 1 in the output folder" in so
+    assert 2 + len(HOSTILE) + len(BY_DESIGN) == names_seen(d)
+    assert "Traceback" not in se
