@@ -39,7 +39,16 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from common import OneLineParser, atomic_write, atomic_write_json, error_line, positive_int, print_error
+from common import (
+    OneLineParser,
+    atomic_write,
+    atomic_write_json,
+    error_line,
+    positive_int,
+    print_error,
+    release_notes,
+    run_command,
+)
 from viz import plot_ablation
 from world import synthetic, vlms
 from world.recipe import (
@@ -512,6 +521,12 @@ def prepare_out(out: Path, rec: dict, fresh: bool) -> Optional[str]:
 
 
 def main(argv=None) -> int:
+    """The command line (common.run_command: one line and 130 / 143 on an interrupt)."""
+    return run_command(lambda: _ablation(argv), doing="running the ablation",
+                       resume="re-run the command: finished runs are kept, interrupted ones resume")
+
+
+def _ablation(argv) -> int:
     a = parse(argv)
     t_start = time.time()
     out = Path(os.path.abspath(a.out))       # links not resolved: --fresh must see a link as --out
@@ -524,6 +539,7 @@ def main(argv=None) -> int:
     if err:
         print_error(f"ablation.py: {err}")
         return 2
+    release_notes()           # the input is valid: warnings as they come
     world = out / "world"
     if not (world / "instances_test.json").exists():
         synthetic.make_synthetic_world(world, **rec["world"])

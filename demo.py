@@ -44,6 +44,8 @@ from common import (
     error_line,
     nonneg_int,
     number,
+    release_notes,
+    run_command,
 )
 from detector_ap import evaluate_detector
 from runs import load_checkpoint
@@ -203,6 +205,12 @@ def print_table(results: dict) -> None:
 
 
 def main(argv=None) -> int:
+    """The command line (common.run_command: one line and 130 / 143 on an interrupt)."""
+    return run_command(lambda: _demo(argv), doing="running the demo",
+                       resume="re-run the command: finished runs are kept, interrupted ones resume")
+
+
+def _demo(argv) -> int:
     p = OneLineParser(prog="demo.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=None,
                    help="output folder (default runs/demo, runs/demo_seed<N> for --seed N != 0)")
@@ -240,6 +248,7 @@ def main(argv=None) -> int:
     except (OSError, ValueError) as e:
         print(f"error: {error_line(e)}", file=sys.stderr)
         return 2
+    release_notes()           # the input is valid: warnings as they come
 
     # 1. the world
     world = out / "world"

@@ -44,6 +44,8 @@ from common import (
     positive_float,
     positive_int,
     print_error,
+    release_notes,
+    run_command,
     unit_float,
 )
 from viz import plot_pretraining
@@ -330,9 +332,14 @@ def parse_args(argv):
     return a
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
+def main(argv=None) -> int:
+    """The command line (common.run_command: one line and 130 / 143 on an interrupt; --out is replaced last)."""
+    return run_command(lambda: _pretrain(sys.argv[1:] if argv is None else argv), doing="pretraining the world VLM")
+
+
+def _pretrain(argv) -> int:
     a = parse_args(argv)
+    release_notes()
     torch.set_num_threads(a.threads)
     t0, c0 = time.time(), time.process_time()
     world_seed = WORLD_SEED + a.seed
@@ -341,7 +348,7 @@ def main(argv=None):
         paths, gts = caption_world(root, a.images, world_seed, reuse=not a.redraw)
     except ValueError as e:
         print_error(f"world.pretrain_vlm: --world {e}")
-        sys.exit(2)
+        return 2
     images = load_images(paths)                                     # [N, 3, S, S] uint8
     world_s = time.time() - t0
     S = images.shape[-1]
@@ -406,7 +413,8 @@ def main(argv=None):
           f"{final['chance_top5']:.4f}); HOI prompt mAP {final['class_map']:.3f} (chance "
           f"{final['class_map_chance']:.3f}), zero-shot classes {final['zero_shot_map']:.3f} "
           f"(chance {final['zero_shot_map_chance']:.3f})", flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
