@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import threading
 import time
@@ -77,12 +76,11 @@ def _chain(runs: list, out: Path, status: dict) -> None:
     for name, argv in runs:
         t0 = time.time()
         with open(out / f"{name}.out", "w") as log:
-            r = subprocess.run([sys.executable] + argv, stdout=log, stderr=subprocess.STDOUT,
-                               cwd=str(ROOT), env=dict(os.environ, OMP_NUM_THREADS="1"))
-        status[name] = (r.returncode, time.time() - t0)
-        print(f"  {name:<16} {'done' if r.returncode == 0 else 'FAILED (exit %d)' % r.returncode}"
+            rc = recipe.run_child(argv, log)
+        status[name] = (rc, time.time() - t0)
+        print(f"  {name:<16} {'done' if rc == 0 else 'FAILED (exit %d)' % rc}"
               f" in {time.time() - t0:6.1f} s  (log: {out / (name + '.out')})", flush=True)
-        if r.returncode != 0:
+        if rc != 0:
             return
 
 
@@ -261,7 +259,11 @@ def _demo(argv) -> int:
     wp = {"test_anno": world / "instances_test.json", "test_images": world / "images" / "test"}
 
     # 2-4. two chains (full supervision, zero-shot; the random-VLM teachers), in parallel
-    failed = train_all(out, world, loop, a.zero_shot, a.sequential, a.vlm, a.weights.resolve())
+    try:
+        failed = train_all(out, world, loop, a.zero_shot, a.sequential, a.vlm, a.weights.resolve())
+    except KeyboardInterrupt:             # SIGINT / SIGTERM: the runs of the other chain end too
+        recipe.stop_children()
+        raise
     if failed:
         print(f"error: run(s) {failed} failed; see {out}/<run>.out", file=sys.stderr)
         return 1
