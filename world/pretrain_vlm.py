@@ -383,27 +383,30 @@ def _pretrain(argv) -> int:
 
     a.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = a.out.with_name("." + a.out.name + ".new")   # --out (and its .json) replaced only at the end
-    save_fp16(clip, tmp)
-    # the path a user's local CLIP checkpoint takes (with the manifest's mean / std)
-    shipped = FrozenVLM(VLMConfig(vlm=a.name, vlm_config=config, pretrained=str(tmp), image_size=S,
-                                  image_mean=open_clip.OPENAI_DATASET_MEAN,
-                                  image_std=open_clip.OPENAI_DATASET_STD)).clip
-    final = evaluate(shipped, tokenizer, held_img, held_gt)
-    manifest = {
-        "name": a.name, "checkpoint": a.out.name, "sha256": file_sha256(tmp),
-        "bytes": tmp.stat().st_size, "open_clip_config": config, "image_size": S,
-        "image_mean": list(open_clip.OPENAI_DATASET_MEAN), "image_std": list(open_clip.OPENAI_DATASET_STD),
-        "arch": a.arch, "loss": a.loss, "seed": a.seed,
-        "command": "python -m world.pretrain_vlm " + shlex.join(argv),
-        "world": {"seed": world_seed, "images": a.images, "heldout": a.heldout, "image_size": S},
-        "train": {"epochs": a.epochs, "steps": total, "batch_size": a.batch_size, "lr": a.lr,
-                  "weight_decay": a.weight_decay, "warmup": a.warmup, "threads": a.threads,
-                  "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "world_wall_s": round(world_s, 1)},
-        "heldout": final, "curve": curve,
-        "versions": {"torch": torch.__version__, "open_clip": open_clip.__version__},
-    }
-    from eval import write_json_atomic
-    os.replace(tmp, a.out)
+    try:       # an interrupt or an error leaves no half-written temp
+        save_fp16(clip, tmp)
+        # the path a user's local CLIP checkpoint takes (with the manifest's mean / std)
+        shipped = FrozenVLM(VLMConfig(vlm=a.name, vlm_config=config, pretrained=str(tmp), image_size=S,
+                                      image_mean=open_clip.OPENAI_DATASET_MEAN,
+                                      image_std=open_clip.OPENAI_DATASET_STD)).clip
+        final = evaluate(shipped, tokenizer, held_img, held_gt)
+        manifest = {
+            "name": a.name, "checkpoint": a.out.name, "sha256": file_sha256(tmp),
+            "bytes": tmp.stat().st_size, "open_clip_config": config, "image_size": S,
+            "image_mean": list(open_clip.OPENAI_DATASET_MEAN), "image_std": list(open_clip.OPENAI_DATASET_STD),
+            "arch": a.arch, "loss": a.loss, "seed": a.seed,
+            "command": "python -m world.pretrain_vlm " + shlex.join(argv),
+            "world": {"seed": world_seed, "images": a.images, "heldout": a.heldout, "image_size": S},
+            "train": {"epochs": a.epochs, "steps": total, "batch_size": a.batch_size, "lr": a.lr,
+                      "weight_decay": a.weight_decay, "warmup": a.warmup, "threads": a.threads,
+                      "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "world_wall_s": round(world_s, 1)},
+            "heldout": final, "curve": curve,
+            "versions": {"torch": torch.__version__, "open_clip": open_clip.__version__},
+        }
+        from eval import write_json_atomic
+        os.replace(tmp, a.out)
+    finally:
+        tmp.unlink(missing_ok=True)
     write_json_atomic(manifest, a.out.with_suffix(".json"))
     png = plot_pretraining(curve, f"{a.name} ({a.arch}, {a.loss} loss)")
     atomic_write(a.out.with_name(a.out.stem + "_curve.png"), lambda f: f.write(png))
