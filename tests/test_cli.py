@@ -340,3 +340,53 @@ def test_train_teacher_interrupted_resumes(tiny_world, tmp_path, sig, target, do
     m = train_teacher.main(argv + ["--resume"])
     assert 0 <= m["full"] <= 100 and not temps(tmp_path / "runs", tmp_path / "cache")
     assert load_checkpoint(tmp_path / "runs" / "t" / "last.pt")["epoch"] == 2
+
+
+CHAINS = r"""
+import sys, threading
+from common import run_command
+from world import recipe
+marker = sys.argv[1]
+def main():                   # demo.py's parallel chains, ablation.py's workers: threads waiting on runs
+    run = lambda i: recipe.run_child(["-c", "import os, pathlib, time; pathlib.Path(%r).write_text(str(os.getpid()))"
+                                      "; time.sleep(120)" % f"{marker}{i}"], None)
+    ts = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in ts:
+        t.start()
+    try:
+        for t in ts:
+            t.join()
+    except KeyboardInterrupt:
+        recipe.stop_children()
+        raise
+    return 0
+sys.exit(run_command(main, doing="running the demo"))
+"""
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_interrupt_ends_the_training_children(tmp_path, sig):
+    """demo.py / ablation.py: an interrupt of the command (SIGTERM to it alone, too) ends the training
+    runs it waits on in other threads, instead of exiting only once they finish."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from clicheck import ROOT
+    marker = tmp_path / "child"
+    p = subprocess.Popen([sys.executable, "-c", CHAINS, str(marker)], cwd=ROOT, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    t0 = time.time()
+    while not all(Path(f"{marker}{i}").exists() and Path(f"{marker}{i}").read_text() for i in range(2)):
+        assert p.poll() is None and time.time() - t0 < 120, p.communicate()[1][-2000:]
+        time.sleep(0.05)
+    pids = [int(Path(f"{marker}{i}").read_text()) for i in range(2)]
+    p.send_signal(getattr(signal, sig))
+    _, err = p.communicate(timeout=60)                  # not the children's 120 s
+    assert p.returncode == 128 + getattr(signal, sig) and "Traceback" not in err, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith(f"interrupted ({sig}) while running the demo")
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
