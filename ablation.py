@@ -29,7 +29,6 @@ import json
 import math
 import os
 import queue
-import subprocess
 import sys
 import threading
 import time
@@ -39,7 +38,16 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from common import OneLineParser, atomic_write, atomic_write_json, error_line, positive_int, print_error
+from common import (
+    OneLineParser,
+    atomic_write,
+    atomic_write_json,
+    error_line,
+    positive_int,
+    print_error,
+    release_notes,
+    run_command,
+)
 from viz import plot_ablation
 from world import synthetic, vlms
 from world.recipe import (
@@ -54,7 +62,9 @@ from world.recipe import (
     output_layout,
     read_metrics,
     read_preds,
+    run_child,
     stamp_doc,
+    stop_children,
     vlm_args,
 )
 
@@ -266,12 +276,11 @@ def subprocess_runner(out: Path, wall: dict) -> Callable[[Job], int]:
                 print(f"  {job.name:<16} damaged output ({error_line(e)}): run again", flush=True)
         t0 = time.time()
         with open(out / f"{job.name}.out", "a") as log:
-            r = subprocess.run([sys.executable] + job.argv, stdout=log, stderr=subprocess.STDOUT,
-                               cwd=str(ROOT), env=dict(os.environ, OMP_NUM_THREADS="1"))
-        print(f"  {job.name:<16} {'done' if r.returncode == 0 else 'FAILED (exit %d)' % r.returncode}"
+            rc = run_child(job.argv, log)
+        print(f"  {job.name:<16} {'done' if rc == 0 else 'FAILED (exit %d)' % rc}"
               f" in {time.time() - t0:7.1f} s  (log: {out / (job.name + '.out')})", flush=True)
         wall[job.name] = round(time.time() - t0, 1)
-        return r.returncode
+        return rc
     return run
 
 
@@ -512,6 +521,12 @@ def prepare_out(out: Path, rec: dict, fresh: bool) -> Optional[str]:
 
 
 def main(argv=None) -> int:
+    """The command line (common.run_command: one line and 130 / 143 on an interrupt)."""
+    return run_command(lambda: _ablation(argv), doing="running the ablation",
+                       resume="re-run the command: finished runs are kept, interrupted ones resume")
+
+
+def _ablation(argv) -> int:
     a = parse(argv)
     t_start = time.time()
     out = Path(os.path.abspath(a.out))       # links not resolved: --fresh must see a link as --out
@@ -524,6 +539,7 @@ def main(argv=None) -> int:
     if err:
         print_error(f"ablation.py: {err}")
         return 2
+    release_notes()           # the input is valid: warnings as they come
     world = out / "world"
     if not (world / "instances_test.json").exists():
         synthetic.make_synthetic_world(world, **rec["world"])
@@ -532,7 +548,11 @@ def main(argv=None) -> int:
     print(f"ablation: {len(jobs)} runs ({len(a.rows)} rows x seeds {a.seeds}), {a.jobs} at a time -> {out}",
           flush=True)
     wall = {}
-    state = schedule(jobs, subprocess_runner(out, wall), a.jobs)
+    try:
+        state = schedule(jobs, subprocess_runner(out, wall), a.jobs)
+    except KeyboardInterrupt:             # SIGINT / SIGTERM: the running runs end too
+        stop_children()
+        raise
     res = collect(out, world, a.rows, a.seeds, state)
     res.update(recipe=rec, seeds=a.seeds, runs=state, run_wall_s=wall, runtime_s=round(time.time() - t_start, 1))
     print_table(res, a.seeds)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import WriteError, atomic_write_json, file_sha256, file_stamp, write_error
+from common import NOW, WriteError, atomic_write_json, file_sha256, file_stamp, write_error
 from runs import TrainInputError
 
 
@@ -132,6 +132,7 @@ class FeatureCache:
         return self
 
     def _build(self, encode, load, batch_size, progress) -> None:
+        NOW["doing"] = f"building the feature cache {self.dir}"        # the line of an interrupt
         stamps = [[p] + _image_stamp(Path(p)) + [read_image(p, file_sha256, p)] for p in self.paths]  # before encoding
         token = uuid.uuid4().hex[:12]
         data_name = f"feats-{token}.bin"
@@ -139,8 +140,7 @@ class FeatureCache:
         n = len(self.paths)
         mm, shape = None, None
         jobs = [(i, v) for i in range(n) for v in range(self.views)]
-        bar = tqdm(total=len(jobs), desc=f"cache {self.dir.name}", disable=not progress,
-                   leave=False, file=sys.stderr)
+        bar = tqdm(total=len(jobs), desc=f"cache {self.dir.name}", disable=not progress, leave=False, file=sys.stderr)
         try:
             for s in range(0, len(jobs), batch_size):
                 chunk = jobs[s:s + batch_size]

@@ -1,8 +1,8 @@
 """Ground-floor helpers every script shares, torch-free, importing no project file: atomic writes and the
 special-file checks of outputs and inputs (:func:`atomic_write`, :func:`check_output_path`, :func:`check_input_file`,
 :func:`read_input_bytes`, :func:`refuse_outputs_over_inputs`), the strict JSON reader (:func:`read_json`), the shared
-data folder, the zero-shot split names, the box frames, the command lines (:class:`OneLineParser`, argument types,
-one-line errors, held notes), file stamps and hashes. The rules they keep: docs/reliability.md.
+data folder, the zero-shot split names, the box frames, the command lines (:func:`run_command`: one-line errors and
+interrupts, held notes; :class:`OneLineParser`, argument types), file stamps and hashes. Rules: docs/reliability.md.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import signal
 import stat
 import sys
 import uuid
@@ -41,16 +42,6 @@ def data_root() -> Path:
 
 
 # --- Atomic writes ----------------------------------------------------------------------------
-def fsync_dir(folder) -> None:
-    """Make a rename inside ``folder`` durable (best effort: some file systems refuse)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(str(folder), os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 class WriteError(OSError):
     """An output file could not be written (disk full, quota, permissions); one line naming it."""
 
@@ -125,7 +116,12 @@ def atomic_write(path, write: Callable[[BinaryIO], Any]) -> None:
             os.fsync(f.fileno())
         check_output_path(path)
         os.replace(tmp, path)
-        fsync_dir(path.parent)
+        with contextlib.suppress(OSError):      # the rename made durable (best effort: some file systems refuse)
+            fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
     except WriteError:
         raise
     except OSError as e:
@@ -151,9 +147,9 @@ def atomic_write_json(path, obj, indent=None, separators=None) -> None:
     atomic_write_text(path, json.dumps(obj, indent=indent, separators=separators))
 
 
-def clean_stale_temps(folder) -> None:
+def clean_stale_temps(folder, name: str = "*") -> None:
     """Remove the temps (``.NAME.PID.RAND.tmp``) of writers killed mid-write; a live writer's (its pid) stays."""
-    for p in Path(folder).glob(".*.tmp"):        # nothing when the folder is absent
+    for p in Path(folder).glob(f".{name}.*.tmp"):        # nothing when the folder is absent
         parts = p.name.split(".")
         if len(parts) < 4 or not parts[-3].isdigit():
             continue                      # not a name atomic_write makes: a user's file, kept
@@ -365,7 +361,7 @@ def read_json(path, what: str = "file", error: type[Exception] = ValueError,
         raise error(f"{path}: {what} {e}" if str(e).startswith("is ") else f"{path}: {what}: {e}") from None
 
 
-# --- Command lines: one-line errors, argument types checked at parse time ---------------------
+# --- Command lines: one entry point, one-line errors and interrupts, argument types checked at parse time --
 def error_line(msg) -> str:
     """One line: line breaks and runs of spaces collapsed, at most 600 characters (a library's text can be kB)."""
     text = " ".join(str(msg).split())
@@ -376,52 +372,56 @@ def print_error(msg) -> None:
     print(f"error: {error_line(msg)}", file=sys.stderr)
 
 
-class HeldNotes:
-    """``with HeldNotes():`` holds the :func:`note`, warnings and log records of a command until
-    :func:`release_notes` (its input is valid), so a refused command prints its error line alone."""
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt, so that the ``finally`` blocks (temp files) run."""
 
-    current: Optional["HeldNotes"] = None
 
-    def __init__(self):
-        self.held, self.live = [], False
-
-    def __enter__(self) -> "HeldNotes":
-        self._prev = HeldNotes.current
-        HeldNotes.current = self
-        self._handler = logging.Handler(logging.WARNING)
-        self._handler.emit = lambda r: note(f"{r.levelname.lower()}: {r.getMessage()}")
-        logging.getLogger().addHandler(self._handler)     # also keeps basicConfig's stderr handler out
-        self._showwarning = warnings.showwarning
-        warnings.showwarning = lambda msg, cat, *a, **k: note(f"warning: {msg}")
-        return self
-
-    def __exit__(self, exc_type, *exc) -> None:
-        logging.getLogger().removeHandler(self._handler)
-        warnings.showwarning = self._showwarning
-        HeldNotes.current = self._prev
-        if exc_type is None:
-            self.release()
-
-    def release(self) -> None:
-        for msg in self.held:
-            print(msg, file=sys.stderr)
-        self.held.clear()
-        self.live = True
+#: the command's step and how to take it up again (the line of an interrupt), its held notes (None: printed)
+NOW: dict = {"doing": "starting", "resume": "re-run the command", "held": None}
 
 
 def note(msg: str) -> None:
-    """A note for stderr: printed now, or held (see :class:`HeldNotes`)."""
-    h = HeldNotes.current
-    if h is not None and not h.live:
-        h.held.append(msg)
+    """A note for stderr: printed now, or held by :func:`run_command` until :func:`release_notes`."""
+    if NOW["held"] is not None:
+        NOW["held"].append(msg)
     else:
         print(msg, file=sys.stderr)
 
 
 def release_notes() -> None:
     """The command's input is valid: print the held notes, let later ones through."""
-    if HeldNotes.current is not None:
-        HeldNotes.current.release()
+    for msg in NOW["held"] or ():
+        print(msg, file=sys.stderr)
+    NOW["held"] = None
+
+
+def run_command(main: Callable[[], int], errors=(), **now) -> int:
+    """``main()`` -> exit status, under every command line's contract: an exception of the ``(types tuple, status)``
+    pairs ``errors`` is one ``error:`` line and that status; SIGINT / SIGTERM one line ``interrupted (SIGINT)
+    while <doing>; <resume>`` (:data:`NOW`, ``now`` its start) and 130 / 143, never a traceback. The notes,
+    warnings and log records are held until the input is valid (release_notes), so an error line comes alone."""
+    def terminate(signum, frame):
+        raise Terminated()
+    NOW.update({"doing": "starting", "resume": "re-run the command", "held": [], **now})
+    old = signal.signal(signal.SIGTERM, terminate), warnings.showwarning, logging.Handler(logging.WARNING)
+    old[2].emit = lambda r: note(f"{r.levelname.lower()}: {r.getMessage()}")
+    logging.getLogger().addHandler(old[2])     # also keeps basicConfig's stderr handler out
+    warnings.showwarning = lambda msg, cat, *a, **k: note(f"warning: {msg}")
+    try:
+        status = main()
+        release_notes()
+        return status
+    except KeyboardInterrupt as e:
+        sig = signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT
+        print(f"interrupted ({sig.name}) while {NOW['doing']}; {NOW['resume']}", file=sys.stderr)
+        return 128 + sig
+    except tuple(c for t, _ in errors for c in t) as e:
+        print_error(e)
+        return next(s for t, s in errors if isinstance(e, t))
+    finally:
+        signal.signal(signal.SIGTERM, old[0])
+        warnings.showwarning, NOW["held"] = old[1], None
+        logging.getLogger().removeHandler(old[2])
 
 
 class OneLineParser(argparse.ArgumentParser):

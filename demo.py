@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import threading
 import time
@@ -44,6 +43,8 @@ from common import (
     error_line,
     nonneg_int,
     number,
+    release_notes,
+    run_command,
 )
 from detector_ap import evaluate_detector
 from runs import load_checkpoint
@@ -75,12 +76,11 @@ def _chain(runs: list, out: Path, status: dict) -> None:
     for name, argv in runs:
         t0 = time.time()
         with open(out / f"{name}.out", "w") as log:
-            r = subprocess.run([sys.executable] + argv, stdout=log, stderr=subprocess.STDOUT,
-                               cwd=str(ROOT), env=dict(os.environ, OMP_NUM_THREADS="1"))
-        status[name] = (r.returncode, time.time() - t0)
-        print(f"  {name:<16} {'done' if r.returncode == 0 else 'FAILED (exit %d)' % r.returncode}"
+            rc = recipe.run_child(argv, log)
+        status[name] = (rc, time.time() - t0)
+        print(f"  {name:<16} {'done' if rc == 0 else 'FAILED (exit %d)' % rc}"
               f" in {time.time() - t0:6.1f} s  (log: {out / (name + '.out')})", flush=True)
-        if r.returncode != 0:
+        if rc != 0:
             return
 
 
@@ -203,6 +203,12 @@ def print_table(results: dict) -> None:
 
 
 def main(argv=None) -> int:
+    """The command line (common.run_command: one line and 130 / 143 on an interrupt)."""
+    return run_command(lambda: _demo(argv), doing="running the demo",
+                       resume="re-run the command: finished runs are kept, interrupted ones resume")
+
+
+def _demo(argv) -> int:
     p = OneLineParser(prog="demo.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=None,
                    help="output folder (default runs/demo, runs/demo_seed<N> for --seed N != 0)")
@@ -240,6 +246,7 @@ def main(argv=None) -> int:
     except (OSError, ValueError) as e:
         print(f"error: {error_line(e)}", file=sys.stderr)
         return 2
+    release_notes()           # the input is valid: warnings as they come
 
     # 1. the world
     world = out / "world"
@@ -252,7 +259,11 @@ def main(argv=None) -> int:
     wp = {"test_anno": world / "instances_test.json", "test_images": world / "images" / "test"}
 
     # 2-4. two chains (full supervision, zero-shot; the random-VLM teachers), in parallel
-    failed = train_all(out, world, loop, a.zero_shot, a.sequential, a.vlm, a.weights.resolve())
+    try:
+        failed = train_all(out, world, loop, a.zero_shot, a.sequential, a.vlm, a.weights.resolve())
+    except KeyboardInterrupt:             # SIGINT / SIGTERM: the runs of the other chain end too
+        recipe.stop_children()
+        raise
     if failed:
         print(f"error: run(s) {failed} failed; see {out}/<run>.out", file=sys.stderr)
         return 1

@@ -32,12 +32,12 @@ import numpy as np
 import detector_ap
 from common import (
     ZERO_SHOT_SPLITS,
-    HeldNotes,
     OneLineParser,
     atomic_write_json,
+    clean_stale_temps,
     data_root,
-    print_error,
     refuse_outputs_over_inputs,
+    run_command,
 )
 from formats import (
     FormatError,
@@ -1005,17 +1005,19 @@ def _cli_inputs(args: argparse.Namespace) -> list:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command line (common.run_command): bad input, a file that cannot be read or written -> one line, 2."""
     args = _build_parser().parse_args(argv)
-    try:
-        with HeldNotes():         # a library's warnings never come before the error line
-            res, text = _run(args)
-        print(text)
-        if args.out:
-            write_json_atomic(res, args.out)
-            print(f"wrote {args.out}")
-    except (EvalInputError, OSError) as e:   # bad input; a file that cannot be read or written
-        print_error(e)
-        return 2
+    return run_command(lambda: _cli(args), [((EvalInputError, OSError), 2)], doing=f"evaluating {args.dataset}")
+
+
+def _cli(args: argparse.Namespace) -> int:
+    if args.out:       # the temps of a run killed while writing --out; an interrupted one removes its own
+        clean_stale_temps(os.path.dirname(os.path.abspath(args.out)), os.path.basename(args.out))
+    res, text = _run(args)
+    print(text)
+    if args.out:
+        write_json_atomic(res, args.out)
+        print(f"wrote {args.out}")
     return 0
 
 

@@ -40,18 +40,19 @@ from tqdm import tqdm
 import data
 import formats
 from common import (
-    HeldNotes,
+    NOW,
     OneLineParser,
     atomic_write,
     atomic_write_json,
     check_input_file,
+    clean_stale_temps,
     file_kind,
     nonneg_int,
     note,
     positive_int,
-    print_error,
     read_json,
     refuse_outputs_over_inputs,
+    run_command,
     unit_float,
 )
 from formats import as_index
@@ -655,6 +656,7 @@ def run(opts: InferOptions, log=None) -> dict:
         (f"--{k.replace('_', '-')}", getattr(opts, k)) for k in
         ("checkpoint", "detections", "image_ids", "detector_weights", "gt_anno") if getattr(opts, k)]
     check_outputs(out_dir, pictures, opts.force, opts.draw, inputs)
+    clean_stale_temps(out_dir)        # what a run killed mid-write left (an interrupted one removes its own)
     _, cs = read_checkpoint_meta(opts.checkpoint)   # cheap: the inputs are checked before the model is built
     person, names = int(cs["person_label"]), hoi_class_names(cs)
     source = box_source(opts, cs, keys)
@@ -665,6 +667,8 @@ def run(opts: InferOptions, log=None) -> dict:
     bar = tqdm(total=len(items), desc="infer", unit="img", disable=None if opts.progress else True,
                file=sys.stderr)
     for start in range(0, len(items), opts.batch_size):
+        NOW.update(doing=f"inferring (image {start + 1} of {len(items)}) into {out_dir}", resume="re-run the command"
+                   + (" with --force (pictures were written)" if written and not opts.force else ""))
         batch = items[start:start + opts.batch_size]
         ok_keys, imgs, stored = _read_batch(batch, opts.exif, skipped, log)
         if ok_keys:
@@ -776,19 +780,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """The command line (common.run_command): bad input, a file that cannot be read or written -> one line, 2."""
     args = build_parser().parse_args(argv)
-    try:
-        if args.device == "auto":
-            args.device = "cuda" if torch.cuda.is_available() else "cpu"
-        if args.threads > 0:
-            torch.set_num_threads(args.threads)
-        same = {k: v for k, v in vars(args).items() if k in InferOptions.__dataclass_fields__}  # option = field
-        with HeldNotes():      # warnings and notes only once the run has succeeded
-            res = run(InferOptions(args.input, out_dir=args.out, exif=not args.ignore_exif, draw=not args.no_pictures,
-                                   progress=not args.quiet, **same))
-    except (InferError, ValueError, OSError) as e:      # bad input; a file that cannot be read or written
-        print_error(e)
-        return 2
+    return run_command(lambda: _cli(args), [((InferError, ValueError, OSError), 2)], doing="loading the inputs")
+
+
+def _cli(args) -> int:
+    args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    same = {k: v for k, v in vars(args).items() if k in InferOptions.__dataclass_fields__}  # option = field
+    res = run(InferOptions(args.input, out_dir=args.out, exif=not args.ignore_exif, draw=not args.no_pictures,
+                           progress=not args.quiet, **same))
     print(summarise(res))
     return 0
 

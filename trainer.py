@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from cache import FeatureSource
 from common import (
-    HeldNotes,
+    NOW,
     atomic_write_bytes,
     atomic_write_json,
     clean_stale_temps,
@@ -47,7 +47,7 @@ from common import (
     number,
     positive_float,
     positive_int,
-    print_error,
+    run_command,
     write_error,
 )
 from data import Split, Views, epoch_order, view_of
@@ -769,6 +769,7 @@ class Trainer:
         if self.d.device.type != "cuda" and cfg.amp in ("bf16", "fp16") and self.d.main:
             print(f"note: --amp {cfg.amp} ignored on CPU (plain fp32)", file=sys.stderr)
         while self.epoch < cfg.epochs:
+            NOW["doing"] = f"training epoch {self.epoch + 1} of {cfg.epochs} of {self.out}"   # the interrupt line
             t0 = time.time()
             self._train_epoch()
             self.epoch += 1
@@ -804,6 +805,7 @@ class Trainer:
         bar.close()
 
     def _evaluate_and_log(self) -> None:
+        NOW["doing"] = f"evaluating epoch {self.epoch} of {self.out}"
         m = self.evaluate()
         self.log({"kind": "eval", "epoch": self.epoch, "step": self.step, **m})
         if self.d.main:
@@ -828,19 +830,17 @@ class Trainer:
 
 
 def run_cli(main_fn) -> None:
-    """main_fn() with the training commands' error contract: bad input (and a file that cannot be
-    read or written) -> one ``error:`` line, exit 2; a non-finite loss -> exit 3. Notes of the
-    set-up are held until the input is valid (common.HeldNotes): a refused command prints its
-    error line alone."""
+    """main_fn() with the training commands' contract (common.run_command): bad input (and a file that
+    cannot be read or written) -> one ``error:`` line, exit 2; a non-finite loss -> exit 3; SIGINT /
+    SIGTERM -> one ``interrupted`` line naming the step and ``--resume``, exit 130 / 143."""
+    def main() -> int:
+        main_fn()                        # its metrics (a dict): exit 0
+        return 0
+    errors = [((TrainInputError, FileNotFoundError, ValueError, KeyError, OSError), 2), ((NonFiniteLossError,), 3)]
     try:
-        with HeldNotes():
-            main_fn()
-    except (TrainInputError, FileNotFoundError, ValueError, KeyError, OSError) as e:
-        print_error(e)
-        sys.exit(2)
-    except NonFiniteLossError as e:
-        print_error(e)
-        sys.exit(3)
+        status = run_command(main, errors, doing="setting up", resume="resume: the same command with --resume")
+        if status:
+            sys.exit(status)
     finally:
         if tdist.is_initialized():
             tdist.destroy_process_group()

@@ -202,3 +202,191 @@ def test_train_student_teacher_special_file_refused(tiny_world, tmp_path, kind, 
             "--threads", "1", "--teacher", str(p)]
     main = lambda a: train_teacher.run_cli(lambda: train_student.main(a))  # noqa: E731
     _refused_keeping(main, argv, tmp_path, p, [str(p), READ_KINDS[kind]])
+
+
+# --- Interrupts (issue 24, hole 5) -------------------------------------------------------------
+# The child runs a CLI with one function wrapped: after the real call it touches a marker file and
+# sleeps, so the signal lands at that moment (mid-write of a temp, mid-training, mid-cache-build),
+# whatever the machine's load. SIGINT is reset to its default in the child: a background child of a
+# non-interactive shell ignores it, and the test would test nothing.
+HOLD = r"""
+import functools, importlib, pathlib, sys, time
+marker, target, entry, *argv = sys.argv[1:]
+parts = target.split(".")
+owner = importlib.import_module(parts[0])
+for p in parts[1:-1]:
+    owner = getattr(owner, p)
+real = getattr(owner, parts[-1])
+@functools.wraps(real)
+def held(*a, **k):
+    r = real(*a, **k)
+    pathlib.Path(marker).touch()
+    time.sleep(120)
+    return r
+setattr(owner, parts[-1], held)
+mod = importlib.import_module(entry)
+sys.exit(mod.run_cli(lambda: mod.main(argv)) if hasattr(mod, "run_cli") else mod.main(argv))
+"""
+
+
+def interrupted(entry: str, argv: list, target: str, sig: int, tmp_path: Path, timeout: float = 240) -> str:
+    """Run ``entry``'s CLI in a child held at ``target``, send ``sig`` there -> the one line it printed,
+    asserting exit 128 + sig, no traceback, and that the line is the last of stderr."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from clicheck import ROOT
+    marker = tmp_path / f"held-{time.monotonic_ns()}"
+    p = subprocess.Popen([sys.executable, "-c", HOLD, str(marker), target, entry, *map(str, argv)], cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=dict(__import__("os").environ, OMP_NUM_THREADS="1"),
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    t0 = time.time()
+    while not marker.exists():
+        if p.poll() is not None or time.time() - t0 > timeout:
+            p.kill()
+            pytest.fail(f"never reached {target} (exit {p.wait()}): {p.communicate()[1][-2000:]}")
+        time.sleep(0.05)
+    p.send_signal(sig)
+    _, err = p.communicate(timeout=60)
+    if sig == signal.SIGKILL:
+        assert p.returncode == -sig
+        return ""
+    assert "Traceback" not in err, err[-3000:]
+    assert p.returncode == 128 + sig, (p.returncode, err[-2000:])
+    lines = [line for line in err.splitlines() if line.startswith("interrupted")]
+    assert len(lines) == 1 and err.strip().splitlines()[-1] == lines[0], err[-2000:]
+    assert lines[0].startswith(f"interrupted ({signal.Signals(sig).name}) while "), lines[0]
+    return lines[0]
+
+
+def temps(*folders) -> list:
+    return sorted(str(p) for f in folders for p in Path(f).rglob(".*.tmp"))
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("moment", ["evaluating", "writing --out"])
+def test_eval_interrupted(tmp_path, sig, moment):
+    import signal
+    f = hico_files(tmp_path / "in")
+    out = tmp_path / "o" / "r.json"
+    out.parent.mkdir()
+    out.write_text("old")
+    argv = ["hico", "--anno", f["anno"], "--pred", f["pred"], "--out", out]
+    target = "eval.evaluate_hico_files" if moment == "evaluating" else "common._RecordingWriter.write"
+    line = interrupted("eval", argv, target, getattr(signal, sig), tmp_path)
+    assert "evaluating hico; re-run the command" in line
+    assert out.read_text() == "old" and not temps(tmp_path)         # the old file, whole; no temp
+    assert hoi_eval.main([str(a) for a in argv]) == 0 and json.loads(out.read_text())["full"] > 0
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tiny_world, tmp_path_factory):
+    """A teacher trained 1 epoch on the tiny world (its checkpoint feeds infer)."""
+    tmp = tmp_path_factory.mktemp("tinyrun")
+    train_teacher.main(["--dataset", "synthetic", "--world", str(tiny_world), "--runs", str(tmp / "runs"),
+                        "--cache", str(tmp / "cache"), "--name", "t", "--epochs", "1", "--no-progress",
+                        "--threads", "1"])
+    return tmp / "runs" / "t" / "last.pt"
+
+
+@pytest.mark.parametrize("sig,moment", [("SIGTERM", "writing predictions.json"), ("SIGINT", "drawing"),
+                                        ("SIGKILL", "writing predictions.json")])
+def test_infer_interrupted(tiny_world, tiny_ckpt, tmp_path, sig, moment):
+    """An earlier run's outputs stay whole; the next run with --force succeeds and sweeps the temps
+    (SIGKILL: no handler runs, the temp stays until that next run)."""
+    import signal
+    out = tmp_path / "out"
+    argv = [tiny_world / "images" / "test", "--checkpoint", tiny_ckpt, "--gt-anno", tiny_world / "instances_test.json",
+            "--out", out, "--quiet", "--threads", "1"] + (["--no-pictures"] if moment != "drawing" else [])
+    argv = [str(a) for a in argv]
+    if moment != "drawing":
+        assert infer.main(argv) == 0
+    before = out.joinpath("predictions.json").read_bytes() if moment != "drawing" else None
+    argv += ["--force"] if moment != "drawing" else []
+    target = "common._RecordingWriter.write"
+    if sig == "SIGKILL":
+        interrupted("infer", argv, target, signal.SIGKILL, tmp_path)
+        assert temps(out)                                               # killed mid-write: its temp is left
+    else:
+        line = interrupted("infer", argv, target, getattr(signal, sig), tmp_path)
+        assert f"inferring (image 1 of 2) into {out}; re-run the command" in line and "--force" not in line
+        assert not temps(out)
+    if before is not None:
+        assert out.joinpath("predictions.json").read_bytes() == before
+    else:
+        assert not list(out.glob("*"))                                  # nothing half-written
+    assert infer.main(argv) == 0 and not temps(out)
+    assert json.loads(out.joinpath("predictions.json").read_text())
+
+
+@pytest.mark.parametrize("sig,target,doing", [
+    ("SIGINT", "trainer.Trainer.train_step", "training epoch 1 of 2 of "),
+    ("SIGTERM", "cache.reserve_file", "building the feature cache "),
+    ("SIGINT", "cache.reserve_file", "building the feature cache ")])
+def test_train_teacher_interrupted_resumes(tiny_world, tmp_path, sig, target, doing):
+    import signal
+    argv = ["--dataset", "synthetic", "--world", str(tiny_world), "--runs", str(tmp_path / "runs"),
+            "--cache", str(tmp_path / "cache"), "--name", "t", "--epochs", "2", "--no-progress", "--threads", "1"]
+    line = interrupted("train_teacher", argv, target, getattr(signal, sig), tmp_path)
+    assert doing in line and line.endswith("resume: the same command with --resume"), line
+    assert not temps(tmp_path / "runs", tmp_path / "cache")
+    for folder in (tmp_path / "cache").iterdir():       # a data file only where an index names it
+        idx = folder / "index.json"
+        named = [json.loads(idx.read_text())["data"]] if idx.exists() else []
+        assert [p.name for p in folder.glob("feats-*.bin")] == named
+    m = train_teacher.main(argv + ["--resume"])
+    assert 0 <= m["full"] <= 100 and not temps(tmp_path / "runs", tmp_path / "cache")
+    assert load_checkpoint(tmp_path / "runs" / "t" / "last.pt")["epoch"] == 2
+
+
+CHAINS = r"""
+import sys, threading
+from common import run_command
+from world import recipe
+marker = sys.argv[1]
+def main():                   # demo.py's parallel chains, ablation.py's workers: threads waiting on runs
+    run = lambda i: recipe.run_child(["-c", "import os, pathlib, time; pathlib.Path(%r).write_text(str(os.getpid()))"
+                                      "; time.sleep(120)" % f"{marker}{i}"], None)
+    ts = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in ts:
+        t.start()
+    try:
+        for t in ts:
+            t.join()
+    except KeyboardInterrupt:
+        recipe.stop_children()
+        raise
+    return 0
+sys.exit(run_command(main, doing="running the demo"))
+"""
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_interrupt_ends_the_training_children(tmp_path, sig):
+    """demo.py / ablation.py: an interrupt of the command (SIGTERM to it alone, too) ends the training
+    runs it waits on in other threads, instead of exiting only once they finish."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from clicheck import ROOT
+    marker = tmp_path / "child"
+    p = subprocess.Popen([sys.executable, "-c", CHAINS, str(marker)], cwd=ROOT, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    t0 = time.time()
+    while not all(Path(f"{marker}{i}").exists() and Path(f"{marker}{i}").read_text() for i in range(2)):
+        assert p.poll() is None and time.time() - t0 < 120, p.communicate()[1][-2000:]
+        time.sleep(0.05)
+    pids = [int(Path(f"{marker}{i}").read_text()) for i in range(2)]
+    p.send_signal(getattr(signal, sig))
+    _, err = p.communicate(timeout=60)                  # not the children's 120 s
+    assert p.returncode == 128 + getattr(signal, sig) and "Traceback" not in err, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith(f"interrupted ({sig}) while running the demo")
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)

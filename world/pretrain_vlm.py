@@ -44,6 +44,8 @@ from common import (
     positive_float,
     positive_int,
     print_error,
+    release_notes,
+    run_command,
     unit_float,
 )
 from viz import plot_pretraining
@@ -330,9 +332,14 @@ def parse_args(argv):
     return a
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
+def main(argv=None) -> int:
+    """The command line (common.run_command: one line and 130 / 143 on an interrupt; --out is replaced last)."""
+    return run_command(lambda: _pretrain(sys.argv[1:] if argv is None else argv), doing="pretraining the world VLM")
+
+
+def _pretrain(argv) -> int:
     a = parse_args(argv)
+    release_notes()
     torch.set_num_threads(a.threads)
     t0, c0 = time.time(), time.process_time()
     world_seed = WORLD_SEED + a.seed
@@ -341,7 +348,7 @@ def main(argv=None):
         paths, gts = caption_world(root, a.images, world_seed, reuse=not a.redraw)
     except ValueError as e:
         print_error(f"world.pretrain_vlm: --world {e}")
-        sys.exit(2)
+        return 2
     images = load_images(paths)                                     # [N, 3, S, S] uint8
     world_s = time.time() - t0
     S = images.shape[-1]
@@ -376,27 +383,30 @@ def main(argv=None):
 
     a.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = a.out.with_name("." + a.out.name + ".new")   # --out (and its .json) replaced only at the end
-    save_fp16(clip, tmp)
-    # the path a user's local CLIP checkpoint takes (with the manifest's mean / std)
-    shipped = FrozenVLM(VLMConfig(vlm=a.name, vlm_config=config, pretrained=str(tmp), image_size=S,
-                                  image_mean=open_clip.OPENAI_DATASET_MEAN,
-                                  image_std=open_clip.OPENAI_DATASET_STD)).clip
-    final = evaluate(shipped, tokenizer, held_img, held_gt)
-    manifest = {
-        "name": a.name, "checkpoint": a.out.name, "sha256": file_sha256(tmp),
-        "bytes": tmp.stat().st_size, "open_clip_config": config, "image_size": S,
-        "image_mean": list(open_clip.OPENAI_DATASET_MEAN), "image_std": list(open_clip.OPENAI_DATASET_STD),
-        "arch": a.arch, "loss": a.loss, "seed": a.seed,
-        "command": "python -m world.pretrain_vlm " + shlex.join(argv),
-        "world": {"seed": world_seed, "images": a.images, "heldout": a.heldout, "image_size": S},
-        "train": {"epochs": a.epochs, "steps": total, "batch_size": a.batch_size, "lr": a.lr,
-                  "weight_decay": a.weight_decay, "warmup": a.warmup, "threads": a.threads,
-                  "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "world_wall_s": round(world_s, 1)},
-        "heldout": final, "curve": curve,
-        "versions": {"torch": torch.__version__, "open_clip": open_clip.__version__},
-    }
-    from eval import write_json_atomic
-    os.replace(tmp, a.out)
+    try:       # an interrupt or an error leaves no half-written temp
+        save_fp16(clip, tmp)
+        # the path a user's local CLIP checkpoint takes (with the manifest's mean / std)
+        shipped = FrozenVLM(VLMConfig(vlm=a.name, vlm_config=config, pretrained=str(tmp), image_size=S,
+                                      image_mean=open_clip.OPENAI_DATASET_MEAN,
+                                      image_std=open_clip.OPENAI_DATASET_STD)).clip
+        final = evaluate(shipped, tokenizer, held_img, held_gt)
+        manifest = {
+            "name": a.name, "checkpoint": a.out.name, "sha256": file_sha256(tmp),
+            "bytes": tmp.stat().st_size, "open_clip_config": config, "image_size": S,
+            "image_mean": list(open_clip.OPENAI_DATASET_MEAN), "image_std": list(open_clip.OPENAI_DATASET_STD),
+            "arch": a.arch, "loss": a.loss, "seed": a.seed,
+            "command": "python -m world.pretrain_vlm " + shlex.join(argv),
+            "world": {"seed": world_seed, "images": a.images, "heldout": a.heldout, "image_size": S},
+            "train": {"epochs": a.epochs, "steps": total, "batch_size": a.batch_size, "lr": a.lr,
+                      "weight_decay": a.weight_decay, "warmup": a.warmup, "threads": a.threads,
+                      "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "world_wall_s": round(world_s, 1)},
+            "heldout": final, "curve": curve,
+            "versions": {"torch": torch.__version__, "open_clip": open_clip.__version__},
+        }
+        from eval import write_json_atomic
+        os.replace(tmp, a.out)
+    finally:
+        tmp.unlink(missing_ok=True)
     write_json_atomic(manifest, a.out.with_suffix(".json"))
     png = plot_pretraining(curve, f"{a.name} ({a.arch}, {a.loss} loss)")
     atomic_write(a.out.with_name(a.out.stem + "_curve.png"), lambda f: f.write(png))
@@ -406,7 +416,8 @@ def main(argv=None):
           f"{final['chance_top5']:.4f}); HOI prompt mAP {final['class_map']:.3f} (chance "
           f"{final['class_map_chance']:.3f}), zero-shot classes {final['zero_shot_map']:.3f} "
           f"(chance {final['zero_shot_map_chance']:.3f})", flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

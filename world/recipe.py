@@ -2,14 +2,18 @@
 training loop, the distillation weights, the VLM choices, and the helpers both commands use
 (the VLM arguments of the training CLIs, the shipped-checkpoint check, the output-folder guard:
 the stamp and the layout of what each command writes, which bound what --fresh deletes; the
-readers of a run's metrics and predictions; the chance level of a run's predictions).
+readers of a run's metrics and predictions; the chance level of a run's predictions; the training
+runs as child processes, which an interrupt of the command ends: run_child, stop_children).
 """
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import os
 import shutil
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -199,3 +203,34 @@ def read_metrics(run_dir: Path) -> dict:
         raise ValueError(f"{path}: run's metrics file " + (f"field '{bad[0]}' is not a number" if bad
                                                             else "is not a JSON object"))
     return m
+
+
+#: the training runs of run_child still running: an interrupt of the demo / ablation ends them (stop_children)
+CHILDREN: set = set()
+
+
+def run_child(argv: list, log) -> int:
+    """``python argv`` (a training run) from the repository, one thread, stdout and stderr into the file
+    ``log`` -> its exit status. An interrupt while waiting here ends it too: it writes its own
+    'interrupted' line into ``log`` and resumes on the next run of the demo / ablation."""
+    p = subprocess.Popen([sys.executable] + argv, stdout=log, stderr=subprocess.STDOUT,
+                         cwd=str(Path(__file__).resolve().parent.parent), env=dict(os.environ, OMP_NUM_THREADS="1"))
+    CHILDREN.add(p)
+    try:
+        return p.wait()
+    except BaseException:               # an interrupt in this thread (sequential runs)
+        stop_children()
+        raise
+    finally:
+        CHILDREN.discard(p)
+
+
+def stop_children(timeout: float = 60) -> None:
+    """SIGTERM to every running child of run_child, then wait for each (at most ``timeout`` s): the
+    interrupt of the main thread, while other threads wait on children, leaves none running."""
+    for p in list(CHILDREN):
+        with contextlib.suppress(OSError):
+            p.terminate()
+    for p in list(CHILDREN):
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            p.wait(timeout)
