@@ -88,7 +88,7 @@ def check_numbers(a, file, image, field_: str, dtype=np.float32, box: bool = Fal
     a = a.reshape(len(a), -1) if a.size else np.zeros((0, 4))
     bad = ~(np.abs(a) <= np.finfo(dtype).max)                 # NaN, inf and, in float32, |v| > 3.4e38
     bad = bad.any(1) & ~(nan_ok & np.isnan(a).all(1))
-    problem = f"is non-finite in {np.dtype(dtype).name} (NaN, inf or |v| > {np.finfo(dtype).max:.4g})"
+    problem = f"is non-finite in {np.dtype(dtype).name} (NaN, inf or beyond {np.dtype(dtype).name}'s range)"
     if box and not bad.any():
         bad, problem = (a[:, 2] < a[:, 0]) | (a[:, 3] < a[:, 1]), "has x2 < x1 or y2 < y1"
     if not bad.any():
@@ -739,9 +739,9 @@ def coco_index(coco: Any, image_ids: list, coco_name: str) -> tuple[Any, dict, d
     for im in coco["images"]:
         if isinstance(im, dict) and is_number(im.get("id")) and im["id"] in wanted:
             w, h = im.get("width"), im.get("height")
-            if not (is_number(w) and is_number(h) and w > 0 and h > 0):
+            if not (is_number(w) and is_number(h)) or check_numbers([[w, h]], coco_name, im["id"], "width/height",
+                                                                    at=lambda r: (im["id"], None)).min() <= 0:
                 raise fail(coco_name, f"must be positive numbers, got {w!r}, {h!r}", im["id"], field_="width/height")
-            check_numbers(np.array([[w, h]]), coco_name, im["id"], "width/height", at=lambda r: (im["id"], None))
             if int(im["id"]) in sizes:
                 raise fail(coco_name, "listed twice in 'images'", im["id"])
             sizes[int(im["id"])] = (float(w), float(h))
