@@ -17,7 +17,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from itertools import chain
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
@@ -76,7 +76,26 @@ def read(path, what: str = "file") -> Any:
 
 
 # --- Values: the checks every reader shares (a ValueError's one-line reason; the caller adds where) ------------------
-FLOAT32_MAX = 3.4028234663852886e38
+
+
+def check_numbers(a, file, image, field_: str, dtype=np.float32, box: bool = False, nan_ok: bool = False,
+                  at: Optional[Callable] = None) -> np.ndarray:
+    """The one number check: a [N, C] -> float64 a, else the FormatError naming its first bad row (``at``:
+    row -> (image, row in the file); default (image, row)). Bad: a value not finite in ``dtype``, the dtype
+    the evaluator computes in (1e39 is inf in float32), or with ``box`` (x1, y1, x2, y2 in columns 0-3)
+    x2 < x1 or y2 < y1. ``nan_ok``: an all-NaN row is V-COCO's "not given" and passes."""
+    a = np.asarray(a, dtype=np.float64)
+    a = a.reshape(len(a), -1) if a.size else np.zeros((0, 4))
+    bad = ~(np.abs(a) <= np.finfo(dtype).max)                 # NaN, inf and, in float32, |v| > 3.4e38
+    bad = bad.any(1) & ~(nan_ok & np.isnan(a).all(1))
+    problem = f"is non-finite in {np.dtype(dtype).name} (NaN, inf or beyond {np.dtype(dtype).name}'s range)"
+    if box and not bad.any():
+        bad, problem = (a[:, 2] < a[:, 0]) | (a[:, 3] < a[:, 1]), "has x2 < x1 or y2 < y1"
+    if not bad.any():
+        return a
+    r = int(np.argmax(bad))
+    value = a[r, 0] if a.shape[1] == 1 else a[r].tolist()
+    raise fail(file, f"{value}: {problem}", *(at(r) if at else (image, r)), field_)
 
 
 def is_number(v) -> bool:
@@ -302,7 +321,7 @@ def image_size(s: Any, file, image) -> tuple:
 
 
 def boxes_array(value: Any, file, image, field_: str) -> np.ndarray:
-    """A list of [x1, y1, x2, y2] -> float64[N, 4]: finite, within float32's range, x2 >= x1, y2 >= y1."""
+    """A list of [x1, y1, x2, y2] -> float64[N, 4]: finite in float32 (:func:`check_numbers`), x2 >= x1, y2 >= y1."""
     if not isinstance(value, (list, tuple, np.ndarray)):
         raise fail(file, f"expected a list of boxes, got {type(value).__name__}", image, field_=field_)
     if len(value) == 0:
@@ -316,14 +335,7 @@ def boxes_array(value: Any, file, image, field_: str) -> np.ndarray:
                                                         and all(map(is_number, b)))), None)
         raise fail(file, f"expected [x1, y1, x2, y2] (4 numbers), got {value[r]!r}" if r is not None
                    else "expected boxes [x1, y1, x2, y2]", image, r, field_)
-    bad = ~(np.isfinite(arr) & (np.abs(arr) <= FLOAT32_MAX)).all(1)
-    problem = "is non-finite or beyond float32's range"
-    if not bad.any():
-        bad, problem = (arr[:, 2] < arr[:, 0]) | (arr[:, 3] < arr[:, 1]), "has x2 < x1 or y2 < y1"
-    if bad.any():
-        r = int(np.argmax(bad))
-        raise fail(file, f"{arr[r].tolist()}: {problem}", image, r, field_)
-    return arr
+    return check_numbers(arr, file, image, field_, np.float32, box=True)     # the model and the APs: float32
 
 
 def int_array(value: Any, n: int, lo: int, hi: int, file, image, field_: str) -> np.ndarray:
@@ -400,27 +412,23 @@ def _hico_pairs(annos: list, fns: list, corr: np.ndarray, objects, verbs, name, 
     K = corr.shape[0]
     O, V = (2 ** 62 if x is None else len(x) for x in (objects, verbs))
 
-    def not_index(x, hi):
-        return ~np.isfinite(x) | (x != np.floor(x)) | (x < 0) | (x >= hi)
-
-    def value(key, problem):
-        return lambda j: f"{v[key][j].tolist() if key[:5] == 'boxes' else format(v[key][j], 'g')}: {problem}"
+    def index_check(key, hi):       # (key, bad rows, message)
+        x = v[key]
+        return key, ~np.isfinite(x) | (x != np.floor(x)) | (x < 0) | (x >= hi), \
+            lambda j: f"{x[j]:g}: is not an integer in [0, {hi})"
 
     def mismatch(j):
         c = corr[int(v["hoi"][j])]
         return (f"class {c[0]} is (object {c[1]}, verb {c[2]}) but the row says (object "
                 f"{v['object'][j]:.0f}, verb {v['verb'][j]:.0f})")
 
-    checks = [("hoi", not_index(v["hoi"], K), value("hoi", f"is not an integer in [0, {K})"))]
-    for key in ("boxes_h", "boxes_o"):
-        b = v[key]
-        checks += [(key, ~(np.isfinite(b) & (np.abs(b) <= FLOAT32_MAX)).all(1),
-                    value(key, "is non-finite or beyond float32's range")),
-                   (key, (b[:, 2] < b[:, 0]) | (b[:, 3] < b[:, 1]), value(key, "has x2 < x1 or y2 < y1"))]
+    checks = [index_check("hoi", K)]
+    for key in ("boxes_h", "boxes_o"):          # float32, as the model and the AP read them
+        check_numbers(v[key], name, None, key, box=True, at=lambda j: (fns[gt_image[j]], j - int(
+            np.searchsorted(gt_image, gt_image[j]))))
     if with_ov:
         hoi = np.clip(np.nan_to_num(v["hoi"]), 0, K - 1).astype(np.int64)
-        checks += [("object", not_index(v["object"], O), value("object", f"is not an integer in [0, {O})")),
-                   ("verb", not_index(v["verb"], V), value("verb", f"is not an integer in [0, {V})")),
+        checks += [index_check("object", O), index_check("verb", V),
                    ("hoi", (corr[hoi, 1] != v["object"]) | ((corr[hoi, 2] >= 0) & (corr[hoi, 2] != v["verb"])),
                     mismatch)]
     for key, bad, msg in checks:       # the annotation is checked like the predictions
@@ -435,41 +443,30 @@ def _hico_pairs(annos: list, fns: list, corr: np.ndarray, objects, verbs, name, 
 def _diagnose_pairs(annos: list, fns: list, keys: tuple, name) -> None:
     """Slow path: raise on the first box that is not [x1, y1, x2, y2] or index that is not a number."""
     for i, a in enumerate(annos):
-        for key in keys:
-            for r, x in enumerate(a[key]):
-                if key[:5] == "boxes" and not (isinstance(x, list) and len(x) == 4 and all(map(is_number, x))):
-                    raise fail(name, f"expected [x1, y1, x2, y2], got {x!r}", fns[i], r, key)
-                if key[:5] != "boxes" and not is_number(x):
-                    raise fail(name, f"expected an integer, got {x!r}", fns[i], r, key)
+        for key, r, x in ((key, r, x) for key in keys for r, x in enumerate(a[key])):
+            if not ((isinstance(x, list) and len(x) == 4 and all(map(is_number, x))) if key[:5] == "boxes" else
+                    is_number(x)):
+                raise fail(name, f"expected {'[x1, y1, x2, y2]' if key[:5] == 'boxes' else 'an integer'}, got {x!r}",
+                           fns[i], r, key)
 
 
 def _validate_rows(rows: np.ndarray, img: np.ndarray, filenames: Sequence[str], num_classes: int, src: str) -> None:
     """Vectorised value checks of prediction rows float64[N, 10] (img: int64[N], grouped)."""
-    hoi, score = rows[:, 0], rows[:, 1]
+    hoi = rows[:, 0]
     # fast path: a few passes (and nothing for no rows); the detailed checks run only on failure
     if (np.isfinite(rows).all() and ((hoi >= 0) & (hoi < num_classes) & (hoi == np.floor(hoi))).all()
             and (rows[:, 4:6] >= rows[:, 2:4]).all() and (rows[:, 8:10] >= rows[:, 6:8]).all()):
         return
-    checks = [
-        (~np.isfinite(hoi), "hoi", lambda j: f"{rows[j, 0]} is not a finite number"),
-        (np.isfinite(hoi) & (hoi != np.floor(hoi)), "hoi", lambda j: f"{float(rows[j, 0])!r} is not an integer"),
-        ((hoi < 0) | (hoi >= num_classes), "hoi", lambda j: f"{rows[j, 0]:g} out of range [0, {num_classes})"),
-        (~np.isfinite(score), "score", lambda j: f"{rows[j, 1]} is not a finite number"),
-        (~np.isfinite(rows[:, 2:6]).all(1), "human box", lambda j: "has a NaN/inf coordinate"),
-        (~np.isfinite(rows[:, 6:10]).all(1), "object box", lambda j: "has a NaN/inf coordinate"),
-        (rows[:, 4] < rows[:, 2], "human box", lambda j: "x2 < x1"),
-        (rows[:, 5] < rows[:, 3], "human box", lambda j: "y2 < y1"),
-        (rows[:, 8] < rows[:, 6], "object box", lambda j: "x2 < x1"),
-        (rows[:, 9] < rows[:, 7], "object box", lambda j: "y2 < y1"),
-    ]
-    bad = np.logical_or.reduce([m for m, _, _ in checks])
-    if not bad.any():
-        return
-    j = int(np.argmax(bad))
-    i = int(img[j])
-    r = j - int(np.flatnonzero(img == i)[0])       # rows are grouped by image, in any image order
-    key, msg = next((key, msg) for m, key, msg in checks if m[j])
-    raise fail(src, msg(j), filenames[i], r, key)
+
+    def at(j):                                      # rows are grouped by image, in any image order
+        i = int(img[j])
+        return filenames[i], j - int(np.flatnonzero(img == i)[0])
+
+    for key, cols in (("hoi", [0]), ("score", [1]), ("human box", [2, 3, 4, 5]), ("object box", [6, 7, 8, 9])):
+        check_numbers(rows[:, cols], src, None, key, np.float64, box=len(cols) == 4, at=at)   # the evaluators: float64
+    bad = np.flatnonzero((hoi != np.floor(hoi)) | (hoi < 0) | (hoi >= num_classes))
+    if bad.size:
+        as_index(float(hoi[bad[0]]), num_classes, at=(src, *at(bad[0]), "hoi"))
 
 
 def _diagnose_rows(src: str, name: str, rows: Any) -> None:
@@ -742,7 +739,8 @@ def coco_index(coco: Any, image_ids: list, coco_name: str) -> tuple[Any, dict, d
     for im in coco["images"]:
         if isinstance(im, dict) and is_number(im.get("id")) and im["id"] in wanted:
             w, h = im.get("width"), im.get("height")
-            if not (is_number(w) and is_number(h) and 0 < w < math.inf and 0 < h < math.inf):
+            if not (is_number(w) and is_number(h)) or check_numbers([[w, h]], coco_name, im["id"], "width/height",
+                                                                    at=lambda r: (im["id"], None)).min() <= 0:
                 raise fail(coco_name, f"must be positive numbers, got {w!r}, {h!r}", im["id"], field_="width/height")
             if int(im["id"]) in sizes:
                 raise fail(coco_name, "listed twice in 'images'", im["id"])
@@ -767,9 +765,11 @@ def coco_boxes(anns: list, size: tuple, person_cat, coco_name: str, image_id: in
             if an.get("ignore", 0) == 1:
                 continue
             b = an["bbox"]
-            if not (isinstance(b, list) and len(b) == 4 and all(is_number(v) and math.isfinite(v) for v in b)) \
-                    or not is_number(an["area"]) or not math.isfinite(an["area"]):
+            if not (isinstance(b, list) and len(b) == 4 and all(map(is_number, b))) or not is_number(an["area"]):
                 raise ValueError
+            for v, dtype, key in ((b, np.float32, "bbox"), ([an["area"]], np.float64, "area")):    # area: > 0 only
+                check_numbers(np.array([v]), coco_name, image_id, f"annotation {an['id']}.{key}", dtype,
+                              at=lambda r: (image_id, None))
             as_index(an["id"])
             x, y, w, h = (float(v) for v in b)
             x1, x2 = (min(width - 1.0, max(0.0, v)) for v in (x, x + max(0.0, w - 1.0)))
@@ -778,6 +778,8 @@ def coco_boxes(anns: list, size: tuple, person_cat, coco_name: str, image_id: in
                 boxes.append((x1, y1, x2, y2))
                 ids.append(int(an["id"]))
                 is_person.append(an["category_id"] == person_cat)
+        except FormatError:
+            raise
         except (KeyError, TypeError, ValueError):
             raise fail(coco_name, f"annotation {an.get('id')}: missing or malformed field (needs id, "
                                   f"bbox [x, y, w, h], area, category_id)", image_id) from None
@@ -807,17 +809,17 @@ def load_vcoco_dets(obj: Any, gt, src: str):
     img, person = np.empty(len(obj), dtype=np.int64), []
     for k, d in enumerate(obj):
         i = d.get("image_id") if isinstance(d, dict) else None
-        if not is_number(i) or i != int(i):
+        if not is_number(i) or not math.isfinite(i) or i != int(i):
             raise fail(src, "expected an object with an integer image_id", row=k, field_="image_id")
         if int(i) not in pos:
             raise fail(src, "image not in the V-COCO ground truth", int(i), k, "image_id")
         img[k] = pos[int(i)]
         pb = d.get("person_box")
-        if not (isinstance(pb, list) and len(pb) == 4 and all(is_number(v) and math.isfinite(v) for v in pb)):
-            raise fail(src, "expected 4 finite numbers [x1, y1, x2, y2]", int(i), k, "person_box")
-        if pb[2] < pb[0] or pb[3] < pb[1]:
-            raise fail(src, f"{pb}: x2 < x1 or y2 < y1", int(i), k, "person_box")
+        if not (isinstance(pb, list) and len(pb) == 4 and all(map(is_number, pb))):
+            raise fail(src, "expected 4 numbers [x1, y1, x2, y2]", int(i), k, "person_box")
         person.append(pb)
+    person = check_numbers(np.array(person, np.float64).reshape(-1, 4), src, None, "person_box", box=True,
+                           at=lambda k: (gt.image_ids[int(img[k])], k))         # vsrl_eval computes in float32
     agent_keys = [f"{name}_agent" for name in gt.actions]
     role_keys = [f"{gt.actions[a]}_{gt.roles[a][r + 1]}" for a, r in vcoco_role_keys(gt)]
     agent = np.zeros((len(obj), len(agent_keys)), dtype=np.float32)
@@ -826,7 +828,7 @@ def load_vcoco_dets(obj: Any, gt, src: str):
         for q, key in enumerate(keys):
             out[:, q] = _vcoco_column(obj, key, width, gt, img, src)
     unknown = set(chain.from_iterable(d.keys() for d in obj[:1000]))     # a sample is enough to warn
-    dets = VCOCODets(img=img, person=np.array(person, dtype=np.float32).reshape(len(obj), 4), agent=agent, role=role)
+    dets = VCOCODets(img=img, person=person.astype(np.float32), agent=agent, role=role)
     return dets, sorted(unknown - {"image_id", "person_box", *agent_keys, *role_keys}), len(obj)
 
 
@@ -843,16 +845,19 @@ def _vcoco_column(obj: list, key: str, width: int, gt, img: np.ndarray, src: str
         lists = [v for v in vals if v is not None]
         if set(map(len, lists)) <= {5} and set(map(type, chain.from_iterable(lists))) <= _SCORE_TYPES:
             arr = np.array([[np.nan] * 5 if v is None else v for v in vals], dtype=np.float64).reshape(len(obj), 5)
-    if arr is not None and not np.isinf(arr).any():
+    if arr is not None:     # float32, as vsrl_eval; NaN = not predicted: a score or a whole box, no other NaN
+        for cols, box in (([0, 1, 2, 3], True), ([4], False)) if width == 5 else (([0], False),):
+            check_numbers(arr.reshape(len(obj), -1)[:, cols], src, None, key, box=box, nan_ok=True,
+                          at=lambda k: (gt.image_ids[int(img[k])], k))
         return arr
 
     def bad_score(v):
-        return not (v is None or (type(v) in (float, int) and not math.isinf(v)))
+        return not (v is None or type(v) in (float, int))
 
     k = next(k for k, v in enumerate(vals) if (bad_score(v) if width == 1 else v is not None and not (
         type(v) is list and len(v) == 5 and not any(map(bad_score, v)))))
     raise fail(src, "expected a score (a number, NaN or null = not predicted)" if width == 1 else
-               "expected [x1, y1, x2, y2, score] (finite or NaN/null; NaN/null score = not predicted)",
+               "expected [x1, y1, x2, y2, score] (numbers or null; NaN/null score = not predicted)",
                gt.image_ids[int(img[k])], k, key)
 
 
@@ -915,16 +920,9 @@ def image_detections(e: Any, file, image, num_labels: Optional[int] = None) -> t
     require(e, ("boxes", "scores", "labels"), file, image)
     boxes = boxes_array(e["boxes"], file, image, "boxes")
     n = len(boxes)
-    if not isinstance(e["scores"], list) or len(e["scores"]) != n:
+    if not (isinstance(e["scores"], list) and len(e["scores"]) == n and all(map(is_number, e["scores"]))):
         raise fail(file, f"expected {n} numbers", image, field_="scores")
-    try:
-        scores = np.asarray(e["scores"], dtype=np.float64).reshape(n)
-    except (TypeError, ValueError):
-        raise fail(file, "expected numbers", image, field_="scores") from None
-    bad = ~(np.isfinite(scores) & (np.abs(scores) <= FLOAT32_MAX))
-    if bad.any():
-        r = int(np.argmax(bad))
-        raise fail(file, f"{scores[r]!r}: non-finite score or one beyond float32's range", image, r, "scores")
+    scores = check_numbers(e["scores"], file, image, "scores").reshape(n)        # the box AP: float32
     return boxes, scores, int_array(e["labels"], n, 0, num_labels or 2 ** 62, file, image, "labels")
 
 
@@ -943,8 +941,10 @@ def coco_result(e: Any, r: int, file, names: dict, labels: dict) -> tuple:
     if not (isinstance(b, list) and len(b) == 4 and all(map(is_number, b))):
         raise fail(file, f"expected [x, y, w, h] (4 numbers), got {b!r}", img, r, "bbox")
     x, y, w, h = (float(v) for v in b)
-    if not all(math.isfinite(v) and abs(v) <= FLOAT32_MAX for v in (x, y, x + w, y + h)) or w < 0 or h < 0:
-        raise fail(file, f"{b!r} is non-finite, beyond float32's range or has a negative width/height", img, r, "bbox")
-    if not (is_number(s) and math.isfinite(s) and abs(s) <= FLOAT32_MAX):
+    check_numbers(np.array([[x, y, x + w, y + h]]), file, img, "bbox", at=lambda _: (img, r))    # the AP: float32
+    if w < 0 or h < 0:
+        raise fail(file, f"{b!r} has a negative width/height", img, r, "bbox")
+    if not is_number(s):
         raise fail(file, f"{s!r} is not a finite number", img, r, "score")
+    check_numbers(np.array([s]), file, img, "score", at=lambda _: (img, r))
     return img, [x, y, w, h], float(s), labels[cid]

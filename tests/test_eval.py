@@ -472,7 +472,7 @@ def test_cli_errors_exit_2(small, capsys):
     p.write_text('{"img_0.jpg": [[0, 0.5, 5, 0, 4, 9, 20, 0, 29, 9]]}')
     assert hoi_eval.main(["hico", "--anno", str(ap), "--pred", str(p)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "image 'img_0.jpg' row 0: human box: x2 < x1" in err
+    assert err.startswith("error: ") and "image 'img_0.jpg' row 0: human box: [5.0, 0.0, 4.0, 9.0]: has x2 < x1" in err
     assert hoi_eval.main(["hico", "--anno", str(tmp / "missing.json"), "--pred", str(p)]) == 2
     assert "not found" in capsys.readouterr().err
     assert hoi_eval.main(["hico", "--anno", str(ap), "--pred", str(p), "--image-labels", "x.json"]) == 2
@@ -793,7 +793,7 @@ def test_swig_cli(swig_meta, tmp_path, capsys):
     assert r["per_class"][r["class_ids"].index(nr)] == pytest.approx(100 * ap11([1.0] * 6))
     (tmp_path / "p.json").write_text(json.dumps({"s_0.jpg": [[14130, 0.5] + [0] * 8]}))
     assert hoi_eval.main(["swig", "--anno", str(tmp_path / "a.json"), "--pred", str(tmp_path / "p.json")]) == 2
-    assert "image 's_0.jpg' row 0: hoi: 14130 out of range [0, 14130)" in capsys.readouterr().err
+    assert "image 's_0.jpg' row 0: hoi: index 14130 out of range [0, 14130)" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ AP read through, as data tables. One helper, :func:`refused`, pins the message s
 import copy
 import json
 
+import clicheck
 import numpy as np
 import pytest
 
@@ -78,7 +79,7 @@ HICO_CASES = [
     (lambda d: d["annotation"][1]["boxes_o"].__setitem__(1, [15, 15, 11, 19]), "both", "b.png", 1, "boxes_o",
      "[15.0, 15.0, 11.0, 19.0]: has x2 < x1 or y2 < y1"),
     (lambda d: d["annotation"][0]["boxes_h"].__setitem__(0, [0, 0, 1e39, 9]), "both", "a.png", 0, "boxes_h",
-     "beyond float32's range"),
+     "[0.0, 0.0, 1e+39, 9.0]: is non-finite in float32"),
     (lambda d: d["annotation"][0]["boxes_h"].__setitem__(1, [1, 2, 3]), "both", "a.png", 1, "boxes_h",
      "expected [x1, y1, x2, y2], got [1, 2, 3]"),
     (lambda d: d["annotation"][0]["hoi"].__setitem__(1, 7), "both", "a.png", 1, "hoi",
@@ -169,8 +170,9 @@ PREDICTION_CASES = [   # (file content, image, row, field, problem)
     ('{"img_0.jpg": [[-1, 0.5, 0, 0, 9, 9, 20, 0, 29, 9]]}', "img_0.jpg", 0, "hoi", "-1 out of range"),
     ('{"img_0.jpg": [[1.5, 0.5, 0, 0, 9, 9, 20, 0, 29, 9]]}', "img_0.jpg", 0, "hoi", "1.5 is not an integer"),
     ('{"img_1.jpg": [], "img_0.jpg": [%s, [0, NaN, 0, 0, 9, 9, 20, 0, 29, 9]]}' % R, "img_0.jpg", 1, "score",
-     "nan is not a finite number"),
-    ('{"img_0.jpg": [[0, 0.5, 0, 0, Infinity, 9, 20, 0, 29, 9]]}', "img_0.jpg", 0, "human box", "NaN/inf"),
+     "nan: is non-finite in float64"),
+    ('{"img_0.jpg": [[0, 0.5, 0, 0, Infinity, 9, 20, 0, 29, 9]]}', "img_0.jpg", 0, "human box",
+     "is non-finite in float64"),
     ('{"img_0.jpg": [%s, %s, %s, [0, 0.5, 5, 0, 4, 9, 20, 0, 29, 9]]}' % (R, R, R), "img_0.jpg", 3, "human box",
      "x2 < x1"),
     ('{"img_0.jpg": [[0, 0.5, 0, 0, 9, 9, 20, 9, 29, 0]]}', "img_0.jpg", 0, "object box", "y2 < y1"),
@@ -333,7 +335,9 @@ VCOCO_GT_CASES = [   # (mutation of (vsrl, coco), file "V" / "C", image, field, 
      "ann_id 12 is not an annotation of that image"),
     (lambda v, c: v[0].__setitem__("role_object_id", [12, 21]), "V", None, "hold.role_object_id",
      "role_object_id[:, 0] must equal ann_id"),
-    (lambda v, c: c["annotations"][1].__setitem__("bbox", [20, 0, float("nan"), 10]), "C", 1, None,
+    (lambda v, c: c["annotations"][1].__setitem__("bbox", [20, 0, float("nan"), 10]), "C", 1, "annotation 21.bbox",
+     "is non-finite in float32"),
+    (lambda v, c: c["annotations"][1].__setitem__("bbox", [20, 0, "x", 10]), "C", 1, None,
      "annotation 21: missing or malformed field"),
     (lambda v, c: c["images"][0].__setitem__("width", -5), "C", 1, "width/height", "must be positive numbers"),
     (lambda v, c: c["images"].append(dict(c["images"][0])), "C", 1, None, "listed twice in 'images'"),
@@ -345,9 +349,9 @@ VCOCO_DET_CASES = [   # (mutation of the first detection, image, field, problem)
     (lambda d: d.__setitem__("image_id", 7), 7, "image_id", "image not in the V-COCO ground truth"),
     (lambda d: d.__setitem__("image_id", 1.5), None, "image_id", "expected an object with an integer image_id"),
     (lambda d: d.__setitem__("person_box", [9, 0, 0, 9]), 1, "person_box", "x2 < x1"),
-    (lambda d: d.__setitem__("person_box", [0, 0, 9]), 1, "person_box", "expected 4 finite numbers"),
+    (lambda d: d.__setitem__("person_box", [0, 0, 9]), 1, "person_box", "expected 4 numbers"),
     (lambda d: d.__setitem__("hold_obj", [1, 2]), 1, "hold_obj", "expected [x1, y1, x2, y2, score]"),
-    (lambda d: d.__setitem__("hold_agent", float("inf")), 1, "hold_agent", "expected a score"),
+    (lambda d: d.__setitem__("hold_agent", float("inf")), 1, "hold_agent", "inf: is non-finite in float32"),
     (lambda d: d.__setitem__("hold_agent", "0.5"), 1, "hold_agent", "expected a score"),
 ]
 
@@ -424,10 +428,12 @@ PER_IMAGE_CASES = [   # (file content, image, row, field, problem)
     ('{"%s": {"boxes": [[0, 0, 4]], "scores": [0.5], "labels": [0]}}' % I, I, 0, "boxes",
      "expected [x1, y1, x2, y2] (4 numbers), got [0, 0, 4]"),
     ('{"%s": {"boxes": [[NaN, 0, 4, 10]], "scores": [0.5], "labels": [0]}}' % I, I, 0, "boxes", "is non-finite"),
-    ('{"%s": {"boxes": [[0, 0, 1e39, 10]], "scores": [0.5], "labels": [0]}}' % I, I, 0, "boxes", "beyond float32"),
+    ('{"%s": {"boxes": [[0, 0, 1e39, 10]], "scores": [0.5], "labels": [0]}}' % I, I, 0, "boxes",
+     "is non-finite in float32"),
     ('{"%s": {"boxes": [[0, 0, 4, 10]], "scores": [Infinity], "labels": [0]}}' % I, I, 0, "scores",
-     "non-finite score"),
-    ('{"%s": {"boxes": [[0, 0, 4, 10]], "scores": [1e39], "labels": [0]}}' % I, I, 0, "scores", "beyond float32"),
+     "inf: is non-finite in float32"),
+    ('{"%s": {"boxes": [[0, 0, 4, 10]], "scores": [1e39], "labels": [0]}}' % I, I, 0, "scores",
+     "1e+39: is non-finite in float32"),
     ('{"%s": {"boxes": [[0, 0, 4, 10]], "scores": [0.5, 0.2], "labels": [0]}}' % I, I, None, "scores",
      "expected 1 numbers"),
     ('{"%s": {"boxes": [[0, 0, 4, 10]], "scores": [0.5], "labels": [80]}}' % I, I, 0, "labels",
@@ -500,3 +506,154 @@ def test_detection_files_whole_file(tmp_path):
             problem="unknown image name (not in the annotation file)")
     d.write_text("[]")
     refused(lambda: data.load_detections(d), str(d), problem="COCO results format needs image_ids")
+
+
+# ----------------------------------------------------------------------------------------------
+# Numbers that are not numbers (issue 24 hole 4): every numeric field of every format, one table.
+# Floats are checked in the dtype the evaluator computes in (1e39 is inf in float32, a number in
+# float64); boxes for order; integer fields refuse every non-integer; V-COCO's NaN = not predicted.
+# ----------------------------------------------------------------------------------------------
+def _number_formats(meta):
+    """{format: (docs, reader(docs))}; docs are mutated by the table's setters."""
+    fns = ["img_0.jpg", "img_1.jpg"]
+    vsrl, coco, dets = vcoco_docs()
+    out = {
+        "hico": (hico_doc(), lambda d: formats.parse_hico_anno(d, "ANNO.json", names=True)),
+        "vcoco_gt": ((vsrl, coco), lambda d: hoi_eval.parse_vcoco_gt(*d, "V.json", "C.json")),
+        "vcoco_dets": (dets, lambda d: formats.load_vcoco_dets(d, hoi_eval.parse_vcoco_gt(vsrl, coco), "DETS.json")),
+        "pred": ({"img_0.jpg": [[0, 0.5, 0, 0, 9, 9, 20, 0, 29, 9]]},
+                 lambda d: formats.prediction_rows(d, fns, {f: i for i, f in enumerate(fns)}, 3, "PRED.json")),
+        "vcoco_pairs": (vcoco_pairs_doc(), lambda d: formats.parse_vcoco_pairs(d, "P.json")),
+        "per_image": ({I: {"boxes": [[0, 0, 4, 10]], "scores": [0.5], "labels": [0]}},
+                      lambda d: formats.image_detections(d[I], "D.json", I, 80)),
+        "coco_results": ([{"image_id": 1, "category_id": 1, "bbox": [0, 0, 4, 4], "score": 1}],
+                         lambda d: formats.coco_result(d[0], 0, "D.json", {1: I}, {1: 0})),
+    }
+    if meta is not None:
+        out["swig"] = (swig_doc(meta), lambda d: formats.parse_swig_gt(d, meta, "A.json"))
+    return out
+
+
+def _at(*path):
+    """A setter docs[path[0]][path[1]]... = value."""
+    def set_(d, v):
+        for k in path[:-1]:
+            d = d[k]
+        d[path[-1]] = v
+    return set_
+
+
+NOT_INT = "is not an integer index"
+# (format, setter, (file, image, row, field), kind, good box (box kinds) / problem (int kind))
+# kinds: f32 / f64 (a float), box32 / box64 (a box), int, nan32 / nanbox32 (V-COCO: NaN = not predicted)
+NUMBER_FIELDS = [
+    ("hico", _at("annotation", 0, "boxes_h", 0), ("ANNO.json", "a.png", 0, "boxes_h"), "box32", [1, 1, 10, 20]),
+    ("hico", _at("annotation", 0, "boxes_o", 0), ("ANNO.json", "a.png", 0, "boxes_o"), "box32", [8, 5, 14, 9]),
+    ("hico", _at("annotation", 0, "hoi", 0), ("ANNO.json", "a.png", 0, "hoi"), "int", "is not an integer in [0, 4)"),
+    ("hico", _at("annotation", 0, "object", 0), ("ANNO.json", "a.png", 0, "object"), "int", "not an integer in [0, 3)"),
+    ("hico", _at("annotation", 0, "verb", 0), ("ANNO.json", "a.png", 0, "verb"), "int", "not an integer in [0, 3)"),
+    ("hico", _at("size", 0, 0), ("ANNO.json", "a.png", None, "size"), "int", "positive integers"),
+    ("swig", _at(0, "box_annotations", 1, "bbox"), ("A.json", "a.jpg", 1, "box_annotations.bbox"), "box32",
+     [20, 0, 30, 10]),
+    ("swig", _at(0, "box_annotations", 1, "category_id"), ("A.json", "a.jpg", 1, "box_annotations.category_id"),
+     "int", NOT_INT),
+    *[("swig", _at(0, "hoi_annotations", 0, k), ("A.json", "a.jpg", None, f"hoi_annotations[0].{k}"), "int", NOT_INT)
+      for k in ("subject_id", "object_id", "action_id")],
+    ("swig", _at(0, "width"), ("A.json", "a.jpg", None, "size"), "int", "positive integers"),
+    *[("vcoco_gt", _at(0, 0, k, i), ("V.json", None, None, f"hold.{k}"), "int", "expected integers, got")
+      for k, i in (("image_id", 0), ("ann_id", 0), ("label", 0), ("role_object_id", 1))],
+    ("vcoco_gt", _at(1, "images", 0, "width"), ("C.json", 1, None, "width/height"), "f32", None),
+    ("vcoco_gt", _at(1, "images", 0, "height"), ("C.json", 1, None, "width/height"), "f32", None),
+    ("vcoco_gt", _at(1, "annotations", 1, "bbox", 2), ("C.json", 1, None, "annotation 21.bbox"), "f32", None),
+    ("vcoco_gt", _at(1, "annotations", 1, "area"), ("C.json", 1, None, "annotation 21.area"), "f64", None),
+    ("vcoco_gt", _at(1, "annotations", 1, "image_id"), ("C.json", None, None, "annotations[1].image_id"), "int",
+     NOT_INT),
+    ("vcoco_gt", _at(1, "annotations", 1, "id"), ("C.json", 1, None, None), "int", "missing or malformed field"),
+    ("vcoco_dets", _at(0, "image_id"), ("DETS.json", None, 0, "image_id"), "int",
+     {"nan": "with an integer image_id", "-inf": "with an integer image_id"}),     # 1e39: an unknown image
+    ("vcoco_dets", _at(0, "person_box"), ("DETS.json", 1, 0, "person_box"), "box32", [0, 0, 9, 9]),
+    ("vcoco_dets", _at(0, "hold_agent"), ("DETS.json", 1, 0, "hold_agent"), "nan32", None),
+    ("vcoco_dets", _at(0, "hold_obj", 4), ("DETS.json", 1, 0, "hold_obj"), "nan32", None),
+    ("vcoco_dets", lambda d, b: d[0].__setitem__("hold_obj", b + [0.9]), ("DETS.json", 1, 0, "hold_obj"), "nanbox32",
+     [20, 0, 29, 9]),
+    ("pred", _at("img_0.jpg", 0, 0), ("PRED.json", "img_0.jpg", 0, "hoi"), "int",
+     {"1e39": "out of range [0, 3)", "nan": "is non-finite in float64", "-inf": "is non-finite in float64"}),
+    ("pred", _at("img_0.jpg", 0, 1), ("PRED.json", "img_0.jpg", 0, "score"), "f64", None),
+    ("pred", lambda d, b: d["img_0.jpg"][0].__setitem__(slice(2, 6), b), ("PRED.json", "img_0.jpg", 0, "human box"),
+     "box64", [0, 0, 9, 9]),
+    ("pred", lambda d, b: d["img_0.jpg"][0].__setitem__(slice(6, 10), b), ("PRED.json", "img_0.jpg", 0,
+                                                                           "object box"), "box64", [20, 0, 29, 9]),
+    ("vcoco_pairs", _at("annotations", 0, "boxes_h", 0), ("P.json", "a.jpg", 0, "boxes_h"), "box32", [0, 0, 9, 9]),
+    ("vcoco_pairs", _at("annotations", 0, "boxes_o", 0), ("P.json", "a.jpg", 0, "boxes_o"), "box32", [20, 0, 29, 9]),
+    ("vcoco_pairs", _at("annotations", 0, "actions", 0), ("P.json", "a.jpg", 0, "actions"), "int", NOT_INT),
+    ("vcoco_pairs", _at("annotations", 0, "objects", 0), ("P.json", "a.jpg", 0, "objects"), "int", NOT_INT),
+    ("vcoco_pairs", _at("images", 0), ("P.json", None, None, "images"), "int", NOT_INT),
+    ("per_image", _at(I, "boxes", 0), ("D.json", I, 0, "boxes"), "box32", [0, 0, 4, 10]),
+    ("per_image", _at(I, "scores", 0), ("D.json", I, 0, "scores"), "f32", None),
+    ("per_image", _at(I, "labels", 0), ("D.json", I, 0, "labels"), "int", NOT_INT),
+    ("coco_results", _at(0, "bbox"), ("D.json", I, 0, "bbox"), "box32", [0, 0, 4, 4]),
+    ("coco_results", _at(0, "score"), ("D.json", I, 0, "score"), "f32", None),
+    ("coco_results", _at(0, "image_id"), ("D.json", None, 0, "image_id"), "int", "unknown image id"),
+    ("coco_results", _at(0, "category_id"), ("D.json", I, 0, "category_id"), "int", "is not a category id"),
+]
+VALUES = {"1e39": 1e39, "nan": float("nan"), "-inf": -float("inf"), "inf": float("inf")}
+
+
+def _number_cases():
+    """(format, setter, where, value or box, expected problem, None = accepted) for each field x value."""
+    for fmt, set_, at, kind, extra in NUMBER_FIELDS:
+        dtype = "float64" if kind[-2:] == "64" else "float32"
+        for label, v in VALUES.items():
+            if label == "inf" and kind not in ("f64", "box64"):
+                continue                    # +inf: where 1e39 is not already infinite
+            problem = f"is non-finite in {dtype}"
+            if kind == "int":               # an integral 1e39 is out of range; extra: one problem or {value: problem}
+                problem = extra.get(label) if isinstance(extra, dict) else \
+                    "out of range" if label == "1e39" and extra == NOT_INT else extra
+                if problem is None:
+                    continue
+            if kind in ("f64", "box64") and label == "1e39" or kind == "nan32" and label == "nan":
+                problem = None              # a float64 number / V-COCO's "not predicted"
+            value = v if "box" not in kind else [extra[0], extra[1], v, extra[3]]
+            yield fmt, set_, at, value, problem, f"{fmt}-{at[3]}-{label}"
+            if kind == "nanbox32" and label == "nan":
+                yield fmt, set_, at, [v] * 4, None, f"{fmt}-{at[3]}-all-nan"     # no role object: legal
+        if "box" in kind:
+            x1, y1, x2, y2 = extra
+            bad = [x2, y1, x1, y2] if fmt != "coco_results" else [x1, y1, -1, y2]
+            yield fmt, set_, at, bad, "negative width" if fmt == "coco_results" else "has x2 < x1 or y2 < y1", \
+                f"{fmt}-{at[3]}-x2<x1"
+
+
+NUMBER_CASES = list(_number_cases())
+
+
+@pytest.mark.parametrize("fmt, set_, at, value, problem", [c[:5] for c in NUMBER_CASES],
+                         ids=[c[5] for c in NUMBER_CASES])
+def test_numbers_that_are_not_numbers(fmt, set_, at, value, problem):
+    if fmt == "swig" and not SWIG_META.is_file():
+        pytest.skip("shared SWiG-HOI meta absent")
+    docs, read = _number_formats(json.loads(SWIG_META.read_text()) if fmt == "swig" else None)[fmt]
+    set_(docs, value)
+    if problem is None:
+        read(docs)                          # accepted
+    else:
+        refused(lambda: read(docs), *at, problem=problem)
+
+
+def test_numbers_cli_one_line_exit_2(tmp_path):
+    """Two of the table's cases through the command line: exit 2, one line, no traceback, nothing written."""
+    vsrl, coco, dets = vcoco_docs()
+    dets[0]["person_box"] = [0, 0, 1e39, 9]
+    files = {}
+    for name, obj in (("V", vsrl), ("C", coco), ("D", dets)):
+        files[name] = tmp_path / f"{name}.json"
+        files[name].write_text(json.dumps(obj))
+    clicheck.refused(hoi_eval.main, ["vcoco", "--vsrl", str(files["V"]), "--coco", str(files["C"]), "--pred",
+                                     str(files["D"])], [tmp_path],
+                     [f"{files['D']}: image '1' row 0: person_box: [0.0, 0.0, 1e+39, 9.0]: is non-finite in float32"])
+    dets[0]["person_box"], dets[0]["hold_obj"] = [0, 0, 9, 9], [20, float("nan"), 29, 9, 0.9]
+    files["D"].write_text(json.dumps(dets))
+    clicheck.refused(clicheck.python("eval.py", "vcoco", "--vsrl", str(files["V"]), "--coco", str(files["C"]),
+                                     "--pred", str(files["D"])), folders=[tmp_path],
+                     needles=[f"{files['D']}: image '1' row 0: hold_obj: [20.0, nan, 29.0, 9.0]: is non-finite"])
