@@ -352,7 +352,7 @@ def build_detector(name: str, weights, score_thresh: float = 0.05, device="cpu")
     try:
         sd = torch.load(weights, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise InferError(f"{weights}: cannot load detector weights ({type(e).__name__}: {e})") from None
+        raise InferError(f"{weights}: cannot load detector weights ({build_error_reason(e)})") from None
     if isinstance(sd, dict) and isinstance(sd.get("model"), dict):
         sd = sd["model"]
     if not isinstance(sd, dict):

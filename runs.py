@@ -95,7 +95,8 @@ def build_error_reason(e: BaseException) -> str:
         m = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\s*\n|$)", text, re.S)
         why = " ".join(m.group(1).split()).split(". Please use")[0] if m else "not a plain tensor file"
         return f"torch.load with weights_only=True refuses it ({why})"
-    return lines[0] if isinstance(e, ValueError) else f"{type(e).__name__}: {lines[0]}"
+    first = lines[0] if len(lines[0]) < 160 else lines[0].split(". ")[0]   # torch's advice after the reason
+    return first if isinstance(e, ValueError) else f"{type(e).__name__}: {first}"
 
 
 def load_checkpoint(path, map_location="cpu", mmap: bool = False) -> dict:

@@ -414,6 +414,16 @@ def test_torchvision_detector(tmp_path):
         infer.build_detector("ssdlite320_mobilenet_v3_large", w)
     with pytest.raises(FileNotFoundError, match="detector weights not found"):
         infer.build_detector("fcos_resnet50_fpn", tmp_path / "none.pth")
+    # a file weights_only refuses (a pickled object) or a truncated one: one line, torch's reason only
+    torch.save({"model": net.state_dict(), "hook": Image.new("RGB", (2, 2))}, w)
+    data = w.read_bytes()
+    for content in (data, data[:300]):
+        w.write_bytes(content)
+        with pytest.raises(infer.InferError) as e:
+            infer.build_detector("ssdlite320_mobilenet_v3_large", w)
+        msg = str(e.value)
+        assert msg.startswith(f"{w}: cannot load detector weights (") and "\n" not in msg and len(msg) < 400, msg
+        assert "Please" not in msg and "weights_only=False" not in msg, msg
 
 
 def test_frame_check_notes():
